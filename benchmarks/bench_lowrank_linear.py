@@ -1,0 +1,222 @@
+"""Benchmark ``kernels.lowrank_linear`` against the base matmul and the best eager PyTorch way.
+
+For one adapter for all rows, one adapter per row (8 adapters) and the top 2 of 8 experts with gates,
+at a decode size (M = 16) and a prefill size (M = 4096 on GPU, 256 on CPU), K = N = 4096 on GPU (1024
+on CPU), r = 16, every available backend is timed, forward and forward+backward, beside
+
+- base: the shared matmul alone (``F.linear``), the floor the fused op aims at;
+- eager: base matmul, then per adapter: gather its rows, two small matmuls, scatter-add.
+
+Printed per row: time, GFLOP/s (useful FLOPs: base plus low-rank), ``x base`` (time over the base
+matmul's time) and ``vs eager`` (eager time over this time: above 1 is faster).
+
+    python benchmarks/bench_lowrank_linear.py [--device cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels  # noqa: E402
+from kernels import backends  # noqa: E402
+from benchmarks.common import Progress, format_table, machine_description, median_seconds, write_json  # noqa: E402
+
+FORMS = ("one-adapter", "per-row", "top-2")
+NUM_ADAPTERS = 8
+RANK = 16
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    form: str
+    M: int
+    K: int
+    N: int
+    r: int = RANK
+    E: int = NUM_ADAPTERS
+
+    @property
+    def slots(self) -> int:
+        return 2 if self.form == "top-2" else 1
+
+    def flops(self, backward: bool, lowrank: bool = True) -> float:
+        """Useful FLOPs; ``lowrank=False`` counts the base matmul alone."""
+        base = 2.0 * self.M * self.N * self.K
+        lowrank = 2.0 * self.M * self.slots * self.r * (self.K + self.N) if lowrank else 0.0
+        # forward; backward: dx and dW (two more base matmuls), dx's and dA/dB's low-rank terms
+        return base + lowrank + (2 * base + 2 * lowrank if backward else 0.0)
+
+    @property
+    def label(self) -> str:
+        return f"{self.form} M={self.M} K={self.K} N={self.N} r={self.r}"
+
+
+def default_cases(device: torch.device) -> List[Case]:
+    gpu = device.type == "cuda"
+    size = 4096 if gpu else 1024
+    rows = (16, 4096 if gpu else 256)
+    return [Case(form, M, size, size) for M in rows for form in FORMS]
+
+
+def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, requires_grad: bool) -> Dict[str, object]:
+    """Random inputs for one case; weights at typical init scales."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    inputs = {
+        "x": rand(case.M, case.K),
+        "weight": rand(case.N, case.K, scale=case.K**-0.5),
+        "bias": rand(case.N, scale=0.1),
+        "lora_a": rand(case.E, case.r, case.K, scale=case.K**-0.5),
+        "lora_b": rand(case.E, case.N, case.r, scale=case.r**-0.5),
+        "scaling": 2.0,
+        "gates": None,
+    }
+    if case.form == "one-adapter":
+        inputs["indices"] = 3
+    elif case.form == "per-row":
+        inputs["indices"] = torch.randint(0, case.E, (case.M,), generator=gen).to(device)
+    else:
+        logits = torch.randn(case.M, case.E, generator=gen)
+        top = logits.softmax(-1).topk(2, dim=-1)
+        inputs["indices"] = top.indices.to(device)
+        inputs["gates"] = top.values.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    return inputs
+
+
+def eager_lowrank_linear(x, weight, bias, lora_a, lora_b, indices, gates, scaling):
+    """The best eager PyTorch way: base matmul, then per adapter gather rows, two matmuls, scatter-add."""
+    y = F.linear(x, weight, bias)
+    if isinstance(indices, int):
+        return y + scaling * F.linear(F.linear(x, lora_a[indices]), lora_b[indices])
+    flat = indices.reshape(x.shape[0], -1)
+    rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(flat.shape[1])
+    flat = flat.reshape(-1)
+    gate = gates.reshape(-1) if gates is not None else None
+    for e in range(lora_a.shape[0]):
+        sel = (flat == e).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        sel_rows = rows[sel]
+        delta = F.linear(F.linear(x[sel_rows], lora_a[e]), lora_b[e])
+        weight_e = scaling if gate is None else scaling * gate[sel].unsqueeze(1)
+        y = y.index_add(0, sel_rows, delta * weight_e)
+    return y
+
+
+def _callable(impl: str, inputs: Dict[str, object], backward: bool) -> Callable[[], object]:
+    x, w, b = inputs["x"], inputs["weight"], inputs["bias"]
+    lora = (inputs["lora_a"], inputs["lora_b"], inputs["indices"], inputs["gates"], inputs["scaling"])
+    if impl == "base":
+        forward = lambda: F.linear(x, w, b)  # noqa: E731
+        params = [x, w, b]
+    elif impl == "eager":
+        forward = lambda: eager_lowrank_linear(x, w, b, *lora)  # noqa: E731
+    else:
+        forward = lambda: kernels.lowrank_linear(x, w, b, *lora, backend=impl)  # noqa: E731
+    if impl != "base":
+        params = [t for t in (x, w, b, inputs["lora_a"], inputs["lora_b"], inputs["gates"]) if t is not None]
+    if not backward:
+        return forward
+    with torch.no_grad():
+        grad = torch.randn_like(forward())
+
+    def step():
+        return torch.autograd.grad(forward(), params, grad)
+
+    return step
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
+    out = []
+    for name in backends.BACKENDS:
+        if name == "triton" and device.type != "cuda":
+            continue  # the CPU interpreter is for testing, not timing
+        if not backends.reasons("lowrank_linear", name, device, dtype=dtype):
+            out.append(name)
+    return out
+
+
+def run(
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+    modes=MODES,
+    impls: Optional[List[str]] = None,
+    cases: Optional[List[Case]] = None,
+    progress: bool = True,
+) -> Dict[str, object]:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cases = cases or default_cases(device)
+    impls = impls or available_backends(device, dtype)
+    bar = Progress(len(cases) * len(modes) * (len(impls) + 2), progress)
+    rows = []
+    for case in cases:
+        for mode in modes:
+            backward = mode == "fwd+bwd"
+            inputs = make_inputs(case, device, dtype, requires_grad=backward)
+            times = {}
+            for impl in ["base", "eager", *impls]:
+                bar.step(f"{case.label} {mode} {impl}")
+                times[impl] = median_seconds(_callable(impl, inputs, backward), device)
+            for impl, seconds in times.items():
+                rows.append(
+                    {
+                        "case": case.form,
+                        "M": case.M,
+                        "K": case.K,
+                        "N": case.N,
+                        "r": case.r,
+                        "mode": mode,
+                        "impl": impl,
+                        "ms": seconds * 1e3,
+                        "GFLOP/s": case.flops(backward, lowrank=impl != "base") / seconds / 1e9,
+                        "x base": seconds / times["base"],
+                        "vs eager": times["eager"] / seconds,
+                    }
+                )
+    return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
+
+
+COLUMNS = ["case", "M", "K", "mode", "impl", "ms", "GFLOP/s", "x base", "vs eager"]
+
+
+def main(argv=None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--mode", choices=MODES, action="append", help="default: both")
+    parser.add_argument("--backend", action="append", help="backends to time (default: every available one)")
+    parser.add_argument("--json", help="also write the table as JSON to this path")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(
+        device=torch.device(args.device) if args.device else None,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        modes=tuple(args.mode or MODES),
+        impls=args.backend,
+        progress=not args.no_progress,
+    )
+    print(f"lowrank_linear on {result['machine']}, {result['dtype']}")
+    print(format_table(result["rows"], COLUMNS))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Timing and reporting shared by the benchmarks.
+
+GPU: ``triton.testing.do_bench`` medians (it clears the L2 cache between repetitions). CPU: medians of
+``torch.utils.benchmark`` blocked runs on all of torch's threads. Every figure is a median over repeats;
+ratios compare implementations timed in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from typing import Callable, Dict, List
+
+import torch
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up: one-time set-up stays out of the numbers
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+class Progress:
+    """A one-line progress indicator on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled and total > 0
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            end = "\n" if self.done == self.total else ""
+            sys.stderr.write(f"\r[{self.done}/{self.total}] {label[:70]:<70}{end}")
+            sys.stderr.flush()
+
+
+def format_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: Dict[str, object]) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)

@@ -1,0 +1,172 @@
+"""Backend registry and selection.
+
+Every op family registers, per backend, a function that lists the reasons the backend cannot serve a
+given input (an empty list means it can). Selection follows one rule for every op:
+
+1. ``backend=`` argument, else the ``RECURSIVE_KERNELS_BACKEND`` environment variable: an explicit
+   request. If that backend cannot serve the input, :class:`BackendUnavailableError` lists why.
+2. Otherwise automatic: CUDA tensors try ``triton``, ``cuda``, ``torch``; CPU tensors try ``cpp``,
+   ``torch``. A backend passed over for a reason warns once per (op, backend, reason).
+
+The Triton backend serves CPU tensors only under ``TRITON_INTERPRET=1`` (the interpreter), which is how
+the test suite checks the Triton code on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+ENV_VAR = "RECURSIVE_KERNELS_BACKEND"
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when an explicitly requested backend (or every candidate) cannot serve an input."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _import_reason(module: str) -> Optional[str]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # an ImportError, or a broken build raising anything else
+        return f"cannot import {module} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _triton_reason() -> Optional[str]:
+    return _import_reason("triton")
+
+
+def _cpp_reason() -> Optional[str]:
+    reason = _import_reason("kernels._C")
+    if reason:
+        return reason + "; build it with `pip install --no-build-isolation -e .`"
+    return None
+
+
+def _cuda_reason() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    reason = _import_reason("kernels._C_cuda")
+    if reason:
+        return reason + "; it is built by setup.py where torch has CUDA and nvcc exists"
+    return None
+
+
+_INSTALL_REASON: Dict[str, Callable[[], Optional[str]]] = {
+    "triton": _triton_reason,
+    "cuda": _cuda_reason,
+    "cpp": _cpp_reason,
+    "torch": lambda: None,
+}
+_install_cache: Dict[str, Optional[str]] = {}
+
+
+def install_reason(backend: str) -> Optional[str]:
+    """Why ``backend`` is not usable on this machine at all, or None when it is (cached)."""
+    if backend not in _install_cache:
+        _install_cache[backend] = _INSTALL_REASON[backend]()
+    return _install_cache[backend]
+
+
+def device_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on tensors of ``device``, or None."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return None
+        return f"triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+    if backend == "cuda" and device.type != "cuda":
+        return f"cuda needs CUDA tensors, got {device.type}"
+    if backend == "cpp" and device.type != "cpu":
+        return f"cpp needs CPU tensors, got {device.type}"
+    return None
+
+
+# op name -> backend -> function(inputs) -> reasons the backend cannot serve those inputs (op-specific).
+SupportCheck = Callable[..., List[str]]
+_OP_SUPPORT: Dict[str, Dict[str, SupportCheck]] = {}
+
+
+def register_op(op: str, support: Dict[str, SupportCheck]) -> None:
+    """Declare which backends implement ``op`` and what inputs each one serves."""
+    _OP_SUPPORT[op] = dict(support)
+
+
+def reasons(op: str, backend: str, device: torch.device, **inputs) -> List[str]:
+    """Every reason ``backend`` cannot serve ``op`` for these inputs (empty when it can)."""
+    if backend not in BACKENDS:
+        return [f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"]
+    found = []
+    installed = install_reason(backend)
+    if installed:
+        found.append(installed)
+    where = device_reason(backend, device)
+    if where:
+        found.append(where)
+    check = _OP_SUPPORT[op].get(backend)
+    if check is None:
+        found.append(f"{backend} does not implement {op}")
+    else:
+        found.extend(check(device=device, **inputs))
+    return found
+
+
+_warned: set = set()
+
+
+def _warn_once(op: str, backend: str, why: Sequence[str], chosen: str) -> None:
+    key = (op, backend, tuple(why))
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"recursive-kernels: {op} is falling back from the {backend} backend to {chosen}: {'; '.join(why)}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def select(op: str, device: torch.device, requested: Optional[str] = None, **inputs) -> str:
+    """Pick the backend for one call of ``op`` (see the module docstring for the rule)."""
+    explicit = requested or os.environ.get(ENV_VAR) or None
+    if explicit is not None:
+        found = reasons(op, explicit, device, **inputs)
+        if found:
+            origin = "backend=" if requested else ENV_VAR
+            raise BackendUnavailableError(
+                f"{op}: backend {explicit!r} (from {origin}) cannot serve this input: " + "; ".join(found)
+            )
+        return explicit
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    passed_over = []
+    for backend in order:
+        found = reasons(op, backend, device, **inputs)
+        if not found:
+            for skipped, why in passed_over:
+                _warn_once(op, skipped, why, backend)
+            return backend
+        passed_over.append((backend, found))
+    detail = " | ".join(f"{b}: {'; '.join(w)}" for b, w in passed_over)
+    raise BackendUnavailableError(f"{op}: no backend can serve this input ({detail})")
+
+
+def report() -> Dict[str, Optional[str]]:
+    """Backend name -> None when installed and usable on some device here, else the reason."""
+    out = {}
+    for backend in BACKENDS:
+        why = install_reason(backend)
+        if why is None and backend == "triton" and not torch.cuda.is_available() and not triton_interpreting():
+            why = "installed, but no CUDA device (set TRITON_INTERPRET=1 to run it on the CPU interpreter)"
+        out[backend] = why
+    return out

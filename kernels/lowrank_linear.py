@@ -1,0 +1,319 @@
+"""``lowrank_linear``: a shared-weight matmul fused with gathered low-rank (LoRA) updates.
+
+    y[t] = x[t] @ weight.T + bias + scaling * sum_j gates[t, j] * (x[t] @ lora_a[e].T) @ lora_b[e].T,
+    e = indices[t, j]
+
+One op serves every recursive-transformer variant: one adapter for all rows (a depth's LoRA), one
+adapter per row (tokens of different depths in one batch) and k adapters per row with gates (a mixture
+of LoRA experts). This file validates and normalises the inputs, picks a backend (see
+``kernels.backends``) and wires the compiled backends into autograd through ``torch.library`` custom
+ops, so the op works under ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+
+Every backend implements the same normalised interface (x is 2-D, indices an int64 (M, k) tensor or a
+single adapter number, gates float32/float64 (M, k)); ``kernels/reference.py`` is its spec, and the
+``torch`` backend runs that reference directly under autograd.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .reference import lowrank_linear_ref
+
+OP = "lowrank_linear"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_check(supported, backend):
+    def check(device, dtype):
+        if dtype in supported:
+            return []
+        return [f"{backend} does not support {dtype} (supports {', '.join(str(d) for d in supported)})"]
+
+    return check
+
+
+backends.register_op(
+    OP,
+    {
+        "torch": lambda device, dtype: [],
+        "cpp": _dtype_check((torch.float32, torch.float64, torch.bfloat16, torch.float16), "cpp"),
+        "triton": _dtype_check(_GPU_DTYPES, "triton"),
+        "cuda": _dtype_check(_GPU_DTYPES, "cuda"),
+    },
+)
+
+# backend name -> (module, forward function, backward function), all with the normalised interface.
+_IMPLS = {
+    "triton": ("kernels.triton_lowrank_linear", "forward", "backward"),
+    "cpp": ("kernels._C", "lowrank_linear_forward", "lowrank_linear_backward"),
+    "cuda": ("kernels._C_cuda", "lowrank_linear_forward", "lowrank_linear_backward"),
+}
+
+
+def _impl(backend: str, which: int):
+    module, *functions = _IMPLS[backend]
+    return getattr(importlib.import_module(module), functions[which])
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("recursive_kernels::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    indices: Optional[Tensor],
+    gates: Optional[Tensor],
+    scaling: float,
+    adapter: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Returns ``y`` (M, N) and ``u = x @ A_e^T`` (M, k, r) in the accumulator dtype, kept for backward."""
+    return tuple(_impl(backend, 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter))
+
+
+@_lowrank_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend):
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    acc = _accumulator_dtype(x.dtype)
+    if lora_a is None:
+        return y, x.new_empty(0, dtype=acc)
+    slots = 1 if indices is None else indices.shape[1]
+    return y, x.new_empty(x.shape[0], slots, lora_a.shape[1], dtype=acc)
+
+
+@torch.library.custom_op("recursive_kernels::lowrank_linear_backward", mutates_args=())
+def _lowrank_linear_backward_op(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    indices: Optional[Tensor],
+    gates: Optional[Tensor],
+    scaling: float,
+    adapter: int,
+    u: Tensor,
+    needs: List[bool],
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (x, weight, bias, lora_a, lora_b, gates); an empty tensor where ``needs`` is False."""
+    grads = _impl(backend, 1)(
+        grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, list(needs)
+    )
+    return tuple(grads)
+
+
+@_lowrank_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs, backend):
+    shapes = [
+        x.shape,
+        weight.shape,
+        (weight.shape[0],),
+        None if lora_a is None else lora_a.shape,
+        None if lora_b is None else lora_b.shape,
+        None if gates is None else gates.shape,
+    ]
+    dtypes = [x.dtype, weight.dtype, x.dtype, x.dtype, x.dtype, None if gates is None else gates.dtype]
+    out = []
+    for need, shape, dtype in zip(needs, shapes, dtypes):
+        if need and shape is not None:
+            out.append(x.new_empty(shape, dtype=dtype))
+        else:
+            out.append(x.new_empty(0))
+    return tuple(out)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, indices, gates, u)
+    ctx.scaling, ctx.adapter, ctx.backend = scaling, adapter, backend
+    ctx.has_bias = bias is not None
+    if bias is not None:
+        ctx.bias_dtype = bias.dtype
+
+
+def _lowrank_linear_grad(ctx, grad_y, grad_u):
+    x, weight, lora_a, lora_b, indices, gates, u = ctx.saved_tensors
+    needs = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
+        lora_a is not None and ctx.needs_input_grad[3],
+        lora_b is not None and ctx.needs_input_grad[4],
+        gates is not None and ctx.needs_input_grad[6],
+    ]
+    if not any(needs):
+        return (None,) * 10
+    grads = _lowrank_linear_backward_op(
+        grad_y, x, weight, lora_a, lora_b, indices, gates, ctx.scaling, ctx.adapter, u, needs, ctx.backend
+    )
+    dx, dweight, dbias, dlora_a, dlora_b, dgates = (g if need else None for g, need in zip(grads, needs))
+    return dx, dweight, dbias, dlora_a, dlora_b, None, dgates, None, None, None
+
+
+_lowrank_linear_op.register_autograd(_lowrank_linear_grad, setup_context=_setup_context)
+
+
+def _same(name: str, tensor: Tensor, x: Tensor) -> None:
+    if tensor.device != x.device:
+        raise ValueError(f"{name}: expected a tensor on {x.device} (like x), got {tensor.device}")
+    if tensor.dtype != x.dtype:
+        raise ValueError(f"{name}: expected dtype {x.dtype} (like x), got {tensor.dtype}")
+
+
+def _check_index_values(indices: Tensor, num_adapters: int) -> None:
+    """Raise IndexError for values outside [-1, E); skipped where reading a value would need a host
+    synchronisation that is not allowed (inside torch.compile tracing or CUDA graph capture)."""
+    if indices.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    low, high = torch.aminmax(indices)
+    low, high = int(low), int(high)
+    if low < -1 or high >= num_adapters:
+        bad = low if low < -1 else high
+        raise IndexError(f"indices: value {bad} is outside [-1, {num_adapters}) (E = {num_adapters} adapters)")
+
+
+def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling):
+    """Validate the public arguments; return the backend form (see the module docstring)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x: expected a tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected at least one dimension (*, K), got a scalar")
+    K = x.shape[-1]
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != K:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight: expected shape (N, K={K}), got {shape}")
+    _same("weight", weight, x)
+    N = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (N,):
+            raise ValueError(f"bias: expected shape (N={N},), got {tuple(getattr(bias, 'shape', ()))}")
+        _same("bias", bias, x)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise ValueError(f"scaling: expected a Python number, got {type(scaling).__name__}")
+
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    M = x2d.shape[0]
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a, lora_b: give both low-rank factors or neither")
+    if lora_a is None:
+        if indices is not None:
+            raise ValueError("indices: given without lora_a/lora_b")
+        if gates is not None:
+            raise ValueError("gates: given without lora_a/lora_b")
+        return lead, x2d, bias, None, None, None, None, 0
+
+    if lora_a.dim() != 3 or lora_a.shape[2] != K:
+        raise ValueError(f"lora_a: expected shape (E, r, K={K}), got {tuple(lora_a.shape)}")
+    E, r = lora_a.shape[0], lora_a.shape[1]
+    if tuple(lora_b.shape) != (E, N, r):
+        raise ValueError(f"lora_b: expected shape (E={E}, N={N}, r={r}) to match lora_a and weight, got {tuple(lora_b.shape)}")
+    _same("lora_a", lora_a, x)
+    _same("lora_b", lora_b, x)
+
+    adapter = 0
+    if indices is None or isinstance(indices, int) and not isinstance(indices, bool):
+        if gates is not None:
+            raise ValueError("gates: per-slot gates need a tensor of indices shaped like them")
+        if indices is None:
+            if E != 1:
+                raise ValueError(f"indices: required when lora_a holds E={E} adapters (None means adapter 0 of 1)")
+        else:
+            if not 0 <= indices < E:
+                raise IndexError(f"indices: adapter {indices} is outside [0, {E})")
+            adapter = indices
+        indices = None
+    elif isinstance(indices, Tensor):
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
+        if indices.device != x.device:
+            raise ValueError(f"indices: expected a tensor on {x.device} (like x), got {indices.device}")
+        if tuple(indices.shape) == tuple(lead):
+            slots = 1
+        elif indices.dim() == len(lead) + 1 and tuple(indices.shape[:-1]) == tuple(lead):
+            slots = indices.shape[-1]
+        else:
+            raise ValueError(
+                f"indices: expected shape {tuple(lead)} (one adapter per row) or {tuple(lead)} + (k,), "
+                f"got {tuple(indices.shape)}"
+            )
+        if gates is not None:
+            if not isinstance(gates, Tensor) or tuple(gates.shape) != tuple(indices.shape):
+                raise ValueError(f"gates: expected shape {tuple(indices.shape)} (like indices), got {tuple(getattr(gates, 'shape', ()))}")
+            if not gates.dtype.is_floating_point:
+                raise ValueError(f"gates: expected a floating dtype, got {gates.dtype}")
+            if gates.device != x.device:
+                raise ValueError(f"gates: expected a tensor on {x.device} (like x), got {gates.device}")
+            gates = gates.reshape(M, slots).to(_accumulator_dtype(x.dtype)).contiguous()
+        _check_index_values(indices, E)
+        indices = indices.reshape(M, slots).to(torch.int64).contiguous()
+    else:
+        raise ValueError(f"indices: expected None, an int or an integer tensor, got {type(indices).__name__}")
+
+    if r == 0:  # a rank-0 update is zero: a plain linear
+        return lead, x2d, bias, None, None, None, None, 0
+    return lead, x2d, bias, lora_a, lora_b, indices, gates, adapter
+
+
+def lowrank_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    lora_a: Optional[Tensor] = None,
+    lora_b: Optional[Tensor] = None,
+    indices: Union[None, int, Tensor] = None,
+    gates: Optional[Tensor] = None,
+    scaling: float = 1.0,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Shared-weight linear fused with gathered low-rank updates.
+
+    Args:
+        x: (*, K) float16, bfloat16, float32 (float64 on CPU backends); any leading dims, any strides.
+        weight: (N, K), shared by every row, depth and expert.
+        bias: (N,) or None.
+        lora_a: (E, r, K) or None, PEFT's ``lora_A.weight`` of each adapter, stacked.
+        lora_b: (E, N, r) or None, PEFT's ``lora_B.weight`` of each adapter, stacked.
+        indices: None (adapter 0, E must be 1), an int (one adapter for every row), an integer tensor
+            (*,) (one adapter per row) or (*, k) (k adapters per row); -1 leaves a slot empty.
+        gates: None (all 1) or a float tensor shaped like ``indices``: the weight of each slot.
+        scaling: PEFT's ``lora_alpha / r``.
+        backend: "triton", "cuda", "cpp" or "torch"; default: ``RECURSIVE_KERNELS_BACKEND`` or automatic.
+
+    Returns:
+        (*, N) in x's dtype. Differentiable in x, weight, bias, lora_a, lora_b and gates.
+
+    Raises:
+        IndexError: an index outside [-1, E).
+        ValueError: a mismatched shape, dtype or device (the message names the argument).
+        kernels.BackendUnavailableError: the requested backend cannot serve this input.
+    """
+    lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
+        x, weight, bias, lora_a, lora_b, indices, gates, scaling
+    )
+    chosen = backends.select(OP, x.device, backend, dtype=x.dtype)
+    if chosen == "torch":
+        y = lowrank_linear_ref(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter)
+    else:
+        y, _ = _lowrank_linear_op(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter, chosen)
+    return y.reshape(*lead, weight.shape[0])

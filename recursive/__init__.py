@@ -1,0 +1,3 @@
+"""recursive: the torch.nn layer of recursive-kernels (modules, models, command line)."""
+
+__all__: list = []

@@ -1,0 +1,33 @@
+"""Test set-up: on machines without a GPU, run the Triton backend in its CPU interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported (triton reads it when kernels are
+decorated), hence here, before any test module imports the package.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels import backends  # noqa: E402
+
+
+def serving_backends(op: str, dtype: torch.dtype):
+    """(backend, device) pairs that can serve ``op`` in ``dtype`` on this machine."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    pairs = []
+    for device in devices:
+        for name in backends.BACKENDS:
+            if not backends.reasons(op, name, device, dtype=dtype):
+                pairs.append(pytest.param(name, device, id=f"{name}-{device.type}"))
+    return pairs
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    """Tests choose backends explicitly; a developer's RECURSIVE_KERNELS_BACKEND must not leak in."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)

@@ -1,0 +1,386 @@
+"""``kernels.lowrank_linear``: every backend on this machine against a float64 reference.
+
+Error rule (FlashAttention's): a backend's error against float64 is at most twice the error of the same
+computation done eagerly by PyTorch in the same dtype, plus half an ulp of the dtype (relative).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import pytest
+import torch
+
+import kernels
+from kernels import BackendUnavailableError, backends
+from kernels.lowrank_linear import _lowrank_linear_op
+from tests.conftest import serving_backends
+
+GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "gates")
+
+
+@dataclass(frozen=True)
+class Shape:
+    M: int
+    K: int
+    N: int
+    E: int = 0  # adapters; 0: plain linear
+    r: int = 0
+    k: int = 1  # slots per row
+    form: str = "per-row"  # "none" (indices None), "int", "per-row", "top-k"
+    lead: tuple = ()  # leading dims instead of (M,)
+    noncontiguous: bool = False
+    bias: bool = True
+
+    def __str__(self):
+        return f"M{self.M}-K{self.K}-N{self.N}-E{self.E}-r{self.r}-k{self.k}-{self.form}" + (
+            "-nc" if self.noncontiguous else ""
+        )
+
+
+SHAPES = [
+    Shape(0, 17, 3, E=2, r=4),  # zero rows
+    Shape(1, 3, 17, E=1, r=1, form="none"),  # rank 1, indices None with E = 1
+    Shape(3, 17, 113, E=16, r=16),  # per-row with -1 and unused adapters
+    Shape(17, 113, 17, E=16, r=16, k=2, form="top-k"),  # mixture with gates
+    Shape(113, 17, 3, E=4, r=1, form="int", bias=False),  # one adapter for all rows
+    Shape(17, 3, 1, E=3, r=16, k=2, form="top-k", noncontiguous=True),
+    Shape(0, 5, 7, E=3, r=2, k=2, form="top-k"),
+    Shape(6, 33, 40, E=5, r=8, form="per-row", lead=(2, 3), noncontiguous=True),
+    Shape(5, 19, 23),  # plain linear
+    Shape(4, 8, 8, E=2, r=0),  # rank 0: a plain linear
+]
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Dict[str, object]:
+    """Random inputs, drawn in float64 on the CPU so every dtype and device sees the same numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = shape.lead or (shape.M,)
+    M = 1
+    for d in lead:
+        M *= d
+
+    def rand(*s, scale=1.0):
+        return torch.randn(*s, generator=gen, dtype=torch.float64) * scale
+
+    if shape.noncontiguous:  # every other column of a wider tensor
+        x = rand(*lead, 2 * shape.K)[..., ::2]
+    else:
+        x = rand(*lead, shape.K)
+    inputs = {
+        "x": x,
+        "weight": rand(shape.N, shape.K, scale=shape.K**-0.5),
+        "bias": rand(shape.N) if shape.bias else None,
+        "lora_a": None,
+        "lora_b": None,
+        "indices": None,
+        "gates": None,
+        "scaling": 1.5,
+    }
+    if shape.E:
+        inputs["lora_a"] = rand(shape.E, shape.r, shape.K, scale=shape.K**-0.5)
+        inputs["lora_b"] = rand(shape.E, shape.N, shape.r)
+        if shape.form == "int":
+            inputs["indices"] = shape.E - 1
+        elif shape.form in ("per-row", "top-k"):
+            idx_shape = lead if shape.form == "per-row" else (*lead, shape.k)
+            # -1 slots, and adapter 0 never used when E > 2
+            low = 1 if shape.E > 2 else 0
+            idx = torch.randint(low, shape.E, idx_shape, generator=gen)
+            idx[torch.rand(idx_shape, generator=gen) < 0.2] = -1
+            inputs["indices"] = idx
+            if shape.form == "top-k":
+                inputs["gates"] = torch.rand(idx_shape, generator=gen, dtype=torch.float64)
+    out = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+            value = value.to(device=device, dtype=dtype)
+        elif isinstance(value, torch.Tensor):
+            value = value.to(device)
+        out[name] = value
+    return out
+
+
+def run(inputs, backend: str, grad_out: Optional[torch.Tensor] = None):
+    """Output and gradients of every differentiable input (None where not applicable)."""
+    leaves = {}
+    args = dict(inputs)
+    for name in GRAD_NAMES:
+        if isinstance(args[name], torch.Tensor):
+            args[name] = args[name].detach().requires_grad_(True)
+            leaves[name] = args[name]
+    y = kernels.lowrank_linear(**args, backend=backend)
+    if grad_out is None:
+        return y, {}
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_out.to(y.dtype), allow_unused=True)
+    return y, dict(zip(leaves, grads))
+
+
+def cast(inputs, dtype, device):
+    out = {}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.detach().to(device=device, dtype=dtype)
+        elif isinstance(value, torch.Tensor):
+            value = value.to(device)
+        out[name] = value
+    return out
+
+
+def rel_err(a: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> float:
+    if ref is None or a is None:
+        assert a is None or not a.any(), "gradient where the reference has none"
+        return 0.0
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    assert a.shape == ref.shape
+    assert not (torch.isnan(a).any() and not torch.isnan(ref).any()), "NaN where the reference has none"
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(shape: Shape, backend: str, device: torch.device, dtype: torch.dtype, seed=0):
+    inputs64 = make_inputs(shape, torch.float64, torch.device("cpu"), seed)
+    y64, _ = run(inputs64, "torch")
+    grad_out = torch.randn(y64.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    if shape.noncontiguous:  # a non-contiguous upstream gradient too
+        grad_out = torch.randn(*y64.shape[:-1], 2 * y64.shape[-1], dtype=torch.float64)[..., ::2]
+    y64, g64 = run(inputs64, "torch", grad_out)
+
+    inputs = cast(inputs64, dtype, device)
+    y, g = run(inputs, backend, grad_out.to(device))
+    assert y.dtype == dtype and y.shape == y64.shape and y.device.type == device.type
+    if dtype == torch.float64:  # the eager float64 computation is the reference itself
+        eager_y, eager_g, floor = y64, g64, 1e-13
+    else:
+        eager_y, eager_g = run(cast(inputs64, dtype, device), "torch", grad_out.to(device))
+        floor = torch.finfo(dtype).eps / 2
+    pairs = [("y", y, eager_y, y64)] + [(n, g.get(n), eager_g.get(n), g64.get(n)) for n in GRAD_NAMES]
+    for name, ours, eager, ref in pairs:
+        if ref is None:
+            assert ours is None, f"{name}: gradient given where the reference has none"
+            continue
+        assert ours is not None, f"{name}: missing gradient"
+        assert ours.dtype == dtype, f"{name}: dtype {ours.dtype}, expected {dtype}"
+        err, eager_err = rel_err(ours, ref), rel_err(eager, ref)
+        assert err <= 2 * eager_err + floor, f"{name}: error {err:.3e} > 2 x eager {eager_err:.3e} + {floor:.1e}"
+
+
+def kernel_backends(dtype):
+    """Backends other than the reference itself (comparing the reference with itself cannot fail)."""
+    return [p for p in serving_backends("lowrank_linear", dtype) if p.values[0] != "torch"]
+
+
+def test_reference_matches_per_row_loop():
+    """The oracle against the formula written row by row and slot by slot, forward and gradients."""
+    inputs = make_inputs(Shape(7, 9, 5, E=3, r=2, k=2, form="top-k"), torch.float64, torch.device("cpu"), seed=9)
+    names = ["x", "weight", "bias", "lora_a", "lora_b", "gates"]
+    leaves = [inputs[n].detach().requires_grad_(True) for n in names]
+    x, w, b, a, bb, g = leaves
+    s, idx = inputs["scaling"], inputs["indices"]
+    rows = []
+    for t in range(x.shape[0]):
+        row = x[t] @ w.T + b
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e >= 0:
+                row = row + s * g[t, j] * ((a[e] @ x[t]) @ bb[e].T)
+        rows.append(row)
+    loop = torch.stack(rows)
+    gy = torch.randn_like(loop)
+    loop_grads = torch.autograd.grad(loop, leaves, gy)
+    y, grads = run(inputs, "torch", gy)
+    torch.testing.assert_close(y, loop, rtol=1e-12, atol=1e-12)
+    for n, lg in zip(names, loop_grads):
+        torch.testing.assert_close(grads[n], lg, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.float32))
+def test_float32_matches_float64_reference(shape, backend, device):
+    check_against_reference(shape, backend, device, torch.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.bfloat16))
+def test_bfloat16_error_at_most_twice_eager(shape, backend, device):
+    check_against_reference(shape, backend, device, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.float64))
+def test_float64_matches_reference(backend, device):
+    for shape in SHAPES[:5]:
+        check_against_reference(shape, backend, device, torch.float64, seed=3)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[1]], ids=str)
+@pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.float64))
+def test_gradcheck_float64(shape, backend, device):
+    small = Shape(min(shape.M, 4), min(shape.K, 5), min(shape.N, 6), min(shape.E, 3), min(shape.r, 2), shape.k, shape.form)
+    inputs = make_inputs(small, torch.float64, device, seed=7)
+    names = [n for n in GRAD_NAMES if isinstance(inputs[n], torch.Tensor)]
+    tensors = [inputs[n].detach().clone().requires_grad_(True) for n in names]
+
+    def fn(*ts):
+        args = dict(inputs)
+        args.update(zip(names, ts))
+        return kernels.lowrank_linear(**args, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.float32))
+def test_shared_weight_gradient_is_sum_over_depths(backend, device):
+    """A weight reused at 3 depths (each with its own adapter) gets the sum of the untied copies' grads."""
+    gen = torch.Generator().manual_seed(11)
+    K, depths, E, r = 24, 3, 3, 4
+    x = torch.randn(5, K, generator=gen).to(device)
+    weight = (torch.randn(K, K, generator=gen) * K**-0.5).to(device).requires_grad_(True)
+    lora_a = (torch.randn(E, r, K, generator=gen) * 0.2).to(device).requires_grad_(True)
+    lora_b = (torch.randn(E, K, r, generator=gen) * 0.2).to(device).requires_grad_(True)
+    h = x
+    for depth in range(depths):
+        h = h + kernels.lowrank_linear(h, weight, None, lora_a, lora_b, depth, backend=backend)
+    h.square().sum().backward()
+
+    copies = [weight.detach().clone().requires_grad_(True) for _ in range(depths)]
+    h = x
+    for depth in range(depths):
+        h = h + torch.nn.functional.linear(h, copies[depth]) + (h @ lora_a[depth].T) @ lora_b[depth].T
+    h.square().sum().backward()
+    unrolled = sum(c.grad for c in copies)
+    assert rel_err(weight.grad, unrolled) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.float32))
+def test_per_row_equals_single_adapter_calls(backend, device):
+    """Depth-wise batching: rows at different depths in one call equal one call per depth."""
+    inputs = make_inputs(Shape(12, 16, 20, E=4, r=4, form="per-row"), torch.float32, device, seed=5)
+    idx = torch.tensor([0, 1, 2, 3] * 3, device=device)
+    together = kernels.lowrank_linear(**{**inputs, "indices": idx}, backend=backend)
+    for depth in range(4):
+        rows = idx == depth
+        alone = kernels.lowrank_linear(**{**inputs, "x": inputs["x"][rows], "indices": depth}, backend=backend)
+        torch.testing.assert_close(together[rows], alone, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+
+def _good():
+    return make_inputs(Shape(4, 6, 5, E=3, r=2, k=2, form="top-k"), torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "change,argument",
+    [
+        (lambda a: a.update(weight=a["weight"][:, :-1]), "weight"),
+        (lambda a: a.update(weight=a["weight"].double()), "weight"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), "weight"),
+        (lambda a: a.update(bias=a["bias"][:-1]), "bias"),
+        (lambda a: a.update(bias=a["bias"].half()), "bias"),
+        (lambda a: a.update(lora_b=None), "lora_a, lora_b"),
+        (lambda a: a.update(lora_a=a["lora_a"][:, :, :-1]), "lora_a"),
+        (lambda a: a.update(lora_b=a["lora_b"][:2]), "lora_b"),
+        (lambda a: a.update(lora_a=a["lora_a"].bfloat16()), "lora_a"),
+        (lambda a: a.update(indices=a["indices"][:2]), "indices"),
+        (lambda a: a.update(indices=a["indices"].float()), "indices"),
+        (lambda a: a.update(indices=None, gates=None), "indices"),  # E = 3 needs indices
+        (lambda a: a.update(gates=a["gates"][:, :1]), "gates"),
+        (lambda a: a.update(gates=a["gates"].long()), "gates"),
+        (lambda a: a.update(indices=1), "gates"),  # gates without a tensor of indices
+        (lambda a: a.update(scaling="2"), "scaling"),
+        (lambda a: a.update(x=a["x"].long()), "x"),
+        (lambda a: a.update(lora_a=None, lora_b=None, gates=None), "indices"),
+        (lambda a: a.update(lora_a=None, lora_b=None, indices=None), "gates"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(change, argument):
+    args = _good()
+    change(args)
+    with pytest.raises(ValueError, match=f"^{argument}:"):
+        kernels.lowrank_linear(**args, backend="torch")
+
+
+@pytest.mark.parametrize("bad", [-2, 3, 7])
+def test_index_out_of_range_raises_index_error(bad):
+    args = _good()
+    args["indices"][1, 0] = bad
+    with pytest.raises(IndexError, match="indices"):
+        kernels.lowrank_linear(**args, backend="torch")
+    args = _good()
+    with pytest.raises(IndexError, match="indices"):
+        kernels.lowrank_linear(**{**args, "indices": bad, "gates": None}, backend="torch")
+
+
+def test_explicit_backend_that_cannot_serve_raises_with_reasons():
+    args = _good()
+    with pytest.raises(BackendUnavailableError, match="cuda needs CUDA tensors|torch sees no CUDA device"):
+        kernels.lowrank_linear(**args, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'nope'"):
+        kernels.lowrank_linear(**args, backend="nope")
+    with pytest.raises(BackendUnavailableError, match="triton does not support torch.float64"):
+        kernels.lowrank_linear(**cast(args, torch.float64, torch.device("cpu")), backend="triton")
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    args = _good()
+    monkeypatch.setenv(backends.ENV_VAR, "nope")
+    with pytest.raises(BackendUnavailableError, match=backends.ENV_VAR):
+        kernels.lowrank_linear(**args)
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.select("lowrank_linear", torch.device("cpu"), dtype=torch.float32) == "torch"
+
+
+def test_automatic_fallback_warns_once(monkeypatch):
+    monkeypatch.setitem(backends._install_cache, "cpp", "pretend the extension is missing")
+    monkeypatch.setattr(backends, "_warned", set())
+    args = _good()
+    with pytest.warns(RuntimeWarning, match="falling back from the cpp backend to torch: pretend"):
+        kernels.lowrank_linear(**args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.lowrank_linear(**args)
+
+
+def test_cpu_auto_order_prefers_cpp_when_built():
+    chosen = backends.select("lowrank_linear", torch.device("cpu"), dtype=torch.float32)
+    assert chosen == ("cpp" if backends.install_reason("cpp") is None else "torch")
+
+
+# ------------------------------------------------------------- torch.library and torch.compile
+
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.float32))
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[8]], ids=str)
+def test_opcheck(shape, backend, device):
+    inputs = make_inputs(shape, torch.float32, device, seed=2)
+    from kernels.lowrank_linear import _normalise
+
+    lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
+        inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_a"], inputs["lora_b"],
+        inputs["indices"], inputs["gates"], inputs["scaling"],
+    )
+    args = [t.requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (x2d.detach(), inputs["weight"], bias, lora_a, lora_b)]
+    torch.library.opcheck(_lowrank_linear_op, (*args, indices, gates, 1.5, adapter, backend))
+
+
+@pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.float32))
+def test_compile_fullgraph_matches_eager(backend, device):
+    inputs = make_inputs(Shape(6, 16, 12, E=4, r=4, k=2, form="top-k"), torch.float32, device, seed=4)
+    params = {n: inputs[n].detach().requires_grad_(True) for n in ("x", "weight", "lora_a", "lora_b", "gates")}
+
+    def fn(x, weight, lora_a, lora_b, gates):
+        y = kernels.lowrank_linear(x, weight, inputs["bias"], lora_a, lora_b, inputs["indices"], gates,
+                                   inputs["scaling"], backend=backend)
+        return torch.tanh(y).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    eager_out = fn(**params)
+    eager_grads = torch.autograd.grad(eager_out, list(params.values()))
+    out = compiled(**params)
+    grads = torch.autograd.grad(out, list(params.values()))
+    torch.testing.assert_close(out, eager_out)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
