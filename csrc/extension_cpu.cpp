@@ -11,7 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "recursive-kernels C++/OpenMP CPU backend";
 
   m.def("lowrank_linear_forward", &rkc::lowrank_linear_forward,
-        "lowrank_linear forward -> (y, u); see kernels/BACKEND_INTERFACE.md",
+        "lowrank_linear forward -> (y, u); see the backend interface in kernels/lowrank_linear.py",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"),
         py::arg("indices"), py::arg("gates"), py::arg("scaling"), py::arg("adapter"),
         py::call_guard<py::gil_scoped_release>());

@@ -61,9 +61,9 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 constexpr double kLoopMacsPerAdapterForward = 4.0e6;
 constexpr double kLoopMacsPerAdapterBackward = 4.0e5;
 
-// RK_LOWRANK_CPU_PATH=grouped|loops forces a path (for tests and benchmarks); read on every call.
+// RECURSIVE_KERNELS_CPU_PATH=grouped|loops forces a path (for tests and benchmarks); read on every call.
 int forced_path() {
-  const char* env = std::getenv("RK_LOWRANK_CPU_PATH");
+  const char* env = std::getenv("RECURSIVE_KERNELS_CPU_PATH");
   if (env == nullptr || env[0] == '\0') return 0;
   const std::string v(env);
   return v == "grouped" ? 1 : v == "loops" ? 2 : 0;

@@ -6,12 +6,27 @@
 One op serves every recursive-transformer variant: one adapter for all rows (a depth's LoRA), one
 adapter per row (tokens of different depths in one batch) and k adapters per row with gates (a mixture
 of LoRA experts). This file validates and normalises the inputs, picks a backend (see
-``kernels.backends``) and wires the compiled backends into autograd through ``torch.library`` custom
-ops, so the op works under ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+``kernels.backends``) and wires the compiled backends into autograd: eager calls through a
+``torch.autograd.Function``, and ``torch.compile`` through ``torch.library`` custom ops with fake
+implementations (so ``fullgraph=True`` works and ``torch.library.opcheck`` passes).
 
-Every backend implements the same normalised interface (x is 2-D, indices an int64 (M, k) tensor or a
-single adapter number, gates float32/float64 (M, k)); ``kernels/reference.py`` is its spec, and the
-``torch`` backend runs that reference directly under autograd.
+Backend interface. Every backend module provides two functions over the normalised inputs
+(``kernels/reference.py`` is their spec; the ``torch`` backend runs it directly under autograd):
+
+``forward(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter) -> (y, u)``
+    x (M, K) with any strides, M may be 0; weight (N, K); bias (N,) or None; lora_a (E, r, K) and
+    lora_b (E, N, r), both None for a plain linear (r >= 1 otherwise); indices None (every row uses
+    adapter ``adapter``) or int64 (M, k) validated in [-1, E); gates None or (M, k) float32 (float64 for
+    float64 x), only with tensor indices. Returns y (M, N) in x's dtype and u (M, k, r) = x @ A_e^T,
+    unscaled and ungated, in the accumulator dtype (float32; float64 for float64 x), zero in -1 slots;
+    u is empty when there is no adapter.
+
+``backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs)``
+    -> gradients of (x, weight, bias, lora_a, lora_b, gates), each in its input's dtype, a distinct
+    empty tensor where ``needs`` (six bools) is False. With v[t, j] = grad_y[t] @ B_e:
+    dx = grad_y @ W + s * sum_j g v_j @ A_e; dW = grad_y^T @ x; dbias = sum_t grad_y[t];
+    dA_e = s * sum over the slots of e of g v^T x[t]; dB_e = s * sum over the slots of e of g grad_y[t]^T u;
+    dgates = s * <u, v> (0 in -1 slots).
 """
 
 from __future__ import annotations
@@ -109,10 +124,7 @@ def _lowrank_linear_backward_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (x, weight, bias, lora_a, lora_b, gates); an empty tensor where ``needs`` is False."""
-    grads = _impl(backend, 1)(
-        grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, list(needs)
-    )
-    return tuple(grads)
+    return tuple(_backend_backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, list(needs), backend))
 
 
 @_lowrank_linear_backward_op.register_fake
@@ -135,18 +147,14 @@ def _(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, ne
     return tuple(out)
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, inputs, u):
     x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend = inputs
-    _, u = output
-    ctx.mark_non_differentiable(u)
     ctx.save_for_backward(x, weight, lora_a, lora_b, indices, gates, u)
-    ctx.scaling, ctx.adapter, ctx.backend = scaling, adapter, backend
-    ctx.has_bias = bias is not None
-    if bias is not None:
-        ctx.bias_dtype = bias.dtype
+    ctx.scaling, ctx.adapter, ctx.backend, ctx.has_bias = scaling, adapter, backend, bias is not None
 
 
-def _lowrank_linear_grad(ctx, grad_y, grad_u):
+def _grads(ctx, grad_y, backward):
+    """The ten input gradients from ``backward`` (the backward custom op, or the backend's function)."""
     x, weight, lora_a, lora_b, indices, gates, u = ctx.saved_tensors
     needs = [
         ctx.needs_input_grad[0],
@@ -158,14 +166,38 @@ def _lowrank_linear_grad(ctx, grad_y, grad_u):
     ]
     if not any(needs):
         return (None,) * 10
-    grads = _lowrank_linear_backward_op(
-        grad_y, x, weight, lora_a, lora_b, indices, gates, ctx.scaling, ctx.adapter, u, needs, ctx.backend
-    )
+    grads = backward(grad_y, x, weight, lora_a, lora_b, indices, gates, ctx.scaling, ctx.adapter, u, needs, ctx.backend)
     dx, dweight, dbias, dlora_a, dlora_b, dgates = (g if need else None for g, need in zip(grads, needs))
     return dx, dweight, dbias, dlora_a, dlora_b, None, dgates, None, None, None
 
 
-_lowrank_linear_op.register_autograd(_lowrank_linear_grad, setup_context=_setup_context)
+def _op_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # u is kept for backward, never a result for users
+    _save(ctx, inputs, output[1])
+
+
+_lowrank_linear_op.register_autograd(
+    lambda ctx, grad_y, grad_u: _grads(ctx, grad_y, _lowrank_linear_backward_op), setup_context=_op_setup_context
+)
+
+
+def _backend_backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs, backend):
+    return _impl(backend, 1)(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs)
+
+
+class _LowRankLinearFunction(torch.autograd.Function):
+    """The eager path: the same backend functions as the custom ops, without the custom-op dispatch
+    (tens of microseconds a call, which is most of a decode step's budget on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend):
+        y, u = _impl(backend, 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter)
+        _save(ctx, (x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend), u)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _grads(ctx, grad_y, _backend_backward)
 
 
 def _same(name: str, tensor: Tensor, x: Tensor) -> None:
@@ -314,6 +346,8 @@ def lowrank_linear(
     chosen = backends.select(OP, x.device, backend, dtype=x.dtype)
     if chosen == "torch":
         y = lowrank_linear_ref(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter)
-    else:
+    elif torch.compiler.is_compiling():  # torch.compile sees the registered custom op
         y, _ = _lowrank_linear_op(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter, chosen)
+    else:
+        y = _LowRankLinearFunction.apply(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter, chosen)
     return y.reshape(*lead, weight.shape[0])

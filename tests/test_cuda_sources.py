@@ -6,7 +6,7 @@ On any machine:
   * the binding (``extension_cuda.cpp``) passes a C++ syntax check against torch's headers.
 On a machine with a CUDA device (skipped otherwise): the extension is built with
 ``torch.utils.cpp_extension.load`` and its ``lowrank_linear_forward`` / ``lowrank_linear_backward`` are
-checked against the float64 reference of ``kernels/BACKEND_INTERFACE.md`` (float32, float16, bfloat16;
+checked against the float64 reference of ``the backend interface in kernels/lowrank_linear.py`` (float32, float16, bfloat16;
 plain, single-adapter, per-row and top-2 gated modes; -1 slots, M = 0, non-contiguous operands).
 """
 
@@ -22,7 +22,8 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+from kernels.reference import lowrank_linear_ref
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -159,20 +160,6 @@ def test_binding_syntax(std):
 # --------------------------------------------------------------------------------------------------
 
 
-def reference(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter):
-    """The float64 reference of kernels/BACKEND_INTERFACE.md (any dtype; autograd gives the gradients)."""
-    y = F.linear(x, weight, bias)
-    if lora_a is None:
-        return y
-    if indices is None:
-        return y + scaling * (x @ lora_a[adapter].T) @ lora_b[adapter].T
-    g = torch.ones(indices.shape, dtype=x.dtype, device=x.device) if gates is None else gates.to(x.dtype)
-    for e in range(lora_a.shape[0]):
-        w = (g * (indices == e)).sum(-1, keepdim=True)  # (M, 1)
-        y = y + scaling * w * ((x @ lora_a[e].T) @ lora_b[e].T)
-    return y
-
-
 def reference_u(x, lora_a, indices, adapter):
     """u[t, j] = x[t] @ lora_a[e[t, j]]^T, zeros for -1 slots (float64)."""
     x = x.double()
@@ -289,7 +276,7 @@ def _reference_results(inp, dtype):
                           (torch.float32 if name == "gates" else dtype))
         leaves[name] = t.requires_grad_(True)
     indices = None if inp["indices"] is None else inp["indices"].to(device)
-    y = reference(leaves["x"], leaves["weight"], leaves.get("bias"), leaves.get("lora_a"), leaves.get("lora_b"),
+    y = lowrank_linear_ref(leaves["x"], leaves["weight"], leaves.get("bias"), leaves.get("lora_a"), leaves.get("lora_b"),
                   indices, leaves.get("gates"), inp["scaling"], inp["adapter"])
     grad_y = inp["grad_y"].detach().to(device=device, dtype=y.dtype)
     names = list(leaves)

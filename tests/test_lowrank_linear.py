@@ -384,3 +384,14 @@ def test_compile_fullgraph_matches_eager(backend, device):
     torch.testing.assert_close(out, eager_out)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(backends.install_reason("cpp") is not None, reason="the cpp extension is not built")
+@pytest.mark.parametrize("path", ["loops", "grouped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpp_both_paths(path, dtype, monkeypatch):
+    """The cpp backend picks hand-written loops (decode sizes) or one matmul per adapter (prefill sizes)
+    by problem size; force each path on every shape so both are checked."""
+    monkeypatch.setenv("RECURSIVE_KERNELS_CPU_PATH", path)
+    for seed, shape in enumerate(SHAPES):
+        check_against_reference(shape, "cpp", torch.device("cpu"), dtype, seed=seed)

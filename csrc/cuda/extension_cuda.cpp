@@ -1,6 +1,6 @@
 // Python binding of the CUDA fallback backend of `lowrank_linear` (module kernels._C_cuda).
 //
-// Implements the two functions of kernels/BACKEND_INTERFACE.md on CUDA tensors:
+// Implements the two functions of the backend interface in kernels/lowrank_linear.py on CUDA tensors:
 //   * the dense shared-weight matmuls through ATen (cuBLAS): y = addmm(bias, x, W^T), dx = grad_y @ W,
 //     dW = grad_y^T @ x, db = grad_y.sum(0);
 //   * the gathered low-rank parts (per-slot adapters, tensor indices) through the hand-written kernels of
@@ -313,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "recursive-kernels: CUDA fallback backend (lowrank_linear); see kernels/BACKEND_INTERFACE.md";
+  m.doc() = "recursive-kernels: CUDA fallback backend (lowrank_linear); see the backend interface in kernels/lowrank_linear.py";
   m.def("lowrank_linear_forward", &lowrank_linear_forward,
         "lowrank_linear forward on CUDA tensors -> (y, u)", py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("lora_a"), py::arg("lora_b"), py::arg("indices"), py::arg("gates"), py::arg("scaling"),
