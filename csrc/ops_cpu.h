@@ -13,7 +13,7 @@ namespace recursive_kernels {
 namespace cpu {
 
 // lowrank_linear: y = x @ weight.T + bias + scaling * sum_j gates[t, j] * (x @ A_e.T) @ B_e.T, e = indices[t, j].
-// The normalised backend interface of the backend interface in kernels/lowrank_linear.py. Returns (y, u): y (M, N) in x's dtype,
+// The normalised backend interface of kernels/lowrank_linear.py. Returns (y, u): y (M, N) in x's dtype,
 // u (M, k, r) in the accumulator dtype (float32, float64 for float64 inputs), or an empty tensor of that
 // dtype when lora_a is None.
 std::tuple<at::Tensor, at::Tensor> lowrank_linear_forward(

@@ -2,7 +2,7 @@
 
     y[t] = x[t] @ W^T + b + s * sum_j g[t, j] * (x[t] @ A[e].T) @ B[e].T,    e = indices[t, j]
 
-Shapes (the normalised interface of ``the backend interface in kernels/lowrank_linear.py``; every 2-D/3-D operand may have
+Shapes (the normalised backend interface of ``kernels/lowrank_linear.py``; every 2-D/3-D operand may have
 arbitrary strides, nothing is copied to make it contiguous):
 
     x        (M, K)       float32 / float16 / bfloat16

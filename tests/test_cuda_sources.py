@@ -6,7 +6,7 @@ On any machine:
   * the binding (``extension_cuda.cpp``) passes a C++ syntax check against torch's headers.
 On a machine with a CUDA device (skipped otherwise): the extension is built with
 ``torch.utils.cpp_extension.load`` and its ``lowrank_linear_forward`` / ``lowrank_linear_backward`` are
-checked against the float64 reference of ``the backend interface in kernels/lowrank_linear.py`` (float32, float16, bfloat16;
+checked against the float64 reference ``kernels.reference.lowrank_linear_ref`` (float32, float16, bfloat16;
 plain, single-adapter, per-row and top-2 gated modes; -1 slots, M = 0, non-contiguous operands).
 """
 

@@ -1,0 +1,161 @@
+"""``kernels.circuit_attention``: the reference against independent computations, and input checks.
+
+The fused backends are not written yet, so these tests pin the reference (the spec and future oracle):
+plain attention equals ``scaled_dot_product_attention``, corrections equal attention over concatenated
+head dimensions, bottom-right causal masking, fully masked rows, varlen against dense.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+F64 = torch.float64
+
+
+def rand(gen, *shape, dtype=F64, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(dtype).requires_grad_(True)
+
+
+def make(seed=0, B=2, H=4, Hkv=2, Sq=5, Sk=7, D=8, R=3, Rv=2, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = rand(gen, B, H, Sq, D, dtype=dtype), rand(gen, B, Hkv, Sk, D, dtype=dtype), rand(gen, B, Hkv, Sk, D, dtype=dtype)
+    q_c = rand(gen, B, H, Sq, R, dtype=dtype) if R is not None else None
+    k_c = rand(gen, B, Hkv, Sk, R, dtype=dtype) if R is not None else None
+    v_c = rand(gen, B, Hkv, Sk, Rv, dtype=dtype) if Rv is not None else None
+    return q, k, v, q_c, k_c, v_c
+
+
+def bottom_right_mask(Sq, Sk):
+    i = torch.arange(Sq).unsqueeze(1)
+    j = torch.arange(Sk).unsqueeze(0)
+    return j <= i + (Sk - Sq)
+
+
+def sdpa(q, k, v, causal, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    mask = bottom_right_mask(q.shape[2], k.shape[2]) if causal else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Sq,Sk", [(5, 7), (7, 7), (1, 17)])
+def test_plain_attention_equals_sdpa(causal, Sq, Sk):
+    q, k, v, *_ = make(Sq=Sq, Sk=Sk, R=None, Rv=None)
+    out, out_c = kernels.circuit_attention(q, k, v, causal=causal)
+    assert out_c is None
+    torch.testing.assert_close(out, sdpa(q, k, v, causal, q.shape[-1] ** -0.5))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_corrections_equal_attention_over_concatenated_dims(causal):
+    """S = scale q k^T + q_c k_c^T is attention over [q, q_c / scale] and [k, k_c]; out_c rides along v."""
+    q, k, v, q_c, k_c, v_c = make(seed=1)
+    scale = 0.3
+    out, out_c = kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=causal, scale=scale)
+    both = sdpa(torch.cat([q, q_c / scale], -1), torch.cat([k, k_c], -1), torch.cat([v, v_c], -1), causal, scale)
+    torch.testing.assert_close(torch.cat([out, out_c], -1), both)
+    grad = torch.randn_like(both)
+    leaves = [q, k, v, q_c, k_c, v_c]
+    ours = torch.autograd.grad(torch.cat([out, out_c], -1), leaves, grad)
+    theirs = torch.autograd.grad(both, leaves, grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_fully_masked_rows_give_zeros_without_nan():
+    q, k, v, q_c, k_c, v_c = make(Sq=9, Sk=4)  # bottom-right causal: the first 5 queries see no key
+    out, out_c = kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=True)
+    assert torch.all(out[:, :, :5] == 0) and torch.all(out_c[:, :, :5] == 0)
+    grads = torch.autograd.grad((out.sum() + out_c.sum()), [q, q_c])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.all(grads[0][:, :, :5] == 0)
+
+
+def test_large_logits_stay_finite():
+    q, k, v, q_c, k_c, v_c = make(seed=2, dtype=torch.float32)
+    with torch.no_grad():
+        q.mul_(5), k.mul_(3), q_c.mul_(5)
+    out, out_c = kernels.circuit_attention(q, k, v, q_c, k_c, v_c)
+    assert torch.isfinite(out).all() and torch.isfinite(out_c).all()
+
+
+def test_zero_rank_corrections():
+    q, k, v, q_c, k_c, v_c = make(R=0, Rv=0)
+    out, out_c = kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=True)
+    torch.testing.assert_close(out, sdpa(q, k, v, True, q.shape[-1] ** -0.5))
+    assert out_c.shape == (*q.shape[:-1], 0)
+
+
+def test_gradcheck_float64():
+    q, k, v, q_c, k_c, v_c = make(B=1, H=2, Hkv=1, Sq=3, Sk=4, D=4, R=2, Rv=2)
+    assert torch.autograd.gradcheck(
+        lambda *t: kernels.circuit_attention(*t, causal=True), (q, k, v, q_c, k_c, v_c), eps=1e-6, atol=1e-6
+    )
+
+
+def test_varlen_matches_dense_per_sequence():
+    lengths_q, lengths_k = [3, 0, 5], [4, 2, 5]
+    H, Hkv, D, R, Rv = 4, 2, 8, 3, 2
+    gen = torch.Generator().manual_seed(3)
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    q, q_c = rand(gen, tq, H, D), rand(gen, tq, H, R)
+    k, v, k_c, v_c = rand(gen, tk, Hkv, D), rand(gen, tk, Hkv, D), rand(gen, tk, Hkv, R), rand(gen, tk, Hkv, Rv)
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
+    out, out_c = kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 5, q_c, k_c, v_c, causal=True)
+    assert out.shape == (tq, H, D) and out_c.shape == (tq, H, Rv)
+    for b in range(3):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        dense = [t[r].transpose(0, 1).unsqueeze(0) for t, r in ((q, rq), (k, rk), (v, rk), (q_c, rq), (k_c, rk), (v_c, rk))]
+        o, oc = kernels.circuit_attention(*dense, causal=True)
+        torch.testing.assert_close(out[rq], o[0].transpose(0, 1))
+        torch.testing.assert_close(out_c[rq], oc[0].transpose(0, 1))
+
+
+def _dense_args():
+    q, k, v, q_c, k_c, v_c = make(R=3, Rv=2)
+    return dict(q=q.detach(), k=k.detach(), v=v.detach(), q_c=q_c.detach(), k_c=k_c.detach(), v_c=v_c.detach())
+
+
+@pytest.mark.parametrize(
+    "change,argument",
+    [
+        (lambda a: a.update(k=a["k"][..., :-1]), "k"),  # head dims differ
+        (lambda a: a.update(v=a["v"][..., :-1]), "v"),
+        (lambda a: a.update(k=torch.cat([a["k"]] * 3, 1)[:, :3], v=torch.cat([a["v"]] * 3, 1)[:, :3]), "k"),  # 4 % 3
+        (lambda a: a.update(q_c=None), "q_c"),  # a correction without its partner
+        (lambda a: a.update(k_c=None), "k_c"),
+        (lambda a: a.update(k_c=a["k_c"][..., :-1]), "k_c"),  # mismatched ranks
+        (lambda a: a.update(v_c=a["v_c"][:, :, :-1]), "v_c"),
+        (lambda a: a.update(v=a["v"].float()), "v"),  # dtypes
+        (lambda a: a.update(q_c=a["q_c"].to("meta")), "q_c"),  # devices
+        (lambda a: a.update(q=a["q"][0]), "q"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(change, argument):
+    args = _dense_args()
+    change(args)
+    with pytest.raises(ValueError, match=f"^{argument}:"):
+        kernels.circuit_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "cu_q,cu_k,max_q,argument",
+    [
+        ([0, 3, 9], [0, 4, 11], 6, "cu_seqlens_q"),  # does not end at total_q = 8
+        ([1, 3, 8], [0, 4, 11], 6, "cu_seqlens_q"),  # does not start at 0
+        ([0, 5, 3, 8], [0, 4, 6, 11], 6, "cu_seqlens_q"),  # decreasing
+        ([0, 3, 8], [0, 4, 11], 4, "max_seqlen_q"),  # below the longest sequence
+        ([0, 3, 8], [0, 4, 6, 11], 6, "cu_seqlens_k"),  # batch sizes differ
+    ],
+)
+def test_malformed_cu_seqlens_raise(cu_q, cu_k, max_q, argument):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = rand(gen, 8, 2, 4), rand(gen, 11, 2, 4), rand(gen, 11, 2, 4)
+    with pytest.raises(ValueError, match=f"^{argument}:"):
+        kernels.circuit_attention_varlen(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), max_q, 11)
