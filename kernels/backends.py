@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -96,11 +96,31 @@ def device_reason(backend: str, device: torch.device) -> Optional[str]:
 # op name -> backend -> function(inputs) -> reasons the backend cannot serve those inputs (op-specific).
 SupportCheck = Callable[..., List[str]]
 _OP_SUPPORT: Dict[str, Dict[str, SupportCheck]] = {}
+# op name -> backend -> (module, forward function, backward function) of a compiled or Triton backend.
+_OP_IMPLS: Dict[str, Dict[str, Tuple[str, ...]]] = {}
 
 
-def register_op(op: str, support: Dict[str, SupportCheck]) -> None:
-    """Declare which backends implement ``op`` and what inputs each one serves."""
+def register_op(op: str, support: Dict[str, SupportCheck], impls: Dict[str, Tuple[str, ...]]) -> None:
+    """Declare which backends implement ``op``, what inputs each one serves and where its functions are
+    (every backend but ``torch``, whose reference the op calls itself)."""
     _OP_SUPPORT[op] = dict(support)
+    _OP_IMPLS[op] = dict(impls)
+
+
+_missing_cache: Dict[Tuple[str, str], Optional[str]] = {}
+
+
+def _missing_reason(op: str, backend: str) -> Optional[str]:
+    """Why the installed backend lacks ``op``'s functions (an extension built from older sources)."""
+    key = (op, backend)
+    if key not in _missing_cache:
+        where = _OP_IMPLS[op][backend]
+        try:
+            implementation(where, 0), implementation(where, 1)
+            _missing_cache[key] = None
+        except (ImportError, AttributeError) as exc:
+            _missing_cache[key] = f"{op} is not in {where[0]} ({exc}); rebuild with `pip install --no-build-isolation -e .`"
+    return _missing_cache[key]
 
 
 def reasons(op: str, backend: str, device: torch.device, **inputs) -> List[str]:
@@ -117,9 +137,30 @@ def reasons(op: str, backend: str, device: torch.device, **inputs) -> List[str]:
     check = _OP_SUPPORT[op].get(backend)
     if check is None:
         found.append(f"{backend} does not implement {op}")
-    else:
-        found.extend(check(device=device, **inputs))
+        return found
+    if not installed and backend in _OP_IMPLS[op]:
+        missing = _missing_reason(op, backend)
+        if missing:
+            found.append(missing)
+    found.extend(check(device=device, **inputs))
     return found
+
+
+def dtype_check(supported: Sequence[torch.dtype], backend: str) -> SupportCheck:
+    """A support check that serves the dtypes in ``supported``."""
+
+    def check(device, dtype):
+        if dtype in supported:
+            return []
+        return [f"{backend} does not support {dtype} (supports {', '.join(str(d) for d in supported)})"]
+
+    return check
+
+
+def implementation(where: Tuple[str, ...], which: int) -> Callable:
+    """Function ``which`` (0 forward, 1 backward) of an op's backend, given as (module, forward, backward)."""
+    module, *functions = where
+    return getattr(importlib.import_module(module), functions[which])
 
 
 _warned: set = set()

@@ -4,15 +4,31 @@
 
 Depth-as-modulation models keep a shared attention block frozen and add, per depth and head, rank-R
 factors at the logit site (q_c = X U_h, k_c = X V_h) and rank-Rv factors at the OV site (v_c = X C_h,
-then out_c @ D_h^T outside the op). This file validates the inputs and dispatches; the reference
-(``kernels/reference.py``) is the ``torch`` backend. The fused backends are not written yet: every
-input is served by the reference for now (see NOTES.md).
+then out_c @ D_h^T outside the op). This file validates the inputs, dispatches, and wires the compiled
+backends into autograd (eager: a ``torch.autograd.Function``; ``torch.compile``: ``torch.library``
+custom ops with fake implementations). The reference (``kernels/reference.py``) is the ``torch``
+backend. The packed variable-length form runs on the reference for now.
+
+Backend interface. Every backend module provides, over contiguous inputs (q_c/k_c None or of rank
+R >= 1, v_c None or of rank Rv >= 1):
+
+``forward(q, k, v, q_c, k_c, v_c, causal, scale) -> (out, out_c, lse)``
+    out (B, H, Sq, D), out_c (B, H, Sq, Rv) (empty without v_c), lse (B, H, Sq): the logsumexp of each
+    row of S over the keys it sees, in the accumulator dtype (float32; float64 for float64), -inf for a
+    row that sees no key.
+
+``backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale)``
+    -> (dq, dk, dv, dq_c, dk_c, dv_c), FlashAttention-2's backward with the corrections:
+    dP = dO v^T + dOc v_c^T, Delta = rowsum(dO * out) + rowsum(dOc * out_c), dS = P * (dP - Delta),
+    dq = scale dS k, dq_c = dS k_c, dk = scale dS^T q, dk_c = dS^T q_c, dv = P^T dO, dv_c = P^T dOc, the
+    key/value gradients summed over the query heads of their group; an empty tensor for an absent
+    correction.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,9 +37,118 @@ from . import backends
 from .reference import circuit_attention_ref, circuit_attention_varlen_ref
 
 OP = "circuit_attention"
+OP_VARLEN = "circuit_attention_varlen"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-backends.register_op(OP, {"torch": lambda device, dtype: []})
+_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_IMPLS = {
+    "triton": ("kernels.triton_circuit_attention", "forward", "backward"),
+    "cpp": ("kernels._C", "circuit_attention_forward", "circuit_attention_backward"),
+}
+backends.register_op(
+    OP,
+    {
+        "torch": lambda device, dtype: [],
+        "cpp": backends.dtype_check((torch.float32, torch.float64, torch.bfloat16, torch.float16), "cpp"),
+        "triton": backends.dtype_check(_GPU_DTYPES, "triton"),
+    },
+    _IMPLS,
+)
+backends.register_op(OP_VARLEN, {"torch": lambda device, dtype: []}, {})
+
+
+@torch.library.custom_op("recursive_kernels::circuit_attention", mutates_args=())
+def _circuit_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_c: Optional[Tensor],
+    k_c: Optional[Tensor],
+    v_c: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns out, out_c (empty without v_c) and the row logsumexp kept for backward."""
+    return tuple(backends.implementation(_IMPLS[backend], 0)(q, k, v, q_c, k_c, v_c, causal, scale))
+
+
+@_circuit_attention_op.register_fake
+def _(q, k, v, q_c, k_c, v_c, causal, scale, backend):
+    out_c = q.new_empty(0) if v_c is None else q.new_empty(*q.shape[:-1], v_c.shape[-1])
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), out_c, lse
+
+
+def _backend_backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale, backend):
+    impl = backends.implementation(_IMPLS[backend], 1)
+    return tuple(impl(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale))
+
+
+@torch.library.custom_op("recursive_kernels::circuit_attention_backward", mutates_args=())
+def _circuit_attention_backward_op(
+    grad_out: Tensor,
+    grad_out_c: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_c: Optional[Tensor],
+    k_c: Optional[Tensor],
+    v_c: Optional[Tensor],
+    out: Tensor,
+    out_c: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> List[Tensor]:
+    """Gradients of (q, k, v, q_c, k_c, v_c); an empty tensor for an absent correction."""
+    return list(_backend_backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale, backend))
+
+
+@_circuit_attention_backward_op.register_fake
+def _(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale, backend):
+    return [torch.empty_like(t) if t is not None else q.new_empty(0) for t in (q, k, v, q_c, k_c, v_c)]
+
+
+def _save(ctx, inputs, out, out_c, lse):
+    q, k, v, q_c, k_c, v_c, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, q_c, k_c, v_c, out, out_c, lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _grads(ctx, grad_out, grad_out_c, backward):
+    q, k, v, q_c, k_c, v_c, out, out_c, lse = ctx.saved_tensors
+    grads = backward(grad_out.contiguous(), grad_out_c.contiguous(), q, k, v, q_c, k_c, v_c, out, out_c, lse,
+                     ctx.causal, ctx.scale, ctx.backend)
+    present = (True, True, True, q_c is not None, k_c is not None, v_c is not None)
+    return (*(g if p else None for g, p in zip(grads, present)), None, None, None)
+
+
+def _op_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[2])  # lse is kept for backward, never a result for users
+    _save(ctx, inputs, *output)
+
+
+_circuit_attention_op.register_autograd(
+    lambda ctx, grad_out, grad_out_c, grad_lse: _grads(ctx, grad_out, grad_out_c, _circuit_attention_backward_op),
+    setup_context=_op_setup_context,
+)
+
+
+class _CircuitAttentionFunction(torch.autograd.Function):
+    """The eager path: the custom ops' backend functions without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_c, k_c, v_c, causal, scale, backend):
+        out, out_c, lse = backends.implementation(_IMPLS[backend], 0)(q, k, v, q_c, k_c, v_c, causal, scale)
+        _save(ctx, (q, k, v, q_c, k_c, v_c, causal, scale, backend), out, out_c, lse)
+        return out, out_c
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_out_c):
+        return _grads(ctx, grad_out, grad_out_c, _backend_backward)
 
 
 def _check_like(name: str, t: Tensor, q: Tensor) -> None:
@@ -109,8 +234,23 @@ def circuit_attention(
         ValueError: mismatched shapes, ranks, dtypes or devices (the message names the argument).
     """
     scale = _validate(q, k, v, q_c, k_c, v_c, scale, packed=False)
-    backends.select(OP, q.device, backend, dtype=q.dtype)
-    return circuit_attention_ref(q, k, v, q_c, k_c, v_c, bool(causal), scale)
+    chosen = backends.select(OP, q.device, backend, dtype=q.dtype)
+    if chosen == "torch":
+        return circuit_attention_ref(q, k, v, q_c, k_c, v_c, bool(causal), scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q_c is not None and q_c.shape[-1] == 0:  # a rank-0 logit correction adds nothing
+        q_c = k_c = None
+    q_c, k_c = (None if t is None else t.contiguous() for t in (q_c, k_c))
+    zero_rank_v = v_c is not None and v_c.shape[-1] == 0
+    v_c_in = None if v_c is None or zero_rank_v else v_c.contiguous()
+    args = (q, k, v, q_c, k_c, v_c_in, bool(causal), scale, chosen)
+    if torch.compiler.is_compiling():  # torch.compile sees the registered custom op
+        out, out_c, _ = _circuit_attention_op(*args)
+    else:
+        out, out_c = _CircuitAttentionFunction.apply(*args)
+    if v_c is None:
+        return out, None
+    return out, (q.new_zeros(*q.shape[:-1], 0) if zero_rank_v else out_c)
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen: int, max_name: str, q: Tensor) -> None:
@@ -160,5 +300,5 @@ def circuit_attention_varlen(
         raise ValueError(
             f"cu_seqlens_k: expected {cu_seqlens_q.numel()} offsets like cu_seqlens_q, got {cu_seqlens_k.numel()}"
         )
-    backends.select(OP, q.device, backend, dtype=q.dtype)
+    backends.select(OP_VARLEN, q.device, backend, dtype=q.dtype)
     return circuit_attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, q_c, k_c, v_c, bool(causal), scale)

@@ -31,7 +31,6 @@ Backend interface. Every backend module provides two functions over the normalis
 
 from __future__ import annotations
 
-import importlib
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -45,36 +44,22 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _dtype_check(supported, backend):
-    def check(device, dtype):
-        if dtype in supported:
-            return []
-        return [f"{backend} does not support {dtype} (supports {', '.join(str(d) for d in supported)})"]
-
-    return check
-
-
-backends.register_op(
-    OP,
-    {
-        "torch": lambda device, dtype: [],
-        "cpp": _dtype_check((torch.float32, torch.float64, torch.bfloat16, torch.float16), "cpp"),
-        "triton": _dtype_check(_GPU_DTYPES, "triton"),
-        "cuda": _dtype_check(_GPU_DTYPES, "cuda"),
-    },
-)
-
 # backend name -> (module, forward function, backward function), all with the normalised interface.
 _IMPLS = {
     "triton": ("kernels.triton_lowrank_linear", "forward", "backward"),
     "cpp": ("kernels._C", "lowrank_linear_forward", "lowrank_linear_backward"),
     "cuda": ("kernels._C_cuda", "lowrank_linear_forward", "lowrank_linear_backward"),
 }
-
-
-def _impl(backend: str, which: int):
-    module, *functions = _IMPLS[backend]
-    return getattr(importlib.import_module(module), functions[which])
+backends.register_op(
+    OP,
+    {
+        "torch": lambda device, dtype: [],
+        "cpp": backends.dtype_check((torch.float32, torch.float64, torch.bfloat16, torch.float16), "cpp"),
+        "triton": backends.dtype_check(_GPU_DTYPES, "triton"),
+        "cuda": backends.dtype_check(_GPU_DTYPES, "cuda"),
+    },
+    _IMPLS,
+)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,7 +80,7 @@ def _lowrank_linear_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y`` (M, N) and ``u = x @ A_e^T`` (M, k, r) in the accumulator dtype, kept for backward."""
-    return tuple(_impl(backend, 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter))
+    return tuple(backends.implementation(_IMPLS[backend], 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter))
 
 
 @_lowrank_linear_op.register_fake
@@ -182,7 +167,7 @@ _lowrank_linear_op.register_autograd(
 
 
 def _backend_backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs, backend):
-    return _impl(backend, 1)(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs)
+    return backends.implementation(_IMPLS[backend], 1)(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs)
 
 
 class _LowRankLinearFunction(torch.autograd.Function):
@@ -191,7 +176,7 @@ class _LowRankLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend):
-        y, u = _impl(backend, 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter)
+        y, u = backends.implementation(_IMPLS[backend], 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter)
         _save(ctx, (x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend), u)
         return y
 

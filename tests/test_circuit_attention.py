@@ -159,3 +159,58 @@ def test_malformed_cu_seqlens_raise(cu_q, cu_k, max_q, argument):
     q, k, v = rand(gen, 8, 2, 4), rand(gen, 11, 2, 4), rand(gen, 11, 2, 4)
     with pytest.raises(ValueError, match=f"^{argument}:"):
         kernels.circuit_attention_varlen(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), max_q, 11)
+
+
+# ------------------------------------------------------------------ fused backends vs float64
+
+from tests.conftest import serving_backends  # noqa: E402
+
+
+def kernel_backends(dtype):
+    return [p for p in serving_backends("circuit_attention", dtype) if p.values[0] != "torch"]
+
+
+# (B, H, Hkv, Sq, Sk, D, R, Rv, causal): odd lengths, Sq < Sk (decode with a cache), Sq > Sk (fully
+# masked rows), grouped-query heads, head dims that are not powers of two, absent corrections.
+CASES = [
+    (1, 2, 2, 1, 17, 16, 16, 3, True),
+    (2, 4, 2, 17, 17, 40, 16, None, True),
+    (1, 4, 1, 17, 40, 64, None, 3, False),
+    (2, 2, 1, 40, 17, 16, 4, 4, True),
+    (1, 2, 2, 33, 33, 80, 16, 16, False),
+]
+
+
+def _errors(case, backend, device, dtype, seed):
+    B, H, Hkv, Sq, Sk, D, R, Rv, causal = case
+    tensors64 = make(seed=seed, B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, R=R, Rv=Rv)
+    present = [t for t in tensors64 if t is not None]
+
+    def run(ts, dtype, backend):
+        leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_(True) if t is not None else None for t in ts]
+        out, out_c = kernels.circuit_attention(*leaves, causal=causal, backend=backend)
+        outs = [out] + ([out_c] if out_c is not None else [])
+        gen = torch.Generator().manual_seed(seed + 1)
+        grads_out = [torch.randn(o.shape, generator=gen, dtype=F64).to(device=device, dtype=dtype) for o in outs]
+        grads = torch.autograd.grad(outs, [t for t in leaves if t is not None], grads_out)
+        return [o.detach().double().cpu() for o in outs] + [g.double().cpu() for g in grads]
+
+    ref = run(present and tensors64, F64, "torch")
+    ours = run(tensors64, dtype, backend)
+    eager = run(tensors64, dtype, "torch")
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    return [(rel(o, r), rel(e, r)) for o, e, r in zip(ours, eager, ref)], ours
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backend_error_at_most_twice_eager(case, dtype):
+    for backend, device in (p.values for p in kernel_backends(dtype)):
+        errors, ours = _errors(case, backend, device, dtype, seed=5)
+        assert all(torch.isfinite(t).all() for t in ours), f"{backend}: non-finite values"
+        floor = torch.finfo(dtype).eps / 2
+        for i, (err, eager_err) in enumerate(errors):
+            assert err <= 2 * eager_err + floor, f"{backend} result {i}: {err:.3e} > 2 x {eager_err:.3e} + {floor:.1e}"
