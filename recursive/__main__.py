@@ -48,16 +48,23 @@ def _benchmarks_dir() -> Path:
     return path
 
 
+BENCHMARKS = ("lowrank_linear", "circuit_attention")
+
+
 def bench(args) -> None:
     _benchmarks_dir()
-    from benchmarks import bench_lowrank_linear
+    from benchmarks.common import write_json
 
-    argv = ["--json", args.json] if args.json else []
-    if args.device:
-        argv += ["--device", args.device]
+    argv = ["--device", args.device] if args.device else []
     if args.no_progress:
         argv.append("--no-progress")
-    bench_lowrank_linear.main(argv)
+    results = {}
+    for name in args.only or BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        results[name] = module.main(argv)
+        print()
+    if args.json:
+        write_json(args.json, results)
 
 
 def main(argv=None) -> None:
@@ -68,6 +75,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress indicator")
+    p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these benchmarks")
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     args.func(args)
