@@ -30,8 +30,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from kernels import backends  # noqa: E402
-from benchmarks.common import Progress, format_table, machine_description, median_seconds, write_json  # noqa: E402
+from benchmarks.common import available_backends, format_table, machine_description, resolve, time_cases, write_json  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 RANK = 16
@@ -101,14 +100,6 @@ def _callable(impl: str, t: Dict[str, torch.Tensor], case: Case, backward: bool)
     return lambda: torch.autograd.grad(forward(), params, grads)
 
 
-def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
-    return [
-        name for name in backends.BACKENDS
-        if not (name == "triton" and device.type != "cuda")  # the CPU interpreter is for testing
-        and not backends.reasons("circuit_attention", name, device, dtype=dtype)
-    ]
-
-
 def peak_forward_memory(impl: str, case: Case, device: torch.device, dtype: torch.dtype) -> float:
     """Extra peak memory (MiB) of one forward beyond its inputs."""
     if device.type == "cuda":
@@ -135,33 +126,30 @@ def peak_forward_memory(impl: str, case: Case, device: torch.device, dtype: torc
 
 
 def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=False, progress=True):
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
-    impls = impls or available_backends(device, dtype)
-    bar = Progress(len(cases) * len(modes) * (len(impls) + 2), progress)
+    impls = ["sdpa", "eager", *(impls or available_backends("circuit_attention", device, dtype))]
+
+    def prepare(case, backward):
+        inputs = make_inputs(case, device, dtype, backward)
+        return lambda impl: _callable(impl, inputs, case, backward)
+
     rows = []
-    for case in cases:
-        for mode in modes:
-            backward = mode == "fwd+bwd"
-            inputs = make_inputs(case, device, dtype, backward)
-            times = {}
-            for impl in ["sdpa", "eager", *impls]:
-                bar.step(f"{case.label} {mode} {impl}")
-                times[impl] = median_seconds(_callable(impl, inputs, case, backward), device)
-            sdpa_rate = case.flops(backward, corrections=False) / times["sdpa"]
-            for impl, seconds in times.items():
-                rate = case.flops(backward, corrections=impl != "sdpa") / seconds
-                rows.append({
-                    "S": case.S, "D": case.D, "causal": case.causal, "mode": mode, "impl": impl,
-                    "ms": seconds * 1e3, "TFLOP/s": rate / 1e12, "x sdpa": rate / sdpa_rate,
-                    "vs eager": times["eager"] / seconds,
-                })
+    for case, mode, times in time_cases(cases, modes, impls, prepare, device, progress):
+        backward = mode == "fwd+bwd"
+        sdpa_rate = case.flops(backward, corrections=False) / times["sdpa"]
+        for impl, seconds in times.items():
+            rate = case.flops(backward, corrections=impl != "sdpa") / seconds
+            rows.append({
+                "S": case.S, "D": case.D, "causal": case.causal, "mode": mode, "impl": impl,
+                "ms": seconds * 1e3, "TFLOP/s": rate / 1e12, "x sdpa": rate / sdpa_rate,
+                "vs eager": times["eager"] / seconds,
+            })
     result = {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
     if memory:
         mem_case = Case(4096, 64, True, 1, 4 if device.type == "cpu" else 16)
         result["peak_memory_MiB_at_S4096"] = {
-            impl: peak_forward_memory(impl, mem_case, device, dtype) for impl in ["sdpa", "eager", *impls]
+            impl: peak_forward_memory(impl, mem_case, device, dtype) for impl in impls
         }
     return result
 

@@ -28,8 +28,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from kernels import backends  # noqa: E402
-from benchmarks.common import Progress, format_table, machine_description, median_seconds, write_json  # noqa: E402
+from benchmarks.common import available_backends, format_table, machine_description, resolve, time_cases, write_json  # noqa: E402
 
 FORMS = ("one-adapter", "per-row", "top-2")
 NUM_ADAPTERS = 8
@@ -141,16 +140,6 @@ def _callable(impl: str, inputs: Dict[str, object], backward: bool) -> Callable[
     return step
 
 
-def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
-    out = []
-    for name in backends.BACKENDS:
-        if name == "triton" and device.type != "cuda":
-            continue  # the CPU interpreter is for testing, not timing
-        if not backends.reasons("lowrank_linear", name, device, dtype=dtype):
-            out.append(name)
-    return out
-
-
 def run(
     device: Optional[torch.device] = None,
     dtype: Optional[torch.dtype] = None,
@@ -159,36 +148,33 @@ def run(
     cases: Optional[List[Case]] = None,
     progress: bool = True,
 ) -> Dict[str, object]:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
-    impls = impls or available_backends(device, dtype)
-    bar = Progress(len(cases) * len(modes) * (len(impls) + 2), progress)
+    impls = ["base", "eager", *(impls or available_backends("lowrank_linear", device, dtype))]
+
+    def prepare(case, backward):
+        inputs = make_inputs(case, device, dtype, requires_grad=backward)
+        return lambda impl: _callable(impl, inputs, backward)
+
     rows = []
-    for case in cases:
-        for mode in modes:
-            backward = mode == "fwd+bwd"
-            inputs = make_inputs(case, device, dtype, requires_grad=backward)
-            times = {}
-            for impl in ["base", "eager", *impls]:
-                bar.step(f"{case.label} {mode} {impl}")
-                times[impl] = median_seconds(_callable(impl, inputs, backward), device)
-            for impl, seconds in times.items():
-                rows.append(
-                    {
-                        "case": case.form,
-                        "M": case.M,
-                        "K": case.K,
-                        "N": case.N,
-                        "r": case.r,
-                        "mode": mode,
-                        "impl": impl,
-                        "ms": seconds * 1e3,
-                        "GFLOP/s": case.flops(backward, lowrank=impl != "base") / seconds / 1e9,
-                        "x base": seconds / times["base"],
-                        "vs eager": times["eager"] / seconds,
-                    }
-                )
+    for case, mode, times in time_cases(cases, modes, impls, prepare, device, progress):
+        backward = mode == "fwd+bwd"
+        for impl, seconds in times.items():
+            rows.append(
+                {
+                    "case": case.form,
+                    "M": case.M,
+                    "K": case.K,
+                    "N": case.N,
+                    "r": case.r,
+                    "mode": mode,
+                    "impl": impl,
+                    "ms": seconds * 1e3,
+                    "GFLOP/s": case.flops(backward, lowrank=impl != "base") / seconds / 1e9,
+                    "x base": seconds / times["base"],
+                    "vs eager": times["eager"] / seconds,
+                }
+            )
     return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
 
 

@@ -64,3 +64,44 @@ def format_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
 def write_json(path: str, payload: Dict[str, object]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+def resolve(device, dtype):
+    """Default device (CUDA when present) and dtype (bfloat16 on GPU, float32 on CPU)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def available_backends(op: str, device: torch.device, dtype: torch.dtype) -> List[str]:
+    """Backends that serve ``op`` here; the Triton CPU interpreter is for testing, not timing."""
+    from kernels import backends
+
+    return [
+        name for name in backends.BACKENDS
+        if not (name == "triton" and device.type != "cuda") and not backends.reasons(op, name, device, dtype=dtype)
+    ]
+
+
+def time_cases(cases, modes, impls, prepare, device, progress=True):
+    """Yield (case, mode, {impl: median seconds}); ``prepare(case, backward)`` builds the inputs once
+    and returns a function of the implementation name that gives the callable to time."""
+    bar = Progress(len(cases) * len(modes) * len(impls), progress)
+    for case in cases:
+        for mode in modes:
+            make = prepare(case, mode == "fwd+bwd")
+            times = {}
+            for impl in impls:
+                bar.step(f"{case.label} {mode} {impl}")
+                times[impl] = median_seconds(make(impl), device)
+            yield case, mode, times
+
+
+def run_benchmark(benchmark, fn, device: torch.device) -> None:
+    """pytest-benchmark on ``fn``, synchronising after each call on the GPU."""
+    if device.type == "cuda":
+        def synced():
+            fn()
+            torch.cuda.synchronize()
+        benchmark(synced)
+    else:
+        benchmark(fn)

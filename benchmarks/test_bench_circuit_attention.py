@@ -1,13 +1,12 @@
 """The circuit_attention benchmark cases under pytest-benchmark: ``pytest benchmarks/``."""
 
 import pytest
-import torch
 
-from benchmarks.bench_circuit_attention import MODES, _callable, available_backends, default_cases, make_inputs
+from benchmarks.bench_circuit_attention import MODES, _callable, default_cases, make_inputs
+from benchmarks.common import available_backends, resolve, run_benchmark
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-IMPLS = ["sdpa", "eager", *available_backends(DEVICE, DTYPE)]
+DEVICE, DTYPE = resolve(None, None)
+IMPLS = ["sdpa", "eager", *available_backends("circuit_attention", DEVICE, DTYPE)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -17,10 +16,4 @@ def test_circuit_attention(benchmark, case, mode, impl):
     benchmark.group = f"{case.label} {mode}"
     backward = mode == "fwd+bwd"
     fn = _callable(impl, make_inputs(case, DEVICE, DTYPE, backward), case, backward)
-    if DEVICE.type == "cuda":
-        def fn_sync():
-            fn()
-            torch.cuda.synchronize()
-        benchmark(fn_sync)
-    else:
-        benchmark(fn)
+    run_benchmark(benchmark, fn, DEVICE)

@@ -5,13 +5,12 @@ way and every available backend, so pytest-benchmark's comparison table shows th
 """
 
 import pytest
-import torch
 
-from benchmarks.bench_lowrank_linear import MODES, _callable, available_backends, default_cases, make_inputs
+from benchmarks.bench_lowrank_linear import MODES, _callable, default_cases, make_inputs
+from benchmarks.common import available_backends, resolve, run_benchmark
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-IMPLS = ["base", "eager", *available_backends(DEVICE, DTYPE)]
+DEVICE, DTYPE = resolve(None, None)
+IMPLS = ["base", "eager", *available_backends("lowrank_linear", DEVICE, DTYPE)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -20,10 +19,4 @@ IMPLS = ["base", "eager", *available_backends(DEVICE, DTYPE)]
 def test_lowrank_linear(benchmark, case, mode, impl):
     benchmark.group = f"{case.label} {mode}"
     fn = _callable(impl, make_inputs(case, DEVICE, DTYPE, requires_grad=mode == "fwd+bwd"), mode == "fwd+bwd")
-    if DEVICE.type == "cuda":
-        def fn_sync():
-            fn()
-            torch.cuda.synchronize()
-        benchmark(fn_sync)
-    else:
-        benchmark(fn)
+    run_benchmark(benchmark, fn, DEVICE)
