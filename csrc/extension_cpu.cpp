@@ -21,4 +21,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"),
         py::arg("indices"), py::arg("gates"), py::arg("scaling"), py::arg("adapter"), py::arg("u"),
         py::arg("needs"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("circuit_attention_forward", &rkc::circuit_attention_forward,
+        "circuit_attention forward -> (out, out_c, lse); see the backend interface in kernels/circuit_attention.py",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_c"), py::arg("k_c"), py::arg("v_c"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("causal"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("circuit_attention_backward", &rkc::circuit_attention_backward,
+        "circuit_attention backward -> [dq, dk, dv, dq_c, dk_c, dv_c]",
+        py::arg("grad_out"), py::arg("grad_out_c"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_c"),
+        py::arg("k_c"), py::arg("v_c"), py::arg("out"), py::arg("out_c"), py::arg("lse"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"),
+        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
 }

@@ -6,23 +6,27 @@ Depth-as-modulation models keep a shared attention block frozen and add, per dep
 factors at the logit site (q_c = X U_h, k_c = X V_h) and rank-Rv factors at the OV site (v_c = X C_h,
 then out_c @ D_h^T outside the op). This file validates the inputs, dispatches, and wires the compiled
 backends into autograd (eager: a ``torch.autograd.Function``; ``torch.compile``: ``torch.library``
-custom ops with fake implementations). The reference (``kernels/reference.py``) is the ``torch``
-backend. The packed variable-length form runs on the reference for now.
+custom ops with fake implementations). The references (``kernels/reference.py``) are the ``torch``
+backend. The dense and the packed variable-length forms share one backend interface.
 
 Backend interface. Every backend module provides, over contiguous inputs (q_c/k_c None or of rank
-R >= 1, v_c None or of rank Rv >= 1):
+R >= 1, v_c None or of rank Rv >= 1, head dim D >= 1):
 
-``forward(q, k, v, q_c, k_c, v_c, causal, scale) -> (out, out_c, lse)``
-    out (B, H, Sq, D), out_c (B, H, Sq, Rv) (empty without v_c), lse (B, H, Sq): the logsumexp of each
-    row of S over the keys it sees, in the accumulator dtype (float32; float64 for float64), -inf for a
-    row that sees no key.
+``forward(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)``
+    -> ``(out, out_c, lse)``. Dense (cu_seqlens None): q (B, H, Sq, D), k and v (B, Hkv, Sk, D),
+    corrections likewise with widths R and Rv; out (B, H, Sq, D), out_c (B, H, Sq, Rv), lse (B, H, Sq).
+    Packed: q (total_q, H, D), k and v (total_k, Hkv, D), cu_seqlens int32 (B + 1,) offsets, out
+    (total_q, H, D), out_c (total_q, H, Rv), lse (H, total_q). out_c is empty without v_c. lse is the
+    natural-log logsumexp of each row of S over the keys it sees, -inf for a row that sees none; its
+    dtype is ``stats_dtype(q.dtype)``: float64 for float32 and float64 inputs (so that recomputing P in
+    the backward costs nothing next to a float32 softmax), float32 for 16-bit inputs.
 
-``backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale)``
-    -> (dq, dk, dv, dq_c, dk_c, dv_c), FlashAttention-2's backward with the corrections:
-    dP = dO v^T + dOc v_c^T, Delta = rowsum(dO * out) + rowsum(dOc * out_c), dS = P * (dP - Delta),
-    dq = scale dS k, dq_c = dS k_c, dk = scale dS^T q, dk_c = dS^T q_c, dv = P^T dO, dv_c = P^T dOc, the
-    key/value gradients summed over the query heads of their group; an empty tensor for an absent
-    correction.
+``backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, cu_seqlens_q, cu_seqlens_k,
+max_seqlen_q, max_seqlen_k, causal, scale)`` -> ``(dq, dk, dv, dq_c, dk_c, dv_c)``, FlashAttention-2's
+    backward with the corrections: dP = dO v^T + dOc v_c^T, Delta = rowsum(dO * out) + rowsum(dOc *
+    out_c), dS = P * (dP - Delta), dq = scale dS k, dq_c = dS k_c, dk = scale dS^T q, dk_c = dS^T q_c,
+    dv = P^T dO, dv_c = P^T dOc, the key/value gradients summed over the query heads of their group; an
+    empty tensor for an absent correction.
 """
 
 from __future__ import annotations
@@ -39,23 +43,44 @@ from .reference import circuit_attention_ref, circuit_attention_varlen_ref
 OP = "circuit_attention"
 OP_VARLEN = "circuit_attention_varlen"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_HEAD_DIM = 256
 
+# backend name -> (module, forward function, backward function), all with the interface above.
 _IMPLS = {
     "triton": ("kernels.triton_circuit_attention", "forward", "backward"),
+    "cuda": ("kernels._C_cuda", "circuit_attention_forward", "circuit_attention_backward"),
     "cpp": ("kernels._C", "circuit_attention_forward", "circuit_attention_backward"),
 }
-backends.register_op(
-    OP,
-    {
-        "torch": lambda device, dtype: [],
-        "cpp": backends.dtype_check((torch.float32, torch.float64, torch.bfloat16, torch.float16), "cpp"),
-        "triton": backends.dtype_check(_GPU_DTYPES, "triton"),
-    },
-    _IMPLS,
-)
-backends.register_op(OP_VARLEN, {"torch": lambda device, dtype: []}, {})
+
+
+def _support(dtypes, backend: str, max_head_dim: Optional[int] = None) -> backends.SupportCheck:
+    dtype_reasons = backends.dtype_check(dtypes, backend)
+
+    def check(device, dtype, head_dim):
+        found = dtype_reasons(device, dtype)
+        if head_dim == 0:
+            found.append(f"{backend} needs a head dim D >= 1 (the torch reference serves D = 0)")
+        if max_head_dim is not None and head_dim > max_head_dim:
+            found.append(f"{backend} serves head dims up to {max_head_dim}, got D = {head_dim}")
+        return found
+
+    return check
+
+
+_SUPPORT = {
+    "torch": lambda device, dtype, head_dim: [],
+    "triton": _support(_GPU_DTYPES, "triton", _TRITON_MAX_HEAD_DIM),
+    "cuda": _support(_GPU_DTYPES, "cuda", _TRITON_MAX_HEAD_DIM),
+    "cpp": _support(_FLOAT_DTYPES, "cpp"),
+}
+backends.register_op(OP, _SUPPORT, _IMPLS)
+backends.register_op(OP_VARLEN, _SUPPORT, _IMPLS)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the softmax statistics (lse) the backends keep for the backward."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 @torch.library.custom_op("recursive_kernels::circuit_attention", mutates_args=())
@@ -66,24 +91,31 @@ def _circuit_attention_op(
     q_c: Optional[Tensor],
     k_c: Optional[Tensor],
     v_c: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     causal: bool,
     scale: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns out, out_c (empty without v_c) and the row logsumexp kept for backward."""
-    return tuple(backends.implementation(_IMPLS[backend], 0)(q, k, v, q_c, k_c, v_c, causal, scale))
+    impl = backends.implementation(_IMPLS[backend], 0)
+    return tuple(impl(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale))
 
 
 @_circuit_attention_op.register_fake
-def _(q, k, v, q_c, k_c, v_c, causal, scale, backend):
+def _(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
     out_c = q.new_empty(0) if v_c is None else q.new_empty(*q.shape[:-1], v_c.shape[-1])
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), out_c, lse
+    lse_shape = q.shape[:-1] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), out_c, q.new_empty(lse_shape, dtype=stats_dtype(q.dtype))
 
 
-def _backend_backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale, backend):
+def _backend_backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
+                      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
     impl = backends.implementation(_IMPLS[backend], 1)
-    return tuple(impl(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale))
+    return tuple(impl(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
+                      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale))
 
 
 @torch.library.custom_op("recursive_kernels::circuit_attention_backward", mutates_args=())
@@ -99,31 +131,40 @@ def _circuit_attention_backward_op(
     out: Tensor,
     out_c: Tensor,
     lse: Tensor,
+    cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     causal: bool,
     scale: float,
     backend: str,
 ) -> List[Tensor]:
     """Gradients of (q, k, v, q_c, k_c, v_c); an empty tensor for an absent correction."""
-    return list(_backend_backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale, backend))
+    return list(_backend_backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
+                                  cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend))
 
 
 @_circuit_attention_backward_op.register_fake
-def _(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale, backend):
+def _(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
     return [torch.empty_like(t) if t is not None else q.new_empty(0) for t in (q, k, v, q_c, k_c, v_c)]
 
 
+_NUM_INPUTS = 13  # of the op: q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q/k, causal, scale, backend
+
+
 def _save(ctx, inputs, out, out_c, lse):
-    q, k, v, q_c, k_c, v_c, causal, scale, backend = inputs
-    ctx.save_for_backward(q, k, v, q_c, k_c, v_c, out, out_c, lse)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    q, k, v, q_c, k_c, v_c, cu_q, cu_k, max_q, max_k, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, q_c, k_c, v_c, out, out_c, lse, cu_q, cu_k)
+    ctx.max_seqlens, ctx.causal, ctx.scale, ctx.backend = (max_q, max_k), causal, scale, backend
 
 
 def _grads(ctx, grad_out, grad_out_c, backward):
-    q, k, v, q_c, k_c, v_c, out, out_c, lse = ctx.saved_tensors
+    q, k, v, q_c, k_c, v_c, out, out_c, lse, cu_q, cu_k = ctx.saved_tensors
     grads = backward(grad_out.contiguous(), grad_out_c.contiguous(), q, k, v, q_c, k_c, v_c, out, out_c, lse,
-                     ctx.causal, ctx.scale, ctx.backend)
+                     cu_q, cu_k, *ctx.max_seqlens, ctx.causal, ctx.scale, ctx.backend)
     present = (True, True, True, q_c is not None, k_c is not None, v_c is not None)
-    return (*(g if p else None for g, p in zip(grads, present)), None, None, None)
+    return (*(g if p else None for g, p in zip(grads, present)), *(None,) * (_NUM_INPUTS - 6))
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -141,14 +182,33 @@ class _CircuitAttentionFunction(torch.autograd.Function):
     """The eager path: the custom ops' backend functions without the custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_c, k_c, v_c, causal, scale, backend):
-        out, out_c, lse = backends.implementation(_IMPLS[backend], 0)(q, k, v, q_c, k_c, v_c, causal, scale)
-        _save(ctx, (q, k, v, q_c, k_c, v_c, causal, scale, backend), out, out_c, lse)
+    def forward(ctx, *inputs):
+        out, out_c, lse = backends.implementation(_IMPLS[inputs[-1]], 0)(*inputs[:-1])
+        _save(ctx, inputs, out, out_c, lse)
         return out, out_c
 
     @staticmethod
     def backward(ctx, grad_out, grad_out_c):
         return _grads(ctx, grad_out, grad_out_c, _backend_backward)
+
+
+def _run_fused(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
+    """Normalise for the backend interface (contiguous, rank-0 corrections dropped) and run ``backend``."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q_c is not None and q_c.shape[-1] == 0:  # a rank-0 logit correction adds nothing
+        q_c = k_c = None
+    q_c, k_c = (None if t is None else t.contiguous() for t in (q_c, k_c))
+    zero_rank_v = v_c is not None and v_c.shape[-1] == 0
+    v_c_in = None if v_c is None or zero_rank_v else v_c.contiguous()
+    args = (q, k, v, q_c, k_c, v_c_in, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+            bool(causal), scale, backend)
+    if torch.compiler.is_compiling():  # torch.compile sees the registered custom op
+        out, out_c, _ = _circuit_attention_op(*args)
+    else:
+        out, out_c = _CircuitAttentionFunction.apply(*args)
+    if v_c is None:
+        return out, None
+    return out, (q.new_zeros(*q.shape[:-1], 0) if zero_rank_v else out_c)
 
 
 def _check_like(name: str, t: Tensor, q: Tensor) -> None:
@@ -232,25 +292,13 @@ def circuit_attention(
 
     Raises:
         ValueError: mismatched shapes, ranks, dtypes or devices (the message names the argument).
+        kernels.BackendUnavailableError: the requested backend cannot serve this input.
     """
     scale = _validate(q, k, v, q_c, k_c, v_c, scale, packed=False)
-    chosen = backends.select(OP, q.device, backend, dtype=q.dtype)
+    chosen = backends.select(OP, q.device, backend, dtype=q.dtype, head_dim=q.shape[-1])
     if chosen == "torch":
         return circuit_attention_ref(q, k, v, q_c, k_c, v_c, bool(causal), scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if q_c is not None and q_c.shape[-1] == 0:  # a rank-0 logit correction adds nothing
-        q_c = k_c = None
-    q_c, k_c = (None if t is None else t.contiguous() for t in (q_c, k_c))
-    zero_rank_v = v_c is not None and v_c.shape[-1] == 0
-    v_c_in = None if v_c is None or zero_rank_v else v_c.contiguous()
-    args = (q, k, v, q_c, k_c, v_c_in, bool(causal), scale, chosen)
-    if torch.compiler.is_compiling():  # torch.compile sees the registered custom op
-        out, out_c, _ = _circuit_attention_op(*args)
-    else:
-        out, out_c = _CircuitAttentionFunction.apply(*args)
-    if v_c is None:
-        return out, None
-    return out, (q.new_zeros(*q.shape[:-1], 0) if zero_rank_v else out_c)
+    return _run_fused(q, k, v, q_c, k_c, v_c, None, None, q.shape[2], k.shape[2], causal, scale, chosen)
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen: int, max_name: str, q: Tensor) -> None:
@@ -300,5 +348,8 @@ def circuit_attention_varlen(
         raise ValueError(
             f"cu_seqlens_k: expected {cu_seqlens_q.numel()} offsets like cu_seqlens_q, got {cu_seqlens_k.numel()}"
         )
-    backends.select(OP_VARLEN, q.device, backend, dtype=q.dtype)
-    return circuit_attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, q_c, k_c, v_c, bool(causal), scale)
+    chosen = backends.select(OP_VARLEN, q.device, backend, dtype=q.dtype, head_dim=q.shape[-1])
+    if chosen == "torch":
+        return circuit_attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, q_c, k_c, v_c, bool(causal), scale)
+    cu_q, cu_k = (cu.to(torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
+    return _run_fused(q, k, v, q_c, k_c, v_c, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, chosen)

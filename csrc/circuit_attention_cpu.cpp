@@ -1,0 +1,718 @@
+// circuit_attention, CPU backend (ATen + OpenMP through at::parallel_for).
+//
+//   S = scale * q @ k^T + q_c @ k_c^T,   P = softmax(S) (bottom-right causal mask),   out = P v,   out_c = P v_c
+//
+// Design (FlashAttention-2 on the CPU; memory linear in the sequence lengths, never an Sq x Sk matrix).
+// * Layouts: dense (B, heads, S, width) and packed (total, heads, width) with cu_seqlens are one case: row
+//   (b, head, i) of any tensor of a side is row b * rb + head * rh + (start[b] + i) * rs of that tensor seen
+//   as (rows, width) (struct Rows). Grouped-query heads index their kv head (no repeat).
+// * Forward: one work item per (sequence, head, block of kBlk query rows); per item a loop over the key blocks
+//   the block sees, with an online softmax. Each key block (and its k_c rows) is transposed into a small
+//   width x kBlk buffer so that score tiles are built by register-blocked rank-1 updates (vectorised);
+//   q_c . k_c^T is added in the same pass and out / out_c accumulate side by side. A row that sees no key
+//   gets zeros and lse = -inf.
+// * Precision: dots in the accumulator dtype (float; double for double inputs); the softmax statistics (max,
+//   sum, exp, lse) and, in the backward, P, dS and Delta are double, so recomputing P from lse loses
+//   nothing next to a float32 softmax. Delta = rowsum(P * dP) is computed from the same rounded dP as dS:
+//   their rounding errors cancel in dP - Delta (Delta = rowsum(dO * out) would not give that).
+// * Backward: a dq pass per (sequence, head, query block) that keeps the block's S and dP tiles (memory
+//   O(kBlk * Sk) per thread), sums Delta, then forms dS and dq / dq_c; then a dk / dv / dk_c / dv_c pass per
+//   (sequence, kv head, key block) over the group's query heads and query blocks (each gradient row written
+//   by one thread: no atomics, no races).
+// * exp: a vectorisable double polynomial (Cody-Waite reduction, degree 11); log once per row.
+// * x86: the item loops are compiled for AVX2+FMA and for the baseline ISA, picked at run time (the extension
+//   is built without -march flags).
+// * bfloat16 / float16: inputs upcast to float once (linear memory), results rounded once.
+#include "ops_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace recursive_kernels {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+#if defined(__GNUC__)
+#define CA_INLINE inline __attribute__((always_inline))
+#else
+#define CA_INLINE inline
+#endif
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define CA_HAVE_AVX2 1
+#define CA_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define CA_HAVE_AVX2 0
+#endif
+
+inline bool ca_cpu_has_avx2() {
+#if CA_HAVE_AVX2
+  static const bool value = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return value;
+#else
+  return false;
+#endif
+}
+
+// Tile width (query rows per block and keys per block); score tiles are kBlk x kBlk.
+constexpr int64_t kBlk = 64;
+// Register-blocked micro-kernels: 4 rows x kW columns of accumulators.
+constexpr int64_t kW = 16;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// exp(x) for x <= 0 (a tiny positive x from rounding is fine), ~1e-14 relative; 0 below -708 and for -inf.
+CA_INLINE double exp_nonpositive(double x) {
+  const bool tiny = x < -708.0;
+  x = std::max(x, -708.0);
+  constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
+  const double t = x * 1.4426950408889634 + kShifter;
+  const double n = t - kShifter;
+  const double r = (x - n * 0.6931471803691238) - n * 1.9082149292705877e-10;
+  double p = 2.505210838544172e-08;
+  p = p * r + 2.755731922398589e-07;
+  p = p * r + 2.7557319223985893e-06;
+  p = p * r + 2.48015873015873e-05;
+  p = p * r + 0.0001984126984126984;
+  p = p * r + 0.001388888888888889;
+  p = p * r + 0.008333333333333333;
+  p = p * r + 0.041666666666666664;
+  p = p * r + 0.16666666666666666;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  int64_t t_bits, shifter_bits;
+  std::memcpy(&t_bits, &t, sizeof(t));
+  const double shifter = kShifter;
+  std::memcpy(&shifter_bits, &shifter, sizeof(shifter));
+  const int64_t exponent_bits = (t_bits - shifter_bits + 1023) << 52;  // the low bits of t hold n
+  double two_n;
+  std::memcpy(&two_n, &exponent_bits, sizeof(two_n));
+  return tiny ? 0.0 : p * two_n;
+}
+
+// dst (K x kBlk) = rows [0, rows) of src (row j at src + j * ld, K long) transposed; columns >= rows zeroed.
+template <typename T>
+CA_INLINE void transpose_rows(T* __restrict dst, const T* __restrict src, int64_t rows, int64_t ld, int64_t K) {
+  for (int64_t d = 0; d < K; ++d) {
+    T* out = dst + d * kBlk;
+    for (int64_t j = 0; j < rows; ++j) out[j] = src[j * ld + d];
+    for (int64_t j = rows; j < kBlk; ++j) out[j] = T(0);
+  }
+}
+
+// S[i, 0:kBlk] (+)= alpha * (A[i, :] . Bt[:, 0:kBlk]) for i < M; row i of A at A + i * lda, K long; Bt
+// (K x kBlk). alpha multiplies the finished dot (one rounding, as the eager scale * (q @ k^T) does).
+template <typename T>
+CA_INLINE void tile_nt(T* __restrict S, int64_t M, const T* __restrict A, int64_t lda, int64_t K,
+                       const T* __restrict Bt, T alpha, bool accumulate) {
+  for (int64_t i = 0; i < M; i += 4) {
+    const T* a[4];  // rows past the end are computed on a clamped row and not stored
+    for (int r = 0; r < 4; ++r) a[r] = A + std::min<int64_t>(i + r, M - 1) * lda;
+    const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
+    for (int64_t c0 = 0; c0 < kBlk; c0 += kW) {
+      T acc[4][kW] = {};
+      for (int64_t d = 0; d < K; ++d) {
+        const T* b = Bt + d * kBlk + c0;
+        const T x0 = a[0][d], x1 = a[1][d], x2 = a[2][d], x3 = a[3][d];
+        for (int64_t jj = 0; jj < kW; ++jj) {
+          acc[0][jj] += x0 * b[jj];
+          acc[1][jj] += x1 * b[jj];
+          acc[2][jj] += x2 * b[jj];
+          acc[3][jj] += x3 * b[jj];
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        T* out = S + (i + r) * kBlk + c0;
+        for (int64_t jj = 0; jj < kW; ++jj) out[jj] = (accumulate ? out[jj] : T(0)) + alpha * acc[r][jj];
+      }
+    }
+  }
+}
+
+// C[i, :] += alpha * sum_{j < ncols} P[i, j] X[j, :] for i < M; C (M x N) contiguous, P (M x kBlk),
+// row j of X at X + j * ldx, N long.
+template <typename T>
+CA_INLINE void tile_acc(T* __restrict C, int64_t M, int64_t N, const T* __restrict P, int64_t ncols,
+                        const T* __restrict X, int64_t ldx, T alpha) {
+  for (int64_t i = 0; i < M; i += 4) {
+    const T* p[4];
+    for (int r = 0; r < 4; ++r) p[r] = P + std::min<int64_t>(i + r, M - 1) * kBlk;
+    const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
+    for (int64_t n0 = 0; n0 < N; n0 += kW) {
+      const int64_t w = std::min(kW, N - n0);
+      T acc[4][kW];
+      for (int r = 0; r < 4; ++r)
+        for (int64_t jj = 0; jj < kW; ++jj) acc[r][jj] = T(0);
+      if (w == kW) {
+        for (int64_t j = 0; j < ncols; ++j) {
+          const T* x = X + j * ldx + n0;
+          const T p0 = p[0][j], p1 = p[1][j], p2 = p[2][j], p3 = p[3][j];
+          for (int64_t jj = 0; jj < kW; ++jj) {
+            acc[0][jj] += p0 * x[jj];
+            acc[1][jj] += p1 * x[jj];
+            acc[2][jj] += p2 * x[jj];
+            acc[3][jj] += p3 * x[jj];
+          }
+        }
+      } else {  // column tail, narrower than kW
+        for (int64_t j = 0; j < ncols; ++j) {
+          const T* x = X + j * ldx + n0;
+          for (int r = 0; r < 4; ++r) {
+            const T pr = p[r][j];
+            for (int64_t jj = 0; jj < w; ++jj) acc[r][jj] += pr * x[jj];
+          }
+        }
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int64_t jj = 0; jj < w; ++jj) C[(i + r) * N + n0 + jj] += alpha * acc[r][jj];
+    }
+  }
+}
+
+// The rows of one side of the problem (query side: q, q_c, out, out_c and their gradients; key side: k, v,
+// k_c, v_c and theirs; statistics: lse and Delta): row(b, head, i) of a (rows, width) tensor.
+struct Rows {
+  int64_t rb, rh, rs;
+  const int64_t* start;  // per sequence
+  const int64_t* len;    // per sequence
+  CA_INLINE int64_t row(int64_t b, int64_t head, int64_t i) const { return b * rb + head * rh + (start[b] + i) * rs; }
+};
+
+template <typename T>
+struct Problem {
+  int64_t B, H, Hkv, group, D, R, Rv, nqb, nkb;  // nqb / nkb: blocks of the longest sequences
+  bool causal;
+  T scale;
+  Rows qs, ks, stats;
+  const T *q, *k, *v, *qc, *kc, *vc;
+};
+
+// Keys [0, end) of a sequence that its query row i sees.
+CA_INLINE int64_t visible_end(bool causal, int64_t Sq, int64_t Sk, int64_t i) {
+  if (!causal) return Sk;
+  return std::max<int64_t>(0, std::min<int64_t>(Sk, i + Sk - Sq + 1));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+struct FwdOut {
+  T* out;       // like q, width D
+  T* outc;      // like q, width Rv, or null
+  double* lse;  // statistics rows
+};
+
+template <typename T>
+CA_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin, int64_t end) {
+  const int64_t D = g.D, R = g.R, Rv = g.Rv;
+  std::vector<T> s(kBlk * kBlk), kT(D * kBlk), kcT(std::max<int64_t>(R, 1) * kBlk), acc(kBlk * D),
+      accc(kBlk * std::max<int64_t>(Rv, 1));
+  double m[kBlk], l[kBlk];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t bh = item / g.nqb, b = bh / g.H, h = bh % g.H, hk = h / g.group;
+    const int64_t Sq = g.qs.len[b], Sk = g.ks.len[b], i0 = (item % g.nqb) * kBlk;
+    if (i0 >= Sq) continue;
+    const int64_t M = std::min(kBlk, Sq - i0);
+    const int64_t qrow = g.qs.row(b, h, i0), krow = g.ks.row(b, hk, 0), lq = g.qs.rs, lk = g.ks.rs;
+    const T* q = g.q + qrow * D;
+    const T* qc = R ? g.qc + qrow * R : nullptr;
+    std::fill(acc.begin(), acc.begin() + M * D, T(0));
+    if (Rv) std::fill(accc.begin(), accc.begin() + M * Rv, T(0));
+    for (int64_t i = 0; i < M; ++i) m[i] = -kInf, l[i] = 0.0;
+    const int64_t kend = visible_end(g.causal, Sq, Sk, i0 + M - 1);  // keys the last row of the block sees
+    for (int64_t j0 = 0; j0 < kend; j0 += kBlk) {
+      const int64_t N = std::min(kBlk, kend - j0), row0 = krow + j0 * lk;
+      transpose_rows(kT.data(), g.k + row0 * D, N, lk * D, D);
+      tile_nt(s.data(), M, q, lq * D, D, kT.data(), g.scale, false);
+      if (R) {
+        transpose_rows(kcT.data(), g.kc + row0 * R, N, lk * R, R);
+        tile_nt(s.data(), M, qc, lq * R, R, kcT.data(), T(1), true);
+      }
+      for (int64_t i = 0; i < M; ++i) {
+        T* srow = s.data() + i * kBlk;
+        const int64_t vis = std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0);
+        if (vis <= 0) {
+          std::fill(srow, srow + kBlk, T(0));
+          continue;
+        }
+        double mx = m[i];
+        for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, static_cast<double>(srow[j]));
+        const double alpha = exp_nonpositive(m[i] - mx);  // m[i] = -inf: 0
+        double sum = 0.0;
+        for (int64_t j = 0; j < vis; ++j) {
+          const double p = exp_nonpositive(static_cast<double>(srow[j]) - mx);
+          srow[j] = static_cast<T>(p);
+          sum += p;
+        }
+        std::fill(srow + vis, srow + kBlk, T(0));
+        l[i] = l[i] * alpha + sum;
+        m[i] = mx;
+        if (alpha != 1.0) {
+          const T a = static_cast<T>(alpha);
+          for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= a;
+          for (int64_t d = 0; d < Rv; ++d) accc[i * Rv + d] *= a;
+        }
+      }
+      tile_acc(acc.data(), M, D, s.data(), N, g.v + row0 * D, lk * D, T(1));
+      if (Rv) tile_acc(accc.data(), M, Rv, s.data(), N, g.vc + row0 * Rv, lk * Rv, T(1));
+    }
+    for (int64_t i = 0; i < M; ++i) {
+      const bool none = !(l[i] > 0.0);
+      const double inv = none ? 0.0 : 1.0 / l[i];
+      const int64_t row = qrow + i * lq;
+      o.lse[g.stats.row(b, h, i0 + i)] = none ? -kInf : m[i] + std::log(l[i]);
+      for (int64_t d = 0; d < D; ++d) o.out[row * D + d] = static_cast<T>(acc[i * D + d] * inv);
+      for (int64_t d = 0; d < Rv; ++d) o.outc[row * Rv + d] = static_cast<T>(accc[i * Rv + d] * inv);
+    }
+  }
+}
+
+template <typename T>
+void fwd_items_base(const Problem<T>& g, const FwdOut<T>& o, int64_t b, int64_t e) { fwd_items<T>(g, o, b, e); }
+#if CA_HAVE_AVX2
+template <typename T>
+CA_AVX2 void fwd_items_avx2(const Problem<T>& g, const FwdOut<T>& o, int64_t b, int64_t e) { fwd_items<T>(g, o, b, e); }
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename T>
+struct BwdData {
+  const T *dout, *doutc;   // like q, widths D and Rv (doutc null without v_c)
+  const double* lse;       // statistics rows
+  double* delta;           // statistics rows, written by the dq pass, read by the dk / dv pass
+  T *dq, *dqc, *dk, *dv, *dkc, *dvc;
+};
+
+// dq / dq_c and Delta per (sequence, head, query block).
+template <typename T>
+CA_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
+  const int64_t D = g.D, R = g.R, Rv = g.Rv;
+  std::vector<T> s_all, dp_all, kT(D * kBlk), vT(D * kBlk), kcT(std::max<int64_t>(R, 1) * kBlk),
+      vcT(std::max<int64_t>(Rv, 1) * kBlk), dq(kBlk * D), dqc(kBlk * std::max<int64_t>(R, 1));
+  double lse[kBlk], delta[kBlk];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t bh = item / g.nqb, b = bh / g.H, h = bh % g.H, hk = h / g.group;
+    const int64_t Sq = g.qs.len[b], Sk = g.ks.len[b], i0 = (item % g.nqb) * kBlk;
+    if (i0 >= Sq) continue;
+    const int64_t M = std::min(kBlk, Sq - i0);
+    const int64_t qrow = g.qs.row(b, h, i0), krow = g.ks.row(b, hk, 0), lq = g.qs.rs, lk = g.ks.rs;
+    const T* q = g.q + qrow * D;
+    const T* qc = R ? g.qc + qrow * R : nullptr;
+    const T* dout = w.dout + qrow * D;
+    const T* doutc = Rv ? w.doutc + qrow * Rv : nullptr;
+    for (int64_t i = 0; i < M; ++i) lse[i] = w.lse[g.stats.row(b, h, i0 + i)], delta[i] = 0.0;
+    const int64_t kend = visible_end(g.causal, Sq, Sk, i0 + M - 1);
+    const int64_t blocks = (kend + kBlk - 1) / kBlk;
+    s_all.resize(std::max<int64_t>(blocks, 1) * kBlk * kBlk);
+    dp_all.resize(s_all.size());
+    // Sweep 1: S and dP tiles of every key block the query block sees, and Delta = rowsum(P * dP).
+    for (int64_t t = 0; t < blocks; ++t) {
+      const int64_t j0 = t * kBlk, N = std::min(kBlk, kend - j0), row0 = krow + j0 * lk;
+      T* s = s_all.data() + t * kBlk * kBlk;
+      T* dp = dp_all.data() + t * kBlk * kBlk;
+      transpose_rows(kT.data(), g.k + row0 * D, N, lk * D, D);
+      transpose_rows(vT.data(), g.v + row0 * D, N, lk * D, D);
+      tile_nt(s, M, q, lq * D, D, kT.data(), g.scale, false);
+      tile_nt(dp, M, dout, lq * D, D, vT.data(), T(1), false);
+      if (R) {
+        transpose_rows(kcT.data(), g.kc + row0 * R, N, lk * R, R);
+        tile_nt(s, M, qc, lq * R, R, kcT.data(), T(1), true);
+      }
+      if (Rv) {
+        transpose_rows(vcT.data(), g.vc + row0 * Rv, N, lk * Rv, Rv);
+        tile_nt(dp, M, doutc, lq * Rv, Rv, vcT.data(), T(1), true);
+      }
+      for (int64_t i = 0; i < M; ++i) {
+        const int64_t vis = std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0);
+        const T* srow = s + i * kBlk;
+        const T* dprow = dp + i * kBlk;
+        double sum = 0.0;
+        for (int64_t j = 0; j < vis; ++j)
+          sum += exp_nonpositive(static_cast<double>(srow[j]) - lse[i]) * static_cast<double>(dprow[j]);
+        delta[i] += sum;
+      }
+    }
+    for (int64_t i = 0; i < M; ++i) w.delta[g.stats.row(b, h, i0 + i)] = delta[i];
+    // Sweep 2: dS = P * (dP - Delta) (into the S tile), dq += scale dS k, dq_c += dS k_c.
+    std::fill(dq.begin(), dq.begin() + M * D, T(0));
+    if (R) std::fill(dqc.begin(), dqc.begin() + M * R, T(0));
+    for (int64_t t = 0; t < blocks; ++t) {
+      const int64_t j0 = t * kBlk, N = std::min(kBlk, kend - j0), row0 = krow + j0 * lk;
+      T* s = s_all.data() + t * kBlk * kBlk;
+      const T* dp = dp_all.data() + t * kBlk * kBlk;
+      for (int64_t i = 0; i < M; ++i) {
+        const int64_t vis = std::max<int64_t>(0, std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0));
+        T* srow = s + i * kBlk;
+        const T* dprow = dp + i * kBlk;
+        for (int64_t j = 0; j < vis; ++j) {
+          const double p = exp_nonpositive(static_cast<double>(srow[j]) - lse[i]);
+          srow[j] = static_cast<T>(p * (static_cast<double>(dprow[j]) - delta[i]));
+        }
+        std::fill(srow + vis, srow + kBlk, T(0));
+      }
+      tile_acc(dq.data(), M, D, s, N, g.k + row0 * D, lk * D, g.scale);
+      if (R) tile_acc(dqc.data(), M, R, s, N, g.kc + row0 * R, lk * R, T(1));
+    }
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t row = qrow + i * lq;
+      std::copy(dq.begin() + i * D, dq.begin() + (i + 1) * D, w.dq + row * D);
+      if (R) std::copy(dqc.begin() + i * R, dqc.begin() + (i + 1) * R, w.dqc + row * R);
+    }
+  }
+}
+
+// dk / dv / dk_c / dv_c per (sequence, kv head, key block), over the group's query heads and query blocks.
+template <typename T>
+CA_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
+  const int64_t D = g.D, R = g.R, Rv = g.Rv;
+  std::vector<T> p(kBlk * kBlk), ds(kBlk * kBlk), qT(D * kBlk), doT(D * kBlk),
+      qcT(std::max<int64_t>(R, 1) * kBlk), docT(std::max<int64_t>(Rv, 1) * kBlk), dk(kBlk * D), dv(kBlk * D),
+      dkc(kBlk * std::max<int64_t>(R, 1)), dvc(kBlk * std::max<int64_t>(Rv, 1));
+  double lse[kBlk], delta[kBlk];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t bhk = item / g.nkb, b = bhk / g.Hkv, hk = bhk % g.Hkv;
+    const int64_t Sq = g.qs.len[b], Sk = g.ks.len[b], j0 = (item % g.nkb) * kBlk;
+    if (j0 >= Sk) continue;
+    const int64_t N = std::min(kBlk, Sk - j0), off = Sk - Sq;
+    const int64_t krow = g.ks.row(b, hk, j0), lq = g.qs.rs, lk = g.ks.rs;
+    const T* k = g.k + krow * D;
+    const T* v = g.v + krow * D;
+    const T* kc = R ? g.kc + krow * R : nullptr;
+    const T* vc = Rv ? g.vc + krow * Rv : nullptr;
+    std::fill(dk.begin(), dk.begin() + N * D, T(0));
+    std::fill(dv.begin(), dv.begin() + N * D, T(0));
+    if (R) std::fill(dkc.begin(), dkc.begin() + N * R, T(0));
+    if (Rv) std::fill(dvc.begin(), dvc.begin() + N * Rv, T(0));
+    const int64_t istart = g.causal ? std::max<int64_t>(0, j0 - off) : 0;  // first query row that sees key j0
+    for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+      for (int64_t i0 = (istart / kBlk) * kBlk; i0 < Sq; i0 += kBlk) {
+        const int64_t M = std::min(kBlk, Sq - i0);  // query columns of the transposed tiles
+        const int64_t qrow = g.qs.row(b, h, i0);
+        const T* q = g.q + qrow * D;
+        const T* qc = R ? g.qc + qrow * R : nullptr;
+        const T* dout = w.dout + qrow * D;
+        const T* doutc = Rv ? w.doutc + qrow * Rv : nullptr;
+        transpose_rows(qT.data(), q, M, lq * D, D);
+        transpose_rows(doT.data(), dout, M, lq * D, D);
+        tile_nt(p.data(), N, k, lk * D, D, qT.data(), g.scale, false);  // S^T (keys x queries)
+        tile_nt(ds.data(), N, v, lk * D, D, doT.data(), T(1), false);  // dP^T
+        if (R) {
+          transpose_rows(qcT.data(), qc, M, lq * R, R);
+          tile_nt(p.data(), N, kc, lk * R, R, qcT.data(), T(1), true);
+        }
+        if (Rv) {
+          transpose_rows(docT.data(), doutc, M, lq * Rv, Rv);
+          tile_nt(ds.data(), N, vc, lk * Rv, Rv, docT.data(), T(1), true);
+        }
+        for (int64_t i = 0; i < M; ++i) {
+          const int64_t stat = g.stats.row(b, h, i0 + i);
+          lse[i] = w.lse[stat], delta[i] = w.delta[stat];
+        }
+        for (int64_t i = M; i < kBlk; ++i) lse[i] = kInf, delta[i] = 0.0;  // padding columns: P = 0
+        for (int64_t j = 0; j < N; ++j) {
+          T* prow = p.data() + j * kBlk;
+          T* dsrow = ds.data() + j * kBlk;
+          // Query column i sees key j0 + j iff i0 + i + off >= j0 + j.
+          const int64_t ifirst = g.causal ? std::min<int64_t>(kBlk, std::max<int64_t>(0, j0 + j - off - i0)) : 0;
+          std::fill(prow, prow + ifirst, T(0));
+          std::fill(dsrow, dsrow + ifirst, T(0));
+          for (int64_t i = ifirst; i < kBlk; ++i) {
+            const double pe = exp_nonpositive(static_cast<double>(prow[i]) - lse[i]);
+            prow[i] = static_cast<T>(pe);
+            dsrow[i] = static_cast<T>(pe * (static_cast<double>(dsrow[i]) - delta[i]));
+          }
+        }
+        tile_acc(dv.data(), N, D, p.data(), M, dout, lq * D, T(1));
+        if (Rv) tile_acc(dvc.data(), N, Rv, p.data(), M, doutc, lq * Rv, T(1));
+        tile_acc(dk.data(), N, D, ds.data(), M, q, lq * D, g.scale);
+        if (R) tile_acc(dkc.data(), N, R, ds.data(), M, qc, lq * R, T(1));
+      }
+    }
+    for (int64_t j = 0; j < N; ++j) {
+      const int64_t row = krow + j * lk;
+      std::copy(dk.begin() + j * D, dk.begin() + (j + 1) * D, w.dk + row * D);
+      std::copy(dv.begin() + j * D, dv.begin() + (j + 1) * D, w.dv + row * D);
+      if (R) std::copy(dkc.begin() + j * R, dkc.begin() + (j + 1) * R, w.dkc + row * R);
+      if (Rv) std::copy(dvc.begin() + j * Rv, dvc.begin() + (j + 1) * Rv, w.dvc + row * Rv);
+    }
+  }
+}
+
+template <typename T>
+void bwd_dq_items_base(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dq_items<T>(g, w, b, e); }
+template <typename T>
+void bwd_dkv_items_base(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dkv_items<T>(g, w, b, e); }
+#if CA_HAVE_AVX2
+template <typename T>
+CA_AVX2 void bwd_dq_items_avx2(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) {
+  bwd_dq_items<T>(g, w, b, e);
+}
+template <typename T>
+CA_AVX2 void bwd_dkv_items_avx2(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) {
+  bwd_dkv_items<T>(g, w, b, e);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------------
+// Host side.
+
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Contiguous, in the accumulator dtype (a no-op for contiguous float / double).
+inline Tensor to_acc(const Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
+
+// Validated geometry of one call, with the per-sequence starts and lengths the Rows point into.
+struct Layout {
+  int64_t B = 0, H = 0, Hkv = 0, D = 0, R = 0, Rv = 0, max_q = 0, max_k = 0, total_q = 0;
+  bool packed = false;
+  std::vector<int64_t> start_q, len_q, start_k, len_k;
+  Rows qs{}, ks{}, stats{};
+  std::vector<int64_t> lse_shape;
+};
+
+void check_like_q(const Tensor& t, const Tensor& q, const char* name) {
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "circuit_attention (cpu): ", name, ": expected dtype ",
+              q.scalar_type(), " like q, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "circuit_attention (cpu): ", name, ": expected a CPU tensor");
+}
+
+// Per-sequence starts and lengths from cu_seqlens (int32 or int64, B + 1 non-decreasing offsets ending at total).
+void read_offsets(const Tensor& cu, int64_t total, const char* name, std::vector<int64_t>& start,
+                  std::vector<int64_t>& len) {
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && cu.device().is_cpu() &&
+                  (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+              "circuit_attention (cpu): ", name, ": expected a 1-D int32/int64 CPU tensor of B + 1 offsets");
+  const Tensor c = cu.to(at::kLong).contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  const int64_t B = c.numel() - 1;
+  TORCH_CHECK(p[0] == 0 && p[B] == total, "circuit_attention (cpu): ", name, ": must run from 0 to ", total);
+  start.assign(p, p + B);
+  len.resize(B);
+  for (int64_t b = 0; b < B; ++b) {
+    len[b] = p[b + 1] - p[b];
+    TORCH_CHECK(len[b] >= 0, "circuit_attention (cpu): ", name, ": offsets must be non-decreasing");
+  }
+}
+
+Layout check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& q_c,
+                    const std::optional<Tensor>& k_c, const std::optional<Tensor>& v_c,
+                    const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k, int64_t max_q,
+                    int64_t max_k) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "circuit_attention (cpu): q: expected float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(q.device().is_cpu(), "circuit_attention (cpu): q: expected a CPU tensor");
+  check_like_q(k, q, "k");
+  check_like_q(v, q, "v");
+  Layout L;
+  L.packed = cu_q.has_value();
+  TORCH_CHECK(cu_k.has_value() == L.packed, "circuit_attention (cpu): cu_seqlens_q and cu_seqlens_k go together");
+  const int64_t rank = L.packed ? 3 : 4;
+  TORCH_CHECK(q.dim() == rank && k.dim() == rank && v.sizes() == k.sizes(),
+              "circuit_attention (cpu): q, k, v: expected ", rank, "-D tensors with v shaped like k, got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  L.D = q.size(-1);
+  L.H = q.size(1);
+  L.Hkv = k.size(1);
+  TORCH_CHECK(k.size(-1) == L.D && L.D >= 1, "circuit_attention (cpu): k: expected head dim ", L.D, ", got ",
+              k.size(-1));
+  TORCH_CHECK(L.Hkv >= 1 && L.H % L.Hkv == 0, "circuit_attention (cpu): k: ", L.Hkv,
+              " kv heads must divide the ", L.H, " query heads");
+  if (L.packed) {
+    read_offsets(*cu_q, q.size(0), "cu_seqlens_q", L.start_q, L.len_q);
+    read_offsets(*cu_k, k.size(0), "cu_seqlens_k", L.start_k, L.len_k);
+    L.B = static_cast<int64_t>(L.len_q.size());
+    TORCH_CHECK(static_cast<int64_t>(L.len_k.size()) == L.B,
+                "circuit_attention (cpu): cu_seqlens_k: expected as many offsets as cu_seqlens_q");
+    L.max_q = 0, L.max_k = 0;
+    for (int64_t b = 0; b < L.B; ++b) L.max_q = std::max(L.max_q, L.len_q[b]), L.max_k = std::max(L.max_k, L.len_k[b]);
+    TORCH_CHECK(L.max_q <= max_q && L.max_k <= max_k,
+                "circuit_attention (cpu): max_seqlen_q / max_seqlen_k: below the longest sequence");
+    L.total_q = q.size(0);
+    L.qs = Rows{0, 1, L.H, L.start_q.data(), L.len_q.data()};
+    L.ks = Rows{0, 1, L.Hkv, L.start_k.data(), L.len_k.data()};
+    L.stats = Rows{0, L.total_q, 1, L.start_q.data(), L.len_q.data()};
+    L.lse_shape = {L.H, L.total_q};
+  } else {
+    L.B = q.size(0);
+    TORCH_CHECK(k.size(0) == L.B, "circuit_attention (cpu): k: expected batch ", L.B, ", got ", k.size(0));
+    L.max_q = q.size(2), L.max_k = k.size(2);
+    L.start_q.assign(L.B, 0), L.start_k.assign(L.B, 0);
+    L.len_q.assign(L.B, L.max_q), L.len_k.assign(L.B, L.max_k);
+    L.qs = Rows{L.H * L.max_q, L.max_q, 1, L.start_q.data(), L.len_q.data()};
+    L.ks = Rows{L.Hkv * L.max_k, L.max_k, 1, L.start_k.data(), L.len_k.data()};
+    L.stats = L.qs;
+    L.lse_shape = {L.B, L.H, L.max_q};
+  }
+  TORCH_CHECK(q_c.has_value() == k_c.has_value(), "circuit_attention (cpu): q_c and k_c: give both or neither");
+  auto q_rows = q.sizes().vec(), k_rows = k.sizes().vec();
+  q_rows.pop_back(), k_rows.pop_back();
+  if (q_c.has_value()) {
+    check_like_q(*q_c, q, "q_c");
+    check_like_q(*k_c, q, "k_c");
+    L.R = q_c->size(-1);
+    auto qc_rows = q_c->sizes().vec(), kc_rows = k_c->sizes().vec();
+    qc_rows.pop_back(), kc_rows.pop_back();
+    TORCH_CHECK(qc_rows == q_rows && kc_rows == k_rows && k_c->size(-1) == L.R && L.R >= 1,
+                "circuit_attention (cpu): q_c / k_c: expected q's and k's shapes with a common width R >= 1, got ",
+                q_c->sizes(), ", ", k_c->sizes());
+  }
+  if (v_c.has_value()) {
+    check_like_q(*v_c, q, "v_c");
+    L.Rv = v_c->size(-1);
+    auto vc_rows = v_c->sizes().vec();
+    vc_rows.pop_back();
+    TORCH_CHECK(vc_rows == k_rows && L.Rv >= 1,
+                "circuit_attention (cpu): v_c: expected k's shape with a width Rv >= 1, got ", v_c->sizes());
+  }
+  return L;
+}
+
+template <typename T>
+Problem<T> make_problem(const Layout& L, bool causal, double scale, const Tensor& q, const Tensor& k,
+                        const Tensor& v, const Tensor& qc, const Tensor& kc, const Tensor& vc) {
+  Problem<T> g{};
+  g.B = L.B, g.H = L.H, g.Hkv = L.Hkv, g.group = L.H / L.Hkv, g.D = L.D, g.R = L.R, g.Rv = L.Rv;
+  g.nqb = (L.max_q + kBlk - 1) / kBlk;
+  g.nkb = (L.max_k + kBlk - 1) / kBlk;
+  g.causal = causal;
+  g.scale = static_cast<T>(scale);
+  g.qs = L.qs, g.ks = L.ks, g.stats = L.stats;
+  g.q = q.data_ptr<T>(), g.k = k.data_ptr<T>(), g.v = v.data_ptr<T>();
+  g.qc = L.R ? qc.data_ptr<T>() : nullptr;
+  g.kc = L.R ? kc.data_ptr<T>() : nullptr;
+  g.vc = L.Rv ? vc.data_ptr<T>() : nullptr;
+  return g;
+}
+
+// Work items per grain of at::parallel_for: about 2^16 multiply-adds each.
+inline int64_t grain_items(int64_t per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, per_item));
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> circuit_attention_forward(
+    const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& q_c,
+    const std::optional<Tensor>& k_c, const std::optional<Tensor>& v_c, const std::optional<Tensor>& cu_seqlens_q,
+    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
+  const Layout L = check_inputs(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const auto dt = q.scalar_type();
+  const auto adt = acc_dtype(dt);
+  const Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
+  const Tensor qca = L.R ? to_acc(*q_c) : Tensor(), kca = L.R ? to_acc(*k_c) : Tensor();
+  const Tensor vca = L.Rv ? to_acc(*v_c) : Tensor();
+  auto out_shape = q.sizes().vec();
+  Tensor out = at::empty(out_shape, q.options().dtype(adt));
+  out_shape.back() = L.Rv;
+  Tensor outc = L.Rv ? at::empty(out_shape, q.options().dtype(adt)) : Tensor();
+  Tensor lse = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
+  const bool avx2 = ca_cpu_has_avx2();
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca);
+    const FwdOut<T> o{out.data_ptr<T>(), L.Rv ? outc.data_ptr<T>() : nullptr, lse.data_ptr<double>()};
+    const int64_t per_item = kBlk * std::max<int64_t>(1, L.max_k) * (2 * L.D + L.R + L.Rv);
+    at::parallel_for(0, L.B * L.H * g.nqb, grain_items(per_item), [&](int64_t b, int64_t e) {
+#if CA_HAVE_AVX2
+      if (avx2) return fwd_items_avx2<T>(g, o, b, e);
+#endif
+      fwd_items_base<T>(g, o, b, e);
+    });
+  };
+  if (adt == at::kDouble) run(double{}); else run(float{});
+  (void)avx2;
+  if (dt != adt) {
+    out = out.to(dt);
+    if (L.Rv) outc = outc.to(dt);
+    lse = lse.to(at::kFloat);  // 16-bit inputs: float32 statistics, as on every backend
+  }
+  if (!L.Rv) outc = at::empty({0}, q.options());
+  return {out, outc, lse};
+}
+
+std::vector<Tensor> circuit_attention_backward(
+    const Tensor& grad_out, const Tensor& grad_out_c, const Tensor& q, const Tensor& k, const Tensor& v,
+    const std::optional<Tensor>& q_c, const std::optional<Tensor>& k_c, const std::optional<Tensor>& v_c,
+    const Tensor& out, const Tensor& out_c, const Tensor& lse, const std::optional<Tensor>& cu_seqlens_q,
+    const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+    double scale) {
+  const Layout L = check_inputs(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const auto dt = q.scalar_type();
+  const auto adt = acc_dtype(dt);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "circuit_attention (cpu): grad_out: expected q's shape ", q.sizes(),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(lse.sizes().vec() == L.lse_shape, "circuit_attention (cpu): lse: expected shape ", L.lse_shape,
+              ", got ", lse.sizes());
+  if (L.Rv) {
+    auto shape = q.sizes().vec();
+    shape.back() = L.Rv;
+    TORCH_CHECK(grad_out_c.sizes().vec() == shape, "circuit_attention (cpu): grad_out_c: expected shape ", shape,
+                ", got ", grad_out_c.sizes());
+  }
+  (void)out, (void)out_c;  // Delta is rowsum(P * dP), recomputed (see the design notes)
+  const Tensor qa = to_acc(q), ka = to_acc(k), va = to_acc(v);
+  const Tensor qca = L.R ? to_acc(*q_c) : Tensor(), kca = L.R ? to_acc(*k_c) : Tensor();
+  const Tensor vca = L.Rv ? to_acc(*v_c) : Tensor();
+  const Tensor goa = grad_out.to(adt).contiguous();
+  const Tensor goca = L.Rv ? grad_out_c.to(adt).contiguous() : Tensor();
+  const Tensor lse_d = lse.to(at::kDouble).contiguous();
+  Tensor delta = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
+  // Every gradient row is written by one item (a row of a key no query sees gets zeros).
+  Tensor dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va);
+  Tensor dqc = L.R ? at::empty_like(qca) : Tensor(), dkc = L.R ? at::empty_like(kca) : Tensor();
+  Tensor dvc = L.Rv ? at::empty_like(vca) : Tensor();
+  const bool avx2 = ca_cpu_has_avx2();
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca);
+    BwdData<T> w{};
+    w.dout = goa.data_ptr<T>();
+    w.doutc = L.Rv ? goca.data_ptr<T>() : nullptr;
+    w.lse = lse_d.data_ptr<double>();
+    w.delta = delta.data_ptr<double>();
+    w.dq = dq.data_ptr<T>(), w.dk = dk.data_ptr<T>(), w.dv = dv.data_ptr<T>();
+    w.dqc = L.R ? dqc.data_ptr<T>() : nullptr;
+    w.dkc = L.R ? dkc.data_ptr<T>() : nullptr;
+    w.dvc = L.Rv ? dvc.data_ptr<T>() : nullptr;
+    const int64_t width = 2 * L.D + L.R + L.Rv;
+    at::parallel_for(0, L.B * L.H * g.nqb, grain_items(kBlk * std::max<int64_t>(1, L.max_k) * width),
+                     [&](int64_t b, int64_t e) {
+#if CA_HAVE_AVX2
+                       if (avx2) return bwd_dq_items_avx2<T>(g, w, b, e);
+#endif
+                       bwd_dq_items_base<T>(g, w, b, e);
+                     });
+    at::parallel_for(0, L.B * L.Hkv * g.nkb,
+                     grain_items(kBlk * std::max<int64_t>(1, L.max_q) * (L.H / L.Hkv) * width),
+                     [&](int64_t b, int64_t e) {
+#if CA_HAVE_AVX2
+                       if (avx2) return bwd_dkv_items_avx2<T>(g, w, b, e);
+#endif
+                       bwd_dkv_items_base<T>(g, w, b, e);
+                     });
+  };
+  if (adt == at::kDouble) run(double{}); else run(float{});
+  (void)avx2;
+  const auto fin = [&](const Tensor& t) { return dt == adt ? t : t.to(dt); };
+  return {fin(dq), fin(dk), fin(dv), L.R ? fin(dqc) : at::empty({0}, q.options()),
+          L.R ? fin(dkc) : at::empty({0}, q.options()), L.Rv ? fin(dvc) : at::empty({0}, q.options())};
+}
+
+}  // namespace cpu
+}  // namespace recursive_kernels
