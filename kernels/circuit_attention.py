@@ -308,6 +308,10 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, max_seqlen: int, max_na
         raise ValueError(f"{name}: expected an integer dtype, got {cu.dtype}")
     if cu.device != q.device:
         raise ValueError(f"{name}: expected a tensor on {q.device} (like q), got {cu.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise ValueError(f"{max_name}: expected a Python int, got {type(max_seqlen).__name__}")
+    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # reading the offsets would need a host synchronisation
     bounds = cu.tolist()
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(f"{name}: must start at 0 and end at {total} (the packed length), got {bounds[0]}..{bounds[-1]}")
