@@ -128,7 +128,7 @@ def peak_forward_memory(impl: str, case: Case, device: torch.device, dtype: torc
 def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=False, progress=True):
     device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
-    impls = ["sdpa", "eager", *(impls or available_backends("circuit_attention", device, dtype))]
+    impls = ["sdpa", "eager", *(impls or available_backends("circuit_attention", device, dtype, head_dim=64))]
 
     def prepare(case, backward):
         inputs = make_inputs(case, device, dtype, backward)

@@ -72,13 +72,15 @@ def resolve(device, dtype):
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def available_backends(op: str, device: torch.device, dtype: torch.dtype) -> List[str]:
-    """Backends that serve ``op`` here; the Triton CPU interpreter is for testing, not timing."""
+def available_backends(op: str, device: torch.device, dtype: torch.dtype, **inputs) -> List[str]:
+    """Backends that serve ``op`` here (``inputs``: the op's other support-check arguments); the Triton
+    CPU interpreter is for testing, not timing."""
     from kernels import backends
 
     return [
         name for name in backends.BACKENDS
-        if not (name == "triton" and device.type != "cuda") and not backends.reasons(op, name, device, dtype=dtype)
+        if not (name == "triton" and device.type != "cuda")
+        and not backends.reasons(op, name, device, dtype=dtype, **inputs)
     ]
 
 

@@ -6,7 +6,7 @@ from benchmarks.bench_circuit_attention import MODES, _callable, default_cases, 
 from benchmarks.common import available_backends, resolve, run_benchmark
 
 DEVICE, DTYPE = resolve(None, None)
-IMPLS = ["sdpa", "eager", *available_backends("circuit_attention", DEVICE, DTYPE)]
+IMPLS = ["sdpa", "eager", *available_backends("circuit_attention", DEVICE, DTYPE, head_dim=64)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

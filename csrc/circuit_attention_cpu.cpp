@@ -19,7 +19,9 @@
 //   O(kBlk * Sk) per thread), sums Delta, then forms dS and dq / dq_c; then a dk / dv / dk_c / dv_c pass per
 //   (sequence, kv head, key block) over the group's query heads and query blocks (each gradient row written
 //   by one thread: no atomics, no races).
-// * exp: a vectorisable double polynomial (Cody-Waite reduction, degree 11); log once per row.
+// * exp: a vectorisable double polynomial (Cody-Waite reduction, degree 11); log once per row. The softmax
+//   loops carry `omp simd` so that their max / sum reductions vectorise (GCC keeps FP reductions scalar
+//   otherwise: it may not reorder them).
 // * x86: the item loops are compiled for AVX2+FMA and for the baseline ISA, picked at run time (the extension
 //   is built without -march flags).
 // * bfloat16 / float16: inputs upcast to float once (linear memory), results rounded once.
@@ -92,13 +94,10 @@ CA_INLINE double exp_nonpositive(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  int64_t t_bits, shifter_bits;
-  std::memcpy(&t_bits, &t, sizeof(t));
-  const double shifter = kShifter;
-  std::memcpy(&shifter_bits, &shifter, sizeof(shifter));
-  const int64_t exponent_bits = (t_bits - shifter_bits + 1023) << 52;  // the low bits of t hold n
-  double two_n;
-  std::memcpy(&two_n, &exponent_bits, sizeof(two_n));
+  // Bit casts as builtins (not memcpy through locals) so that the loops calling this still vectorise.
+  const int64_t exponent_bits =  // the low bits of t hold n
+      (__builtin_bit_cast(int64_t, t) - __builtin_bit_cast(int64_t, kShifter) + 1023) << 52;
+  const double two_n = __builtin_bit_cast(double, exponent_bits);
   return tiny ? 0.0 : p * two_n;
 }
 
@@ -248,10 +247,13 @@ CA_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin,
           std::fill(srow, srow + kBlk, T(0));
           continue;
         }
-        double mx = m[i];
-        for (int64_t j = 0; j < vis; ++j) mx = std::max(mx, static_cast<double>(srow[j]));
+        T row_max = srow[0];
+#pragma omp simd reduction(max : row_max)
+        for (int64_t j = 1; j < vis; ++j) row_max = srow[j] > row_max ? srow[j] : row_max;
+        const double mx = std::max(m[i], static_cast<double>(row_max));
         const double alpha = exp_nonpositive(m[i] - mx);  // m[i] = -inf: 0
         double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < vis; ++j) {
           const double p = exp_nonpositive(static_cast<double>(srow[j]) - mx);
           srow[j] = static_cast<T>(p);
@@ -342,6 +344,7 @@ CA_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t be
         const T* srow = s + i * kBlk;
         const T* dprow = dp + i * kBlk;
         double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < vis; ++j)
           sum += exp_nonpositive(static_cast<double>(srow[j]) - lse[i]) * static_cast<double>(dprow[j]);
         delta[i] += sum;
@@ -359,6 +362,7 @@ CA_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t be
         const int64_t vis = std::max<int64_t>(0, std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0));
         T* srow = s + i * kBlk;
         const T* dprow = dp + i * kBlk;
+#pragma omp simd
         for (int64_t j = 0; j < vis; ++j) {
           const double p = exp_nonpositive(static_cast<double>(srow[j]) - lse[i]);
           srow[j] = static_cast<T>(p * (static_cast<double>(dprow[j]) - delta[i]));
@@ -431,6 +435,7 @@ CA_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
           const int64_t ifirst = g.causal ? std::min<int64_t>(kBlk, std::max<int64_t>(0, j0 + j - off - i0)) : 0;
           std::fill(prow, prow + ifirst, T(0));
           std::fill(dsrow, dsrow + ifirst, T(0));
+#pragma omp simd
           for (int64_t i = ifirst; i < kBlk; ++i) {
             const double pe = exp_nonpositive(static_cast<double>(prow[i]) - lse[i]);
             prow[i] = static_cast<T>(pe);
