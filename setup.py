@@ -72,7 +72,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["kernels", "kernels.*", "recursive", "recursive.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
+    install_requires=["torch>=2.4", "numpy", "safetensors", "triton; platform_system == 'Linux'"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,360 @@
+"""The recursive model family: a shared-block backbone, a causal LM and a bidirectional encoder.
+
+Hugging Face conventions: ``model(input_ids, attention_mask=None, labels=None)`` returns an output with
+``.logits`` and ``.loss`` (None without labels); ``attention_mask`` is (B, S_past + S) of 1 (token) and 0
+(padding); labels of -100 are ignored; the causal LM shifts its labels inside. Checkpoints are a
+directory with ``config.json`` and ``model.safetensors`` (never pickle).
+
+Padding: when ``attention_mask`` has a zero, every layer attends over the real tokens only, through
+:func:`kernels.circuit_attention_varlen` (:class:`recursive.nn.VarlenPacking`), which is exact for left
+padding (decoding) as for right padding; without one, the dense :func:`kernels.circuit_attention`
+runs. Default positions count real tokens only (``cumsum(attention_mask) - 1``), so a left-padded row
+gets the positions it would have alone.
+
+Cache: ``past_key_values`` is a tuple with one :class:`recursive.nn.LayerKV` per effective layer
+(keys and values after RoPE, (B, Hkv, S_past, D), plus the circuit's ``key_c``/``value_c``); a forward
+with ``use_cache=True`` returns it extended by the new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple, Type, TypeVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import RecursiveConfig
+from .nn import LayerKV, LowRankLinear, RecursiveBlock, RMSNorm, VarlenPacking, activation, rotary_embedding
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+IGNORE_INDEX = -100
+
+PastKeyValues = Tuple[LayerKV, ...]
+Model = TypeVar("Model", bound="RecursivePreTrainedModel")
+
+
+@dataclass
+class RecursiveModelOutput:
+    """``last_hidden_state`` (B, S, hidden) after the final norm; ``past_key_values`` (with
+    ``use_cache``); ``aux_loss``: the MoL load-balancing loss averaged over layers (None without MoL)."""
+
+    last_hidden_state: Tensor
+    past_key_values: Optional[PastKeyValues] = None
+    aux_loss: Optional[Tensor] = None
+
+
+@dataclass
+class CausalLMOutput:
+    """``logits`` (B, S, vocab); ``loss``: next-token cross-entropy (plus ``router_aux_loss_coef *
+    aux_loss`` with MoL) when labels are given; ``aux_loss`` and ``past_key_values`` as
+    :class:`RecursiveModelOutput`."""
+
+    logits: Tensor
+    loss: Optional[Tensor] = None
+    aux_loss: Optional[Tensor] = None
+    past_key_values: Optional[PastKeyValues] = None
+
+
+@dataclass
+class EncoderOutput:
+    """``logits``: (B, S, vocab) for the masked-LM head, (B, num_labels) for sequence classification;
+    ``loss`` with labels; ``last_hidden_state`` (B, S, hidden); ``aux_loss`` as
+    :class:`RecursiveModelOutput`."""
+
+    logits: Tensor
+    loss: Optional[Tensor] = None
+    last_hidden_state: Optional[Tensor] = None
+    aux_loss: Optional[Tensor] = None
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """Losses are computed in float32 at least."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+class RecursiveModel(nn.Module):
+    """The backbone: embeddings, the ``num_blocks`` shared blocks run over ``num_layers`` effective
+    layers by the sharing scheme, and the final norm.
+
+    Parameters: ``embed_tokens`` (vocab, embedding_size or hidden), ``embed_proj`` (hidden <-
+    embedding_size, factorised embeddings only), ``blocks.{b}`` (:class:`recursive.nn.RecursiveBlock`),
+    ``norm``. ``causal`` picks decoder (True) or encoder (False) attention.
+    """
+
+    def __init__(self, config: RecursiveConfig, causal: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        embedding_size = config.embedding_size or config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, embedding_size)
+        if config.embedding_size is not None:
+            self.embed_proj = nn.Linear(config.embedding_size, config.hidden_size, bias=False)
+        else:
+            self.register_module("embed_proj", None)
+        self.blocks = nn.ModuleList(RecursiveBlock(config, b, causal) for b in range(config.num_blocks))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+        self.block_of_layer = tuple(config.block_of_layer(layer) for layer in range(config.num_layers))
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, S) token ids -> (B, S, hidden)."""
+        hidden = self.embed_tokens(input_ids)
+        if self.embed_proj is not None:
+            hidden = self.embed_proj(hidden)
+        if self.config.embed_scale != 1.0:
+            # Hugging Face Gemma rounds the multiplier to the activations' dtype first; so do we.
+            hidden = hidden * torch.tensor(self.config.embed_scale, dtype=hidden.dtype)
+        return hidden
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        past_key_values: Optional[PastKeyValues] = None,
+        use_cache: bool = False,
+    ) -> RecursiveModelOutput:
+        """Args:
+            input_ids: (B, S) int64.
+            attention_mask: (B, S_past + S) of 1 and 0, or None (no padding).
+            position_ids: (B, S); default: the count of earlier real tokens (see the module docstring).
+            past_key_values: one :class:`recursive.nn.LayerKV` per effective layer, or None.
+            use_cache: return the extended cache.
+        """
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids: expected an int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
+        B, S = input_ids.shape
+        past_length = 0
+        if past_key_values is not None:
+            if len(past_key_values) != self.config.num_layers:
+                raise ValueError(
+                    f"past_key_values: expected one entry per effective layer ({self.config.num_layers}), got {len(past_key_values)}"
+                )
+            past_length = past_key_values[0].key.shape[2]
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past_length + S):
+            raise ValueError(
+                f"attention_mask: expected shape (B={B}, past + S={past_length + S}), got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            position_ids = self._default_position_ids(B, S, past_length, attention_mask, input_ids.device)
+        elif tuple(position_ids.shape) != (B, S):
+            raise ValueError(f"position_ids: expected shape ({B}, {S}), got {tuple(position_ids.shape)}")
+
+        hidden = self.embed(input_ids)
+        position_embeddings = rotary_embedding(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
+        packing = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            packing = VarlenPacking.from_attention_mask(attention_mask, S)
+        presents, aux_losses = [], []
+        for layer, block in enumerate(self.block_of_layer):
+            past = None if past_key_values is None else past_key_values[layer]
+            hidden, present, aux_loss = self.blocks[block](hidden, layer, position_embeddings, packing, past, use_cache)
+            presents.append(present)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
+        return RecursiveModelOutput(
+            last_hidden_state=self.norm(hidden),
+            past_key_values=tuple(presents) if use_cache else None,
+            aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
+        )
+
+    @staticmethod
+    def _default_position_ids(batch: int, length: int, past_length: int, attention_mask: Optional[Tensor], device) -> Tensor:
+        if attention_mask is None:
+            return torch.arange(past_length, past_length + length, device=device).expand(batch, length)
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions[:, past_length:].clamp(min=0)  # padding gets position 0; it is never attended to
+
+
+class RecursivePreTrainedModel(nn.Module):
+    """Config, weight init, weight tying and the ``save_pretrained``/``from_pretrained`` checkpoint format
+    shared by the models.
+
+    Init (driven by ``torch.manual_seed``): projections and embeddings ``normal(0, initializer_range)``,
+    biases zeros; LoRA adapters (Kaiming-uniform A, zero B), circuit factors and norms keep their
+    modules' init, so a fresh relaxation changes nothing.
+    """
+
+    def __init__(self, config: RecursiveConfig) -> None:
+        super().__init__()
+        if not isinstance(config, RecursiveConfig):
+            raise ValueError(f"config: expected a RecursiveConfig, got {type(config).__name__}")
+        self.config = config
+
+    def tied_weights(self) -> Tuple[Tuple[str, str], ...]:
+        """``(name, source)`` pairs of parameters that are the same tensor; the checkpoint stores the source."""
+        return ()
+
+    def _tie_and_init(self) -> None:
+        for name, source in self.tied_weights():
+            module_name, _, attribute = name.rpartition(".")
+            setattr(self.get_submodule(module_name), attribute, self.get_parameter(source))
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, LowRankLinear)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (tied parameters once) into ``save_directory``."""
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            f.write(self.config.to_json_string())
+        tied = {name for name, _ in self.tied_weights()}
+        state = {name: tensor.contiguous() for name, tensor in self.state_dict().items() if name not in tied}
+        save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls: Type[Model], directory: str, device=None, dtype: Optional[torch.dtype] = None) -> Model:
+        """Load a model written by :meth:`save_pretrained`, in the checkpoint's dtype unless ``dtype`` is
+        given, on ``device`` (default CPU), in eval mode."""
+        config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise ValueError(f"directory: {directory!r} holds no {os.path.basename(path)}")
+        with open(config_path) as f:
+            config = RecursiveConfig.from_dict(json.load(f))
+        state = load_file(weights_path, device=str(torch.device(device or "cpu")))
+        if dtype is None:
+            dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+        model = cls(config).to(device=device, dtype=dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = set(missing) - {name for name, _ in model.tied_weights()}
+        if missing or unexpected:
+            raise ValueError(f"directory: the checkpoint does not match the config (missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)})")
+        return model.eval()
+
+
+class RecursiveForCausalLM(RecursivePreTrainedModel):
+    """A recursive decoder with a language-modelling head.
+
+    Parameters: ``model`` (:class:`RecursiveModel`, causal) and ``lm_head`` (vocab <- hidden, no bias;
+    the embedding matrix when ``tie_word_embeddings``). Factorised embeddings are an encoder option.
+    """
+
+    def __init__(self, config: RecursiveConfig) -> None:
+        super().__init__(config)
+        if config.embedding_size is not None:
+            raise ValueError("config: embedding_size (factorised embeddings) is an encoder option; use RecursiveEncoder")
+        self.model = RecursiveModel(config, causal=True)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._tie_and_init()
+
+    def tied_weights(self) -> Tuple[Tuple[str, str], ...]:
+        return (("lm_head.weight", "model.embed_tokens.weight"),) if self.config.tie_word_embeddings else ()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        past_key_values: Optional[PastKeyValues] = None,
+        use_cache: bool = False,
+    ) -> CausalLMOutput:
+        """Args:
+            input_ids: (B, S).
+            attention_mask: (B, S_past + S) of 1 and 0, or None.
+            labels: (B, S) token ids (-100: ignored); the loss predicts ``labels[:, t + 1]`` from position t.
+            position_ids, past_key_values, use_cache: as :meth:`RecursiveModel.forward`.
+        """
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            if tuple(labels.shape) != tuple(input_ids.shape):
+                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(labels.shape)}")
+            loss = F.cross_entropy(
+                _upcast(logits[:, :-1]).reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            if out.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * out.aux_loss
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values)
+
+
+class RecursiveEncoder(RecursivePreTrainedModel):
+    """A bidirectional recursive encoder (ModernALBERT style: RoPE, GeGLU with ``hidden_act="gelu"``,
+    optional factorised embeddings) with the head named by ``config.encoder_head``.
+
+    - ``"mlm"``: ``head_dense`` (width <- hidden, width = embedding_size or hidden), activation,
+      ``head_norm``, ``decoder`` (vocab <- width, with bias; its weight is the embedding matrix when
+      ``tie_word_embeddings``). Logits (B, S, vocab); loss: cross-entropy over labels != -100.
+    - ``"sequence_classification"``: pooling (``classifier_pooling``: the mean over real tokens, or the
+      first token), ``head_dense``, activation, ``head_norm``, ``classifier`` (num_labels <- hidden).
+      Logits (B, num_labels); loss: cross-entropy over int labels (B,), or the squared error against
+      float labels (B,) when ``num_labels == 1``.
+    """
+
+    def __init__(self, config: RecursiveConfig) -> None:
+        super().__init__(config)
+        self.model = RecursiveModel(config, causal=False)
+        self.head_act = activation(config.hidden_act)
+        if config.encoder_head == "mlm":
+            width = config.embedding_size or config.hidden_size
+            self.head_dense = nn.Linear(config.hidden_size, width)
+            self.head_norm = RMSNorm(width, config.rms_norm_eps, config.norm_unit_offset)
+            self.decoder = nn.Linear(width, config.vocab_size)
+        else:
+            self.head_dense = nn.Linear(config.hidden_size, config.hidden_size)
+            self.head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self._tie_and_init()
+
+    def tied_weights(self) -> Tuple[Tuple[str, str], ...]:
+        if self.config.encoder_head == "mlm" and self.config.tie_word_embeddings:
+            return (("decoder.weight", "model.embed_tokens.weight"),)
+        return ()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+    ) -> EncoderOutput:
+        """Args:
+            input_ids: (B, S).
+            attention_mask: (B, S) of 1 and 0, or None.
+            labels: "mlm": (B, S) token ids, -100 where not masked; classification: (B,).
+            position_ids: (B, S); default as :meth:`RecursiveModel.forward`.
+        """
+        out = self.model(input_ids, attention_mask, position_ids)
+        hidden = out.last_hidden_state
+        if self.config.encoder_head == "mlm":
+            logits = self.decoder(self.head_norm(self.head_act(self.head_dense(hidden))))
+        else:
+            logits = self.classifier(self.head_norm(self.head_act(self.head_dense(self._pool(hidden, attention_mask)))))
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels)
+            if out.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * out.aux_loss
+        return EncoderOutput(logits=logits, loss=loss, last_hidden_state=hidden, aux_loss=out.aux_loss)
+
+    def _pool(self, hidden: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        """(B, S, hidden) -> (B, hidden)."""
+        if self.config.classifier_pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(1)
+        weight = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if self.config.encoder_head == "mlm":
+            if tuple(labels.shape) != tuple(logits.shape[:-1]):
+                raise ValueError(f"labels: expected shape {tuple(logits.shape[:-1])} like input_ids, got {tuple(labels.shape)}")
+            return F.cross_entropy(_upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        if tuple(labels.shape) != (logits.shape[0],):
+            raise ValueError(f"labels: expected shape ({logits.shape[0]},), one per sequence, got {tuple(labels.shape)}")
+        if self.config.num_labels == 1:
+            return F.mse_loss(_upcast(logits).squeeze(-1), labels.to(_upcast(logits).dtype))
+        return F.cross_entropy(_upcast(logits), labels)
