@@ -1,13 +1,19 @@
 """Checks of the CUDA fallback backend's sources in ``csrc/cuda`` (the ``kernels._C_cuda`` extension).
 
 On any machine:
-  * the kernels (``lowrank_linear_kernels.cu``, plain CUDA C++) compile with nvcc for sm_90, without
-    warnings, also with the flags torch's CUDAExtension adds (its -D__CUDA_NO_HALF_OPERATORS__ family);
+  * the kernels (``lowrank_linear_kernels.cu`` and ``circuit_attention_kernels.cu``, plain CUDA C++) compile
+    with nvcc for sm_90, without warnings, also with the flags torch's CUDAExtension adds (its
+    -D__CUDA_NO_HALF_OPERATORS__ family);
   * the binding (``extension_cuda.cpp``) passes a C++ syntax check against torch's headers.
 On a machine with a CUDA device (skipped otherwise): the extension is built with
-``torch.utils.cpp_extension.load`` and its ``lowrank_linear_forward`` / ``lowrank_linear_backward`` are
-checked against the float64 reference ``kernels.reference.lowrank_linear_ref`` (float32, float16, bfloat16;
-plain, single-adapter, per-row and top-2 gated modes; -1 slots, M = 0, non-contiguous operands).
+``torch.utils.cpp_extension.load`` and checked against the float64 references of ``kernels.reference``:
+  * ``lowrank_linear_forward`` / ``lowrank_linear_backward`` (float32, float16, bfloat16; plain,
+    single-adapter, per-row and top-2 gated modes; -1 slots, M = 0, non-contiguous operands);
+  * ``circuit_attention_forward`` / ``_backward`` and their ``varlen`` forms: out, out_c, lse and all six
+    gradients, error at most twice that of the same-dtype eager reference plus half an ulp (decode, Sq > Sk
+    causal with fully masked rows, grouped heads, D from 1 to 256, absent corrections, ranks past one
+    shared-memory chunk and outputs past one column group, packed batches with empty sequences, large
+    logits), and bad inputs.
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from kernels.reference import lowrank_linear_ref
+from kernels.reference import circuit_attention_ref, circuit_attention_varlen_ref, lowrank_linear_ref
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 KERNELS_CU = CUDA_DIR / "lowrank_linear_kernels.cu"
+ATTENTION_CU = CUDA_DIR / "circuit_attention_kernels.cu"
+KERNEL_SOURCES = (KERNELS_CU, ATTENTION_CU)
 BINDING = CUDA_DIR / "extension_cuda.cpp"
-OUR_FILES = ("lowrank_linear_kernels.cu", "lowrank_linear_kernels.h", "extension_cuda.cpp")
+OUR_FILES = ("lowrank_linear_kernels.cu", "lowrank_linear_kernels.h", "circuit_attention_kernels.cu",
+             "circuit_attention_kernels.h", "extension_cuda.cpp")
 COMPILE_TIMEOUT_S = 300
 
 # The macros torch's CUDAExtension passes to nvcc (torch.utils.cpp_extension.COMMON_NVCC_FLAGS).
@@ -95,17 +104,19 @@ def _cuda_include_dir() -> Optional[pathlib.Path]:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_kernels_compile_with_nvcc(tmp_path):
+@pytest.mark.parametrize("source", KERNEL_SOURCES, ids=lambda p: p.name)
+def test_kernels_compile_with_nvcc(tmp_path, source):
     nvcc = _nvcc()
-    cmd = [nvcc, "-c", "-std=c++17", "-gencode=arch=compute_90,code=sm_90",
-           "-o", str(tmp_path / "lowrank_linear_kernels.o"), str(KERNELS_CU)]
+    obj = tmp_path / (source.stem + ".o")
+    cmd = [nvcc, "-c", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", "-o", str(obj), str(source)]
     proc = _run(cmd)
     assert proc.returncode == 0, _report(cmd, proc)
-    assert (tmp_path / "lowrank_linear_kernels.o").stat().st_size > 0
+    assert obj.stat().st_size > 0
     assert "warning" not in (proc.stdout + proc.stderr).lower(), _report(cmd, proc)
 
 
-def test_kernels_compile_with_torch_extension_flags(tmp_path):
+@pytest.mark.parametrize("source", KERNEL_SOURCES, ids=lambda p: p.name)
+def test_kernels_compile_with_torch_extension_flags(tmp_path, source):
     """The flags setup.py's CUDAExtension uses: -O3, torch's half/bf16 macros, sm_80 + sm_90 + PTX."""
     nvcc = _nvcc()
     try:
@@ -119,7 +130,7 @@ def test_kernels_compile_with_torch_extension_flags(tmp_path):
            "-gencode=arch=compute_90,code=sm_90",
            "-gencode=arch=compute_90,code=compute_90",
            "-Xcompiler", "-Wall,-Wextra",
-           "-o", str(tmp_path / "lowrank_linear_kernels.o"), str(KERNELS_CU)]
+           "-o", str(tmp_path / (source.stem + ".o")), str(source)]
     proc = _run(cmd)
     assert proc.returncode == 0, _report(cmd, proc)
     assert not _warnings_about_our_files(proc.stdout + proc.stderr), _report(cmd, proc)
@@ -375,7 +386,7 @@ def cuda_ext(tmp_path_factory):
         build_dir = tmp_path_factory.mktemp("cuda_ext_build")
         return cpp_extension.load(
             name="recursive_kernels_cuda_sources_test",
-            sources=[str(KERNELS_CU), str(BINDING)],
+            sources=[*(str(p) for p in KERNEL_SOURCES), str(BINDING)],
             extra_include_paths=[str(CUDA_DIR)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3"],
@@ -407,3 +418,324 @@ def test_cuda_backend_rejects_bad_inputs(cuda_ext):
     with pytest.raises(RuntimeError, match="lora_b"):
         cuda_ext.lowrank_linear_forward(x, w, None, a, b, torch.zeros(4, 1, dtype=torch.long, device="cuda"),
                                         None, 1.0, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# circuit_attention (dense and packed varlen) on a CUDA device
+# --------------------------------------------------------------------------------------------------
+
+# Dense cases. Tiles are 16 rows x 32 columns, contractions are staged 32 columns at a time and a block
+# accumulates at most 256 output columns, so the sizes below cross every one of those boundaries.
+ATTENTION_CASES: List[Dict] = [
+    dict(id="decode", B=2, H=4, Hkv=2, Sq=1, Sk=17, D=64, R=16, Rv=3, causal=True),
+    dict(id="sq-gt-sk-causal", B=1, H=2, Hkv=1, Sq=40, Sk=17, D=40, R=16, Rv=3, causal=True),
+    dict(id="gqa-d40-no-qk-corr", B=2, H=6, Hkv=2, Sq=33, Sk=50, D=40, R=0, Rv=3, causal=True),
+    dict(id="d128-no-v-corr", B=1, H=4, Hkv=4, Sq=65, Sk=65, D=128, R=16, Rv=0, causal=False),
+    dict(id="d128-r16-rv3-gqa", B=1, H=4, Hkv=1, Sq=47, Sk=80, D=128, R=16, Rv=3, causal=True),
+    dict(id="plain-causal", B=2, H=2, Hkv=1, Sq=17, Sk=33, D=80, R=0, Rv=0, causal=True),
+    dict(id="d256-ranks-70-64", B=1, H=2, Hkv=1, Sq=20, Sk=37, D=256, R=70, Rv=64, causal=True),
+    dict(id="d1-r1-rv1", B=1, H=3, Hkv=3, Sq=3, Sk=113, D=1, R=1, Rv=1, causal=False),
+    dict(id="large-logits-d112", B=1, H=2, Hkv=2, Sq=33, Sk=33, D=112, R=16, Rv=16, causal=False, large=True),
+]
+
+# Packed cases: per-sequence lengths (empty sequences, a query without keys, Sq > Sk causal).
+VARLEN_CASES: List[Dict] = [
+    dict(id="varlen-empty-seqs", lens_q=[3, 0, 40, 1, 9], lens_k=[5, 7, 33, 0, 4], H=4, Hkv=2, D=40, R=16, Rv=3,
+         causal=True),
+    dict(id="varlen-d128-plain", lens_q=[17, 33], lens_k=[1, 64], H=2, Hkv=1, D=128, R=0, Rv=0, causal=False),
+    dict(id="varlen-d96-no-v-corr", lens_q=[20, 0, 5], lens_k=[20, 3, 30], H=2, Hkv=2, D=96, R=5, Rv=0,
+         causal=True),
+]
+
+_ATTENTION_NAMES = ("q", "k", "v", "q_c", "k_c", "v_c")
+
+
+def _attention_inputs(case, seed=0):
+    """float64 CPU inputs of a case (None for an absent correction), plus the upstream gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    H, Hkv, D, R, Rv = case["H"], case["Hkv"], case["D"], case["R"], case["Rv"]
+    if "lens_q" in case:
+        rows_q, rows_k = [sum(case["lens_q"]), H], [sum(case["lens_k"]), Hkv]
+    else:
+        rows_q, rows_k = [case["B"], H, case["Sq"]], [case["B"], Hkv, case["Sk"]]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    t = dict(q=randn(*rows_q, D), k=randn(*rows_k, D), v=randn(*rows_k, D),
+             q_c=randn(*rows_q, R) if R else None, k_c=randn(*rows_k, R) if R else None,
+             v_c=randn(*rows_k, Rv) if Rv else None)
+    if case.get("large"):
+        t["q"], t["k"] = t["q"] * 5, t["k"] * 3
+        t["q_c"] = t["q_c"] * 5
+    grad_out = randn(*rows_q, D)
+    grad_out_c = randn(*rows_q, Rv) if Rv else None
+    return t, grad_out, grad_out_c
+
+
+def _cu_seqlens(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def _reference_attention(case, inputs, grad_out, grad_out_c, dtype, device, scale):
+    """(out, out_c, grads by name) of the reference in `dtype` on `device`, by autograd."""
+    leaves = {n: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(True)
+              for n, t in inputs.items()}
+    args = [leaves[n] for n in _ATTENTION_NAMES]
+    if "lens_q" in case:
+        cu_q, cu_k = _cu_seqlens(case["lens_q"], device), _cu_seqlens(case["lens_k"], device)
+        out, out_c = circuit_attention_varlen_ref(*args[:3], cu_q, cu_k, *args[3:], case["causal"], scale)
+    else:
+        out, out_c = circuit_attention_ref(*args, case["causal"], scale)
+    outs = [out] + ([out_c] if out_c is not None else [])
+    upstream = [grad_out] + ([grad_out_c] if out_c is not None else [])
+    names = [n for n in _ATTENTION_NAMES if leaves[n] is not None]
+    grads = torch.autograd.grad(outs, [leaves[n] for n in names],
+                                [g.to(device=device, dtype=dtype) for g in upstream], allow_unused=True)
+    by_name = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, grads)}
+    return out.detach(), (None if out_c is None else out_c.detach()), by_name
+
+
+def _reference_lse(case, inputs, scale):
+    """float64 logsumexp of each row of S over the keys it sees, laid out like the backend's lse."""
+    def dense_lse(q, k, q_c, k_c):  # (B, H, Sq, .) and (B, Hkv, Sk, .)
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, 1)
+        scores = scale * (q @ k.transpose(-1, -2))
+        if q_c is not None:
+            scores = scores + q_c @ k_c.repeat_interleave(group, 1).transpose(-1, -2)
+        if case["causal"]:
+            Sq, Sk = q.shape[2], k.shape[2]
+            visible = torch.ones(Sq, Sk, dtype=torch.bool).tril(Sk - Sq)
+            scores = scores.masked_fill(~visible, float("-inf"))
+        return torch.logsumexp(scores, dim=-1)  # -inf for a row without visible keys (also when Sk = 0)
+
+    q, k, q_c, k_c = (inputs[n] for n in ("q", "k", "q_c", "k_c"))
+    if "lens_q" not in case:
+        return dense_lse(q, k, q_c, k_c)
+    rows = []
+    starts_q, starts_k = _cu_seqlens(case["lens_q"], "cpu").tolist(), _cu_seqlens(case["lens_k"], "cpu").tolist()
+    for b in range(len(case["lens_q"])):
+        rq, rk = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+
+        def dense(t, r):
+            return None if t is None else t[r].transpose(0, 1).unsqueeze(0)
+
+        rows.append(dense_lse(dense(q, rq), dense(k, rk), dense(q_c, rq), dense(k_c, rk))[0])  # (H, len_q)
+    return torch.cat(rows, dim=1)
+
+
+def _relative_error(a, ref):
+    ref = ref.detach().double().cpu()
+    return float((a.detach().double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _fully_masked_rows(case):
+    """Boolean (rows_q,) over the packed or per-(b, h) query rows: True where a query sees no key."""
+    if "lens_q" in case:
+        masks = []
+        for nq, nk in zip(case["lens_q"], case["lens_k"]):
+            last = torch.arange(nq) + (nk - nq) if case["causal"] else torch.full((nq,), nk - 1)
+            masks.append((last < 0) | (nk == 0))
+        return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+    Sq, Sk = case["Sq"], case["Sk"]
+    last = torch.arange(Sq) + (Sk - Sq) if case["causal"] else torch.full((Sq,), Sk - 1)
+    return (last < 0) | (Sk == 0)
+
+
+def run_attention_backend(mod, case, inputs, grad_out, grad_out_c, dtype, device, scale):
+    """Forward and backward of the extension `mod` on the case's inputs cast to `dtype` on `device`:
+    (out, out_c, lse, [dq, dk, dv, dq_c, dk_c, dv_c])."""
+    t = {n: None if x is None else x.to(dtype=dtype).to(device) for n, x in inputs.items()}
+    g_out = grad_out.to(dtype=dtype).to(device)
+    g_out_c = grad_out_c.to(dtype=dtype).to(device) if grad_out_c is not None else torch.empty(0, dtype=dtype,
+                                                                                                   device=device)
+    causal = case["causal"]
+    if "lens_q" in case:
+        cu_q, cu_k = _cu_seqlens(case["lens_q"], device), _cu_seqlens(case["lens_k"], device)
+        max_q, max_k = max(case["lens_q"]), max(case["lens_k"])
+        out, out_c, lse = mod.circuit_attention_varlen_forward(t["q"], t["k"], t["v"], cu_q, cu_k, max_q, max_k,
+                                                               t["q_c"], t["k_c"], t["v_c"], causal, scale)
+        grads = mod.circuit_attention_varlen_backward(g_out, g_out_c, t["q"], t["k"], t["v"], cu_q, cu_k, max_q,
+                                                      max_k, t["q_c"], t["k_c"], t["v_c"], out, out_c, lse,
+                                                      causal, scale)
+    else:
+        out, out_c, lse = mod.circuit_attention_forward(t["q"], t["k"], t["v"], t["q_c"], t["k_c"], t["v_c"],
+                                                        causal, scale)
+        grads = mod.circuit_attention_backward(g_out, g_out_c, t["q"], t["k"], t["v"], t["q_c"], t["k_c"],
+                                               t["v_c"], out, out_c, lse, causal, scale)
+    return out, out_c, lse, list(grads)
+
+
+def check_attention_case(mod, case, dtype, device, seed=0):
+    """Run the extension `mod` on one case and compare everything with the float64 and eager references."""
+    inputs, grad_out, grad_out_c = _attention_inputs(case, seed)
+    # The references see the inputs the kernels see: rounded to `dtype`.
+    inputs = {n: None if x is None else x.to(dtype).double() for n, x in inputs.items()}
+    grad_out = grad_out.to(dtype).double()
+    grad_out_c = None if grad_out_c is None else grad_out_c.to(dtype).double()
+    scale = case["D"] ** -0.5
+    out, out_c, lse, grads = run_attention_backend(mod, case, inputs, grad_out, grad_out_c, dtype, device, scale)
+    ref_out, ref_out_c, ref_grads = _reference_attention(case, inputs, grad_out, grad_out_c, torch.float64, "cpu",
+                                                          scale)
+    eager_out, eager_out_c, eager_grads = _reference_attention(case, inputs, grad_out, grad_out_c, dtype, device,
+                                                                scale)
+    floor = torch.finfo(dtype).eps / 2
+
+    def check(name, ours, ref, eager):
+        assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+        assert ours.dtype == dtype and ours.device.type == torch.device(device).type and ours.is_contiguous(), (
+            f"{name}: expected a contiguous {dtype} tensor on {device}, got {ours.dtype} on {ours.device}")
+        assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+        if ref.numel() == 0:
+            return
+        err, eager_err = _relative_error(ours, ref), _relative_error(eager, ref)
+        assert err <= 2 * eager_err + floor, (f"{name}: error {err:.3e} > 2 x eager {dtype} error "
+                                              f"{eager_err:.3e} + {floor:.1e}")
+
+    check("out", out, ref_out, eager_out)
+    if ref_out_c is None:
+        assert out_c.numel() == 0, "out_c: expected an empty tensor without v_c"
+    else:
+        check("out_c", out_c, ref_out_c, eager_out_c)
+    assert len(grads) == 6
+    for name, g in zip(_ATTENTION_NAMES, grads):
+        if inputs[name] is None:
+            assert g.numel() == 0, f"d{name}: expected an empty tensor for an absent correction"
+        else:
+            check(f"d{name}", g, ref_grads[name], eager_grads[name])
+    assert len({id(g) for g in grads}) == 6, "every gradient must be its own tensor"
+
+    # lse: dtype, layout and values (float64 logsumexp of the same rounded inputs); -inf exactly where a row
+    # sees no key.
+    assert lse.dtype == (torch.float64 if dtype == torch.float32 else torch.float32), f"lse: dtype {lse.dtype}"
+    ref_lse = _reference_lse(case, inputs, scale)
+    lse = lse.cpu().double()
+    assert lse.shape == ref_lse.shape, f"lse: shape {tuple(lse.shape)} != {tuple(ref_lse.shape)}"
+    masked = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), masked), "lse: -inf exactly where a row sees no key"
+    assert not torch.isnan(lse).any()
+    lse_err = (lse[~masked] - ref_lse[~masked]).abs()
+    assert (lse_err <= 1e-5 * (1 + ref_lse[~masked].abs())).all(), f"lse: max error {lse_err.max():.3e}"
+
+    # Rows that see no key: exact zeros in out, out_c and the query gradients.
+    rows = _fully_masked_rows(case)
+    if rows.any():
+        row_dim = 0 if "lens_q" in case else 2
+        for name, t in (("out", out), ("out_c", out_c), ("dq", grads[0]), ("dq_c", grads[3])):
+            if t.numel():
+                assert (t.cpu().index_select(row_dim, rows.nonzero()[:, 0]) == 0).all(), f"{name}: masked rows"
+
+
+@pytest.fixture(scope="module")
+def attention_ext(cuda_ext):
+    if not hasattr(cuda_ext, "circuit_attention_forward"):
+        pytest.skip("this build of the extension predates circuit_attention; rebuild it")
+    return cuda_ext
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES + VARLEN_CASES, ids=[c["id"] for c in ATTENTION_CASES + VARLEN_CASES])
+def test_cuda_circuit_attention_matches_reference(attention_ext, case, dtype):
+    check_attention_case(attention_ext, case, dtype, torch.device("cuda"))
+    torch.cuda.synchronize()
+
+
+def test_cuda_circuit_attention_varlen_matches_dense(attention_ext):
+    """One packed batch of equal lengths is the dense batch, bit for bit (the same kernels, other strides)."""
+    gen = torch.Generator().manual_seed(7)
+    B, H, Hkv, Sq, Sk, D, R, Rv = 3, 4, 2, 19, 23, 40, 8, 3
+    dense = [torch.randn(B, h, S, w, generator=gen).cuda() for h, S, w in
+             ((H, Sq, D), (Hkv, Sk, D), (Hkv, Sk, D), (H, Sq, R), (Hkv, Sk, R), (Hkv, Sk, Rv))]
+    packed = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous() for t in dense]
+    cu_q, cu_k = _cu_seqlens([Sq] * B, "cuda"), _cu_seqlens([Sk] * B, "cuda")
+    out, out_c, lse = attention_ext.circuit_attention_forward(*dense, True, 0.3)
+    p_out, p_out_c, p_lse = attention_ext.circuit_attention_varlen_forward(*packed[:3], cu_q, cu_k, Sq, Sk,
+                                                                           *packed[3:], True, 0.3)
+    assert torch.equal(p_out, out.transpose(1, 2).reshape(-1, H, D))
+    assert torch.equal(p_out_c, out_c.transpose(1, 2).reshape(-1, H, Rv))
+    assert torch.equal(p_lse, lse.permute(1, 0, 2).reshape(H, -1))
+
+
+def test_cuda_circuit_attention_backend_interface(attention_ext):
+    """The overloads with kernels/circuit_attention.py's backend interface (cu_seqlens None: dense) give the
+    results of the dedicated dense and varlen functions."""
+    gen = torch.Generator().manual_seed(8)
+    H, Hkv, D, R, Rv = 4, 2, 40, 8, 3
+    dense = [torch.randn(2, h, S, w, generator=gen).cuda() for h, S, w in
+             ((H, 9, D), (Hkv, 12, D), (Hkv, 12, D), (H, 9, R), (Hkv, 12, R), (Hkv, 12, Rv))]
+    grads_out = [torch.randn(2, H, 9, w, generator=gen).cuda() for w in (D, Rv)]
+    ours = attention_ext.circuit_attention_forward(*dense, None, None, 9, 12, True, 0.3)
+    expected = attention_ext.circuit_attention_forward(*dense, True, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+    ours = attention_ext.circuit_attention_backward(*grads_out, *dense, *expected, None, None, 9, 12, True, 0.3)
+    expected = attention_ext.circuit_attention_backward(*grads_out, *dense, *expected, True, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+
+    packed = [t[0].transpose(0, 1).contiguous() for t in dense]
+    cu_q, cu_k = _cu_seqlens([4, 5], "cuda"), _cu_seqlens([12, 0], "cuda")
+    ours = attention_ext.circuit_attention_forward(*packed, cu_q, cu_k, 5, 12, False, 0.3)
+    expected = attention_ext.circuit_attention_varlen_forward(*packed[:3], cu_q, cu_k, 5, 12, *packed[3:], False, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+    packed_grads = [g[0].transpose(0, 1).contiguous() for g in grads_out]
+    ours = attention_ext.circuit_attention_backward(*packed_grads, *packed, *expected, cu_q, cu_k, 5, 12, False, 0.3)
+    expected = attention_ext.circuit_attention_varlen_backward(*packed_grads, *packed[:3], cu_q, cu_k, 5, 12,
+                                                               *packed[3:], *expected, False, 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+    with pytest.raises(RuntimeError, match="^cu_seqlens_k:"):
+        attention_ext.circuit_attention_forward(*packed, cu_q, None, 5, 12, False, 0.3)
+
+
+def _small_attention_inputs(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    shapes = dict(q=(2, 4, 5, 8), k=(2, 2, 7, 8), v=(2, 2, 7, 8), q_c=(2, 4, 5, 3), k_c=(2, 2, 7, 3), v_c=(2, 2, 7, 2))
+    return {n: torch.randn(*s, generator=gen).to(dtype).cuda() for n, s in shapes.items()}
+
+
+@pytest.mark.parametrize(
+    "change,argument",
+    [
+        (lambda a: a.update(k=a["k"].double()), "k"),
+        (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double(), q_c=a["q_c"].double(),
+                            k_c=a["k_c"].double(), v_c=a["v_c"].double()), "q"),
+        (lambda a: a.update(q=a["q"].cpu()), "q"),
+        (lambda a: a.update(v=a["v"][..., :-1]), "v"),
+        (lambda a: a.update(k=torch.cat([a["k"]] * 3, 1)[:, :3], v=torch.cat([a["v"]] * 3, 1)[:, :3]), "k"),
+        (lambda a: a.update(k_c=None), "k_c"),
+        (lambda a: a.update(q_c=None), "q_c"),
+        (lambda a: a.update(k_c=a["k_c"][..., :-1]), "k_c"),
+        (lambda a: a.update(v_c=a["v_c"][:, :1]), "v_c"),
+        (lambda a: a.update(q_c=a["q_c"].cpu()), "q_c"),
+    ],
+)
+def test_cuda_circuit_attention_rejects_bad_inputs(attention_ext, change, argument):
+    args = _small_attention_inputs()
+    change(args)
+    with pytest.raises(RuntimeError, match=f"^{argument}:"):
+        attention_ext.circuit_attention_forward(*(args[n] for n in _ATTENTION_NAMES), False, 0.5)
+
+
+def test_cuda_circuit_attention_backward_rejects_bad_inputs(attention_ext):
+    a = _small_attention_inputs()
+    args = [a[n] for n in _ATTENTION_NAMES]
+    out, out_c, lse = attention_ext.circuit_attention_forward(*args, True, 0.5)
+    with pytest.raises(RuntimeError, match="^lse:"):  # float32 inputs keep float64 statistics
+        attention_ext.circuit_attention_backward(out, out_c, *args, out, out_c, lse.float(), True, 0.5)
+    with pytest.raises(RuntimeError, match="^grad_out_c:"):
+        attention_ext.circuit_attention_backward(out, out_c[..., :1], *args, out, out_c, lse, True, 0.5)
+    with pytest.raises(RuntimeError, match="^grad_out:"):
+        attention_ext.circuit_attention_backward(out[:, :, :-1], out_c, *args, out, out_c, lse, True, 0.5)
+
+
+def test_cuda_circuit_attention_varlen_rejects_bad_inputs(attention_ext):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 2, 4, generator=gen).cuda() for n in (8, 11, 11))
+    cu_q, cu_k = _cu_seqlens([3, 5], "cuda"), _cu_seqlens([4, 7], "cuda")
+    with pytest.raises(RuntimeError, match="^cu_seqlens_q:"):
+        attention_ext.circuit_attention_varlen_forward(q, k, v, cu_q.long(), cu_k, 5, 7, None, None, None, True, 0.5)
+    with pytest.raises(RuntimeError, match="^cu_seqlens_k:"):
+        attention_ext.circuit_attention_varlen_forward(q, k, v, cu_q, cu_k[:-1], 5, 7, None, None, None, True, 0.5)
+    with pytest.raises(RuntimeError, match="^k:"):
+        attention_ext.circuit_attention_varlen_forward(q, k[..., :3], v, cu_q, cu_k, 5, 7, None, None, None, True, 0.5)
+    with pytest.raises(RuntimeError, match="^max_seqlen_k:"):
+        attention_ext.circuit_attention_varlen_forward(q, k, v, cu_q, cu_k, 5, -1, None, None, None, True, 0.5)
