@@ -45,7 +45,7 @@ the query blocks that see it, so the group sum needs no atomics.
 
 Absent corrections are constexpr flags (HAS_C, HAS_VC): their loads, dots and stores are compiled out.
 Autotuning keys on power-of-two buckets of the sequence lengths, the padded widths and the flags; under
-``TRITON_INTERPRET=1`` (CPU tensors) one small configuration, dot operands upcast to float32 (the
+``TRITONINTERPRET=1`` (CPU tensors) one small configuration, dot operands upcast to float32 (the
 interpreter multiplies the raw bits of bfloat16 operands) and float32 -> bfloat16 conversions rounded to
 nearest even by hand (the interpreter truncates them). No host synchronisation.
 
@@ -55,8 +55,6 @@ their padded sizes, so ranks above 64 work but spill.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -64,30 +62,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .triton_common import INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma
+
 MAX_HEAD_DIM = 256
 
 
-def _cfg(num_warps, num_stages, **meta):
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
-
-
-if _INTERPRET:  # the interpreter would run every configuration: one small one
-    _FWD_CONFIGS = [_cfg(1, 1, BLOCK_M=16, BLOCK_N=16)]
-    _BWD_CONFIGS = [_cfg(1, 1, BLOCK_M=16, BLOCK_N=16)]
+if INTERPRET:  # the interpreter would run every configuration: one small one
+    _FWD_CONFIGS = [config(1, 1, BLOCK_M=16, BLOCK_N=16)]
+    _BWD_CONFIGS = [config(1, 1, BLOCK_M=16, BLOCK_N=16)]
 else:
     _FWD_CONFIGS = [
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=32),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=32),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-        _cfg(4, 2, BLOCK_M=32, BLOCK_N=32),
+        config(4, 3, BLOCK_M=64, BLOCK_N=32),
+        config(4, 3, BLOCK_M=64, BLOCK_N=64),
+        config(8, 3, BLOCK_M=128, BLOCK_N=32),
+        config(8, 3, BLOCK_M=128, BLOCK_N=64),
+        config(4, 2, BLOCK_M=32, BLOCK_N=32),
     ]
     _BWD_CONFIGS = [
-        _cfg(4, 2, BLOCK_M=32, BLOCK_N=64),
-        _cfg(4, 2, BLOCK_M=64, BLOCK_N=64),
-        _cfg(8, 2, BLOCK_M=64, BLOCK_N=128),
-        _cfg(4, 1, BLOCK_M=32, BLOCK_N=32),
+        config(4, 2, BLOCK_M=32, BLOCK_N=64),
+        config(4, 2, BLOCK_M=64, BLOCK_N=64),
+        config(8, 2, BLOCK_M=64, BLOCK_N=128),
+        config(4, 1, BLOCK_M=32, BLOCK_N=32),
     ]
 _KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "BLOCK_R", "BLOCK_RV", "CAUSAL", "HAS_C", "HAS_VC", "VARLEN", "EXACT"]
 
@@ -102,36 +97,9 @@ def _prune_by_width(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-def _bucket(n: int) -> int:
-    """Autotuning key of a sequence length: its power-of-two bucket (capped)."""
-    return min(triton.next_power_of_2(max(int(n), 1)), 8192)
-
-
 # ----------------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b with fp32 accumulation. UPCAST (the interpreter): float32 operands, exact."""
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x.to(dtype), rounding to nearest even (by hand for float32 -> bfloat16 under the interpreter)."""
-    if UPCAST and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF).to(tl.uint32)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = x.to(dtype)
-    return out
 
 
 @triton.jit
@@ -178,9 +146,9 @@ def _log_f64(l):
 def _scores(q, k_tile, qc, kc_tile, scale, HAS_C: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr):
     """S (BM, BN) = scale * q @ k^T + q_c @ k_c^T in fp32; k_tile / kc_tile are (width, BN)."""
-    s = _mma(q, k_tile, tl.zeros((BM, BN), dtype=tl.float32), PREC, UPCAST) * scale
+    s = mma(q, k_tile, tl.zeros((BM, BN), dtype=tl.float32), PREC, UPCAST) * scale
     if HAS_C:
-        s = _mma(qc, kc_tile, s, PREC, UPCAST)
+        s = mma(qc, kc_tile, s, PREC, UPCAST)
     return s
 
 
@@ -231,13 +199,13 @@ def _fwd_inner(
         p = _softmax_exp(s - m_safe[:, None], EXACT)
         alpha = _softmax_exp(m_i - m_safe, EXACT)
         l_i = l_i * alpha + tl.sum(p, 1)
-        p_lo = _cast(p, v.dtype, UPCAST)
+        p_lo = cast(p, v.dtype, UPCAST)
         alpha32 = alpha.to(tl.float32)
-        acc = _mma(p_lo, v, acc * alpha32[:, None], PREC, UPCAST)
+        acc = mma(p_lo, v, acc * alpha32[:, None], PREC, UPCAST)
         if HAS_VC:
             vc = tl.load(vc_base + rows[:, None] * RV + offs_rv[None, :], mask=n_mask[:, None] & rv_mask[None, :],
                          other=0.0)                                                                  # (BN, BRV)
-            acc_c = _mma(p_lo, vc, acc_c * alpha32[:, None], PREC, UPCAST)
+            acc_c = mma(p_lo, vc, acc_c * alpha32[:, None], PREC, UPCAST)
         m_i = m_new
     return acc, acc_c, m_i, l_i
 
@@ -320,10 +288,10 @@ def _fwd_kernel(
     lse = tl.where(seen, m_i + log_l, float("-inf"))
     tl.store(lse_ptr + b * lse_b + h * lse_h + q_start + offs_m, lse, mask=m_mask)
     out_ty = o_ptr.dtype.element_ty  # a row that saw no key has acc = 0 and l_safe = 1: zeros
-    tl.store(o_ptr + q_rows[:, None] * D + offs_d[None, :], _cast(acc / l_safe[:, None], out_ty, UPCAST),
+    tl.store(o_ptr + q_rows[:, None] * D + offs_d[None, :], cast(acc / l_safe[:, None], out_ty, UPCAST),
              mask=m_mask[:, None] & d_mask[None, :])
     if HAS_VC:
-        tl.store(oc_ptr + q_rows[:, None] * RV + offs_rv[None, :], _cast(acc_c / l_safe[:, None], out_ty, UPCAST),
+        tl.store(oc_ptr + q_rows[:, None] * RV + offs_rv[None, :], cast(acc_c / l_safe[:, None], out_ty, UPCAST),
                  mask=m_mask[:, None] & rv_mask[None, :])
 
 
@@ -437,33 +405,33 @@ def _bwd_dkdv_kernel(
                 qc = tl.load(qc_ptr + q_rows[:, None] * R + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
                              other=0.0)
             st = _scores(k, tl.trans(q), kc, tl.trans(qc), scale, HAS_C, PREC, UPCAST, BLOCK_N, BLOCK_M)  # S^T
-            dpt = _mma(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), PREC, UPCAST)
+            dpt = mma(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), PREC, UPCAST)
             doc = do
             if HAS_VC:
                 doc = tl.load(doc_ptr + q_rows[:, None] * RV + offs_rv[None, :],
                               mask=m_mask[:, None] & rv_mask[None, :], other=0.0)
-                dpt = _mma(vc, tl.trans(doc), dpt, PREC, UPCAST)
+                dpt = mma(vc, tl.trans(doc), dpt, PREC, UPCAST)
             visible = n_mask[:, None] & m_mask[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= offs_m[None, :] + (Sk - Sq))
             pt, dst = _probs_and_dscores(st, dpt, lse[None, :], delta[None, :], visible, EXACT)
-            pt_lo = _cast(pt, in_ty, UPCAST)
-            dst_lo = _cast(dst, in_ty, UPCAST)
-            dv = _mma(pt_lo, do, dv, PREC, UPCAST)
-            dk = _mma(dst_lo, q, dk, PREC, UPCAST)
+            pt_lo = cast(pt, in_ty, UPCAST)
+            dst_lo = cast(dst, in_ty, UPCAST)
+            dv = mma(pt_lo, do, dv, PREC, UPCAST)
+            dk = mma(dst_lo, q, dk, PREC, UPCAST)
             if HAS_VC:
-                dvc = _mma(pt_lo, doc, dvc, PREC, UPCAST)
+                dvc = mma(pt_lo, doc, dvc, PREC, UPCAST)
             if HAS_C:
-                dkc = _mma(dst_lo, qc, dkc, PREC, UPCAST)
+                dkc = mma(dst_lo, qc, dkc, PREC, UPCAST)
 
     out_ty = dk_ptr.dtype.element_ty
-    tl.store(dk_ptr + k_rows[:, None] * D + offs_d[None, :], _cast(dk * scale, out_ty, UPCAST), mask=nd_mask)
-    tl.store(dv_ptr + k_rows[:, None] * D + offs_d[None, :], _cast(dv, out_ty, UPCAST), mask=nd_mask)
+    tl.store(dk_ptr + k_rows[:, None] * D + offs_d[None, :], cast(dk * scale, out_ty, UPCAST), mask=nd_mask)
+    tl.store(dv_ptr + k_rows[:, None] * D + offs_d[None, :], cast(dv, out_ty, UPCAST), mask=nd_mask)
     if HAS_C:
-        tl.store(dkc_ptr + k_rows[:, None] * R + offs_r[None, :], _cast(dkc, out_ty, UPCAST),
+        tl.store(dkc_ptr + k_rows[:, None] * R + offs_r[None, :], cast(dkc, out_ty, UPCAST),
                  mask=n_mask[:, None] & r_mask[None, :])
     if HAS_VC:
-        tl.store(dvc_ptr + k_rows[:, None] * RV + offs_rv[None, :], _cast(dvc, out_ty, UPCAST),
+        tl.store(dvc_ptr + k_rows[:, None] * RV + offs_rv[None, :], cast(dvc, out_ty, UPCAST),
                  mask=n_mask[:, None] & rv_mask[None, :])
 
 
@@ -483,11 +451,11 @@ def _dq_tile(q, qc, do, doc, k_ptr, v_ptr, kc_ptr, vc_ptr, k_rows0, n0, offs_nb,
     if HAS_C:
         kc = tl.load(kc_ptr + k_rows[:, None] * R + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
     s = _scores(q, tl.trans(k), qc, tl.trans(kc), scale, HAS_C, PREC, UPCAST, BLOCK_M, BLOCK_N)
-    dp = _mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, UPCAST)
+    dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, UPCAST)
     if HAS_VC:
         vc = tl.load(vc_ptr + k_rows[:, None] * RV + offs_rv[None, :], mask=n_mask[:, None] & rv_mask[None, :],
                      other=0.0)
-        dp = _mma(doc, tl.trans(vc), dp, PREC, UPCAST)
+        dp = mma(doc, tl.trans(vc), dp, PREC, UPCAST)
     visible = m_mask[:, None] & n_mask[None, :]
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Sk - Sq))
@@ -568,31 +536,21 @@ def _bwd_dq_kernel(
             m_mask, d_mask, r_mask, rv_mask, Sq, Sk, k_rs, D, R, RV, scale,
             CAUSAL, HAS_C, HAS_VC, PREC, UPCAST, BLOCK_M, BLOCK_N)
         _, ds = _probs_and_dscores(s, dp, lse[:, None], delta[:, None], visible, EXACT)
-        ds_lo = _cast(ds, q.dtype, UPCAST)
-        dq = _mma(ds_lo, k, dq, PREC, UPCAST)
+        ds_lo = cast(ds, q.dtype, UPCAST)
+        dq = mma(ds_lo, k, dq, PREC, UPCAST)
         if HAS_C:
-            dqc = _mma(ds_lo, kc, dqc, PREC, UPCAST)
+            dqc = mma(ds_lo, kc, dqc, PREC, UPCAST)
 
     out_ty = dq_ptr.dtype.element_ty
-    tl.store(dq_ptr + q_rows[:, None] * D + offs_d[None, :], _cast(dq * scale, out_ty, UPCAST), mask=md_mask)
+    tl.store(dq_ptr + q_rows[:, None] * D + offs_d[None, :], cast(dq * scale, out_ty, UPCAST), mask=md_mask)
     if HAS_C:
-        tl.store(dqc_ptr + q_rows[:, None] * R + offs_r[None, :], _cast(dqc, out_ty, UPCAST),
+        tl.store(dqc_ptr + q_rows[:, None] * R + offs_r[None, :], cast(dqc, out_ty, UPCAST),
                  mask=m_mask[:, None] & r_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-
-
-def _block(width: int) -> int:
-    """Register-tile width of a head dim or rank (tl.dot needs >= 16)."""
-    return max(16, triton.next_power_of_2(max(int(width), 1)))
-
-
-def _device_guard(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 class _Geometry:
@@ -623,8 +581,8 @@ class _Geometry:
         self.stat_dtype = torch.float64 if self.exact else torch.float32
         self.flags = dict(
             CAUSAL=bool(causal), HAS_C=self.has_c, HAS_VC=self.has_vc, VARLEN=self.varlen, EXACT=self.exact,
-            BLOCK_D=_block(self.D), BLOCK_R=_block(self.R), BLOCK_RV=_block(self.RV),
-            PREC="ieee" if q.dtype == torch.float32 else None, UPCAST=_INTERPRET,
+            BLOCK_D=block_width(self.D), BLOCK_R=block_width(self.R), BLOCK_RV=block_width(self.RV),
+            PREC=dot_precision(q.dtype), UPCAST=INTERPRET,
         )
 
     def sizes(self):
@@ -655,7 +613,7 @@ def _forward(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     _fwd_kernel[grid](
         q, k, v, q_c if g.has_c else none, k_c if g.has_c else none, v_c if g.has_vc else none,
         out, out_c if g.has_vc else none, lse, g.cu_q, g.cu_k,
-        g.H, g.H // g.Hkv, *g.sizes(), *g.strides(), float(scale), _bucket(g.Sq), _bucket(g.Sk), **g.flags,
+        g.H, g.H // g.Hkv, *g.sizes(), *g.strides(), float(scale), bucket(g.Sq), bucket(g.Sk), **g.flags,
     )
     return out, out_c, lse
 
@@ -679,7 +637,7 @@ def _backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
     none = q
     delta = torch.empty(g.lse_shape, dtype=g.stat_dtype, device=q.device)
     if not g.exact:  # 16-bit: FlashAttention's Delta = rowsum(dO * O); float32: the dq kernel computes it
-        pre_m = 16 if _INTERPRET else 64
+        pre_m = 16 if INTERPRET else 64
         _bwd_preprocess_kernel[(triton.cdiv(g.Sq, pre_m), g.B * g.H)](
             out, grad_out, out_c if g.has_vc else none, grad_out_c if g.has_vc else none, delta, g.cu_q,
             g.H, g.Sq, g.D, g.RV, *g.q_rows, *g.lse_strides,
@@ -687,7 +645,7 @@ def _backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
         )
     inputs = (q, k, v, q_c if g.has_c else none, k_c if g.has_c else none, v_c if g.has_vc else none,
               grad_out, grad_out_c if g.has_vc else none, lse, delta)
-    tail = (*g.sizes(), *g.strides(), float(scale), _bucket(g.Sq), _bucket(g.Sk))
+    tail = (*g.sizes(), *g.strides(), float(scale), bucket(g.Sq), bucket(g.Sk))
     _bwd_dq_kernel[lambda meta: (triton.cdiv(g.Sq, meta["BLOCK_M"]), g.B * g.H)](
         *inputs, dq, dq_c if g.has_c else none, g.cu_q, g.cu_k,
         g.H, g.H // g.Hkv, *tail, **g.flags,
@@ -710,7 +668,7 @@ def forward(
     causal: bool, scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(out, out_c, lse) in the layouts of the module docstring (cu_seqlens None: dense)."""
-    with _device_guard(q):
+    with device_guard(q):
         return _forward(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
@@ -722,6 +680,6 @@ def backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dq_c, dk_c, dv_c), each contiguous in its input's dtype (``empty(0)`` for an absent
     correction); key-side gradients summed over the query heads of each group."""
-    with _device_guard(q):
+    with device_guard(q):
         return _backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)

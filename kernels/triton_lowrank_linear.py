@@ -73,7 +73,7 @@ Backward (dx is the forward with the roles transposed, so the same kernels serve
 
 Autotuning: a handful of configurations per kernel, keyed on power-of-two buckets of the row count
 (so a varying number of tokens does not retune), N, K, the layout (unit K stride or not) and the mode.
-Under ``TRITON_INTERPRET=1`` (CPU tensors) each kernel has one fixed small configuration (nothing is
+Under ``TRITONINTERPRET=1`` (CPU tensors) each kernel has one fixed small configuration (nothing is
 benchmarked), ``tl.dot`` operands are upcast to float32 (the interpreter multiplies the raw bits of
 bfloat16 operands, triton issue 11584) and the final float32 -> bfloat16 store is rounded to nearest
 even by hand (the interpreter truncates that conversion; the GPU rounds it). No host synchronisation
@@ -87,8 +87,6 @@ register tile of BLOCK_R >= r columns, so very large ranks (r > 128) spill. Floa
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -96,42 +94,39 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .triton_common import INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma
+
 
 # ----------------------------------------------------------------------------------------------------
 # autotuning spaces (a single small configuration under the interpreter, where every config would run)
 # ----------------------------------------------------------------------------------------------------
 
 
-def _cfg(num_warps, num_stages, **meta):
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
-
-
-if _INTERPRET:
-    _LINEAR_CONFIGS = [_cfg(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)]
-    _SHRINK_CONFIGS = [_cfg(1, 1, BLOCK_M=16, BLOCK_K=32)]
-    _OUTER_CONFIGS = [_cfg(1, 1, BLOCK_M=16, BLOCK_Q=32, ROWS=32)]
+if INTERPRET:
+    _LINEAR_CONFIGS = [config(1, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)]
+    _SHRINK_CONFIGS = [config(1, 1, BLOCK_M=16, BLOCK_K=32)]
+    _OUTER_CONFIGS = [config(1, 1, BLOCK_M=16, BLOCK_Q=32, ROWS=32)]
 else:
     _LINEAR_CONFIGS = [
-        _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),  # decode-sized M
-        _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),  # decode-sized M
+        config(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+        config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        config(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     ]
     _SHRINK_CONFIGS = [
-        _cfg(4, 4, BLOCK_M=16, BLOCK_K=128),
-        _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_K=64),
-        _cfg(8, 3, BLOCK_M=64, BLOCK_K=128),
+        config(4, 4, BLOCK_M=16, BLOCK_K=128),
+        config(4, 4, BLOCK_M=32, BLOCK_K=128),
+        config(4, 3, BLOCK_M=64, BLOCK_K=64),
+        config(8, 3, BLOCK_M=64, BLOCK_K=128),
     ]
     _OUTER_CONFIGS = [
-        _cfg(4, 3, BLOCK_M=32, BLOCK_Q=64, ROWS=256),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_Q=64, ROWS=512),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_Q=128, ROWS=512),
-        _cfg(8, 3, BLOCK_M=64, BLOCK_Q=128, ROWS=2048),
+        config(4, 3, BLOCK_M=32, BLOCK_Q=64, ROWS=256),
+        config(4, 3, BLOCK_M=64, BLOCK_Q=64, ROWS=512),
+        config(4, 3, BLOCK_M=64, BLOCK_Q=128, ROWS=512),
+        config(8, 3, BLOCK_M=64, BLOCK_Q=128, ROWS=2048),
     ]
 
 
@@ -145,40 +140,9 @@ def _prune_by_rows(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _bucket(n: int) -> int:
-    """Autotuning key for a row count: its power-of-two bucket (capped), so M may vary freely."""
-    return min(triton.next_power_of_2(max(int(n), 1)), 8192)
-
-
 # ----------------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b with fp32 accumulation. UPCAST (the interpreter): float32 operands, exact."""
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x.to(dtype), rounding to nearest even. Under the interpreter (UPCAST) float32 -> bfloat16 is
-    rounded by hand: the interpreter truncates that conversion, the GPU rounds it."""
-    if UPCAST:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + (((bits >> 16) & 1) + 0x7FFF).to(tl.uint32)
-            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            out = x.to(dtype)
-    else:
-        out = x.to(dtype)
-    return out
 
 
 @triton.jit
@@ -260,10 +224,10 @@ def _linear_kernel(
         k_mask = (k0 + offs_k) < K
         xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(xt, wt, acc, PREC, UPCAST)
+        acc = mma(xt, wt, acc, PREC, UPCAST)
         if LORA == 1:
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            acc_u = _mma(xt, at, acc_u, PREC, UPCAST)
+            acc_u = mma(xt, at, acc_u, PREC, UPCAST)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -272,7 +236,7 @@ def _linear_kernel(
         # expand: acc += s * u @ B[n_tile]^T ; B (N, R) read as (BR, BN)
         bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _mma(acc_u * scaling, bt.to(tl.float32), acc, F32_PREC, UPCAST)
+        acc = mma(acc_u * scaling, bt.to(tl.float32), acc, F32_PREC, UPCAST)
         if STORE_U:
             if pid_n == 0:
                 u_ptrs = u_ptr + rows[:, None] * stride_us + offs_r[None, :] * stride_ur
@@ -306,13 +270,13 @@ def _linear_kernel(
                 bt = tl.load(b_ptr + ce[:, None].to(tl.int64) * stride_be + cols[None, :] * stride_bn
                              + ci[:, None] * stride_br,
                              mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _mma(z * scaling, bt.to(tl.float32), acc, F32_PREC, UPCAST)
+                acc = mma(z * scaling, bt.to(tl.float32), acc, F32_PREC, UPCAST)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y_ptrs, _cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.autotune(
@@ -362,7 +326,7 @@ def _seg_shrink_kernel(
         k_mask = (k0 + offs_k) < K
         xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _mma(xt, at, acc, PREC, UPCAST)
+        acc = mma(xt, at, acc, PREC, UPCAST)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     tl.store(u_ptr + slot[:, None] * stride_us + offs_r[None, :] * stride_ur, acc,
@@ -421,7 +385,7 @@ def _seg_outer_kernel(
             vt = vt * g[None, :]
         mt = tl.load(mat_ptr + row[:, None] * stride_mm + offs_q[None, :] * stride_mq,
                      mask=m_mask[:, None] & q_mask[None, :], other=0.0)                          # (BM, BQ)
-        acc = _mma(vt, mt.to(tl.float32), acc, F32_PREC, UPCAST)
+        acc = mma(vt, mt.to(tl.float32), acc, F32_PREC, UPCAST)
     out_ptrs = out_ptr + e * stride_oe + offs_r[:, None] * stride_or + offs_q[None, :] * stride_oq
     tl.atomic_add(out_ptrs, acc * scaling, mask=r_mask[:, None] & q_mask[None, :], sem="relaxed")
 
@@ -431,24 +395,10 @@ def _seg_outer_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _prec(dtype: torch.dtype):
-    """input_precision of dots whose operands are in the input dtype: float32 stays exact (no TF32)."""
-    return "ieee" if dtype == torch.float32 else None
-
-
 def _f32_prec(dtype: torch.dtype):
     """input_precision of the dots with a float32 operand (the low-rank vectors u, v, Z; the other
     operand upcast): float32 accuracy, on the tensor cores (3 TF32 passes) for 16-bit inputs."""
     return "ieee" if dtype == torch.float32 else "tf32x3"
-
-
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
-def _device_guard(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _launch_linear(x, w, bias, y, lora=0, a=None, b=None, u=None, idx=None, gates=None, scaling=1.0):
@@ -481,7 +431,7 @@ def _launch_linear(x, w, bias, y, lora=0, a=None, b=None, u=None, idx=None, gate
     _linear_kernel[grid](
         x, w, dummy if bias is None else bias, dummy if a is None else a, dummy if b is None else b,
         dummy if u is None else u, dummy if idx is None else idx, dummy if gates is None else gates, y,
-        M, N, K, R, E, _bucket(M),
+        M, N, K, R, E, bucket(M),
         x.stride(0), x.stride(1),
         w.stride(0), w.stride(1),
         sa[0], sa[1],
@@ -490,8 +440,8 @@ def _launch_linear(x, w, bias, y, lora=0, a=None, b=None, u=None, idx=None, gate
         y.stride(0), y.stride(1),
         float(scaling),
         LORA=lora, HAS_BIAS=bias is not None, HAS_GATES=gates is not None,
-        STORE_U=lora == 1 and u is not None, SLOTS=slots, BLOCK_R=_block_r(R) if lora else 16,
-        PREC=_prec(x.dtype), F32_PREC=_f32_prec(x.dtype), UPCAST=_INTERPRET,
+        STORE_U=lora == 1 and u is not None, SLOTS=slots, BLOCK_R=block_width(R) if lora else 16,
+        PREC=dot_precision(x.dtype), F32_PREC=_f32_prec(x.dtype), UPCAST=INTERPRET,
     )
 
 
@@ -524,12 +474,12 @@ def _launch_shrink(x, a, u, order, seg, slots):
         grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]),)
     _seg_shrink_kernel[grid](
         x, a, u, order if sorted_ else u, seg if sorted_ else u,
-        NA, K, R, E, slots, _bucket(NA),
+        NA, K, R, E, slots, bucket(NA),
         x.stride(0), x.stride(1),
         a.stride(0), a.stride(1), a.stride(2),
         u.stride(1), u.stride(2),
-        SORTED=sorted_, BLOCK_E=triton.next_power_of_2(max(E, 1)), BLOCK_R=_block_r(R),
-        PREC=_prec(x.dtype), UPCAST=_INTERPRET,
+        SORTED=sorted_, BLOCK_E=triton.next_power_of_2(max(E, 1)), BLOCK_R=block_width(R),
+        PREC=dot_precision(x.dtype), UPCAST=INTERPRET,
     )
 
 
@@ -549,13 +499,13 @@ def _launch_outer(vec, mat, gates, out, order, seg, slots, scaling):
         grid = lambda meta: (triton.cdiv(NA, meta["ROWS"]), triton.cdiv(Q, meta["BLOCK_Q"]))
     _seg_outer_kernel[grid](
         vec, mat, vec if gates is None else gates, out, order if sorted_ else vec, seg if sorted_ else vec,
-        NA, Q, R, E, slots, _bucket(NA),
+        NA, Q, R, E, slots, bucket(NA),
         vec.stride(1), vec.stride(2),
         mat.stride(0), mat.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         float(scaling),
         SORTED=sorted_, HAS_GATES=gates is not None, BLOCK_E=triton.next_power_of_2(max(E, 1)),
-        BLOCK_R=_block_r(R), F32_PREC=_f32_prec(mat.dtype), UPCAST=_INTERPRET,
+        BLOCK_R=block_width(R), F32_PREC=_f32_prec(mat.dtype), UPCAST=INTERPRET,
     )
 
 
@@ -678,7 +628,7 @@ def forward(
     x (M, K), weight (N, K), bias (N,) or None, lora_a (E, r, K) or None, lora_b (E, N, r) or None,
     indices (M, k) int64 with -1 for an empty slot, or None (every row uses adapter ``adapter``, k = 1),
     gates (M, k) float32 or None (= 1). Any strides. u[t, j] = x[t] @ lora_a[e[t, j]].T (0 if empty)."""
-    with _device_guard(x):
+    with device_guard(x):
         return _forward(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter)
 
 
@@ -700,5 +650,5 @@ def backward(
 
     grad_y (M, N) any strides; u (M, k, r) float32 from ``forward``; needs: 6 bools for
     (x, weight, bias, lora_a, lora_b, gates)."""
-    with _device_guard(x):
+    with device_guard(x):
         return _backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs)

@@ -1,0 +1,66 @@
+"""Helpers shared by the Triton backends: interpreter detection, autotuning keys, dots and casts that
+stay exact under ``TRITON_INTERPRET=1``, launch guards.
+
+Under the interpreter (CPU tensors) ``tl.dot`` multiplies the raw bits of bfloat16 operands and
+float32 -> bfloat16 conversions truncate; the ``UPCAST`` paths below work around both, so the bfloat16
+kernels stay testable on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def bucket(n: int) -> int:
+    """Autotuning key of a size that varies freely (rows, sequence length): its power-of-two bucket, capped."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 8192)
+
+
+def block_width(width: int) -> int:
+    """Register-tile width of a head dim or rank (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(max(int(width), 1)))
+
+
+def dot_precision(dtype: torch.dtype):
+    """input_precision of dots whose operands are in the input dtype: float32 stays exact (no TF32)."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def device_guard(x: Tensor):
+    """Launch on x's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b with fp32 accumulation. UPCAST (the interpreter): float32 operands, exact."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even. Under the interpreter (UPCAST) float32 -> bfloat16 is
+    rounded by hand: the interpreter truncates that conversion, the GPU rounds it."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF).to(tl.uint32)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
