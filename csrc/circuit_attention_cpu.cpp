@@ -22,10 +22,11 @@
 // * exp: a vectorisable double polynomial (Cody-Waite reduction, degree 11); log once per row. The softmax
 //   loops carry `omp simd` so that their max / sum reductions vectorise (GCC keeps FP reductions scalar
 //   otherwise: it may not reorder them).
-// * x86: the item loops are compiled for AVX2+FMA and for the baseline ISA, picked at run time (the extension
-//   is built without -march flags).
+// * x86: the item loops are compiled for AVX2+FMA and for the baseline ISA, picked at run time
+//   (cpu_dispatch.h).
 // * bfloat16 / float16: inputs upcast to float once (linear memory), results rounded once.
 #include "ops_cpu.h"
+#include "cpu_dispatch.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,7 +34,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -43,31 +43,6 @@ namespace {
 
 using at::Tensor;
 
-#if defined(__GNUC__)
-#define CA_INLINE inline __attribute__((always_inline))
-#else
-#define CA_INLINE inline
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define CA_HAVE_AVX2 1
-#define CA_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define CA_HAVE_AVX2 0
-#endif
-
-inline bool ca_cpu_has_avx2() {
-#if CA_HAVE_AVX2
-  static const bool value = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return value;
-#else
-  return false;
-#endif
-}
-
 // Tile width (query rows per block and keys per block); score tiles are kBlk x kBlk.
 constexpr int64_t kBlk = 64;
 // Register-blocked micro-kernels: 4 rows x kW columns of accumulators.
@@ -75,7 +50,7 @@ constexpr int64_t kW = 16;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // exp(x) for x <= 0 (a tiny positive x from rounding is fine), ~1e-14 relative; 0 below -708 and for -inf.
-CA_INLINE double exp_nonpositive(double x) {
+RK_INLINE double exp_nonpositive(double x) {
   const bool tiny = x < -708.0;
   x = std::max(x, -708.0);
   constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
@@ -103,7 +78,7 @@ CA_INLINE double exp_nonpositive(double x) {
 
 // dst (K x kBlk) = rows [0, rows) of src (row j at src + j * ld, K long) transposed; columns >= rows zeroed.
 template <typename T>
-CA_INLINE void transpose_rows(T* __restrict dst, const T* __restrict src, int64_t rows, int64_t ld, int64_t K) {
+RK_INLINE void transpose_rows(T* __restrict dst, const T* __restrict src, int64_t rows, int64_t ld, int64_t K) {
   for (int64_t d = 0; d < K; ++d) {
     T* out = dst + d * kBlk;
     for (int64_t j = 0; j < rows; ++j) out[j] = src[j * ld + d];
@@ -114,7 +89,7 @@ CA_INLINE void transpose_rows(T* __restrict dst, const T* __restrict src, int64_
 // S[i, 0:kBlk] (+)= alpha * (A[i, :] . Bt[:, 0:kBlk]) for i < M; row i of A at A + i * lda, K long; Bt
 // (K x kBlk). alpha multiplies the finished dot (one rounding, as the eager scale * (q @ k^T) does).
 template <typename T>
-CA_INLINE void tile_nt(T* __restrict S, int64_t M, const T* __restrict A, int64_t lda, int64_t K,
+RK_INLINE void tile_nt(T* __restrict S, int64_t M, const T* __restrict A, int64_t lda, int64_t K,
                        const T* __restrict Bt, T alpha, bool accumulate) {
   for (int64_t i = 0; i < M; i += 4) {
     const T* a[4];  // rows past the end are computed on a clamped row and not stored
@@ -143,7 +118,7 @@ CA_INLINE void tile_nt(T* __restrict S, int64_t M, const T* __restrict A, int64_
 // C[i, :] += alpha * sum_{j < ncols} P[i, j] X[j, :] for i < M; C (M x N) contiguous, P (M x kBlk),
 // row j of X at X + j * ldx, N long.
 template <typename T>
-CA_INLINE void tile_acc(T* __restrict C, int64_t M, int64_t N, const T* __restrict P, int64_t ncols,
+RK_INLINE void tile_acc(T* __restrict C, int64_t M, int64_t N, const T* __restrict P, int64_t ncols,
                         const T* __restrict X, int64_t ldx, T alpha) {
   for (int64_t i = 0; i < M; i += 4) {
     const T* p[4];
@@ -186,7 +161,7 @@ struct Rows {
   int64_t rb, rh, rs;
   const int64_t* start;  // per sequence
   const int64_t* len;    // per sequence
-  CA_INLINE int64_t row(int64_t b, int64_t head, int64_t i) const { return b * rb + head * rh + (start[b] + i) * rs; }
+  RK_INLINE int64_t row(int64_t b, int64_t head, int64_t i) const { return b * rb + head * rh + (start[b] + i) * rs; }
 };
 
 template <typename T>
@@ -199,7 +174,7 @@ struct Problem {
 };
 
 // Keys [0, end) of a sequence that its query row i sees.
-CA_INLINE int64_t visible_end(bool causal, int64_t Sq, int64_t Sk, int64_t i) {
+RK_INLINE int64_t visible_end(bool causal, int64_t Sq, int64_t Sk, int64_t i) {
   if (!causal) return Sk;
   return std::max<int64_t>(0, std::min<int64_t>(Sk, i + Sk - Sq + 1));
 }
@@ -215,7 +190,7 @@ struct FwdOut {
 };
 
 template <typename T>
-CA_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin, int64_t end) {
+RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin, int64_t end) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
   std::vector<T> s(kBlk * kBlk), kT(D * kBlk), kcT(std::max<int64_t>(R, 1) * kBlk), acc(kBlk * D),
       accc(kBlk * std::max<int64_t>(Rv, 1));
@@ -284,9 +259,9 @@ CA_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin,
 
 template <typename T>
 void fwd_items_base(const Problem<T>& g, const FwdOut<T>& o, int64_t b, int64_t e) { fwd_items<T>(g, o, b, e); }
-#if CA_HAVE_AVX2
+#if RK_HAVE_AVX2
 template <typename T>
-CA_AVX2 void fwd_items_avx2(const Problem<T>& g, const FwdOut<T>& o, int64_t b, int64_t e) { fwd_items<T>(g, o, b, e); }
+RK_AVX2 void fwd_items_avx2(const Problem<T>& g, const FwdOut<T>& o, int64_t b, int64_t e) { fwd_items<T>(g, o, b, e); }
 #endif
 
 // ---------------------------------------------------------------------------------------------------
@@ -302,7 +277,7 @@ struct BwdData {
 
 // dq / dq_c and Delta per (sequence, head, query block).
 template <typename T>
-CA_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
+RK_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
   std::vector<T> s_all, dp_all, kT(D * kBlk), vT(D * kBlk), kcT(std::max<int64_t>(R, 1) * kBlk),
       vcT(std::max<int64_t>(Rv, 1) * kBlk), dq(kBlk * D), dqc(kBlk * std::max<int64_t>(R, 1));
@@ -382,7 +357,7 @@ CA_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t be
 
 // dk / dv / dk_c / dv_c per (sequence, kv head, key block), over the group's query heads and query blocks.
 template <typename T>
-CA_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
+RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
   std::vector<T> p(kBlk * kBlk), ds(kBlk * kBlk), qT(D * kBlk), doT(D * kBlk),
       qcT(std::max<int64_t>(R, 1) * kBlk), docT(std::max<int64_t>(Rv, 1) * kBlk), dk(kBlk * D), dv(kBlk * D),
@@ -462,13 +437,13 @@ template <typename T>
 void bwd_dq_items_base(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dq_items<T>(g, w, b, e); }
 template <typename T>
 void bwd_dkv_items_base(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dkv_items<T>(g, w, b, e); }
-#if CA_HAVE_AVX2
+#if RK_HAVE_AVX2
 template <typename T>
-CA_AVX2 void bwd_dq_items_avx2(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) {
+RK_AVX2 void bwd_dq_items_avx2(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) {
   bwd_dq_items<T>(g, w, b, e);
 }
 template <typename T>
-CA_AVX2 void bwd_dkv_items_avx2(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) {
+RK_AVX2 void bwd_dkv_items_avx2(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) {
   bwd_dkv_items<T>(g, w, b, e);
 }
 #endif
@@ -627,14 +602,14 @@ std::tuple<Tensor, Tensor, Tensor> circuit_attention_forward(
   out_shape.back() = L.Rv;
   Tensor outc = L.Rv ? at::empty(out_shape, q.options().dtype(adt)) : Tensor();
   Tensor lse = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
-  const bool avx2 = ca_cpu_has_avx2();
+  const bool avx2 = cpu_has_avx2();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
     const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca);
     const FwdOut<T> o{out.data_ptr<T>(), L.Rv ? outc.data_ptr<T>() : nullptr, lse.data_ptr<double>()};
     const int64_t per_item = kBlk * std::max<int64_t>(1, L.max_k) * (2 * L.D + L.R + L.Rv);
     at::parallel_for(0, L.B * L.H * g.nqb, grain_items(per_item), [&](int64_t b, int64_t e) {
-#if CA_HAVE_AVX2
+#if RK_HAVE_AVX2
       if (avx2) return fwd_items_avx2<T>(g, o, b, e);
 #endif
       fwd_items_base<T>(g, o, b, e);
@@ -682,7 +657,7 @@ std::vector<Tensor> circuit_attention_backward(
   Tensor dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va);
   Tensor dqc = L.R ? at::empty_like(qca) : Tensor(), dkc = L.R ? at::empty_like(kca) : Tensor();
   Tensor dvc = L.Rv ? at::empty_like(vca) : Tensor();
-  const bool avx2 = ca_cpu_has_avx2();
+  const bool avx2 = cpu_has_avx2();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
     const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca);
@@ -698,7 +673,7 @@ std::vector<Tensor> circuit_attention_backward(
     const int64_t width = 2 * L.D + L.R + L.Rv;
     at::parallel_for(0, L.B * L.H * g.nqb, grain_items(kBlk * std::max<int64_t>(1, L.max_k) * width),
                      [&](int64_t b, int64_t e) {
-#if CA_HAVE_AVX2
+#if RK_HAVE_AVX2
                        if (avx2) return bwd_dq_items_avx2<T>(g, w, b, e);
 #endif
                        bwd_dq_items_base<T>(g, w, b, e);
@@ -706,7 +681,7 @@ std::vector<Tensor> circuit_attention_backward(
     at::parallel_for(0, L.B * L.Hkv * g.nkb,
                      grain_items(kBlk * std::max<int64_t>(1, L.max_q) * (L.H / L.Hkv) * width),
                      [&](int64_t b, int64_t e) {
-#if CA_HAVE_AVX2
+#if RK_HAVE_AVX2
                        if (avx2) return bwd_dkv_items_avx2<T>(g, w, b, e);
 #endif
                        bwd_dkv_items_base<T>(g, w, b, e);

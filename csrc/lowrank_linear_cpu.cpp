@@ -24,6 +24,7 @@
 // * bfloat16 / float16: low-rank math in fp32 (x rows and the used adapters upcast once per call), results
 //   rounded once; the dense matmuls run in the input dtype through ATen. float64 stays float64.
 #include "ops_cpu.h"
+#include "cpu_dispatch.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -243,32 +244,6 @@ Tensor grouped_tn(const Tensor& in1, const Tensor& in2, const Plan& pl) {
 // u/v, every output element written by exactly one thread. Bodies are plain loops (#pragma omp simd for
 // the reductions); on x86 they are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at
 // run time (the extension is built without -march flags).
-
-#if defined(__GNUC__)
-#define RK_INLINE inline __attribute__((always_inline))
-#else
-#define RK_INLINE inline
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define RK_HAVE_AVX2 1
-#define RK_AVX2 __attribute__((target("avx2,fma")))
-#include <immintrin.h>
-#else
-#define RK_HAVE_AVX2 0
-#endif
-
-inline bool cpu_has_avx2() {
-#if RK_HAVE_AVX2
-  static const bool value = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return value;
-#else
-  return false;
-#endif
-}
 
 // An (E, R, C) adapter stack with unit innermost stride.
 template <typename A>
