@@ -38,7 +38,7 @@ ATTENTION_CU = CUDA_DIR / "circuit_attention_kernels.cu"
 KERNEL_SOURCES = (KERNELS_CU, ATTENTION_CU)
 BINDING = CUDA_DIR / "extension_cuda.cpp"
 OUR_FILES = ("lowrank_linear_kernels.cu", "lowrank_linear_kernels.h", "circuit_attention_kernels.cu",
-             "circuit_attention_kernels.h", "extension_cuda.cpp")
+             "circuit_attention_kernels.h", "element_conversions.cuh", "extension_cuda.cpp")
 COMPILE_TIMEOUT_S = 300
 
 # The macros torch's CUDAExtension passes to nvcc (torch.utils.cpp_extension.COMMON_NVCC_FLAGS).

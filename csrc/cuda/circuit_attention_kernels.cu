@@ -36,6 +36,7 @@
 // cuda_fp16.h / cuda_bf16.h intrinsics, so torch's -D__CUDA_NO_HALF_OPERATORS__ etc. are fine.
 
 #include "circuit_attention_kernels.h"
+#include "element_conversions.cuh"
 
 #include <cstdint>
 
@@ -61,20 +62,6 @@ constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
 
 static_assert(kTileCols == kWarpSize, "one tile column per lane");
 
-// ---- element conversions ----
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // ---- softmax statistics: double for float32 inputs, float for 16-bit inputs ----
 

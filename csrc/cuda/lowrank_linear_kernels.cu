@@ -18,6 +18,7 @@
 // cuda_fp16.h / cuda_bf16.h intrinsics, so torch's -D__CUDA_NO_HALF_OPERATORS__ etc. are fine.
 
 #include "lowrank_linear_kernels.h"
+#include "element_conversions.cuh"
 
 #include <cstdint>
 
@@ -38,20 +39,6 @@ constexpr int kScatterSlots = 32;     // slots per block of outer_scatter_kernel
 constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
 constexpr int64_t kMaxGridY = 65535;
 
-// ---- element conversions (fp32 arithmetic everywhere) ----
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // The adapter of a slot, or -1 for an empty slot (index -1, or anything outside [0, E)).
 __device__ __forceinline__ int64_t slot_adapter(const SlotMap& map, int64_t slot) {
