@@ -179,6 +179,19 @@ RK_INLINE int64_t visible_end(bool causal, int64_t Sq, int64_t Sk, int64_t i) {
   return std::max<int64_t>(0, std::min<int64_t>(Sk, i + Sk - Sq + 1));
 }
 
+// Work item `item` of the query-block passes: (sequence b, head h, query rows [i0, i0 + M)) with the
+// sequence's lengths and the first rows of the block and of its kv head's keys; M <= 0 past the sequence.
+struct QueryBlock {
+  int64_t b, h, Sq, Sk, i0, M, qrow, krow;
+};
+
+template <typename T>
+RK_INLINE QueryBlock query_block(const Problem<T>& g, int64_t item) {
+  const int64_t bh = item / g.nqb, b = bh / g.H, h = bh % g.H;
+  const int64_t Sq = g.qs.len[b], i0 = (item % g.nqb) * kBlk;
+  return {b, h, Sq, g.ks.len[b], i0, std::min(kBlk, Sq - i0), g.qs.row(b, h, i0), g.ks.row(b, h / g.group, 0)};
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward.
 
@@ -196,11 +209,9 @@ RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin,
       accc(kBlk * std::max<int64_t>(Rv, 1));
   double m[kBlk], l[kBlk];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t bh = item / g.nqb, b = bh / g.H, h = bh % g.H, hk = h / g.group;
-    const int64_t Sq = g.qs.len[b], Sk = g.ks.len[b], i0 = (item % g.nqb) * kBlk;
-    if (i0 >= Sq) continue;
-    const int64_t M = std::min(kBlk, Sq - i0);
-    const int64_t qrow = g.qs.row(b, h, i0), krow = g.ks.row(b, hk, 0), lq = g.qs.rs, lk = g.ks.rs;
+    const auto [b, h, Sq, Sk, i0, M, qrow, krow] = query_block(g, item);
+    if (M <= 0) continue;
+    const int64_t lq = g.qs.rs, lk = g.ks.rs;
     const T* q = g.q + qrow * D;
     const T* qc = R ? g.qc + qrow * R : nullptr;
     std::fill(acc.begin(), acc.begin() + M * D, T(0));
@@ -283,11 +294,9 @@ RK_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t be
       vcT(std::max<int64_t>(Rv, 1) * kBlk), dq(kBlk * D), dqc(kBlk * std::max<int64_t>(R, 1));
   double lse[kBlk], delta[kBlk];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t bh = item / g.nqb, b = bh / g.H, h = bh % g.H, hk = h / g.group;
-    const int64_t Sq = g.qs.len[b], Sk = g.ks.len[b], i0 = (item % g.nqb) * kBlk;
-    if (i0 >= Sq) continue;
-    const int64_t M = std::min(kBlk, Sq - i0);
-    const int64_t qrow = g.qs.row(b, h, i0), krow = g.ks.row(b, hk, 0), lq = g.qs.rs, lk = g.ks.rs;
+    const auto [b, h, Sq, Sk, i0, M, qrow, krow] = query_block(g, item);
+    if (M <= 0) continue;
+    const int64_t lq = g.qs.rs, lk = g.ks.rs;
     const T* q = g.q + qrow * D;
     const T* qc = R ? g.qc + qrow * R : nullptr;
     const T* dout = w.dout + qrow * D;
