@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 from typing import Callable, Dict, List
 
 import torch
+
+from recursive.progress import Progress
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> float:
@@ -31,20 +32,6 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
-
-
-class Progress:
-    """A one-line progress indicator on stderr."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.done, self.enabled = total, 0, enabled and total > 0
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if self.enabled:
-            end = "\n" if self.done == self.total else ""
-            sys.stderr.write(f"\r[{self.done}/{self.total}] {label[:70]:<70}{end}")
-            sys.stderr.flush()
 
 
 def format_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
