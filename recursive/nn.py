@@ -439,21 +439,11 @@ class CircuitAttention(nn.Module):
             ``use_cache``).
         """
         B, S, _ = hidden_states.shape
-        H, Hkv, D = self.num_heads, self.num_key_value_heads, self.head_dim
+        H, D = self.num_heads, self.head_dim
         index = self._check_index(adapter_index, B, S)
-        q = self.q_proj(hidden_states, index).view(B, S, H, D)
-        k = self.k_proj(hidden_states, index).view(B, S, Hkv, D)
-        v = self.v_proj(hidden_states, index).view(B, S, Hkv, D)
-        cos, sin = position_embeddings
-        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-
-        circuit = self.qk_u is not None and not (isinstance(index, int) and index == -1)
-        q_c = k_c = v_c = None
-        if circuit:
-            q_c = _depth_projection(hidden_states, self.qk_u, index)
-            k_c = _depth_projection(hidden_states, self.qk_v, index).transpose(1, 2)
-            v_c = _depth_projection(hidden_states, self.ov_c, index).transpose(1, 2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # the cache layout (B, Hkv, S, D)
+        q = _apply_rotary(self.q_proj(hidden_states, index).view(B, S, H, D), *position_embeddings)
+        k, v, k_c, v_c = self._key_value(hidden_states, position_embeddings, index)
+        q_c = _depth_projection(hidden_states, self.qk_u, index) if k_c is not None else None
         if past_key_value is not None:
             if (past_key_value.key_c is None) != (k_c is None):
                 raise ValueError("past_key_value: cached with and used without the QK/OV circuit, or the reverse")
@@ -467,6 +457,28 @@ class CircuitAttention(nn.Module):
         if out_c is not None:
             out = out + self._ov_output(out_c, index)
         return self.o_proj(out.reshape(B, S, H * D), index), present
+
+    def key_value(
+        self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], adapter_index: AdapterIndex = None
+    ) -> LayerKV:
+        """The keys and values of ``hidden_states`` (B, S, hidden) in the cache layout, as :meth:`forward`
+        appends them to the cache, without attending: for tokens whose keys and values a layer needs
+        although they do not run it (early exit). Arguments as :meth:`forward`."""
+        B, S, _ = hidden_states.shape
+        return self._key_value(hidden_states, position_embeddings, self._check_index(adapter_index, B, S))
+
+    def _key_value(self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], index: Union[int, Tensor]) -> LayerKV:
+        """:meth:`key_value` with a checked index; ``key_c``/``value_c`` are None when the circuit is off."""
+        B, S, _ = hidden_states.shape
+        Hkv, D = self.num_key_value_heads, self.head_dim
+        k = _apply_rotary(self.k_proj(hidden_states, index).view(B, S, Hkv, D), *position_embeddings)
+        v = self.v_proj(hidden_states, index).view(B, S, Hkv, D)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # the cache layout (B, Hkv, S, D)
+        if self.qk_u is None or (isinstance(index, int) and index == -1):
+            return LayerKV(k, v)
+        k_c = _depth_projection(hidden_states, self.qk_v, index).transpose(1, 2)
+        v_c = _depth_projection(hidden_states, self.ov_c, index).transpose(1, 2)
+        return LayerKV(k, v, k_c, v_c)
 
     def _attend(self, q, k, v, q_c, k_c, v_c, packing: Optional[VarlenPacking]) -> Tuple[Tensor, Optional[Tensor]]:
         """q (B, S, H, D), q_c (B, S, H, R), k, v, k_c, v_c (B, Hkv, Sk, .) -> out (B, S, H, D),
@@ -772,9 +784,7 @@ class RecursiveBlock(nn.Module):
             ``(hidden_states, present, aux_loss)``: (B, S, hidden), the extended cache (None unless
             ``use_cache``) and the MoL load-balancing loss (None without a mixture).
         """
-        index = self.adapter_index(depth)
-        if isinstance(index, Tensor) and index.dim() == 1:  # one depth per sequence: the same for its tokens
-            index = index[:, None].expand(hidden_states.shape[:2])
+        index = self._token_adapter_index(depth, hidden_states)
         attn_out, present = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, index, packing, past_key_value, use_cache
         )
@@ -786,6 +796,20 @@ class RecursiveBlock(nn.Module):
         else:
             mlp_out = self.mlp(normed, index if self._per_depth_mlp else None)
         return hidden_states + mlp_out, present, aux_loss
+
+    def key_value(self, hidden_states: Tensor, depth: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor]) -> LayerKV:
+        """The keys and values this block appends to the cache of effective layer ``depth`` for
+        ``hidden_states`` (B, S, hidden), without running it (tokens that left at an earlier depth);
+        ``depth`` and ``position_embeddings`` as :meth:`forward`."""
+        index = self._token_adapter_index(depth, hidden_states)
+        return self.self_attn.key_value(self.input_layernorm(hidden_states), position_embeddings, index)
+
+    def _token_adapter_index(self, depth: Union[int, Tensor], hidden_states: Tensor) -> Union[int, Tensor]:
+        """:meth:`adapter_index`, with a depth per sequence (B,) repeated over its tokens (B, S)."""
+        index = self.adapter_index(depth)
+        if isinstance(index, Tensor) and index.dim() == 1:
+            index = index[:, None].expand(hidden_states.shape[:2])
+        return index
 
     def extra_repr(self) -> str:
         return f"block_index={self.block_index}"
