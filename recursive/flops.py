@@ -1,0 +1,223 @@
+"""FLOP and parameter counts of the recursive model family, from the config alone.
+
+The convention is ``torch.utils.flop_counter``'s: a matmul of (M, K) by (K, N) costs ``2 * M * N * K``
+(an ``addmm``'s bias is free), attention costs its two matmuls ``QK^T`` and ``PV`` over the full
+(Sq, Sk) score matrix (causal masking is not discounted, as FlopCounterMode counts SDPA), and
+everything else (norms, RoPE, softmax, activations, the embedding lookup, the loss) costs nothing.
+With ``backend="torch"`` every op decomposes into aten matmuls that FlopCounterMode sees, and the
+counts here equal its counts exactly, with one documented exception:
+
+- A mixture of LoRAs (relaxation "mol") is counted as routed: each token pays for its top
+  ``num_experts_per_tok`` experts, as the fused backends compute it. The torch reference evaluates
+  every expert on every token and masks the unchosen ones, so FlopCounterMode on it reports
+  ``num_experts / num_experts_per_tok`` times the experts' low-rank FLOPs (equal when top-k = all).
+
+The fused backends (cpp, triton, cuda) run their own kernels, which FlopCounterMode cannot see into,
+so it undercounts them; these counts are the model's, whatever the backend.
+
+A backward pass in this convention costs twice the forward: each matmul ``Y = X W`` needs ``dX`` and
+``dW``, each one matmul of the same size (attention likewise: dP, dV, dQ, dK). That holds when every
+parameter is trainable, as :func:`training_step_flops` assumes; FlopCounterMode counts a frozen
+weight's backward as ``dX`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, RecursiveConfig
+
+MODEL_TYPES = ("causal_lm", "encoder")
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameter counts of a model, by role (tied tensors counted once).
+
+    Attributes:
+        embedding: the token embedding (and the factorised embedding's projection).
+        shared: the blocks' base weights (projections, biases, norms): each block serves every
+            effective layer of its sharing scheme.
+        adapter: the relaxation's parameters: per-depth LoRA, the QK/OV circuit factors, or the
+            mixture's LoRA experts and router.
+        head: the final norm and the output head (an untied LM head, or the encoder's head).
+    """
+
+    embedding: int
+    shared: int
+    adapter: int
+    head: int
+
+    @property
+    def total(self) -> int:
+        """Equals ``sum(p.numel() for p in model.parameters())``."""
+        return self.embedding + self.shared + self.adapter + self.head
+
+
+def forward_flops(
+    config: RecursiveConfig,
+    batch_size: int,
+    seq_len: int,
+    *,
+    lengths: Optional[Sequence[int]] = None,
+    model_type: str = "causal_lm",
+) -> int:
+    """FLOPs of one forward pass of ``batch_size`` sequences of ``seq_len`` tokens (see the module docstring).
+
+    Args:
+        config: the model's config.
+        batch_size, seq_len: the shape (B, S) of ``input_ids``.
+        lengths: for a padded batch, the real tokens of each sequence (B ints in [0, S]). The projections
+            run over all B * S positions; attention runs over the real tokens only (the models pack a
+            padded batch). None: no padding.
+        model_type: "causal_lm" (:class:`recursive.RecursiveForCausalLM`) or "encoder"
+            (:class:`recursive.RecursiveEncoder` with ``config.encoder_head``).
+
+    Returns:
+        The count, an int.
+    """
+    _check_config(config, model_type)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seq_len", seq_len, 1)
+    if lengths is None:
+        lengths = [seq_len] * batch_size
+    else:
+        lengths = list(lengths)
+        if len(lengths) != batch_size or any(
+            isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= seq_len for n in lengths
+        ):
+            raise ValueError(f"lengths: expected {batch_size} ints in [0, seq_len={seq_len}], got {lengths!r}")
+    tokens = batch_size * seq_len
+    score_entries = sum(n * n for n in lengths)  # attention's (Sq, Sk) entries over the batch
+    total = sum(_layer_flops(config, layer, tokens, score_entries) for layer in range(config.num_layers))
+    return total + _outside_blocks_flops(config, batch_size, tokens, model_type)
+
+
+def training_step_flops(
+    config: RecursiveConfig,
+    batch_size: int,
+    seq_len: int,
+    *,
+    lengths: Optional[Sequence[int]] = None,
+    model_type: str = "causal_lm",
+) -> int:
+    """FLOPs of a forward and backward pass with every parameter trainable: three times
+    :func:`forward_flops` (the backward computes an input and a weight gradient per matmul, each as
+    costly as the forward matmul). Arguments as :func:`forward_flops`."""
+    return 3 * forward_flops(config, batch_size, seq_len, lengths=lengths, model_type=model_type)
+
+
+def parameter_counts(config: RecursiveConfig, model_type: str = "causal_lm") -> ParameterCounts:
+    """The parameters of the model ``config`` builds, by role (see :class:`ParameterCounts`).
+
+    Args:
+        config: the model's config.
+        model_type: "causal_lm" or "encoder", as for :func:`forward_flops`.
+    """
+    _check_config(config, model_type)
+    hidden, vocab = config.hidden_size, config.vocab_size
+    width = config.embedding_size or hidden
+    embedding = vocab * width + (width * hidden if config.embedding_size is not None else 0)
+
+    shared = adapter = 0
+    for block in range(config.num_blocks):
+        num_adapters = config.num_experts if config.relaxation == "mol" else len(config.depth_layers_of_block(block))
+        shared += 2 * hidden  # the two norms
+        for target, (fan_in, fan_out) in _projection_shapes(config).items():
+            shared += fan_in * fan_out + (fan_out if config.qkv_bias and target in ("q", "k", "v") else 0)
+            rank = _lora_rank(config, target, fan_in, fan_out) if num_adapters else 0
+            adapter += num_adapters * rank * (fan_in + fan_out)
+        if config.relaxation == "circuit" and num_adapters:
+            adapter += num_adapters * _circuit_width(config) * config.circuit_rank * hidden  # qk_u, qk_v, ov_c
+            adapter += num_adapters * config.num_attention_heads * config.head_dim * config.circuit_rank  # ov_d
+        if config.relaxation == "mol":
+            adapter += config.num_experts * hidden  # the router
+
+    head = hidden  # the final norm
+    if model_type == "causal_lm":
+        head += 0 if config.tie_word_embeddings else vocab * hidden
+    elif config.encoder_head == "mlm":
+        head += hidden * width + width + width  # head_dense (with bias), head_norm
+        head += (0 if config.tie_word_embeddings else vocab * width) + vocab  # decoder (its bias is never tied)
+    else:
+        head += hidden * hidden + hidden + hidden  # head_dense (with bias), head_norm
+        head += hidden * config.num_labels + config.num_labels  # classifier
+    return ParameterCounts(embedding=embedding, shared=shared, adapter=adapter, head=head)
+
+
+# The count, piece by piece.
+
+
+def _projection_shapes(config: RecursiveConfig):
+    """(fan_in, fan_out) of every projection of a block, by LoRA target name."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    return {
+        "q": (hidden, q_width), "k": (hidden, kv_width), "v": (hidden, kv_width), "o": (q_width, hidden),
+        "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden),
+    }
+
+
+def _lora_rank(config: RecursiveConfig, target: str, fan_in: int, fan_out: int) -> int:
+    """The rank a projection's adapters get: LowRankLinear clamps it to the projection's size."""
+    return min(config.lora_rank_of(target), fan_in, fan_out)
+
+
+def _circuit_width(config: RecursiveConfig) -> int:
+    """Heads projected on the circuit's hidden-side factors: U per query head, V and C per key/value head."""
+    return config.num_attention_heads + 2 * config.num_key_value_heads
+
+
+def _layer_flops(config: RecursiveConfig, layer: int, tokens: int, score_entries: int) -> int:
+    """One effective layer: its block's projections, the active relaxation's terms and attention."""
+    relaxed = config.per_depth and layer >= config.start_index  # per-depth parameters modify this layer
+    mol = config.relaxation == "mol"
+    heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
+    flops = 0
+    for target, (fan_in, fan_out) in _projection_shapes(config).items():
+        flops += 2 * tokens * fan_in * fan_out
+        adapters_here = (relaxed and target in ATTENTION_TARGETS) or (
+            (relaxed or mol) and target in FEED_FORWARD_TARGETS)
+        if adapters_here:
+            slots = config.num_experts_per_tok if mol else 1
+            flops += slots * 2 * tokens * _lora_rank(config, target, fan_in, fan_out) * (fan_in + fan_out)
+    if mol:
+        flops += 2 * tokens * hidden * config.num_experts  # the router
+    score_width = head_dim  # the contraction width of QK^T (and of PV: value width)
+    value_width = head_dim
+    if config.relaxation == "circuit" and relaxed:
+        rank = config.circuit_rank
+        flops += 2 * tokens * hidden * _circuit_width(config) * rank  # q_c, k_c, v_c
+        flops += 2 * tokens * heads * rank * head_dim  # out_c through D
+        score_width += rank
+        value_width += rank
+    flops += 2 * heads * score_entries * (score_width + value_width)
+    return flops
+
+
+def _outside_blocks_flops(config: RecursiveConfig, batch_size: int, tokens: int, model_type: str) -> int:
+    """The factorised embedding's projection and the output head."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    width = config.embedding_size or hidden
+    flops = 2 * tokens * width * hidden if config.embedding_size is not None else 0
+    if model_type == "causal_lm":
+        return flops + 2 * tokens * hidden * vocab
+    if config.encoder_head == "mlm":
+        return flops + 2 * tokens * hidden * width + 2 * tokens * width * vocab
+    return flops + 2 * batch_size * hidden * (hidden + config.num_labels)  # on the pooled rows
+
+
+def _check_config(config: RecursiveConfig, model_type: str) -> None:
+    if not isinstance(config, RecursiveConfig):
+        raise ValueError(f"config: expected a RecursiveConfig, got {type(config).__name__}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
+    if model_type == "causal_lm" and config.embedding_size is not None:
+        raise ValueError("config: embedding_size (factorised embeddings) is an encoder option; use model_type='encoder'")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")

@@ -1,0 +1,181 @@
+"""recursive.flops against torch.utils.flop_counter.FlopCounterMode on real models (torch backend) and
+the parameter counts against the built models."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from recursive import RecursiveConfig, RecursiveEncoder, RecursiveForCausalLM
+from recursive.config import RELAXATIONS
+from recursive.flops import ParameterCounts, forward_flops, parameter_counts, training_step_flops
+
+BATCH, SEQ = 2, 7
+SHARING = {"cycle": (4, 2), "sequence": (4, 2), "middle_cycle": (5, 3)}  # scheme -> (num_layers, num_blocks)
+
+
+def tiny_config(relaxation="depth_lora", sharing="cycle", **overrides) -> RecursiveConfig:
+    num_layers, num_blocks = SHARING[sharing]
+    values = dict(
+        vocab_size=61, hidden_size=32, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
+        num_layers=num_layers, num_blocks=num_blocks, sharing=sharing, relaxation=relaxation, lora_rank=3,
+        circuit_rank=2, num_experts=4, num_experts_per_tok=4, start_index=1, backend="torch",
+    )
+    values.update(overrides)
+    return RecursiveConfig(**values)
+
+
+def counted(model, input_ids, attention_mask=None, labels=None, backward=False) -> int:
+    """FlopCounterMode's total for a forward (and backward of the loss)."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(input_ids, attention_mask=attention_mask, labels=labels)
+        if backward:
+            out.loss.backward()
+    return counter.get_total_flops()
+
+
+def inputs(config, batch=BATCH, seq=SEQ):
+    return torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("sharing", list(SHARING))
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+def test_forward_flops_match_flop_counter(relaxation, sharing):
+    config = tiny_config(relaxation, sharing)
+    model = RecursiveForCausalLM(config)
+    assert forward_flops(config, BATCH, SEQ) == counted(model, inputs(config))
+
+
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+def test_padded_batch_counts_attention_over_real_tokens(relaxation):
+    config = tiny_config(relaxation)
+    model = RecursiveForCausalLM(config)
+    mask = torch.ones(3, SEQ, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[2, 5:] = 0  # right padding
+    lengths = [SEQ - 3, SEQ, 5]
+    expected = counted(model, inputs(config, 3), mask)
+    assert forward_flops(config, 3, SEQ, lengths=lengths) == expected
+    assert forward_flops(config, 3, SEQ) > expected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_key_value_heads=4),  # multi-head
+        dict(num_key_value_heads=1),  # multi-query
+        dict(head_dim=6, qkv_bias=True),  # head_dim not hidden / heads, biases (Qwen2, Gemma)
+        dict(lora_rank={"q": 2, "v": 5, "gate": 1, "down": 40}, lora_targets=("q", "v", "gate", "down")),  # rank 40 clamps
+        dict(start_index=0, tie_word_embeddings=True),
+        dict(start_index=4),  # no layer relaxed
+    ],
+    ids=["mha", "mqa", "head_dim-bias", "rank-dict-clamped", "tied-start0", "start-at-end"],
+)
+def test_forward_flops_variants(overrides):
+    config = tiny_config("depth_lora", **overrides)
+    model = RecursiveForCausalLM(config)
+    assert forward_flops(config, BATCH, SEQ) == counted(model, inputs(config))
+
+
+def test_mixture_counts_routed_experts():
+    """The count is the routed cost (top-k experts per token), linear in k; when every expert is chosen
+    the torch reference (which evaluates all experts) is counted exactly."""
+    def flops(top_k):
+        return forward_flops(tiny_config("mol", num_experts_per_tok=top_k), BATCH, SEQ)
+
+    per_expert = flops(2) - flops(1)
+    assert per_expert > 0 and flops(4) - flops(2) == 2 * per_expert
+    config = tiny_config("mol", num_experts_per_tok=2)
+    # The reference's dense evaluation costs as much as routing to all four experts.
+    assert counted(RecursiveForCausalLM(config), inputs(config)) == flops(4) == flops(2) + 2 * per_expert
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(encoder_head="mlm", embedding_size=16, hidden_act="gelu"),
+        dict(encoder_head="mlm", tie_word_embeddings=True, relaxation="mol"),
+        dict(encoder_head="sequence_classification", num_labels=3, relaxation="circuit"),
+        dict(encoder_head="sequence_classification", num_labels=1, classifier_pooling="cls"),
+    ],
+    ids=["mlm-factorised", "mlm-tied-mol", "classification", "regression-cls"],
+)
+def test_encoder_flops_and_parameters(overrides):
+    config = tiny_config(**{"relaxation": "depth_lora", **overrides})
+    model = RecursiveEncoder(config)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, 4:] = 0
+    assert forward_flops(config, BATCH, SEQ, model_type="encoder") == counted(model, inputs(config))
+    assert forward_flops(config, BATCH, SEQ, lengths=[SEQ, 4], model_type="encoder") == counted(model, inputs(config), mask)
+    assert parameter_counts(config, "encoder") == parameters_by_role(model)
+
+
+@pytest.mark.parametrize(
+    "relaxation, sharing",
+    [("none", "cycle"), ("depth_lora", "middle_cycle"), ("qkov_lora", "sequence"), ("circuit", "cycle"), ("mol", "cycle")],
+)
+def test_training_step_flops_match_forward_and_backward(relaxation, sharing):
+    config = tiny_config(relaxation, sharing)
+    model = RecursiveForCausalLM(config)
+    ids = inputs(config)
+    assert training_step_flops(config, BATCH, SEQ) == counted(model, ids, labels=ids, backward=True)
+
+
+def test_frozen_weights_cost_less_in_flop_counter():
+    """FlopCounterMode skips a frozen weight's gradient matmul; training_step_flops counts all trainable."""
+    config = tiny_config("depth_lora")
+    model = RecursiveForCausalLM(config)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    ids = inputs(config)
+    assert forward_flops(config, BATCH, SEQ) < counted(model, ids, labels=ids, backward=True) < training_step_flops(
+        config, BATCH, SEQ)
+
+
+def parameters_by_role(model) -> ParameterCounts:
+    """The model's parameters sorted into ParameterCounts' roles by name."""
+    adapter_names = ("lora_a", "lora_b", "qk_u", "qk_v", "ov_c", "ov_d", "router.weight")
+    roles = dict(embedding=0, shared=0, adapter=0, head=0)
+    for name, parameter in model.named_parameters():  # tied parameters appear once
+        if name.startswith("model.embed_"):
+            role = "embedding"
+        elif name.endswith(adapter_names):
+            role = "adapter"
+        elif name.startswith("model.blocks."):
+            role = "shared"
+        else:
+            role = "head"
+        roles[role] += parameter.numel()
+    return ParameterCounts(**roles)
+
+
+@pytest.mark.parametrize("sharing", list(SHARING))
+@pytest.mark.parametrize("relaxation", RELAXATIONS)
+def test_parameter_counts_match_model(relaxation, sharing):
+    for overrides in (dict(), dict(tie_word_embeddings=True, qkv_bias=True, start_index=0)):
+        config = tiny_config(relaxation, sharing, **overrides)
+        model = RecursiveForCausalLM(config)
+        counts = parameter_counts(config)
+        assert counts == parameters_by_role(model)
+        assert counts.total == sum(p.numel() for p in model.parameters())
+        assert counts.adapter == 0 if relaxation == "none" else counts.adapter > 0
+
+
+def test_bad_arguments_raise_value_error_naming_them():
+    config = tiny_config()
+    for kwargs, name in [
+        (dict(config=None), "config"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(seq_len=2.0), "seq_len"),
+        (dict(lengths=[SEQ]), "lengths"),
+        (dict(lengths=[SEQ, SEQ + 1]), "lengths"),
+        (dict(model_type="seq2seq"), "model_type"),
+    ]:
+        arguments = {**dict(config=config, batch_size=BATCH, seq_len=SEQ), **kwargs}
+        with pytest.raises(ValueError, match=name):
+            forward_flops(**arguments)
+        with pytest.raises(ValueError, match=name):
+            training_step_flops(**arguments)
+    with pytest.raises(ValueError, match="model_type"):
+        parameter_counts(config, "seq2seq")
+    with pytest.raises(ValueError, match="config"):
+        parameter_counts(tiny_config(embedding_size=16))  # factorised embeddings: an encoder option
