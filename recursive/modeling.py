@@ -189,10 +189,15 @@ class RecursivePreTrainedModel(nn.Module):
         """``(name, source)`` pairs of parameters that are the same tensor; the checkpoint stores the source."""
         return ()
 
-    def _tie_and_init(self) -> None:
+    def tie_weights(self) -> None:
+        """Make each parameter of :meth:`tied_weights` its source (again, after ``to_empty`` or a
+        ``load_state_dict(assign=True)`` gave them separate storage)."""
         for name, source in self.tied_weights():
             module_name, _, attribute = name.rpartition(".")
             setattr(self.get_submodule(module_name), attribute, self.get_parameter(source))
+
+    def _tie_and_init(self) -> None:
+        self.tie_weights()
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, LowRankLinear)):
