@@ -4,10 +4,13 @@
   ``MoLFeedForward``, ``RecursiveBlock``).
 - ``recursive.RecursiveConfig``, ``recursive.RecursiveForCausalLM``, ``recursive.RecursiveEncoder``: the
   model family, saved and loaded as ``config.json`` plus safetensors.
+- ``RecursiveForCausalLM.generate`` and ``recursive.DepthBatchingEngine``: generation with early exit and
+  continuous depth-wise batching (``recursive.generation``).
 """
 
 from . import nn
 from .config import RecursiveConfig
+from .generation import DepthBatchingEngine
 from .modeling import (
     CausalLMOutput,
     EncoderOutput,
@@ -20,6 +23,7 @@ from .modeling import (
 
 __all__ = [
     "CausalLMOutput",
+    "DepthBatchingEngine",
     "EncoderOutput",
     "RecursiveConfig",
     "RecursiveEncoder",

@@ -284,6 +284,37 @@ class RecursiveForCausalLM(RecursivePreTrainedModel):
                 loss = loss + self.config.router_aux_loss_coef * out.aux_loss
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values)
 
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        attention_mask: Optional[Tensor] = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos_token_id: Optional[int] = None,
+        exit_threshold: Optional[float] = None,
+    ) -> Tensor:
+        """KV-cached generation, like Hugging Face's ``generate``: the prompt (B, S) followed by up to
+        ``max_new_tokens`` new tokens, (B, S + T); generation stops early once every row has produced
+        ``eos_token_id``, and finished rows are padded with it.
+
+        Args:
+            input_ids: (B, S) token ids; padded rows need ``attention_mask`` (any padding side).
+            max_new_tokens: new tokens per row (0 returns ``input_ids``).
+            attention_mask: (B, S) of 1 (token) and 0 (padding), or None.
+            do_sample: sample (from torch's global generator) instead of greedy argmax.
+            temperature, top_k, top_p: the sampling distribution (:func:`recursive.generation.next_tokens`).
+            eos_token_id: the end-of-sequence token, or None.
+            exit_threshold: early exit at loop boundaries for decoded tokens (the module docstring of
+                :mod:`recursive.generation`); None or 1.0: off.
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
+                        eos_token_id, exit_threshold)
+
 
 class RecursiveEncoder(RecursivePreTrainedModel):
     """A bidirectional recursive encoder (ModernALBERT style: RoPE, GeGLU with ``hidden_act="gelu"``,

@@ -1,0 +1,518 @@
+"""Generation for :class:`recursive.RecursiveForCausalLM`: sampling, KV-cached decoding with early exit,
+and continuous depth-wise batching (:class:`DepthBatchingEngine`).
+
+Loops. A model's loop is the shortest run of effective layers whose block pattern repeats over the
+whole depth: with cycle sharing (layer l runs block ``l mod B``) the ``N = L / B`` loops are the passes
+over the B blocks, loop n being layers ``n*B .. n*B + B - 1``; one shared block (any scheme) loops L
+times over one layer. Sequence sharing with several blocks, middle-cycle sharing and untied models run
+their stack as a single loop.
+
+Early exit (``exit_threshold``). At the end of every loop but the last, a decoded token leaves when the
+LM head's top probability there (final norm, ``lm_head``, softmax) reaches ``exit_threshold``; its
+next-token logits are those at that boundary. Later tokens still attend to it at the deeper layers:
+each deeper layer takes its keys and values from the token's hidden state at exit, through that
+layer's own input norm and k/v projections with its depth's adapters
+(:meth:`recursive.nn.RecursiveBlock.key_value`). Prompts (prefill) always run the full depth; early
+exit applies to decoded tokens. ``None`` and ``1.0`` turn it off (1.0 is read as "off" because a
+probability that rounds to 1.0 would otherwise reach it); a threshold below 1 on a model with a single
+loop raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import RecursiveConfig
+from .nn import LayerKV, VarlenPacking, rotary_embedding
+from .progress import Progress
+
+
+# Sampling.
+
+
+def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
+    """logits (B, V) with every entry below the row's ``top_k``-th largest set to -inf (ties with it
+    stay, as in Hugging Face)."""
+    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """logits (B, V) keeping, per row, the smallest set of most probable tokens whose probability mass
+    reaches ``top_p`` (always at least the most probable one); the rest -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop_sorted = mass_before >= top_p  # the mass already reached p before this token
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(
+    logits: Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+) -> Tensor:
+    """logits (B, V) -> next tokens (B,) int64: the argmax, or with ``do_sample`` a draw from
+    ``softmax(logits / temperature)`` after the top-k then the top-p filter (Hugging Face's order), in
+    float32 at least, from torch's global generator (seed it with ``torch.manual_seed``)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
+# Loops and validation.
+
+
+def loop_length(config: RecursiveConfig) -> int:
+    """Effective layers per loop: the shortest period of the model's block pattern (see the module
+    docstring); ``config.num_layers // loop_length(config)`` loops."""
+    plan = [config.block_of_layer(layer) for layer in range(config.num_layers)]
+    L = config.num_layers
+    return next(p for p in range(1, L + 1) if L % p == 0 and all(plan[l] == plan[l % p] for l in range(L)))
+
+
+def _check_exit_threshold(exit_threshold: Optional[float], config: RecursiveConfig) -> Optional[float]:
+    """The threshold to apply, or None when early exit is off (None or 1.0)."""
+    if exit_threshold is None:
+        return None
+    if isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float)) or not 0.0 < exit_threshold <= 1.0:
+        raise ValueError(f"exit_threshold: expected None or a probability in (0, 1], got {exit_threshold!r}")
+    if exit_threshold == 1.0:
+        return None
+    if loop_length(config) == config.num_layers:
+        raise ValueError(
+            f"exit_threshold: early exit happens at loop boundaries, and this model (sharing={config.sharing!r}, "
+            f"num_layers={config.num_layers}, num_blocks={config.num_blocks}) runs its layers as a single loop"
+        )
+    return float(exit_threshold)
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
+    if top_k is not None:
+        _check_int("top_k", top_k, 1)
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+
+
+def _check_token(name: str, token: Optional[int], vocab_size: int) -> None:
+    if token is not None and (isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size):
+        raise ValueError(f"{name}: expected None or a token id in [0, {vocab_size}), got {token!r}")
+
+
+def _check_ids(name: str, ids: Tensor, vocab_size: int) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+
+
+# KV-cached generation.
+
+
+def _append(past: LayerKV, new: LayerKV) -> LayerKV:
+    """The cache ``past`` (B, Hkv, S, .) extended by ``new`` (B, Hkv, S', .) along the sequence."""
+    return LayerKV(*(None if p is None else torch.cat((p, n), dim=2) for p, n in zip(past, new)))
+
+
+def _lm_head(model, hidden: Tensor) -> Tensor:
+    """The LM head at any depth: final norm and ``lm_head``, (*, hidden) -> (*, vocab)."""
+    return model.lm_head(model.model.norm(hidden))
+
+
+def _top_probability(logits: Tensor) -> Tensor:
+    """(*, vocab) -> (*,), the largest softmax probability, in float32 at least."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1).amax(-1)
+
+
+def _decode_step(
+    model, tokens: Tensor, positions: Tensor, packing: Optional[VarlenPacking], past: Tuple[LayerKV, ...],
+    exit_threshold: Optional[float],
+) -> Tuple[Tensor, Tuple[LayerKV, ...]]:
+    """One new token per row through the stack, leaving at loop boundaries with ``exit_threshold``.
+
+    A row that left keeps its exit hidden state, so the blocks it still runs (for rows that did not
+    leave) give the keys and values of that state; once every row has left, the remaining layers only
+    project keys and values. tokens (B,), positions (B,) -> logits (B, vocab) and the extended cache.
+    """
+    backbone, config = model.model, model.config
+    hidden = backbone.embed(tokens[:, None])
+    position_embeddings = rotary_embedding(positions[:, None], config.head_dim, config.rope_theta, hidden.dtype)
+    period = loop_length(config)
+    running = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    exit_logits: Optional[Tensor] = None
+    all_left = False
+    presents = []
+    for layer, block_index in enumerate(backbone.block_of_layer):
+        block = backbone.blocks[block_index]
+        if all_left:
+            presents.append(_append(past[layer], block.key_value(hidden, layer, position_embeddings)))
+            continue
+        new_hidden, present, _ = block(hidden, layer, position_embeddings, packing, past[layer], use_cache=True)
+        presents.append(present)
+        if exit_threshold is None:
+            hidden = new_hidden
+            continue
+        hidden = torch.where(running[:, None, None], new_hidden, hidden)
+        if (layer + 1) % period == 0 and layer + 1 < config.num_layers:
+            logits = _lm_head(model, hidden[:, -1])
+            leaving = running & (_top_probability(logits) >= exit_threshold)
+            exit_logits = logits if exit_logits is None else torch.where(leaving[:, None], logits, exit_logits)
+            running = running & ~leaving
+            all_left = not bool(running.any())
+    if all_left:
+        return exit_logits, tuple(presents)
+    logits = _lm_head(model, hidden[:, -1])
+    if exit_logits is not None:
+        logits = torch.where(running[:, None], logits, exit_logits)
+    return logits, tuple(presents)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    attention_mask: Optional[Tensor] = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int] = None,
+    exit_threshold: Optional[float] = None,
+    progress: Optional[Progress] = None,
+) -> Tensor:
+    """KV-cached generation; see :meth:`recursive.RecursiveForCausalLM.generate` (``progress``, when
+    given, advances by the batch's new tokens at each step)."""
+    config = model.config
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids: expected an int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: expected at least one row and one token, got shape {tuple(input_ids.shape)}")
+    _check_ids("input_ids", input_ids, config.vocab_size)
+    _check_int("max_new_tokens", max_new_tokens, 0)
+    _check_sampling(temperature, top_k, top_p)
+    _check_token("eos_token_id", eos_token_id, config.vocab_size)
+    exit_threshold = _check_exit_threshold(exit_threshold, config)
+    B, S = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif tuple(attention_mask.shape) != (B, S) or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"attention_mask: expected ({B}, {S}) of 0 and 1 like input_ids, got {tuple(attention_mask.shape)}")
+    if not bool(attention_mask.any(1).all()):
+        raise ValueError("attention_mask: every row needs at least one real token (an empty prompt)")
+    if max_new_tokens == 0:
+        return input_ids
+
+    out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+    # The last real token of each row (the last column with left padding).
+    last = (attention_mask.long() * torch.arange(S, device=input_ids.device)).argmax(1)
+    logits, past = out.logits[torch.arange(B, device=input_ids.device), last], out.past_key_values
+    positions = attention_mask.long().sum(1)
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        tokens = next_tokens(logits, do_sample, temperature, top_k, top_p)
+        if eos_token_id is not None:
+            tokens = tokens.masked_fill(finished, eos_token_id)  # finished rows pad with eos, as HF pads
+            finished = finished | (tokens == eos_token_id)
+        new_tokens.append(tokens)
+        if progress is not None:
+            progress.step(f"token {step + 1}/{max_new_tokens}", count=B)
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)
+        packing = None if bool(attention_mask.all()) else VarlenPacking.from_attention_mask(attention_mask, 1)
+        logits, past = _decode_step(model, tokens, positions, packing, past, exit_threshold)
+        positions = positions + 1
+    return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
+
+
+# Continuous depth-wise batching.
+
+
+@dataclass
+class EngineStats:
+    """Counts of the last :meth:`DepthBatchingEngine.generate` run.
+
+    ``new_tokens``: tokens generated (the first of each request comes from its prefill); ``steps``:
+    engine steps (one loop over the blocks for every busy row); ``decoded_tokens``: tokens produced by
+    engine steps; ``mean_exit_loops``: the loops those tokens ran, on average, of ``num_loops``.
+    """
+
+    new_tokens: int = 0
+    steps: int = 0
+    decoded_tokens: int = 0
+    mean_exit_loops: float = 0.0
+    num_loops: int = 1
+
+
+@dataclass
+class _Request:
+    index: int
+    tokens: List[int]  # prompt, then the generated tokens
+    max_new_tokens: int
+    generated: int = 0
+
+
+class DepthBatchingEngine:
+    """Greedy decoding of many requests with continuous depth-wise batching.
+
+    ``max_batch_size`` slots hold one request each. A request's prompt is prefilled (full depth, batched
+    with the other requests admitted at the same time) into its slot's cache, which gives its first
+    token; then its current token advances one loop per engine step. One step runs each block once over
+    the busy slots, every row at its own loop: per-row effective layers select each row's depth adapters
+    (per-row ``lowrank_linear`` indices) and each row attends over its own cache at its own layer (the
+    rows' caches gathered into one padded batch, attended through varlen ``circuit_attention``). A token
+    that reaches the full depth, or leaves early (``exit_threshold``, see the module docstring), gives the
+    request's next token, which starts at loop 0 on the next step; a request that is done (its
+    ``max_new_tokens``, or ``eos_token_id``) frees its slot, and waiting requests are admitted at once.
+
+    Without early exit, every request's output equals :meth:`recursive.RecursiveForCausalLM.generate`
+    (greedy) on that prompt alone; with it, the per-token early-exit rule of ``generate``. Greedy only.
+
+    Cache layout: per effective layer, keys and values for every slot, (L, slots, Hkv, T, D) (plus the
+    QK/OV circuit's (L, slots, Hkv, T, R)), T the longest request (prompt plus new tokens).
+
+    Args:
+        model: a :class:`recursive.RecursiveForCausalLM`.
+        max_batch_size: the number of slots (rows in flight).
+        exit_threshold: early exit at loop boundaries; None or 1.0: off.
+    """
+
+    def __init__(self, model, max_batch_size: int, exit_threshold: Optional[float] = None) -> None:
+        from .modeling import RecursiveForCausalLM
+
+        if not isinstance(model, RecursiveForCausalLM):
+            raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
+        self.model = model
+        self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+        self.exit_threshold = _check_exit_threshold(exit_threshold, model.config)
+        self.loop_length = loop_length(model.config)
+        self.num_loops = model.config.num_layers // self.loop_length
+        self.stats = EngineStats(num_loops=self.num_loops)
+
+    def _requests(self, prompts, max_new_tokens, eos_token_id) -> List[_Request]:
+        vocab = self.model.config.vocab_size
+        if isinstance(prompts, Tensor) or not isinstance(prompts, Sequence):
+            raise ValueError(f"prompts: expected a list of token id lists, got {type(prompts).__name__}")
+        if isinstance(max_new_tokens, Sequence):
+            if len(max_new_tokens) != len(prompts):
+                raise ValueError(f"max_new_tokens: expected one count per prompt ({len(prompts)}), got {len(max_new_tokens)}")
+            counts = list(max_new_tokens)
+        else:
+            counts = [max_new_tokens] * len(prompts)
+        _check_token("eos_token_id", eos_token_id, vocab)
+        requests = []
+        for i, (prompt, count) in enumerate(zip(prompts, counts)):
+            tokens = prompt.tolist() if isinstance(prompt, Tensor) else prompt
+            if not isinstance(tokens, Sequence) or isinstance(tokens, str) or len(tokens) == 0:
+                raise ValueError(f"prompts[{i}]: expected a non-empty list of token ids, got {prompt!r}")
+            for token in tokens:
+                _check_token(f"prompts[{i}]", token, vocab)
+            requests.append(_Request(i, list(tokens), _check_int(f"max_new_tokens[{i}]", count, 0)))
+        return requests
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Union[Sequence[int], Tensor]],
+        max_new_tokens: Union[int, Sequence[int]],
+        eos_token_id: Optional[int] = None,
+        progress: Optional[Progress] = None,
+    ) -> List[List[int]]:
+        """Args:
+            prompts: token id lists (or 1-D int tensors), each non-empty.
+            max_new_tokens: new tokens per request: one int for all, or one per prompt.
+            eos_token_id: a request ends after generating it.
+            progress: advanced by every new token.
+
+        Returns:
+            Per prompt, in order, the prompt followed by its new tokens. :attr:`stats` describes the run.
+        """
+        requests = self._requests(prompts, max_new_tokens, eos_token_id)
+        run = _EngineRun(self, requests, eos_token_id, progress)
+        run.run()
+        self.stats = run.stats
+        return [request.tokens for request in requests]
+
+
+class _EngineRun:
+    """The state of one :meth:`DepthBatchingEngine.generate` call: slots, their caches and the queue."""
+
+    def __init__(self, engine: DepthBatchingEngine, requests: List[_Request], eos_token_id: Optional[int],
+                 progress: Optional[Progress]) -> None:
+        self.engine, self.model, self.eos_token_id, self.progress = engine, engine.model, eos_token_id, progress
+        self.config = config = self.model.config
+        self.backbone = self.model.model
+        self.waiting = [request for request in requests if request.max_new_tokens > 0]
+        self.waiting.reverse()  # popped from the end, in order
+        self.stats = EngineStats(num_loops=engine.num_loops)
+        self.exit_loops_sum = 0
+
+        slots = engine.max_batch_size
+        capacity = max((len(r.tokens) + r.max_new_tokens for r in self.waiting), default=1)
+        weight = self.backbone.embed_tokens.weight
+        options = {"device": weight.device, "dtype": weight.dtype}
+        kv_shape = (config.num_layers, slots, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys, self.values = torch.zeros(kv_shape, **options), torch.zeros(kv_shape, **options)
+        self.block_has_circuit = [block.self_attn.qk_u is not None for block in self.backbone.blocks]
+        self.keys_c = self.values_c = None
+        if any(self.block_has_circuit):
+            # zeros: rows at a layer without circuit factors multiply these by zero, so they must be finite
+            circuit_shape = kv_shape[:-1] + (config.circuit_rank,)
+            self.keys_c, self.values_c = torch.zeros(circuit_shape, **options), torch.zeros(circuit_shape, **options)
+        self.slot_request: List[Optional[_Request]] = [None] * slots
+        self.length = torch.zeros(slots, dtype=torch.long, device=weight.device)  # the in-flight token's position
+        self.loop = torch.zeros(slots, dtype=torch.long, device=weight.device)  # loops it has run
+        self.hidden = torch.zeros(slots, 1, config.hidden_size, **options)  # its hidden state
+
+    def run(self) -> None:
+        self._admit()
+        while any(request is not None for request in self.slot_request):
+            self._step()
+            self._admit()
+        if self.stats.decoded_tokens:
+            self.stats.mean_exit_loops = self.exit_loops_sum / self.stats.decoded_tokens
+
+    # Requests.
+
+    def _emit(self, request: _Request, token: int) -> bool:
+        """Record ``token``; True when the request is done."""
+        request.tokens.append(token)
+        request.generated += 1
+        self.stats.new_tokens += 1
+        if self.progress is not None:
+            self.progress.step(f"request {request.index}")
+        return request.generated == request.max_new_tokens or token == self.eos_token_id
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into the free slots until none is free or none waits."""
+        while self.waiting:
+            free = [slot for slot, request in enumerate(self.slot_request) if request is None]
+            if not free:
+                return
+            batch = [self.waiting.pop() for _ in range(min(len(free), len(self.waiting)))]
+            self._prefill(batch, free[: len(batch)])
+
+    def _prefill(self, batch: List[_Request], slots: List[int]) -> None:
+        """Run the prompts of ``batch`` (right-padded into one batch), store their caches in ``slots``
+        and emit their first tokens; requests done at once leave their slot free."""
+        device = self.length.device
+        lengths = torch.tensor([len(r.tokens) for r in batch], device=device)
+        width = int(lengths.max())
+        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+        for row, request in enumerate(batch):
+            ids[row, : len(request.tokens)] = torch.tensor(request.tokens, device=device)
+        mask = torch.arange(width, device=device)[None] < lengths[:, None]
+        out = self.model(ids, attention_mask=mask.long(), use_cache=True)
+        slot_index = torch.tensor(slots, device=device)
+        for layer, present in enumerate(out.past_key_values):
+            self.keys[layer, slot_index, :, :width] = present.key
+            self.values[layer, slot_index, :, :width] = present.value
+            if present.key_c is not None:
+                self.keys_c[layer, slot_index, :, :width] = present.key_c
+                self.values_c[layer, slot_index, :, :width] = present.value_c
+        first = out.logits[torch.arange(len(batch), device=device), lengths - 1].argmax(-1)
+        self.length[slot_index] = lengths
+        self.loop[slot_index] = 0
+        self.hidden[slot_index] = self.backbone.embed(first[:, None])
+        for request, slot, token in zip(batch, slots, first.tolist()):
+            if not self._emit(request, token):
+                self.slot_request[slot] = request
+
+    # One step.
+
+    def _gather(self, layers: Tensor, slots: Tensor, width: int, circuit: bool) -> LayerKV:
+        """Each row's cache at its own layer, its first ``width`` positions: (rows, Hkv, width, .)."""
+        def rows(cache: Tensor) -> Tensor:
+            return cache[layers, slots, :, :width]
+
+        if not circuit:
+            return LayerKV(rows(self.keys), rows(self.values))
+        return LayerKV(rows(self.keys), rows(self.values), rows(self.keys_c), rows(self.values_c))
+
+    def _store(self, layers: Tensor, slots: Tensor, positions: Tensor, new: LayerKV) -> None:
+        """Write each row's newest keys and values (the last of ``new``'s sequence) at (layer, slot, position)."""
+        for cache, tensor in zip((self.keys, self.values, self.keys_c, self.values_c), new):
+            if tensor is not None:
+                cache[layers, slots, :, positions] = tensor[:, :, -1]
+
+    def _step(self) -> None:
+        """Advance every busy slot's token by one loop; finish, exit and restart tokens."""
+        engine, config, backbone = self.engine, self.config, self.backbone
+        busy = [slot for slot, request in enumerate(self.slot_request) if request is not None]
+        slots = torch.tensor(busy, device=self.length.device)
+        positions, loops = self.length[slots], self.loop[slots]
+        position_embeddings = rotary_embedding(positions[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
+        width = int(positions.max())
+        # Keys: each row's cached positions [0, length) of the padded width, then the new token.
+        key_mask = torch.cat((torch.arange(width, device=slots.device)[None] < positions[:, None],
+                              torch.ones(len(busy), 1, dtype=torch.bool, device=slots.device)), dim=1)
+        packing = VarlenPacking.from_attention_mask(key_mask, 1)
+        hidden = self.hidden[slots]
+        for offset in range(engine.loop_length):
+            block_index = backbone.block_of_layer[offset]  # the same block at this offset of every loop
+            layers = loops * engine.loop_length + offset
+            past = self._gather(layers, slots, width, self.block_has_circuit[block_index])
+            hidden, present, _ = backbone.blocks[block_index](hidden, layers, position_embeddings, packing, past, use_cache=True)
+            self._store(layers, slots, positions, present)
+        loops = loops + 1
+
+        finishing = loops == engine.num_loops
+        if engine.exit_threshold is None:
+            done = finishing.nonzero().squeeze(1)
+            logits = _lm_head(self.model, hidden[done, 0])
+        else:
+            all_logits = _lm_head(self.model, hidden[:, 0])
+            exited = ~finishing & (_top_probability(all_logits) >= engine.exit_threshold)
+            self._store_deeper(exited.nonzero().squeeze(1), slots, positions, loops, hidden, position_embeddings)
+            done = (finishing | exited).nonzero().squeeze(1)
+            logits = all_logits[done]
+        tokens = logits.argmax(-1)
+
+        self.stats.steps += 1
+        self.stats.decoded_tokens += done.numel()
+        self.exit_loops_sum += int(loops[done].sum())
+        self.hidden[slots] = hidden
+        self.loop[slots] = loops
+        done_slots = slots[done]
+        self.length[done_slots] += 1
+        self.loop[done_slots] = 0
+        self.hidden[done_slots] = backbone.embed(tokens[:, None])
+        for slot, token in zip(done_slots.tolist(), tokens.tolist()):
+            if self._emit(self.slot_request[slot], token):
+                self.slot_request[slot] = None
+
+    def _store_deeper(self, exited: Tensor, slots: Tensor, positions: Tensor, loops: Tensor, hidden: Tensor,
+                      position_embeddings: Tuple[Tensor, Tensor]) -> None:
+        """For the rows ``exited`` (indices into the step's rows), the keys and values of every layer
+        they skip, from their exit hidden states: one ``key_value`` call per block over (row, loop) pairs."""
+        if exited.numel() == 0:
+            return
+        engine = self.engine
+        skipped = torch.arange(engine.num_loops, device=exited.device)[None] >= loops[exited, None]  # (rows, N)
+        pair_row, pair_loop = skipped.nonzero(as_tuple=True)
+        rows = exited[pair_row]
+        cos, sin = position_embeddings
+        for offset in range(engine.loop_length):
+            block_index = self.backbone.block_of_layer[offset]
+            layers = pair_loop * engine.loop_length + offset
+            new = self.backbone.blocks[block_index].key_value(hidden[rows], layers, (cos[rows], sin[rows]))
+            self._store(layers, slots[rows], positions[rows], new)
