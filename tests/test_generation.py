@@ -1,0 +1,376 @@
+"""Generation: ``RecursiveForCausalLM.generate``, early exit and ``DepthBatchingEngine``.
+
+References, all on tiny float64 models for several relaxations: greedy decoding by full recompute (the
+argmax of a whole forward at every step), and a slow per-token early-exit reference that runs one
+request's token through the layers one at a time, checks the LM head's top probability at every loop
+boundary, and takes the deeper layers' keys and values from the exit hidden state by running those
+blocks on it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import List, Optional, Tuple
+
+import pytest
+import torch
+
+from recursive import DepthBatchingEngine, RecursiveForCausalLM
+from recursive.generation import next_tokens, top_k_filter, top_p_filter
+from recursive.nn import rotary_embedding
+from tests.test_models import VOCAB, make_model
+
+# Cycle sharing (early exit needs loop boundaries), one configuration per relaxation.
+CONFIGS = {
+    "none": dict(relaxation="none", qkv_bias=True, tie_word_embeddings=True),  # 2 loops of 2 blocks
+    "depth_lora": dict(relaxation="depth_lora", num_layers=6, start_index=1,
+                       lora_rank={"q": 4, "k": 2, "v": 3, "o": 4, "gate": 2, "up": 4, "down": 3}),  # 3 loops
+    "circuit": dict(relaxation="circuit", num_layers=6, start_index=3),  # layers 0-2 without circuit factors
+    "mol": dict(relaxation="mol", num_blocks=1, hidden_act="gelu", lora_targets=("gate", "down")),  # 4 loops of 1
+}
+SEQUENCE = dict(relaxation="depth_lora", sharing="sequence")  # a single loop: no early exit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_for(name: str) -> RecursiveForCausalLM:
+    return make_model(**CONFIGS[name]).eval()
+
+
+def random_prompts(count: int, low: int, high: int, seed: int = 0) -> List[List[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(low, high))] for _ in range(count)]
+
+
+# References.
+
+
+@torch.no_grad()
+def greedy_by_recompute(model, prompt: List[int], max_new_tokens: int) -> List[int]:
+    """The prompt and ``max_new_tokens`` greedy tokens, each the argmax of a full forward without cache."""
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens
+
+
+@torch.no_grad()
+def early_exit_reference(model, prompt: List[int], max_new_tokens: int, threshold: float) -> Tuple[List[int], List[float]]:
+    """One request, one token at a time, one layer at a time: the tokens and every boundary's top probability.
+
+    The prompt runs full depth. A decoded token stops at the first loop boundary (every ``num_blocks``
+    layers, cycle sharing) where softmax(lm_head(norm(h))) peaks at ``threshold`` or more; each deeper
+    layer then still runs its block on the frozen exit state, only to extend its cache.
+    """
+    config, backbone = model.config, model.model
+    out = model(torch.tensor([prompt]), use_cache=True)
+    cache = list(out.past_key_values)
+    tokens = list(prompt) + [int(out.logits[0, -1].argmax())]
+    top_probabilities = []
+    for _ in range(max_new_tokens - 1):
+        position = torch.tensor([[len(tokens) - 1]])
+        position_embeddings = rotary_embedding(position, config.head_dim, config.rope_theta, torch.float64)
+        hidden = backbone.embed(torch.tensor([[tokens[-1]]]))
+        logits = None
+        for layer in range(config.num_layers):
+            block = backbone.blocks[config.block_of_layer(layer)]
+            new_hidden, cache[layer], _ = block(hidden, layer, position_embeddings, None, cache[layer], use_cache=True)
+            if logits is not None:
+                continue  # exited: the block ran on the exit state for its keys and values only
+            hidden = new_hidden
+            if (layer + 1) % config.num_blocks == 0 and layer + 1 < config.num_layers:
+                boundary_logits = model.lm_head(backbone.norm(hidden[0, -1]))
+                top = float(boundary_logits.softmax(-1).max())
+                top_probabilities.append(top)
+                if top >= threshold:
+                    logits = boundary_logits
+        if logits is None:
+            logits = model.lm_head(backbone.norm(hidden[0, -1]))
+        tokens.append(int(logits.argmax()))
+    return tokens, top_probabilities
+
+
+def calibrated_threshold(model, prompts: List[List[int]], max_new_tokens: int) -> float:
+    """The median top probability at loop boundaries of full-depth decoding: some tokens exit, some not."""
+    probabilities = [p for prompt in prompts for p in early_exit_reference(model, prompt, max_new_tokens, 2.0)[1]]
+    return float(torch.tensor(probabilities).median())
+
+
+def left_pad(prompts: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def unpadded(row: torch.Tensor, pad: int) -> List[int]:
+    return row.tolist()[pad:]
+
+
+# KV-cached generate.
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, "sequence"])
+def test_cached_greedy_equals_full_recompute(name):
+    model = make_model(**SEQUENCE).eval() if name == "sequence" else model_for(name)
+    prompts = random_prompts(3, 4, 4, seed=1)
+    out = model.generate(torch.tensor(prompts), 5)
+    assert out.tolist() == [greedy_by_recompute(model, p, 5) for p in prompts]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_left_padded_batch_equals_each_prompt_alone(name):
+    model = model_for(name)
+    prompts = random_prompts(3, 1, 6, seed=2)
+    ids, mask = left_pad(prompts)
+    out = model.generate(ids, 5, attention_mask=mask)
+    for row, prompt in zip(out, prompts):
+        assert unpadded(row, ids.shape[1] - len(prompt)) == greedy_by_recompute(model, prompt, 5)
+
+
+def test_eos_stops_and_pads():
+    model = model_for("none")
+    prompts = random_prompts(2, 3, 3, seed=3)
+    full = [greedy_by_recompute(model, p, 6) for p in prompts]
+    eos = full[0][3 + 1]  # the second token of row 0
+    out = model.generate(torch.tensor(prompts), 6, eos_token_id=eos).tolist()
+    for row, reference in zip(out, full):
+        new = reference[3:]
+        stop = new.index(eos) + 1 if eos in new else len(new)
+        assert row[: 3 + stop] == reference[: 3 + stop]
+        assert all(token == eos for token in row[3 + stop:])  # finished rows are padded with eos
+    alone = model.generate(torch.tensor(prompts[:1]), 6, eos_token_id=eos)
+    assert alone[0].tolist() == full[0][: 3 + full[0][3:].index(eos) + 1]  # stops once every row is finished
+
+
+def test_zero_new_tokens_returns_the_prompt():
+    model = model_for("none")
+    ids = torch.tensor(random_prompts(2, 3, 3))
+    assert torch.equal(model.generate(ids, 0), ids)
+
+
+# Early exit.
+
+
+@pytest.mark.parametrize("name", ["none", "circuit"])
+def test_exit_threshold_off_changes_nothing(name):
+    model = model_for(name)
+    prompts = random_prompts(2, 3, 5, seed=4)
+    ids, mask = left_pad(prompts)
+    plain = model.generate(ids, 5, attention_mask=mask)
+    assert torch.equal(model.generate(ids, 5, attention_mask=mask, exit_threshold=None), plain)
+    assert torch.equal(model.generate(ids, 5, attention_mask=mask, exit_threshold=1.0), plain)
+    engine = DepthBatchingEngine(model, 2, exit_threshold=1.0)
+    assert engine.generate(prompts, 5) == [greedy_by_recompute(model, p, 5) for p in prompts]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_early_exit_generate_and_engine_match_the_reference(name):
+    model = model_for(name)
+    prompts = random_prompts(5, 1, 6, seed=5)
+    threshold = calibrated_threshold(model, prompts, 6)
+    references = [early_exit_reference(model, p, 6, threshold)[0] for p in prompts]
+    full_depth = [greedy_by_recompute(model, p, 6) for p in prompts]
+    assert references != full_depth  # the threshold changes some tokens, so the test can tell exits apart
+
+    ids, mask = left_pad(prompts)
+    out = model.generate(ids, 6, attention_mask=mask, exit_threshold=threshold)
+    assert [unpadded(row, ids.shape[1] - len(p)) for row, p in zip(out, prompts)] == references
+
+    engine = DepthBatchingEngine(model, 2, exit_threshold=threshold)
+    assert engine.generate(prompts, 6) == references
+    stats = engine.stats
+    assert stats.decoded_tokens == 5 * 5 and 1 <= stats.mean_exit_loops < stats.num_loops
+
+
+def test_early_exit_when_every_row_leaves_at_the_first_boundary():
+    """A threshold every token reaches: the decoded tokens all come from the first loop's LM head."""
+    model = model_for("depth_lora")
+    prompts = random_prompts(3, 2, 4, seed=6)
+    tiny = 1.0 / VOCAB
+    references = [early_exit_reference(model, p, 5, tiny)[0] for p in prompts]
+    ids, mask = left_pad(prompts)
+    out = model.generate(ids, 5, attention_mask=mask, exit_threshold=tiny)
+    assert [unpadded(row, ids.shape[1] - len(p)) for row, p in zip(out, prompts)] == references
+    engine = DepthBatchingEngine(model, 2, exit_threshold=tiny)
+    assert engine.generate(prompts, 5) == references
+    assert engine.stats.mean_exit_loops == 1.0
+
+
+def test_block_key_value_equals_the_cache_forward_appends():
+    model = model_for("circuit")
+    config = model.config
+    hidden = torch.randn(3, 2, config.hidden_size, dtype=torch.float64)
+    position_embeddings = rotary_embedding(torch.tensor([[4, 5]] * 3), config.head_dim, config.rope_theta, torch.float64)
+    block = model.model.blocks[1]
+    for depth in (1, 5, torch.tensor([1, 3, 5])):  # 1: no circuit factors (before start_index)
+        expected = block(hidden, depth, position_embeddings, use_cache=True)[1]
+        got = block.key_value(hidden, depth, position_embeddings)
+        for e, g in zip(expected, got):
+            assert (e is None) == (g is None)
+            if e is not None:
+                torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+# DepthBatchingEngine.
+
+
+@pytest.mark.parametrize("name", [*CONFIGS, "sequence"])
+def test_engine_equals_one_request_at_a_time(name):
+    model = make_model(**SEQUENCE).eval() if name == "sequence" else model_for(name)
+    prompts = random_prompts(6, 1, 7, seed=7)
+    lengths = [4, 0, 6, 1, 3, 5]
+    engine = DepthBatchingEngine(model, max_batch_size=3)
+    out = engine.generate(prompts, lengths)
+    assert out == [model.generate(torch.tensor([p]), n)[0].tolist() for p, n in zip(prompts, lengths)]
+    assert engine.stats.new_tokens == sum(lengths)
+
+
+def test_engine_eos_equals_generate():
+    model = model_for("none")
+    prompts = random_prompts(5, 2, 5, seed=8)
+    eos = greedy_by_recompute(model, prompts[0], 3)[-1]
+    out = DepthBatchingEngine(model, 2).generate(prompts, 6, eos_token_id=eos)
+    assert out == [model.generate(torch.tensor([p]), 6, eos_token_id=eos)[0].tolist() for p in prompts]
+
+
+def test_engine_many_random_requests_with_early_exit_all_complete():
+    torch.manual_seed(0)
+    model = make_model(**CONFIGS["mol"]).float().eval()
+    rng = random.Random(9)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 8))] for _ in range(300)]
+    lengths = [rng.randint(0, 6) for _ in prompts]
+    eos = 5
+    threshold = calibrated_threshold(model.double(), prompts[:4], 4)
+    model.float()
+    engine = DepthBatchingEngine(model, max_batch_size=16, exit_threshold=threshold)
+    out = engine.generate(prompts, lengths, eos_token_id=eos)
+    assert len(out) == len(prompts)
+    for tokens, prompt, length in zip(out, prompts, lengths):
+        new = tokens[len(prompt):]
+        assert tokens[: len(prompt)] == prompt
+        assert len(new) == length or (0 < len(new) < length and new[-1] == eos)
+        assert eos not in new[:-1]
+    stats = engine.stats
+    assert stats.new_tokens == sum(len(t) - len(p) for t, p in zip(out, prompts))
+    assert 1.0 < stats.mean_exit_loops < stats.num_loops  # some tokens exited, some ran deeper
+
+
+# Sampling.
+
+
+def test_top_k_filter_keeps_the_k_largest():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for k in (1, 7, 50, 80):
+        kept = top_k_filter(logits, k).isfinite()
+        expected = torch.zeros_like(kept)
+        for row in range(4):
+            expected[row, logits[row].argsort(descending=True)[:k]] = True
+        assert torch.equal(kept, expected)
+
+
+def test_top_p_filter_keeps_the_smallest_set_reaching_p():
+    logits = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2
+    for p in (1e-6, 0.3, 0.75, 0.95, 1.0):
+        kept = top_p_filter(logits, p).isfinite()
+        for row in range(6):
+            probs = logits[row].softmax(-1)
+            order = probs.argsort(descending=True).tolist()
+            chosen, mass = [], 0.0
+            for token in order:  # the most probable first, until the mass reaches p
+                chosen.append(token)
+                mass += float(probs[token])
+                if mass >= p:
+                    break
+            assert sorted(kept[row].nonzero().squeeze(1).tolist()) == sorted(chosen)
+
+
+def test_sampling_follows_the_filtered_tempered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    draws = 40000
+    torch.manual_seed(0)
+    tokens = next_tokens(logits.expand(draws, -1), do_sample=True, temperature=0.7, top_k=4, top_p=0.9)
+    frequencies = torch.bincount(tokens, minlength=6).double() / draws
+    tempered = (logits.double() / 0.7).softmax(-1)
+    kept = tempered[:4]  # top_k=4; then top-p: the first three reach 0.9 of the top-4 mass? computed below
+    kept = kept / kept.sum()
+    mass_before = kept.cumsum(0) - kept
+    kept = torch.where(mass_before < 0.9, kept, torch.zeros_like(kept))
+    expected = torch.cat((kept / kept.sum(), torch.zeros(2, dtype=torch.float64)))
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.01)
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
+    model = model_for("none")
+    ids = torch.tensor(random_prompts(2, 3, 3, seed=10))
+    torch.manual_seed(3)
+    first = model.generate(ids, 6, do_sample=True, temperature=1.5, top_p=0.9)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(ids, 6, do_sample=True, temperature=1.5, top_p=0.9), first)
+    assert torch.equal(model.generate(ids, 6, do_sample=True, top_k=1), model.generate(ids, 6))
+
+
+# Bad input.
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(input_ids=torch.tensor([[1, VOCAB]])), "input_ids"),
+    (dict(input_ids=torch.tensor([[-1, 2]])), "input_ids"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "input_ids"),
+    (dict(input_ids=torch.tensor([1, 2])), "input_ids"),
+    (dict(attention_mask=torch.tensor([[0, 0]])), "attention_mask"),
+    (dict(attention_mask=torch.tensor([[1, 1, 1]])), "attention_mask"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(eos_token_id=VOCAB), "eos_token_id"),
+    (dict(exit_threshold=0.0), "exit_threshold"),
+    (dict(exit_threshold=1.5), "exit_threshold"),
+])
+def test_generate_rejects_bad_input(kwargs, argument):
+    model = model_for("none")
+    args = dict(input_ids=torch.tensor([[1, 2]]), max_new_tokens=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=argument):
+        model.generate(**args)
+
+
+def test_early_exit_needs_loop_boundaries():
+    model = make_model(**SEQUENCE).eval()
+    with pytest.raises(ValueError, match="exit_threshold"):
+        model.generate(torch.tensor([[1, 2]]), 2, exit_threshold=0.5)
+    with pytest.raises(ValueError, match="exit_threshold"):
+        DepthBatchingEngine(model, 2, exit_threshold=0.5)
+
+
+@pytest.mark.parametrize("prompts, max_new_tokens, argument", [
+    ([[1, 2], []], 2, r"prompts\[1\]"),
+    ([[1, VOCAB]], 2, r"prompts\[0\]"),
+    ([[1, -3]], 2, r"prompts\[0\]"),
+    ([[1, 2]], -1, r"max_new_tokens\[0\]"),
+    ([[1, 2], [3]], [2, -1], r"max_new_tokens\[1\]"),
+    ([[1, 2], [3]], [2], "max_new_tokens"),
+    (torch.tensor([[1, 2]]), 2, "prompts"),
+])
+def test_engine_rejects_bad_input(prompts, max_new_tokens, argument):
+    engine = DepthBatchingEngine(model_for("none"), 2)
+    with pytest.raises(ValueError, match=argument):
+        engine.generate(prompts, max_new_tokens)
+
+
+def test_engine_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DepthBatchingEngine(model_for("none"), 0)
+    with pytest.raises(ValueError, match="model"):
+        DepthBatchingEngine(torch.nn.Linear(2, 2), 2)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        DepthBatchingEngine(model_for("none"), 2).generate([[1]], 2, eos_token_id=-1)
