@@ -77,6 +77,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress indicator")
     p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these benchmarks")
     p.set_defaults(func=bench)
+    from .train import add_arguments as add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))
     args = parser.parse_args(argv)
     args.func(args)
 

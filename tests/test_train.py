@@ -1,0 +1,120 @@
+"""recursive.train: the synthetic corpus, the schedule, a short training run whose loss falls, and the
+``python -m recursive train`` command with --save."""
+
+import math
+
+import pytest
+import torch
+
+from recursive import RecursiveConfig, RecursiveForCausalLM
+from recursive.__main__ import main as cli
+from recursive.train import (
+    CORPUS_VOCAB_SIZE,
+    encode,
+    learning_rate_factor,
+    synthetic_corpus,
+    train,
+    unigram_entropy,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared machine run far faster on one thread than on contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed=0, **overrides) -> RecursiveForCausalLM:
+    values = dict(vocab_size=CORPUS_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  num_layers=2, num_blocks=1, relaxation="depth_lora", lora_rank=4)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return RecursiveForCausalLM(RecursiveConfig(**values))
+
+
+def test_corpus_is_deterministic_ascii_with_agreement():
+    text = synthetic_corpus(5000, seed=3)
+    assert len(text) >= 5000 and text == synthetic_corpus(5000, seed=3) and text != synthetic_corpus(5000, seed=4)
+    tokens = encode(text)
+    assert tokens.dtype == torch.int64 and int(tokens.max()) < CORPUS_VOCAB_SIZE
+    assert bytes(tokens.tolist()).decode("ascii") == text
+    corpus = synthetic_corpus(seed=0)
+    assert " cats see " in corpus and " cat sees " in corpus
+    assert " cats sees " not in corpus and " cat see " not in corpus  # verbs agree with their subjects
+
+
+def test_unigram_entropy_of_uniform_and_constant_tokens():
+    assert unigram_entropy(torch.arange(8).repeat(5)) == pytest.approx(math.log(8))
+    assert unigram_entropy(torch.full((10,), 3)) == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_learning_rate_warms_up_then_decays_to_zero(schedule):
+    factors = [learning_rate_factor(step, 100, 10, schedule) for step in range(101)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == 1.0 and factors[100] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[55] == pytest.approx(0.5)
+
+
+def test_loss_falls_below_unigram_entropy():
+    corpus = encode(synthetic_corpus(1 << 15))
+    losses = train(tiny_model(), steps=80, batch_size=8, seq_len=32, lr=1e-2, corpus=corpus, progress=False)
+    assert len(losses) == 80 and all(math.isfinite(loss) for loss in losses)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert losses[0] == pytest.approx(math.log(CORPUS_VOCAB_SIZE), abs=0.1)  # starts near uniform
+    assert last < 0.6 * first
+    assert last < unigram_entropy(corpus) - 0.5  # it uses context, not only letter frequencies
+
+
+@pytest.mark.xfail(
+    strict=True, raises=(ValueError, RuntimeError),
+    reason="the kernels ops do not follow torch.autocast yet: a bfloat16 activation meets a float32 weight",
+)
+def test_bf16_autocast_trains():
+    losses = train(tiny_model(), steps=3, batch_size=2, seq_len=16, bf16=True, progress=False)
+    assert all(math.isfinite(loss) for loss in losses)
+
+
+def test_cli_trains_saves_and_continues(tmp_path, capsys):
+    config = tiny_model().config
+    config_path = tmp_path / "config.json"
+    config_path.write_text(config.to_json_string())
+    saved = tmp_path / "trained"
+    common = ["--steps", "6", "--batch-size", "2", "--seq-len", "16", "--no-progress"]
+    cli(["train", "--config", str(config_path), "--save", str(saved), *common])
+    printed = capsys.readouterr().out
+    assert "loss: first" in printed and "tokens/s" in printed and str(saved) in printed
+
+    loaded = RecursiveForCausalLM.from_pretrained(str(saved))
+    assert loaded.config == config
+    fresh = tiny_model()  # the CLI seeds the init with --seed 0, as here
+    changed = [name for name, p in fresh.state_dict().items() if not torch.equal(p, loaded.state_dict()[name])]
+    assert "model.blocks.0.self_attn.q_proj.weight" in changed and "model.blocks.0.mlp.down_proj.lora_b" in changed
+
+    cli(["train", "--model", str(saved), *common])  # continue training the saved model
+    assert "loss: first" in capsys.readouterr().out
+
+
+def test_bad_arguments_raise_value_error_naming_them():
+    model = tiny_model()
+    for kwargs, name in [
+        (dict(steps=0), "steps"),
+        (dict(batch_size=1.5), "batch_size"),
+        (dict(lr=0.0), "lr"),
+        (dict(warmup_steps=20, steps=10), "warmup_steps"),
+        (dict(schedule="step"), "schedule"),
+        (dict(corpus=torch.arange(5)), "corpus"),
+        (dict(corpus=torch.arange(10.0)), "corpus"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            train(model, **{"seq_len": 8, "progress": False, **kwargs})
+    with pytest.raises(ValueError, match="model"):
+        train(tiny_model(vocab_size=64), steps=1, progress=False)  # the corpus needs 128 byte ids
+    with pytest.raises(ValueError, match="model"):
+        train(torch.nn.Linear(2, 2), progress=False)
+    with pytest.raises(ValueError, match="num_bytes"):
+        synthetic_corpus(0)
