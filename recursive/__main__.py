@@ -48,7 +48,7 @@ def _benchmarks_dir() -> Path:
     return path
 
 
-BENCHMARKS = ("lowrank_linear", "circuit_attention")
+BENCHMARKS = ("lowrank_linear", "circuit_attention", "model")
 
 
 def bench(args) -> None:
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m recursive", description="recursive-kernels command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=info)
-    p = sub.add_parser("bench", help="benchmark the fused ops on the default device")
+    p = sub.add_parser("bench", help="benchmark the fused ops and whole models on the default device")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress indicator")

@@ -1,0 +1,183 @@
+"""Benchmark whole recursive models: forward and training-step throughput, fused backends against the
+torch reference, and a relaxed recursive model against an untied one of the same effective depth.
+
+Two models of the same sizes and effective depth L:
+
+- relaxed: L layers over L / 4 shared blocks (cycle) with a depth-wise LoRA of rank 16 on every
+  projection (Relaxed Recursive Transformer);
+- untied: L blocks of its own per layer, no relaxation (the ordinary transformer it compresses).
+
+Each is timed with the automatically selected (fused) backends and with the torch reference, forward
+(inference, no autograd) and forward+backward of the loss (a training step without the optimizer).
+Printed per row: time, tokens/s, GFLOP/s (from ``recursive.flops``: the model's FLOPs in
+FlopCounterMode's convention, the same count for every backend), ``vs torch`` (torch reference time
+over this time: above 1 is faster) and ``vs untied`` (the untied model's time with the same backends
+over this time). CPU: float32, a small model; GPU: bfloat16 parameters, a 12-layer model.
+
+    python benchmarks/bench_model.py [--device cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import format_table, machine_description, resolve, time_cases, write_json  # noqa: E402
+from recursive import RecursiveConfig, RecursiveForCausalLM  # noqa: E402
+from recursive.flops import forward_flops, training_step_flops  # noqa: E402
+
+MODES = ("fwd", "fwd+bwd")
+IMPLS = ("auto", "torch")  # auto: the fused backend each op selects on this device
+VARIANTS = ("relaxed", "untied")
+LORA_RANK = 16
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model (``variant`` of ``base``) on inputs of ``batch_size`` x ``seq_len`` tokens."""
+
+    variant: str
+    base: RecursiveConfig
+    batch_size: int
+    seq_len: int
+
+    @property
+    def config(self) -> RecursiveConfig:
+        if self.variant == "relaxed":
+            return replace(self.base, num_blocks=self.base.num_layers // 4, relaxation="depth_lora",
+                           lora_rank=LORA_RANK, lora_alpha=float(LORA_RANK), lora_targets=None)
+        return replace(self.base, num_blocks=self.base.num_layers, relaxation="none", lora_targets=None)
+
+    def flops(self, backward: bool) -> int:
+        count = training_step_flops if backward else forward_flops
+        return count(self.config, self.batch_size, self.seq_len)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return f"{self.variant} L={c.num_layers} B={c.num_blocks} h={c.hidden_size} {self.batch_size}x{self.seq_len}"
+
+
+def default_cases(device: torch.device) -> List[Case]:
+    if device.type == "cuda":
+        base = RecursiveConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
+                               num_key_value_heads=4, num_layers=12)
+        batch_size, seq_len = 8, 1024
+    else:
+        base = RecursiveConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                               num_key_value_heads=2, num_layers=8)
+        batch_size, seq_len = 2, 128
+    return [Case(variant, base, batch_size, seq_len) for variant in VARIANTS]
+
+
+def build_model(case: Case, impl: str, device: torch.device, dtype: torch.dtype) -> RecursiveForCausalLM:
+    """The case's model with the given backends, seeded, so every backend runs the same weights."""
+    torch.manual_seed(0)
+    config = replace(case.config, backend=None if impl == "auto" else impl)
+    return RecursiveForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def _callable(model: RecursiveForCausalLM, case: Case, backward: bool, device: torch.device) -> Callable[[], object]:
+    input_ids = torch.randint(0, case.config.vocab_size, (case.batch_size, case.seq_len),
+                              generator=torch.Generator().manual_seed(0)).to(device)
+    if not backward:
+        model.eval()
+
+        def forward():
+            with torch.no_grad():
+                return model(input_ids).logits
+
+        return forward
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids, labels=input_ids).loss.backward()
+
+    return step
+
+
+def run(
+    device: Optional[torch.device] = None,
+    dtype: Optional[torch.dtype] = None,
+    modes=MODES,
+    impls=IMPLS,
+    cases: Optional[List[Case]] = None,
+    progress: bool = True,
+) -> Dict[str, object]:
+    device, dtype = resolve(device, dtype)
+    cases = cases or default_cases(device)
+    models: Dict[tuple, RecursiveForCausalLM] = {}  # (variant, impl) -> model, built once for both modes
+
+    def prepare(case, backward):
+        def make(impl):
+            key = (case.variant, impl)
+            if key not in models:
+                models[key] = build_model(case, impl, device, dtype)
+            return _callable(models[key], case, backward, device)
+
+        return make
+
+    timed = {(case.variant, mode): times for case, mode, times in time_cases(cases, modes, impls, prepare, device, progress)}
+    rows = []
+    for case in cases:
+        for mode in modes:
+            times = timed[(case.variant, mode)]
+            untied = timed.get(("untied", mode))
+            for impl, seconds in times.items():
+                rows.append(
+                    {
+                        "model": case.variant,
+                        "layers": case.config.num_layers,
+                        "blocks": case.config.num_blocks,
+                        "mode": mode,
+                        "impl": impl,
+                        "ms": seconds * 1e3,
+                        "tokens/s": case.batch_size * case.seq_len / seconds,
+                        "GFLOP/s": case.flops(mode == "fwd+bwd") / seconds / 1e9,
+                        "vs torch": times["torch"] / seconds if "torch" in times else None,
+                        "vs untied": untied[impl] / seconds if untied else None,
+                    }
+                )
+    return {
+        "machine": machine_description(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "cases": [case.label for case in cases],
+        "rows": rows,
+    }
+
+
+COLUMNS = ["model", "layers", "blocks", "mode", "impl", "ms", "tokens/s", "GFLOP/s", "vs torch", "vs untied"]
+
+
+def main(argv=None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--mode", choices=MODES, action="append", help="default: both")
+    parser.add_argument("--json", help="also write the table as JSON to this path")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(
+        device=torch.device(args.device) if args.device else None,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        modes=tuple(args.mode or MODES),
+        progress=not args.no_progress,
+    )
+    print(f"recursive models on {result['machine']}, {result['dtype']}: {'; '.join(result['cases'])}")
+    print(format_table(result["rows"], COLUMNS))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

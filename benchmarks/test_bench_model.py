@@ -1,0 +1,17 @@
+"""The model benchmark cases under pytest-benchmark: ``pytest benchmarks/``."""
+
+import pytest
+
+from benchmarks.bench_model import IMPLS, MODES, _callable, build_model, default_cases
+from benchmarks.common import resolve, run_benchmark
+
+DEVICE, DTYPE = resolve(None, None)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", default_cases(DEVICE), ids=lambda c: c.label.replace(" ", "-"))
+def test_model(benchmark, case, mode, impl):
+    benchmark.group = f"{case.label} {mode}"
+    fn = _callable(build_model(case, impl, DEVICE, DTYPE), case, mode == "fwd+bwd", DEVICE)
+    run_benchmark(benchmark, fn, DEVICE)
