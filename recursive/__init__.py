@@ -4,12 +4,14 @@
   ``MoLFeedForward``, ``RecursiveBlock``).
 - ``recursive.RecursiveConfig``, ``recursive.RecursiveForCausalLM``, ``recursive.RecursiveEncoder``: the
   model family, saved and loaded as ``config.json`` plus safetensors.
+- ``recursive.convert_hf``: a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM as a recursive model.
 - ``RecursiveForCausalLM.generate`` and ``recursive.DepthBatchingEngine``: generation with early exit and
   continuous depth-wise batching (``recursive.generation``).
 """
 
 from . import nn
 from .config import RecursiveConfig
+from .convert import convert_hf
 from .generation import DepthBatchingEngine
 from .modeling import (
     CausalLMOutput,
@@ -31,5 +33,6 @@ __all__ = [
     "RecursiveModel",
     "RecursiveModelOutput",
     "RecursivePreTrainedModel",
+    "convert_hf",
     "nn",
 ]

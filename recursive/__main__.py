@@ -1,4 +1,4 @@
-"""Command line: ``python -m recursive {info,bench}``."""
+"""Command line: ``python -m recursive {info,bench,convert}``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
+
+from .config import LORA_TARGETS, SHARING_SCHEMES, RecursiveConfig
+from .convert import INIT_SCHEMES, convert_hf
 
 
 def _version(module: str) -> str:
@@ -48,7 +51,7 @@ def _benchmarks_dir() -> Path:
     return path
 
 
-BENCHMARKS = ("lowrank_linear", "circuit_attention", "model")
+BENCHMARKS = ("lowrank_linear", "circuit_attention")
 
 
 def bench(args) -> None:
@@ -67,16 +70,49 @@ def bench(args) -> None:
         write_json(args.json, results)
 
 
+def convert(args) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        sys.exit("python -m recursive convert needs transformers: pip install transformers")
+    from transformers import AutoModelForCausalLM
+
+    targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else LORA_TARGETS
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(args.checkpoint, local_files_only=True, torch_dtype=dtype)
+    model = convert_hf(hf_model, args.num_blocks, args.sharing, args.init, args.lora_rank, targets,
+                       svd_init=not args.no_svd_init, lora_alpha=args.lora_alpha,
+                       progress=False if args.no_progress else None)
+    model.save_pretrained(args.output)
+    count = sum(p.numel() for p in model.parameters())
+    original = sum(p.numel() for p in hf_model.parameters())
+    print(f"{model.config.num_layers} layers -> {model.config.num_blocks} blocks ({model.config.sharing}, "
+          f"relaxation {model.config.relaxation}): {count:,} parameters ({count / original:.1%} of {original:,}), "
+          f"written to {args.output}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m recursive", description="recursive-kernels command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=info)
-    p = sub.add_parser("bench", help="benchmark the fused ops and whole models on the default device")
+    p = sub.add_parser("bench", help="benchmark the fused ops on the default device")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress indicator")
     p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these benchmarks")
     p.set_defaults(func=bench)
+    p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint")
+    p.add_argument("checkpoint", help="directory of the Hugging Face checkpoint (read with local_files_only)")
+    p.add_argument("output", help="directory to write the recursive model to")
+    p.add_argument("--num-blocks", type=int, required=True, help="unique blocks B")
+    p.add_argument("--sharing", default="cycle", choices=SHARING_SCHEMES)
+    p.add_argument("--init", default="stepwise", choices=INIT_SCHEMES, help="how blocks take the original layers")
+    p.add_argument("--lora-rank", type=int, default=0, help="per-layer LoRA rank (0: none)")
+    p.add_argument("--lora-targets", help="comma-separated LoRA targets (default: q,k,v,o,gate,up,down)")
+    p.add_argument("--lora-alpha", type=float, default=RecursiveConfig.lora_alpha, help="LoRA alpha")
+    p.add_argument("--no-svd-init", action="store_true", help="PEFT's LoRA init instead of the SVD of the residuals")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64", "bfloat16", "float16"),
+                   help="dtype to load the checkpoint in (auto: its own)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=convert)
     from .train import add_arguments as add_train_arguments
 
     add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))

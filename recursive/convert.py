@@ -1,0 +1,312 @@
+"""Conversion of a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM into a recursive model.
+
+:func:`convert_hf` ties the L layers of a pretrained model into B shared blocks (Relaxed Recursive
+Transformers): it picks each block's weights from the original layers by an init scheme and, with
+``lora_rank > 0``, gives every effective layer a LoRA on its projections, initialised from the SVD of
+what the sharing took away from that layer.
+
+``transformers`` is not imported here: any ``nn.Module`` shaped like transformers' ``*ForCausalLM``
+(``config.model_type``, ``model.embed_tokens``, ``model.layers[i]`` with ``self_attn.{q,k,v,o}_proj``,
+``mlp.{gate,up,down}_proj`` and the two norms, ``model.norm``, ``lm_head``) of a supported type converts.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import ACTIVATIONS, LORA_TARGETS, SHARING_SCHEMES, RecursiveConfig
+from .modeling import RecursiveForCausalLM
+from .nn import LowRankLinear, activation
+from .progress import Progress
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+INIT_SCHEMES = ("stepwise", "average", "lower", "upper")
+# The module of each LoRA target, in Hugging Face's decoder layer and in a recursive block alike.
+TARGET_MODULES = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+}
+# The progress bar shows by default from this many parameters on (a small model converts in a blink).
+PROGRESS_MIN_PARAMETERS = 100_000_000
+
+
+def convert_hf(
+    hf_model: nn.Module,
+    num_blocks: int,
+    sharing: str = "cycle",
+    init: str = "stepwise",
+    lora_rank: Union[int, Mapping[str, int]] = 0,
+    lora_targets: Sequence[str] = LORA_TARGETS,
+    svd_init: bool = True,
+    *,
+    lora_alpha: float = RecursiveConfig.lora_alpha,
+    progress: Optional[bool] = None,
+) -> RecursiveForCausalLM:
+    """A :class:`recursive.RecursiveForCausalLM` with ``num_blocks`` shared blocks run over the L layers of
+    ``hf_model`` (transformers' ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+    ``GemmaForCausalLM``), on the device and in the dtype of ``hf_model``, in its train/eval mode.
+
+    Shared block b takes every parameter of a decoder layer (projection weights, q/k/v biases, both
+    norms) from the original layers ``sources(b)`` of ``init`` (their mean when there are several):
+
+    - ``"stepwise"``: layer ``round(linspace(0, L - 1, B))[b]`` (halves round to even, as
+      ``torch.round``; computed exactly);
+    - ``"average"``: the layers tied to block b by ``sharing`` (``RecursiveConfig.layers_of_block``);
+    - ``"lower"``: layer b; ``"upper"``: layer ``L - B + b``.
+
+    Embeddings, the final norm and the LM head are copied (tied when they are tied in ``hf_model``).
+
+    With ``lora_rank > 0`` the relaxation is ``"depth_lora"``: effective layer l owns a LoRA on each
+    of ``lora_targets`` with ``W_eff(l) = W_b + s B_l A_l`` (``s = lora_alpha / r``). With ``svd_init``,
+    ``R_l = W_orig(l) - W_b`` (computed in float32, float64 for float64 models),
+    ``U S V^T = svd(R_l)``, ``A_l = V[:, :r]^T``, ``B_l = U[:, :r] diag(S[:r]) / s``: the best rank-r
+    approximation of R_l. Without it, PEFT's init (A Kaiming-uniform, B zero: ``W_eff(l) = W_b``).
+    Ranks above ``min(in_features, out_features)`` of a projection are clamped to it.
+
+    What is reproduced: the architecture exactly (sizes, grouped-query heads, RoPE base, activation,
+    Gemma's ``1 + weight`` norms and embedding scale, Qwen2's q/k/v biases, tied embeddings). With
+    ``num_blocks == L`` every block is its own layer and the converted model computes the original
+    function. With fewer blocks, the targeted projection weights of every layer are reproduced
+    exactly at full rank (up to the rounding of the SVD); norm weights and biases are shared and
+    cannot be carried by LoRA, so the converted model computes the original function at full rank
+    when, for every layer l, its norms and biases equal those block ``b(l)`` took (for instance when
+    they are the same in all layers) and every projection is a LoRA target.
+
+    Args:
+        hf_model: the Hugging Face causal LM (model type "llama", "mistral", "qwen2" or "gemma").
+        num_blocks: B unique blocks, 1 <= B <= L; L must suit ``sharing`` (see ``RecursiveConfig``).
+        sharing: ``"cycle"``, ``"sequence"`` or ``"middle_cycle"``.
+        init: ``"stepwise"``, ``"average"``, ``"lower"`` or ``"upper"``.
+        lora_rank: rank of every target (0: no relaxation), or a mapping from target to rank.
+        lora_targets: projections carrying the per-layer LoRA, among "q", "k", "v", "o", "gate",
+            "up", "down".
+        svd_init: initialise the LoRA from the SVD of the residuals (else PEFT's init).
+        lora_alpha: LoRA alpha (scaling ``lora_alpha / r``).
+        progress: show a progress bar (unit: layer) on stderr; None: only for models of
+            :data:`PROGRESS_MIN_PARAMETERS` parameters or more.
+
+    Raises:
+        ValueError: naming ``hf_model`` for an unsupported model type or a configuration this
+            package cannot reproduce (RoPE scaling, partial rotary embeddings, a sliding window
+            shorter than ``max_position_embeddings``, bidirectional attention, biases or extra
+            parameters a recursive block has no place for), or naming the argument that is invalid.
+    """
+    layers = _decoder_layers(hf_model)
+    num_layers = len(layers)
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 1 <= num_blocks <= num_layers:
+        raise ValueError(f"num_blocks: expected an int in [1, {num_layers}] (the model's layers), got {num_blocks!r}")
+    for name, value, choices in (("sharing", sharing, SHARING_SCHEMES), ("init", init, INIT_SCHEMES)):
+        if value not in choices:
+            raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    lora_targets = _check_targets(lora_targets)
+    if not isinstance(svd_init, bool):
+        raise ValueError(f"svd_init: expected a bool, got {svd_init!r}")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, (int, Mapping)):
+        raise ValueError(f"lora_rank: expected an int >= 0 or a mapping from target to rank, got {lora_rank!r}")
+    ranks = dict(lora_rank) if isinstance(lora_rank, Mapping) else lora_rank
+    relaxed = any(ranks.values()) if isinstance(ranks, dict) else ranks != 0
+    config = RecursiveConfig(
+        **_architecture(hf_model, layers), num_layers=num_layers, num_blocks=num_blocks, sharing=sharing,
+        relaxation="depth_lora" if relaxed else "none", lora_rank=ranks if relaxed else 0, lora_alpha=lora_alpha,
+        lora_targets=lora_targets if relaxed else None,
+    )
+
+    reference = hf_model.get_input_embeddings().weight
+    model = _empty_model(config, reference.dtype, reference.device)
+    sources = _source_layers(config, init)
+    if progress is None:
+        progress = sum(p.numel() for p in hf_model.parameters()) >= PROGRESS_MIN_PARAMETERS
+    svd_layers = range(num_layers) if relaxed and svd_init else range(0)
+    with torch.no_grad(), Progress(num_blocks + len(svd_layers), enabled=progress, unit="layer") as bar:
+        _copy_outer(model, hf_model)
+        for block, block_sources in zip(model.model.blocks, sources):
+            _initialise_block(block, [layers[i] for i in block_sources])
+            if not svd_init:
+                for module in block.modules():
+                    if isinstance(module, LowRankLinear):
+                        module.reset_adapters()
+            bar.step(f"block {block.block_index} from layers {block_sources}")
+        for layer in svd_layers:
+            block = model.model.blocks[config.block_of_layer(layer)]
+            for target in config.lora_targets:
+                projection: LowRankLinear = block.get_submodule(TARGET_MODULES[target])
+                if projection.lora_a is not None:  # else rank 0 in a mapping
+                    original = layers[layer].get_submodule(TARGET_MODULES[target]).weight
+                    _svd_init(projection, block.adapter_index(layer), original)
+            bar.step(f"adapters of layer {layer}")
+    return model.train(hf_model.training)
+
+
+def _decoder_layers(hf_model: nn.Module) -> List[nn.Module]:
+    """The decoder layers of a supported Hugging Face causal LM."""
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    body = getattr(hf_model, "model", None)
+    shaped = isinstance(getattr(body, "layers", None), nn.ModuleList) and getattr(hf_model, "lm_head", None) is not None
+    if not isinstance(hf_model, nn.Module) or model_type not in SUPPORTED_MODEL_TYPES or not shaped:
+        raise ValueError(
+            f"hf_model: expected a Hugging Face causal LM of model type {SUPPORTED_MODEL_TYPES} (for example "
+            f"LlamaForCausalLM), got {type(hf_model).__name__} of model type {model_type!r}"
+        )
+    return list(body.layers)
+
+
+def _check_targets(lora_targets: Sequence[str]) -> tuple:
+    if isinstance(lora_targets, str) or not isinstance(lora_targets, Sequence):
+        raise ValueError(f"lora_targets: expected a sequence of targets among {LORA_TARGETS}, got {lora_targets!r}")
+    unknown = [t for t in lora_targets if t not in LORA_TARGETS]
+    if unknown or not lora_targets or len(set(lora_targets)) != len(lora_targets):
+        raise ValueError(
+            f"lora_targets: expected distinct targets among {LORA_TARGETS}, at least one, got {tuple(lora_targets)!r}"
+        )
+    return tuple(lora_targets)
+
+
+def _architecture(hf_model: nn.Module, layers: List[nn.Module]) -> Dict[str, object]:
+    """The ``RecursiveConfig`` fields that describe ``hf_model``'s architecture; raises for what the
+    recursive model cannot reproduce."""
+    hf_config = hf_model.config
+    gemma = hf_config.model_type == "gemma"
+    if getattr(hf_config, "use_bidirectional_attention", False):
+        raise ValueError("hf_model: bidirectional attention (use_bidirectional_attention) is not supported")
+    _check_sliding_window(hf_config)
+    heads = hf_config.num_attention_heads
+    tied = hf_model.get_output_embeddings().weight is hf_model.get_input_embeddings().weight
+    return dict(
+        vocab_size=hf_model.get_input_embeddings().weight.shape[0],
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        hidden_act=_activation_name(layers[0].mlp.act_fn),
+        rms_norm_eps=hf_config.rms_norm_eps,
+        norm_unit_offset=gemma,
+        rope_theta=_rope_theta(hf_config),
+        qkv_bias=layers[0].self_attn.q_proj.bias is not None,
+        tie_word_embeddings=tied,
+        embed_scale=hf_config.hidden_size ** 0.5 if gemma else 1.0,
+        initializer_range=hf_config.initializer_range,
+    )
+
+
+def _rope_theta(hf_config) -> float:
+    """The RoPE base; raises for scaled or partial rotary embeddings, which the recursive model lacks."""
+    parameters = getattr(hf_config, "rope_parameters", None)  # transformers >= 5
+    if parameters is None:  # transformers 4: rope_theta beside an optional rope_scaling
+        parameters = dict(getattr(hf_config, "rope_scaling", None) or {}, rope_theta=hf_config.rope_theta)
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"hf_model: RoPE scaling of type {rope_type!r} is not supported (only the default RoPE)")
+    partial = parameters.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"hf_model: partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
+    return float(parameters["rope_theta"])
+
+
+def _check_sliding_window(hf_config) -> None:
+    """Raise when some layer attends through a sliding window that a sequence can outgrow: the recursive
+    model's attention is full causal, which equals the windowed one only while sequences fit the window."""
+    window = getattr(hf_config, "sliding_window", None)
+    if getattr(hf_config, "use_sliding_window", True) is False:  # Qwen2 keeps a window it does not use
+        window = None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if window is not None and (limit is None or window < limit):
+        raise ValueError(
+            f"hf_model: sliding-window attention (sliding_window={window} < max_position_embeddings={limit}) is not "
+            f"supported; full attention equals it on sequences of at most {window} tokens: set "
+            f"hf_model.config.sliding_window = None to convert with full attention"
+        )
+
+
+def _activation_name(act_fn: nn.Module) -> str:
+    """Which of the recursive model's activations ``act_fn`` computes. Probed rather than read from the
+    config, where transformers versions differ (Gemma's ``hidden_act`` / ``hidden_activation``)."""
+    probe = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
+    values = act_fn(probe)
+    for name in ACTIVATIONS:
+        if torch.allclose(values, activation(name)(probe), rtol=1e-9, atol=1e-12):
+            return name
+    raise ValueError(f"hf_model: the MLP activation {type(act_fn).__name__} is none of {ACTIVATIONS}")
+
+
+def _empty_model(config: RecursiveConfig, dtype: torch.dtype, device: torch.device) -> RecursiveForCausalLM:
+    """The model with uninitialised parameters in ``dtype`` on ``device``: built on the meta device, so a
+    large model is neither randomly initialised nor held in float32 on the way (the conversion writes
+    every parameter)."""
+    with torch.device("meta"):
+        model = RecursiveForCausalLM(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty gave the tied parameters separate storage
+    for name, buffer in model.named_buffers():
+        # The only buffers are the blocks' layer -> adapter tables, which to_empty left uninitialised.
+        module_name, _, attribute = name.rpartition(".")
+        block = model.get_submodule(module_name)
+        if attribute != "adapter_of_layer":
+            raise RuntimeError(f"convert_hf: no rule to initialise the buffer {name}")
+        buffer.copy_(torch.tensor([block.adapter_index(layer) for layer in range(config.num_layers)]))
+    return model
+
+
+def _source_layers(config: RecursiveConfig, init: str) -> List[List[int]]:
+    """The original layers each block takes its parameters from (their mean when several)."""
+    L, B = config.num_layers, config.num_blocks
+    if init == "stepwise":
+        return [[round(Fraction(b * (L - 1), B - 1)) if B > 1 else 0] for b in range(B)]
+    if init == "average":
+        return [config.layers_of_block(b) for b in range(B)]
+    if init == "lower":
+        return [[b] for b in range(B)]
+    return [[L - B + b] for b in range(B)]
+
+
+def _copy(target: Tensor, source: Tensor, name: str) -> None:
+    if target.shape != source.shape:
+        raise ValueError(f"hf_model: {name} has shape {tuple(source.shape)}, its config implies {tuple(target.shape)}")
+    target.copy_(source)
+
+
+def _copy_outer(model: RecursiveForCausalLM, hf_model: nn.Module) -> None:
+    """The parameters outside the blocks (embeddings, final norm, untied LM head), which have the same
+    names in both models."""
+    ours = {name: p for name, p in model.named_parameters() if not name.startswith("model.blocks.")}
+    theirs = {name: p for name, p in hf_model.named_parameters() if not name.startswith("model.layers.")}
+    if set(ours) != set(theirs):
+        raise ValueError(f"hf_model: parameters outside the decoder layers {sorted(theirs)} do not match a recursive "
+                         f"model's {sorted(ours)}")
+    for name, parameter in ours.items():
+        _copy(parameter, theirs[name], name)
+
+
+def _initialise_block(block: nn.Module, sources: List[nn.Module]) -> None:
+    """Every parameter of ``block`` but its adapters: the mean of the same parameter over ``sources``."""
+    shared = {name: p for name, p in block.named_parameters() if not name.endswith((".lora_a", ".lora_b"))}
+    for layer in sources:
+        carried = {name for name, _ in layer.named_parameters()}
+        if carried != set(shared):
+            raise ValueError(
+                f"hf_model: its decoder layers do not match a recursive block: parameters with no place in one "
+                f"{sorted(carried - set(shared))}, missing {sorted(set(shared) - carried)}"
+            )
+    for name, parameter in shared.items():
+        values = [layer.get_parameter(name) for layer in sources]
+        if len(values) > 1:
+            compute = torch.promote_types(parameter.dtype, torch.float32)
+            values = [torch.stack([v.to(compute) for v in values]).mean(0)]
+        _copy(parameter, values[0], name)
+
+
+def _svd_init(projection: LowRankLinear, adapter: int, original: Tensor) -> None:
+    """Adapter ``adapter`` of ``projection``: the best rank-r approximation of ``original - weight``."""
+    compute = torch.promote_types(projection.weight.dtype, torch.float32)
+    residual = original.to(compute) - projection.weight.to(compute)
+    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    r = projection.rank
+    projection.lora_a[adapter] = vh[:r]
+    projection.lora_b[adapter] = u[:, :r] * (s[:r] / projection.scaling)
