@@ -51,7 +51,7 @@ def _benchmarks_dir() -> Path:
     return path
 
 
-BENCHMARKS = ("lowrank_linear", "circuit_attention")
+BENCHMARKS = ("lowrank_linear", "circuit_attention", "model")
 
 
 def bench(args) -> None:
@@ -93,12 +93,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m recursive", description="recursive-kernels command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=info)
-    p = sub.add_parser("bench", help="benchmark the fused ops on the default device")
+    p = sub.add_parser("bench", help="benchmark the fused ops and whole models on the default device")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", help="write the results as JSON to this path")
     p.add_argument("--no-progress", action="store_true", help="no progress indicator")
     p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these benchmarks")
     p.set_defaults(func=bench)
+    from .train import add_arguments as add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))
     p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint")
     p.add_argument("checkpoint", help="directory of the Hugging Face checkpoint (read with local_files_only)")
     p.add_argument("output", help="directory to write the recursive model to")
@@ -113,9 +116,6 @@ def main(argv=None) -> None:
                    help="dtype to load the checkpoint in (auto: its own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=convert)
-    from .train import add_arguments as add_train_arguments
-
-    add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))
     args = parser.parse_args(argv)
     args.func(args)
 
