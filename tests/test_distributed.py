@@ -1,0 +1,105 @@
+"""DDP and FSDP2 on gloo with 2 CPU processes match a single process on the full batch.
+
+The model shares each block across depths (4 effective layers over 2 blocks, cycle) with depth LoRA and
+tied embeddings, so the gradient of a block weight is a sum over the depths that use it: the check
+compares every gradient after the first step and every parameter after two SGD steps, in float64.
+"""
+
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from recursive import RecursiveConfig, RecursiveForCausalLM
+
+WORLD_SIZE = 2
+STEPS = 2
+BATCH, SEQ = 4, 8
+
+
+def tiny_model() -> RecursiveForCausalLM:
+    torch.manual_seed(0)
+    config = RecursiveConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+        num_layers=4, num_blocks=2, relaxation="depth_lora", lora_rank=4, tie_word_embeddings=True,
+    )
+    model = RecursiveForCausalLM(config).double()
+    with torch.no_grad():  # LoRA B starts at zero; nonzero adapters make every depth's path differ
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_b"):
+                parameter.normal_(0.0, 0.05)
+    return model
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(0, 50, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def train_steps(model, input_ids, full_tensor=lambda t: t):
+    """Two SGD steps; returns the gradients after the first and the parameters after the last, by name
+    (``full_tensor`` turns a sharded tensor into the whole one)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    first_grads = None
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        model(input_ids, labels=input_ids).loss.backward()
+        if first_grads is None:
+            first_grads = {name: full_tensor(p.grad).clone() for name, p in model.named_parameters()}
+        optimizer.step()
+    return first_grads, {name: full_tensor(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def _worker(rank: int, kind: str, init_file: str, result_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        model = tiny_model()
+        local = batch().chunk(WORLD_SIZE)[rank]  # equal token counts: the mean of the means is the full mean
+        if kind == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            grads, params = train_steps(wrapped, local)
+            strip = len("module.")
+            grads = {name[strip:]: g for name, g in grads.items()}
+            params = {name[strip:]: p for name, p in params.items()}
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.model.blocks:  # each shared block its own group, called at several depths
+                fully_shard(block)
+            fully_shard(model)
+            grads, params = train_steps(model, local, full_tensor=lambda t: t.full_tensor())
+        if rank == 0:
+            torch.save({"grads": grads, "params": params}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp2_missing() -> str:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError as exc:
+        return f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2): {exc}"
+    return ""
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
+@pytest.mark.parametrize("kind", ["ddp", pytest.param("fsdp2", marks=pytest.mark.skipif(bool(_fsdp2_missing()),
+                                                                                         reason=_fsdp2_missing()))])
+def test_data_parallel_matches_single_process(kind, tmp_path):
+    result_file = str(tmp_path / "result.pt")
+    mp.spawn(_worker, args=(kind, str(tmp_path / "init"), result_file), nprocs=WORLD_SIZE, join=True)
+    distributed = torch.load(result_file)
+
+    single_grads, single_params = train_steps(tiny_model(), batch())
+    assert set(distributed["grads"]) == set(single_grads)
+    for name, grad in single_grads.items():
+        torch.testing.assert_close(distributed["grads"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    for name, param in single_params.items():
+        torch.testing.assert_close(distributed["params"][name], param, rtol=1e-10, atol=1e-12, msg=name)
+    # The shared weights moved (the check is not of untouched tensors), and both blocks serve two depths.
+    model = tiny_model()
+    assert model.config.layers_of_block(0) == [0, 2] and model.config.layers_of_block(1) == [1, 3]
+    for name in ("model.blocks.0.self_attn.q_proj.weight", "model.blocks.1.mlp.down_proj.weight",
+                 "model.blocks.1.mlp.down_proj.lora_b", "model.embed_tokens.weight"):
+        assert not torch.allclose(single_params[name], model.get_parameter(name)), name
