@@ -5,7 +5,6 @@ tied embeddings, so the gradient of a block weight is a sum over the depths that
 compares every gradient after the first step and every parameter after two SGD steps, in float64.
 """
 
-
 import pytest
 import torch
 import torch.distributed as dist
