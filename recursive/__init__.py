@@ -7,9 +7,11 @@
 - ``recursive.convert_hf``: a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM as a recursive model.
 - ``RecursiveForCausalLM.generate`` and ``recursive.DepthBatchingEngine``: generation with early exit and
   continuous depth-wise batching (``recursive.generation``).
+- ``recursive.flops``: FLOP counts (forward, training step) and parameter counts from a config.
+- ``recursive.train``: uptraining on a generated corpus (``python -m recursive train``).
 """
 
-from . import nn
+from . import flops, nn, train
 from .config import RecursiveConfig
 from .convert import convert_hf
 from .generation import DepthBatchingEngine
@@ -34,5 +36,7 @@ __all__ = [
     "RecursiveModelOutput",
     "RecursivePreTrainedModel",
     "convert_hf",
+    "flops",
     "nn",
+    "train",
 ]
