@@ -12,8 +12,9 @@ counts here equal its counts exactly, with one documented exception:
   every expert on every token and masks the unchosen ones, so FlopCounterMode on it reports
   ``num_experts / num_experts_per_tok`` times the experts' low-rank FLOPs (equal when top-k = all).
 
-The fused backends (cpp, triton, cuda) run their own kernels, which FlopCounterMode cannot see into,
-so it undercounts them; these counts are the model's, whatever the backend.
+The fused backends (cpp, triton, cuda) run their own kernels, which FlopCounterMode sees only in part
+(the cpp backend's base matmuls go through aten and are counted; its attention and low-rank loops, and
+the GPU kernels, are not), so it undercounts them; these counts are the model's, whatever the backend.
 
 A backward pass in this convention costs twice the forward: each matmul ``Y = X W`` needs ``dX`` and
 ``dW``, each one matmul of the same size (attention likewise: dP, dV, dQ, dK). That holds when every
