@@ -110,15 +110,20 @@ def peak_forward_memory(impl: str, case: Case, device: torch.device, dtype: torc
         _callable(impl, inputs, case, False)()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    # CPU (Linux): a child process; its peak RSS after the forward minus its RSS just before
+    # CPU (Linux): a child process. Its high-water mark (VmHWM) is reset after the set-up (writing 5 to
+    # /proc/self/clear_refs), so the figure is the forward's peak RSS minus the RSS just before it.
     code = (
-        "import resource, torch, benchmarks.bench_circuit_attention as b\n"
+        "import torch, benchmarks.bench_circuit_attention as b\n"
         f"case = b.Case({case.S}, {case.D}, {case.causal}, {case.B}, {case.H}, {case.R})\n"
         f"t = b.make_inputs(case, torch.device('cpu'), torch.{str(dtype).split('.')[1]}, False)\n"
         f"fn = b._callable({impl!r}, t, case, False)\n"
-        "before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 1024\n"
-        "fn()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "def status_kib(key):\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith(key))\n"
+        "    return int(line.split()[1])\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = status_kib('VmRSS:')\n"
+        "out = fn()\n"
+        "print((status_kib('VmHWM:') - before) / 1024)\n"
     )
     root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)

@@ -7,10 +7,10 @@
 //   (b, head, i) of any tensor of a side is row b * rb + head * rh + (start[b] + i) * rs of that tensor seen
 //   as (rows, width) (struct Rows). Grouped-query heads index their kv head (no repeat).
 // * Forward: one work item per (sequence, head, block of kBlk query rows); per item a loop over the key blocks
-//   the block sees, with an online softmax. Each key block (and its k_c rows) is transposed into a small
-//   width x kBlk buffer so that score tiles are built by register-blocked rank-1 updates (vectorised);
-//   q_c . k_c^T is added in the same pass and out / out_c accumulate side by side. A row that sees no key
-//   gets zeros and lse = -inf.
+//   the block sees, with an online softmax. Every key block (and its k_c rows) is transposed once per call
+//   into a width x kBlk tile (BlockTiles) so that score tiles are built by register-blocked rank-1 updates
+//   (vectorised); q_c . k_c^T is added in the same pass and out / out_c accumulate side by side. A row that
+//   sees no key gets zeros and lse = -inf. The backward transposes v, v_c, q, q_c, dO, dO_c likewise.
 // * Precision: dots in the accumulator dtype (float; double for double inputs); the softmax statistics (max,
 //   sum, exp, lse) and, in the backward, P, dS and Delta are double, so recomputing P from lse loses
 //   nothing next to a float32 softmax. Delta = rowsum(P * dP) is computed from the same rounded dP as dS:
@@ -22,7 +22,7 @@
 // * exp: a vectorisable double polynomial (Cody-Waite reduction, degree 11); log once per row. The softmax
 //   loops carry `omp simd` so that their max / sum reductions vectorise (GCC keeps FP reductions scalar
 //   otherwise: it may not reorder them).
-// * x86: the item loops are compiled for AVX2+FMA and for the baseline ISA, picked at run time
+// * x86: the item loops are compiled for AVX-512, AVX2+FMA and the baseline ISA, picked at run time
 //   (cpu_dispatch.h).
 // * bfloat16 / float16: inputs upcast to float once (linear memory), results rounded once.
 #include "ops_cpu.h"
@@ -45,14 +45,17 @@ using at::Tensor;
 
 // Tile width (query rows per block and keys per block); score tiles are kBlk x kBlk.
 constexpr int64_t kBlk = 64;
-// Register-blocked micro-kernels: 4 rows x kW columns of accumulators.
-constexpr int64_t kW = 16;
+// Register-blocked micro-kernels: 4 rows x kW columns of accumulators (8 AVX-512 or 16 AVX2 registers).
+constexpr int64_t kW = 32;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// exp(x) for x <= 0 (a tiny positive x from rounding is fine), ~1e-14 relative; 0 below -708 and for -inf.
+// exp(x) for x <= 0 (a tiny positive x from rounding is fine), ~1e-14 relative; 0 below -708 and for -inf;
+// NaN stays NaN. Branch-free (the clamp and the zero are bit masks) so that the loops calling it vectorise:
+// GCC leaves a select on doubles as control flow for AVX2 and then gives up on the loop.
 RK_INLINE double exp_nonpositive(double x) {
-  const bool tiny = x < -708.0;
-  x = std::max(x, -708.0);
+  const int64_t keep = -static_cast<int64_t>(!(x < -708.0));  // all ones, or zero below -708
+  x = __builtin_bit_cast(double, (__builtin_bit_cast(int64_t, x) & keep) |
+                                     (__builtin_bit_cast(int64_t, -708.0) & ~keep));
   constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
   const double t = x * 1.4426950408889634 + kShifter;
   const double n = t - kShifter;
@@ -72,8 +75,7 @@ RK_INLINE double exp_nonpositive(double x) {
   // Bit casts as builtins (not memcpy through locals) so that the loops calling this still vectorise.
   const int64_t exponent_bits =  // the low bits of t hold n
       (__builtin_bit_cast(int64_t, t) - __builtin_bit_cast(int64_t, kShifter) + 1023) << 52;
-  const double two_n = __builtin_bit_cast(double, exponent_bits);
-  return tiny ? 0.0 : p * two_n;
+  return p * __builtin_bit_cast(double, exponent_bits & keep);  // 2^n, or 0.0 below -708
 }
 
 // dst (K x kBlk) = rows [0, rows) of src (row j at src + j * ld, K long) transposed; columns >= rows zeroed.
@@ -86,33 +88,57 @@ RK_INLINE void transpose_rows(T* __restrict dst, const T* __restrict src, int64_
   }
 }
 
+// The register-blocked micro-kernel of every tile product: for r < rows,
+//   out[r * ldo + 0:W] = (accumulate ? out[r * ldo + 0:W] : 0) + alpha * sum_{d < K} a[r][d] * b[d * ldb + 0:W].
+// Four rows of W accumulators; `omp simd` keeps GCC vectorising along the W columns (it otherwise picks the
+// d loop for some W and spills). alpha multiplies the finished dot (one rounding, as the eager scale * (q @ k^T)).
+template <int64_t W, typename T>
+RK_INLINE void microkernel(T* __restrict out, int64_t ldo, int rows, const T* const* a, int64_t K,
+                           const T* __restrict b, int64_t ldb, T alpha, bool accumulate) {
+  T acc[4][W] = {};
+  for (int64_t d = 0; d < K; ++d) {
+    const T* bd = b + d * ldb;
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const T x = a[r][d];
+#pragma omp simd
+      for (int64_t jj = 0; jj < W; ++jj) acc[r][jj] += x * bd[jj];
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    T* o = out + r * ldo;
+    for (int64_t jj = 0; jj < W; ++jj) o[jj] = (accumulate ? o[jj] : T(0)) + alpha * acc[r][jj];
+  }
+}
+
+// Columns [n0, N) of four rows by micro-kernels of widths W, W / 2, ..., 1 (all but the widest run at most once).
+template <int64_t W, typename T>
+RK_INLINE void microkernel_columns(T* __restrict out, int64_t ldo, int rows, const T* const* a, int64_t K,
+                                   const T* __restrict b, int64_t ldb, T alpha, bool accumulate, int64_t n0,
+                                   int64_t N) {
+  for (; n0 + W <= N; n0 += W) microkernel<W>(out + n0, ldo, rows, a, K, b + n0, ldb, alpha, accumulate);
+  if constexpr (W > 1) microkernel_columns<W / 2>(out, ldo, rows, a, K, b, ldb, alpha, accumulate, n0, N);
+}
+
+// C[i, 0:N] (+)= alpha * sum_{d < K} A[i, d] B[d, 0:N] for i < M: C row i at C + i * ldc, A row i at
+// A + i * lda, B row d at B + d * ldb. Rows past M are computed on a clamped row and not stored.
+template <typename T>
+RK_INLINE void tile_mm(T* __restrict C, int64_t ldc, int64_t M, int64_t N, const T* __restrict A, int64_t lda,
+                       int64_t K, const T* __restrict B, int64_t ldb, T alpha, bool accumulate) {
+  for (int64_t i = 0; i < M; i += 4) {
+    const T* a[4];
+    for (int r = 0; r < 4; ++r) a[r] = A + std::min<int64_t>(i + r, M - 1) * lda;
+    const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
+    microkernel_columns<kW>(C + i * ldc, ldc, rows, a, K, B, ldb, alpha, accumulate, 0, N);
+  }
+}
+
 // S[i, 0:kBlk] (+)= alpha * (A[i, :] . Bt[:, 0:kBlk]) for i < M; row i of A at A + i * lda, K long; Bt
-// (K x kBlk). alpha multiplies the finished dot (one rounding, as the eager scale * (q @ k^T) does).
+// (K x kBlk), the other operand transposed.
 template <typename T>
 RK_INLINE void tile_nt(T* __restrict S, int64_t M, const T* __restrict A, int64_t lda, int64_t K,
                        const T* __restrict Bt, T alpha, bool accumulate) {
-  for (int64_t i = 0; i < M; i += 4) {
-    const T* a[4];  // rows past the end are computed on a clamped row and not stored
-    for (int r = 0; r < 4; ++r) a[r] = A + std::min<int64_t>(i + r, M - 1) * lda;
-    const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
-    for (int64_t c0 = 0; c0 < kBlk; c0 += kW) {
-      T acc[4][kW] = {};
-      for (int64_t d = 0; d < K; ++d) {
-        const T* b = Bt + d * kBlk + c0;
-        const T x0 = a[0][d], x1 = a[1][d], x2 = a[2][d], x3 = a[3][d];
-        for (int64_t jj = 0; jj < kW; ++jj) {
-          acc[0][jj] += x0 * b[jj];
-          acc[1][jj] += x1 * b[jj];
-          acc[2][jj] += x2 * b[jj];
-          acc[3][jj] += x3 * b[jj];
-        }
-      }
-      for (int r = 0; r < rows; ++r) {
-        T* out = S + (i + r) * kBlk + c0;
-        for (int64_t jj = 0; jj < kW; ++jj) out[jj] = (accumulate ? out[jj] : T(0)) + alpha * acc[r][jj];
-      }
-    }
-  }
+  tile_mm(S, kBlk, M, kBlk, A, lda, K, Bt, kBlk, alpha, accumulate);
 }
 
 // C[i, :] += alpha * sum_{j < ncols} P[i, j] X[j, :] for i < M; C (M x N) contiguous, P (M x kBlk),
@@ -120,39 +146,7 @@ RK_INLINE void tile_nt(T* __restrict S, int64_t M, const T* __restrict A, int64_
 template <typename T>
 RK_INLINE void tile_acc(T* __restrict C, int64_t M, int64_t N, const T* __restrict P, int64_t ncols,
                         const T* __restrict X, int64_t ldx, T alpha) {
-  for (int64_t i = 0; i < M; i += 4) {
-    const T* p[4];
-    for (int r = 0; r < 4; ++r) p[r] = P + std::min<int64_t>(i + r, M - 1) * kBlk;
-    const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
-    for (int64_t n0 = 0; n0 < N; n0 += kW) {
-      const int64_t w = std::min(kW, N - n0);
-      T acc[4][kW];
-      for (int r = 0; r < 4; ++r)
-        for (int64_t jj = 0; jj < kW; ++jj) acc[r][jj] = T(0);
-      if (w == kW) {
-        for (int64_t j = 0; j < ncols; ++j) {
-          const T* x = X + j * ldx + n0;
-          const T p0 = p[0][j], p1 = p[1][j], p2 = p[2][j], p3 = p[3][j];
-          for (int64_t jj = 0; jj < kW; ++jj) {
-            acc[0][jj] += p0 * x[jj];
-            acc[1][jj] += p1 * x[jj];
-            acc[2][jj] += p2 * x[jj];
-            acc[3][jj] += p3 * x[jj];
-          }
-        }
-      } else {  // column tail, narrower than kW
-        for (int64_t j = 0; j < ncols; ++j) {
-          const T* x = X + j * ldx + n0;
-          for (int r = 0; r < 4; ++r) {
-            const T pr = p[r][j];
-            for (int64_t jj = 0; jj < w; ++jj) acc[r][jj] += pr * x[jj];
-          }
-        }
-      }
-      for (int r = 0; r < rows; ++r)
-        for (int64_t jj = 0; jj < w; ++jj) C[(i + r) * N + n0 + jj] += alpha * acc[r][jj];
-    }
-  }
+  tile_mm(C, N, M, N, P, kBlk, ncols, X, ldx, alpha, true);
 }
 
 // The rows of one side of the problem (query side: q, q_c, out, out_c and their gradients; key side: k, v,
@@ -164,6 +158,19 @@ struct Rows {
   RK_INLINE int64_t row(int64_t b, int64_t head, int64_t i) const { return b * rb + head * rh + (start[b] + i) * rs; }
 };
 
+// The rows of one side transposed per block of kBlk rows: the tile of (sequence b, head, block t) is
+// width x kBlk, zero-padded past the sequence: the right operand of tile_nt. Built once per call so that the
+// (query block, key block) loops do no strided transposes (memory: about the size of the side).
+template <typename T>
+struct BlockTiles {
+  const T* data;
+  const int64_t* first_block;  // per sequence: the blocks of the sequences before it
+  int64_t heads, width;
+  RK_INLINE const T* tile(int64_t b, int64_t head, int64_t t) const {
+    return data + ((first_block[b] + t) * heads + head) * width * kBlk;
+  }
+};
+
 template <typename T>
 struct Problem {
   int64_t B, H, Hkv, group, D, R, Rv, nqb, nkb;  // nqb / nkb: blocks of the longest sequences
@@ -171,6 +178,7 @@ struct Problem {
   T scale;
   Rows qs, ks, stats;
   const T *q, *k, *v, *qc, *kc, *vc;
+  BlockTiles<T> kT, kcT;  // kcT.data null without corrections
 };
 
 // Keys [0, end) of a sequence that its query row i sees.
@@ -205,8 +213,7 @@ struct FwdOut {
 template <typename T>
 RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin, int64_t end) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
-  std::vector<T> s(kBlk * kBlk), kT(D * kBlk), kcT(std::max<int64_t>(R, 1) * kBlk), acc(kBlk * D),
-      accc(kBlk * std::max<int64_t>(Rv, 1));
+  std::vector<T> s(kBlk * kBlk), acc(kBlk * D), accc(kBlk * std::max<int64_t>(Rv, 1));
   double m[kBlk], l[kBlk];
   for (int64_t item = begin; item < end; ++item) {
     const auto [b, h, Sq, Sk, i0, M, qrow, krow] = query_block(g, item);
@@ -220,12 +227,9 @@ RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin,
     const int64_t kend = visible_end(g.causal, Sq, Sk, i0 + M - 1);  // keys the last row of the block sees
     for (int64_t j0 = 0; j0 < kend; j0 += kBlk) {
       const int64_t N = std::min(kBlk, kend - j0), row0 = krow + j0 * lk;
-      transpose_rows(kT.data(), g.k + row0 * D, N, lk * D, D);
-      tile_nt(s.data(), M, q, lq * D, D, kT.data(), g.scale, false);
-      if (R) {
-        transpose_rows(kcT.data(), g.kc + row0 * R, N, lk * R, R);
-        tile_nt(s.data(), M, qc, lq * R, R, kcT.data(), T(1), true);
-      }
+      const int64_t kv_head = h / g.group, t = j0 / kBlk;
+      tile_nt(s.data(), M, q, lq * D, D, g.kT.tile(b, kv_head, t), g.scale, false);
+      if (R) tile_nt(s.data(), M, qc, lq * R, R, g.kcT.tile(b, kv_head, t), T(1), true);
       for (int64_t i = 0; i < M; ++i) {
         T* srow = s.data() + i * kBlk;
         const int64_t vis = std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0);
@@ -268,12 +272,10 @@ RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin,
   }
 }
 
-template <typename T>
-void fwd_items_base(const Problem<T>& g, const FwdOut<T>& o, int64_t b, int64_t e) { fwd_items<T>(g, o, b, e); }
-#if RK_HAVE_AVX2
-template <typename T>
-RK_AVX2 void fwd_items_avx2(const Problem<T>& g, const FwdOut<T>& o, int64_t b, int64_t e) { fwd_items<T>(g, o, b, e); }
-#endif
+struct ForwardPass {
+  template <typename T>
+  RK_INLINE static void run(const Problem<T>& g, const FwdOut<T>& o, int64_t b, int64_t e) { fwd_items<T>(g, o, b, e); }
+};
 
 // ---------------------------------------------------------------------------------------------------
 // Backward.
@@ -284,14 +286,14 @@ struct BwdData {
   const double* lse;       // statistics rows
   double* delta;           // statistics rows, written by the dq pass, read by the dk / dv pass
   T *dq, *dqc, *dk, *dv, *dkc, *dvc;
+  BlockTiles<T> vT, vcT, qT, qcT, doT, docT;  // the corrections' tiles have null data without them
 };
 
 // dq / dq_c and Delta per (sequence, head, query block).
 template <typename T>
 RK_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
-  std::vector<T> s_all, dp_all, kT(D * kBlk), vT(D * kBlk), kcT(std::max<int64_t>(R, 1) * kBlk),
-      vcT(std::max<int64_t>(Rv, 1) * kBlk), dq(kBlk * D), dqc(kBlk * std::max<int64_t>(R, 1));
+  std::vector<T> s_all, dp_all, dq(kBlk * D), dqc(kBlk * std::max<int64_t>(R, 1));
   double lse[kBlk], delta[kBlk];
   for (int64_t item = begin; item < end; ++item) {
     const auto [b, h, Sq, Sk, i0, M, qrow, krow] = query_block(g, item);
@@ -308,21 +310,14 @@ RK_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t be
     dp_all.resize(s_all.size());
     // Sweep 1: S and dP tiles of every key block the query block sees, and Delta = rowsum(P * dP).
     for (int64_t t = 0; t < blocks; ++t) {
-      const int64_t j0 = t * kBlk, N = std::min(kBlk, kend - j0), row0 = krow + j0 * lk;
+      const int64_t j0 = t * kBlk, N = std::min(kBlk, kend - j0);
       T* s = s_all.data() + t * kBlk * kBlk;
       T* dp = dp_all.data() + t * kBlk * kBlk;
-      transpose_rows(kT.data(), g.k + row0 * D, N, lk * D, D);
-      transpose_rows(vT.data(), g.v + row0 * D, N, lk * D, D);
-      tile_nt(s, M, q, lq * D, D, kT.data(), g.scale, false);
-      tile_nt(dp, M, dout, lq * D, D, vT.data(), T(1), false);
-      if (R) {
-        transpose_rows(kcT.data(), g.kc + row0 * R, N, lk * R, R);
-        tile_nt(s, M, qc, lq * R, R, kcT.data(), T(1), true);
-      }
-      if (Rv) {
-        transpose_rows(vcT.data(), g.vc + row0 * Rv, N, lk * Rv, Rv);
-        tile_nt(dp, M, doutc, lq * Rv, Rv, vcT.data(), T(1), true);
-      }
+      const int64_t kv_head = h / g.group;
+      tile_nt(s, M, q, lq * D, D, g.kT.tile(b, kv_head, t), g.scale, false);
+      tile_nt(dp, M, dout, lq * D, D, w.vT.tile(b, kv_head, t), T(1), false);
+      if (R) tile_nt(s, M, qc, lq * R, R, g.kcT.tile(b, kv_head, t), T(1), true);
+      if (Rv) tile_nt(dp, M, doutc, lq * Rv, Rv, w.vcT.tile(b, kv_head, t), T(1), true);
       for (int64_t i = 0; i < M; ++i) {
         const int64_t vis = std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0);
         const T* srow = s + i * kBlk;
@@ -368,8 +363,7 @@ RK_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t be
 template <typename T>
 RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
-  std::vector<T> p(kBlk * kBlk), ds(kBlk * kBlk), qT(D * kBlk), doT(D * kBlk),
-      qcT(std::max<int64_t>(R, 1) * kBlk), docT(std::max<int64_t>(Rv, 1) * kBlk), dk(kBlk * D), dv(kBlk * D),
+  std::vector<T> p(kBlk * kBlk), ds(kBlk * kBlk), dk(kBlk * D), dv(kBlk * D),
       dkc(kBlk * std::max<int64_t>(R, 1)), dvc(kBlk * std::max<int64_t>(Rv, 1));
   double lse[kBlk], delta[kBlk];
   for (int64_t item = begin; item < end; ++item) {
@@ -395,18 +389,11 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
         const T* qc = R ? g.qc + qrow * R : nullptr;
         const T* dout = w.dout + qrow * D;
         const T* doutc = Rv ? w.doutc + qrow * Rv : nullptr;
-        transpose_rows(qT.data(), q, M, lq * D, D);
-        transpose_rows(doT.data(), dout, M, lq * D, D);
-        tile_nt(p.data(), N, k, lk * D, D, qT.data(), g.scale, false);  // S^T (keys x queries)
-        tile_nt(ds.data(), N, v, lk * D, D, doT.data(), T(1), false);  // dP^T
-        if (R) {
-          transpose_rows(qcT.data(), qc, M, lq * R, R);
-          tile_nt(p.data(), N, kc, lk * R, R, qcT.data(), T(1), true);
-        }
-        if (Rv) {
-          transpose_rows(docT.data(), doutc, M, lq * Rv, Rv);
-          tile_nt(ds.data(), N, vc, lk * Rv, Rv, docT.data(), T(1), true);
-        }
+        const int64_t t = i0 / kBlk;
+        tile_nt(p.data(), N, k, lk * D, D, w.qT.tile(b, h, t), g.scale, false);  // S^T (keys x queries)
+        tile_nt(ds.data(), N, v, lk * D, D, w.doT.tile(b, h, t), T(1), false);  // dP^T
+        if (R) tile_nt(p.data(), N, kc, lk * R, R, w.qcT.tile(b, h, t), T(1), true);
+        if (Rv) tile_nt(ds.data(), N, vc, lk * Rv, Rv, w.docT.tile(b, h, t), T(1), true);
         for (int64_t i = 0; i < M; ++i) {
           const int64_t stat = g.stats.row(b, h, i0 + i);
           lse[i] = w.lse[stat], delta[i] = w.delta[stat];
@@ -442,20 +429,14 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
   }
 }
 
-template <typename T>
-void bwd_dq_items_base(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dq_items<T>(g, w, b, e); }
-template <typename T>
-void bwd_dkv_items_base(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dkv_items<T>(g, w, b, e); }
-#if RK_HAVE_AVX2
-template <typename T>
-RK_AVX2 void bwd_dq_items_avx2(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) {
-  bwd_dq_items<T>(g, w, b, e);
-}
-template <typename T>
-RK_AVX2 void bwd_dkv_items_avx2(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) {
-  bwd_dkv_items<T>(g, w, b, e);
-}
-#endif
+struct BackwardQueryPass {
+  template <typename T>
+  RK_INLINE static void run(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dq_items<T>(g, w, b, e); }
+};
+struct BackwardKeyPass {
+  template <typename T>
+  RK_INLINE static void run(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dkv_items<T>(g, w, b, e); }
+};
 
 // ---------------------------------------------------------------------------------------------------
 // Host side.
@@ -572,9 +553,41 @@ Layout check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std
   return L;
 }
 
+// first_block[b]: the kBlk-row blocks of the sequences before b (B + 1 entries).
+std::vector<int64_t> block_offsets(const std::vector<int64_t>& len) {
+  std::vector<int64_t> first(len.size() + 1, 0);
+  for (size_t b = 0; b < len.size(); ++b) first[b + 1] = first[b] + (len[b] + kBlk - 1) / kBlk;
+  return first;
+}
+
+// The BlockTiles of x (contiguous, accumulator dtype; its rows addressed by `rows`), with their storage
+// appended to `storage`; null tiles for an undefined x.
+template <typename T>
+BlockTiles<T> block_tiles(const Tensor& x, const Rows& rows, int64_t B, int64_t heads,
+                          const std::vector<int64_t>& first_block, std::vector<Tensor>& storage) {
+  if (!x.defined()) return {nullptr, first_block.data(), heads, 0};
+  const int64_t width = x.size(-1);
+  Tensor tiles = at::empty({first_block[B] * heads * width * kBlk}, x.options());
+  T* out = tiles.data_ptr<T>();
+  const T* src = x.data_ptr<T>();
+  at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, head = bh % heads;
+      for (int64_t t = 0; t < first_block[b + 1] - first_block[b]; ++t) {
+        const int64_t n = std::min(kBlk, rows.len[b] - t * kBlk);
+        transpose_rows(out + ((first_block[b] + t) * heads + head) * width * kBlk,
+                       src + rows.row(b, head, t * kBlk) * width, n, rows.rs * width, width);
+      }
+    }
+  });
+  storage.push_back(tiles);
+  return {out, first_block.data(), heads, width};
+}
+
 template <typename T>
 Problem<T> make_problem(const Layout& L, bool causal, double scale, const Tensor& q, const Tensor& k,
-                        const Tensor& v, const Tensor& qc, const Tensor& kc, const Tensor& vc) {
+                        const Tensor& v, const Tensor& qc, const Tensor& kc, const Tensor& vc,
+                        const std::vector<int64_t>& key_blocks, std::vector<Tensor>& storage) {
   Problem<T> g{};
   g.B = L.B, g.H = L.H, g.Hkv = L.Hkv, g.group = L.H / L.Hkv, g.D = L.D, g.R = L.R, g.Rv = L.Rv;
   g.nqb = (L.max_q + kBlk - 1) / kBlk;
@@ -586,6 +599,8 @@ Problem<T> make_problem(const Layout& L, bool causal, double scale, const Tensor
   g.qc = L.R ? qc.data_ptr<T>() : nullptr;
   g.kc = L.R ? kc.data_ptr<T>() : nullptr;
   g.vc = L.Rv ? vc.data_ptr<T>() : nullptr;
+  g.kT = block_tiles<T>(k, L.ks, L.B, L.Hkv, key_blocks, storage);
+  g.kcT = block_tiles<T>(kc, L.ks, L.B, L.Hkv, key_blocks, storage);
   return g;
 }
 
@@ -611,21 +626,18 @@ std::tuple<Tensor, Tensor, Tensor> circuit_attention_forward(
   out_shape.back() = L.Rv;
   Tensor outc = L.Rv ? at::empty(out_shape, q.options().dtype(adt)) : Tensor();
   Tensor lse = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca);
+    const std::vector<int64_t> key_blocks = block_offsets(L.len_k);
+    std::vector<Tensor> storage;
+    const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca, key_blocks, storage);
     const FwdOut<T> o{out.data_ptr<T>(), L.Rv ? outc.data_ptr<T>() : nullptr, lse.data_ptr<double>()};
     const int64_t per_item = kBlk * std::max<int64_t>(1, L.max_k) * (2 * L.D + L.R + L.Rv);
-    at::parallel_for(0, L.B * L.H * g.nqb, grain_items(per_item), [&](int64_t b, int64_t e) {
-#if RK_HAVE_AVX2
-      if (avx2) return fwd_items_avx2<T>(g, o, b, e);
-#endif
-      fwd_items_base<T>(g, o, b, e);
-    });
+    at::parallel_for(0, L.B * L.H * g.nqb, grain_items(per_item),
+                     [&](int64_t b, int64_t e) { run_on_isa<ForwardPass>(isa, g, o, b, e); });
   };
   if (adt == at::kDouble) run(double{}); else run(float{});
-  (void)avx2;
   if (dt != adt) {
     out = out.to(dt);
     if (L.Rv) outc = outc.to(dt);
@@ -666,11 +678,19 @@ std::vector<Tensor> circuit_attention_backward(
   Tensor dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va);
   Tensor dqc = L.R ? at::empty_like(qca) : Tensor(), dkc = L.R ? at::empty_like(kca) : Tensor();
   Tensor dvc = L.Rv ? at::empty_like(vca) : Tensor();
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca);
+    const std::vector<int64_t> key_blocks = block_offsets(L.len_k), query_blocks = block_offsets(L.len_q);
+    std::vector<Tensor> storage;
+    const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca, key_blocks, storage);
     BwdData<T> w{};
+    w.vT = block_tiles<T>(va, L.ks, L.B, L.Hkv, key_blocks, storage);
+    w.vcT = block_tiles<T>(vca, L.ks, L.B, L.Hkv, key_blocks, storage);
+    w.qT = block_tiles<T>(qa, L.qs, L.B, L.H, query_blocks, storage);
+    w.qcT = block_tiles<T>(qca, L.qs, L.B, L.H, query_blocks, storage);
+    w.doT = block_tiles<T>(goa, L.qs, L.B, L.H, query_blocks, storage);
+    w.docT = block_tiles<T>(goca, L.qs, L.B, L.H, query_blocks, storage);
     w.dout = goa.data_ptr<T>();
     w.doutc = L.Rv ? goca.data_ptr<T>() : nullptr;
     w.lse = lse_d.data_ptr<double>();
@@ -681,23 +701,12 @@ std::vector<Tensor> circuit_attention_backward(
     w.dvc = L.Rv ? dvc.data_ptr<T>() : nullptr;
     const int64_t width = 2 * L.D + L.R + L.Rv;
     at::parallel_for(0, L.B * L.H * g.nqb, grain_items(kBlk * std::max<int64_t>(1, L.max_k) * width),
-                     [&](int64_t b, int64_t e) {
-#if RK_HAVE_AVX2
-                       if (avx2) return bwd_dq_items_avx2<T>(g, w, b, e);
-#endif
-                       bwd_dq_items_base<T>(g, w, b, e);
-                     });
+                     [&](int64_t b, int64_t e) { run_on_isa<BackwardQueryPass>(isa, g, w, b, e); });
     at::parallel_for(0, L.B * L.Hkv * g.nkb,
                      grain_items(kBlk * std::max<int64_t>(1, L.max_q) * (L.H / L.Hkv) * width),
-                     [&](int64_t b, int64_t e) {
-#if RK_HAVE_AVX2
-                       if (avx2) return bwd_dkv_items_avx2<T>(g, w, b, e);
-#endif
-                       bwd_dkv_items_base<T>(g, w, b, e);
-                     });
+                     [&](int64_t b, int64_t e) { run_on_isa<BackwardKeyPass>(isa, g, w, b, e); });
   };
   if (adt == at::kDouble) run(double{}); else run(float{});
-  (void)avx2;
   const auto fin = [&](const Tensor& t) { return dt == adt ? t : t.to(dt); };
   return {fin(dq), fin(dk), fin(dv), L.R ? fin(dqc) : at::empty({0}, q.options()),
           L.R ? fin(dkc) : at::empty({0}, q.options()), L.Rv ? fin(dvc) : at::empty({0}, q.options())};
