@@ -1,4 +1,4 @@
-"""Command line: ``python -m recursive {info,bench,convert}``."""
+"""Command line: ``python -m recursive {info,bench,train,convert,generate}``."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _benchmarks_dir() -> Path:
     return path
 
 
-BENCHMARKS = ("lowrank_linear", "circuit_attention", "model")
+BENCHMARKS = ("lowrank_linear", "circuit_attention", "model", "generation")
 
 
 def bench(args) -> None:
@@ -102,6 +102,9 @@ def main(argv=None) -> None:
     from .train import add_arguments as add_train_arguments
 
     add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))
+    from .generation import add_arguments as add_generate_arguments
+
+    add_generate_arguments(sub.add_parser("generate", help="generate from token-id prompts (plain batches or the engine)"))
     p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint")
     p.add_argument("checkpoint", help="directory of the Hugging Face checkpoint (read with local_files_only)")
     p.add_argument("output", help="directory to write the recursive model to")

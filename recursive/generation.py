@@ -123,6 +123,33 @@ def _check_ids(name: str, ids: Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), got {int(ids.min())}..{int(ids.max())}")
 
 
+@torch.no_grad()
+def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> float:
+    """The exit threshold at which about ``exit_fraction`` of the tokens of ``input_ids`` (B, S) leave at
+    the first loop boundary: the ``1 - exit_fraction`` quantile of the LM head's top probability there.
+
+    For models whose confidence is not known in advance (random weights rarely reach a fixed threshold
+    such as 0.9); the tokens run the first loop as a prompt does (causal attention over ``input_ids``).
+    """
+    config = model.config
+    if isinstance(exit_fraction, bool) or not isinstance(exit_fraction, (int, float)) or not 0.0 < exit_fraction < 1.0:
+        raise ValueError(f"exit_fraction: expected a number in (0, 1), got {exit_fraction!r}")
+    period = loop_length(config)
+    _check_exit_threshold(0.5, config)  # raises for a model with a single loop
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids: expected a non-empty int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
+    _check_ids("input_ids", input_ids, config.vocab_size)
+    backbone = model.model
+    B, S = input_ids.shape
+    positions = torch.arange(S, device=input_ids.device).expand(B, S)
+    hidden = backbone.embed(input_ids)
+    position_embeddings = rotary_embedding(positions, config.head_dim, config.rope_theta, hidden.dtype)
+    for layer in range(period):
+        hidden = backbone.blocks[backbone.block_of_layer[layer]](hidden, layer, position_embeddings)[0]
+    top = _top_probability(_lm_head(model, hidden)).flatten()
+    return float(top.double().quantile(1.0 - exit_fraction))
+
+
 # KV-cached generation.
 
 
@@ -516,3 +543,139 @@ class _EngineRun:
             layers = pair_loop * engine.loop_length + offset
             new = self.backbone.blocks[block_index].key_value(hidden[rows], layers, (cos[rows], sin[rows]))
             self._store(layers, slots[rows], positions[rows], new)
+
+
+def generate_in_batches(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: Union[int, Sequence[int]], batch_size: int,
+    eos_token_id: Optional[int] = None, progress: Optional[Progress] = None, **generate_kwargs,
+) -> List[List[int]]:
+    """Plain (static) batching: :meth:`recursive.RecursiveForCausalLM.generate` over left-padded batches
+    of ``batch_size`` prompts in order, each batch running until its longest request is done.
+
+    Returns, per prompt, the prompt and its new tokens (its own ``max_new_tokens``, cut after
+    ``eos_token_id``), like :meth:`DepthBatchingEngine.generate`; ``generate_kwargs`` go to ``generate``.
+    """
+    _check_int("batch_size", batch_size, 1)
+    counts = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * len(prompts)
+    if len(counts) != len(prompts):
+        raise ValueError(f"max_new_tokens: expected one count per prompt ({len(prompts)}), got {len(counts)}")
+    device = model.lm_head.weight.device
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        batch, batch_counts = [list(p) for p in prompts[start:start + batch_size]], counts[start:start + batch_size]
+        for i, prompt in enumerate(batch):
+            if not prompt:
+                raise ValueError(f"prompts[{start + i}]: expected a non-empty list of token ids")
+        width = max(map(len, batch))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = generate(model, ids, max(batch_counts), mask, eos_token_id=eos_token_id, progress=progress, **generate_kwargs)
+        for prompt, count, row in zip(batch, batch_counts, out.tolist()):
+            new = row[width:width + count]
+            if eos_token_id in new:
+                new = new[: new.index(eos_token_id) + 1]
+            outputs.append(prompt + new)
+    return outputs
+
+
+# Command line: python -m recursive generate.
+
+
+def add_arguments(parser) -> None:
+    """The options of ``python -m recursive generate`` on ``parser`` (an argparse sub-parser)."""
+    parser.add_argument("--model", help="directory written by save_pretrained (default: a small random model)")
+    parser.add_argument("--prompt", action="append",
+                        help="a prompt as comma-separated token ids (repeatable; the project has no tokenizer)")
+    parser.add_argument("--num-prompts", type=int, default=16, help="random prompts when no --prompt is given")
+    parser.add_argument("--prompt-len", type=int, default=16, help="length of the random prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--engine", action="store_true", help="DepthBatchingEngine (greedy) instead of plain batches")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="rows per batch, or the engine's slots")
+    exit_options = parser.add_mutually_exclusive_group()
+    exit_options.add_argument("--exit-threshold", type=float, help="early exit at loop boundaries (0, 1]")
+    exit_options.add_argument("--exit-fraction", type=float,
+                              help="calibrate the threshold on the prompts so this fraction of tokens would leave at "
+                                   "the first loop boundary (for untrained models)")
+    parser.add_argument("--do-sample", action="store_true", help="sample (plain batches only; the engine is greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--eos-token-id", type=int)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random model, prompts and sampling")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
+                        help="default: the checkpoint's, float32 for the random model")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary, not the tokens")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=command)
+
+
+def default_config() -> RecursiveConfig:
+    """The small random model of ``python -m recursive generate`` without ``--model``: 8 layers cycling
+    over 2 blocks (4 loops) with per-depth LoRA."""
+    return RecursiveConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                           num_layers=8, num_blocks=2, relaxation="depth_lora", lora_rank=4)
+
+
+def _parse_prompt(text: str) -> List[int]:
+    try:
+        return [int(token) for token in text.replace(" ", "").split(",") if token]
+    except ValueError:
+        raise ValueError(f"--prompt: expected comma-separated token ids, got {text!r}") from None
+
+
+def command(args) -> None:
+    """``python -m recursive generate``: generate from token-id prompts and print tokens/s."""
+    import sys
+    import time
+
+    from .modeling import RecursiveForCausalLM
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        torch.manual_seed(args.seed)
+        if args.model:
+            model = RecursiveForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
+        else:
+            model = RecursiveForCausalLM(default_config()).to(device=device, dtype=dtype or torch.float32).eval()
+        if args.prompt:
+            prompts = [_parse_prompt(text) for text in args.prompt]
+        else:
+            _check_int("--num-prompts", args.num_prompts, 1)
+            _check_int("--prompt-len", args.prompt_len, 1)
+            prompts = torch.randint(model.config.vocab_size, (args.num_prompts, args.prompt_len)).tolist()
+        exit_threshold = args.exit_threshold
+        if args.exit_fraction is not None:
+            width = min(map(len, prompts))
+            calibration = torch.tensor([p[:width] for p in prompts], device=device)
+            exit_threshold = calibrate_exit_threshold(model, calibration, args.exit_fraction)
+        if args.engine and args.do_sample:
+            raise ValueError("--do-sample: the engine decodes greedily; drop --engine to sample")
+        progress = Progress(len(prompts) * max(args.max_new_tokens, 0), enabled=not args.no_progress, unit="tok")
+        start = time.perf_counter()
+        with progress:
+            if args.engine:
+                engine = DepthBatchingEngine(model, args.max_batch_size, exit_threshold)
+                outputs = engine.generate(prompts, args.max_new_tokens, args.eos_token_id, progress)
+            else:
+                outputs = generate_in_batches(
+                    model, prompts, args.max_new_tokens, args.max_batch_size, args.eos_token_id, progress,
+                    do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    exit_threshold=exit_threshold)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    if not args.quiet:
+        for i, (prompt, tokens) in enumerate(zip(prompts, outputs)):
+            print(f"[{i}] {','.join(map(str, prompt))} -> {','.join(map(str, tokens[len(prompt):]))}")
+    new_tokens = sum(len(tokens) - len(prompt) for prompt, tokens in zip(prompts, outputs))
+    how = "engine" if args.engine else "plain batches"
+    line = f"{new_tokens} new tokens for {len(prompts)} prompts in {seconds:.2f} s ({how}): {new_tokens / seconds:.1f} tokens/s"
+    if exit_threshold is not None:
+        line += f", exit threshold {exit_threshold:.4g}"
+    if args.engine:
+        line += f", {engine.stats.mean_exit_loops:.2f} of {engine.stats.num_loops} loops per decoded token"
+    print(line)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM
-from recursive.generation import next_tokens, top_k_filter, top_p_filter
+from recursive.generation import calibrate_exit_threshold, generate_in_batches, next_tokens, top_k_filter, top_p_filter
 from recursive.nn import rotary_embedding
 from tests.test_models import VOCAB, make_model
 
@@ -374,3 +374,45 @@ def test_engine_rejects_bad_arguments():
         DepthBatchingEngine(torch.nn.Linear(2, 2), 2)
     with pytest.raises(ValueError, match="eos_token_id"):
         DepthBatchingEngine(model_for("none"), 2).generate([[1]], 2, eos_token_id=-1)
+
+
+# Plain batches, calibration and the command line.
+
+
+def test_generate_in_batches_equals_one_request_at_a_time():
+    model = model_for("none")
+    prompts = random_prompts(5, 1, 6, seed=11)
+    lengths = [3, 0, 5, 1, 4]
+    out = generate_in_batches(model, prompts, lengths, batch_size=2)
+    assert out == [greedy_by_recompute(model, p, n) for p, n in zip(prompts, lengths)]
+
+
+def test_calibrated_threshold_splits_the_first_boundary():
+    model = model_for("mol")  # one block: the first boundary follows layer 0
+    ids = torch.tensor(random_prompts(4, 9, 9, seed=12))
+    threshold = calibrate_exit_threshold(model, ids, 0.25)
+    positions = torch.arange(9).expand(4, 9)
+    config = model.config
+    with torch.no_grad():
+        hidden = model.model.blocks[0](model.model.embed(ids), 0, rotary_embedding(
+            positions, config.head_dim, config.rope_theta, torch.float64))[0]
+        top = model.lm_head(model.model.norm(hidden)).softmax(-1).amax(-1)
+    leaving = float((top >= threshold).double().mean())
+    assert abs(leaving - 0.25) <= 1 / 36 + 1e-12
+    with pytest.raises(ValueError, match="exit_fraction"):
+        calibrate_exit_threshold(model, ids, 1.0)
+    with pytest.raises(ValueError, match="exit_threshold"):
+        calibrate_exit_threshold(make_model(**SEQUENCE), ids, 0.5)
+
+
+def test_generate_command(tmp_path, capsys):
+    from recursive.__main__ import main
+
+    model_for("none").save_pretrained(str(tmp_path))
+    main(["generate", "--model", str(tmp_path), "--prompt", "1,2,3", "--prompt", "4", "--max-new-tokens", "3",
+          "--engine", "--max-batch-size", "1", "--no-progress"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[0] 1,2,3 -> " + ",".join(map(str, greedy_by_recompute(model_for("none"), [1, 2, 3], 3)[3:]))
+    assert "6 new tokens for 2 prompts" in lines[2] and "tokens/s" in lines[2]
+    with pytest.raises(SystemExit, match="prompt"):
+        main(["generate", "--model", str(tmp_path), "--prompt", "1,a", "--no-progress"])

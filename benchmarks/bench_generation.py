@@ -1,0 +1,186 @@
+"""Benchmark decoding throughput: continuous depth-wise batching against plain batched ``generate``.
+
+One set of requests (seeded random prompts and output lengths) is generated greedily by
+
+- plain: ``RecursiveForCausalLM.generate`` on left-padded batches of ``max_batch_size`` requests in
+  arrival order, each batch running until its longest request is done (with and without early exit);
+- untied: the same on a model of the same depth and width whose layers all have their own weights;
+- engine: ``recursive.DepthBatchingEngine`` with as many slots (with and without early exit).
+
+Tokens/s counts the requested new tokens over the wall time of the whole run (prefill included).
+``x plain``: throughput over the plain recursive run's. ``exit loops``: the loops an engine-decoded
+token ran on average, of the model's loops. ``agree``: the fraction of new tokens equal to those of
+full-depth decoding at the same position (1.0 without early exit).
+
+Early exit on random weights: a fixed threshold such as 0.9 never fires, so the threshold is
+calibrated on the model (``recursive.generation.calibrate_exit_threshold``): the value at which
+``--exit-fraction`` of the tokens of the prompts would leave at the first loop boundary. The outputs
+then differ from full depth (``agree``); a trained model would be needed to speak of matched quality.
+
+    python benchmarks/bench_generation.py [--device cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import format_table, machine_description, resolve, write_json  # noqa: E402
+from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM  # noqa: E402
+from recursive.generation import calibrate_exit_threshold, generate_in_batches  # noqa: E402
+from recursive.progress import Progress  # noqa: E402
+
+METHODS = ("plain", "plain+exit", "untied", "engine", "engine+exit")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Model size and requests: ``num_layers`` effective layers over ``num_blocks`` cycled blocks."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_layers: int
+    num_blocks: int
+    vocab_size: int
+    num_requests: int
+    max_batch_size: int
+    prompt_lengths: tuple
+    output_lengths: tuple
+
+    @property
+    def label(self) -> str:
+        return (f"h={self.hidden_size} L={self.num_layers} B={self.num_blocks} requests={self.num_requests} "
+                f"batch={self.max_batch_size}")
+
+
+def default_workload(device: torch.device) -> Workload:
+    if device.type == "cuda":
+        return Workload(1024, 2816, 16, 16, 2, 32000, 512, 64, (16, 128), (16, 128))
+    return Workload(256, 704, 4, 8, 2, 2048, 32, 8, (4, 24), (4, 24))
+
+
+def make_models(workload: Workload, device: torch.device, dtype: torch.dtype):
+    """The recursive model (cycle sharing, per-depth LoRA) and the untied model of the same depth."""
+    common = dict(vocab_size=workload.vocab_size, hidden_size=workload.hidden_size,
+                  intermediate_size=workload.intermediate_size, num_attention_heads=workload.num_heads,
+                  num_layers=workload.num_layers)
+    torch.manual_seed(0)
+    recursive = RecursiveForCausalLM(RecursiveConfig(num_blocks=workload.num_blocks, relaxation="depth_lora", lora_rank=8,
+                                                     **common))
+    with torch.no_grad():  # fresh LoRA B is zero: give the adapters something to do
+        for name, parameter in recursive.named_parameters():
+            if name.endswith("lora_b"):
+                parameter.normal_(0.0, 0.02)
+    untied = RecursiveForCausalLM(RecursiveConfig(num_blocks=workload.num_layers, **common))
+    return recursive.to(device, dtype).eval(), untied.to(device, dtype).eval()
+
+
+def make_requests(workload: Workload, seed: int = 0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(workload.vocab_size) for _ in range(rng.randint(*workload.prompt_lengths))]
+               for _ in range(workload.num_requests)]
+    lengths = [rng.randint(*workload.output_lengths) for _ in prompts]
+    return prompts, lengths
+
+
+def _runner(method: str, models, prompts, lengths, workload: Workload, threshold: float) -> Callable[[], List[List[int]]]:
+    recursive, untied = models
+    exit_threshold = threshold if method.endswith("+exit") else None
+    if method.startswith("engine"):
+        engine = DepthBatchingEngine(recursive, workload.max_batch_size, exit_threshold)
+        runner = lambda: engine.generate(prompts, lengths)  # noqa: E731
+        runner.engine = engine
+        return runner
+    model = untied if method == "untied" else recursive
+    return lambda: generate_in_batches(model, prompts, lengths, workload.max_batch_size, exit_threshold=exit_threshold)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, workload: Optional[Workload] = None,
+        exit_fraction: float = 0.5, repeats: int = 1, progress: bool = True) -> Dict[str, object]:
+    device, dtype = resolve(device, dtype)
+    workload = workload or default_workload(device)
+    models = make_models(workload, device, dtype)
+    prompts, lengths = make_requests(workload)
+    calibration = torch.tensor([p[: workload.prompt_lengths[0]] for p in prompts], device=device)
+    threshold = calibrate_exit_threshold(models[0], calibration, exit_fraction)
+    new_tokens = sum(lengths)
+    bar = Progress(len(METHODS) * (repeats + 1), progress)
+    full_depth, rows = None, []
+    for method in METHODS:
+        runner = _runner(method, models, prompts, lengths, workload, threshold)
+        bar.step(f"{method} warm-up")
+        outputs = runner()  # warm-up; also the outputs compared below
+        seconds = []
+        for _ in range(repeats):
+            bar.step(method)
+            _synchronize(device)
+            start = time.perf_counter()
+            runner()
+            _synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        seconds = sorted(seconds)[len(seconds) // 2]
+        new = [o[len(p):] for o, p in zip(outputs, prompts)]
+        if method == "plain":
+            full_depth = new
+        same = sum(a == b for x, y in zip(new, full_depth) for a, b in zip(x, y))
+        engine = getattr(runner, "engine", None)
+        rows.append({
+            "method": method,
+            "s": seconds,
+            "tokens/s": new_tokens / seconds,
+            "exit loops": engine.stats.mean_exit_loops if engine else None,
+            "agree": same / new_tokens if method != "untied" else None,
+        })
+    for row in rows:
+        row["x plain"] = row["tokens/s"] / rows[0]["tokens/s"]
+    loops = workload.num_layers // workload.num_blocks
+    return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "workload": workload.label,
+            "loops": loops, "exit_threshold": threshold, "new_tokens": new_tokens, "rows": rows}
+
+
+COLUMNS = ["method", "s", "tokens/s", "x plain", "exit loops", "agree"]
+
+
+def main(argv=None) -> Dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--exit-fraction", type=float, default=0.5,
+                        help="calibrate the exit threshold so this fraction of tokens would leave at the first loop")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per method after a warm-up (median)")
+    parser.add_argument("--json", help="also write the table as JSON to this path")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(
+        device=torch.device(args.device) if args.device else None,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        exit_fraction=args.exit_fraction,
+        repeats=args.repeats,
+        progress=not args.no_progress,
+    )
+    print(f"generation on {result['machine']}, {result['dtype']}: {result['workload']}, {result['loops']} loops, "
+          f"{result['new_tokens']} new tokens, exit threshold {result['exit_threshold']:.4g}")
+    print(format_table(result["rows"], COLUMNS))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
