@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .config import RecursiveConfig
@@ -123,6 +122,21 @@ def _check_ids(name: str, ids: Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), got {int(ids.min())}..{int(ids.max())}")
 
 
+def _append(past: LayerKV, new: LayerKV) -> LayerKV:
+    """The cache ``past`` (B, Hkv, S, .) extended by ``new`` (B, Hkv, S', .) along the sequence."""
+    return LayerKV(*(None if p is None else torch.cat((p, n), dim=2) for p, n in zip(past, new)))
+
+
+def _lm_head(model, hidden: Tensor) -> Tensor:
+    """The LM head at any depth: final norm and ``lm_head``, (*, hidden) -> (*, vocab)."""
+    return model.lm_head(model.model.norm(hidden))
+
+
+def _top_probability(logits: Tensor) -> Tensor:
+    """(*, vocab) -> (*,), the largest softmax probability, in float32 at least."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1).amax(-1)
+
+
 @torch.no_grad()
 def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> float:
     """The exit threshold at which about ``exit_fraction`` of the tokens of ``input_ids`` (B, S) leave at
@@ -151,21 +165,6 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
 
 
 # KV-cached generation.
-
-
-def _append(past: LayerKV, new: LayerKV) -> LayerKV:
-    """The cache ``past`` (B, Hkv, S, .) extended by ``new`` (B, Hkv, S', .) along the sequence."""
-    return LayerKV(*(None if p is None else torch.cat((p, n), dim=2) for p, n in zip(past, new)))
-
-
-def _lm_head(model, hidden: Tensor) -> Tensor:
-    """The LM head at any depth: final norm and ``lm_head``, (*, hidden) -> (*, vocab)."""
-    return model.lm_head(model.model.norm(hidden))
-
-
-def _top_probability(logits: Tensor) -> Tensor:
-    """(*, vocab) -> (*,), the largest softmax probability, in float32 at least."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1).amax(-1)
 
 
 def _decode_step(

@@ -10,7 +10,7 @@ blocks on it.
 from __future__ import annotations
 
 import random
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import pytest
 import torch
