@@ -100,6 +100,18 @@ _OP_SUPPORT: Dict[str, Dict[str, SupportCheck]] = {}
 _OP_IMPLS: Dict[str, Dict[str, Tuple[str, ...]]] = {}
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs matmul-like ops in on ``device``, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def autocast_inputs(dtype: torch.dtype, *tensors):
+    """The float16/bfloat16/float32 tensors among ``tensors`` cast to ``dtype``, the rest (None, integer
+    indices, float64) unchanged: what autocast does to the inputs of a matmul-like op."""
+    lower = (torch.float16, torch.bfloat16, torch.float32)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in lower else t for t in tensors)
+
+
 def register_op(op: str, support: Dict[str, SupportCheck], impls: Dict[str, Tuple[str, ...]]) -> None:
     """Declare which backends implement ``op``, what inputs each one serves and where its functions are
     (every backend but ``torch``, whose reference the op calls itself)."""

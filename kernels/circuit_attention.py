@@ -293,7 +293,15 @@ def circuit_attention(
     Raises:
         ValueError: mismatched shapes, ranks, dtypes or devices (the message names the argument).
         kernels.BackendUnavailableError: the requested backend cannot serve this input.
+
+    Under ``torch.autocast`` all six inputs run in the autocast dtype (attention is matmul-like).
     """
+    cast_to = backends.autocast_dtype(q.device)
+    if cast_to is not None:
+        with torch.autocast(q.device.type, enabled=False):  # the backends' own ATen calls stay as written
+            return circuit_attention(
+                *backends.autocast_inputs(cast_to, q, k, v, q_c, k_c, v_c), causal=causal, scale=scale, backend=backend
+            )
     scale = _validate(q, k, v, q_c, k_c, v_c, scale, packed=False)
     chosen = backends.select(OP, q.device, backend, dtype=q.dtype, head_dim=q.shape[-1])
     if chosen == "torch":
@@ -350,8 +358,17 @@ def circuit_attention_varlen(
 
     ``check_offsets=False`` skips reading the offsets on the host to check their values (one host
     synchronisation per call on the GPU); only for offsets that are right by construction, such as those of
-    :class:`recursive.nn.VarlenPacking`. Their dtype, shape and device are always checked.
+    :class:`recursive.nn.VarlenPacking`. Their dtype, shape and device are always checked. Under
+    ``torch.autocast`` the six inputs run in the autocast dtype, as in :func:`circuit_attention`.
     """
+    cast_to = backends.autocast_dtype(q.device)
+    if cast_to is not None:
+        q, k, v, q_c, k_c, v_c = backends.autocast_inputs(cast_to, q, k, v, q_c, k_c, v_c)
+        with torch.autocast(q.device.type, enabled=False):  # the backends' own ATen calls stay as written
+            return circuit_attention_varlen(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_c, k_c, v_c, causal=causal,
+                scale=scale, backend=backend, check_offsets=check_offsets,
+            )
     scale = _validate(q, k, v, q_c, k_c, v_c, scale, packed=True)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q, check_offsets)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q, check_offsets)

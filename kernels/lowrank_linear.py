@@ -324,7 +324,15 @@ def lowrank_linear(
         IndexError: an index outside [-1, E).
         ValueError: a mismatched shape, dtype or device (the message names the argument).
         kernels.BackendUnavailableError: the requested backend cannot serve this input.
+
+    Under ``torch.autocast`` the op is matmul-like: x, weight, bias, lora_a and lora_b run in the autocast
+    dtype (gates keep theirs; they are summed in the accumulator dtype anyway).
     """
+    cast_to = backends.autocast_dtype(x.device)
+    if cast_to is not None:
+        x, weight, bias, lora_a, lora_b = backends.autocast_inputs(cast_to, x, weight, bias, lora_a, lora_b)
+        with torch.autocast(x.device.type, enabled=False):  # the backends' own ATen calls stay as written
+            return lowrank_linear(x, weight, bias, lora_a, lora_b, indices, gates, scaling, backend=backend)
     lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
         x, weight, bias, lora_a, lora_b, indices, gates, scaling
     )

@@ -363,3 +363,33 @@ def test_registry_explains_what_a_backend_cannot_serve():
         warnings.simplefilter("ignore", RuntimeWarning)  # the automatic choice says why it passed cpp over
         out, _ = kernels.circuit_attention(*empty)
     assert out.shape == q.shape[:-1] + (0,)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("backend,device", serving_backends("circuit_attention", torch.bfloat16, head_dim=8))
+def test_autocast_runs_in_the_autocast_dtype(backend, device, varlen):
+    """Under torch.autocast the op equals the op on inputs cast to the autocast dtype, and the float32
+    inputs get float32 gradients."""
+    inputs = [t.detach().float().to(device).requires_grad_() for t in make(seed=6, B=1)]
+    low = [t.detach().bfloat16().requires_grad_() for t in inputs]
+    if varlen:  # one sequence, packed: (S, heads, width)
+        cu_q = torch.tensor([0, 5], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 7], dtype=torch.int32, device=device)
+
+        def attend(*t):
+            packed = [x[0].transpose(0, 1) for x in t]
+            return kernels.circuit_attention_varlen(*packed[:3], cu_q, cu_k, 5, 7, *packed[3:], causal=True,
+                                                    backend=backend)
+    else:
+        def attend(*t):
+            return kernels.circuit_attention(*t, causal=True, backend=backend)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out, out_c = attend(*inputs)
+    expected, expected_c = attend(*low)
+    assert out.dtype == out_c.dtype == torch.bfloat16
+    torch.testing.assert_close((out, out_c), (expected, expected_c), rtol=0, atol=0)
+    (out.float().sum() + out_c.float().square().sum()).backward()
+    (expected.float().sum() + expected_c.float().square().sum()).backward()
+    for p, q in zip(inputs, low):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad.float(), rtol=0, atol=0)

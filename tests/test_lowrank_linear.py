@@ -405,3 +405,28 @@ def test_cpp_both_paths(path, dtype, monkeypatch):
     monkeypatch.setenv("RECURSIVE_KERNELS_CPU_PATH", path)
     for seed, shape in enumerate(SHAPES):
         check_against_reference(shape, "cpp", torch.device("cpu"), dtype, seed=seed)
+
+
+@pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.bfloat16))
+def test_autocast_runs_in_the_autocast_dtype(backend, device):
+    """Under torch.autocast the op equals the op on inputs cast to the autocast dtype, and the float32
+    parameters get float32 gradients (autograd through the casts)."""
+    gen = torch.Generator().manual_seed(5)
+    x, weight, bias = (torch.randn(*s, generator=gen).to(device) for s in ((9, 16), (12, 16), (12,)))
+    lora_a, lora_b = torch.randn(3, 4, 16, generator=gen).to(device), torch.randn(3, 12, 4, generator=gen).to(device)
+    indices = torch.randint(-1, 3, (9, 2), generator=gen).to(device)
+    gates = torch.rand(9, 2, generator=gen).to(device)
+    params = [t.requires_grad_() for t in (x, weight, bias, lora_a, lora_b, gates)]
+    low = [t.detach().bfloat16().requires_grad_() if t is not gates else gates.detach().requires_grad_() for t in params]
+    grad = torch.randn(9, 12, generator=gen).to(device)
+
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = kernels.lowrank_linear(*params[:5], indices, params[5], 0.5, backend=backend)
+    expected = kernels.lowrank_linear(*low[:5], indices, low[5], 0.5, backend=backend)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    y.backward(grad)
+    expected.backward(grad.bfloat16())
+    for p, q in zip(params, low):
+        assert p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad, q.grad.to(p.dtype), rtol=0, atol=0)
