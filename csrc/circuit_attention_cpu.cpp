@@ -11,17 +11,22 @@
 //   into a width x kBlk tile (BlockTiles) so that score tiles are built by register-blocked rank-1 updates
 //   (vectorised); q_c . k_c^T is added in the same pass and out / out_c accumulate side by side. A row that
 //   sees no key gets zeros and lse = -inf. The backward transposes v, v_c, q, q_c, dO, dO_c likewise.
-// * Precision: dots in the accumulator dtype (float; double for double inputs); the softmax statistics (max,
-//   sum, exp, lse) and, in the backward, P, dS and Delta are double, so recomputing P from lse loses
-//   nothing next to a float32 softmax. Delta = rowsum(P * dP) is computed from the same rounded dP as dS:
-//   their rounding errors cancel in dP - Delta (Delta = rowsum(dO * out) would not give that).
-// * Backward: a dq pass per (sequence, head, query block) that keeps the block's S and dP tiles (memory
-//   O(kBlk * Sk) per thread), sums Delta, then forms dS and dq / dq_c; then a dk / dv / dk_c / dv_c pass per
-//   (sequence, kv head, key block) over the group's query heads and query blocks (each gradient row written
-//   by one thread: no atomics, no races).
-// * exp: a vectorisable double polynomial (Cody-Waite reduction, degree 11); log once per row. The softmax
-//   loops carry `omp simd` so that their max / sum reductions vectorise (GCC keeps FP reductions scalar
-//   otherwise: it may not reorder them).
+// * Precision: dots in the accumulator dtype (float; double for double inputs). The softmax arguments are
+//   formed exactly (a score minus the running max, itself a score) or in double (a score minus lse) and
+//   exponentiated in the accumulator dtype to about an ulp; the running max, sum and lse, Delta and
+//   dP - Delta are double. Delta = rowsum(P * dP) is computed from the same rounded dP as dS: their rounding
+//   errors cancel in dP - Delta (Delta = rowsum(dO * out) would not give that).
+// * Backward: per step of kBwdRows query rows, sweep 1 forms the P and dP tiles of every key block the rows
+//   see (kept: memory O(kBwdRows * Sk) per thread) and sums Delta; sweep 2 forms dS and dq / dq_c. The fused
+//   backward runs one item per (sequence, kv head) over the group's query heads and also adds dv += P^T dO,
+//   dk += dS^T q (and the corrections') into the key rows the item owns: five tile products per tile. With
+//   fewer (sequence, kv head) pairs than threads the split backward runs instead: the dq items per
+//   (sequence, head, query block), then a dk / dv / dk_c / dv_c pass per (sequence, kv head, key block) that
+//   forms S^T and dP^T again (seven products, but B * H * Sq / kBlk items). Each gradient row is written by
+//   one thread either way: no atomics, no races.
+// * exp: a vectorisable polynomial (Cody-Waite reduction; degree 11 for double, 7 for float); log once per
+//   row. The softmax loops carry `omp simd` so that their max / sum reductions vectorise (GCC keeps FP
+//   reductions scalar otherwise: it may not reorder them).
 // * x86: the item loops are compiled for AVX-512, AVX2+FMA and the baseline ISA, picked at run time
 //   (cpu_dispatch.h).
 // * bfloat16 / float16: inputs upcast to float once (linear memory), results rounded once.
@@ -34,7 +39,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace recursive_kernels {
@@ -47,35 +55,52 @@ using at::Tensor;
 constexpr int64_t kBlk = 64;
 // Register-blocked micro-kernels: 4 rows x kW columns of accumulators (8 AVX-512 or 16 AVX2 registers).
 constexpr int64_t kW = 32;
+// Query rows per step of the backward: it keeps the P and dP tiles of a step's whole key range (2 * kBwdRows * Sk
+// values), which 32 rows keep in a 1 MiB L2 up to Sk = 2048 (64 rows ran 10% slower there).
+constexpr int64_t kBwdRows = 32;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// exp(x) for x <= 0 (a tiny positive x from rounding is fine), ~1e-14 relative; 0 below -708 and for -inf;
-// NaN stays NaN. Branch-free (the clamp and the zero are bit masks) so that the loops calling it vectorise:
-// GCC leaves a select on doubles as control flow for AVX2 and then gives up on the loop.
-RK_INLINE double exp_nonpositive(double x) {
-  const int64_t keep = -static_cast<int64_t>(!(x < -708.0));  // all ones, or zero below -708
-  x = __builtin_bit_cast(double, (__builtin_bit_cast(int64_t, x) & keep) |
-                                     (__builtin_bit_cast(int64_t, -708.0) & ~keep));
-  constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
-  const double t = x * 1.4426950408889634 + kShifter;
-  const double n = t - kShifter;
-  const double r = (x - n * 0.6931471803691238) - n * 1.9082149292705877e-10;
-  double p = 2.505210838544172e-08;
-  p = p * r + 2.755731922398589e-07;
-  p = p * r + 2.7557319223985893e-06;
-  p = p * r + 2.48015873015873e-05;
-  p = p * r + 0.0001984126984126984;
-  p = p * r + 0.001388888888888889;
-  p = p * r + 0.008333333333333333;
-  p = p * r + 0.041666666666666664;
-  p = p * r + 0.16666666666666666;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+// exp(x) for x <= 0 (a tiny positive x from rounding is fine) to about an ulp of T; 0 below the smallest
+// normal result and for -inf; NaN stays NaN. Cody-Waite reduction to |r| <= ln2 / 2, then a Taylor polynomial
+// (degree 11 for double, 7 for float: the float exp costs about a third of the double one per element).
+// Branch-free (the clamp and the zero are bit masks) so that the loops calling it vectorise: GCC leaves a
+// select on doubles as control flow for AVX2 and then gives up on the loop.
+template <typename T>
+RK_INLINE T exp_nonpositive(T x) {
+  constexpr bool is_double = std::is_same_v<T, double>;
+  using Bits = std::conditional_t<is_double, int64_t, int32_t>;
+  constexpr T kMin = is_double ? T(-708.0) : T(-87.0);
+  constexpr T kShifter = is_double ? T(6755399441055744.0) : T(12582912.0);  // 1.5 * 2^mantissa bits
+  constexpr T kLn2Hi = is_double ? T(0.6931471803691238) : T(0.693359375);
+  constexpr T kLn2Lo = is_double ? T(1.9082149292705877e-10) : T(-2.12194440e-4);
+  constexpr int kMantissa = is_double ? 52 : 23;
+  constexpr Bits kBias = is_double ? 1023 : 127;
+  const Bits keep = -static_cast<Bits>(!(x < kMin));  // all ones, or zero below kMin
+  x = __builtin_bit_cast(T, (__builtin_bit_cast(Bits, x) & keep) | (__builtin_bit_cast(Bits, kMin) & ~keep));
+  const T t = x * T(1.4426950408889634) + kShifter;  // adding the shifter rounds to an integer
+  const T n = t - kShifter;
+  const T r = (x - n * kLn2Hi) - n * kLn2Lo;
+  T p;
+  if constexpr (is_double) {
+    p = 2.505210838544172e-08;
+    p = p * r + 2.755731922398589e-07;
+    p = p * r + 2.7557319223985893e-06;
+    p = p * r + 2.48015873015873e-05;
+    p = p * r + 0.0001984126984126984;
+  } else {
+    p = T(0.0001984126984126984);
+  }
+  p = p * r + T(0.001388888888888889);
+  p = p * r + T(0.008333333333333333);
+  p = p * r + T(0.041666666666666664);
+  p = p * r + T(0.16666666666666666);
+  p = p * r + T(0.5);
+  p = p * r + T(1.0);
+  p = p * r + T(1.0);
   // Bit casts as builtins (not memcpy through locals) so that the loops calling this still vectorise.
-  const int64_t exponent_bits =  // the low bits of t hold n
-      (__builtin_bit_cast(int64_t, t) - __builtin_bit_cast(int64_t, kShifter) + 1023) << 52;
-  return p * __builtin_bit_cast(double, exponent_bits & keep);  // 2^n, or 0.0 below -708
+  const Bits exponent_bits =  // the low bits of t hold n
+      (__builtin_bit_cast(Bits, t) - __builtin_bit_cast(Bits, kShifter) + kBias) << kMantissa;
+  return p * __builtin_bit_cast(T, exponent_bits & keep);  // 2^n, or 0 below kMin
 }
 
 // dst (K x kBlk) = rows [0, rows) of src (row j at src + j * ld, K long) transposed; columns >= rows zeroed.
@@ -89,10 +114,12 @@ RK_INLINE void transpose_rows(T* __restrict dst, const T* __restrict src, int64_
 }
 
 // The register-blocked micro-kernel of every tile product: for r < rows,
-//   out[r * ldo + 0:W] = (accumulate ? out[r * ldo + 0:W] : 0) + alpha * sum_{d < K} a[r][d] * b[d * ldb + 0:W].
-// Four rows of W accumulators; `omp simd` keeps GCC vectorising along the W columns (it otherwise picks the
-// d loop for some W and spills). alpha multiplies the finished dot (one rounding, as the eager scale * (q @ k^T)).
-template <int64_t W, typename T>
+//   out[r * ldo + 0:W] = (accumulate ? out[r * ldo + 0:W] : 0) + alpha * sum_{d < K} a[r][d * AStep] * b[d * ldb + 0:W]
+// (AStep = kBlk reads the rows of A from the columns of a kBlk-wide tile: products with a transposed tile need
+// no transpose). Four rows of W accumulators; `omp simd` keeps GCC vectorising along the W columns (it
+// otherwise picks the d loop for some W and spills). alpha multiplies the finished dot (one rounding, as the
+// eager scale * (q @ k^T)).
+template <int64_t W, int64_t AStep, typename T>
 RK_INLINE void microkernel(T* __restrict out, int64_t ldo, int rows, const T* const* a, int64_t K,
                            const T* __restrict b, int64_t ldb, T alpha, bool accumulate) {
   T acc[4][W] = {};
@@ -100,7 +127,7 @@ RK_INLINE void microkernel(T* __restrict out, int64_t ldo, int rows, const T* co
     const T* bd = b + d * ldb;
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
-      const T x = a[r][d];
+      const T x = a[r][d * AStep];
 #pragma omp simd
       for (int64_t jj = 0; jj < W; ++jj) acc[r][jj] += x * bd[jj];
     }
@@ -112,24 +139,24 @@ RK_INLINE void microkernel(T* __restrict out, int64_t ldo, int rows, const T* co
 }
 
 // Columns [n0, N) of four rows by micro-kernels of widths W, W / 2, ..., 1 (all but the widest run at most once).
-template <int64_t W, typename T>
+template <int64_t W, int64_t AStep, typename T>
 RK_INLINE void microkernel_columns(T* __restrict out, int64_t ldo, int rows, const T* const* a, int64_t K,
                                    const T* __restrict b, int64_t ldb, T alpha, bool accumulate, int64_t n0,
                                    int64_t N) {
-  for (; n0 + W <= N; n0 += W) microkernel<W>(out + n0, ldo, rows, a, K, b + n0, ldb, alpha, accumulate);
-  if constexpr (W > 1) microkernel_columns<W / 2>(out, ldo, rows, a, K, b, ldb, alpha, accumulate, n0, N);
+  for (; n0 + W <= N; n0 += W) microkernel<W, AStep>(out + n0, ldo, rows, a, K, b + n0, ldb, alpha, accumulate);
+  if constexpr (W > 1) microkernel_columns<W / 2, AStep>(out, ldo, rows, a, K, b, ldb, alpha, accumulate, n0, N);
 }
 
-// C[i, 0:N] (+)= alpha * sum_{d < K} A[i, d] B[d, 0:N] for i < M: C row i at C + i * ldc, A row i at
-// A + i * lda, B row d at B + d * ldb. Rows past M are computed on a clamped row and not stored.
-template <typename T>
+// C[i, 0:N] (+)= alpha * sum_{d < K} A[i, d] B[d, 0:N] for i < M: C row i at C + i * ldc, A[i, d] at
+// A + i * lda + d * AStep, B row d at B + d * ldb. Rows past M are computed on a clamped row and not stored.
+template <int64_t AStep = 1, typename T>
 RK_INLINE void tile_mm(T* __restrict C, int64_t ldc, int64_t M, int64_t N, const T* __restrict A, int64_t lda,
                        int64_t K, const T* __restrict B, int64_t ldb, T alpha, bool accumulate) {
   for (int64_t i = 0; i < M; i += 4) {
     const T* a[4];
     for (int r = 0; r < 4; ++r) a[r] = A + std::min<int64_t>(i + r, M - 1) * lda;
     const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
-    microkernel_columns<kW>(C + i * ldc, ldc, rows, a, K, B, ldb, alpha, accumulate, 0, N);
+    microkernel_columns<kW, AStep>(C + i * ldc, ldc, rows, a, K, B, ldb, alpha, accumulate, 0, N);
   }
 }
 
@@ -147,6 +174,14 @@ template <typename T>
 RK_INLINE void tile_acc(T* __restrict C, int64_t M, int64_t N, const T* __restrict P, int64_t ncols,
                         const T* __restrict X, int64_t ldx, T alpha) {
   tile_mm(C, N, M, N, P, kBlk, ncols, X, ldx, alpha, true);
+}
+
+// C[j, :] += alpha * sum_{i < nrows} P[i, j] X[i, :] for j < N: the transposed tile P (nrows x kBlk) times X;
+// row j of C at C + j * ldc, row i of X at X + i * ldx, width columns.
+template <typename T>
+RK_INLINE void tile_acc_transposed(T* __restrict C, int64_t ldc, int64_t N, int64_t width, const T* __restrict P,
+                                   int64_t nrows, const T* __restrict X, int64_t ldx, T alpha) {
+  tile_mm<kBlk>(C, ldc, N, width, P, 1, nrows, X, ldx, alpha, true);
 }
 
 // The rows of one side of the problem (query side: q, q_c, out, out_c and their gradients; key side: k, v,
@@ -242,11 +277,12 @@ RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin,
         for (int64_t j = 1; j < vis; ++j) row_max = srow[j] > row_max ? srow[j] : row_max;
         const double mx = std::max(m[i], static_cast<double>(row_max));
         const double alpha = exp_nonpositive(m[i] - mx);  // m[i] = -inf: 0
-        double sum = 0.0;
+        const T shift = static_cast<T>(mx);  // exact: mx is one of the scores
+        T sum = 0;  // of at most kBlk terms; l accumulates in double
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < vis; ++j) {
-          const double p = exp_nonpositive(static_cast<double>(srow[j]) - mx);
-          srow[j] = static_cast<T>(p);
+          const T p = exp_nonpositive(srow[j] - shift);
+          srow[j] = p;
           sum += p;
         }
         std::fill(srow + vis, srow + kBlk, T(0));
@@ -289,77 +325,115 @@ struct BwdData {
   BlockTiles<T> vT, vcT, qT, qcT, doT, docT;  // the corrections' tiles have null data without them
 };
 
-// dq / dq_c and Delta per (sequence, head, query block).
+// Per-thread scratch of the query-block backward: the P and dP tiles of every key block of one step of
+// kBwdRows query rows (O(kBwdRows * Sk)) and the step's dq / dq_c rows.
 template <typename T>
-RK_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
+struct QueryScratch {
+  std::vector<T> p_all, dp_all, dq, dqc;
+  QueryScratch(int64_t D, int64_t R) : dq(kBlk * D), dqc(kBlk * std::max<int64_t>(R, 1)) {}
+};
+
+// The gradients of rows [sub, sub + kBwdRows) of the query block of work item `item` (sequence, head, query
+// block): Delta, dq and dq_c, and with kWithKeys their terms of dk, dv, dk_c and dv_c, added to w's (the
+// caller owns those rows and zeroed them).
+template <bool kWithKeys, typename T>
+RK_INLINE void bwd_query_block(const Problem<T>& g, const BwdData<T>& w, int64_t item, int64_t sub,
+                               QueryScratch<T>& sc) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
-  std::vector<T> s_all, dp_all, dq(kBlk * D), dqc(kBlk * std::max<int64_t>(R, 1));
   double lse[kBlk], delta[kBlk];
-  for (int64_t item = begin; item < end; ++item) {
-    const auto [b, h, Sq, Sk, i0, M, qrow, krow] = query_block(g, item);
-    if (M <= 0) continue;
-    const int64_t lq = g.qs.rs, lk = g.ks.rs;
-    const T* q = g.q + qrow * D;
-    const T* qc = R ? g.qc + qrow * R : nullptr;
-    const T* dout = w.dout + qrow * D;
-    const T* doutc = Rv ? w.doutc + qrow * Rv : nullptr;
-    for (int64_t i = 0; i < M; ++i) lse[i] = w.lse[g.stats.row(b, h, i0 + i)], delta[i] = 0.0;
-    const int64_t kend = visible_end(g.causal, Sq, Sk, i0 + M - 1);
-    const int64_t blocks = (kend + kBlk - 1) / kBlk;
-    s_all.resize(std::max<int64_t>(blocks, 1) * kBlk * kBlk);
-    dp_all.resize(s_all.size());
-    // Sweep 1: S and dP tiles of every key block the query block sees, and Delta = rowsum(P * dP).
-    for (int64_t t = 0; t < blocks; ++t) {
-      const int64_t j0 = t * kBlk, N = std::min(kBlk, kend - j0);
-      T* s = s_all.data() + t * kBlk * kBlk;
-      T* dp = dp_all.data() + t * kBlk * kBlk;
-      const int64_t kv_head = h / g.group;
-      tile_nt(s, M, q, lq * D, D, g.kT.tile(b, kv_head, t), g.scale, false);
-      tile_nt(dp, M, dout, lq * D, D, w.vT.tile(b, kv_head, t), T(1), false);
-      if (R) tile_nt(s, M, qc, lq * R, R, g.kcT.tile(b, kv_head, t), T(1), true);
-      if (Rv) tile_nt(dp, M, doutc, lq * Rv, Rv, w.vcT.tile(b, kv_head, t), T(1), true);
-      for (int64_t i = 0; i < M; ++i) {
-        const int64_t vis = std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0);
-        const T* srow = s + i * kBlk;
-        const T* dprow = dp + i * kBlk;
-        double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < vis; ++j)
-          sum += exp_nonpositive(static_cast<double>(srow[j]) - lse[i]) * static_cast<double>(dprow[j]);
-        delta[i] += sum;
-      }
-    }
-    for (int64_t i = 0; i < M; ++i) w.delta[g.stats.row(b, h, i0 + i)] = delta[i];
-    // Sweep 2: dS = P * (dP - Delta) (into the S tile), dq += scale dS k, dq_c += dS k_c.
-    std::fill(dq.begin(), dq.begin() + M * D, T(0));
-    if (R) std::fill(dqc.begin(), dqc.begin() + M * R, T(0));
-    for (int64_t t = 0; t < blocks; ++t) {
-      const int64_t j0 = t * kBlk, N = std::min(kBlk, kend - j0), row0 = krow + j0 * lk;
-      T* s = s_all.data() + t * kBlk * kBlk;
-      const T* dp = dp_all.data() + t * kBlk * kBlk;
-      for (int64_t i = 0; i < M; ++i) {
-        const int64_t vis = std::max<int64_t>(0, std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0));
-        T* srow = s + i * kBlk;
-        const T* dprow = dp + i * kBlk;
-#pragma omp simd
-        for (int64_t j = 0; j < vis; ++j) {
-          const double p = exp_nonpositive(static_cast<double>(srow[j]) - lse[i]);
-          srow[j] = static_cast<T>(p * (static_cast<double>(dprow[j]) - delta[i]));
-        }
-        std::fill(srow + vis, srow + kBlk, T(0));
-      }
-      tile_acc(dq.data(), M, D, s, N, g.k + row0 * D, lk * D, g.scale);
-      if (R) tile_acc(dqc.data(), M, R, s, N, g.kc + row0 * R, lk * R, T(1));
-    }
+  const QueryBlock blk = query_block(g, item);
+  const int64_t lq = g.qs.rs, lk = g.ks.rs;
+  const int64_t b = blk.b, h = blk.h, Sq = blk.Sq, Sk = blk.Sk, krow = blk.krow, i0 = blk.i0 + sub;
+  const int64_t M = std::min(kBwdRows, blk.M - sub), qrow = blk.qrow + sub * lq, kv_head = h / g.group;
+  if (M <= 0) return;
+  const T* q = g.q + qrow * D;
+  const T* qc = R ? g.qc + qrow * R : nullptr;
+  const T* dout = w.dout + qrow * D;
+  const T* doutc = Rv ? w.doutc + qrow * Rv : nullptr;
+  for (int64_t i = 0; i < M; ++i) lse[i] = w.lse[g.stats.row(b, h, i0 + i)], delta[i] = 0.0;
+  const int64_t kend = visible_end(g.causal, Sq, Sk, i0 + M - 1);
+  const int64_t blocks = (kend + kBlk - 1) / kBlk;
+  sc.p_all.resize(std::max<int64_t>(blocks, 1) * kBlk * kBlk);
+  sc.dp_all.resize(sc.p_all.size());
+  // Sweep 1: P and dP tiles of every key block the query block sees, and Delta = rowsum(P * dP).
+  for (int64_t t = 0; t < blocks; ++t) {
+    const int64_t j0 = t * kBlk, N = std::min(kBlk, kend - j0);
+    T* p = sc.p_all.data() + t * kBlk * kBlk;
+    T* dp = sc.dp_all.data() + t * kBlk * kBlk;
+    tile_nt(p, M, q, lq * D, D, g.kT.tile(b, kv_head, t), g.scale, false);
+    tile_nt(dp, M, dout, lq * D, D, w.vT.tile(b, kv_head, t), T(1), false);
+    if (R) tile_nt(p, M, qc, lq * R, R, g.kcT.tile(b, kv_head, t), T(1), true);
+    if (Rv) tile_nt(dp, M, doutc, lq * Rv, Rv, w.vcT.tile(b, kv_head, t), T(1), true);
     for (int64_t i = 0; i < M; ++i) {
-      const int64_t row = qrow + i * lq;
-      std::copy(dq.begin() + i * D, dq.begin() + (i + 1) * D, w.dq + row * D);
-      if (R) std::copy(dqc.begin() + i * R, dqc.begin() + (i + 1) * R, w.dqc + row * R);
+      const int64_t vis = std::max<int64_t>(0, std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0));
+      T* prow = p + i * kBlk;
+      const T* dprow = dp + i * kBlk;
+      double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < vis; ++j) {
+        const T pe = exp_nonpositive(static_cast<T>(static_cast<double>(prow[j]) - lse[i]));
+        prow[j] = pe;
+        sum += static_cast<double>(pe) * static_cast<double>(dprow[j]);
+      }
+      std::fill(prow + vis, prow + kBlk, T(0));
+      delta[i] += sum;
     }
+  }
+  for (int64_t i = 0; i < M; ++i) w.delta[g.stats.row(b, h, i0 + i)] = delta[i];
+  // Sweep 2: dS = P * (dP - Delta) (into the dP tile); dq += scale dS k, dq_c += dS k_c; with the keys also
+  // dv += P^T dO, dv_c += P^T dO_c, dk += scale dS^T q, dk_c += dS^T q_c.
+  std::fill(sc.dq.begin(), sc.dq.begin() + M * D, T(0));
+  if (R) std::fill(sc.dqc.begin(), sc.dqc.begin() + M * R, T(0));
+  for (int64_t t = 0; t < blocks; ++t) {
+    const int64_t j0 = t * kBlk, N = std::min(kBlk, kend - j0), row0 = krow + j0 * lk;
+    const T* p = sc.p_all.data() + t * kBlk * kBlk;
+    T* ds = sc.dp_all.data() + t * kBlk * kBlk;
+    for (int64_t i = 0; i < M; ++i) {
+      const T* prow = p + i * kBlk;
+      T* dsrow = ds + i * kBlk;
+#pragma omp simd
+      for (int64_t j = 0; j < kBlk; ++j)  // P is 0 past the visible keys, so dS is too
+        dsrow[j] = static_cast<T>(static_cast<double>(prow[j]) * (static_cast<double>(dsrow[j]) - delta[i]));
+    }
+    tile_acc(sc.dq.data(), M, D, ds, N, g.k + row0 * D, lk * D, g.scale);
+    if (R) tile_acc(sc.dqc.data(), M, R, ds, N, g.kc + row0 * R, lk * R, T(1));
+    if constexpr (kWithKeys) {
+      tile_acc_transposed(w.dv + row0 * D, lk * D, N, D, p, M, dout, lq * D, T(1));
+      if (Rv) tile_acc_transposed(w.dvc + row0 * Rv, lk * Rv, N, Rv, p, M, doutc, lq * Rv, T(1));
+      tile_acc_transposed(w.dk + row0 * D, lk * D, N, D, ds, M, q, lq * D, g.scale);
+      if (R) tile_acc_transposed(w.dkc + row0 * R, lk * R, N, R, ds, M, qc, lq * R, T(1));
+    }
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t row = qrow + i * lq;
+    std::copy(sc.dq.begin() + i * D, sc.dq.begin() + (i + 1) * D, w.dq + row * D);
+    if (R) std::copy(sc.dqc.begin() + i * R, sc.dqc.begin() + (i + 1) * R, w.dqc + row * R);
   }
 }
 
-// dk / dv / dk_c / dv_c per (sequence, kv head, key block), over the group's query heads and query blocks.
+// Split backward, first pass: dq / dq_c and Delta per (sequence, head, query block).
+template <typename T>
+RK_INLINE void bwd_dq_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
+  QueryScratch<T> sc(g.D, g.R);
+  for (int64_t item = begin; item < end; ++item)
+    for (int64_t sub = 0; sub < kBlk; sub += kBwdRows) bwd_query_block<false>(g, w, item, sub, sc);
+}
+
+// Fused backward: every gradient per (sequence, kv head), over the group's query heads and query blocks: the
+// item owns the rows of dk / dv it adds to, so S and dP are formed once (five tile products per tile, not
+// the split backward's seven), at the price of B * Hkv work items.
+template <typename T>
+RK_INLINE void bwd_fused_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
+  QueryScratch<T> sc(g.D, g.R);
+  for (int64_t bhk = begin; bhk < end; ++bhk) {
+    const int64_t b = bhk / g.Hkv, hk = bhk % g.Hkv;
+    for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h)
+      for (int64_t t = 0; t < g.nqb; ++t)
+        for (int64_t sub = 0; sub < kBlk; sub += kBwdRows) bwd_query_block<true>(g, w, (b * g.H + h) * g.nqb + t, sub, sc);
+  }
+}
+
+// Split backward, second pass: dk / dv / dk_c / dv_c per (sequence, kv head, key block), over the group's query heads and query blocks.
 template <typename T>
 RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
@@ -408,7 +482,7 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
           std::fill(dsrow, dsrow + ifirst, T(0));
 #pragma omp simd
           for (int64_t i = ifirst; i < kBlk; ++i) {
-            const double pe = exp_nonpositive(static_cast<double>(prow[i]) - lse[i]);
+            const double pe = exp_nonpositive(static_cast<T>(static_cast<double>(prow[i]) - lse[i]));
             prow[i] = static_cast<T>(pe);
             dsrow[i] = static_cast<T>(pe * (static_cast<double>(dsrow[i]) - delta[i]));
           }
@@ -432,6 +506,10 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
 struct BackwardQueryPass {
   template <typename T>
   RK_INLINE static void run(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_dq_items<T>(g, w, b, e); }
+};
+struct BackwardFusedPass {
+  template <typename T>
+  RK_INLINE static void run(const Problem<T>& g, const BwdData<T>& w, int64_t b, int64_t e) { bwd_fused_items<T>(g, w, b, e); }
 };
 struct BackwardKeyPass {
   template <typename T>
@@ -604,6 +682,15 @@ Problem<T> make_problem(const Layout& L, bool causal, double scale, const Tensor
   return g;
 }
 
+// The fused backward when its B * Hkv work items keep every thread busy; the split one otherwise.
+// RECURSIVE_KERNELS_CPU_ATTENTION_BACKWARD=fused|split forces one (for tests and benchmarks).
+bool use_fused_backward(int64_t items) {
+  const char* env = std::getenv("RECURSIVE_KERNELS_CPU_ATTENTION_BACKWARD");
+  const std::string forced = env == nullptr ? "" : env;
+  if (forced == "fused" || forced == "split") return forced == "fused";
+  return items >= at::get_num_threads();
+}
+
 // Work items per grain of at::parallel_for: about 2^16 multiply-adds each.
 inline int64_t grain_items(int64_t per_item) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, per_item));
@@ -674,10 +761,13 @@ std::vector<Tensor> circuit_attention_backward(
   const Tensor goca = L.Rv ? grad_out_c.to(adt).contiguous() : Tensor();
   const Tensor lse_d = lse.to(at::kDouble).contiguous();
   Tensor delta = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
-  // Every gradient row is written by one item (a row of a key no query sees gets zeros).
-  Tensor dq = at::empty_like(qa), dk = at::empty_like(ka), dv = at::empty_like(va);
-  Tensor dqc = L.R ? at::empty_like(qca) : Tensor(), dkc = L.R ? at::empty_like(kca) : Tensor();
-  Tensor dvc = L.Rv ? at::empty_like(vca) : Tensor();
+  const bool fused = use_fused_backward(L.B * L.Hkv);
+  // Every dq row is written by one item. The split backward writes every dk / dv row once (a key no query
+  // sees gets zeros); the fused one adds to them.
+  const auto key_grad = [&](const Tensor& like) { return fused ? at::zeros_like(like) : at::empty_like(like); };
+  Tensor dq = at::empty_like(qa), dk = key_grad(ka), dv = key_grad(va);
+  Tensor dqc = L.R ? at::empty_like(qca) : Tensor(), dkc = L.R ? key_grad(kca) : Tensor();
+  Tensor dvc = L.Rv ? key_grad(vca) : Tensor();
   const Isa isa = cpu_isa();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -687,10 +777,12 @@ std::vector<Tensor> circuit_attention_backward(
     BwdData<T> w{};
     w.vT = block_tiles<T>(va, L.ks, L.B, L.Hkv, key_blocks, storage);
     w.vcT = block_tiles<T>(vca, L.ks, L.B, L.Hkv, key_blocks, storage);
-    w.qT = block_tiles<T>(qa, L.qs, L.B, L.H, query_blocks, storage);
-    w.qcT = block_tiles<T>(qca, L.qs, L.B, L.H, query_blocks, storage);
-    w.doT = block_tiles<T>(goa, L.qs, L.B, L.H, query_blocks, storage);
-    w.docT = block_tiles<T>(goca, L.qs, L.B, L.H, query_blocks, storage);
+    if (!fused) {
+      w.qT = block_tiles<T>(qa, L.qs, L.B, L.H, query_blocks, storage);
+      w.qcT = block_tiles<T>(qca, L.qs, L.B, L.H, query_blocks, storage);
+      w.doT = block_tiles<T>(goa, L.qs, L.B, L.H, query_blocks, storage);
+      w.docT = block_tiles<T>(goca, L.qs, L.B, L.H, query_blocks, storage);
+    }
     w.dout = goa.data_ptr<T>();
     w.doutc = L.Rv ? goca.data_ptr<T>() : nullptr;
     w.lse = lse_d.data_ptr<double>();
@@ -700,6 +792,11 @@ std::vector<Tensor> circuit_attention_backward(
     w.dkc = L.R ? dkc.data_ptr<T>() : nullptr;
     w.dvc = L.Rv ? dvc.data_ptr<T>() : nullptr;
     const int64_t width = 2 * L.D + L.R + L.Rv;
+    if (fused) {
+      at::parallel_for(0, L.B * L.Hkv, 1,
+                       [&](int64_t b, int64_t e) { run_on_isa<BackwardFusedPass>(isa, g, w, b, e); });
+      return;
+    }
     at::parallel_for(0, L.B * L.H * g.nqb, grain_items(kBlk * std::max<int64_t>(1, L.max_k) * width),
                      [&](int64_t b, int64_t e) { run_on_isa<BackwardQueryPass>(isa, g, w, b, e); });
     at::parallel_for(0, L.B * L.Hkv * g.nkb,

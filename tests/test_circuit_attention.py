@@ -313,6 +313,30 @@ def test_gradcheck_float64_on_the_cpp_backend():
         packed, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_both_cpp_backward_paths(path, monkeypatch):
+    """The cpp backward picks its fused pass (items per (sequence, kv head)) or its split passes (per query
+    block, then per key block) by the thread count; each, forced, stays within twice the eager error."""
+    if "cpp" not in [p.values[0] for p in kernel_backends(torch.float32)]:
+        pytest.skip("the cpp extension is not built")
+    monkeypatch.setenv("RECURSIVE_KERNELS_CPU_ATTENTION_BACKWARD", path)
+    for B, H, Hkv, Sq, Sk, D, R, Rv, causal in CASES + [(2, 4, 2, 150, 130, 16, 4, 4, True)]:
+        tensors64 = make(seed=5, B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, R=R, Rv=Rv)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_error_at_most_twice_eager(
+                lambda *t, backend: kernels.circuit_attention(*t, causal=causal, backend=backend),
+                tensors64, "cpp", "cpu", dtype)
+    lengths_q, lengths_k = [3, 0, 1, 70, 2], [5, 4, 19, 90, 0]
+    packed, cu_q, cu_k = _varlen_inputs(lengths_q, lengths_k)
+    assert_error_at_most_twice_eager(
+        lambda q, k, v, q_c, k_c, v_c, backend: kernels.circuit_attention_varlen(
+            q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), q_c, k_c, v_c, causal=True, backend=backend),
+        packed, "cpp", "cpu", torch.float32)
+    dense = make(B=1, H=2, Hkv=1, Sq=3, Sk=5, D=4, R=2, Rv=3)
+    assert torch.autograd.gradcheck(
+        lambda *t: kernels.circuit_attention(*t, causal=True, backend="cpp"), dense, eps=1e-6, atol=1e-6)
+
+
 def _fused_cpu_backend():
     served = [p.values[0] for p in kernel_backends(torch.float32) if p.values[1].type == "cpu"]
     if not served:
