@@ -32,3 +32,12 @@ def serving_backends(op: str, dtype: torch.dtype, **inputs):
 def _no_backend_env(monkeypatch):
     """Tests choose backends explicitly; a developer's RECURSIVE_KERNELS_BACKEND must not leak in."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation, and stall on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

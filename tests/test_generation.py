@@ -31,13 +31,7 @@ CONFIGS = {
 SEQUENCE = dict(relaxation="depth_lora", sharing="sequence")  # a single loop: no early exit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_for(name: str) -> RecursiveForCausalLM:
