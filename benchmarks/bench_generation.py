@@ -14,10 +14,13 @@ full-depth decoding at the same position (1.0 without early exit).
 
 Early exit on random weights: a fixed threshold such as 0.9 never fires, so the threshold is
 calibrated on the model (``recursive.generation.calibrate_exit_threshold``): the value at which
-``--exit-fraction`` of the tokens of the prompts would leave at the first loop boundary. The outputs
-then differ from full depth (``agree``); a trained model would be needed to speak of matched quality.
+``--exit-fraction`` of the tokens of the prompts would leave at the first loop boundary; the outputs
+then differ from full depth (``agree``). ``--train-steps N`` first trains the recursive model on the
+package's synthetic corpus (``recursive.train``, with the loop-boundary loss that teaches early exit,
+``exit_loss_weight=1``) and draws the prompts from held-out text of that corpus: early exit then runs at
+a fixed ``--exit-threshold`` (default 0.9) and ``agree`` measures the output quality it keeps.
 
-    python benchmarks/bench_generation.py [--device cuda] [--json out.json]
+    python benchmarks/bench_generation.py [--device cuda] [--train-steps 300] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from benchmarks.common import format_table, machine_description, resolve, write_
 from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM  # noqa: E402
 from recursive.generation import calibrate_exit_threshold, generate_in_batches  # noqa: E402
 from recursive.progress import Progress  # noqa: E402
+from recursive.train import encode, synthetic_corpus, train  # noqa: E402
 
 METHODS = ("plain", "plain+exit", "untied", "engine", "engine+exit")
 
@@ -70,8 +74,9 @@ def default_workload(device: torch.device) -> Workload:
     return Workload(256, 704, 4, 8, 2, 2048, 32, 8, (4, 24), (4, 24))
 
 
-def make_models(workload: Workload, device: torch.device, dtype: torch.dtype):
-    """The recursive model (cycle sharing, per-depth LoRA) and the untied model of the same depth."""
+def make_models(workload: Workload, device: torch.device, dtype: torch.dtype, train_steps: int = 0):
+    """The recursive model (cycle sharing, per-depth LoRA) and the untied model of the same depth; with
+    ``train_steps``, the recursive model trained that long on the synthetic corpus, for early exit too."""
     common = dict(vocab_size=workload.vocab_size, hidden_size=workload.hidden_size,
                   intermediate_size=workload.intermediate_size, num_attention_heads=workload.num_heads,
                   num_layers=workload.num_layers)
@@ -83,15 +88,24 @@ def make_models(workload: Workload, device: torch.device, dtype: torch.dtype):
             if name.endswith("lora_b"):
                 parameter.normal_(0.0, 0.02)
     untied = RecursiveForCausalLM(RecursiveConfig(num_blocks=workload.num_layers, **common))
+    if train_steps:
+        train(recursive.to(device), steps=train_steps, exit_loss_weight=1.0, bf16=device.type == "cuda",
+              progress=False)
     return recursive.to(device, dtype).eval(), untied.to(device, dtype).eval()
 
 
-def make_requests(workload: Workload, seed: int = 0):
+def make_requests(workload: Workload, seed: int = 0, from_corpus: bool = False):
+    """Prompts (token lists) and output lengths: random token ids, or windows of held-out corpus text (a
+    corpus seed the training never sees)."""
     rng = random.Random(seed)
-    prompts = [[rng.randrange(workload.vocab_size) for _ in range(rng.randint(*workload.prompt_lengths))]
-               for _ in range(workload.num_requests)]
-    lengths = [rng.randint(*workload.output_lengths) for _ in prompts]
-    return prompts, lengths
+    lengths = [rng.randint(*workload.prompt_lengths) for _ in range(workload.num_requests)]
+    if from_corpus:
+        text = encode(synthetic_corpus(1 << 16, seed=seed + 1)).tolist()
+        starts = [rng.randrange(len(text) - length) for length in lengths]
+        prompts = [text[start:start + length] for start, length in zip(starts, lengths)]
+    else:
+        prompts = [[rng.randrange(workload.vocab_size) for _ in range(length)] for length in lengths]
+    return prompts, [rng.randint(*workload.output_lengths) for _ in prompts]
 
 
 def _runner(method: str, models, prompts, lengths, workload: Workload, threshold: float) -> Callable[[], List[List[int]]]:
@@ -112,13 +126,18 @@ def _synchronize(device: torch.device) -> None:
 
 
 def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, workload: Optional[Workload] = None,
-        exit_fraction: float = 0.5, repeats: int = 1, progress: bool = True) -> Dict[str, object]:
+        exit_fraction: float = 0.5, repeats: int = 1, progress: bool = True, train_steps: int = 0,
+        exit_threshold: Optional[float] = None) -> Dict[str, object]:
     device, dtype = resolve(device, dtype)
     workload = workload or default_workload(device)
-    models = make_models(workload, device, dtype)
-    prompts, lengths = make_requests(workload)
-    calibration = torch.tensor([p[: workload.prompt_lengths[0]] for p in prompts], device=device)
-    threshold = calibrate_exit_threshold(models[0], calibration, exit_fraction)
+    models = make_models(workload, device, dtype, train_steps)
+    prompts, lengths = make_requests(workload, from_corpus=train_steps > 0)
+    threshold = exit_threshold
+    if threshold is None and train_steps:
+        threshold = 0.9
+    if threshold is None:
+        calibration = torch.tensor([p[: workload.prompt_lengths[0]] for p in prompts], device=device)
+        threshold = calibrate_exit_threshold(models[0], calibration, exit_fraction)
     new_tokens = sum(lengths)
     bar = Progress(len(METHODS) * (repeats + 1), progress)
     full_depth, rows = None, []
@@ -151,7 +170,8 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
         row["x plain"] = row["tokens/s"] / rows[0]["tokens/s"]
     loops = workload.num_layers // workload.num_blocks
     return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "workload": workload.label,
-            "loops": loops, "exit_threshold": threshold, "new_tokens": new_tokens, "rows": rows}
+            "loops": loops, "train_steps": train_steps, "exit_threshold": threshold, "new_tokens": new_tokens,
+            "rows": rows}
 
 
 COLUMNS = ["method", "s", "tokens/s", "x plain", "exit loops", "agree"]
@@ -162,7 +182,10 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--exit-fraction", type=float, default=0.5,
-                        help="calibrate the exit threshold so this fraction of tokens would leave at the first loop")
+                        help="untrained: calibrate the exit threshold so this fraction of tokens would leave at the first loop")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="train the recursive model this many steps first (synthetic corpus, with the exit loss)")
+    parser.add_argument("--exit-threshold", type=float, help="a fixed exit threshold (default with --train-steps: 0.9)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per method after a warm-up (median)")
     parser.add_argument("--json", help="also write the table as JSON to this path")
     parser.add_argument("--no-progress", action="store_true")
@@ -173,9 +196,12 @@ def main(argv=None) -> Dict[str, object]:
         exit_fraction=args.exit_fraction,
         repeats=args.repeats,
         progress=not args.no_progress,
+        train_steps=args.train_steps,
+        exit_threshold=args.exit_threshold,
     )
+    trained = f"trained {result['train_steps']} steps" if result["train_steps"] else "random weights"
     print(f"generation on {result['machine']}, {result['dtype']}: {result['workload']}, {result['loops']} loops, "
-          f"{result['new_tokens']} new tokens, exit threshold {result['exit_threshold']:.4g}")
+          f"{trained}, {result['new_tokens']} new tokens, exit threshold {result['exit_threshold']:.4g}")
     print(format_table(result["rows"], COLUMNS))
     if args.json:
         write_json(args.json, result)

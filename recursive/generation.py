@@ -164,6 +164,33 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
     return float(top.double().quantile(1.0 - exit_fraction))
 
 
+def exit_loss(model, hidden_states: Sequence[Tensor], labels: Tensor) -> Tensor:
+    """The next-token cross-entropy of the LM head at every loop boundary but the last, averaged over the
+    boundaries: the loss that teaches a model to decode from the depths where early exit stops tokens.
+    Add it, weighted, to the final loss (``python -m recursive train --exit-loss-weight``).
+
+    Args:
+        model: a :class:`recursive.RecursiveForCausalLM` with more than one loop.
+        hidden_states: its forward's ``hidden_states`` (``output_hidden_states=True``).
+        labels: (B, S) token ids (-100: ignored), as the forward's ``labels``.
+    """
+    config = model.config
+    period = loop_length(config)
+    _check_exit_threshold(0.5, config)  # raises for a model with a single loop
+    if len(hidden_states) != config.num_layers + 1:
+        raise ValueError(f"hidden_states: expected {config.num_layers + 1} tensors (the forward's "
+                         f"output_hidden_states), got {len(hidden_states)}")
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(hidden_states[0].shape[:2]):
+        raise ValueError(f"labels: expected shape {tuple(hidden_states[0].shape[:2])}, got {getattr(labels, 'shape', labels)!r}")
+    targets = labels[:, 1:].reshape(-1)
+    losses = []
+    for boundary in range(period, config.num_layers, period):  # hidden_states[l] is layer l - 1's output
+        logits = _lm_head(model, hidden_states[boundary][:, :-1])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100))
+    return torch.stack(losses).mean()
+
+
 # KV-cached generation.
 
 

@@ -42,23 +42,27 @@ Model = TypeVar("Model", bound="RecursivePreTrainedModel")
 @dataclass
 class RecursiveModelOutput:
     """``last_hidden_state`` (B, S, hidden) after the final norm; ``past_key_values`` (with
-    ``use_cache``); ``aux_loss``: the MoL load-balancing loss averaged over layers (None without MoL)."""
+    ``use_cache``); ``aux_loss``: the MoL load-balancing loss averaged over layers (None without MoL);
+    ``hidden_states`` (with ``output_hidden_states``): num_layers + 1 tensors (B, S, hidden), the
+    embeddings and the output of every effective layer, all before the final norm."""
 
     last_hidden_state: Tensor
     past_key_values: Optional[PastKeyValues] = None
     aux_loss: Optional[Tensor] = None
+    hidden_states: Optional[Tuple[Tensor, ...]] = None
 
 
 @dataclass
 class CausalLMOutput:
     """``logits`` (B, S, vocab); ``loss``: next-token cross-entropy (plus ``router_aux_loss_coef *
-    aux_loss`` with MoL) when labels are given; ``aux_loss`` and ``past_key_values`` as
-    :class:`RecursiveModelOutput`."""
+    aux_loss`` with MoL) when labels are given; ``aux_loss``, ``past_key_values`` and ``hidden_states``
+    as :class:`RecursiveModelOutput`."""
 
     logits: Tensor
     loss: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
     past_key_values: Optional[PastKeyValues] = None
+    hidden_states: Optional[Tuple[Tensor, ...]] = None
 
 
 @dataclass
@@ -117,6 +121,7 @@ class RecursiveModel(nn.Module):
         position_ids: Optional[Tensor] = None,
         past_key_values: Optional[PastKeyValues] = None,
         use_cache: bool = False,
+        output_hidden_states: bool = False,
     ) -> RecursiveModelOutput:
         """Args:
             input_ids: (B, S) int64.
@@ -124,6 +129,8 @@ class RecursiveModel(nn.Module):
             position_ids: (B, S); default: the count of earlier real tokens (see the module docstring).
             past_key_values: one :class:`recursive.nn.LayerKV` per effective layer, or None.
             use_cache: return the extended cache.
+            output_hidden_states: also return the embeddings and every layer's output (e.g. for the
+                loss of early exit at loop boundaries, :func:`recursive.generation.exit_loss`).
         """
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
             raise ValueError(f"input_ids: expected an int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
@@ -149,17 +156,19 @@ class RecursiveModel(nn.Module):
         packing = None
         if attention_mask is not None and not bool(attention_mask.all()):
             packing = VarlenPacking.from_attention_mask(attention_mask, S)
-        presents, aux_losses = [], []
+        presents, aux_losses, hidden_states = [], [], [hidden]
         for layer, block in enumerate(self.block_of_layer):
             past = None if past_key_values is None else past_key_values[layer]
             hidden, present, aux_loss = self.blocks[block](hidden, layer, position_embeddings, packing, past, use_cache)
             presents.append(present)
+            hidden_states.append(hidden)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         return RecursiveModelOutput(
             last_hidden_state=self.norm(hidden),
             past_key_values=tuple(presents) if use_cache else None,
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
         )
 
     @staticmethod
@@ -264,14 +273,15 @@ class RecursiveForCausalLM(RecursivePreTrainedModel):
         position_ids: Optional[Tensor] = None,
         past_key_values: Optional[PastKeyValues] = None,
         use_cache: bool = False,
+        output_hidden_states: bool = False,
     ) -> CausalLMOutput:
         """Args:
             input_ids: (B, S).
             attention_mask: (B, S_past + S) of 1 and 0, or None.
             labels: (B, S) token ids (-100: ignored); the loss predicts ``labels[:, t + 1]`` from position t.
-            position_ids, past_key_values, use_cache: as :meth:`RecursiveModel.forward`.
+            position_ids, past_key_values, use_cache, output_hidden_states: as :meth:`RecursiveModel.forward`.
         """
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states)
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
@@ -282,7 +292,8 @@ class RecursiveForCausalLM(RecursivePreTrainedModel):
             )
             if out.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * out.aux_loss
-        return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values)
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values,
+                              hidden_states=out.hidden_states)
 
     def generate(
         self,

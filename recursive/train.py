@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import RecursiveConfig
+from .generation import exit_loss
 from .modeling import RecursiveForCausalLM
 from .progress import Progress
 
@@ -111,6 +112,7 @@ def train(
     weight_decay: float = 0.01,
     max_grad_norm: float = 1.0,
     bf16: bool = False,
+    exit_loss_weight: float = 0.0,
     corpus: Optional[Tensor] = None,
     seed: int = 0,
     progress: bool = True,
@@ -126,12 +128,14 @@ def train(
         weight_decay: AdamW's, on matrices only (not on norms and biases).
         max_grad_norm: gradients are clipped to this total norm.
         bf16: run the forward under ``torch.autocast`` to bfloat16 (the parameters stay float32).
+        exit_loss_weight: adds this times :func:`recursive.generation.exit_loss` (the LM head's loss at the
+            loop boundaries) to the loss, so that early exit can stop tokens there; 0: the final loss only.
         corpus: (N,) int64 token ids; default ``encode(synthetic_corpus(seed=seed))``.
         seed: seeds the window sampling (and the default corpus).
         progress: show a progress bar with the loss and tokens/s.
 
     Returns:
-        The training loss of each step (floats), ``steps`` of them.
+        The final next-token loss of each step (floats, without the exit loss), ``steps`` of them.
     """
     if not isinstance(model, RecursiveForCausalLM):
         raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
@@ -143,6 +147,8 @@ def train(
     warmup_steps = max(1, steps // 10) if warmup_steps is None else warmup_steps
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= steps:
         raise ValueError(f"warmup_steps: expected an int in [0, steps={steps}], got {warmup_steps!r}")
+    if isinstance(exit_loss_weight, bool) or not isinstance(exit_loss_weight, (int, float)) or not exit_loss_weight >= 0:
+        raise ValueError(f"exit_loss_weight: expected a number >= 0, got {exit_loss_weight!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if corpus is None:
@@ -171,13 +177,16 @@ def train(
             starts = torch.randint(0, corpus.numel() - seq_len + 1, (batch_size, 1), generator=generator)
             input_ids = corpus[starts + offsets].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids, labels=input_ids).loss
+                out = model(input_ids, labels=input_ids, output_hidden_states=exit_loss_weight > 0)
+                loss = out.loss
+                if exit_loss_weight > 0:
+                    loss = loss + exit_loss_weight * exit_loss(model, out.hidden_states, input_ids)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(out.loss.item())
             tokens_per_second = len(losses) * batch_size * seq_len / (time.perf_counter() - start)
             bar.step(f"loss {losses[-1]:.3f}  {tokens_per_second:,.0f} tok/s")
     return losses
@@ -205,6 +214,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, help="default: a tenth of --steps")
     parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    parser.add_argument("--exit-loss-weight", type=float, default=0.0,
+                        help="weight of the LM head's loss at the loop boundaries (trains for early exit)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the init, the corpus and the batches")
     parser.add_argument("--save", metavar="DIR", help="save the trained model here (save_pretrained)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -231,7 +242,8 @@ def run(args: argparse.Namespace) -> List[float]:
     start = time.perf_counter()
     losses = train(
         model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16, corpus=corpus, seed=args.seed,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16,
+        exit_loss_weight=args.exit_loss_weight, corpus=corpus, seed=args.seed,
         progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM
-from recursive.generation import calibrate_exit_threshold, generate_in_batches, next_tokens, top_k_filter, top_p_filter
+from recursive.generation import (
+    calibrate_exit_threshold, exit_loss, generate_in_batches, next_tokens, top_k_filter, top_p_filter,
+)
 from recursive.nn import rotary_embedding
 from tests.test_models import VOCAB, make_model
 
@@ -399,6 +401,36 @@ def test_calibrated_threshold_splits_the_first_boundary():
         calibrate_exit_threshold(make_model(**SEQUENCE), ids, 0.5)
 
 
+@pytest.mark.parametrize("name,boundaries", [("depth_lora", (2, 4)), ("mol", (1, 2, 3))])
+def test_hidden_states_and_the_exit_loss(name, boundaries):
+    """output_hidden_states gives the embeddings and every layer's output before the final norm; the exit
+    loss is the mean next-token loss of the LM head at the loop boundaries but the last, and trains them."""
+    model = model_for(name)
+    ids = torch.tensor(random_prompts(2, 7, 7, seed=3))
+    out = model(ids, labels=ids, output_hidden_states=True)
+    hidden = out.hidden_states
+    assert len(hidden) == model.config.num_layers + 1 and all(h.shape == (2, 7, 32) for h in hidden)
+    assert torch.equal(hidden[0], model.model.embed(ids))
+    assert torch.allclose(out.logits, model.lm_head(model.model.norm(hidden[-1])), rtol=0, atol=1e-12)
+    assert model(ids).hidden_states is None
+    expected = torch.stack([
+        torch.nn.functional.cross_entropy(model.lm_head(model.model.norm(hidden[b]))[:, :-1].reshape(-1, VOCAB),
+                                          ids[:, 1:].reshape(-1))
+        for b in boundaries
+    ]).mean()
+    loss = exit_loss(model, hidden, ids)
+    assert torch.allclose(loss, expected, rtol=1e-12, atol=0)
+    loss.backward()
+    assert model.model.blocks[0].input_layernorm.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hidden_states"):
+        exit_loss(model, hidden[:-1], ids)
+    with pytest.raises(ValueError, match="labels"):
+        exit_loss(model, hidden, ids[:, :-1])
+    single = make_model(**SEQUENCE)
+    with pytest.raises(ValueError, match="exit_threshold"):
+        exit_loss(single, single(ids, output_hidden_states=True).hidden_states, ids)
+
+
 def test_generate_command(tmp_path, capsys):
     from recursive.__main__ import main
 
@@ -437,3 +469,16 @@ def test_converted_model_greedy_equals_hugging_face_generate(family):
         alone = [hf.generate(torch.tensor([p]), **options)[0].tolist() for p in prompts]
     assert torch.equal(model.generate(ids, 8, attention_mask=mask, eos_token_id=eos), expected)
     assert DepthBatchingEngine(model, 2).generate(prompts, 8, eos_token_id=eos) == alone
+
+
+def test_generation_benchmark_on_a_trained_model():
+    """The benchmark's --train-steps path: a trained model, corpus prompts, a fixed threshold, every method."""
+    from benchmarks.bench_generation import METHODS, Workload, run
+
+    workload = Workload(32, 48, 2, 4, 2, 128, 4, 2, (3, 6), (2, 5))
+    result = run(torch.device("cpu"), torch.float32, workload, repeats=1, progress=False, train_steps=2)
+    assert result["train_steps"] == 2 and result["exit_threshold"] == 0.9
+    rows = {row["method"]: row for row in result["rows"]}
+    assert list(rows) == list(METHODS)
+    assert rows["plain"]["agree"] == rows["engine"]["agree"] == 1.0  # without early exit: full depth
+    assert 1.0 <= rows["engine+exit"]["exit loops"] <= result["loops"]

@@ -8,6 +8,7 @@ import torch
 
 from recursive import RecursiveConfig, RecursiveForCausalLM
 from recursive.__main__ import main as cli
+from recursive.generation import exit_loss
 from recursive.train import (
     CORPUS_VOCAB_SIZE,
     encode,
@@ -69,6 +70,22 @@ def test_bf16_autocast_trains():
     assert all(math.isfinite(loss) for loss in losses)
 
 
+def test_exit_loss_weight_teaches_the_loop_boundaries():
+    """With the exit loss the LM head decodes better from the loop boundary (by 9 to 16% over seeds here;
+    ignoring the weight would give the same model, the runs being deterministic)."""
+    corpus = encode(synthetic_corpus(1 << 15))
+    held_out = encode(synthetic_corpus(1 << 12, seed=1))[:256].view(8, 32)
+
+    def boundary_loss(weight):
+        model = tiny_model()
+        train(model, steps=60, batch_size=8, seq_len=32, lr=1e-2, corpus=corpus, exit_loss_weight=weight,
+              progress=False)
+        with torch.no_grad():
+            return float(exit_loss(model, model(held_out, output_hidden_states=True).hidden_states, held_out))
+
+    assert boundary_loss(1.0) < 0.95 * boundary_loss(0.0)
+
+
 def test_cli_trains_saves_and_continues(tmp_path, capsys):
     config = tiny_model().config
     config_path = tmp_path / "config.json"
@@ -97,6 +114,7 @@ def test_bad_arguments_raise_value_error_naming_them():
         (dict(lr=0.0), "lr"),
         (dict(warmup_steps=20, steps=10), "warmup_steps"),
         (dict(schedule="step"), "schedule"),
+        (dict(exit_loss_weight=-1.0), "exit_loss_weight"),
         (dict(corpus=torch.arange(5)), "corpus"),
         (dict(corpus=torch.arange(10.0)), "corpus"),
     ]:
