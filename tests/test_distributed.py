@@ -5,6 +5,9 @@ tied embeddings, so the gradient of a block weight is a sum over the depths that
 compares every gradient after the first step and every parameter after two SGD steps, in float64.
 """
 
+import time
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +16,7 @@ import torch.multiprocessing as mp
 from recursive import RecursiveConfig, RecursiveForCausalLM
 
 WORLD_SIZE = 2
+TIMEOUT_S = 120  # a rank that waits longer on a collective, or a run that takes longer, fails the test
 STEPS = 2
 BATCH, SEQ = 4, 8
 
@@ -51,7 +55,8 @@ def train_steps(model, input_ids, full_tensor=lambda t: t):
 
 def _worker(rank: int, kind: str, init_file: str, result_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(seconds=TIMEOUT_S))
     try:
         model = tiny_model()
         local = batch().chunk(WORLD_SIZE)[rank]  # equal token counts: the mean of the means is the full mean
@@ -87,7 +92,14 @@ def _fsdp2_missing() -> str:
                                                                                          reason=_fsdp2_missing()))])
 def test_data_parallel_matches_single_process(kind, tmp_path):
     result_file = str(tmp_path / "result.pt")
-    mp.spawn(_worker, args=(kind, str(tmp_path / "init"), result_file), nprocs=WORLD_SIZE, join=True)
+    workers = mp.start_processes(_worker, args=(kind, str(tmp_path / "init"), result_file), nprocs=WORLD_SIZE,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 2 * TIMEOUT_S
+    while not workers.join(timeout=max(0.0, deadline - time.monotonic())):  # True once all ended; raises on a failure
+        if time.monotonic() >= deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD_SIZE} workers did not finish in {2 * TIMEOUT_S} s")
     distributed = torch.load(result_file)
 
     single_grads, single_params = train_steps(tiny_model(), batch())
