@@ -30,9 +30,10 @@ import torch
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, machine_description, resolve, time_cases, write_json  # noqa: E402
+from benchmarks.common import format_table, machine_description, median_seconds, resolve, write_json  # noqa: E402
 from recursive import RecursiveConfig, RecursiveForCausalLM  # noqa: E402
 from recursive.flops import forward_flops, training_step_flops  # noqa: E402
+from recursive.progress import Progress  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("auto", "torch")  # auto: the fused backend each op selects on this device
@@ -115,23 +116,21 @@ def run(
 ) -> Dict[str, object]:
     device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
-    models: Dict[tuple, RecursiveForCausalLM] = {}  # (variant, impl) -> model, built once for both modes
-
-    def prepare(case, backward):
-        def make(impl):
-            key = (case.variant, impl)
-            if key not in models:
-                models[key] = build_model(case, impl, device, dtype)
-            return _callable(models[key], case, backward, device)
-
-        return make
-
-    timed = {(case.variant, mode): times for case, mode, times in time_cases(cases, modes, impls, prepare, device, progress)}
+    models = {(case.variant, impl): build_model(case, impl, device, dtype) for case in cases for impl in impls}
+    timed = {}  # mode -> {(variant, impl): seconds}; every model of a mode timed in the same rounds
+    with Progress(len(modes), progress) as bar:
+        for mode in modes:
+            bar.step(mode)
+            timed[mode] = median_seconds(
+                {(case.variant, impl): _callable(models[case.variant, impl], case, mode == "fwd+bwd", device)
+                 for case in cases for impl in impls},
+                device,
+            )
     rows = []
     for case in cases:
         for mode in modes:
-            times = timed[(case.variant, mode)]
-            untied = timed.get(("untied", mode))
+            times = {impl: timed[mode][case.variant, impl] for impl in impls}
+            untied = {impl: timed[mode]["untied", impl] for impl in impls} if ("untied", impls[0]) in timed[mode] else None
             for impl, seconds in times.items():
                 rows.append(
                     {

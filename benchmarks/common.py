@@ -1,14 +1,16 @@
 """Timing and reporting shared by the benchmarks.
 
 GPU: ``triton.testing.do_bench`` medians (it clears the L2 cache between repetitions). CPU: medians of
-``torch.utils.benchmark`` blocked runs on all of torch's threads. Every figure is a median over repeats;
-ratios compare implementations timed in the same run.
+``torch.utils.benchmark`` blocked runs on all of torch's threads, the implementations of a case taking
+turns over several rounds, so that a slow spell of a shared machine hits all of them rather than one.
+Every figure is a median over repeats; ratios compare implementations timed in the same run.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import statistics
 from typing import Callable, Dict, List
 
 import torch
@@ -16,16 +18,25 @@ import torch
 from recursive.progress import Progress
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.2) -> float:
+CPU_ROUNDS = 5
+
+
+def median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, min_run_time: float = 0.2) -> Dict[str, float]:
+    """The median time of each of ``fns`` (name -> callable), timed in turns on the CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+        return {name: do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3 for name, fn in fns.items()}
     from torch.utils.benchmark import Timer
 
-    fn()  # warm-up: one-time set-up stays out of the numbers
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    for fn in fns.values():
+        fn()  # warm-up: one-time set-up stays out of the numbers
+    timers = {name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in fns.items()}
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(CPU_ROUNDS):
+        for name, timer in timers.items():
+            samples[name] += timer.blocked_autorange(min_run_time=min_run_time / CPU_ROUNDS).times
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def machine_description(device: torch.device) -> str:
@@ -74,15 +85,12 @@ def available_backends(op: str, device: torch.device, dtype: torch.dtype, **inpu
 def time_cases(cases, modes, impls, prepare, device, progress=True):
     """Yield (case, mode, {impl: median seconds}); ``prepare(case, backward)`` builds the inputs once
     and returns a function of the implementation name that gives the callable to time."""
-    bar = Progress(len(cases) * len(modes) * len(impls), progress)
+    bar = Progress(len(cases) * len(modes), progress)
     for case in cases:
         for mode in modes:
             make = prepare(case, mode == "fwd+bwd")
-            times = {}
-            for impl in impls:
-                bar.step(f"{case.label} {mode} {impl}")
-                times[impl] = median_seconds(make(impl), device)
-            yield case, mode, times
+            bar.step(f"{case.label} {mode}")
+            yield case, mode, median_seconds({impl: make(impl) for impl in impls}, device)
 
 
 def run_benchmark(benchmark, fn, device: torch.device) -> None:
