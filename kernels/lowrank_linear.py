@@ -192,9 +192,9 @@ def _same(name: str, tensor: Tensor, x: Tensor) -> None:
         raise ValueError(f"{name}: expected dtype {x.dtype} (like x), got {tensor.dtype}")
 
 
-def _check_index_values(indices: Tensor, num_adapters: int) -> None:
-    """Raise IndexError for values outside [-1, E); skipped where reading a value would need a host
-    synchronisation that is not allowed (inside torch.compile tracing or CUDA graph capture)."""
+def check_index_values(indices: Tensor, num_adapters: int, name: str = "indices") -> None:
+    """Raise IndexError for adapter indices outside [-1, E) (one host read); skipped where reading a value
+    would need a host synchronisation that is not allowed (torch.compile tracing, CUDA graph capture)."""
     if indices.numel() == 0 or torch.compiler.is_compiling():
         return
     if indices.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -203,10 +203,10 @@ def _check_index_values(indices: Tensor, num_adapters: int) -> None:
     low, high = int(low), int(high)
     if low < -1 or high >= num_adapters:
         bad = low if low < -1 else high
-        raise IndexError(f"indices: value {bad} is outside [-1, {num_adapters}) (E = {num_adapters} adapters)")
+        raise IndexError(f"{name}: value {bad} is outside [-1, {num_adapters}) (E = {num_adapters} adapters)")
 
 
-def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling):
+def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_indices):
     """Validate the public arguments; return the backend form (see the module docstring)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"x: expected a tensor, got {type(x).__name__}")
@@ -281,7 +281,8 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling):
             if gates.device != x.device:
                 raise ValueError(f"gates: expected a tensor on {x.device} (like x), got {gates.device}")
             gates = gates.reshape(M, slots).to(_accumulator_dtype(x.dtype)).contiguous()
-        _check_index_values(indices, E)
+        if check_indices:
+            check_index_values(indices, E)
         indices = indices.reshape(M, slots).to(torch.int64).contiguous()
     else:
         raise ValueError(f"indices: expected None, an int or an integer tensor, got {type(indices).__name__}")
@@ -302,6 +303,7 @@ def lowrank_linear(
     scaling: float = 1.0,
     *,
     backend: Optional[str] = None,
+    check_indices: bool = True,
 ) -> Tensor:
     """Shared-weight linear fused with gathered low-rank updates.
 
@@ -316,6 +318,10 @@ def lowrank_linear(
         gates: None (all 1) or a float tensor shaped like ``indices``: the weight of each slot.
         scaling: PEFT's ``lora_alpha / r``.
         backend: "triton", "cuda", "cpp" or "torch"; default: ``RECURSIVE_KERNELS_BACKEND`` or automatic.
+        check_indices: False skips reading a tensor ``indices`` on the host to check its values (one host
+            synchronisation per call on the GPU); only for indices in range by construction, such as a
+            router's top-k or indices a module checked once for several calls. Their dtype, shape and
+            device are always checked.
 
     Returns:
         (*, N) in x's dtype. Differentiable in x, weight, bias, lora_a, lora_b and gates.
@@ -332,9 +338,10 @@ def lowrank_linear(
     if cast_to is not None:
         x, weight, bias, lora_a, lora_b = backends.autocast_inputs(cast_to, x, weight, bias, lora_a, lora_b)
         with torch.autocast(x.device.type, enabled=False):  # the backends' own ATen calls stay as written
-            return lowrank_linear(x, weight, bias, lora_a, lora_b, indices, gates, scaling, backend=backend)
+            return lowrank_linear(x, weight, bias, lora_a, lora_b, indices, gates, scaling, backend=backend,
+                                  check_indices=check_indices)
     lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
-        x, weight, bias, lora_a, lora_b, indices, gates, scaling
+        x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_indices
     )
     chosen = backends.select(OP, x.device, backend, dtype=x.dtype)
     if chosen == "torch":

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels.lowrank_linear import check_index_values
 
 from .config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, RecursiveConfig
 
@@ -154,13 +155,16 @@ class LowRankLinear(nn.Module):
         layer.reset_adapters()
         return layer
 
-    def forward(self, x: Tensor, indices: AdapterIndex = None, gates: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, indices: AdapterIndex = None, gates: Optional[Tensor] = None, *,
+                check_indices: bool = True) -> Tensor:
         """Args:
             x: (*, in_features).
             indices: None (adapter 0; E must be 1), an int in [-1, E) for every row, an int tensor (*,)
                 (one adapter per row) or (*, k) (k adapters per row); -1: no adapter. A layer without
                 adapters is a plain linear and ignores ``indices`` and ``gates``.
             gates: None (1 per slot) or a float tensor shaped like a tensor ``indices``.
+            check_indices: as :func:`kernels.lowrank_linear` (False: a tensor ``indices`` is trusted to
+                lie in [-1, E), saving a host synchronisation).
 
         Returns:
             (*, out_features).
@@ -169,7 +173,8 @@ class LowRankLinear(nn.Module):
         if plain:
             return kernels.lowrank_linear(x, self.weight, self.bias, backend=self.backend)
         return kernels.lowrank_linear(
-            x, self.weight, self.bias, self.lora_a, self.lora_b, indices, gates, self.scaling, backend=self.backend
+            x, self.weight, self.bias, self.lora_a, self.lora_b, indices, gates, self.scaling, backend=self.backend,
+            check_indices=check_indices,
         )
 
     def extra_repr(self) -> str:
@@ -414,6 +419,7 @@ class CircuitAttention(nn.Module):
             adapter_index = adapter_index[:, None].expand(batch, length)
         elif tuple(adapter_index.shape) != (batch, length):
             raise ValueError(f"adapter_index: expected shape ({batch},) or ({batch}, {length}), got {tuple(adapter_index.shape)}")
+        check_index_values(adapter_index, self.num_depths, "adapter_index")  # once; the projections trust it
         return adapter_index.long()
 
     def forward(
@@ -441,7 +447,7 @@ class CircuitAttention(nn.Module):
         B, S, _ = hidden_states.shape
         H, D = self.num_heads, self.head_dim
         index = self._check_index(adapter_index, B, S)
-        q = _apply_rotary(self.q_proj(hidden_states, index).view(B, S, H, D), *position_embeddings)
+        q = _apply_rotary(self.q_proj(hidden_states, index, check_indices=False).view(B, S, H, D), *position_embeddings)
         k, v, k_c, v_c = self._key_value(hidden_states, position_embeddings, index)
         q_c = _depth_projection(hidden_states, self.qk_u, index) if k_c is not None else None
         if past_key_value is not None:
@@ -456,7 +462,7 @@ class CircuitAttention(nn.Module):
         out, out_c = self._attend(q, k, v, q_c, k_c, v_c, packing)  # (B, S, H, D), (B, S, H, R)
         if out_c is not None:
             out = out + self._ov_output(out_c, index)
-        return self.o_proj(out.reshape(B, S, H * D), index), present
+        return self.o_proj(out.reshape(B, S, H * D), index, check_indices=False), present
 
     def key_value(
         self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], adapter_index: AdapterIndex = None
@@ -471,8 +477,8 @@ class CircuitAttention(nn.Module):
         """:meth:`key_value` with a checked index; ``key_c``/``value_c`` are None when the circuit is off."""
         B, S, _ = hidden_states.shape
         Hkv, D = self.num_key_value_heads, self.head_dim
-        k = _apply_rotary(self.k_proj(hidden_states, index).view(B, S, Hkv, D), *position_embeddings)
-        v = self.v_proj(hidden_states, index).view(B, S, Hkv, D)
+        k = _apply_rotary(self.k_proj(hidden_states, index, check_indices=False).view(B, S, Hkv, D), *position_embeddings)
+        v = self.v_proj(hidden_states, index, check_indices=False).view(B, S, Hkv, D)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # the cache layout (B, Hkv, S, D)
         if self.qk_u is None or (isinstance(index, int) and index == -1):
             return LayerKV(k, v)
@@ -534,6 +540,7 @@ class _GatedProjections(nn.Module):
         super().__init__()
         self.hidden_size, self.intermediate_size, self.lora_alpha, self.backend = (
             hidden_size, intermediate_size, lora_alpha, backend)
+        self.num_adapters = num_adapters
         self.hidden_act, self.act = hidden_act, activation(hidden_act)
         ranks = _ranks(lora_rank, FEED_FORWARD_TARGETS)
         options = {"num_adapters": num_adapters, "alpha": lora_alpha, "backend": backend, "device": device, "dtype": dtype}
@@ -542,9 +549,13 @@ class _GatedProjections(nn.Module):
         self.down_proj = LowRankLinear(intermediate_size, hidden_size, False, rank=ranks["down"], **options)
 
     def _gated(self, x: Tensor, indices: AdapterIndex, gates: Optional[Tensor]) -> Tensor:
-        """The MLP with the same adapter selection in all three projections."""
-        hidden = self.act(self.gate_proj(x, indices, gates)) * self.up_proj(x, indices, gates)
-        return self.down_proj(hidden, indices, gates)
+        """The MLP with the same adapter selection in all three projections (a tensor ``indices`` is
+        checked once here, not by each projection)."""
+        if isinstance(indices, Tensor) and self.num_adapters:
+            check_index_values(indices, self.num_adapters)
+        hidden = (self.act(self.gate_proj(x, indices, gates, check_indices=False))
+                  * self.up_proj(x, indices, gates, check_indices=False))
+        return self.down_proj(hidden, indices, gates, check_indices=False)
 
 
 class GatedFeedForward(_GatedProjections):

@@ -323,6 +323,24 @@ def test_index_out_of_range_raises_index_error(bad):
         kernels.lowrank_linear(**{**args, "indices": bad, "gates": None}, backend="torch")
 
 
+def test_trusted_indices_skip_the_host_read(monkeypatch):
+    """check_indices=False gives the same result without reading the indices on the host."""
+    import importlib
+
+    op_module = importlib.import_module("kernels.lowrank_linear")  # the package exports a function of that name
+    args = _good()
+    expected = kernels.lowrank_linear(**args, backend="torch")
+
+    def no_host_read(*unused, **unused_kw):
+        raise AssertionError("the indices were read on the host")
+
+    monkeypatch.setattr(op_module, "check_index_values", no_host_read)
+    torch.testing.assert_close(kernels.lowrank_linear(**args, backend="torch", check_indices=False), expected,
+                               rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="host"):
+        kernels.lowrank_linear(**args, backend="torch")
+
+
 def test_explicit_backend_that_cannot_serve_raises_with_reasons():
     args = _good()
     with pytest.raises(BackendUnavailableError, match="cuda needs CUDA tensors|torch sees no CUDA device"):
@@ -368,7 +386,7 @@ def test_opcheck(shape, backend, device):
 
     lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
         inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_a"], inputs["lora_b"],
-        inputs["indices"], inputs["gates"], inputs["scaling"],
+        inputs["indices"], inputs["gates"], inputs["scaling"], check_indices=True,
     )
     args = [t.requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (x2d.detach(), inputs["weight"], bias, lora_a, lora_b)]
