@@ -6,8 +6,8 @@
 // * Layouts: dense (B, heads, S, width) and packed (total, heads, width) with cu_seqlens are one case: row
 //   (b, head, i) of any tensor of a side is row b * rb + head * rh + (start[b] + i) * rs of that tensor seen
 //   as (rows, width) (struct Rows). Grouped-query heads index their kv head (no repeat).
-// * Forward: one work item per (sequence, head, block of kBlk query rows); per item a loop over the key blocks
-//   the block sees, with an online softmax. Every key block (and its k_c rows) is transposed once per call
+// * Forward: one work item per (sequence, head, kFwdGroup blocks of kBlk query rows); per item a loop over the
+//   key blocks its rows see, each key block serving the item's query blocks in turn, with an online softmax. Every key block (and its k_c rows) is transposed once per call
 //   into a width x kBlk tile (BlockTiles) so that score tiles are built by register-blocked rank-1 updates
 //   (vectorised); q_c . k_c^T is added in the same pass and out / out_c accumulate side by side. A row that
 //   sees no key gets zeros and lse = -inf. The backward transposes v, v_c, q, q_c, dO, dO_c likewise.
@@ -55,6 +55,9 @@ using at::Tensor;
 constexpr int64_t kBlk = 64;
 // Register-blocked micro-kernels: 4 rows x kW columns of accumulators (8 AVX-512 or 16 AVX2 registers).
 constexpr int64_t kW = 32;
+// Query blocks per forward work item: each key block's tiles are read once for all of them (halves the
+// k / v traffic from beyond L2 at long sequences).
+constexpr int64_t kFwdGroup = 2;
 // Query rows per step of the backward: it keeps the P and dP tiles of a step's whole key range (2 * kBwdRows * Sk
 // values), which 32 rows keep in a 1 MiB L2 up to Sk = 2048 (64 rows ran 10% slower there).
 constexpr int64_t kBwdRows = 32;
@@ -247,63 +250,80 @@ struct FwdOut {
 
 template <typename T>
 RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin, int64_t end) {
-  const int64_t D = g.D, R = g.R, Rv = g.Rv;
-  std::vector<T> s(kBlk * kBlk), acc(kBlk * D), accc(kBlk * std::max<int64_t>(Rv, 1));
-  double m[kBlk], l[kBlk];
+  const int64_t D = g.D, R = g.R, Rv = g.Rv, Rv1 = std::max<int64_t>(Rv, 1);
+  std::vector<T> s(kBlk * kBlk), acc(kFwdGroup * kBlk * D), accc(kFwdGroup * kBlk * Rv1);
+  double m[kFwdGroup][kBlk], l[kFwdGroup][kBlk];
+  const int64_t groups = (g.nqb + kFwdGroup - 1) / kFwdGroup;  // items per (sequence, head)
   for (int64_t item = begin; item < end; ++item) {
-    const auto [b, h, Sq, Sk, i0, M, qrow, krow] = query_block(g, item);
-    if (M <= 0) continue;
-    const int64_t lq = g.qs.rs, lk = g.ks.rs;
-    const T* q = g.q + qrow * D;
-    const T* qc = R ? g.qc + qrow * R : nullptr;
-    std::fill(acc.begin(), acc.begin() + M * D, T(0));
-    if (Rv) std::fill(accc.begin(), accc.begin() + M * Rv, T(0));
-    for (int64_t i = 0; i < M; ++i) m[i] = -kInf, l[i] = 0.0;
-    const int64_t kend = visible_end(g.causal, Sq, Sk, i0 + M - 1);  // keys the last row of the block sees
-    for (int64_t j0 = 0; j0 < kend; j0 += kBlk) {
-      const int64_t N = std::min(kBlk, kend - j0), row0 = krow + j0 * lk;
-      const int64_t kv_head = h / g.group, t = j0 / kBlk;
-      tile_nt(s.data(), M, q, lq * D, D, g.kT.tile(b, kv_head, t), g.scale, false);
-      if (R) tile_nt(s.data(), M, qc, lq * R, R, g.kcT.tile(b, kv_head, t), T(1), true);
-      for (int64_t i = 0; i < M; ++i) {
-        T* srow = s.data() + i * kBlk;
-        const int64_t vis = std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0);
-        if (vis <= 0) {
-          std::fill(srow, srow + kBlk, T(0));
-          continue;
-        }
-        T row_max = srow[0];
-#pragma omp simd reduction(max : row_max)
-        for (int64_t j = 1; j < vis; ++j) row_max = srow[j] > row_max ? srow[j] : row_max;
-        const double mx = std::max(m[i], static_cast<double>(row_max));
-        const double alpha = exp_nonpositive(m[i] - mx);  // m[i] = -inf: 0
-        const T shift = static_cast<T>(mx);  // exact: mx is one of the scores
-        T sum = 0;  // of at most kBlk terms; l accumulates in double
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < vis; ++j) {
-          const T p = exp_nonpositive(srow[j] - shift);
-          srow[j] = p;
-          sum += p;
-        }
-        std::fill(srow + vis, srow + kBlk, T(0));
-        l[i] = l[i] * alpha + sum;
-        m[i] = mx;
-        if (alpha != 1.0) {
-          const T a = static_cast<T>(alpha);
-          for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= a;
-          for (int64_t d = 0; d < Rv; ++d) accc[i * Rv + d] *= a;
-        }
-      }
-      tile_acc(acc.data(), M, D, s.data(), N, g.v + row0 * D, lk * D, T(1));
-      if (Rv) tile_acc(accc.data(), M, Rv, s.data(), N, g.vc + row0 * Rv, lk * Rv, T(1));
+    // The item's query blocks: their 64-row work items in the query_block() numbering, and what they see.
+    QueryBlock blk[kFwdGroup];
+    int64_t kend[kFwdGroup], item_kend = 0;
+    for (int64_t sub = 0; sub < kFwdGroup; ++sub) {
+      const int64_t t = (item % groups) * kFwdGroup + sub;
+      blk[sub] = query_block(g, (item / groups) * g.nqb + std::min(t, g.nqb - 1));
+      if (t >= g.nqb) blk[sub].M = 0;
+      kend[sub] = blk[sub].M > 0 ? visible_end(g.causal, blk[sub].Sq, blk[sub].Sk, blk[sub].i0 + blk[sub].M - 1) : 0;
+      item_kend = std::max(item_kend, kend[sub]);
+      std::fill(acc.begin() + sub * kBlk * D, acc.begin() + (sub + 1) * kBlk * D, T(0));
+      std::fill(accc.begin() + sub * kBlk * Rv1, accc.begin() + (sub + 1) * kBlk * Rv1, T(0));
+      for (int64_t i = 0; i < kBlk; ++i) m[sub][i] = -kInf, l[sub][i] = 0.0;
     }
-    for (int64_t i = 0; i < M; ++i) {
-      const bool none = !(l[i] > 0.0);
-      const double inv = none ? 0.0 : 1.0 / l[i];
-      const int64_t row = qrow + i * lq;
-      o.lse[g.stats.row(b, h, i0 + i)] = none ? -kInf : m[i] + std::log(l[i]);
-      for (int64_t d = 0; d < D; ++d) o.out[row * D + d] = static_cast<T>(acc[i * D + d] * inv);
-      for (int64_t d = 0; d < Rv; ++d) o.outc[row * Rv + d] = static_cast<T>(accc[i * Rv + d] * inv);
+    const int64_t b = blk[0].b, h = blk[0].h, Sq = blk[0].Sq, Sk = blk[0].Sk, krow = blk[0].krow;
+    const int64_t lq = g.qs.rs, lk = g.ks.rs, kv_head = h / g.group;
+    // Key blocks outside, query blocks inside: a key block's tiles are read once per item, not per block.
+    for (int64_t j0 = 0; j0 < item_kend; j0 += kBlk) {
+      const int64_t t = j0 / kBlk, row0 = krow + j0 * lk;
+      for (int64_t sub = 0; sub < kFwdGroup; ++sub) {
+        if (j0 >= kend[sub]) continue;
+        const int64_t M = blk[sub].M, i0 = blk[sub].i0, qrow = blk[sub].qrow, N = std::min(kBlk, kend[sub] - j0);
+        T* acc_sub = acc.data() + sub * kBlk * D;
+        T* accc_sub = accc.data() + sub * kBlk * Rv1;
+        tile_nt(s.data(), M, g.q + qrow * D, lq * D, D, g.kT.tile(b, kv_head, t), g.scale, false);
+        if (R) tile_nt(s.data(), M, g.qc + qrow * R, lq * R, R, g.kcT.tile(b, kv_head, t), T(1), true);
+        for (int64_t i = 0; i < M; ++i) {
+          T* srow = s.data() + i * kBlk;
+          const int64_t vis = std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0);
+          if (vis <= 0) {
+            std::fill(srow, srow + kBlk, T(0));
+            continue;
+          }
+          T row_max = srow[0];
+#pragma omp simd reduction(max : row_max)
+          for (int64_t j = 1; j < vis; ++j) row_max = srow[j] > row_max ? srow[j] : row_max;
+          const double mx = std::max(m[sub][i], static_cast<double>(row_max));
+          const double alpha = exp_nonpositive(m[sub][i] - mx);  // m = -inf: 0
+          const T shift = static_cast<T>(mx);  // exact: mx is one of the scores
+          T sum = 0;  // of at most kBlk terms; l accumulates in double
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < vis; ++j) {
+            const T p = exp_nonpositive(srow[j] - shift);
+            srow[j] = p;
+            sum += p;
+          }
+          std::fill(srow + vis, srow + kBlk, T(0));
+          l[sub][i] = l[sub][i] * alpha + sum;
+          m[sub][i] = mx;
+          if (alpha != 1.0) {
+            const T a = static_cast<T>(alpha);
+            for (int64_t d = 0; d < D; ++d) acc_sub[i * D + d] *= a;
+            for (int64_t d = 0; d < Rv; ++d) accc_sub[i * Rv + d] *= a;
+          }
+        }
+        tile_acc(acc_sub, M, D, s.data(), N, g.v + row0 * D, lk * D, T(1));
+        if (Rv) tile_acc(accc_sub, M, Rv, s.data(), N, g.vc + row0 * Rv, lk * Rv, T(1));
+      }
+    }
+    for (int64_t sub = 0; sub < kFwdGroup; ++sub) {
+      const T* acc_sub = acc.data() + sub * kBlk * D;
+      const T* accc_sub = accc.data() + sub * kBlk * Rv1;
+      for (int64_t i = 0; i < blk[sub].M; ++i) {
+        const bool none = !(l[sub][i] > 0.0);
+        const double inv = none ? 0.0 : 1.0 / l[sub][i];
+        const int64_t row = blk[sub].qrow + i * lq;
+        o.lse[g.stats.row(b, h, blk[sub].i0 + i)] = none ? -kInf : m[sub][i] + std::log(l[sub][i]);
+        for (int64_t d = 0; d < D; ++d) o.out[row * D + d] = static_cast<T>(acc_sub[i * D + d] * inv);
+        for (int64_t d = 0; d < Rv; ++d) o.outc[row * Rv + d] = static_cast<T>(accc_sub[i * Rv + d] * inv);
+      }
     }
   }
 }
@@ -721,7 +741,8 @@ std::tuple<Tensor, Tensor, Tensor> circuit_attention_forward(
     const Problem<T> g = make_problem<T>(L, causal, scale, qa, ka, va, qca, kca, vca, key_blocks, storage);
     const FwdOut<T> o{out.data_ptr<T>(), L.Rv ? outc.data_ptr<T>() : nullptr, lse.data_ptr<double>()};
     const int64_t per_item = kBlk * std::max<int64_t>(1, L.max_k) * (2 * L.D + L.R + L.Rv);
-    at::parallel_for(0, L.B * L.H * g.nqb, grain_items(per_item),
+    const int64_t groups = (g.nqb + kFwdGroup - 1) / kFwdGroup;
+    at::parallel_for(0, L.B * L.H * groups, grain_items(kFwdGroup * per_item),
                      [&](int64_t b, int64_t e) { run_on_isa<ForwardPass>(isa, g, o, b, e); });
   };
   if (adt == at::kDouble) run(double{}); else run(float{});
