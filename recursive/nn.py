@@ -548,10 +548,10 @@ class _GatedProjections(nn.Module):
         self.up_proj = LowRankLinear(hidden_size, intermediate_size, False, rank=ranks["up"], **options)
         self.down_proj = LowRankLinear(intermediate_size, hidden_size, False, rank=ranks["down"], **options)
 
-    def _gated(self, x: Tensor, indices: AdapterIndex, gates: Optional[Tensor]) -> Tensor:
+    def _gated(self, x: Tensor, indices: AdapterIndex, gates: Optional[Tensor], check_indices: bool = True) -> Tensor:
         """The MLP with the same adapter selection in all three projections (a tensor ``indices`` is
-        checked once here, not by each projection)."""
-        if isinstance(indices, Tensor) and self.num_adapters:
+        checked once here, when ``check_indices``, not by each projection)."""
+        if check_indices and isinstance(indices, Tensor) and self.num_adapters:
             check_index_values(indices, self.num_adapters)
         hidden = (self.act(self.gate_proj(x, indices, gates, check_indices=False))
                   * self.up_proj(x, indices, gates, check_indices=False))
@@ -652,7 +652,7 @@ class MoLFeedForward(_GatedProjections):
             ``(output, load_balancing_loss)``: (*, hidden) and a scalar.
         """
         gates, experts, probs = self.route(x)
-        output = self._gated(x, experts, gates)
+        output = self._gated(x, experts, gates, check_indices=False)  # top-k experts: in range by construction
         return output, _load_balancing_loss(probs, experts, token_mask)
 
     @torch.no_grad()
