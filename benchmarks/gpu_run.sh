@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything a short lease on a CUDA machine should produce, in as few calls as possible:
+#   benchmarks/gpu_run.sh OUT_DIR build   # build the CPU and CUDA extensions in place (several minutes)
+#   benchmarks/gpu_run.sh OUT_DIR tests   # the test suite on the GPU (Triton compiled, CUDA fallback built)
+#   benchmarks/gpu_run.sh OUT_DIR bench   # every benchmark; bench.json and bench.txt in OUT_DIR
+#   benchmarks/gpu_run.sh OUT_DIR all     # the three in turn
+# Logs and results go to OUT_DIR; the last lines printed are a short summary. Commit the results under
+# benchmarks/results/ with the device named (info.txt holds it).
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [build|tests|bench|all]}
+what=${2:-all}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+
+step_build() {
+  MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace >"$out/build.log" 2>&1
+  local rc=$?
+  echo "build: rc $rc (log: build.log)"
+  return $rc
+}
+
+step_tests() {
+  python3 -m pytest -q tests -p no:cacheprovider >"$out/tests.log" 2>&1
+  local rc=$?
+  echo "tests: rc $rc, $(tail -n 1 "$out/tests.log")"
+  return $rc
+}
+
+step_bench() {
+  python3 -m recursive bench --no-progress --json "$out/bench.json" >"$out/bench.txt" 2>&1
+  local rc=$?
+  echo "bench: rc $rc (tables: bench.txt)"
+  return $rc
+}
+
+python3 -m recursive info >"$out/info.txt" 2>&1
+grep -E "^(torch|triton|cuda) " "$out/info.txt"
+case "$what" in
+  build) step_build ;;
+  tests) step_tests ;;
+  bench) step_bench ;;
+  all) step_build && step_tests; step_bench ;;
+  *) echo "unknown step: $what (build, tests, bench or all)" >&2; exit 2 ;;
+esac
