@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a short lease on a CUDA machine should produce, in as few calls as possible:
+# Everything a session on a CUDA machine should produce, in as few commands as possible:
 #   benchmarks/gpu_run.sh OUT_DIR build   # build the CPU and CUDA extensions in place (several minutes)
 #   benchmarks/gpu_run.sh OUT_DIR tests   # the test suite on the GPU (Triton compiled, CUDA fallback built)
 #   benchmarks/gpu_run.sh OUT_DIR bench   # every benchmark; bench.json and bench.txt in OUT_DIR
