@@ -182,13 +182,10 @@ def exit_loss(model, hidden_states: Sequence[Tensor], labels: Tensor) -> Tensor:
                          f"output_hidden_states), got {len(hidden_states)}")
     if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(hidden_states[0].shape[:2]):
         raise ValueError(f"labels: expected shape {tuple(hidden_states[0].shape[:2])}, got {getattr(labels, 'shape', labels)!r}")
-    targets = labels[:, 1:].reshape(-1)
-    losses = []
-    for boundary in range(period, config.num_layers, period):  # hidden_states[l] is layer l - 1's output
-        logits = _lm_head(model, hidden_states[boundary][:, :-1])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100))
-    return torch.stack(losses).mean()
+    from .modeling import next_token_loss
+
+    boundaries = range(period, config.num_layers, period)  # hidden_states[l] is layer l - 1's output
+    return torch.stack([next_token_loss(_lm_head(model, hidden_states[b]), labels) for b in boundaries]).mean()
 
 
 # KV-cached generation.

@@ -82,6 +82,14 @@ def _upcast(logits: Tensor) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of ``logits`` (B, S, vocab) at position t predicting ``labels[:, t + 1]`` (B, S; -100:
+    ignored), in float32 at least."""
+    return F.cross_entropy(
+        _upcast(logits[:, :-1]).reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
 class RecursiveModel(nn.Module):
     """The backbone: embeddings, the ``num_blocks`` shared blocks run over ``num_layers`` effective
     layers by the sharing scheme, and the final norm.
@@ -287,9 +295,7 @@ class RecursiveForCausalLM(RecursivePreTrainedModel):
         if labels is not None:
             if tuple(labels.shape) != tuple(input_ids.shape):
                 raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(
-                _upcast(logits[:, :-1]).reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-            )
+            loss = next_token_loss(logits, labels)
             if out.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * out.aux_loss
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values,
