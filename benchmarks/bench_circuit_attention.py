@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from benchmarks.common import available_backends, format_table, machine_description, resolve, time_cases, write_json  # noqa: E402
+from benchmarks.common import available_backends, machine_description, report, resolve, time_cases  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 RANK = 16
@@ -177,13 +177,10 @@ def main(argv=None) -> Dict[str, object]:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         modes=tuple(args.mode or MODES), impls=args.backend, memory=args.memory, progress=not args.no_progress,
     )
-    print(f"circuit_attention on {result['machine']}, {result['dtype']}")
-    print(format_table(result["rows"], COLUMNS))
-    if "peak_memory_MiB_at_S4096" in result:
-        print("peak extra memory of one forward at S = 4096 (MiB):",
-              ", ".join(f"{k} {v:.0f}" for k, v in result["peak_memory_MiB_at_S4096"].items()))
-    if args.json:
-        write_json(args.json, result)
+    memory = result.get("peak_memory_MiB_at_S4096")
+    notes = ["peak extra memory of one forward at S = 4096 (MiB): "
+             + ", ".join(f"{k} {v:.0f}" for k, v in memory.items())] if memory else []
+    report(f"circuit_attention on {result['machine']}, {result['dtype']}", result, COLUMNS, args.json, *notes)
     return result
 
 

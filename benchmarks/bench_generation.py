@@ -38,7 +38,7 @@ import torch
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, machine_description, resolve, write_json  # noqa: E402
+from benchmarks.common import machine_description, report, resolve  # noqa: E402
 from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM  # noqa: E402
 from recursive.generation import calibrate_exit_threshold, generate_in_batches  # noqa: E402
 from recursive.progress import Progress  # noqa: E402
@@ -200,11 +200,9 @@ def main(argv=None) -> Dict[str, object]:
         exit_threshold=args.exit_threshold,
     )
     trained = f"trained {result['train_steps']} steps" if result["train_steps"] else "random weights"
-    print(f"generation on {result['machine']}, {result['dtype']}: {result['workload']}, {result['loops']} loops, "
-          f"{trained}, {result['new_tokens']} new tokens, exit threshold {result['exit_threshold']:.4g}")
-    print(format_table(result["rows"], COLUMNS))
-    if args.json:
-        write_json(args.json, result)
+    report(f"generation on {result['machine']}, {result['dtype']}: {result['workload']}, {result['loops']} loops, "
+           f"{trained}, {result['new_tokens']} new tokens, exit threshold {result['exit_threshold']:.4g}",
+           result, COLUMNS, args.json)
     return result
 
 

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from benchmarks.common import available_backends, format_table, machine_description, resolve, time_cases, write_json  # noqa: E402
+from benchmarks.common import available_backends, machine_description, report, resolve, time_cases  # noqa: E402
 
 FORMS = ("one-adapter", "per-row", "top-2")
 NUM_ADAPTERS = 8
@@ -197,10 +197,7 @@ def main(argv=None) -> Dict[str, object]:
         impls=args.backend,
         progress=not args.no_progress,
     )
-    print(f"lowrank_linear on {result['machine']}, {result['dtype']}")
-    print(format_table(result["rows"], COLUMNS))
-    if args.json:
-        write_json(args.json, result)
+    report(f"lowrank_linear on {result['machine']}, {result['dtype']}", result, COLUMNS, args.json)
     return result
 
 

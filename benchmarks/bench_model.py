@@ -30,7 +30,7 @@ import torch
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_table, machine_description, median_seconds, resolve, write_json  # noqa: E402
+from benchmarks.common import machine_description, median_seconds, report, resolve  # noqa: E402
 from recursive import RecursiveConfig, RecursiveForCausalLM  # noqa: E402
 from recursive.flops import forward_flops, training_step_flops  # noqa: E402
 from recursive.progress import Progress  # noqa: E402
@@ -171,10 +171,8 @@ def main(argv=None) -> Dict[str, object]:
         modes=tuple(args.mode or MODES),
         progress=not args.no_progress,
     )
-    print(f"recursive models on {result['machine']}, {result['dtype']}: {'; '.join(result['cases'])}")
-    print(format_table(result["rows"], COLUMNS))
-    if args.json:
-        write_json(args.json, result)
+    report(f"recursive models on {result['machine']}, {result['dtype']}: {'; '.join(result['cases'])}", result, COLUMNS,
+           args.json)
     return result
 
 

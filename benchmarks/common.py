@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -62,6 +62,17 @@ def format_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
 def write_json(path: str, payload: Dict[str, object]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+def report(title: str, result: Dict[str, object], columns: List[str], json_path: Optional[str], *notes: str) -> None:
+    """A benchmark's closing output: the title, the table of ``result["rows"]``, any notes; the whole
+    result as JSON to ``json_path`` when given."""
+    print(title)
+    print(format_table(result["rows"], columns))
+    for note in notes:
+        print(note)
+    if json_path:
+        write_json(json_path, result)
 
 
 def resolve(device, dtype):
