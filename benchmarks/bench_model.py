@@ -129,9 +129,9 @@ def run(
     rows = []
     for case in cases:
         for mode in modes:
-            times = {impl: timed[mode][case.variant, impl] for impl in impls}
-            untied = {impl: timed[mode]["untied", impl] for impl in impls} if ("untied", impls[0]) in timed[mode] else None
-            for impl, seconds in times.items():
+            times = timed[mode]
+            for impl in impls:
+                seconds = times[case.variant, impl]
                 rows.append(
                     {
                         "model": case.variant,
@@ -142,8 +142,8 @@ def run(
                         "ms": seconds * 1e3,
                         "tokens/s": case.batch_size * case.seq_len / seconds,
                         "GFLOP/s": case.flops(mode == "fwd+bwd") / seconds / 1e9,
-                        "vs torch": times["torch"] / seconds if "torch" in times else None,
-                        "vs untied": untied[impl] / seconds if untied else None,
+                        "vs torch": times[case.variant, "torch"] / seconds if "torch" in impls else None,
+                        "vs untied": times["untied", impl] / seconds if ("untied", impl) in times else None,
                     }
                 )
     return {
