@@ -350,7 +350,7 @@ struct BwdData {
 template <typename T>
 struct QueryScratch {
   std::vector<T> p_all, dp_all, dq, dqc;
-  QueryScratch(int64_t D, int64_t R) : dq(kBlk * D), dqc(kBlk * std::max<int64_t>(R, 1)) {}
+  QueryScratch(int64_t D, int64_t R) : dq(kBwdRows * D), dqc(kBwdRows * std::max<int64_t>(R, 1)) {}
 };
 
 // The gradients of rows [sub, sub + kBwdRows) of the query block of work item `item` (sequence, head, query
@@ -360,7 +360,7 @@ template <bool kWithKeys, typename T>
 RK_INLINE void bwd_query_block(const Problem<T>& g, const BwdData<T>& w, int64_t item, int64_t sub,
                                QueryScratch<T>& sc) {
   const int64_t D = g.D, R = g.R, Rv = g.Rv;
-  double lse[kBlk], delta[kBlk];
+  double lse[kBwdRows], delta[kBwdRows];
   const QueryBlock blk = query_block(g, item);
   const int64_t lq = g.qs.rs, lk = g.ks.rs;
   const int64_t b = blk.b, h = blk.h, Sq = blk.Sq, Sk = blk.Sk, krow = blk.krow, i0 = blk.i0 + sub;
