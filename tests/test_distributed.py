@@ -5,6 +5,8 @@ tied embeddings, so the gradient of a block weight is a sum over the depths that
 compares every gradient after the first step and every parameter after two SGD steps, in float64.
 """
 
+import faulthandler
+import os
 import time
 from datetime import timedelta
 
@@ -16,7 +18,10 @@ import torch.multiprocessing as mp
 from recursive import RecursiveConfig, RecursiveForCausalLM
 
 WORLD_SIZE = 2
-TIMEOUT_S = 120  # a rank that waits longer on a collective, or a run that takes longer, fails the test
+# A collective that waits longer than COLLECTIVE_TIMEOUT_S raises; a worker still running after WORKER_TIMEOUT_S
+# writes every thread's stack to its log and exits; the test kills what is left after TEST_TIMEOUT_S. Either
+# way the failure shows where the workers were.
+COLLECTIVE_TIMEOUT_S, WORKER_TIMEOUT_S, TEST_TIMEOUT_S = 60, 120, 180
 STEPS = 2
 BATCH, SEQ = 4, 8
 
@@ -53,10 +58,18 @@ def train_steps(model, input_ids, full_tensor=lambda t: t):
     return first_grads, {name: full_tensor(p.detach()).clone() for name, p in model.named_parameters()}
 
 
-def _worker(rank: int, kind: str, init_file: str, result_file: str) -> None:
+def _log_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rank{rank}.log")
+
+
+def _worker(rank: int, kind: str, directory: str) -> None:
+    log = open(_log_path(directory, rank), "w")
+    faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True, file=log)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=TIMEOUT_S))
+    if os.path.exists("/sys/class/net/lo"):  # both ranks on this machine: loopback, whatever the host name resolves to
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(directory, 'init')}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         model = tiny_model()
         local = batch().chunk(WORLD_SIZE)[rank]  # equal token counts: the mean of the means is the full mean
@@ -74,9 +87,10 @@ def _worker(rank: int, kind: str, init_file: str, result_file: str) -> None:
             fully_shard(model)
             grads, params = train_steps(model, local, full_tensor=lambda t: t.full_tensor())
         if rank == 0:
-            torch.save({"grads": grads, "params": params}, result_file)
+            torch.save({"grads": grads, "params": params}, os.path.join(directory, "result.pt"))
     finally:
         dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _fsdp2_missing() -> str:
@@ -91,16 +105,20 @@ def _fsdp2_missing() -> str:
 @pytest.mark.parametrize("kind", ["ddp", pytest.param("fsdp2", marks=pytest.mark.skipif(bool(_fsdp2_missing()),
                                                                                          reason=_fsdp2_missing()))])
 def test_data_parallel_matches_single_process(kind, tmp_path):
-    result_file = str(tmp_path / "result.pt")
-    workers = mp.start_processes(_worker, args=(kind, str(tmp_path / "init"), result_file), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 2 * TIMEOUT_S
-    while not workers.join(timeout=max(0.0, deadline - time.monotonic())):  # True once all ended; raises on a failure
-        if time.monotonic() >= deadline:
-            for process in workers.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD_SIZE} workers did not finish in {2 * TIMEOUT_S} s")
-    distributed = torch.load(result_file)
+    workers = mp.start_processes(_worker, args=(kind, str(tmp_path)), nprocs=WORLD_SIZE, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TEST_TIMEOUT_S
+    try:
+        while not workers.join(timeout=max(0.0, deadline - time.monotonic())):  # True once all ended
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the {WORLD_SIZE} workers did not finish in {TEST_TIMEOUT_S} s")
+    except Exception as exc:  # a timeout, or a worker that failed (join raises)
+        for process in workers.processes:
+            process.kill()
+        logs = "\n".join(f"--- rank {rank} ---\n" + open(_log_path(str(tmp_path), rank)).read()
+                         for rank in range(WORLD_SIZE) if os.path.exists(_log_path(str(tmp_path), rank)))
+        pytest.fail(f"{exc}\n{logs}")
+    distributed = torch.load(tmp_path / "result.pt")
 
     single_grads, single_params = train_steps(tiny_model(), batch())
     assert set(distributed["grads"]) == set(single_grads)
