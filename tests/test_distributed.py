@@ -8,6 +8,7 @@ compares every gradient after the first step and every parameter after two SGD s
 import faulthandler
 import os
 import time
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -62,6 +63,26 @@ def _log_path(directory: str, rank: int) -> str:
     return os.path.join(directory, f"rank{rank}.log")
 
 
+def _done_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rank{rank}.done")
+
+
+def _train_shard(rank: int, kind: str):
+    """This rank's :func:`train_steps` on its half of the batch under ``kind``, by unwrapped parameter name."""
+    model = tiny_model()
+    local = batch().chunk(WORLD_SIZE)[rank]  # equal token counts: the mean of the means is the full mean
+    if kind == "ddp":
+        grads, params = train_steps(torch.nn.parallel.DistributedDataParallel(model), local)
+        strip = len("module.")
+        return {name[strip:]: g for name, g in grads.items()}, {name[strip:]: p for name, p in params.items()}
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.blocks:  # each shared block its own group, called at several depths
+        fully_shard(block)
+    fully_shard(model)
+    return train_steps(model, local, full_tensor=lambda t: t.full_tensor())
+
+
 def _worker(rank: int, kind: str, directory: str) -> None:
     log = open(_log_path(directory, rank), "w")
     faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True, file=log)
@@ -71,23 +92,11 @@ def _worker(rank: int, kind: str, directory: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(directory, 'init')}", rank=rank,
                             world_size=WORLD_SIZE, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
-        model = tiny_model()
-        local = batch().chunk(WORLD_SIZE)[rank]  # equal token counts: the mean of the means is the full mean
-        if kind == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-            grads, params = train_steps(wrapped, local)
-            strip = len("module.")
-            grads = {name[strip:]: g for name, g in grads.items()}
-            params = {name[strip:]: p for name, p in params.items()}
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.model.blocks:  # each shared block its own group, called at several depths
-                fully_shard(block)
-            fully_shard(model)
-            grads, params = train_steps(model, local, full_tensor=lambda t: t.full_tensor())
+        grads, params = _train_shard(rank, kind)
         if rank == 0:
             torch.save({"grads": grads, "params": params}, os.path.join(directory, "result.pt"))
+        dist.barrier()  # every collective of both ranks is done
+        open(_done_path(directory, rank), "w").close()
     finally:
         dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()
@@ -115,9 +124,14 @@ def test_data_parallel_matches_single_process(kind, tmp_path):
     except Exception as exc:  # a timeout, or a worker that failed (join raises)
         for process in workers.processes:
             process.kill()
-        logs = "\n".join(f"--- rank {rank} ---\n" + open(_log_path(str(tmp_path), rank)).read()
-                         for rank in range(WORLD_SIZE) if os.path.exists(_log_path(str(tmp_path), rank)))
-        pytest.fail(f"{exc}\n{logs}")
+        # Both ranks done: the failure is in process-group teardown, which hangs now and then in torch itself
+        # (pytorch/pytorch#75097), after everything this test checks.
+        if all(os.path.exists(_done_path(str(tmp_path), rank)) for rank in range(WORLD_SIZE)):
+            warnings.warn(f"gloo process-group teardown failed after both ranks finished: {exc}")
+        else:
+            logs = "\n".join(f"--- rank {rank} ---\n" + open(_log_path(str(tmp_path), rank)).read()
+                             for rank in range(WORLD_SIZE) if os.path.exists(_log_path(str(tmp_path), rank)))
+            pytest.fail(f"{exc}\n{logs}")
     distributed = torch.load(tmp_path / "result.pt")
 
     single_grads, single_params = train_steps(tiny_model(), batch())
