@@ -20,10 +20,11 @@ loop raises ``ValueError``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import RecursiveConfig
@@ -122,11 +123,6 @@ def _check_ids(name: str, ids: Tensor, vocab_size: int) -> None:
         raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), got {int(ids.min())}..{int(ids.max())}")
 
 
-def _append(past: LayerKV, new: LayerKV) -> LayerKV:
-    """The cache ``past`` (B, Hkv, S, .) extended by ``new`` (B, Hkv, S', .) along the sequence."""
-    return LayerKV(*(None if p is None else torch.cat((p, n), dim=2) for p, n in zip(past, new)))
-
-
 def _lm_head(model, hidden: Tensor) -> Tensor:
     """The LM head at any depth: final norm and ``lm_head``, (*, hidden) -> (*, vocab)."""
     return model.lm_head(model.model.norm(hidden))
@@ -212,7 +208,7 @@ def _decode_step(
     for layer, block_index in enumerate(backbone.block_of_layer):
         block = backbone.blocks[block_index]
         if all_left:
-            presents.append(_append(past[layer], block.key_value(hidden, layer, position_embeddings)))
+            presents.append(past[layer].append(block.key_value(hidden, layer, position_embeddings)))
             continue
         new_hidden, present, _ = block(hidden, layer, position_embeddings, packing, past[layer], use_cache=True)
         presents.append(present)
@@ -328,8 +324,9 @@ class DepthBatchingEngine:
     with the other requests admitted at the same time) into its slot's cache, which gives its first
     token; then its current token advances one loop per engine step. One step runs each block once over
     the busy slots, every row at its own loop: per-row effective layers select each row's depth adapters
-    (per-row ``lowrank_linear`` indices) and each row attends over its own cache at its own layer (the
-    rows' caches gathered into one padded batch, attended through varlen ``circuit_attention``). A token
+    (per-row ``lowrank_linear`` indices) and each row attends over its own cache at its own layer: the
+    new keys and values are written into the slot caches first, then varlen ``circuit_attention`` reads
+    each row's keys straight from them (one gather of the visible keys per layer, no padded copy). A token
     that reaches the full depth, or leaves early (``exit_threshold``, see the module docstring), gives the
     request's next token, which starts at loop 0 on the next step; a request that is done (its
     ``max_new_tokens``, or ``eos_token_id``) frees its slot, and waiting requests are admitted at once.
@@ -337,8 +334,9 @@ class DepthBatchingEngine:
     Without early exit, every request's output equals :meth:`recursive.RecursiveForCausalLM.generate`
     (greedy) on that prompt alone; with it, the per-token early-exit rule of ``generate``. Greedy only.
 
-    Cache layout: per effective layer, keys and values for every slot, (L, slots, Hkv, T, D) (plus the
-    QK/OV circuit's (L, slots, Hkv, T, R)), T the longest request (prompt plus new tokens).
+    Cache layout: per effective layer, keys and values for every slot, token-major (L, slots, T, Hkv, D)
+    (plus the QK/OV circuit's (L, slots, T, Hkv, R)), T the longest request (prompt plus new tokens), so
+    that a row's keys at one layer are consecutive rows of the flattened (L * slots * T, Hkv, .) cache.
 
     Args:
         model: a :class:`recursive.RecursiveForCausalLM`.
@@ -420,11 +418,10 @@ class _EngineRun:
         capacity = max((len(r.tokens) + r.max_new_tokens for r in self.waiting), default=1)
         weight = self.backbone.embed_tokens.weight
         options = {"device": weight.device, "dtype": weight.dtype}
-        kv_shape = (config.num_layers, slots, config.num_key_value_heads, capacity, config.head_dim)
+        kv_shape = (config.num_layers, slots, capacity, config.num_key_value_heads, config.head_dim)
         self.keys, self.values = torch.zeros(kv_shape, **options), torch.zeros(kv_shape, **options)
-        self.block_has_circuit = [block.self_attn.qk_u is not None for block in self.backbone.blocks]
         self.keys_c = self.values_c = None
-        if any(self.block_has_circuit):
+        if any(block.self_attn.qk_u is not None for block in self.backbone.blocks):
             # zeros: rows at a layer without circuit factors multiply these by zero, so they must be finite
             circuit_shape = kv_shape[:-1] + (config.circuit_rank,)
             self.keys_c, self.values_c = torch.zeros(circuit_shape, **options), torch.zeros(circuit_shape, **options)
@@ -474,11 +471,9 @@ class _EngineRun:
         out = self.model(ids, attention_mask=mask.long(), use_cache=True)
         slot_index = torch.tensor(slots, device=device)
         for layer, present in enumerate(out.past_key_values):
-            self.keys[layer, slot_index, :, :width] = present.key
-            self.values[layer, slot_index, :, :width] = present.value
-            if present.key_c is not None:
-                self.keys_c[layer, slot_index, :, :width] = present.key_c
-                self.values_c[layer, slot_index, :, :width] = present.value_c
+            for cache, tensor in zip(self.caches(), present):
+                if tensor is not None:
+                    cache[layer, slot_index, :width] = tensor.transpose(1, 2)
         first = out.logits[torch.arange(len(batch), device=device), lengths - 1].argmax(-1)
         self.length[slot_index] = lengths
         self.loop[slot_index] = 0
@@ -489,20 +484,20 @@ class _EngineRun:
 
     # One step.
 
-    def _gather(self, layers: Tensor, slots: Tensor, width: int, circuit: bool) -> LayerKV:
-        """Each row's cache at its own layer, its first ``width`` positions: (rows, Hkv, width, .)."""
-        def rows(cache: Tensor) -> Tensor:
-            return cache[layers, slots, :, :width]
+    def caches(self) -> Tuple[Optional[Tensor], ...]:
+        """The slot caches in :class:`LayerKV` order."""
+        return self.keys, self.values, self.keys_c, self.values_c
 
-        if not circuit:
-            return LayerKV(rows(self.keys), rows(self.values))
-        return LayerKV(rows(self.keys), rows(self.values), rows(self.keys_c), rows(self.values_c))
+    def _flat_rows(self, layers: Tensor, slots: Tensor) -> Tensor:
+        """The row of position 0 of each (layer, slot) in the flattened (L * slots * T, Hkv, .) caches."""
+        capacity = self.keys.shape[2]
+        return (layers * self.keys.shape[1] + slots) * capacity
 
-    def _store(self, layers: Tensor, slots: Tensor, positions: Tensor, new: LayerKV) -> None:
-        """Write each row's newest keys and values (the last of ``new``'s sequence) at (layer, slot, position)."""
-        for cache, tensor in zip((self.keys, self.values, self.keys_c, self.values_c), new):
+    def _store(self, rows: Tensor, new: LayerKV) -> None:
+        """Write the newest keys and values of ``new`` (the last of its sequence) at flattened cache ``rows``."""
+        for cache, tensor in zip(self.caches(), new):
             if tensor is not None:
-                cache[layers, slots, :, positions] = tensor[:, :, -1]
+                cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor[:, :, -1])
 
     def _step(self) -> None:
         """Advance every busy slot's token by one loop; finish, exit and restart tokens."""
@@ -511,18 +506,28 @@ class _EngineRun:
         slots = torch.tensor(busy, device=self.length.device)
         positions, loops = self.length[slots], self.loop[slots]
         position_embeddings = rotary_embedding(positions[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
-        width = int(positions.max())
-        # Keys: each row's cached positions [0, length) of the padded width, then the new token.
-        key_mask = torch.cat((torch.arange(width, device=slots.device)[None] < positions[:, None],
-                              torch.ones(len(busy), 1, dtype=torch.bool, device=slots.device)), dim=1)
-        packing = VarlenPacking.from_attention_mask(key_mask, 1)
+        # Each row reads positions [0, position] (its cache and the new token) of its (layer, slot) in the
+        # flattened caches; the layer of block offset o is loop * loop_length + o, so the rows of offset o
+        # are those of offset 0 shifted by o layers.
+        first_rows = self._flat_rows(loops * engine.loop_length, slots)
+        layer_stride = self.keys.shape[1] * self.keys.shape[2]
+        span = torch.arange(int(positions.max()) + 1, device=slots.device)
+        key_rows = (first_rows[:, None] + span[None])[span[None] <= positions[:, None]]
+        rows = len(busy)
+        packing = VarlenPacking(
+            query_rows=torch.arange(rows, device=slots.device), key_rows=key_rows,
+            cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32, device=slots.device),
+            cu_seqlens_k=F.pad((positions + 1).cumsum(0), (1, 0)).to(torch.int32),
+            max_seqlen_q=1, max_seqlen_k=span.numel(), query_mask=torch.ones(rows, 1, dtype=torch.bool, device=slots.device),
+        )
         hidden = self.hidden[slots]
         for offset in range(engine.loop_length):
             block_index = backbone.block_of_layer[offset]  # the same block at this offset of every loop
-            layers = loops * engine.loop_length + offset
-            past = self._gather(layers, slots, width, self.block_has_circuit[block_index])
-            hidden, present, _ = backbone.blocks[block_index](hidden, layers, position_embeddings, packing, past, use_cache=True)
-            self._store(layers, slots, positions, present)
+            shift = offset * layer_stride
+            cache = _SlotCache(self, first_rows + positions + shift)
+            offset_packing = replace(packing, key_rows=packing.key_rows + shift)
+            hidden, _, _ = backbone.blocks[block_index](hidden, loops * engine.loop_length + offset, position_embeddings,
+                                                        offset_packing, cache)
         loops = loops + 1
 
         finishing = loops == engine.num_loops
@@ -565,7 +570,21 @@ class _EngineRun:
             block_index = self.backbone.block_of_layer[offset]
             layers = pair_loop * engine.loop_length + offset
             new = self.backbone.blocks[block_index].key_value(hidden[rows], layers, (cos[rows], sin[rows]))
-            self._store(layers, slots[rows], positions[rows], new)
+            self._store(self._flat_rows(layers, slots[rows]) + positions[rows], new)
+
+
+class _SlotCache:
+    """One engine step's cache at one block offset, for :meth:`recursive.nn.CircuitAttention.forward`:
+    ``append`` writes the rows' new keys and values at flattened cache ``rows`` and returns the whole
+    flattened caches, (1, Hkv, L * slots * T, .) views, from which the step's packing picks each row's keys."""
+
+    def __init__(self, run: _EngineRun, rows: Tensor) -> None:
+        self.run, self.rows = run, rows
+
+    def append(self, new: LayerKV) -> LayerKV:
+        self.run._store(self.rows, new)
+        return LayerKV(*(None if tensor is None else cache.view(1, -1, *cache.shape[3:]).transpose(1, 2)
+                         for cache, tensor in zip(self.run.caches(), new)))
 
 
 def generate_in_batches(

@@ -233,12 +233,23 @@ def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class LayerKV(NamedTuple):
     """One effective layer's cached keys and values, after RoPE: ``key``, ``value`` (B, Hkv, S, D);
-    with the QK/OV circuit also ``key_c`` (B, Hkv, S, R) and ``value_c`` (B, Hkv, S, R), else None."""
+    with the QK/OV circuit also ``key_c`` (B, Hkv, S, R) and ``value_c`` (B, Hkv, S, R), else None.
+
+    Attention extends a cache through :meth:`append`. Other caches (such as the slot caches of
+    :class:`recursive.DepthBatchingEngine`) may stand in for it: anything whose ``append(new)`` stores
+    ``new`` and returns the :class:`LayerKV` that attention reads.
+    """
 
     key: Tensor
     value: Tensor
     key_c: Optional[Tensor] = None
     value_c: Optional[Tensor] = None
+
+    def append(self, new: "LayerKV") -> "LayerKV":
+        """This cache followed by ``new`` (B, Hkv, S', .) along the sequence, as a new LayerKV."""
+        if (self.key_c is None) != (new.key_c is None):
+            raise ValueError("past_key_value: cached with and used without the QK/OV circuit, or the reverse")
+        return LayerKV(*(None if p is None else torch.cat((p, n), dim=2) for p, n in zip(self, new)))
 
 
 @dataclass(frozen=True)
@@ -437,7 +448,8 @@ class CircuitAttention(nn.Module):
             adapter_index: which per-depth parameters to use: None or -1 (none: the shared attention
                 unmodified), an int in [0, E), or an int tensor (B,) or (B, S) (per row; -1: none).
             packing: the real tokens of a padded batch (:class:`VarlenPacking`); None: no padding.
-            past_key_value: this layer's cache from earlier steps; the new keys follow it.
+            past_key_value: this layer's cache from earlier steps (a :class:`LayerKV`, or another cache
+                with its ``append``); the new keys follow it.
             use_cache: also return the cache extended by this step.
 
         Returns:
@@ -451,12 +463,7 @@ class CircuitAttention(nn.Module):
         k, v, k_c, v_c = self._key_value(hidden_states, position_embeddings, index)
         q_c = _depth_projection(hidden_states, self.qk_u, index) if k_c is not None else None
         if past_key_value is not None:
-            if (past_key_value.key_c is None) != (k_c is None):
-                raise ValueError("past_key_value: cached with and used without the QK/OV circuit, or the reverse")
-            k, v = torch.cat((past_key_value.key, k), dim=2), torch.cat((past_key_value.value, v), dim=2)
-            if k_c is not None:
-                k_c = torch.cat((past_key_value.key_c, k_c), dim=2)
-                v_c = torch.cat((past_key_value.value_c, v_c), dim=2)
+            k, v, k_c, v_c = past_key_value.append(LayerKV(k, v, k_c, v_c))
         present = LayerKV(k, v, k_c, v_c) if use_cache else None
 
         out, out_c = self._attend(q, k, v, q_c, k_c, v_c, packing)  # (B, S, H, D), (B, S, H, R)

@@ -18,6 +18,7 @@ from recursive import RecursiveConfig
 from recursive.nn import (
     CircuitAttention,
     GatedFeedForward,
+    LayerKV,
     LowRankLinear,
     MoLFeedForward,
     RecursiveBlock,
@@ -331,6 +332,24 @@ def test_circuit_attention_cache_equals_full_recompute(adapter):
         pieces.append(out)
     assert cache.value.shape == (2, 2, 6, 6)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
+
+
+def test_circuit_attention_cache_mismatch_raises():
+    torch.manual_seed(4)
+    attn = make_attention()
+    x = torch.randn(1, 3, 16, dtype=DTYPE)
+    _, plain_cache = run_attention(attn, x[:, :2], -1, positions_of(1, 3)[:, :2], use_cache=True)
+    assert plain_cache.key_c is None
+    with pytest.raises(ValueError, match="past_key_value: cached with and used without the QK/OV circuit"):
+        run_attention(attn, x[:, 2:], 1, positions_of(1, 3)[:, 2:], past_key_value=plain_cache)
+
+
+def test_layer_kv_append_extends_along_the_sequence():
+    past = LayerKV(*(torch.randn(2, 1, 3, d) for d in (4, 4, 2, 2)))
+    new = LayerKV(*(torch.randn(2, 1, 1, d) for d in (4, 4, 2, 2)))
+    for joined, p, n in zip(past.append(new), past, new):
+        torch.testing.assert_close(joined, torch.cat((p, n), dim=2), rtol=0, atol=0)
+    assert LayerKV(past.key, past.value).append(LayerKV(new.key, new.value)).key_c is None
 
 
 @pytest.mark.parametrize("causal", [True, False])
