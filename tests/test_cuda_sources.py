@@ -9,7 +9,7 @@ On a machine with a CUDA device (skipped otherwise): the extension is built with
 ``torch.utils.cpp_extension.load`` and checked against the float64 references of ``kernels.reference``:
   * ``lowrank_linear_forward`` / ``lowrank_linear_backward`` (float32, float16, bfloat16; plain,
     single-adapter, per-row and top-2 gated modes; -1 slots, M = 0, non-contiguous operands);
-  * ``circuit_attention_forward`` / ``_backward`` and their ``varlen`` forms: out, out_c, lse and all six
+  * ``circuit_attention_forward`` / ``_backward``, dense and packed: out, out_c, lse and all six
     gradients, error at most twice that of the same-dtype eager reference plus half an ulp (decode, Sq > Sk
     causal with fully masked rows, grouped heads, D from 1 to 256, absent corrections, ranks past one
     shared-memory chunk and outputs past one column group, packed batches with empty sequences, large
@@ -550,20 +550,14 @@ def run_attention_backend(mod, case, inputs, grad_out, grad_out_c, dtype, device
     g_out = grad_out.to(dtype=dtype).to(device)
     g_out_c = grad_out_c.to(dtype=dtype).to(device) if grad_out_c is not None else torch.empty(0, dtype=dtype,
                                                                                                    device=device)
-    causal = case["causal"]
     if "lens_q" in case:
-        cu_q, cu_k = _cu_seqlens(case["lens_q"], device), _cu_seqlens(case["lens_k"], device)
-        max_q, max_k = max(case["lens_q"]), max(case["lens_k"])
-        out, out_c, lse = mod.circuit_attention_varlen_forward(t["q"], t["k"], t["v"], cu_q, cu_k, max_q, max_k,
-                                                               t["q_c"], t["k_c"], t["v_c"], causal, scale)
-        grads = mod.circuit_attention_varlen_backward(g_out, g_out_c, t["q"], t["k"], t["v"], cu_q, cu_k, max_q,
-                                                      max_k, t["q_c"], t["k_c"], t["v_c"], out, out_c, lse,
-                                                      causal, scale)
+        layout = (_cu_seqlens(case["lens_q"], device), _cu_seqlens(case["lens_k"], device), max(case["lens_q"]),
+                  max(case["lens_k"]))
     else:
-        out, out_c, lse = mod.circuit_attention_forward(t["q"], t["k"], t["v"], t["q_c"], t["k_c"], t["v_c"],
-                                                        causal, scale)
-        grads = mod.circuit_attention_backward(g_out, g_out_c, t["q"], t["k"], t["v"], t["q_c"], t["k_c"],
-                                               t["v_c"], out, out_c, lse, causal, scale)
+        layout = (None, None, case["Sq"], case["Sk"])
+    operands = [t[n] for n in _ATTENTION_NAMES]
+    out, out_c, lse = mod.circuit_attention_forward(*operands, *layout, case["causal"], scale)
+    grads = mod.circuit_attention_backward(g_out, g_out_c, *operands, out, out_c, lse, *layout, case["causal"], scale)
     return out, out_c, lse, list(grads)
 
 
@@ -649,41 +643,11 @@ def test_cuda_circuit_attention_varlen_matches_dense(attention_ext):
              ((H, Sq, D), (Hkv, Sk, D), (Hkv, Sk, D), (H, Sq, R), (Hkv, Sk, R), (Hkv, Sk, Rv))]
     packed = [t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]).contiguous() for t in dense]
     cu_q, cu_k = _cu_seqlens([Sq] * B, "cuda"), _cu_seqlens([Sk] * B, "cuda")
-    out, out_c, lse = attention_ext.circuit_attention_forward(*dense, True, 0.3)
-    p_out, p_out_c, p_lse = attention_ext.circuit_attention_varlen_forward(*packed[:3], cu_q, cu_k, Sq, Sk,
-                                                                           *packed[3:], True, 0.3)
+    out, out_c, lse = attention_ext.circuit_attention_forward(*dense, None, None, Sq, Sk, True, 0.3)
+    p_out, p_out_c, p_lse = attention_ext.circuit_attention_forward(*packed, cu_q, cu_k, Sq, Sk, True, 0.3)
     assert torch.equal(p_out, out.transpose(1, 2).reshape(-1, H, D))
     assert torch.equal(p_out_c, out_c.transpose(1, 2).reshape(-1, H, Rv))
     assert torch.equal(p_lse, lse.permute(1, 0, 2).reshape(H, -1))
-
-
-def test_cuda_circuit_attention_backend_interface(attention_ext):
-    """The overloads with kernels/circuit_attention.py's backend interface (cu_seqlens None: dense) give the
-    results of the dedicated dense and varlen functions."""
-    gen = torch.Generator().manual_seed(8)
-    H, Hkv, D, R, Rv = 4, 2, 40, 8, 3
-    dense = [torch.randn(2, h, S, w, generator=gen).cuda() for h, S, w in
-             ((H, 9, D), (Hkv, 12, D), (Hkv, 12, D), (H, 9, R), (Hkv, 12, R), (Hkv, 12, Rv))]
-    grads_out = [torch.randn(2, H, 9, w, generator=gen).cuda() for w in (D, Rv)]
-    ours = attention_ext.circuit_attention_forward(*dense, None, None, 9, 12, True, 0.3)
-    expected = attention_ext.circuit_attention_forward(*dense, True, 0.3)
-    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
-    ours = attention_ext.circuit_attention_backward(*grads_out, *dense, *expected, None, None, 9, 12, True, 0.3)
-    expected = attention_ext.circuit_attention_backward(*grads_out, *dense, *expected, True, 0.3)
-    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
-
-    packed = [t[0].transpose(0, 1).contiguous() for t in dense]
-    cu_q, cu_k = _cu_seqlens([4, 5], "cuda"), _cu_seqlens([12, 0], "cuda")
-    ours = attention_ext.circuit_attention_forward(*packed, cu_q, cu_k, 5, 12, False, 0.3)
-    expected = attention_ext.circuit_attention_varlen_forward(*packed[:3], cu_q, cu_k, 5, 12, *packed[3:], False, 0.3)
-    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
-    packed_grads = [g[0].transpose(0, 1).contiguous() for g in grads_out]
-    ours = attention_ext.circuit_attention_backward(*packed_grads, *packed, *expected, cu_q, cu_k, 5, 12, False, 0.3)
-    expected = attention_ext.circuit_attention_varlen_backward(*packed_grads, *packed[:3], cu_q, cu_k, 5, 12,
-                                                               *packed[3:], *expected, False, 0.3)
-    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
-    with pytest.raises(RuntimeError, match="^cu_seqlens_k:"):
-        attention_ext.circuit_attention_forward(*packed, cu_q, None, 5, 12, False, 0.3)
 
 
 def _small_attention_inputs(dtype=torch.float32):
@@ -712,30 +676,34 @@ def test_cuda_circuit_attention_rejects_bad_inputs(attention_ext, change, argume
     args = _small_attention_inputs()
     change(args)
     with pytest.raises(RuntimeError, match=f"^{argument}:"):
-        attention_ext.circuit_attention_forward(*(args[n] for n in _ATTENTION_NAMES), False, 0.5)
+        attention_ext.circuit_attention_forward(*(args[n] for n in _ATTENTION_NAMES), None, None, 5, 7, False, 0.5)
 
 
 def test_cuda_circuit_attention_backward_rejects_bad_inputs(attention_ext):
     a = _small_attention_inputs()
     args = [a[n] for n in _ATTENTION_NAMES]
-    out, out_c, lse = attention_ext.circuit_attention_forward(*args, True, 0.5)
+    dense = (None, None, 5, 7, True, 0.5)
+    out, out_c, lse = attention_ext.circuit_attention_forward(*args, *dense)
     with pytest.raises(RuntimeError, match="^lse:"):  # float32 inputs keep float64 statistics
-        attention_ext.circuit_attention_backward(out, out_c, *args, out, out_c, lse.float(), True, 0.5)
+        attention_ext.circuit_attention_backward(out, out_c, *args, out, out_c, lse.float(), *dense)
     with pytest.raises(RuntimeError, match="^grad_out_c:"):
-        attention_ext.circuit_attention_backward(out, out_c[..., :1], *args, out, out_c, lse, True, 0.5)
+        attention_ext.circuit_attention_backward(out, out_c[..., :1], *args, out, out_c, lse, *dense)
     with pytest.raises(RuntimeError, match="^grad_out:"):
-        attention_ext.circuit_attention_backward(out[:, :, :-1], out_c, *args, out, out_c, lse, True, 0.5)
+        attention_ext.circuit_attention_backward(out[:, :, :-1], out_c, *args, out, out_c, lse, *dense)
 
 
 def test_cuda_circuit_attention_varlen_rejects_bad_inputs(attention_ext):
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, 2, 4, generator=gen).cuda() for n in (8, 11, 11))
     cu_q, cu_k = _cu_seqlens([3, 5], "cuda"), _cu_seqlens([4, 7], "cuda")
+    no_corrections = (None, None, None)
     with pytest.raises(RuntimeError, match="^cu_seqlens_q:"):
-        attention_ext.circuit_attention_varlen_forward(q, k, v, cu_q.long(), cu_k, 5, 7, None, None, None, True, 0.5)
+        attention_ext.circuit_attention_forward(q, k, v, *no_corrections, cu_q.long(), cu_k, 5, 7, True, 0.5)
     with pytest.raises(RuntimeError, match="^cu_seqlens_k:"):
-        attention_ext.circuit_attention_varlen_forward(q, k, v, cu_q, cu_k[:-1], 5, 7, None, None, None, True, 0.5)
+        attention_ext.circuit_attention_forward(q, k, v, *no_corrections, cu_q, cu_k[:-1], 5, 7, True, 0.5)
+    with pytest.raises(RuntimeError, match="^cu_seqlens_k:"):  # one of the two offsets: neither layout
+        attention_ext.circuit_attention_forward(q, k, v, *no_corrections, cu_q, None, 5, 7, True, 0.5)
     with pytest.raises(RuntimeError, match="^k:"):
-        attention_ext.circuit_attention_varlen_forward(q, k[..., :3], v, cu_q, cu_k, 5, 7, None, None, None, True, 0.5)
+        attention_ext.circuit_attention_forward(q, k[..., :3], v, *no_corrections, cu_q, cu_k, 5, 7, True, 0.5)
     with pytest.raises(RuntimeError, match="^max_seqlen_k:"):
-        attention_ext.circuit_attention_varlen_forward(q, k, v, cu_q, cu_k, 5, -1, None, None, None, True, 0.5)
+        attention_ext.circuit_attention_forward(q, k, v, *no_corrections, cu_q, cu_k, 5, -1, True, 0.5)

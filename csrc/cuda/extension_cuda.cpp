@@ -596,56 +596,6 @@ std::vector<at::Tensor> attention_backward(const AttentionArgs& a, const at::Ten
   return grads;
 }
 
-}  // namespace
-
-// forward(q, k, v, q_c, k_c, v_c, causal, scale) -> (out, out_c, lse), dense layout
-std::tuple<at::Tensor, at::Tensor, at::Tensor> circuit_attention_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& q_c,
-    const std::optional<at::Tensor>& k_c, const std::optional<at::Tensor>& v_c, bool causal, double scale) {
-  return attention_forward(
-      check_inputs(Layout::kDense, q, k, v, q_c, k_c, v_c, at::Tensor(), at::Tensor(), 0, 0, causal, scale));
-}
-
-// backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse, causal, scale)
-//   -> [dq, dk, dv, dq_c, dk_c, dv_c], dense layout
-std::vector<at::Tensor> circuit_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& grad_out_c, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const std::optional<at::Tensor>& q_c, const std::optional<at::Tensor>& k_c,
-    const std::optional<at::Tensor>& v_c, const at::Tensor& out, const at::Tensor& out_c, const at::Tensor& lse,
-    bool causal, double scale) {
-  const AttentionArgs args =
-      check_inputs(Layout::kDense, q, k, v, q_c, k_c, v_c, at::Tensor(), at::Tensor(), 0, 0, causal, scale);
-  return attention_backward(args, grad_out, grad_out_c, out, out_c, lse);
-}
-
-// varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_c, k_c, v_c, causal, scale)
-//   -> (out, out_c, lse), packed layout
-std::tuple<at::Tensor, at::Tensor, at::Tensor> circuit_attention_varlen_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& q_c,
-    const std::optional<at::Tensor>& k_c, const std::optional<at::Tensor>& v_c, bool causal, double scale) {
-  return attention_forward(check_inputs(Layout::kPacked, q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k,
-                                        max_seqlen_q, max_seqlen_k, causal, scale));
-}
-
-// varlen_backward(grad_out, grad_out_c, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-//                 q_c, k_c, v_c, out, out_c, lse, causal, scale) -> [dq, dk, dv, dq_c, dk_c, dv_c], packed layout
-std::vector<at::Tensor> circuit_attention_varlen_backward(
-    const at::Tensor& grad_out, const at::Tensor& grad_out_c, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, const std::optional<at::Tensor>& q_c, const std::optional<at::Tensor>& k_c,
-    const std::optional<at::Tensor>& v_c, const at::Tensor& out, const at::Tensor& out_c, const at::Tensor& lse,
-    bool causal, double scale) {
-  const AttentionArgs args = check_inputs(Layout::kPacked, q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k,
-                                          max_seqlen_q, max_seqlen_k, causal, scale);
-  return attention_backward(args, grad_out, grad_out_c, out, out_c, lse);
-}
-
-// The backend interface of kernels/circuit_attention.py: one entry point per direction for both layouts,
-// packed when cu_seqlens are given. Exported as overloads of circuit_attention_forward / _backward (told
-// apart by their number of arguments).
-namespace {
-
 Layout layout_of(const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k) {
   TORCH_CHECK(present(cu_seqlens_q) == present(cu_seqlens_k), present(cu_seqlens_q) ? "cu_seqlens_k" : "cu_seqlens_q",
               ": give both cu_seqlens_q and cu_seqlens_k (packed layout) or neither (dense layout)");
@@ -654,7 +604,9 @@ Layout layout_of(const std::optional<at::Tensor>& cu_seqlens_q, const std::optio
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> circuit_attention_forward_any_layout(
+// The backend interface of kernels/circuit_attention.py: one entry point per direction for both layouts,
+// packed when cu_seqlens are given (max_seqlen_q/k are read only then).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> circuit_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& q_c,
     const std::optional<at::Tensor>& k_c, const std::optional<at::Tensor>& v_c,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
@@ -665,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> circuit_attention_forward_any_lay
                                         scale));
 }
 
-std::vector<at::Tensor> circuit_attention_backward_any_layout(
+std::vector<at::Tensor> circuit_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& grad_out_c, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& q_c, const std::optional<at::Tensor>& k_c,
     const std::optional<at::Tensor>& v_c, const at::Tensor& out, const at::Tensor& out_c, const at::Tensor& lse,
@@ -691,31 +643,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("indices"), py::arg("gates"), py::arg("scaling"), py::arg("adapter"), py::arg("u"),
         py::arg("needs"));
   m.def("circuit_attention_forward", &circuit_attention_forward,
-        "circuit_attention forward on CUDA tensors, dense layout -> (out, out_c, lse)", py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("q_c"), py::arg("k_c"), py::arg("v_c"), py::arg("causal"), py::arg("scale"));
-  m.def("circuit_attention_backward", &circuit_attention_backward,
-        "circuit_attention backward on CUDA tensors, dense layout -> [dq, dk, dv, dq_c, dk_c, dv_c]",
-        py::arg("grad_out"), py::arg("grad_out_c"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_c"),
-        py::arg("k_c"), py::arg("v_c"), py::arg("out"), py::arg("out_c"), py::arg("lse"), py::arg("causal"),
-        py::arg("scale"));
-  m.def("circuit_attention_varlen_forward", &circuit_attention_varlen_forward,
-        "circuit_attention forward on CUDA tensors, packed varlen layout -> (out, out_c, lse)", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
-        py::arg("max_seqlen_k"), py::arg("q_c"), py::arg("k_c"), py::arg("v_c"), py::arg("causal"),
-        py::arg("scale"));
-  m.def("circuit_attention_varlen_backward", &circuit_attention_varlen_backward,
-        "circuit_attention backward on CUDA tensors, packed varlen layout -> [dq, dk, dv, dq_c, dk_c, dv_c]",
-        py::arg("grad_out"), py::arg("grad_out_c"), py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
-        py::arg("q_c"), py::arg("k_c"), py::arg("v_c"), py::arg("out"), py::arg("out_c"), py::arg("lse"),
-        py::arg("causal"), py::arg("scale"));
-  m.def("circuit_attention_forward", &circuit_attention_forward_any_layout,
         "circuit_attention forward on CUDA tensors, the backend interface of kernels/circuit_attention.py (packed "
         "when cu_seqlens are given) -> (out, out_c, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_c"), py::arg("k_c"), py::arg("v_c"),
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
         py::arg("causal"), py::arg("scale"));
-  m.def("circuit_attention_backward", &circuit_attention_backward_any_layout,
+  m.def("circuit_attention_backward", &circuit_attention_backward,
         "circuit_attention backward on CUDA tensors, the backend interface of kernels/circuit_attention.py "
         "-> [dq, dk, dv, dq_c, dk_c, dv_c]",
         py::arg("grad_out"), py::arg("grad_out_c"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_c"),
