@@ -175,6 +175,13 @@ def implementation(where: Tuple[str, ...], which: int) -> Callable:
     return getattr(importlib.import_module(module), functions[which])
 
 
+def records_graph(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record a call on ``tensors``; when not (inference, ``torch.no_grad``), the ops
+    call their backend directly, skipping ``autograd.Function``'s bookkeeping (a sizeable share of a small
+    decode step)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 _warned: set = set()
 
 

@@ -204,8 +204,10 @@ def _run_fused(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             bool(causal), scale, backend)
     if torch.compiler.is_compiling():  # torch.compile sees the registered custom op
         out, out_c, _ = _circuit_attention_op(*args)
-    else:
+    elif backends.records_graph(q, k, v, q_c, k_c, v_c_in):
         out, out_c = _CircuitAttentionFunction.apply(*args)
+    else:
+        out, out_c, _ = backends.implementation(_IMPLS[backend], 0)(*args[:-1])
     if v_c is None:
         return out, None
     return out, (q.new_zeros(*q.shape[:-1], 0) if zero_rank_v else out_c)

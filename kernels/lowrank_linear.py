@@ -348,6 +348,9 @@ def lowrank_linear(
         y = lowrank_linear_ref(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter)
     elif torch.compiler.is_compiling():  # torch.compile sees the registered custom op
         y, _ = _lowrank_linear_op(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter, chosen)
-    else:
+    elif backends.records_graph(x2d, weight, bias, lora_a, lora_b, gates):
         y = _LowRankLinearFunction.apply(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter, chosen)
+    else:
+        y, _ = backends.implementation(_IMPLS[chosen], 0)(x2d, weight, bias, lora_a, lora_b, indices, gates,
+                                                          float(scaling), adapter)
     return y.reshape(*lead, weight.shape[0])

@@ -10,6 +10,7 @@ an ulp (FlashAttention's rule); gradcheck, opcheck and torch.compile; input chec
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -387,6 +388,27 @@ def test_registry_explains_what_a_backend_cannot_serve():
         warnings.simplefilter("ignore", RuntimeWarning)  # the automatic choice says why it passed cpp over
         out, _ = kernels.circuit_attention(*empty)
     assert out.shape == q.shape[:-1] + (0,)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.float32, head_dim=8))
+def test_inference_calls_the_backend_without_autograd(backend, device, monkeypatch):
+    """Under no_grad, or with no input requiring grad, the op skips autograd.Function: the same output, no graph."""
+    inputs = [t.detach().float().to(device) for t in make(seed=7)]
+    tracked = [t.detach().requires_grad_() for t in inputs]
+    expected = kernels.circuit_attention(*tracked, causal=True, backend=backend)
+    assert all(t.grad_fn is not None for t in expected)
+    module = importlib.import_module("kernels.circuit_attention")
+
+    def no_function(*args):
+        raise AssertionError("autograd.Function used without a graph to record")
+
+    monkeypatch.setattr(module._CircuitAttentionFunction, "apply", no_function)
+    with torch.no_grad():
+        inferred = kernels.circuit_attention(*tracked, causal=True, backend=backend)
+    untracked = kernels.circuit_attention(*inputs, causal=True, backend=backend)
+    for outputs in (inferred, untracked):
+        assert all(t.grad_fn is None for t in outputs)
+        torch.testing.assert_close(outputs, tuple(t.detach() for t in expected), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("varlen", [False, True])

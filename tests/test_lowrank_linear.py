@@ -8,6 +8,7 @@ last bits of a result are noise for every method.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -272,6 +273,28 @@ def test_per_row_equals_single_adapter_calls(backend, device):
         rows = idx == depth
         alone = kernels.lowrank_linear(**{**inputs, "x": inputs["x"][rows], "indices": depth}, backend=backend)
         torch.testing.assert_close(together[rows], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.float32))
+def test_inference_calls_the_backend_without_autograd(backend, device, monkeypatch):
+    """Under no_grad, or with no input requiring grad, the op skips autograd.Function: the same output, no graph."""
+    inputs = make_inputs(Shape(12, 16, 20, E=4, r=4, k=2, form="top-k"), torch.float32, device, seed=6)
+    tracked = {n: t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+               for n, t in inputs.items()}
+    expected = kernels.lowrank_linear(**tracked, backend=backend)
+    assert expected.grad_fn is not None
+    module = importlib.import_module("kernels.lowrank_linear")
+
+    def no_function(*args):
+        raise AssertionError("autograd.Function used without a graph to record")
+
+    monkeypatch.setattr(module._LowRankLinearFunction, "apply", no_function)
+    with torch.no_grad():
+        inferred = kernels.lowrank_linear(**tracked, backend=backend)
+    untracked = kernels.lowrank_linear(**inputs, backend=backend)
+    for y in (inferred, untracked):
+        assert y.grad_fn is None
+        torch.testing.assert_close(y, expected.detach(), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------- bad inputs
