@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, workload: Optional[Workload] = None,
-        exit_fraction: float = 0.5, repeats: int = 1, progress: bool = True, train_steps: int = 0,
+        exit_fraction: float = 0.5, repeats: int = 3, progress: bool = True, train_steps: int = 0,
         exit_threshold: Optional[float] = None) -> Dict[str, object]:
     device, dtype = resolve(device, dtype)
     workload = workload or default_workload(device)
@@ -140,29 +141,31 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
         threshold = calibrate_exit_threshold(models[0], calibration, exit_fraction)
     new_tokens = sum(lengths)
     bar = Progress(len(METHODS) * (repeats + 1), progress)
-    full_depth, rows = None, []
-    for method in METHODS:
-        runner = _runner(method, models, prompts, lengths, workload, threshold)
+    runners = {method: _runner(method, models, prompts, lengths, workload, threshold) for method in METHODS}
+    outputs = {}
+    for method, runner in runners.items():
         bar.step(f"{method} warm-up")
-        outputs = runner()  # warm-up; also the outputs compared below
-        seconds = []
-        for _ in range(repeats):
+        outputs[method] = runner()  # warm-up; also the outputs compared below
+    seconds = {method: [] for method in METHODS}
+    for _ in range(repeats):  # the methods take turns, so that a slow spell of the machine hits them all
+        for method, runner in runners.items():
             bar.step(method)
             _synchronize(device)
             start = time.perf_counter()
             runner()
             _synchronize(device)
-            seconds.append(time.perf_counter() - start)
-        seconds = sorted(seconds)[len(seconds) // 2]
-        new = [o[len(p):] for o, p in zip(outputs, prompts)]
-        if method == "plain":
-            full_depth = new
+            seconds[method].append(time.perf_counter() - start)
+    full_depth = [o[len(p):] for o, p in zip(outputs["plain"], prompts)]
+    rows = []
+    for method in METHODS:
+        median = statistics.median(seconds[method])
+        new = [o[len(p):] for o, p in zip(outputs[method], prompts)]
         same = sum(a == b for x, y in zip(new, full_depth) for a, b in zip(x, y))
-        engine = getattr(runner, "engine", None)
+        engine = getattr(runners[method], "engine", None)
         rows.append({
             "method": method,
-            "s": seconds,
-            "tokens/s": new_tokens / seconds,
+            "s": median,
+            "tokens/s": new_tokens / median,
             "exit loops": engine.stats.mean_exit_loops if engine else None,
             "agree": same / new_tokens if method != "untied" else None,
         })
@@ -186,7 +189,8 @@ def main(argv=None) -> Dict[str, object]:
     parser.add_argument("--train-steps", type=int, default=0,
                         help="train the recursive model this many steps first (synthetic corpus, with the exit loss)")
     parser.add_argument("--exit-threshold", type=float, help="a fixed exit threshold (default with --train-steps: 0.9)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per method after a warm-up (median)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per method after a warm-up, the methods taking turns (median)")
     parser.add_argument("--json", help="also write the table as JSON to this path")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
