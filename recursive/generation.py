@@ -90,12 +90,17 @@ def _check_exit_threshold(exit_threshold: Optional[float], config: RecursiveConf
         raise ValueError(f"exit_threshold: expected None or a probability in (0, 1], got {exit_threshold!r}")
     if exit_threshold == 1.0:
         return None
+    _check_loops("exit_threshold", config)
+    return float(exit_threshold)
+
+
+def _check_loops(name: str, config: RecursiveConfig) -> None:
+    """Raise ValueError naming ``name`` when the model runs its layers as a single loop (no boundary to exit at)."""
     if loop_length(config) == config.num_layers:
         raise ValueError(
-            f"exit_threshold: early exit happens at loop boundaries, and this model (sharing={config.sharing!r}, "
+            f"{name}: early exit happens at loop boundaries, and this model (sharing={config.sharing!r}, "
             f"num_layers={config.num_layers}, num_blocks={config.num_blocks}) runs its layers as a single loop"
         )
-    return float(exit_threshold)
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -145,7 +150,7 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
     if isinstance(exit_fraction, bool) or not isinstance(exit_fraction, (int, float)) or not 0.0 < exit_fraction < 1.0:
         raise ValueError(f"exit_fraction: expected a number in (0, 1), got {exit_fraction!r}")
     period = loop_length(config)
-    _check_exit_threshold(0.5, config)  # raises for a model with a single loop
+    _check_loops("model", config)
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids: expected a non-empty int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
     _check_ids("input_ids", input_ids, config.vocab_size)
@@ -172,7 +177,7 @@ def exit_loss(model, hidden_states: Sequence[Tensor], labels: Tensor) -> Tensor:
     """
     config = model.config
     period = loop_length(config)
-    _check_exit_threshold(0.5, config)  # raises for a model with a single loop
+    _check_loops("model", config)
     if len(hidden_states) != config.num_layers + 1:
         raise ValueError(f"hidden_states: expected {config.num_layers + 1} tensors (the forward's "
                          f"output_hidden_states), got {len(hidden_states)}")

@@ -397,7 +397,7 @@ def test_calibrated_threshold_splits_the_first_boundary():
     assert abs(leaving - 0.25) <= 1 / 36 + 1e-12
     with pytest.raises(ValueError, match="exit_fraction"):
         calibrate_exit_threshold(model, ids, 1.0)
-    with pytest.raises(ValueError, match="exit_threshold"):
+    with pytest.raises(ValueError, match="^model: early exit happens at loop boundaries"):
         calibrate_exit_threshold(make_model(**SEQUENCE), ids, 0.5)
 
 
@@ -427,7 +427,7 @@ def test_hidden_states_and_the_exit_loss(name, boundaries):
     with pytest.raises(ValueError, match="labels"):
         exit_loss(model, hidden, ids[:, :-1])
     single = make_model(**SEQUENCE)
-    with pytest.raises(ValueError, match="exit_threshold"):
+    with pytest.raises(ValueError, match="^model: early exit happens at loop boundaries"):
         exit_loss(single, single(ids, output_hidden_states=True).hidden_states, ids)
 
 
