@@ -7,10 +7,11 @@
 //   (b, head, i) of any tensor of a side is row b * rb + head * rh + (start[b] + i) * rs of that tensor seen
 //   as (rows, width) (struct Rows). Grouped-query heads index their kv head (no repeat).
 // * Forward: one work item per (sequence, head, kFwdGroup blocks of kBlk query rows); per item a loop over the
-//   key blocks its rows see, each key block serving the item's query blocks in turn, with an online softmax. Every key block (and its k_c rows) is transposed once per call
-//   into a width x kBlk tile (BlockTiles) so that score tiles are built by register-blocked rank-1 updates
-//   (vectorised); q_c . k_c^T is added in the same pass and out / out_c accumulate side by side. A row that
-//   sees no key gets zeros and lse = -inf. The backward transposes v, v_c, q, q_c, dO, dO_c likewise.
+//   key blocks its rows see, each key block serving the item's query blocks in turn, with an online
+//   softmax. Every key block (and its k_c rows) is transposed once per call into a width x kBlk tile
+//   (BlockTiles) so that score tiles are built by register-blocked rank-1 updates (vectorised); q_c . k_c^T
+//   is added in the same pass and out / out_c accumulate side by side. A row that sees no key gets zeros
+//   and lse = -inf. The backward transposes v, v_c, q, q_c, dO, dO_c likewise.
 // * Precision: dots in the accumulator dtype (float; double for double inputs). The softmax arguments are
 //   formed exactly (a score minus the running max, itself a score) or in double (a score minus lse) and
 //   exponentiated in the accumulator dtype to about an ulp; the running max, sum and lse, Delta and
