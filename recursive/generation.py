@@ -514,7 +514,8 @@ class _EngineRun:
         # Each row reads positions [0, position] (its cache and the new token) of its (layer, slot) in the
         # flattened caches; the layer of block offset o is loop * loop_length + o, so the rows of offset o
         # are those of offset 0 shifted by o layers.
-        first_rows = self._flat_rows(loops * engine.loop_length, slots)
+        first_layers = loops * engine.loop_length
+        first_rows = self._flat_rows(first_layers, slots)
         layer_stride = self.keys.shape[1] * self.keys.shape[2]
         span = torch.arange(int(positions.max()) + 1, device=slots.device)
         key_rows = (first_rows[:, None] + span[None])[span[None] <= positions[:, None]]
@@ -531,8 +532,8 @@ class _EngineRun:
             shift = offset * layer_stride
             cache = _SlotCache(self, first_rows + positions + shift)
             offset_packing = replace(packing, key_rows=packing.key_rows + shift)
-            hidden, _, _ = backbone.blocks[block_index](hidden, loops * engine.loop_length + offset, position_embeddings,
-                                                        offset_packing, cache)
+            hidden, _, _ = backbone.blocks[block_index](hidden, first_layers + offset, position_embeddings, offset_packing,
+                                                        cache)
         loops = loops + 1
 
         finishing = loops == engine.num_loops
