@@ -44,8 +44,9 @@ key block and its four gradient accumulators and loops over the H // Hkv query h
 the query blocks that see it, so the group sum needs no atomics.
 
 Absent corrections are constexpr flags (HAS_C, HAS_VC): their loads, dots and stores are compiled out.
-Autotuning keys on power-of-two buckets of the sequence lengths, the padded widths and the flags; under
-``TRITONINTERPRET=1`` (CPU tensors) one small configuration, dot operands upcast to float32 (the
+Autotuning keys on power-of-two buckets of the sequence lengths, the padded widths and the flags
+(``RECURSIVE_KERNELS_TRITON_AUTOTUNE=0``: one default configuration); under ``TRITON_INTERPRET=1``
+(CPU tensors) one small configuration, dot operands upcast to float32 (the
 interpreter multiplies the raw bits of bfloat16 operands) and float32 -> bfloat16 conversions rounded to
 nearest even by hand (the interpreter truncates them). No host synchronisation.
 
@@ -62,14 +63,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma
+from .triton_common import (INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma,
+                            tuning_space)
 
 MAX_HEAD_DIM = 256
 
 
 if INTERPRET:  # the interpreter would run every configuration: one small one
     _FWD_CONFIGS = [config(1, 1, BLOCK_M=16, BLOCK_N=16)]
-    _BWD_CONFIGS = [config(1, 1, BLOCK_M=16, BLOCK_N=16)]
+    _DQ_CONFIGS = _DKDV_CONFIGS = [config(1, 1, BLOCK_M=16, BLOCK_N=16)]
 else:
     _FWD_CONFIGS = [
         config(4, 3, BLOCK_M=64, BLOCK_N=32),
@@ -78,12 +80,28 @@ else:
         config(8, 3, BLOCK_M=128, BLOCK_N=64),
         config(4, 2, BLOCK_M=32, BLOCK_N=32),
     ]
-    _BWD_CONFIGS = [
+    # dq holds (BLOCK_M, D) accumulators and walks key blocks, dk/dv hold four (BLOCK_N, .) ones and walk
+    # query blocks: separate spaces. The 8-warp entries are the ones that compile without spills for
+    # 16-bit inputs at D = 128 with corrections on sm_90 (tests/triton_compile_check.py --report).
+    _DQ_CONFIGS = [
+        config(4, 2, BLOCK_M=64, BLOCK_N=64),
+        config(8, 2, BLOCK_M=64, BLOCK_N=64),
+        config(8, 2, BLOCK_M=128, BLOCK_N=32),
+        config(8, 2, BLOCK_M=128, BLOCK_N=64),
         config(4, 2, BLOCK_M=32, BLOCK_N=64),
+        config(4, 1, BLOCK_M=32, BLOCK_N=32),
+    ]
+    _DKDV_CONFIGS = [
+        config(4, 2, BLOCK_M=32, BLOCK_N=64),
+        config(8, 2, BLOCK_M=32, BLOCK_N=64),
+        config(8, 2, BLOCK_M=32, BLOCK_N=128),
         config(4, 2, BLOCK_M=64, BLOCK_N=64),
         config(8, 2, BLOCK_M=64, BLOCK_N=128),
         config(4, 1, BLOCK_M=32, BLOCK_N=32),
     ]
+    _FWD_CONFIGS = tuning_space(_FWD_CONFIGS, default=4)
+    _DQ_CONFIGS = tuning_space(_DQ_CONFIGS, default=5)
+    _DKDV_CONFIGS = tuning_space(_DKDV_CONFIGS, default=5)
 _KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "BLOCK_R", "BLOCK_RV", "CAUSAL", "HAS_C", "HAS_VC", "VARLEN", "EXACT"]
 
 
@@ -335,7 +353,7 @@ def _probs_and_dscores(s, dp, lse, delta, visible, EXACT: tl.constexpr):
     return p, p * (dp - delta)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_by_width})
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_by_width})
 @triton.jit
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, qc_ptr, kc_ptr, vc_ptr, do_ptr, doc_ptr, lse_ptr, delta_ptr,
@@ -462,7 +480,7 @@ def _dq_tile(q, qc, do, doc, k_ptr, v_ptr, kc_ptr, vc_ptr, k_rows0, n0, offs_nb,
     return s, dp, visible, k, kc
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_by_width})
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_by_width})
 @triton.jit
 def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, qc_ptr, kc_ptr, vc_ptr, do_ptr, doc_ptr, lse_ptr, delta_ptr,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import List
 
 import torch
 import triton
@@ -17,10 +18,19 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# RECURSIVE_KERNELS_TRITON_AUTOTUNE=0: every kernel runs one default configuration, its smallest tiles (they
+# fit the shared memory of every shape), so a first launch compiles one variant and times
+# nothing (a test suite on a GPU: minutes less, the same choice every run).
+AUTOTUNE = os.environ.get("RECURSIVE_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
 def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def tuning_space(configs: List[triton.Config], default: int) -> List[triton.Config]:
+    """A kernel's autotuning space, or only ``configs[default]`` (its smallest tiles) when autotuning is off."""
+    return configs if AUTOTUNE else [configs[default]]
 
 
 def bucket(n: int) -> int:

@@ -72,8 +72,9 @@ Backward (dx is the forward with the roles transposed, so the same kernels serve
     dgates  = s * <u[t, j], v[t, j]> (an elementwise torch reduction of the two (M, k, r) fp32 tensors).
 
 Autotuning: a handful of configurations per kernel, keyed on power-of-two buckets of the row count
-(so a varying number of tokens does not retune), N, K, the layout (unit K stride or not) and the mode.
-Under ``TRITONINTERPRET=1`` (CPU tensors) each kernel has one fixed small configuration (nothing is
+(so a varying number of tokens does not retune), N, K, the layout (unit K stride or not) and the mode;
+``RECURSIVE_KERNELS_TRITON_AUTOTUNE=0`` keeps one default configuration per kernel.
+Under ``TRITON_INTERPRET=1`` (CPU tensors) each kernel has one fixed small configuration (nothing is
 benchmarked), ``tl.dot`` operands are upcast to float32 (the interpreter multiplies the raw bits of
 bfloat16 operands, triton issue 11584) and the final float32 -> bfloat16 store is rounded to nearest
 even by hand (the interpreter truncates that conversion; the GPU rounds it). No host synchronisation
@@ -94,7 +95,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma
+from .triton_common import (INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma,
+                            tuning_space)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,6 +130,9 @@ else:
         config(4, 3, BLOCK_M=64, BLOCK_Q=128, ROWS=512),
         config(8, 3, BLOCK_M=64, BLOCK_Q=128, ROWS=2048),
     ]
+    _LINEAR_CONFIGS = tuning_space(_LINEAR_CONFIGS, default=0)
+    _SHRINK_CONFIGS = tuning_space(_SHRINK_CONFIGS, default=0)
+    _OUTER_CONFIGS = tuning_space(_OUTER_CONFIGS, default=0)
 
 
 def _prune_by_rows(configs, named_args, **kwargs):
