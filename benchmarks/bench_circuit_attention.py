@@ -30,7 +30,9 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from benchmarks.common import available_backends, machine_description, report, resolve, time_cases  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    available_backends, machine_description, report, resolve, seeded_like, time_cases,
+)
 
 MODES = ("fwd", "fwd+bwd")
 RANK = 16
@@ -96,7 +98,7 @@ def _callable(impl: str, t: Dict[str, torch.Tensor], case: Case, backward: bool)
     if not backward:
         return forward
     with torch.no_grad():
-        grads = [torch.randn_like(o) for o in forward()]
+        grads = [seeded_like(o, seed) for seed, o in enumerate(forward(), 1)]
     return lambda: torch.autograd.grad(forward(), params, grads)
 
 
@@ -135,12 +137,13 @@ def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=Fal
     cases = cases or default_cases(device)
     impls = ["sdpa", "eager", *(impls or available_backends("circuit_attention", device, dtype, head_dim=64))]
 
-    def prepare(case, backward):
-        inputs = make_inputs(case, device, dtype, backward)
+    def prepare(case, backward, inputs_dtype=None):
+        inputs = make_inputs(case, device, inputs_dtype or dtype, backward)
         return lambda impl: _callable(impl, inputs, case, backward)
 
     rows = []
-    for case, mode, times in time_cases(cases, modes, impls, prepare, device, progress):
+    checked = [impl for impl in impls if impl != "sdpa"]
+    for case, mode, times, errors in time_cases(cases, modes, impls, prepare, device, progress, checked):
         backward = mode == "fwd+bwd"
         sdpa_rate = case.flops(backward, corrections=False) / times["sdpa"]
         for impl, seconds in times.items():
@@ -148,7 +151,7 @@ def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=Fal
             rows.append({
                 "S": case.S, "D": case.D, "causal": case.causal, "mode": mode, "impl": impl,
                 "ms": seconds * 1e3, "TFLOP/s": rate / 1e12, "x sdpa": rate / sdpa_rate,
-                "vs eager": times["eager"] / seconds,
+                "vs eager": times["eager"] / seconds, "rel err": errors.get(impl),
             })
     result = {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
     if memory:
@@ -159,7 +162,7 @@ def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=Fal
     return result
 
 
-COLUMNS = ["S", "D", "causal", "mode", "impl", "ms", "TFLOP/s", "x sdpa", "vs eager"]
+COLUMNS = ["S", "D", "causal", "mode", "impl", "ms", "TFLOP/s", "x sdpa", "vs eager", "rel err"]
 
 
 def main(argv=None) -> Dict[str, object]:

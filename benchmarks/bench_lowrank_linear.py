@@ -28,7 +28,9 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels  # noqa: E402
-from benchmarks.common import available_backends, machine_description, report, resolve, time_cases  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    available_backends, machine_description, report, resolve, seeded_like, time_cases,
+)
 
 FORMS = ("one-adapter", "per-row", "top-2")
 NUM_ADAPTERS = 8
@@ -132,7 +134,7 @@ def _callable(impl: str, inputs: Dict[str, object], backward: bool) -> Callable[
     if not backward:
         return forward
     with torch.no_grad():
-        grad = torch.randn_like(forward())
+        grad = seeded_like(forward())
 
     def step():
         return torch.autograd.grad(forward(), params, grad)
@@ -152,12 +154,13 @@ def run(
     cases = cases or default_cases(device)
     impls = ["base", "eager", *(impls or available_backends("lowrank_linear", device, dtype))]
 
-    def prepare(case, backward):
-        inputs = make_inputs(case, device, dtype, requires_grad=backward)
+    def prepare(case, backward, inputs_dtype=None):
+        inputs = make_inputs(case, device, inputs_dtype or dtype, requires_grad=backward)
         return lambda impl: _callable(impl, inputs, backward)
 
     rows = []
-    for case, mode, times in time_cases(cases, modes, impls, prepare, device, progress):
+    checked = [impl for impl in impls if impl != "base"]
+    for case, mode, times, errors in time_cases(cases, modes, impls, prepare, device, progress, checked):
         backward = mode == "fwd+bwd"
         for impl, seconds in times.items():
             rows.append(
@@ -173,12 +176,13 @@ def run(
                     "GFLOP/s": case.flops(backward, lowrank=impl != "base") / seconds / 1e9,
                     "x base": seconds / times["base"],
                     "vs eager": times["eager"] / seconds,
+                    "rel err": errors.get(impl),
                 }
             )
     return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
 
 
-COLUMNS = ["case", "M", "K", "mode", "impl", "ms", "GFLOP/s", "x base", "vs eager"]
+COLUMNS = ["case", "M", "K", "mode", "impl", "ms", "GFLOP/s", "x base", "vs eager", "rel err"]
 
 
 def main(argv=None) -> Dict[str, object]:

@@ -48,6 +48,8 @@ def machine_description(device: torch.device) -> str:
 def format_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
     def cell(value):
         if isinstance(value, float):
+            if 0 < abs(value) < 1e-2:
+                return f"{value:.1e}"
             return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
         return "" if value is None else str(value)
 
@@ -93,15 +95,43 @@ def available_backends(op: str, device: torch.device, dtype: torch.dtype, **inpu
     ]
 
 
-def time_cases(cases, modes, impls, prepare, device, progress=True):
-    """Yield (case, mode, {impl: median seconds}); ``prepare(case, backward)`` builds the inputs once
-    and returns a function of the implementation name that gives the callable to time."""
+def seeded_like(t: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """Standard normal numbers shaped like ``t`` in its dtype and device, the same draws for every dtype
+    and device (a seeded CPU generator): upstream gradients that the reference run sees too."""
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)).to(t)
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 over every tensor of ``out`` and ``ref`` (a tensor or a
+    sequence of tensors, matched in order)."""
+    outs, refs = ([t] if isinstance(t, torch.Tensor) else list(t) for t in (out, ref))
+    if len(outs) != len(refs):
+        raise ValueError(f"out: {len(outs)} tensors against {len(refs)} in ref")
+    diff = sum(float((o.double() - r.double()).square().sum()) for o, r in zip(outs, refs))
+    norm = sum(float(r.double().square().sum()) for r in refs)
+    return (diff / norm) ** 0.5 if norm else float(diff > 0)
+
+
+def time_cases(cases, modes, impls, prepare, device, progress=True, checked=()):
+    """Yield (case, mode, {impl: median seconds}, {impl: relative error}). ``prepare(case, backward,
+    dtype=None)`` builds the inputs once (in ``dtype``, default the benchmark's) and returns a function of
+    the implementation name that gives the callable to time. Before timing, each of ``checked`` runs once
+    and its result (outputs, or gradients with backward) is compared with the eager implementation run on
+    the same draws in higher precision (float32 on the GPU, float64 on the CPU): a wrongly tuned kernel
+    shows here, and the eager row's own error is the yardstick."""
+    reference_dtype = torch.float32 if device.type == "cuda" else torch.float64
     bar = Progress(len(cases) * len(modes), progress)
     for case in cases:
         for mode in modes:
-            make = prepare(case, mode == "fwd+bwd")
+            backward = mode == "fwd+bwd"
+            make = prepare(case, backward)
             bar.step(f"{case.label} {mode}")
-            yield case, mode, median_seconds({impl: make(impl) for impl in impls}, device)
+            errors = {}
+            if checked:
+                reference = prepare(case, backward, reference_dtype)("eager")()
+                errors = {impl: relative_error(make(impl)(), reference) for impl in checked}
+                del reference
+            yield case, mode, median_seconds({impl: make(impl) for impl in impls}, device), errors
 
 
 def run_benchmark(benchmark, fn, device: torch.device) -> None:
