@@ -99,9 +99,9 @@ else:
         config(8, 2, BLOCK_M=64, BLOCK_N=128),
         config(4, 1, BLOCK_M=32, BLOCK_N=32),
     ]
-    _FWD_CONFIGS = tuning_space(_FWD_CONFIGS, default=4)
-    _DQ_CONFIGS = tuning_space(_DQ_CONFIGS, default=5)
-    _DKDV_CONFIGS = tuning_space(_DKDV_CONFIGS, default=5)
+    _FWD_CONFIGS = tuning_space(_FWD_CONFIGS)
+    _DQ_CONFIGS = tuning_space(_DQ_CONFIGS)
+    _DKDV_CONFIGS = tuning_space(_DKDV_CONFIGS)
 _KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "BLOCK_R", "BLOCK_RV", "CAUSAL", "HAS_C", "HAS_VC", "VARLEN", "EXACT"]
 
 

@@ -9,6 +9,7 @@ kernels stay testable on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import List
 
@@ -28,9 +29,13 @@ def config(num_warps: int, num_stages: int, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-def tuning_space(configs: List[triton.Config], default: int) -> List[triton.Config]:
-    """A kernel's autotuning space, or only ``configs[default]`` (its smallest tiles) when autotuning is off."""
-    return configs if AUTOTUNE else [configs[default]]
+def tuning_space(configs: List[triton.Config]) -> List[triton.Config]:
+    """A kernel's autotuning space, or only its smallest configuration (fewest tile elements, then fewest
+    pipeline stages) when autotuning is off."""
+    if AUTOTUNE:
+        return configs
+    return [min(configs, key=lambda c: (math.prod(c.kwargs[k] for k in c.kwargs if k.startswith("BLOCK_")),
+                                        c.num_stages))]
 
 
 def bucket(n: int) -> int:

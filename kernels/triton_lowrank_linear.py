@@ -132,9 +132,9 @@ else:
         config(4, 3, BLOCK_M=64, BLOCK_Q=128, ROWS=512),
         config(8, 3, BLOCK_M=64, BLOCK_Q=128, ROWS=2048),
     ]
-    _LINEAR_CONFIGS = tuning_space(_LINEAR_CONFIGS, default=0)
-    _SHRINK_CONFIGS = tuning_space(_SHRINK_CONFIGS, default=0)
-    _OUTER_CONFIGS = tuning_space(_OUTER_CONFIGS, default=0)
+    _LINEAR_CONFIGS = tuning_space(_LINEAR_CONFIGS)
+    _SHRINK_CONFIGS = tuning_space(_SHRINK_CONFIGS)
+    _OUTER_CONFIGS = tuning_space(_OUTER_CONFIGS)
 
 
 def _prune_by_rows(configs, named_args, **kwargs):

@@ -44,7 +44,8 @@ def test_every_kernel_compiles_for_sm90_in_its_default_configuration():
     if missing:
         pytest.skip(missing)
     proc = subprocess.run(
-        [sys.executable, str(CHECK), "--arch", "90", "--quick", "--jobs", "2"], capture_output=True, text=True, cwd=ROOT, timeout=1800,
+        [sys.executable, str(CHECK), "--arch", "90", "--quick", "--jobs", "2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=1800,
         env=_environment(RECURSIVE_KERNELS_TRITON_AUTOTUNE="0", TRITON_DEFAULT_FP_FUSION="1"),
     )
     assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr[-5000:]}"
