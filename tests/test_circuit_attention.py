@@ -123,23 +123,6 @@ def test_varlen_matches_dense_per_sequence():
         torch.testing.assert_close(out_c[rq], oc[0].transpose(0, 1))
 
 
-def test_varlen_trusted_offsets_skip_the_host_read(monkeypatch):
-    gen = torch.Generator().manual_seed(4)
-    q, k, v = rand(gen, 8, 2, 4), rand(gen, 11, 2, 4), rand(gen, 11, 2, 4)
-    cu_q = torch.tensor([0, 3, 8], dtype=torch.int32)
-    cu_k = torch.tensor([0, 4, 11], dtype=torch.int32)
-    expected, _ = kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True)
-
-    def no_host_read(self):
-        raise AssertionError("the offsets were read on the host")
-
-    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
-    out, _ = kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, check_offsets=False)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    with pytest.raises(AssertionError, match="read on the host"):
-        kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True)
-
-
 def _dense_args():
     q, k, v, q_c, k_c, v_c = make(R=3, Rv=2)
     return dict(q=q.detach(), k=k.detach(), v=v.detach(), q_c=q_c.detach(), k_c=k_c.detach(), v_c=v_c.detach())
@@ -192,6 +175,26 @@ from tests.conftest import serving_backends  # noqa: E402
 def kernel_backends(dtype, head_dim=16, op="circuit_attention"):
     """The fused backends on this machine (comparing the reference with itself cannot fail)."""
     return [p for p in serving_backends(op, dtype, head_dim=head_dim) if p.values[0] != "torch"]
+
+
+# The reference loops over sequences in Python, so it must read the offsets; the fused backends need not.
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.float32, head_dim=4, op="circuit_attention_varlen"))
+def test_varlen_trusted_offsets_skip_the_host_read(monkeypatch, backend, device):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (rand(gen, n, 2, 4, dtype=torch.float32).to(device) for n in (8, 11, 11))
+    cu_q = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 4, 11], dtype=torch.int32, device=device)
+    expected, _ = kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, backend=backend)
+
+    def no_host_read(self):
+        raise AssertionError("the offsets were read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
+    out, _ = kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, check_offsets=False,
+                                              backend=backend)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="read on the host"):
+        kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, backend=backend)
 
 
 # (B, H, Hkv, Sq, Sk, D, R, Rv, causal): odd lengths, Sq < Sk (decode with a cache), Sq > Sk (fully
