@@ -1,4 +1,5 @@
-"""The benchmarks' correctness column: every timed implementation's result against eager in float64."""
+"""The benchmarks' harness: the correctness column (every timed implementation against eager in float64) and the
+compile pass."""
 
 from __future__ import annotations
 
@@ -49,3 +50,27 @@ def test_circuit_attention_benchmark_checks_every_implementation(quick_timing):
     errors = _errors(result, "sdpa")
     assert {impl for impl, _ in errors} >= {"eager", "torch"}
     assert all(0 < err < 1e-5 for err in errors.values()), errors
+
+
+def test_compile_pass_runs_its_shard_once_and_times_nothing(monkeypatch, one_thread):
+    cases = [bench_lowrank_linear.Case("top-2", 17, 64, 48), bench_lowrank_linear.Case("one-adapter", 5, 64, 48)]
+    calls = []
+
+    def counting_prepare(case, backward, inputs_dtype=None):
+        assert inputs_dtype is None, "a compile pass checks nothing"
+        return lambda impl: lambda: calls.append((case.label, backward, impl))
+
+    monkeypatch.setenv(common.WARM_ENV, "1/3")
+    yielded = list(common.time_cases(cases, ["fwd", "fwd+bwd"], ["base", "cpp"], counting_prepare,
+                                     torch.device("cpu"), progress=False, checked=["cpp"]))
+    # of the (case, mode) pairs 0..3, shard 1/3 takes pair 1: the first case's fwd+bwd
+    assert [(case.label, mode) for case, mode, _, _ in yielded] == [(cases[0].label, "fwd+bwd")]
+    assert all(t != t for _, _, times, _ in yielded for t in times.values())  # NaN: nothing timed
+    assert calls == [(cases[0].label, True, "base"), (cases[0].label, True, "cpp")]
+
+
+@pytest.mark.parametrize("value", ["3/3", "1", "a/b", "-1/2"])
+def test_compile_pass_rejects_a_malformed_shard(monkeypatch, value):
+    monkeypatch.setenv(common.WARM_ENV, value)
+    with pytest.raises(ValueError, match=common.WARM_ENV):
+        common.warm_shard()
