@@ -26,15 +26,40 @@ step_build() {
 }
 
 step_tests() {
-  # one Triton configuration per kernel: no autotuning at each new shape (the benchmarks tune)
-  RECURSIVE_KERNELS_TRITON_AUTOTUNE=0 python3 -m pytest -q tests -p no:cacheprovider --durations=20 \
-    >"$out/tests.log" 2>&1
+  # one Triton configuration per kernel: no autotuning at each new shape (the benchmarks tune); with
+  # pytest-xdist, tests in several processes, so that Triton's first-use compiles run in parallel
+  local workers=${TEST_WORKERS:-8} parallel=() threads=()
+  if python3 -c "import xdist" 2>/dev/null; then
+    parallel=(-n "$workers")
+    threads=("OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))")
+  fi
+  env "${threads[@]}" RECURSIVE_KERNELS_TRITON_AUTOTUNE=0 python3 -m pytest -q tests -p no:cacheprovider \
+    --durations=20 "${parallel[@]}" >"$out/tests.log" 2>&1
   local rc=$?
   echo "tests: rc $rc, $(tail -n 1 "$out/tests.log")"
   return $rc
 }
 
+step_warm() {
+  # The compile pass (benchmarks/common.py): the kernel benchmarks' cases dealt out to WARM_JOBS processes
+  # and the model benchmark in one more, each running its cases once untimed, so that Triton compiles the
+  # variants the timed run will load from its cache in parallel instead of one after another.
+  local jobs=${WARM_JOBS:-12} i pid pids=() failed=0
+  for ((i = 0; i < jobs; i++)); do
+    RECURSIVE_KERNELS_BENCH_WARM="$i/$jobs" python3 -m recursive bench --no-progress \
+      --only lowrank_linear --only circuit_attention >"$out/warm.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  RECURSIVE_KERNELS_BENCH_WARM=0/1 python3 -m recursive bench --no-progress --only model >"$out/warm.model.log" 2>&1 &
+  pids+=($!)
+  for pid in "${pids[@]}"; do
+    wait "$pid" || failed=$((failed + 1))
+  done
+  echo "warm: $failed of ${#pids[@]} compile processes failed (logs: warm.*.log)"
+}
+
 step_bench() {
+  step_warm
   python3 -m recursive bench --no-progress --json "$out/bench.json" >"$out/bench.txt" 2>&1
   local rc=$?
   echo "bench: rc $rc (tables: bench.txt)"
