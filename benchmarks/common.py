@@ -151,10 +151,11 @@ def time_cases(cases, modes, impls, prepare, device, progress=True, checked=()):
     untimed (NaN) and unchecked."""
     reference_dtype = torch.float32 if device.type == "cuda" else torch.float64
     shard = warm_shard()
-    bar = Progress(len(cases) * len(modes), progress)
-    for index, (case, mode) in enumerate((case, mode) for case in cases for mode in modes):
-        if shard and index % shard[1] != shard[0]:
-            continue
+    pairs = [(case, mode) for case in cases for mode in modes]
+    if shard:
+        pairs = pairs[shard[0]::shard[1]]
+    bar = Progress(len(pairs), progress)
+    for case, mode in pairs:
         backward = mode == "fwd+bwd"
         make = prepare(case, backward)
         bar.step(f"{case.label} {mode}")
