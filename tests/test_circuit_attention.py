@@ -317,14 +317,19 @@ def test_gradcheck_float64_on_the_cpp_backend():
         packed, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("products", ["blas", "microkernel"])
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_both_cpp_backward_paths(path, monkeypatch):
+def test_both_cpp_backward_paths(path, products, monkeypatch):
     """The cpp backward picks its fused pass (items per (sequence, kv head)) or its split passes (per query
-    block, then per key block) by the thread count; each, forced, stays within twice the eager error."""
+    block, then per key block) by the thread count, and its products go through torch's BLAS where torch
+    exports one, else through its own micro-kernel; each, forced, stays within twice the eager error."""
     if "cpp" not in [p.values[0] for p in kernel_backends(torch.float32)]:
         pytest.skip("the cpp extension is not built")
     monkeypatch.setenv("RECURSIVE_KERNELS_CPU_ATTENTION_BACKWARD", path)
-    for B, H, Hkv, Sq, Sk, D, R, Rv, causal in CASES + [(2, 4, 2, 150, 130, 16, 4, 4, True)]:
+    monkeypatch.setenv("RECURSIVE_KERNELS_CPU_BLAS", "1" if products == "blas" else "0")
+    # The last two: a mixed causal case, and a forward with its long-sequence blocks (768 query rows and up).
+    for B, H, Hkv, Sq, Sk, D, R, Rv, causal in CASES + [(2, 4, 2, 150, 130, 16, 4, 4, True),
+                                                        (1, 2, 1, 800, 900, 16, 4, 4, False)]:
         tensors64 = make(seed=5, B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, R=R, Rv=Rv)
         for dtype in (torch.float32, torch.bfloat16):
             assert_error_at_most_twice_eager(
