@@ -18,11 +18,12 @@
 // * Forward: one work item per (sequence, head, block of query rows); per item a loop over blocks of kFwdKeys
 //   keys with an online softmax: S = q k^T into a tile, exponentiated in place, then acc += P v. A row
 //   that sees no key gets zeros and lse = -inf.
-// * Precision: dots in the accumulator dtype (float; double for double inputs). The softmax arguments are
-//   formed exactly (a score minus the running max, itself a score) or in double (a score minus lse) and
-//   exponentiated in the accumulator dtype to about an ulp; the running max, sum and lse, Delta and
-//   dP - Delta are double. Delta = rowsum(P * dP) is computed from the same rounded dP as dS: their rounding
-//   errors cancel in dP - Delta (Delta = rowsum(dO * out) would not give that).
+// * Precision: dots and elementwise work in the accumulator dtype T (float; double for double inputs); the
+//   running max, sum and lse, and the sums of Delta, in double. The backward's softmax argument is
+//   (s - lse_hi) - lse_lo with lse split into two T values. Delta = rowsum(P * dP) is summed from the same
+//   rounded P and dP as dS = P (dP - Delta) uses, so that their rounding errors cancel (a row that sees one
+//   key gets dS = 0 exactly); Delta = rowsum(dO * out), as FlashAttention-2 has it, would need no stored P
+//   and dP, but was tried and left rounding noise there (and 1.3-1.5x the error of dq and dk).
 // * Backward: per step of kBwdRows query rows, P and dP over the step's whole key range (kept: memory
 //   O(kBwdRows * Sk) per thread), Delta, dS = P (dP - Delta), then dq = dS k. The fused backward runs
 //   one item per (sequence, kv head) over the group's query heads and also adds dv += P^T dO and
@@ -373,21 +374,23 @@ RK_INLINE void bwd_query_rows(const Problem<T>& g, const BwdData<T>& w, int64_t 
     const int64_t vis = visible_end(g.causal, Sq, Sk, i0 + i);
     const int64_t stat = g.stats.row(b, h, i0 + i);
     const double lse = w.lse[stat];
+    const T lse_hi = static_cast<T>(lse), lse_lo = static_cast<T>(lse - static_cast<double>(lse_hi));
     T* prow = p + i * ld;
     T* dsrow = dp + i * ld;
     double delta = 0.0;  // rowsum(P * dP)
 #pragma omp simd reduction(+ : delta)
     for (int64_t j = 0; j < vis; ++j) {
-      const T pe = exp_nonpositive(static_cast<T>(static_cast<double>(prow[j]) - lse));
+      const T pe = exp_nonpositive((prow[j] - lse_hi) - lse_lo);
       prow[j] = pe;
-      delta += static_cast<double>(pe) * static_cast<double>(dsrow[j]);
+      delta += static_cast<double>(pe * dsrow[j]);
     }
     std::fill(prow + vis, prow + kend, T(0));
     w.delta[stat] = delta;
     // dS = P * (dP - Delta), into the dP row (0 past the visible keys, as P is).
+    const T delta_t = static_cast<T>(delta);
 #pragma omp simd
     for (int64_t j = 0; j < kend; ++j)
-      dsrow[j] = static_cast<T>(static_cast<double>(prow[j]) * (static_cast<double>(dsrow[j]) - delta));
+      dsrow[j] = prow[j] * (dsrow[j] - delta_t);
   }
   const T* ds = dp;
   // dq = dS k, written into its rows (zeros where the rows see no key); dv += P^T dO, dk += dS^T q.
@@ -427,7 +430,7 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
   const int64_t Dq = g.Dq, Dv = g.Dv, lq = g.qs.rs, lk = g.ks.rs;
   const int64_t blocks = ceil_div(g.max_k, kKeyRows);
   std::vector<T> p(kKeyRows * kQueryChunk), ds(kKeyRows * kQueryChunk);
-  double lse[kQueryChunk], delta[kQueryChunk];
+  T lse_hi[kQueryChunk], lse_lo[kQueryChunk], delta[kQueryChunk];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t bhk = item / blocks, b = bhk / g.Hkv, hk = bhk % g.Hkv;
     const int64_t Sq = g.qs.len[b], Sk = g.ks.len[b], j0 = (item % blocks) * kKeyRows;
@@ -445,7 +448,9 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
         gemm(g.blas, false, true, N, M, Dv, T(1), v, lk * Dv, dout, lq * Dv, T(0), ds.data(), kQueryChunk);  // dP^T
         for (int64_t i = 0; i < M; ++i) {
           const int64_t stat = g.stats.row(b, h, c0 + i);
-          lse[i] = w.lse[stat], delta[i] = w.delta[stat];
+          lse_hi[i] = static_cast<T>(w.lse[stat]);
+          lse_lo[i] = static_cast<T>(w.lse[stat] - static_cast<double>(lse_hi[i]));
+          delta[i] = static_cast<T>(w.delta[stat]);
         }
         for (int64_t j = 0; j < N; ++j) {
           T* prow = p.data() + j * kQueryChunk;
@@ -456,9 +461,9 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
           std::fill(dsrow, dsrow + ifirst, T(0));
 #pragma omp simd
           for (int64_t i = ifirst; i < M; ++i) {
-            const double pe = exp_nonpositive(static_cast<T>(static_cast<double>(prow[i]) - lse[i]));
-            prow[i] = static_cast<T>(pe);
-            dsrow[i] = static_cast<T>(pe * (static_cast<double>(dsrow[i]) - delta[i]));
+            const T pe = exp_nonpositive((prow[i] - lse_hi[i]) - lse_lo[i]);
+            prow[i] = pe;
+            dsrow[i] = pe * (dsrow[i] - delta[i]);
           }
         }
         gemm(g.blas, false, false, N, Dv, M, T(1), p.data(), kQueryChunk, dout, lq * Dv, T(1), w.dv + krow * Dv, lk * Dv);
