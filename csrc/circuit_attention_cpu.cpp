@@ -3,12 +3,13 @@
 //   S = scale * q @ k^T + q_c @ k_c^T,   P = softmax(S) (bottom-right causal mask),   out = P v,   out_c = P v_c
 //
 // Design (FlashAttention-2 on the CPU; memory linear in the sequence lengths, never an Sq x Sk matrix).
-// * Joined operands: the passes compute plain attention softmax(q_j k_j^T) v_j on q_j = [scale q, q_c],
-//   k_j = [k, k_c] (width Dq = D + R) and v_j = [v, v_c] (width Dv = D + Rv), joined once per call (linear
-//   memory); out_j = [out, out_c], and the gradients are split back (dq = scale * dq_j's first D columns).
-//   One product of width D + R instead of two (the correction's, of width R, would run at a fraction of the
-//   speed). Scaling q rather than dividing q_c keeps the correction's dot at its own magnitude (dividing
-//   doubled the rounding error of dk_c in a test).
+// * Operands in two parts: the passes take q already scaled (S = (scale q) k^T + q_c k_c^T, so the
+//   correction's dot keeps its own magnitude; dividing q_c by scale instead doubled dk_c's rounding error in
+//   a test), and each side as a main part and a correction part (struct Parts: S sums a D-wide and an R-wide
+//   product, out and out_c are two products with P). From kJoinRows query rows the host joins each side's
+//   parts into one tensor ([scale q, q_c], [k, k_c], [v, v_c]; linear memory) and the passes see a single
+//   part of width D + R: one product instead of two (the R-wide one runs at a fraction of the speed).
+//   Decoding, where the copy would cost as much as the attention, reads the parts where they lie.
 // * Layouts: dense (B, heads, S, width) and packed (total, heads, width) with cu_seqlens are one case: row
 //   (b, head, i) of any tensor of a side is row b * rb + head * rh + (start[b] + i) * rs of that tensor seen
 //   as (rows, width) (struct Rows). Grouped-query heads index their kv head (no repeat).
@@ -62,8 +63,10 @@ using at::Tensor;
 // kFwdRows x kFwdKeys: the products are BLAS calls of that size, where a call's overhead is small).
 constexpr int64_t kFwdRows = 256;
 constexpr int64_t kFwdKeys = 512;
-// Query rows per forward work item below 768 query rows: more items to share out.
-constexpr int64_t kFwdRowsShort = 64;
+// The fewest query rows per forward work item (see forward_rows).
+constexpr int64_t kFwdRowsMin = 64;
+// Query rows from which each side's two parts are joined (see Operand).
+constexpr int64_t kJoinRows = 64;
 // Query rows per step of the backward: a step keeps the P and dP rows of its whole key range (2 * kBwdRows * Sk
 // values, O(Sk) per thread) and is one BLAS call per product.
 constexpr int64_t kBwdRows = 64;
@@ -230,14 +233,43 @@ struct Rows {
   RK_INLINE int64_t row(int64_t b, int64_t head, int64_t i) const { return b * rb + head * rh + (start[b] + i) * rs; }
 };
 
-// The attention the passes compute, on the joined operands (see the design notes): q and k of width Dq, v
-// and out of width Dv.
+// One side's operand in two parts: the main rows (width D) and the correction's (width R; none when R == 0),
+// both addressed by the side's row index (struct Rows).
+template <typename P>
+struct Parts {
+  P* main;
+  P* corr;
+  int64_t D, R;
+  RK_INLINE P* m(int64_t row) const { return main + row * D; }
+  RK_INLINE P* c(int64_t row) const { return corr + row * R; }
+};
+
+// C (M x N) = beta C + A B^T summed over both parts: A's rows a + i * sa, B's rows b + j * sb.
+template <typename T, typename PA, typename PB>
+RK_INLINE void product_nt(BlasGemm<T> blas, int64_t M, int64_t N, const Parts<PA>& A, int64_t a, int64_t sa,
+                          const Parts<PB>& B, int64_t b, int64_t sb, T beta, T* C, int64_t ldc) {
+  gemm(blas, false, true, M, N, A.D, T(1), A.m(a), sa * A.D, B.m(b), sb * B.D, beta, C, ldc);
+  if (A.R) gemm(blas, false, true, M, N, A.R, T(1), A.c(a), sa * A.R, B.c(b), sb * B.R, T(1), C, ldc);
+}
+
+// Each part of C (rows c + i * sc) = beta C + op(P) B: P (M x K at ld ldp, or stored K x M with trans_p) times
+// the same part of B (rows b + j * sb).
+template <typename T, typename PB>
+RK_INLINE void product_parts(BlasGemm<T> blas, bool trans_p, int64_t M, int64_t K, const T* P, int64_t ldp,
+                             const Parts<PB>& B, int64_t b, int64_t sb, T beta, const Parts<T>& C, int64_t c,
+                             int64_t sc) {
+  gemm(blas, trans_p, false, M, C.D, K, T(1), P, ldp, B.m(b), sb * B.D, beta, C.m(c), sc * C.D);
+  if (C.R) gemm(blas, trans_p, false, M, C.R, K, T(1), P, ldp, B.c(b), sb * B.R, beta, C.c(c), sc * C.R);
+}
+
+// The attention the passes compute: S = q k^T over both parts (q already scaled, see the design notes),
+// out = P v over both parts.
 template <typename T>
 struct Problem {
-  int64_t B, H, Hkv, group, Dq, Dv, max_q, max_k;
+  int64_t B, H, Hkv, group, max_q, max_k;
   bool causal;
   Rows qs, ks, stats;
-  const T *q, *k, *v;
+  Parts<const T> q, k, v;
   BlasGemm<T> blas;  // null: the micro-kernel
 };
 
@@ -268,28 +300,33 @@ RK_INLINE QueryBlock query_block(const Problem<T>& g, int64_t item, int64_t rows
 
 template <typename T>
 struct FwdOut {
-  T* out;       // like q, width Dv
-  double* lse;  // statistics rows
+  Parts<T> out;  // like v's parts
+  double* lse;   // statistics rows
   int64_t rows;  // query rows per work item
 };
 
 template <typename T>
 RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin, int64_t end) {
-  const int64_t Dq = g.Dq, Dv = g.Dv, lq = g.qs.rs, lk = g.ks.rs;
-  std::vector<T> s(o.rows * kFwdKeys), acc(o.rows * Dv);
+  const int64_t Dv = g.v.D, Rv = g.v.R, lq = g.qs.rs, lk = g.ks.rs;
+  // Score tiles of at most kFwdKeys keys (a short sequence's are narrower: decoding allocates little).
+  const int64_t keys = std::min(kFwdKeys, ceil_div(std::max<int64_t>(g.max_k, 1), 16) * 16);
+  const int64_t rows = std::min(o.rows, std::max<int64_t>(g.max_q, 1));
+  std::vector<T> s(rows * keys), acc(rows * Dv), accc(rows * std::max<int64_t>(Rv, 1));
+  const Parts<T> accs{acc.data(), accc.data(), Dv, Rv};
   double m[kFwdRows], l[kFwdRows];
   for (int64_t item = begin; item < end; ++item) {
     const QueryBlock blk = query_block(g, item, o.rows);
     if (blk.M <= 0) continue;
-    const int64_t M = blk.M, Sq = blk.Sq, Sk = blk.Sk, i0 = blk.i0, qrow = blk.qrow, krow = blk.krow;
+    const int64_t M = blk.M, Sq = blk.Sq, Sk = blk.Sk, i0 = blk.i0;
     const int64_t kend = visible_end(g.causal, Sq, Sk, i0 + M - 1);  // the block's last row sees the most
     std::fill(acc.begin(), acc.begin() + M * Dv, T(0));
+    std::fill(accc.begin(), accc.begin() + M * Rv, T(0));
     for (int64_t i = 0; i < M; ++i) m[i] = -kInf, l[i] = 0.0;
-    for (int64_t j0 = 0; j0 < kend; j0 += kFwdKeys) {
-      const int64_t N = std::min(kFwdKeys, kend - j0), row0 = krow + j0 * lk;
-      gemm(g.blas, false, true, M, N, Dq, T(1), g.q + qrow * Dq, lq * Dq, g.k + row0 * Dq, lk * Dq, T(0), s.data(), kFwdKeys);
+    for (int64_t j0 = 0; j0 < kend; j0 += keys) {
+      const int64_t N = std::min(keys, kend - j0), row0 = blk.krow + j0 * lk;
+      product_nt(g.blas, M, N, g.q, blk.qrow, lq, g.k, row0, lk, T(0), s.data(), keys);
       for (int64_t i = 0; i < M; ++i) {
-        T* srow = s.data() + i * kFwdKeys;
+        T* srow = s.data() + i * keys;
         const int64_t vis = std::min<int64_t>(N, visible_end(g.causal, Sq, Sk, i0 + i) - j0);
         if (vis <= 0) {
           std::fill(srow, srow + N, T(0));
@@ -314,16 +351,18 @@ RK_INLINE void fwd_items(const Problem<T>& g, const FwdOut<T>& o, int64_t begin,
         if (alpha != 1.0) {
           const T a = static_cast<T>(alpha);
           for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= a;
+          for (int64_t d = 0; d < Rv; ++d) accc[i * Rv + d] *= a;
         }
       }
-      gemm(g.blas, false, false, M, Dv, N, T(1), s.data(), kFwdKeys, g.v + row0 * Dv, lk * Dv, T(1), acc.data(), Dv);
+      product_parts(g.blas, false, M, N, s.data(), keys, g.v, row0, lk, T(1), accs, 0, 1);
     }
     for (int64_t i = 0; i < M; ++i) {
       const bool none = !(l[i] > 0.0);
       const double inv = none ? 0.0 : 1.0 / l[i];
-      const int64_t row = qrow + i * lq;
+      const int64_t row = blk.qrow + i * lq;
       o.lse[g.stats.row(blk.b, blk.h, i0 + i)] = none ? -kInf : m[i] + std::log(l[i]);
-      for (int64_t d = 0; d < Dv; ++d) o.out[row * Dv + d] = static_cast<T>(acc[i * Dv + d] * inv);
+      for (int64_t d = 0; d < Dv; ++d) o.out.m(row)[d] = static_cast<T>(acc[i * Dv + d] * inv);
+      for (int64_t d = 0; d < Rv; ++d) o.out.c(row)[d] = static_cast<T>(accc[i * Rv + d] * inv);
     }
   }
 }
@@ -338,10 +377,10 @@ struct ForwardPass {
 
 template <typename T>
 struct BwdData {
-  const T* dout;      // like out, width Dv
-  const double* lse;  // statistics rows
-  double* delta;      // statistics rows, written by the query rows' pass, read by the split key pass
-  T *dq, *dk, *dv;    // dk, dv zeroed: both backwards add into them
+  Parts<const T> dout;     // like v's parts
+  const double* lse;       // statistics rows
+  double* delta;           // statistics rows, written by the query rows' pass, read by the split key pass
+  Parts<T> dq, dk, dv;     // dk, dv zeroed: both backwards add into them
 };
 
 // Per-thread scratch of the query rows' backward: the P and dP rows of a step's whole key range.
@@ -356,20 +395,16 @@ template <bool kWithKeys, typename T>
 RK_INLINE void bwd_query_rows(const Problem<T>& g, const BwdData<T>& w, int64_t item, QueryScratch<T>& sc) {
   const QueryBlock blk = query_block(g, item, kBwdRows);
   if (blk.M <= 0) return;
-  const int64_t Dq = g.Dq, Dv = g.Dv, lq = g.qs.rs, lk = g.ks.rs;
-  const int64_t b = blk.b, h = blk.h, Sq = blk.Sq, Sk = blk.Sk, i0 = blk.i0, M = blk.M;
+  const int64_t lq = g.qs.rs, lk = g.ks.rs;
+  const int64_t b = blk.b, h = blk.h, Sq = blk.Sq, Sk = blk.Sk, i0 = blk.i0, M = blk.M, qrow = blk.qrow, krow = blk.krow;
   const int64_t kend = visible_end(g.causal, Sq, Sk, i0 + M - 1);
-  const T* q = g.q + blk.qrow * Dq;
-  const T* dout = w.dout + blk.qrow * Dv;
-  const T* k = g.k + blk.krow * Dq;
-  const T* v = g.v + blk.krow * Dv;
   const int64_t ld = ceil_div(std::max<int64_t>(kend, 1), 16) * 16;  // rows of P and dP, 64-byte aligned
   sc.p.resize(M * ld);
   sc.dp.resize(M * ld);
   T* p = sc.p.data();
   T* dp = sc.dp.data();
-  gemm(g.blas, false, true, M, kend, Dq, T(1), q, lq * Dq, k, lk * Dq, T(0), p, ld);
-  gemm(g.blas, false, true, M, kend, Dv, T(1), dout, lq * Dv, v, lk * Dv, T(0), dp, ld);
+  product_nt(g.blas, M, kend, g.q, qrow, lq, g.k, krow, lk, T(0), p, ld);
+  product_nt(g.blas, M, kend, w.dout, qrow, lq, g.v, krow, lk, T(0), dp, ld);
   for (int64_t i = 0; i < M; ++i) {
     const int64_t vis = visible_end(g.causal, Sq, Sk, i0 + i);
     const int64_t stat = g.stats.row(b, h, i0 + i);
@@ -389,15 +424,14 @@ RK_INLINE void bwd_query_rows(const Problem<T>& g, const BwdData<T>& w, int64_t 
     // dS = P * (dP - Delta), into the dP row (0 past the visible keys, as P is).
     const T delta_t = static_cast<T>(delta);
 #pragma omp simd
-    for (int64_t j = 0; j < kend; ++j)
-      dsrow[j] = prow[j] * (dsrow[j] - delta_t);
+    for (int64_t j = 0; j < kend; ++j) dsrow[j] = prow[j] * (dsrow[j] - delta_t);
   }
   const T* ds = dp;
   // dq = dS k, written into its rows (zeros where the rows see no key); dv += P^T dO, dk += dS^T q.
-  gemm(g.blas, false, false, M, Dq, kend, T(1), ds, ld, k, lk * Dq, T(0), w.dq + blk.qrow * Dq, lq * Dq);
+  product_parts(g.blas, false, M, kend, ds, ld, g.k, krow, lk, T(0), w.dq, qrow, lq);
   if constexpr (kWithKeys) {
-    gemm(g.blas, true, false, kend, Dv, M, T(1), p, ld, dout, lq * Dv, T(1), w.dv + blk.krow * Dv, lk * Dv);
-    gemm(g.blas, true, false, kend, Dq, M, T(1), ds, ld, q, lq * Dq, T(1), w.dk + blk.krow * Dq, lk * Dq);
+    product_parts(g.blas, true, kend, M, p, ld, w.dout, qrow, lq, T(1), w.dv, krow, lk);
+    product_parts(g.blas, true, kend, M, ds, ld, g.q, qrow, lq, T(1), w.dk, krow, lk);
   }
 }
 
@@ -427,7 +461,7 @@ RK_INLINE void bwd_fused_items(const Problem<T>& g, const BwdData<T>& w, int64_t
 // are formed again.
 template <typename T>
 RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t begin, int64_t end) {
-  const int64_t Dq = g.Dq, Dv = g.Dv, lq = g.qs.rs, lk = g.ks.rs;
+  const int64_t lq = g.qs.rs, lk = g.ks.rs;
   const int64_t blocks = ceil_div(g.max_k, kKeyRows);
   std::vector<T> p(kKeyRows * kQueryChunk), ds(kKeyRows * kQueryChunk);
   T lse_hi[kQueryChunk], lse_lo[kQueryChunk], delta[kQueryChunk];
@@ -436,16 +470,12 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
     const int64_t Sq = g.qs.len[b], Sk = g.ks.len[b], j0 = (item % blocks) * kKeyRows;
     if (j0 >= Sk) continue;
     const int64_t N = std::min(kKeyRows, Sk - j0), off = Sk - Sq, krow = g.ks.row(b, hk, j0);
-    const T* k = g.k + krow * Dq;
-    const T* v = g.v + krow * Dv;
     const int64_t istart = g.causal ? std::max<int64_t>(0, j0 - off) : 0;  // the first query row that sees key j0
     for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
       for (int64_t c0 = istart; c0 < Sq; c0 += kQueryChunk) {
         const int64_t M = std::min(kQueryChunk, Sq - c0), qrow = g.qs.row(b, h, c0);
-        const T* q = g.q + qrow * Dq;
-        const T* dout = w.dout + qrow * Dv;
-        gemm(g.blas, false, true, N, M, Dq, T(1), k, lk * Dq, q, lq * Dq, T(0), p.data(), kQueryChunk);  // S^T
-        gemm(g.blas, false, true, N, M, Dv, T(1), v, lk * Dv, dout, lq * Dv, T(0), ds.data(), kQueryChunk);  // dP^T
+        product_nt(g.blas, N, M, g.k, krow, lk, g.q, qrow, lq, T(0), p.data(), kQueryChunk);       // S^T
+        product_nt(g.blas, N, M, g.v, krow, lk, w.dout, qrow, lq, T(0), ds.data(), kQueryChunk);   // dP^T
         for (int64_t i = 0; i < M; ++i) {
           const int64_t stat = g.stats.row(b, h, c0 + i);
           lse_hi[i] = static_cast<T>(w.lse[stat]);
@@ -466,8 +496,8 @@ RK_INLINE void bwd_dkv_items(const Problem<T>& g, const BwdData<T>& w, int64_t b
             dsrow[i] = pe * (dsrow[i] - delta[i]);
           }
         }
-        gemm(g.blas, false, false, N, Dv, M, T(1), p.data(), kQueryChunk, dout, lq * Dv, T(1), w.dv + krow * Dv, lk * Dv);
-        gemm(g.blas, false, false, N, Dq, M, T(1), ds.data(), kQueryChunk, q, lq * Dq, T(1), w.dk + krow * Dq, lk * Dq);
+        product_parts(g.blas, false, N, M, p.data(), kQueryChunk, w.dout, qrow, lq, T(1), w.dv, krow, lk);
+        product_parts(g.blas, false, N, M, ds.data(), kQueryChunk, g.q, qrow, lq, T(1), w.dk, krow, lk);
       }
     }
   }
@@ -601,31 +631,55 @@ Layout check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std
   return L;
 }
 
-// The joined operands of the passes: [scale q, q_c] and [k, k_c] (so that q_j k_j^T = S; the correction's dot
-// is not scaled up and back), and [v, v_c] (or [dO, dO_c]): contiguous, in the accumulator dtype.
-inline Tensor join(const Tensor& x, const std::optional<Tensor>& correction, int64_t width, double x_scale = 1.0) {
-  Tensor xa = to_acc(x);
-  if (x_scale != 1.0) xa = xa * x_scale;
-  if (width == 0) return xa;
-  return at::cat({xa, to_acc(*correction)}, -1);
+// The operands as the passes take them. q is scaled once (S = (scale q) k^T + q_c k_c^T: the correction's dot
+// keeps its own magnitude), and each side's two parts are joined into one tensor ([scale q, q_c], [k, k_c],
+// [v, v_c], [dO, dO_c]) when the query rows are many enough (kJoinRows) to repay the copy: one product of
+// width D + R then replaces a D-wide and an R-wide one (which runs at a fraction of the speed). Decoding (few
+// query rows against a long cache) reads the parts where they lie.
+struct Operand {
+  Tensor main, corr;     // contiguous, in the accumulator dtype; corr undefined when joined or absent
+  int64_t D = 0, R = 0;  // the widths the passes see
+};
+
+inline Operand operand(const Tensor& x, const std::optional<Tensor>& correction, int64_t width, bool join,
+                       double x_scale = 1.0) {
+  Operand o;
+  o.main = to_acc(x);
+  if (x_scale != 1.0) o.main = o.main * x_scale;
+  if (width > 0 && join) o.main = at::cat({o.main, to_acc(*correction)}, -1);
+  if (width > 0 && !join) o.corr = to_acc(*correction);
+  o.D = o.main.size(-1), o.R = o.corr.defined() ? o.corr.size(-1) : 0;
+  return o;
 }
 
-// The two parts of a joined result (widths D and x's last dim - D), contiguous; the second empty without one.
-inline std::pair<Tensor, Tensor> unjoin(const Tensor& joined, int64_t D) {
-  const int64_t rest = joined.size(-1) - D;
-  if (rest == 0) return {joined, at::empty({0}, joined.options())};
-  return {joined.narrow(-1, 0, D).contiguous(), joined.narrow(-1, D, rest).contiguous()};
+// A result shaped like operand o (zeroed, or uninitialised).
+inline Operand like(const Operand& o, bool zeroed) {
+  const auto make = [&](const Tensor& t) { return zeroed ? at::zeros_like(t) : at::empty_like(t); };
+  return {make(o.main), o.corr.defined() ? make(o.corr) : Tensor(), o.D, o.R};
+}
+
+// A result's (width D, correction) pair, split where it was joined; an empty correction where there is none.
+inline std::pair<Tensor, Tensor> unjoin(const Operand& o, int64_t D) {
+  if (o.corr.defined()) return {o.main, o.corr};
+  const int64_t rest = o.main.size(-1) - D;
+  if (rest == 0) return {o.main, at::empty({0}, o.main.options())};
+  return {o.main.narrow(-1, 0, D).contiguous(), o.main.narrow(-1, D, rest).contiguous()};
+}
+
+template <typename P>
+Parts<P> parts(const Operand& o) {
+  using T = std::remove_const_t<P>;
+  return {o.main.data_ptr<T>(), o.R ? o.corr.data_ptr<T>() : nullptr, o.D, o.R};
 }
 
 template <typename T>
-Problem<T> make_problem(const Layout& L, bool causal, const Tensor& q, const Tensor& k,
-                        const Tensor& v) {
+Problem<T> make_problem(const Layout& L, bool causal, const Operand& q, const Operand& k, const Operand& v) {
   Problem<T> g{};
-  g.B = L.B, g.H = L.H, g.Hkv = L.Hkv, g.group = L.H / L.Hkv, g.Dq = L.D + L.R, g.Dv = L.D + L.Rv;
+  g.B = L.B, g.H = L.H, g.Hkv = L.Hkv, g.group = L.H / L.Hkv;
   g.max_q = L.max_q, g.max_k = L.max_k;
   g.causal = causal;
   g.qs = L.qs, g.ks = L.ks, g.stats = L.stats;
-  g.q = q.data_ptr<T>(), g.k = k.data_ptr<T>(), g.v = v.data_ptr<T>();
+  g.q = parts<const T>(q), g.k = parts<const T>(k), g.v = parts<const T>(v);
   g.blas = blas_gemm<T>();
   return g;
 }
@@ -637,6 +691,14 @@ bool use_fused_backward(int64_t items) {
   const std::string forced = env == nullptr ? "" : env;
   if (forced == "fused" || forced == "split") return forced == "fused";
   return items >= at::get_num_threads();
+}
+
+// Query rows per forward work item: the most (of kFwdRows, halved down to kFwdRowsMin) that still gives every
+// thread two items: bigger blocks make bigger products, but a thread left idle costs more.
+inline int64_t forward_rows(const Layout& L) {
+  int64_t rows = kFwdRows;
+  while (rows > kFwdRowsMin && L.B * L.H * ceil_div(L.max_q, rows) < 2 * at::get_num_threads()) rows /= 2;
+  return rows;
 }
 
 // Work items per grain of at::parallel_for: about 2^16 multiply-adds each.
@@ -653,18 +715,23 @@ std::tuple<Tensor, Tensor, Tensor> circuit_attention_forward(
   const Layout L = check_inputs(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const auto dt = q.scalar_type();
   const auto adt = acc_dtype(dt);
-  const Tensor qj = join(q, q_c, L.R, scale), kj = join(k, k_c, L.R), vj = join(v, v_c, L.Rv);
-  auto out_shape = q.sizes().vec();
-  out_shape.back() = L.D + L.Rv;
-  Tensor out = at::empty(out_shape, q.options().dtype(adt));
+  const bool join = L.max_q >= kJoinRows;
+  const Operand qo = operand(q, q_c, L.R, join, scale), ko = operand(k, k_c, L.R, join),
+                vo = operand(v, v_c, L.Rv, join);
+  auto shape = q.sizes().vec();
+  Operand out;
+  shape.back() = vo.D;
+  out.main = at::empty(shape, q.options().dtype(adt)), out.D = vo.D;
+  shape.back() = vo.R;
+  if (vo.R) out.corr = at::empty(shape, q.options().dtype(adt)), out.R = vo.R;
   Tensor lse = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
   const Isa isa = cpu_isa();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> g = make_problem<T>(L, causal, qj, kj, vj);
-    const int64_t rows = L.max_q >= 768 ? kFwdRows : kFwdRowsShort;
-    const FwdOut<T> o{out.data_ptr<T>(), lse.data_ptr<double>(), rows};
-    const int64_t per_item = rows * std::max<int64_t>(1, L.max_k) * (g.Dq + g.Dv);
+    const Problem<T> g = make_problem<T>(L, causal, qo, ko, vo);
+    const int64_t rows = forward_rows(L);
+    const FwdOut<T> o{parts<T>(out), lse.data_ptr<double>(), rows};
+    const int64_t per_item = rows * std::max<int64_t>(1, L.max_k) * (2 * L.D + L.R + L.Rv);
     at::parallel_for(0, L.B * L.H * ceil_div(L.max_q, rows), grain_items(per_item),
                      [&](int64_t b, int64_t e) { run_on_isa<ForwardPass>(isa, g, o, b, e); });
   };
@@ -697,20 +764,22 @@ std::vector<Tensor> circuit_attention_backward(
                 ", got ", grad_out_c.sizes());
   }
   (void)out, (void)out_c;  // Delta is rowsum(P * dP), recomputed (see the design notes)
-  const Tensor qj = join(q, q_c, L.R, scale), kj = join(k, k_c, L.R), vj = join(v, v_c, L.Rv);
-  const Tensor goj = join(grad_out, L.Rv ? std::optional<Tensor>(grad_out_c) : std::nullopt, L.Rv);
+  const bool join = L.max_q >= kJoinRows;
+  const Operand qo = operand(q, q_c, L.R, join, scale), ko = operand(k, k_c, L.R, join),
+                vo = operand(v, v_c, L.Rv, join);
+  const Operand go = operand(grad_out, L.Rv ? std::optional<Tensor>(grad_out_c) : std::nullopt, L.Rv, join);
   const Tensor lse_d = lse.to(at::kDouble).contiguous();
   Tensor delta = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
   // Every dq row is written by one item; both backwards add into dk / dv (a key no query sees keeps zeros).
-  Tensor dq = at::empty_like(qj), dk = at::zeros_like(kj), dv = at::zeros_like(vj);
+  const Operand dq = like(qo, false), dk = like(ko, true), dv = like(vo, true);
   const bool fused = use_fused_backward(L.B * L.Hkv);
   const Isa isa = cpu_isa();
   const auto run = [&](auto tag) {
     using T = decltype(tag);
-    const Problem<T> g = make_problem<T>(L, causal, qj, kj, vj);
-    const BwdData<T> w{goj.data_ptr<T>(), lse_d.data_ptr<double>(), delta.data_ptr<double>(), dq.data_ptr<T>(),
-                       dk.data_ptr<T>(), dv.data_ptr<T>()};
-    const int64_t width = g.Dq + g.Dv;
+    const Problem<T> g = make_problem<T>(L, causal, qo, ko, vo);
+    const BwdData<T> w{parts<const T>(go), lse_d.data_ptr<double>(), delta.data_ptr<double>(), parts<T>(dq),
+                       parts<T>(dk), parts<T>(dv)};
+    const int64_t width = 2 * L.D + L.R + L.Rv;
     if (fused) {
       at::parallel_for(0, L.B * L.Hkv, 1,
                        [&](int64_t b, int64_t e) { run_on_isa<BackwardFusedPass>(isa, g, w, b, e); });
@@ -727,7 +796,7 @@ std::vector<Tensor> circuit_attention_backward(
   auto [dq_main, dqc] = unjoin(dq, L.D);
   auto [dk_main, dkc] = unjoin(dk, L.D);
   auto [dv_main, dvc] = unjoin(dv, L.D);
-  dq_main = dq_main * scale;  // back through the join's scale q
+  dq_main = dq_main * scale;  // back through the scaling of q
   const auto fin = [&](const Tensor& t) { return dt == adt ? t : t.to(dt); };
   return {fin(dq_main), fin(dk_main), fin(dv_main), fin(dqc), fin(dkc), fin(dvc)};
 }
