@@ -68,8 +68,10 @@ constexpr int64_t kFwdRowsMin = 64;
 // Query rows from which each side's two parts are joined (see Operand).
 constexpr int64_t kJoinRows = 64;
 // Query rows per step of the backward: a step keeps the P and dP rows of its whole key range (2 * kBwdRows * Sk
-// values, O(Sk) per thread) and is one BLAS call per product.
-constexpr int64_t kBwdRows = 64;
+// values, O(Sk) per thread) and is one BLAS call per product. Each step streams k, v, dk and dv of that range,
+// so more rows per step means less traffic per row (128 rows: about 3% less backward CPU time than 64 at
+// S = 2048 on two threads).
+constexpr int64_t kBwdRows = 128;
 // The split backward's key pass: keys per work item and query rows per chunk of its S^T / dP^T tiles.
 constexpr int64_t kKeyRows = 64;
 constexpr int64_t kQueryChunk = 256;
