@@ -123,12 +123,12 @@ RK_INLINE T exp_nonpositive(T x) {
 }
 
 // The register-blocked micro-kernel of the products when torch exports no BLAS: for r < rows,
-//   out[r * ldo + 0:W] = (accumulate ? out[r * ldo + 0:W] : 0) + alpha * sum_{d < K} a[r][d * astep] * b[d * ldb + 0:W]
+//   out[r * ldo + 0:W] = (accumulate ? out[r * ldo + 0:W] : 0) + sum_{d < K} a[r][d * astep] * b[d * ldb + 0:W]
 // Four rows of W accumulators; `omp simd` keeps GCC vectorising along the W columns (it otherwise picks the d
-// loop for some W and spills). alpha multiplies the finished dot (one rounding, as BLAS and eager do).
+// loop for some W and spills).
 template <int64_t W, typename T>
 RK_INLINE void microkernel(T* __restrict out, int64_t ldo, int rows, const T* const* a, int64_t astep, int64_t K,
-                           const T* __restrict b, int64_t ldb, T alpha, bool accumulate) {
+                           const T* __restrict b, int64_t ldb, bool accumulate) {
   T acc[4][W] = {};
   for (int64_t d = 0; d < K; ++d) {
     const T* bd = b + d * ldb;
@@ -141,17 +141,17 @@ RK_INLINE void microkernel(T* __restrict out, int64_t ldo, int rows, const T* co
   }
   for (int r = 0; r < rows; ++r) {
     T* o = out + r * ldo;
-    for (int64_t jj = 0; jj < W; ++jj) o[jj] = (accumulate ? o[jj] : T(0)) + alpha * acc[r][jj];
+    for (int64_t jj = 0; jj < W; ++jj) o[jj] = (accumulate ? o[jj] : T(0)) + acc[r][jj];
   }
 }
 
 // Columns [n0, N) of four rows by micro-kernels of widths W, W / 2, ..., 1 (all but the widest run at most once).
 template <int64_t W, typename T>
 RK_INLINE void microkernel_columns(T* __restrict out, int64_t ldo, int rows, const T* const* a, int64_t astep,
-                                   int64_t K, const T* __restrict b, int64_t ldb, T alpha, bool accumulate,
+                                   int64_t K, const T* __restrict b, int64_t ldb, bool accumulate,
                                    int64_t n0, int64_t N) {
-  for (; n0 + W <= N; n0 += W) microkernel<W>(out + n0, ldo, rows, a, astep, K, b + n0, ldb, alpha, accumulate);
-  if constexpr (W > 1) microkernel_columns<W / 2>(out, ldo, rows, a, astep, K, b, ldb, alpha, accumulate, n0, N);
+  for (; n0 + W <= N; n0 += W) microkernel<W>(out + n0, ldo, rows, a, astep, K, b + n0, ldb, accumulate);
+  if constexpr (W > 1) microkernel_columns<W / 2>(out, ldo, rows, a, astep, K, b, ldb, accumulate, n0, N);
 }
 
 #if defined(__GNUC__) && defined(__ELF__)
@@ -187,14 +187,14 @@ BlasGemm<T> blas_gemm() {
 #endif
 }
 
-// Every product of the op: row-major C (M x N, row i at C + i * ldc) = alpha * op(A) op(B) + beta * C, beta 0
+// Every product of the op: row-major C (M x N, row i at C + i * ldc) = op(A) op(B) + beta * C, beta 0
 // or 1. op(A) is M x K: A itself (row i at A + i * lda) or, with trans_a, the transpose of A stored K x M;
 // op(B) is K x N: B (row d at B + d * ldb) or, with trans_b, the transpose of B stored N x K. Through torch's
 // BLAS where it exports one (the same BLAS as eager attention's products), else the micro-kernel (which
 // needs op(B) row-major: a transposed B is copied once per call, K * N against the M * N * K of the product).
 template <typename T>
-RK_INLINE void gemm(BlasGemm<T> blas, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
-                    const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+RK_INLINE void gemm(BlasGemm<T> blas, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A,
+                    int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (beta == T(0))
@@ -206,7 +206,8 @@ RK_INLINE void gemm(BlasGemm<T> blas, bool trans_a, bool trans_b, int64_t M, int
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    blas(&tb, &ta, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    const T one = T(1);
+    blas(&tb, &ta, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
     return;
   }
   thread_local std::vector<T> b_rows;
@@ -222,7 +223,7 @@ RK_INLINE void gemm(BlasGemm<T> blas, bool trans_a, bool trans_b, int64_t M, int
     const T* a[4];
     for (int r = 0; r < 4; ++r) a[r] = A + std::min<int64_t>(i + r, M - 1) * row_step;
     const int rows = static_cast<int>(std::min<int64_t>(4, M - i));
-    microkernel_columns<kW>(C + i * ldc, ldc, rows, a, astep, K, B, ldb, alpha, beta != T(0), 0, N);
+    microkernel_columns<kW>(C + i * ldc, ldc, rows, a, astep, K, B, ldb, beta != T(0), 0, N);
   }
 }
 
@@ -250,8 +251,8 @@ struct Parts {
 template <typename T, typename PA, typename PB>
 RK_INLINE void product_nt(BlasGemm<T> blas, int64_t M, int64_t N, const Parts<PA>& A, int64_t a, int64_t sa,
                           const Parts<PB>& B, int64_t b, int64_t sb, T beta, T* C, int64_t ldc) {
-  gemm(blas, false, true, M, N, A.D, T(1), A.m(a), sa * A.D, B.m(b), sb * B.D, beta, C, ldc);
-  if (A.R) gemm(blas, false, true, M, N, A.R, T(1), A.c(a), sa * A.R, B.c(b), sb * B.R, T(1), C, ldc);
+  gemm(blas, false, true, M, N, A.D, A.m(a), sa * A.D, B.m(b), sb * B.D, beta, C, ldc);
+  if (A.R) gemm(blas, false, true, M, N, A.R, A.c(a), sa * A.R, B.c(b), sb * B.R, T(1), C, ldc);
 }
 
 // Each part of C (rows c + i * sc) = beta C + op(P) B: P (M x K at ld ldp, or stored K x M with trans_p) times
@@ -260,8 +261,8 @@ template <typename T, typename PB>
 RK_INLINE void product_parts(BlasGemm<T> blas, bool trans_p, int64_t M, int64_t K, const T* P, int64_t ldp,
                              const Parts<PB>& B, int64_t b, int64_t sb, T beta, const Parts<T>& C, int64_t c,
                              int64_t sc) {
-  gemm(blas, trans_p, false, M, C.D, K, T(1), P, ldp, B.m(b), sb * B.D, beta, C.m(c), sc * C.D);
-  if (C.R) gemm(blas, trans_p, false, M, C.R, K, T(1), P, ldp, B.c(b), sb * B.R, beta, C.c(c), sc * C.R);
+  gemm(blas, trans_p, false, M, C.D, K, P, ldp, B.m(b), sb * B.D, beta, C.m(c), sc * C.D);
+  if (C.R) gemm(blas, trans_p, false, M, C.R, K, P, ldp, B.c(b), sb * B.R, beta, C.c(c), sc * C.R);
 }
 
 // The attention the passes compute: S = q k^T over both parts (q already scaled, see the design notes),
