@@ -669,6 +669,19 @@ inline std::pair<Tensor, Tensor> unjoin(const Operand& o, int64_t D) {
   return {o.main.narrow(-1, 0, D).contiguous(), o.main.narrow(-1, D, rest).contiguous()};
 }
 
+// q, k and v as the passes take them (q scaled; parts joined from kJoinRows query rows, see Operand).
+struct Sides {
+  bool join;
+  Operand q, k, v;
+};
+
+inline Sides sides(const Layout& L, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const std::optional<Tensor>& q_c, const std::optional<Tensor>& k_c,
+                   const std::optional<Tensor>& v_c, double scale) {
+  const bool join = L.max_q >= kJoinRows;
+  return {join, operand(q, q_c, L.R, join, scale), operand(k, k_c, L.R, join), operand(v, v_c, L.Rv, join)};
+}
+
 template <typename P>
 Parts<P> parts(const Operand& o) {
   using T = std::remove_const_t<P>;
@@ -718,9 +731,8 @@ std::tuple<Tensor, Tensor, Tensor> circuit_attention_forward(
   const Layout L = check_inputs(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const auto dt = q.scalar_type();
   const auto adt = acc_dtype(dt);
-  const bool join = L.max_q >= kJoinRows;
-  const Operand qo = operand(q, q_c, L.R, join, scale), ko = operand(k, k_c, L.R, join),
-                vo = operand(v, v_c, L.Rv, join);
+  const Sides in = sides(L, q, k, v, q_c, k_c, v_c, scale);
+  const Operand &qo = in.q, &ko = in.k, &vo = in.v;
   auto shape = q.sizes().vec();
   Operand out;
   shape.back() = vo.D;
@@ -767,10 +779,9 @@ std::vector<Tensor> circuit_attention_backward(
                 ", got ", grad_out_c.sizes());
   }
   (void)out, (void)out_c;  // Delta is rowsum(P * dP), recomputed (see the design notes)
-  const bool join = L.max_q >= kJoinRows;
-  const Operand qo = operand(q, q_c, L.R, join, scale), ko = operand(k, k_c, L.R, join),
-                vo = operand(v, v_c, L.Rv, join);
-  const Operand go = operand(grad_out, L.Rv ? std::optional<Tensor>(grad_out_c) : std::nullopt, L.Rv, join);
+  const Sides in = sides(L, q, k, v, q_c, k_c, v_c, scale);
+  const Operand &qo = in.q, &ko = in.k, &vo = in.v;
+  const Operand go = operand(grad_out, L.Rv ? std::optional<Tensor>(grad_out_c) : std::nullopt, L.Rv, in.join);
   const Tensor lse_d = lse.to(at::kDouble).contiguous();
   Tensor delta = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
   // Every dq row is written by one item; both backwards add into dk / dv (a key no query sees keeps zeros).

@@ -327,7 +327,7 @@ def test_both_cpp_backward_paths(path, products, monkeypatch):
         pytest.skip("the cpp extension is not built")
     monkeypatch.setenv("RECURSIVE_KERNELS_CPU_ATTENTION_BACKWARD", path)
     monkeypatch.setenv("RECURSIVE_KERNELS_CPU_BLAS", "1" if products == "blas" else "0")
-    # The last two: a mixed causal case, and a forward with its long-sequence blocks (768 query rows and up).
+    # The last two: a mixed causal case, and one long enough for 256-row forward blocks and joined operands.
     for B, H, Hkv, Sq, Sk, D, R, Rv, causal in CASES + [(2, 4, 2, 150, 130, 16, 4, 4, True),
                                                         (1, 2, 1, 800, 900, 16, 4, 4, False)]:
         tensors64 = make(seed=5, B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, R=R, Rv=Rv)
