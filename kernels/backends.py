@@ -169,10 +169,18 @@ def dtype_check(supported: Sequence[torch.dtype], backend: str) -> SupportCheck:
     return check
 
 
+_implementations: Dict[Tuple[Tuple[str, ...], int], Callable] = {}
+
+
 def implementation(where: Tuple[str, ...], which: int) -> Callable:
-    """Function ``which`` (0 forward, 1 backward) of an op's backend, given as (module, forward, backward)."""
-    module, *functions = where
-    return getattr(importlib.import_module(module), functions[which])
+    """Function ``which`` (0 forward, 1 backward) of an op's backend, given as (module, forward, backward);
+    found once, then kept (each op call asks for it)."""
+    key = (where, which)
+    function = _implementations.get(key)
+    if function is None:
+        module, *functions = where
+        function = _implementations[key] = getattr(importlib.import_module(module), functions[which])
+    return function
 
 
 def records_graph(*tensors: Optional[torch.Tensor]) -> bool:
@@ -197,8 +205,28 @@ def _warn_once(op: str, backend: str, why: Sequence[str], chosen: str) -> None:
     )
 
 
+# (op, requested, environment variable, device, inputs) -> the backend chosen, or the error raised. What
+# decides a choice (install state, device, the support checks) does not change within a process, and
+# selecting anew costs microseconds on every call (a decode step makes dozens).
+_selections: Dict[tuple, object] = {}
+
+
 def select(op: str, device: torch.device, requested: Optional[str] = None, **inputs) -> str:
     """Pick the backend for one call of ``op`` (see the module docstring for the rule)."""
+    key = (op, requested, os.environ.get(ENV_VAR), device, *inputs.items())
+    chosen = _selections.get(key)
+    if chosen is None:
+        try:
+            chosen = _select(op, device, requested, **inputs)
+        except BackendUnavailableError as error:
+            chosen = error
+        _selections[key] = chosen
+    if isinstance(chosen, BackendUnavailableError):
+        raise BackendUnavailableError(*chosen.args)
+    return chosen
+
+
+def _select(op: str, device: torch.device, requested: Optional[str], **inputs) -> str:
     explicit = requested or os.environ.get(ENV_VAR) or None
     if explicit is not None:
         found = reasons(op, explicit, device, **inputs)

@@ -221,14 +221,14 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
     _same("weight", weight, x)
     N = weight.shape[0]
     if bias is not None:
-        if not isinstance(bias, Tensor) or tuple(bias.shape) != (N,):
+        if not isinstance(bias, Tensor) or bias.shape != (N,):
             raise ValueError(f"bias: expected shape (N={N},), got {tuple(getattr(bias, 'shape', ()))}")
         _same("bias", bias, x)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise ValueError(f"scaling: expected a Python number, got {type(scaling).__name__}")
 
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, K)
+    x2d = x if x.dim() == 2 else x.reshape(-1, K)
     M = x2d.shape[0]
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a, lora_b: give both low-rank factors or neither")
@@ -242,7 +242,7 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
     if lora_a.dim() != 3 or lora_a.shape[2] != K:
         raise ValueError(f"lora_a: expected shape (E, r, K={K}), got {tuple(lora_a.shape)}")
     E, r = lora_a.shape[0], lora_a.shape[1]
-    if tuple(lora_b.shape) != (E, N, r):
+    if lora_b.shape != (E, N, r):
         raise ValueError(f"lora_b: expected shape (E={E}, N={N}, r={r}) to match lora_a and weight, got {tuple(lora_b.shape)}")
     _same("lora_a", lora_a, x)
     _same("lora_b", lora_b, x)
@@ -264,9 +264,9 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
             raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
         if indices.device != x.device:
             raise ValueError(f"indices: expected a tensor on {x.device} (like x), got {indices.device}")
-        if tuple(indices.shape) == tuple(lead):
+        if indices.shape == lead:
             slots = 1
-        elif indices.dim() == len(lead) + 1 and tuple(indices.shape[:-1]) == tuple(lead):
+        elif indices.dim() == len(lead) + 1 and indices.shape[:-1] == lead:
             slots = indices.shape[-1]
         else:
             raise ValueError(
@@ -274,7 +274,7 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
                 f"got {tuple(indices.shape)}"
             )
         if gates is not None:
-            if not isinstance(gates, Tensor) or tuple(gates.shape) != tuple(indices.shape):
+            if not isinstance(gates, Tensor) or gates.shape != indices.shape:
                 raise ValueError(f"gates: expected shape {tuple(indices.shape)} (like indices), got {tuple(getattr(gates, 'shape', ()))}")
             if not gates.dtype.is_floating_point:
                 raise ValueError(f"gates: expected a floating dtype, got {gates.dtype}")
@@ -283,7 +283,11 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
             gates = gates.reshape(M, slots).to(_accumulator_dtype(x.dtype)).contiguous()
         if check_indices:
             check_index_values(indices, E)
-        indices = indices.reshape(M, slots).to(torch.int64).contiguous()
+        if indices.dtype != torch.int64:
+            indices = indices.long()
+        if indices.shape != (M, slots):
+            indices = indices.reshape(M, slots)
+        indices = indices.contiguous()
     else:
         raise ValueError(f"indices: expected None, an int or an integer tensor, got {type(indices).__name__}")
 
@@ -353,4 +357,4 @@ def lowrank_linear(
     else:
         y, _ = backends.implementation(_IMPLS[chosen], 0)(x2d, weight, bias, lora_a, lora_b, indices, gates,
                                                           float(scaling), adapter)
-    return y.reshape(*lead, weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*lead, weight.shape[0])

@@ -386,6 +386,7 @@ def test_environment_variable_selects_backend(monkeypatch):
 def test_automatic_fallback_warns_once(monkeypatch):
     monkeypatch.setitem(backends._install_cache, "cpp", "pretend the extension is missing")
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_selections", {})  # choices made before the pretence
     args = _good()
     with pytest.warns(RuntimeWarning, match="falling back from the cpp backend to torch: pretend"):
         kernels.lowrank_linear(**args)
