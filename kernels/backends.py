@@ -205,9 +205,10 @@ def _warn_once(op: str, backend: str, why: Sequence[str], chosen: str) -> None:
     )
 
 
-# (op, requested, environment variable, device, inputs) -> the backend chosen, or the error raised. What
-# decides a choice (install state, device, the support checks) does not change within a process, and
-# selecting anew costs microseconds on every call (a decode step makes dozens).
+# (op, requested, environment variable, device, inputs) -> the backend chosen, or the error raised. The rest
+# of what decides a choice does not change within a process (install state is cached; TRITON_INTERPRET
+# counts only as Triton read it when its kernels were defined), and selecting anew costs microseconds on
+# every call (a decode step makes dozens).
 _selections: Dict[tuple, object] = {}
 
 
