@@ -431,9 +431,12 @@ class _EngineRun:
             circuit_shape = kv_shape[:-1] + (config.circuit_rank,)
             self.keys_c, self.values_c = torch.zeros(circuit_shape, **options), torch.zeros(circuit_shape, **options)
         self.slot_request: List[Optional[_Request]] = [None] * slots
-        self.length = torch.zeros(slots, dtype=torch.long, device=weight.device)  # the in-flight token's position
-        self.loop = torch.zeros(slots, dtype=torch.long, device=weight.device)  # loops it has run
-        self.hidden = torch.zeros(slots, 1, config.hidden_size, **options)  # its hidden state
+        # Per slot, kept on the host (a step builds its indices from them without reading the device): the
+        # in-flight token's position and the loops it has run. Its hidden state lives on the device.
+        self.length = [0] * slots
+        self.loop = [0] * slots
+        self.hidden = torch.zeros(slots, 1, config.hidden_size, **options)
+        self.device = weight.device
 
     def run(self) -> None:
         self._admit()
@@ -466,7 +469,7 @@ class _EngineRun:
     def _prefill(self, batch: List[_Request], slots: List[int]) -> None:
         """Run the prompts of ``batch`` (right-padded into one batch), store their caches in ``slots``
         and emit their first tokens; requests done at once leave their slot free."""
-        device = self.length.device
+        device = self.device
         lengths = torch.tensor([len(r.tokens) for r in batch], device=device)
         width = int(lengths.max())
         ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
@@ -480,8 +483,8 @@ class _EngineRun:
                 if tensor is not None:
                     cache[layer, slot_index, :width] = tensor.transpose(1, 2)
         first = out.logits[torch.arange(len(batch), device=device), lengths - 1].argmax(-1)
-        self.length[slot_index] = lengths
-        self.loop[slot_index] = 0
+        for request, slot in zip(batch, slots):
+            self.length[slot], self.loop[slot] = len(request.tokens), 0
         self.hidden[slot_index] = self.backbone.embed(first[:, None])
         for request, slot, token in zip(batch, slots, first.tolist()):
             if not self._emit(request, token):
@@ -493,10 +496,19 @@ class _EngineRun:
         """The slot caches in :class:`LayerKV` order."""
         return self.keys, self.values, self.keys_c, self.values_c
 
-    def _flat_rows(self, layers: Tensor, slots: Tensor) -> Tensor:
-        """The row of position 0 of each (layer, slot) in the flattened (L * slots * T, Hkv, .) caches."""
-        capacity = self.keys.shape[2]
-        return (layers * self.keys.shape[1] + slots) * capacity
+    def _flat_row(self, layer: int, slot: int) -> int:
+        """The row of position 0 of (layer, slot) in the flattened (L * slots * T, Hkv, .) caches."""
+        return (layer * self.keys.shape[1] + slot) * self.keys.shape[2]
+
+    def _to_device(self, *columns: Sequence[int]) -> List[Tensor]:
+        """Host integer lists as int64 tensors on the model's device, in one copy (from pinned memory on a
+        GPU, so that it does not wait for the queued work)."""
+        packed = torch.tensor([value for column in columns for value in column], dtype=torch.long)
+        if self.device.type == "cuda":
+            packed = packed.pin_memory().to(self.device, non_blocking=True)
+        else:
+            packed = packed.to(self.device)
+        return list(packed.split([len(column) for column in columns]))
 
     def _store(self, rows: Tensor, new: LayerKV) -> None:
         """Write the newest keys and values of ``new`` (the last of its sequence) at flattened cache ``rows``."""
@@ -505,78 +517,96 @@ class _EngineRun:
                 cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor[:, :, -1])
 
     def _step(self) -> None:
-        """Advance every busy slot's token by one loop; finish, exit and restart tokens."""
+        """Advance every busy slot's token by one loop; finish, exit and restart tokens.
+
+        The step's indices come from the host's bookkeeping in one copy to the device, and the one read back
+        is the new tokens (with which rows left early): at most one host synchronisation per step on a GPU.
+        """
         engine, config, backbone = self.engine, self.config, self.backbone
         busy = [slot for slot, request in enumerate(self.slot_request) if request is not None]
-        slots = torch.tensor(busy, device=self.length.device)
-        positions, loops = self.length[slots], self.loop[slots]
-        position_embeddings = rotary_embedding(positions[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
+        rows = len(busy)
+        positions = [self.length[slot] for slot in busy]
+        loops = [self.loop[slot] + 1 for slot in busy]  # after this step
+        first_layers = [(loop - 1) * engine.loop_length for loop in loops]
+        first_rows = [self._flat_row(layer, slot) for layer, slot in zip(first_layers, busy)]
+        cu_seqlens_k = [0]
+        for position in positions:
+            cu_seqlens_k.append(cu_seqlens_k[-1] + position + 1)
+        finishing = [i for i, loop in enumerate(loops) if loop == engine.num_loops]
+        slots, positions_d, first_layers_d, first_rows_d, offsets, finishing_d = self._to_device(
+            busy, positions, first_layers, first_rows, list(range(rows + 1)) + cu_seqlens_k, finishing)
         # Each row reads positions [0, position] (its cache and the new token) of its (layer, slot) in the
         # flattened caches; the layer of block offset o is loop * loop_length + o, so the rows of offset o
         # are those of offset 0 shifted by o layers.
-        first_layers = loops * engine.loop_length
-        first_rows = self._flat_rows(first_layers, slots)
-        layer_stride = self.keys.shape[1] * self.keys.shape[2]
-        span = torch.arange(int(positions.max()) + 1, device=slots.device)
-        key_rows = (first_rows[:, None] + span[None])[span[None] <= positions[:, None]]
-        rows = len(busy)
+        total = cu_seqlens_k[-1]
+        key_rows = torch.repeat_interleave(first_rows_d - offsets[rows + 1:-1], positions_d + 1, output_size=total)
+        offsets32 = offsets.to(torch.int32)
         packing = VarlenPacking(
-            query_rows=torch.arange(rows, device=slots.device), key_rows=key_rows,
-            cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32, device=slots.device),
-            cu_seqlens_k=F.pad((positions + 1).cumsum(0), (1, 0)).to(torch.int32),
-            max_seqlen_q=1, max_seqlen_k=span.numel(), query_mask=torch.ones(rows, 1, dtype=torch.bool, device=slots.device),
+            query_rows=offsets[:rows], key_rows=key_rows + torch.arange(total, device=self.device),
+            cu_seqlens_q=offsets32[: rows + 1], cu_seqlens_k=offsets32[rows + 1:], max_seqlen_q=1,
+            max_seqlen_k=max(positions) + 1, query_mask=torch.ones(rows, 1, dtype=torch.bool, device=self.device),
         )
+        position_embeddings = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
+        layer_stride = self.keys.shape[1] * self.keys.shape[2]
         hidden = self.hidden[slots]
         for offset in range(engine.loop_length):
             block_index = backbone.block_of_layer[offset]  # the same block at this offset of every loop
             shift = offset * layer_stride
-            cache = _SlotCache(self, first_rows + positions + shift)
+            cache = _SlotCache(self, first_rows_d + positions_d + shift)
             offset_packing = replace(packing, key_rows=packing.key_rows + shift)
-            hidden, _, _ = backbone.blocks[block_index](hidden, first_layers + offset, position_embeddings, offset_packing,
-                                                        cache)
-        loops = loops + 1
+            hidden, _, _ = backbone.blocks[block_index](hidden, first_layers_d + offset, position_embeddings,
+                                                        offset_packing, cache, check_depth=False)
 
-        finishing = loops == engine.num_loops
         if engine.exit_threshold is None:
-            done = finishing.nonzero().squeeze(1)
-            logits = _lm_head(self.model, hidden[done, 0])
+            self.hidden[slots] = hidden
+            done, tokens = finishing, []
+            if finishing:  # else nothing to read back this step
+                tokens_d = _lm_head(self.model, hidden[finishing_d, 0]).argmax(-1)
+                self.hidden[slots[finishing_d]] = backbone.embed(tokens_d[:, None])
+                tokens = tokens_d.tolist()
         else:
-            all_logits = _lm_head(self.model, hidden[:, 0])
-            exited = ~finishing & (_top_probability(all_logits) >= engine.exit_threshold)
-            self._store_deeper(exited.nonzero().squeeze(1), slots, positions, loops, hidden, position_embeddings)
-            done = (finishing | exited).nonzero().squeeze(1)
-            logits = all_logits[done]
-        tokens = logits.argmax(-1)
+            logits = _lm_head(self.model, hidden[:, 0])
+            can_exit = torch.ones(rows, dtype=torch.bool, device=self.device).index_fill_(0, finishing_d, False)
+            leaving = can_exit & (_top_probability(logits) >= engine.exit_threshold)
+            tokens_d = logits.argmax(-1)
+            self.hidden[slots] = torch.where((leaving | ~can_exit)[:, None, None], backbone.embed(tokens_d[:, None]), hidden)
+            all_tokens, left = torch.stack((tokens_d, leaving.long())).tolist()
+            exited = [i for i in range(rows) if left[i]]
+            self._store_deeper(exited, busy, positions, loops, hidden, position_embeddings)
+            done = sorted(finishing + exited)
+            tokens = [all_tokens[i] for i in done]
 
         self.stats.steps += 1
-        self.stats.decoded_tokens += done.numel()
-        self.exit_loops_sum += int(loops[done].sum())
-        self.hidden[slots] = hidden
-        self.loop[slots] = loops
-        done_slots = slots[done]
-        self.length[done_slots] += 1
-        self.loop[done_slots] = 0
-        self.hidden[done_slots] = backbone.embed(tokens[:, None])
-        for slot, token in zip(done_slots.tolist(), tokens.tolist()):
+        self.stats.decoded_tokens += len(done)
+        for slot, loop in zip(busy, loops):
+            self.loop[slot] = loop
+        for i, token in zip(done, tokens):
+            slot = busy[i]
+            self.exit_loops_sum += loops[i]
+            self.length[slot] += 1
+            self.loop[slot] = 0
             if self._emit(self.slot_request[slot], token):
                 self.slot_request[slot] = None
 
-    def _store_deeper(self, exited: Tensor, slots: Tensor, positions: Tensor, loops: Tensor, hidden: Tensor,
+    def _store_deeper(self, exited: List[int], busy: List[int], positions: List[int], loops: List[int], hidden: Tensor,
                       position_embeddings: Tuple[Tensor, Tensor]) -> None:
         """For the rows ``exited`` (indices into the step's rows), the keys and values of every layer
         they skip, from their exit hidden states: one ``key_value`` call per block over (row, loop) pairs."""
-        if exited.numel() == 0:
+        if not exited:
             return
         engine = self.engine
-        skipped = torch.arange(engine.num_loops, device=exited.device)[None] >= loops[exited, None]  # (rows, N)
-        pair_row, pair_loop = skipped.nonzero(as_tuple=True)
-        rows = exited[pair_row]
+        pairs = [(i, loop) for i in exited for loop in range(loops[i], engine.num_loops)]
+        first_layers = [loop * engine.loop_length for _, loop in pairs]
+        rows, first_layers_d, first_rows_d = self._to_device(
+            [i for i, _ in pairs], first_layers,
+            [self._flat_row(layer, busy[i]) + positions[i] for (i, _), layer in zip(pairs, first_layers)])
         cos, sin = position_embeddings
+        layer_stride = self.keys.shape[1] * self.keys.shape[2]
         for offset in range(engine.loop_length):
             block_index = self.backbone.block_of_layer[offset]
-            layers = pair_loop * engine.loop_length + offset
-            new = self.backbone.blocks[block_index].key_value(hidden[rows], layers, (cos[rows], sin[rows]))
-            self._store(self._flat_rows(layers, slots[rows]) + positions[rows], new)
+            new = self.backbone.blocks[block_index].key_value(hidden[rows], first_layers_d + offset, (cos[rows], sin[rows]),
+                                                              check_depth=False)
+            self._store(first_rows_d + offset * layer_stride, new)
 
 
 class _SlotCache:

@@ -416,8 +416,8 @@ class CircuitAttention(nn.Module):
         nn.init.uniform_(self.qk_v, -bound, bound)
         nn.init.uniform_(self.ov_c, -bound, bound)
 
-    def _check_index(self, adapter_index: AdapterIndex, batch: int, length: int) -> Union[int, Tensor]:
-        """An int in [-1, E), or an int64 tensor (B, S)."""
+    def _check_index(self, adapter_index: AdapterIndex, batch: int, length: int, check_values: bool) -> Union[int, Tensor]:
+        """An int in [-1, E), or an int64 tensor (B, S) (its values read on the host when ``check_values``)."""
         if adapter_index is None:
             return -1
         if isinstance(adapter_index, int) and not isinstance(adapter_index, bool):
@@ -430,7 +430,8 @@ class CircuitAttention(nn.Module):
             adapter_index = adapter_index[:, None].expand(batch, length)
         elif tuple(adapter_index.shape) != (batch, length):
             raise ValueError(f"adapter_index: expected shape ({batch},) or ({batch}, {length}), got {tuple(adapter_index.shape)}")
-        check_index_values(adapter_index, self.num_depths, "adapter_index")  # once; the projections trust it
+        if check_values:  # once; the projections trust it
+            check_index_values(adapter_index, self.num_depths, "adapter_index")
         return adapter_index.long()
 
     def forward(
@@ -441,6 +442,8 @@ class CircuitAttention(nn.Module):
         packing: Optional[VarlenPacking] = None,
         past_key_value: Optional[LayerKV] = None,
         use_cache: bool = False,
+        *,
+        check_indices: bool = True,
     ) -> Tuple[Tensor, Optional[LayerKV]]:
         """Args:
             hidden_states: (B, S, hidden).
@@ -451,6 +454,8 @@ class CircuitAttention(nn.Module):
             past_key_value: this layer's cache from earlier steps (a :class:`LayerKV`, or another cache
                 with its ``append``); the new keys follow it.
             use_cache: also return the cache extended by this step.
+            check_indices: False trusts a tensor ``adapter_index`` to lie in [-1, E) (no host read of its
+                values, which is a synchronisation on the GPU), as :func:`kernels.lowrank_linear`'s.
 
         Returns:
             ``(output, present)``: (B, S, hidden) and the extended :class:`LayerKV` (None unless
@@ -458,7 +463,7 @@ class CircuitAttention(nn.Module):
         """
         B, S, _ = hidden_states.shape
         H, D = self.num_heads, self.head_dim
-        index = self._check_index(adapter_index, B, S)
+        index = self._check_index(adapter_index, B, S, check_indices)
         q = _apply_rotary(self.q_proj(hidden_states, index, check_indices=False).view(B, S, H, D), *position_embeddings)
         k, v, k_c, v_c = self._key_value(hidden_states, position_embeddings, index)
         q_c = _depth_projection(hidden_states, self.qk_u, index) if k_c is not None else None
@@ -472,13 +477,14 @@ class CircuitAttention(nn.Module):
         return self.o_proj(out.reshape(B, S, H * D), index, check_indices=False), present
 
     def key_value(
-        self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], adapter_index: AdapterIndex = None
+        self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], adapter_index: AdapterIndex = None,
+        *, check_indices: bool = True,
     ) -> LayerKV:
         """The keys and values of ``hidden_states`` (B, S, hidden) in the cache layout, as :meth:`forward`
         appends them to the cache, without attending: for tokens whose keys and values a layer needs
         although they do not run it (early exit). Arguments as :meth:`forward`."""
         B, S, _ = hidden_states.shape
-        return self._key_value(hidden_states, position_embeddings, self._check_index(adapter_index, B, S))
+        return self._key_value(hidden_states, position_embeddings, self._check_index(adapter_index, B, S, check_indices))
 
     def _key_value(self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], index: Union[int, Tensor]) -> LayerKV:
         """:meth:`key_value` with a checked index; ``key_c``/``value_c`` are None when the circuit is off."""
@@ -594,9 +600,10 @@ class GatedFeedForward(_GatedProjections):
         super().__init__(hidden_size, intermediate_size, hidden_act, num_adapters, lora_rank, lora_alpha, backend,
                          device, dtype)
 
-    def forward(self, x: Tensor, adapter_index: AdapterIndex = None) -> Tensor:
-        """x (*, hidden) -> (*, hidden); ``adapter_index`` as :meth:`LowRankLinear.forward`'s ``indices``."""
-        return self._gated(x, adapter_index, None)
+    def forward(self, x: Tensor, adapter_index: AdapterIndex = None, *, check_indices: bool = True) -> Tensor:
+        """x (*, hidden) -> (*, hidden); ``adapter_index`` and ``check_indices`` as :meth:`LowRankLinear.forward`'s
+        ``indices`` and ``check_indices``."""
+        return self._gated(x, adapter_index, None, check_indices)
 
 
 class MoLFeedForward(_GatedProjections):
@@ -769,16 +776,17 @@ class RecursiveBlock(nn.Module):
         # Whether the MLP's adapters are per depth; a merged mixture (one adapter) is called without an index.
         self._per_depth_mlp = config.relaxation == "depth_lora" and any(feed_forward_ranks.values())
 
-    def adapter_index(self, depth: Union[int, Tensor]) -> Union[int, Tensor]:
+    def adapter_index(self, depth: Union[int, Tensor], check_values: bool = True) -> Union[int, Tensor]:
         """This block's adapter for effective layer ``depth`` (an int, or an int tensor of any shape):
-        -1 where the layer has no per-depth parameters here."""
+        -1 where the layer has no per-depth parameters here. A tensor's values are read on the host to
+        check them only when ``check_values``."""
         if isinstance(depth, int) and not isinstance(depth, bool):
             if not 0 <= depth < self.num_layers:
                 raise ValueError(f"depth: expected an effective layer in [0, {self.num_layers}), got {depth}")
             return self._adapter_of_layer[depth]
         if not isinstance(depth, Tensor) or depth.dtype.is_floating_point or depth.dtype == torch.bool:
             raise ValueError(f"depth: expected an int or an integer tensor, got {depth!r}")
-        if depth.numel() and not torch.compiler.is_compiling():
+        if check_values and depth.numel() and not torch.compiler.is_compiling():
             low, high = (int(t) for t in torch.aminmax(depth))
             if low < 0 or high >= self.num_layers:
                 raise ValueError(f"depth: values must be effective layers in [0, {self.num_layers}), got {low}..{high}")
@@ -792,20 +800,26 @@ class RecursiveBlock(nn.Module):
         packing: Optional[VarlenPacking] = None,
         past_key_value: Optional[LayerKV] = None,
         use_cache: bool = False,
+        *,
+        check_depth: bool = True,
     ) -> Tuple[Tensor, Optional[LayerKV], Optional[Tensor]]:
         """Args:
             hidden_states: (B, S, hidden).
             depth: the effective layer: an int for the whole batch, or an int tensor (B,) or (B, S) of
                 layers per row (tokens at different depths in one batch).
             position_embeddings, packing, past_key_value, use_cache: as :meth:`CircuitAttention.forward`.
+            check_depth: False trusts a tensor ``depth`` to hold effective layers (no host read of its
+                values, a synchronisation on the GPU; :class:`recursive.DepthBatchingEngine` builds its
+                depths). The adapter indices derived from the depths are never read again.
 
         Returns:
             ``(hidden_states, present, aux_loss)``: (B, S, hidden), the extended cache (None unless
             ``use_cache``) and the MoL load-balancing loss (None without a mixture).
         """
-        index = self._token_adapter_index(depth, hidden_states)
+        index = self._token_adapter_index(depth, hidden_states, check_depth)
         attn_out, present = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, index, packing, past_key_value, use_cache
+            self.input_layernorm(hidden_states), position_embeddings, index, packing, past_key_value, use_cache,
+            check_indices=False,
         )
         hidden_states = hidden_states + attn_out
         normed = self.post_attention_layernorm(hidden_states)
@@ -813,19 +827,21 @@ class RecursiveBlock(nn.Module):
         if isinstance(self.mlp, MoLFeedForward):
             mlp_out, aux_loss = self.mlp(normed, None if packing is None else packing.query_mask)
         else:
-            mlp_out = self.mlp(normed, index if self._per_depth_mlp else None)
+            mlp_out = self.mlp(normed, index if self._per_depth_mlp else None, check_indices=False)
         return hidden_states + mlp_out, present, aux_loss
 
-    def key_value(self, hidden_states: Tensor, depth: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor]) -> LayerKV:
+    def key_value(self, hidden_states: Tensor, depth: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor],
+                  *, check_depth: bool = True) -> LayerKV:
         """The keys and values this block appends to the cache of effective layer ``depth`` for
         ``hidden_states`` (B, S, hidden), without running it (tokens that left at an earlier depth);
-        ``depth`` and ``position_embeddings`` as :meth:`forward`."""
-        index = self._token_adapter_index(depth, hidden_states)
-        return self.self_attn.key_value(self.input_layernorm(hidden_states), position_embeddings, index)
+        ``depth``, ``position_embeddings`` and ``check_depth`` as :meth:`forward`."""
+        index = self._token_adapter_index(depth, hidden_states, check_depth)
+        return self.self_attn.key_value(self.input_layernorm(hidden_states), position_embeddings, index,
+                                        check_indices=False)
 
-    def _token_adapter_index(self, depth: Union[int, Tensor], hidden_states: Tensor) -> Union[int, Tensor]:
+    def _token_adapter_index(self, depth: Union[int, Tensor], hidden_states: Tensor, check_depth: bool) -> Union[int, Tensor]:
         """:meth:`adapter_index`, with a depth per sequence (B,) repeated over its tokens (B, S)."""
-        index = self.adapter_index(depth)
+        index = self.adapter_index(depth, check_depth)
         if isinstance(index, Tensor) and index.dim() == 1:
             index = index[:, None].expand(hidden_states.shape[:2])
         return index

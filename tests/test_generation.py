@@ -17,7 +17,7 @@ import torch
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM
 from recursive.generation import (
-    calibrate_exit_threshold, exit_loss, generate_in_batches, next_tokens, top_k_filter, top_p_filter,
+    _EngineRun, calibrate_exit_threshold, exit_loss, generate_in_batches, next_tokens, top_k_filter, top_p_filter,
 )
 from recursive.nn import rotary_embedding
 from tests.test_models import VOCAB, make_model
@@ -257,6 +257,40 @@ def test_engine_many_random_requests_with_early_exit_all_complete():
     stats = engine.stats
     assert stats.new_tokens == sum(len(t) - len(p) for t, p in zip(out, prompts))
     assert 1.0 < stats.mean_exit_loops < stats.num_loops  # some tokens exited, some ran deeper
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a CUDA matter")
+@pytest.mark.parametrize("exit_fraction", [None, 0.5])
+def test_engine_step_synchronises_at_most_once(exit_fraction, monkeypatch):
+    """An engine step builds its indices on the host and reads back only its new tokens: at most one
+    synchronising CUDA call per step (torch's sync debug mode names each), and none in a step where no
+    token finishes or leaves."""
+    import warnings
+
+    model = model_for("depth_lora").float().cuda()
+    prompts = random_prompts(12, 1, 7, seed=11)
+    threshold = None if exit_fraction is None else calibrate_exit_threshold(
+        model, torch.tensor([p[:1] for p in prompts], device="cuda"), exit_fraction)
+    engine = DepthBatchingEngine(model, max_batch_size=4, exit_threshold=threshold)
+    engine.generate(prompts, 3)  # compiles, autotunes and caches outside the count
+    counts = []
+    step = _EngineRun._step
+
+    def counted(run):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(run)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchronizing" in str(w.message) for w in caught))
+
+    monkeypatch.setattr(_EngineRun, "_step", counted)
+    engine.generate(prompts, 5)
+    assert counts and max(counts) <= 1, counts
+    if exit_fraction is None:
+        assert 0 in counts  # steps where no token reached the full depth read nothing
 
 
 # Sampling.

@@ -529,37 +529,47 @@ def test_block_per_row_depths_equal_per_depth_calls(relaxation):
 
 
 def test_block_checks_per_row_indices_once_per_module(monkeypatch):
-    """A block with per-row depths reads adapter indices on the host once in its attention and once in its
-    MLP (each a host synchronisation on the GPU), not once per projection; bad values still raise."""
+    """A block with per-row depths reads them on the host once (a host synchronisation on the GPU), and with
+    check_depth=False not at all; its attention and MLP trust the adapter indices derived from them and read
+    nothing, and called on their own they read their indices once, not once per projection: bad values
+    still raise."""
     import importlib
 
     import recursive.nn
 
     op_module = importlib.import_module("kernels.lowrank_linear")  # the package exports a function of that name
-    calls = {"op": 0, "module": 0}
+    calls = {"op": 0, "module": 0, "depth": 0}
     checked = op_module.check_index_values
 
-    def counting(key):
+    def counting(key, function=checked):
         def check(*args, **kwargs):
             calls[key] += 1
-            return checked(*args, **kwargs)
+            return function(*args, **kwargs)
         return check
 
     monkeypatch.setattr(op_module, "check_index_values", counting("op"))
     monkeypatch.setattr(recursive.nn, "check_index_values", counting("module"))
+    monkeypatch.setattr(torch, "aminmax", counting("depth", torch.aminmax))  # every host read of index values
     block = randomize_(RecursiveBlock(block_config("depth_lora"), block_index=1).to(DTYPE))
     x = torch.randn(3, 4, 16, dtype=DTYPE)
     cos_sin = rotary_embedding(positions_of(3, 4), 4, 10000.0, DTYPE)
-    out, _, _ = block(x, torch.tensor([5, 1, 3]), cos_sin)
-    assert calls == {"op": 0, "module": 2}
+    depth = torch.tensor([5, 1, 3])
+    out, _, _ = block(x, depth, cos_sin)
+    assert calls == {"op": 0, "module": 0, "depth": 1}
+    trusted, _, _ = block(x, depth, cos_sin, check_depth=False)
+    block.key_value(x, depth, cos_sin, check_depth=False)
+    assert calls == {"op": 0, "module": 0, "depth": 1} and torch.equal(trusted, out)
+    block.self_attn(x, cos_sin, torch.tensor([0, 1, 0]))
+    block.mlp(x, torch.tensor([[0, 1, 1, 0]] * 3))
+    assert calls == {"op": 0, "module": 2, "depth": 3}  # check_index_values reads through aminmax
     with pytest.raises(IndexError, match="adapter_index"):
         block.self_attn(x, cos_sin, torch.tensor([0, 2, 1]))  # 2 depths: 2 is out of range
     with pytest.raises(IndexError, match="indices"):
         block.mlp(x, torch.tensor([[0, 1, 2, 0]] * 3))
     mixture = randomize_(RecursiveBlock(block_config("mol", num_blocks=1), block_index=0).to(DTYPE))
-    calls.update(op=0, module=0)
+    calls.update(op=0, module=0, depth=0)
     mixture(x, 2, cos_sin)  # the router's top-k experts are in range by construction: no host read
-    assert calls == {"op": 0, "module": 0}
+    assert calls == {"op": 0, "module": 0, "depth": 0}
 
 
 def test_block_with_merged_mixture():
