@@ -276,6 +276,7 @@ def generate(
     last = (attention_mask.long() * torch.arange(S, device=input_ids.device)).argmax(1)
     logits, past = out.logits[torch.arange(B, device=input_ids.device), last], out.past_key_values
     positions = attention_mask.long().sum(1)
+    padded = not bool(attention_mask.all())  # the new columns are real tokens: decided once
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -286,10 +287,12 @@ def generate(
         new_tokens.append(tokens)
         if progress is not None:
             progress.step(f"token {step + 1}/{max_new_tokens}", count=B)
-        if step + 1 == max_new_tokens or bool(finished.all()):
+        if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
             break
-        attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)
-        packing = None if bool(attention_mask.all()) else VarlenPacking.from_attention_mask(attention_mask, 1)
+        packing = None
+        if padded:
+            attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)
+            packing = VarlenPacking.from_attention_mask(attention_mask, 1)
         logits, past = _decode_step(model, tokens, positions, packing, past, exit_threshold)
         positions = positions + 1
     return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
