@@ -272,7 +272,7 @@ def test_engine_step_synchronises_at_most_once(exit_fraction, monkeypatch):
     threshold = None if exit_fraction is None else calibrate_exit_threshold(
         model, torch.tensor([p[:1] for p in prompts], device="cuda"), exit_fraction)
     engine = DepthBatchingEngine(model, max_batch_size=4, exit_threshold=threshold)
-    engine.generate(prompts, 3)  # compiles, autotunes and caches outside the count
+    engine.generate(prompts, 5)  # the same shapes as the counted run: compiles and autotunes outside the count
     counts = []
     step = _EngineRun._step
 
