@@ -473,14 +473,12 @@ class _EngineRun:
         """Run the prompts of ``batch`` (right-padded into one batch), store their caches in ``slots``
         and emit their first tokens; requests done at once leave their slot free."""
         device = self.device
-        lengths = torch.tensor([len(r.tokens) for r in batch], device=device)
-        width = int(lengths.max())
-        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        for row, request in enumerate(batch):
-            ids[row, : len(request.tokens)] = torch.tensor(request.tokens, device=device)
-        mask = torch.arange(width, device=device)[None] < lengths[:, None]
-        out = self.model(ids, attention_mask=mask.long(), use_cache=True)
-        slot_index = torch.tensor(slots, device=device)
+        width = max(len(r.tokens) for r in batch)
+        ids, mask, lengths, slot_index = self._to_device(
+            [token for r in batch for token in r.tokens + [0] * (width - len(r.tokens))],
+            [int(i < len(r.tokens)) for r in batch for i in range(width)], [len(r.tokens) for r in batch], slots)
+        ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
+        out = self.model(ids, attention_mask=mask, use_cache=True)
         for layer, present in enumerate(out.past_key_values):
             for cache, tensor in zip(self.caches(), present):
                 if tensor is not None:
