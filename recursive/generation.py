@@ -440,6 +440,8 @@ class _EngineRun:
         self.loop = [0] * slots
         self.hidden = torch.zeros(slots, 1, config.hidden_size, **options)
         self.device = weight.device
+        # Rows of the flattened (L * slots * T, Hkv, .) caches: T per slot, slots * T per layer.
+        self.capacity, self.layer_stride = capacity, slots * capacity
 
     def run(self) -> None:
         self._admit()
@@ -499,7 +501,7 @@ class _EngineRun:
 
     def _flat_row(self, layer: int, slot: int) -> int:
         """The row of position 0 of (layer, slot) in the flattened (L * slots * T, Hkv, .) caches."""
-        return (layer * self.keys.shape[1] + slot) * self.keys.shape[2]
+        return layer * self.layer_stride + slot * self.capacity
 
     def _to_device(self, *columns: Sequence[int]) -> List[Tensor]:
         """Host integer lists as int64 tensors on the model's device, in one copy (from pinned memory on a
@@ -548,11 +550,10 @@ class _EngineRun:
             max_seqlen_k=max(positions) + 1, query_mask=torch.ones(rows, 1, dtype=torch.bool, device=self.device),
         )
         position_embeddings = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
-        layer_stride = self.keys.shape[1] * self.keys.shape[2]
         hidden = self.hidden[slots]
         for offset in range(engine.loop_length):
             block_index = backbone.block_of_layer[offset]  # the same block at this offset of every loop
-            shift = offset * layer_stride
+            shift = offset * self.layer_stride
             cache = _SlotCache(self, first_rows_d + positions_d + shift)
             offset_packing = replace(packing, key_rows=packing.key_rows + shift)
             hidden, _, _ = backbone.blocks[block_index](hidden, first_layers_d + offset, position_embeddings,
@@ -602,12 +603,11 @@ class _EngineRun:
             [i for i, _ in pairs], first_layers,
             [self._flat_row(layer, busy[i]) + positions[i] for (i, _), layer in zip(pairs, first_layers)])
         cos, sin = position_embeddings
-        layer_stride = self.keys.shape[1] * self.keys.shape[2]
         for offset in range(engine.loop_length):
             block_index = self.backbone.block_of_layer[offset]
             new = self.backbone.blocks[block_index].key_value(hidden[rows], first_layers_d + offset, (cos[rows], sin[rows]),
                                                               check_depth=False)
-            self._store(first_rows_d + offset * layer_stride, new)
+            self._store(first_rows_d + offset * self.layer_stride, new)
 
 
 class _SlotCache:
