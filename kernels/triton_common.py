@@ -1,9 +1,9 @@
 """Helpers shared by the Triton backends: interpreter detection, autotuning keys, dots and casts that
 stay exact under ``TRITON_INTERPRET=1``, launch guards.
 
-Under the interpreter (CPU tensors) ``tl.dot`` multiplies the raw bits of bfloat16 operands and
-float32 -> bfloat16 conversions truncate; the ``UPCAST`` paths below work around both, so the bfloat16
-kernels stay testable on machines without a GPU.
+Under the interpreter (CPU tensors) ``tl.dot`` multiplies the raw bits of bfloat16 operands, rounds
+float32 products by the tile's shape, and float32 -> bfloat16 conversions truncate; the ``UPCAST`` paths
+below work around all three, so the kernels stay testable on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -60,9 +60,15 @@ def device_guard(x: Tensor):
 
 @triton.jit
 def mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b with fp32 accumulation. UPCAST (the interpreter): float32 operands, exact."""
+    """acc += a @ b with fp32 accumulation.
+
+    UPCAST (the interpreter): the product in float64, rounded once to acc's dtype. The interpreter's
+    float32 dot is numpy's sgemm, whose rounding depends on the tile shape, so a kernel recomputing a
+    product on other tiles (attention's backward, its scores) would get other bits than the forward; a
+    GPU's dot sums each element in one order whatever the tile. Float64 also keeps bfloat16 operands
+    off the interpreter's bfloat16 dot (it multiplies their raw bits)."""
     if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc = (tl.dot(a.to(tl.float64), b.to(tl.float64)) + acc.to(tl.float64)).to(acc.dtype)
     else:
         acc = tl.dot(a, b, acc, input_precision=PREC)
     return acc

@@ -75,8 +75,8 @@ Autotuning: a handful of configurations per kernel, keyed on power-of-two bucket
 (so a varying number of tokens does not retune), N, K, the layout (unit K stride or not) and the mode;
 ``RECURSIVE_KERNELS_TRITON_AUTOTUNE=0`` keeps one default configuration per kernel.
 Under ``TRITON_INTERPRET=1`` (CPU tensors) each kernel has one fixed small configuration (nothing is
-benchmarked), ``tl.dot`` operands are upcast to float32 (the interpreter multiplies the raw bits of
-bfloat16 operands, triton issue 11584) and the final float32 -> bfloat16 store is rounded to nearest
+benchmarked), ``tl.dot`` runs in float64 and rounds once (``triton_common.mma``: the interpreter
+multiplies the raw bits of bfloat16 operands, triton issue 11584) and the final float32 -> bfloat16 store is rounded to nearest
 even by hand (the interpreter truncates that conversion; the GPU rounds it). No host synchronisation
 anywhere (the grids are static upper bounds), nothing is launched when M = 0. Only long-standing
 Triton APIs are used (tl.dot / load / store / atomic_add / cumsum, triton.autotune): Triton 3.6 and 3.9.
