@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .config import LORA_TARGETS, SHARING_SCHEMES, RecursiveConfig
-from .convert import INIT_SCHEMES, convert_hf
+from .config import LORA_TARGETS, RecursiveConfig
+from .convert import CONVERTIBLE_SHARING, INIT_SCHEMES, convert_hf
 
 
 def _version(module: str) -> str:
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     p.add_argument("checkpoint", help="directory of the Hugging Face checkpoint (read with local_files_only)")
     p.add_argument("output", help="directory to write the recursive model to")
     p.add_argument("--num-blocks", type=int, required=True, help="unique blocks B")
-    p.add_argument("--sharing", default="cycle", choices=SHARING_SCHEMES)
+    p.add_argument("--sharing", default="cycle", choices=CONVERTIBLE_SHARING)
     p.add_argument("--init", default="stepwise", choices=INIT_SCHEMES, help="how blocks take the original layers")
     p.add_argument("--lora-rank", type=int, default=0, help="per-layer LoRA rank (0: none)")
     p.add_argument("--lora-targets", help="comma-separated LoRA targets (default: q,k,v,o,gate,up,down)")

@@ -6,7 +6,13 @@ block ``block_of_layer(l)``:
 - ``"cycle"``: ``l mod B``;
 - ``"sequence"``: ``l // (L / B)``;
 - ``"middle_cycle"``: the first and the last layers own blocks 0 and B - 1, the middle L - 2 layers
-  cycle over blocks 1 .. B - 2.
+  cycle over blocks 1 .. B - 2;
+- ``"hierarchical"`` (HRM-LM): blocks 0 .. B/2 - 1 form a fast module and blocks B/2 .. B - 1 a slow one;
+  each cycle runs the fast module ``hrm_period`` (T) times, then the slow module once, so a cycle is
+  ``(T + 1) * B / 2`` effective layers. The data flow differs from a plain stack: the fast state is
+  updated ``z_L <- f_L(z_L + z_H + x)`` (x the embeddings), the slow one ``z_H <- f_H(z_H + z_L)``, both
+  starting at zero, and the output reads ``z_H``. Its parameter-matched Universal Transformer baseline
+  loops one block (``"cycle"``, B = 1).
 
 ``relaxation`` gives depth back some freedom:
 
@@ -20,17 +26,35 @@ block ``block_of_layer(l)``:
   ``num_experts_per_tok`` per token (ModernALBERT); the experts belong to the block, shared by depth.
 
 The per-depth relaxations (all but ``"mol"``) leave the layers before ``start_index`` unmodified.
+
+``mor_routing`` makes the model a Mixture-of-Recursions: the loops over the shared blocks
+(:meth:`RecursiveConfig.recursions`) become recursions that each token takes or not. A recursion step
+updates its selected tokens ``h <- h + g * (F(h) - h)`` (F the recursion's blocks, run on the selected
+tokens only, which attend to each other: recursion-wise KV) and leaves the others unchanged:
+
+- ``"expert_choice"``: before recursion r a router scores the tokens still active,
+  ``g = mor_router_alpha * sigmoid(w_r . h)``, and the top ``mor_capacities[r]`` fraction of each
+  sequence's real tokens stays (tokens keep their order; a token left out never returns). The top-k
+  runs over the whole sequence, so a token's path depends on the tokens after it, as in the paper.
+- ``"token_choice"``: before the first recursion one router assigns each token a depth,
+  ``p = softmax(W h)``, depth ``d = argmax p + 1``; the token runs recursions 0 .. d - 1 and the last of
+  them is gated by ``g = mor_router_alpha * p[d - 1]`` (the earlier ones ungated). A balancing loss
+  (``mor_balance_loss_coef``) keeps the depths in use.
+
+Both add a router z-loss (``mor_z_loss_coef``) to the training loss.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from kernels.backends import BACKENDS
 
-SHARING_SCHEMES = ("cycle", "sequence", "middle_cycle")
+SHARING_SCHEMES = ("cycle", "sequence", "middle_cycle", "hierarchical")
+MOR_ROUTINGS = ("expert_choice", "token_choice")
 RELAXATIONS = ("none", "depth_lora", "qkov_lora", "circuit", "mol")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 ATTENTION_TARGETS = ("q", "k", "v", "o")
@@ -58,8 +82,19 @@ class RecursiveConfig:
             attention when fewer).
         head_dim: per-head width; may differ from ``hidden_size / num_attention_heads`` (Gemma).
         num_layers: effective depth L.
-        num_blocks: unique blocks B; L must be a multiple of B (``middle_cycle``: L - 2 of B - 2).
-        sharing: ``"cycle"``, ``"sequence"`` or ``"middle_cycle"``.
+        num_blocks: unique blocks B; L must be a multiple of B (``middle_cycle``: L - 2 of B - 2;
+            ``hierarchical``: B even and L a multiple of the cycle ``(hrm_period + 1) * B / 2``).
+        sharing: ``"cycle"``, ``"sequence"``, ``"middle_cycle"`` or ``"hierarchical"``.
+        hrm_period: ``hierarchical``: fast-module steps per slow-module step (T).
+        hrm_one_step_gradient: ``hierarchical``: when autograd records, every step but the last fast
+            and the last slow module runs without gradient (HRM's one-step gradient approximation).
+        mor_routing: None, ``"expert_choice"`` or ``"token_choice"`` (Mixture-of-Recursions; the
+            module docstring). Needs recursions: ``cycle`` or ``middle_cycle`` sharing, or one block.
+        mor_capacities: ``expert_choice``: the fraction of each sequence's tokens kept at each recursion,
+            non-increasing, in (0, 1]; default ``(N - r) / N`` for recursion r of N.
+        mor_router_alpha: the routers' gate scale (alpha).
+        mor_balance_loss_coef: weight of the token-choice balancing loss in the training loss.
+        mor_z_loss_coef: weight of the router z-loss in the training loss.
         relaxation: ``"none"``, ``"depth_lora"``, ``"qkov_lora"``, ``"circuit"`` or ``"mol"``.
         lora_rank: rank of every targeted projection, or a dict from target to rank.
         lora_alpha: LoRA alpha; the scaling is ``lora_alpha / rank`` (PEFT's convention).
@@ -94,6 +129,13 @@ class RecursiveConfig:
     num_layers: int = 8
     num_blocks: int = 1
     sharing: str = "cycle"
+    hrm_period: int = 2
+    hrm_one_step_gradient: bool = False
+    mor_routing: Optional[str] = None
+    mor_capacities: Optional[Tuple[float, ...]] = None
+    mor_router_alpha: float = 1.0
+    mor_balance_loss_coef: float = 0.01
+    mor_z_loss_coef: float = 0.001
     relaxation: str = "none"
     lora_rank: Union[int, Dict[str, int]] = 8
     lora_alpha: float = 8.0
@@ -138,7 +180,11 @@ class RecursiveConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
         _check_choice("sharing", self.sharing, SHARING_SCHEMES)
+        _check_positive_int("hrm_period", self.hrm_period)
+        if not isinstance(self.hrm_one_step_gradient, bool):
+            raise ValueError(f"hrm_one_step_gradient: expected a bool, got {self.hrm_one_step_gradient!r}")
         self._check_sharing()
+        self._resolve_mor()
         _check_choice("relaxation", self.relaxation, RELAXATIONS)
         _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
         _check_choice("encoder_head", self.encoder_head, ENCODER_HEADS)
@@ -165,8 +211,45 @@ class RecursiveConfig:
                     f"num_blocks: middle_cycle needs 3 <= num_blocks <= num_layers and num_layers - 2 a multiple of "
                     f"num_blocks - 2, got num_layers={L}, num_blocks={B}"
                 )
+        elif self.sharing == "hierarchical":
+            if B % 2 or L % self.hrm_cycle_length:
+                raise ValueError(
+                    f"num_blocks: hierarchical sharing needs an even num_blocks (fast and slow modules of B/2 blocks) "
+                    f"and num_layers a multiple of the cycle (hrm_period + 1) * B / 2 = {self.hrm_cycle_length}, "
+                    f"got num_layers={L}, num_blocks={B}"
+                )
         elif L % B:
             raise ValueError(f"num_blocks: num_layers ({L}) must be a multiple of num_blocks ({B})")
+
+    def _resolve_mor(self) -> None:
+        if self.mor_routing is None:
+            if self.mor_capacities is not None:
+                raise ValueError("mor_capacities: given without mor_routing")
+            return
+        _check_choice("mor_routing", self.mor_routing, MOR_ROUTINGS)
+        if self.sharing not in ("cycle", "middle_cycle") and self.num_blocks > 1:
+            raise ValueError(
+                f"mor_routing: Mixture-of-Recursions routes tokens over the loops of cycle or middle_cycle sharing "
+                f"(or of one block), not over sharing={self.sharing!r} with {self.num_blocks} blocks"
+            )
+        for name in ("mor_router_alpha", "mor_balance_loss_coef", "mor_z_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        if self.mor_routing != "expert_choice":
+            if self.mor_capacities is not None:
+                raise ValueError("mor_capacities: only expert_choice routing keeps a capacity per recursion")
+            return
+        n = len(self.recursions()[1])
+        if self.mor_capacities is None:
+            self.mor_capacities = tuple((n - r) / n for r in range(n))
+        self.mor_capacities = tuple(self.mor_capacities)
+        if len(self.mor_capacities) != n or any(
+            isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in self.mor_capacities
+        ) or any(b > a for a, b in zip(self.mor_capacities, self.mor_capacities[1:])):
+            raise ValueError(
+                f"mor_capacities: expected {n} non-increasing fractions in (0, 1], one per recursion, got {self.mor_capacities!r}"
+            )
 
     def _resolve_lora(self) -> None:
         allowed = _ALLOWED_TARGETS.get(self.relaxation, ())
@@ -202,9 +285,38 @@ class RecursiveConfig:
             return layer % B
         if self.sharing == "sequence":
             return layer // (L // B)
+        if self.sharing == "hierarchical":
+            position, module = layer % self.hrm_cycle_length, B // 2
+            fast_layers = self.hrm_period * module
+            return position % module if position < fast_layers else module + position - fast_layers
         if layer == 0 or layer == L - 1:
             return 0 if layer == 0 else B - 1
         return 1 + (layer - 1) % (B - 2)
+
+    @property
+    def hrm_cycle_length(self) -> int:
+        """``hierarchical``: effective layers per cycle, ``(hrm_period + 1) * num_blocks / 2``."""
+        return (self.hrm_period + 1) * (self.num_blocks // 2)
+
+    def recursions(self) -> Tuple[List[int], List[List[int]], List[int]]:
+        """The loops over the shared blocks: ``(before, recursions, after)``, the effective layers run
+        before the loops, the layers of each loop in order, and the layers after them. Cycle sharing:
+        N = L / B loops of B layers; middle-cycle: layer 0, (L - 2) / (B - 2) loops, layer L - 1; one
+        block: L loops of one layer; otherwise one loop of every layer."""
+        L, B = self.num_layers, self.num_blocks
+        if self.sharing == "middle_cycle":
+            width = B - 2
+            return [0], [list(range(1 + r * width, 1 + (r + 1) * width)) for r in range((L - 2) // width)], [L - 1]
+        if B == 1 or self.sharing == "cycle":
+            return [], [list(range(r * B, (r + 1) * B)) for r in range(L // B)], []
+        return [], [list(range(L))], []
+
+    def mor_tokens_kept(self, recursion: int, real_tokens: int) -> int:
+        """``expert_choice``: how many of a sequence's ``real_tokens`` recursion ``recursion`` keeps:
+        ``ceil(mor_capacities[recursion] * real_tokens)``, at least one of a non-empty sequence."""
+        if not real_tokens:
+            return 0
+        return max(1, math.ceil(self.mor_capacities[recursion] * real_tokens - 1e-9))
 
     def layers_of_block(self, block: int) -> List[int]:
         """The effective layers that run ``block``, in order of depth."""

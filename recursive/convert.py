@@ -25,6 +25,8 @@ from .progress import Progress
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 INIT_SCHEMES = ("stepwise", "average", "lower", "upper")
+# Hierarchical sharing changes the data flow (the fast and slow states), so no init reproduces the original.
+CONVERTIBLE_SHARING = tuple(scheme for scheme in SHARING_SCHEMES if scheme != "hierarchical")
 # The module of each LoRA target, in Hugging Face's decoder layer and in a recursive block alike.
 TARGET_MODULES = {
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -79,7 +81,7 @@ def convert_hf(
     Args:
         hf_model: the Hugging Face causal LM (model type "llama", "mistral", "qwen2" or "gemma").
         num_blocks: B unique blocks, 1 <= B <= L; L must suit ``sharing`` (see ``RecursiveConfig``).
-        sharing: ``"cycle"``, ``"sequence"`` or ``"middle_cycle"``.
+        sharing: ``"cycle"``, ``"sequence"`` or ``"middle_cycle"`` (not ``"hierarchical"``).
         init: ``"stepwise"``, ``"average"``, ``"lower"`` or ``"upper"``.
         lora_rank: rank of every target (0: no relaxation), or a mapping from target to rank.
         lora_targets: projections carrying the per-layer LoRA, among "q", "k", "v", "o", "gate",
@@ -99,7 +101,7 @@ def convert_hf(
     num_layers = len(layers)
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 1 <= num_blocks <= num_layers:
         raise ValueError(f"num_blocks: expected an int in [1, {num_layers}] (the model's layers), got {num_blocks!r}")
-    for name, value, choices in (("sharing", sharing, SHARING_SCHEMES), ("init", init, INIT_SCHEMES)):
+    for name, value, choices in (("sharing", sharing, CONVERTIBLE_SHARING), ("init", init, INIT_SCHEMES)):
         if value not in choices:
             raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
     lora_targets = _check_targets(lora_targets)

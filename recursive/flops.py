@@ -12,6 +12,14 @@ counts here equal its counts exactly, with one documented exception:
   every expert on every token and masks the unchosen ones, so FlopCounterMode on it reports
   ``num_experts / num_experts_per_tok`` times the experts' low-rank FLOPs (equal when top-k = all).
 
+A Mixture-of-Recursions model (``mor_routing``) runs each recursion's layers on its selected tokens
+only, gathered into a compact batch as wide as the sequence with the most of them: the projections
+cost that width times the batch, attention each sequence's selected tokens squared. Expert choice keeps
+``config.mor_tokens_kept`` tokens per sequence and recursion; token choice depends on the data, so its
+counts are given (``recursion_tokens``, read off the output's ``recursion_depths``). The routers add
+one matmul over every position: (hidden, 1) per recursion for expert choice, (hidden, N) once for
+token choice. Hierarchical (HRM) sharing adds only additions to a plain stack of its effective layers.
+
 The fused backends (cpp, triton, cuda) run their own kernels, which FlopCounterMode sees only in part
 (the cpp backend's base matmuls go through aten and are counted; its attention and low-rank loops, and
 the GPU kernels, are not), so it undercounts them; these counts are the model's, whatever the backend.
@@ -41,7 +49,7 @@ class ParameterCounts:
         shared: the blocks' base weights (projections, biases, norms): each block serves every
             effective layer of its sharing scheme.
         adapter: the relaxation's parameters: per-depth LoRA, the QK/OV circuit factors, or the
-            mixture's LoRA experts and router.
+            mixture's LoRA experts and router; and the Mixture-of-Recursions router.
         head: the final norm and the output head (an untied LM head, or the encoder's head).
     """
 
@@ -63,6 +71,7 @@ def forward_flops(
     *,
     lengths: Optional[Sequence[int]] = None,
     model_type: str = "causal_lm",
+    recursion_tokens: Optional[Sequence[Sequence[int]]] = None,
 ) -> int:
     """FLOPs of one forward pass of ``batch_size`` sequences of ``seq_len`` tokens (see the module docstring).
 
@@ -74,6 +83,9 @@ def forward_flops(
             padded batch). None: no padding.
         model_type: "causal_lm" (:class:`recursive.RecursiveForCausalLM`) or "encoder"
             (:class:`recursive.RecursiveEncoder` with ``config.encoder_head``).
+        recursion_tokens: token-choice Mixture-of-Recursions only (and required there): for each
+            recursion, the tokens of each sequence that run it (N lists of B ints), e.g.
+            ``[(out.recursion_depths > r).sum(1).tolist() for r in range(N)]``.
 
     Returns:
         The count, an int.
@@ -91,7 +103,18 @@ def forward_flops(
             raise ValueError(f"lengths: expected {batch_size} ints in [0, seq_len={seq_len}], got {lengths!r}")
     tokens = batch_size * seq_len
     score_entries = sum(n * n for n in lengths)  # attention's (Sq, Sk) entries over the batch
-    total = sum(_layer_flops(config, layer, tokens, score_entries) for layer in range(config.num_layers))
+    if config.mor_routing is None:
+        if recursion_tokens is not None:
+            raise ValueError("recursion_tokens: only a token-choice Mixture-of-Recursions model takes them")
+        total = sum(_layer_flops(config, layer, tokens, score_entries) for layer in range(config.num_layers))
+        return total + _outside_blocks_flops(config, batch_size, tokens, model_type)
+    before, recursions, after = config.recursions()
+    counts = _recursion_tokens(config, lengths, len(recursions), recursion_tokens)
+    total = sum(_layer_flops(config, layer, tokens, score_entries) for layer in before + after)
+    for layers, selected in zip(recursions, counts):
+        width, entries = batch_size * max(selected), sum(n * n for n in selected)
+        total += sum(_layer_flops(config, layer, width, entries) for layer in layers)
+    total += 2 * tokens * config.hidden_size * len(recursions)  # the router: (hidden, 1) N times, or (hidden, N) once
     return total + _outside_blocks_flops(config, batch_size, tokens, model_type)
 
 
@@ -102,11 +125,13 @@ def training_step_flops(
     *,
     lengths: Optional[Sequence[int]] = None,
     model_type: str = "causal_lm",
+    recursion_tokens: Optional[Sequence[Sequence[int]]] = None,
 ) -> int:
     """FLOPs of a forward and backward pass with every parameter trainable: three times
     :func:`forward_flops` (the backward computes an input and a weight gradient per matmul, each as
     costly as the forward matmul). Arguments as :func:`forward_flops`."""
-    return 3 * forward_flops(config, batch_size, seq_len, lengths=lengths, model_type=model_type)
+    return 3 * forward_flops(config, batch_size, seq_len, lengths=lengths, model_type=model_type,
+                             recursion_tokens=recursion_tokens)
 
 
 def parameter_counts(config: RecursiveConfig, model_type: str = "causal_lm") -> ParameterCounts:
@@ -134,6 +159,8 @@ def parameter_counts(config: RecursiveConfig, model_type: str = "causal_lm") -> 
             adapter += num_adapters * config.num_attention_heads * config.head_dim * config.circuit_rank  # ov_d
         if config.relaxation == "mol":
             adapter += config.num_experts * hidden  # the router
+    if config.mor_routing is not None:
+        adapter += len(config.recursions()[1]) * hidden  # the recursions' router
 
     head = hidden  # the final norm
     if model_type == "causal_lm":
@@ -208,6 +235,27 @@ def _outside_blocks_flops(config: RecursiveConfig, batch_size: int, tokens: int,
     if config.encoder_head == "mlm":
         return flops + 2 * tokens * hidden * width + 2 * tokens * width * vocab
     return flops + 2 * batch_size * hidden * (hidden + config.num_labels)  # on the pooled rows
+
+
+def _recursion_tokens(config: RecursiveConfig, lengths: Sequence[int], num_recursions: int,
+                      given: Optional[Sequence[Sequence[int]]]) -> Sequence[Sequence[int]]:
+    """The tokens of each sequence that run each recursion (see :func:`forward_flops`)."""
+    if config.mor_routing == "expert_choice":
+        if given is not None:
+            raise ValueError("recursion_tokens: expert choice keeps config.mor_tokens_kept tokens; give none")
+        return [[config.mor_tokens_kept(r, n) for n in lengths] for r in range(num_recursions)]
+    if given is None:
+        raise ValueError("recursion_tokens: token-choice routing picks each token's depth from the data; give the "
+                         "tokens of each sequence that run each recursion")
+    given = [list(counts) for counts in given]
+    if len(given) != num_recursions or any(
+        len(counts) != len(lengths) or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n
+                                           for c, n in zip(counts, lengths))
+        for counts in given
+    ):
+        raise ValueError(f"recursion_tokens: expected {num_recursions} lists of {len(lengths)} ints, each at most its "
+                         f"sequence's length, got {given!r}")
+    return given
 
 
 def _check_config(config: RecursiveConfig, model_type: str) -> None:

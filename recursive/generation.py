@@ -94,8 +94,20 @@ def _check_exit_threshold(exit_threshold: Optional[float], config: RecursiveConf
     return float(exit_threshold)
 
 
+def _check_plain_stack(name: str, config: RecursiveConfig) -> None:
+    """Raise ValueError naming ``name`` when the model's data flow is not one pass down its effective
+    layers (hierarchical sharing, Mixture-of-Recursions): early exit and depth-wise batching step
+    through the layers themselves."""
+    if config.sharing == "hierarchical" or config.mor_routing is not None:
+        kind = "hierarchical (HRM)" if config.sharing == "hierarchical" else "a Mixture-of-Recursions"
+        raise ValueError(f"{name}: early exit and depth-wise batching run a plain stack of layers; this model is "
+                         f"{kind}, whose states flow differently")
+
+
 def _check_loops(name: str, config: RecursiveConfig) -> None:
-    """Raise ValueError naming ``name`` when the model runs its layers as a single loop (no boundary to exit at)."""
+    """Raise ValueError naming ``name`` when the model runs its layers as a single loop (no boundary to
+    exit at), or not as a plain stack."""
+    _check_plain_stack(name, config)
     if loop_length(config) == config.num_layers:
         raise ValueError(
             f"{name}: early exit happens at loop boundaries, and this model (sharing={config.sharing!r}, "
@@ -271,12 +283,15 @@ def generate(
     if max_new_tokens == 0:
         return input_ids
 
-    out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+    # A Mixture-of-Recursions model routes over the whole sequence: it recomputes it at each step.
+    cached = config.mor_routing is None
+    out = model(input_ids, attention_mask=attention_mask, use_cache=cached)
     # The last real token of each row (the last column with left padding).
     last = (attention_mask.long() * torch.arange(S, device=input_ids.device)).argmax(1)
     logits, past = out.logits[torch.arange(B, device=input_ids.device), last], out.past_key_values
     positions = attention_mask.long().sum(1)
     padded = not bool(attention_mask.all())  # the new columns are real tokens: decided once
+    sequence = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -289,11 +304,18 @@ def generate(
             progress.step(f"token {step + 1}/{max_new_tokens}", count=B)
         if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
             break
-        packing = None
-        if padded:
+        if padded or not cached:
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)
-            packing = VarlenPacking.from_attention_mask(attention_mask, 1)
-        logits, past = _decode_step(model, tokens, positions, packing, past, exit_threshold)
+        if not cached:
+            sequence = torch.cat((sequence, tokens[:, None].to(sequence.dtype)), dim=1)
+            logits = model(sequence, attention_mask=attention_mask).logits[:, -1]
+        elif config.sharing == "hierarchical":  # its fast and slow states: the model's own forward
+            out = model(tokens[:, None], attention_mask=attention_mask if padded else None,
+                        position_ids=positions[:, None], past_key_values=past, use_cache=True)
+            logits, past = out.logits[:, -1], out.past_key_values
+        else:
+            packing = VarlenPacking.from_attention_mask(attention_mask, 1) if padded else None
+            logits, past = _decode_step(model, tokens, positions, packing, past, exit_threshold)
         positions = positions + 1
     return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
 
@@ -357,6 +379,7 @@ class DepthBatchingEngine:
 
         if not isinstance(model, RecursiveForCausalLM):
             raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
+        _check_plain_stack("model", model.config)
         self.model = model
         self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
         self.exit_threshold = _check_exit_threshold(exit_threshold, model.config)

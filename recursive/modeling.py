@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple, Type, TypeVar
+from typing import Callable, Optional, Tuple, Type, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -44,41 +44,52 @@ class RecursiveModelOutput:
     """``last_hidden_state`` (B, S, hidden) after the final norm; ``past_key_values`` (with
     ``use_cache``); ``aux_loss``: the MoL load-balancing loss averaged over layers (None without MoL);
     ``hidden_states`` (with ``output_hidden_states``): num_layers + 1 tensors (B, S, hidden), the
-    embeddings and the output of every effective layer, all before the final norm."""
+    embeddings and the output of every effective layer, all before the final norm (``hierarchical``:
+    the state, fast or slow, that the layer updated). Mixture-of-Recursions only: ``recursion_loss``,
+    the routers' losses weighted by their coefficients (``mor_balance_loss_coef`` times the
+    token-choice balancing loss plus ``mor_z_loss_coef`` times the z-loss), and ``recursion_depths``
+    (B, S) int64, the recursions each token ran (0 at padding)."""
 
     last_hidden_state: Tensor
     past_key_values: Optional[PastKeyValues] = None
     aux_loss: Optional[Tensor] = None
     hidden_states: Optional[Tuple[Tensor, ...]] = None
+    recursion_loss: Optional[Tensor] = None
+    recursion_depths: Optional[Tensor] = None
 
 
 @dataclass
 class CausalLMOutput:
     """``logits`` (B, S, vocab); ``loss``: next-token cross-entropy (plus ``router_aux_loss_coef *
-    aux_loss`` with MoL) when labels are given; ``aux_loss``, ``past_key_values`` and ``hidden_states``
-    as :class:`RecursiveModelOutput`."""
+    aux_loss`` with MoL, plus ``recursion_loss`` with Mixture-of-Recursions) when labels are given;
+    ``aux_loss``, ``past_key_values``, ``hidden_states``, ``recursion_loss`` and ``recursion_depths`` as
+    :class:`RecursiveModelOutput`."""
 
     logits: Tensor
     loss: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
     past_key_values: Optional[PastKeyValues] = None
     hidden_states: Optional[Tuple[Tensor, ...]] = None
+    recursion_loss: Optional[Tensor] = None
+    recursion_depths: Optional[Tensor] = None
 
 
 @dataclass
 class EncoderOutput:
     """``logits``: (B, S, vocab) for the masked-LM head, (B, num_labels) for sequence classification;
-    ``loss`` with labels; ``last_hidden_state`` (B, S, hidden); ``aux_loss`` as
-    :class:`RecursiveModelOutput`."""
+    ``loss`` with labels; ``last_hidden_state`` (B, S, hidden); ``aux_loss``, ``recursion_loss`` and
+    ``recursion_depths`` as :class:`RecursiveModelOutput`."""
 
     logits: Tensor
     loss: Optional[Tensor] = None
     last_hidden_state: Optional[Tensor] = None
     aux_loss: Optional[Tensor] = None
+    recursion_loss: Optional[Tensor] = None
+    recursion_depths: Optional[Tensor] = None
 
 
 def _upcast(logits: Tensor) -> Tensor:
-    """Losses are computed in float32 at least."""
+    """Losses and routing are computed in float32 at least."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
@@ -90,13 +101,29 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
+def _with_router_losses(loss: Tensor, out: RecursiveModelOutput, config: RecursiveConfig) -> Tensor:
+    """The task loss plus the routers' losses: the mixture of LoRAs' load balancing, weighted by
+    ``router_aux_loss_coef``, and the Mixture-of-Recursions' (already weighted)."""
+    if out.aux_loss is not None:
+        loss = loss + config.router_aux_loss_coef * out.aux_loss
+    if out.recursion_loss is not None:
+        loss = loss + out.recursion_loss
+    return loss
+
+
 class RecursiveModel(nn.Module):
     """The backbone: embeddings, the ``num_blocks`` shared blocks run over ``num_layers`` effective
     layers by the sharing scheme, and the final norm.
 
     Parameters: ``embed_tokens`` (vocab, embedding_size or hidden), ``embed_proj`` (hidden <-
     embedding_size, factorised embeddings only), ``blocks.{b}`` (:class:`recursive.nn.RecursiveBlock`),
-    ``norm``. ``causal`` picks decoder (True) or encoder (False) attention.
+    ``mor_router`` (recursions <- hidden, Mixture-of-Recursions only), ``norm``. ``causal`` picks
+    decoder (True) or encoder (False) attention.
+
+    ``hierarchical`` sharing runs the HRM data flow and ``mor_routing`` the Mixture-of-Recursions one
+    (:mod:`recursive.config`). A Mixture-of-Recursions forward takes no cache (``past_key_values``,
+    ``use_cache``) and no ``output_hidden_states``: its recursions run on token subsets that change
+    with the sequence.
     """
 
     def __init__(self, config: RecursiveConfig, causal: bool = True) -> None:
@@ -111,6 +138,11 @@ class RecursiveModel(nn.Module):
         self.blocks = nn.ModuleList(RecursiveBlock(config, b, causal) for b in range(config.num_blocks))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.block_of_layer = tuple(config.block_of_layer(layer) for layer in range(config.num_layers))
+        if config.mor_routing is not None:
+            # Row r scores recursion r (expert choice); all rows together assign depths (token choice).
+            self.mor_router = nn.Linear(config.hidden_size, len(config.recursions()[1]), bias=False)
+        else:
+            self.register_module("mor_router", None)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """(B, S) token ids -> (B, S, hidden)."""
@@ -159,25 +191,146 @@ class RecursiveModel(nn.Module):
         elif tuple(position_ids.shape) != (B, S):
             raise ValueError(f"position_ids: expected shape ({B}, {S}), got {tuple(position_ids.shape)}")
 
+        mor = self.config.mor_routing is not None
+        if mor and (past_key_values is not None or use_cache or output_hidden_states):
+            name = "past_key_values" if past_key_values is not None else "use_cache" if use_cache else "output_hidden_states"
+            raise ValueError(f"{name}: a Mixture-of-Recursions model runs its recursions on token subsets; it has "
+                             f"no per-layer cache or hidden states")
+
         hidden = self.embed(input_ids)
         position_embeddings = rotary_embedding(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         packing = None
         if attention_mask is not None and not bool(attention_mask.all()):
             packing = VarlenPacking.from_attention_mask(attention_mask, S)
         presents, aux_losses, hidden_states = [], [], [hidden]
-        for layer, block in enumerate(self.block_of_layer):
+
+        def run(layer: int, hidden: Tensor, position_embeddings, packing: Optional[VarlenPacking]) -> Tensor:
             past = None if past_key_values is None else past_key_values[layer]
-            hidden, present, aux_loss = self.blocks[block](hidden, layer, position_embeddings, packing, past, use_cache)
+            hidden, present, aux_loss = self.blocks[self.block_of_layer[layer]](
+                hidden, layer, position_embeddings, packing, past, use_cache)
             presents.append(present)
             hidden_states.append(hidden)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
+            return hidden
+
+        recursion_loss = recursion_depths = None
+        if mor:
+            real = packing.query_mask if packing is not None else torch.ones(B, S, dtype=torch.bool, device=hidden.device)
+            hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(
+                hidden, real, position_ids, lambda layer, h: run(layer, h, position_embeddings, packing), run)
+        elif self.config.sharing == "hierarchical":
+            hidden = self._hierarchical(hidden, lambda layer, h: run(layer, h, position_embeddings, packing))
+        else:
+            for layer in range(self.config.num_layers):
+                hidden = run(layer, hidden, position_embeddings, packing)
         return RecursiveModelOutput(
             last_hidden_state=self.norm(hidden),
             past_key_values=tuple(presents) if use_cache else None,
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            recursion_loss=recursion_loss,
+            recursion_depths=recursion_depths,
         )
+
+    def _hierarchical(self, x: Tensor, run: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """HRM: the fast state ``z_L <- f_L(z_L + z_H + x)`` at each fast step, the slow state
+        ``z_H <- f_H(z_H + z_L)`` after every ``hrm_period`` of them, both from zero; returns ``z_H``.
+        ``run(layer, h)`` runs effective layer ``layer`` on ``h``."""
+        config = self.config
+        module = config.num_blocks // 2
+        fast_layers = config.hrm_period * module
+        recording = torch.is_grad_enabled()
+        # One-step gradient: only the last fast and the last slow module application record.
+        first_recorded = config.num_layers - 2 * module if config.hrm_one_step_gradient else 0
+        fast = slow = torch.zeros_like(x)
+        for layer in range(config.num_layers):
+            position = layer % config.hrm_cycle_length
+            with torch.set_grad_enabled(recording and layer >= first_recorded):
+                if position < fast_layers:
+                    if position % module == 0:
+                        fast = fast + slow + x
+                    fast = run(layer, fast)
+                else:
+                    if position == fast_layers:
+                        slow = slow + fast
+                    slow = run(layer, slow)
+        return slow
+
+    def _mixture_of_recursions(
+        self, hidden: Tensor, real: Tensor, position_ids: Tensor, run_all: Callable[[int, Tensor], Tensor],
+        run: Callable[..., Tensor],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Mixture-of-Recursions over ``hidden`` (B, S, hidden) with real tokens ``real`` (B, S) bool.
+
+        The layers before and after the recursions run on every token (``run_all(layer, h)``); each
+        recursion runs its layers on its selected tokens only, gathered in order into a compact batch
+        (``run(layer, h, position_embeddings, packing)``). Returns the hidden states, the weighted
+        router losses and the recursions each token ran.
+        """
+        config = self.config
+        before, recursions, after = config.recursions()
+        for layer in before:
+            hidden = run_all(layer, hidden)
+        alpha = config.mor_router_alpha
+        real_counts = real.sum(1).tolist()
+        depths = torch.zeros(real.shape, dtype=torch.int64, device=hidden.device)
+        selected = real
+        z_losses = []
+        balance_loss = None
+        if config.mor_routing == "token_choice":
+            logits = _upcast(self.mor_router(hidden))  # (B, S, N)
+            probs = logits.softmax(-1)
+            chosen = probs.argmax(-1)  # the last recursion each token runs
+            gate = alpha * probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+            used = F.one_hot(chosen[real], len(recursions)).to(probs.dtype).mean(0)
+            balance_loss = len(recursions) * (used * probs[real].mean(0)).sum()
+            z_losses.append(logits[real].logsumexp(-1).square().mean())
+        for r, layers in enumerate(recursions):
+            if config.mor_routing == "expert_choice":
+                logits = _upcast(F.linear(hidden, self.mor_router.weight[r:r + 1]).squeeze(-1))  # (B, S)
+                z_losses.append(logits[selected].square().mean())  # the z-loss of a single logit
+                kept = torch.tensor([config.mor_tokens_kept(r, n) for n in real_counts], device=hidden.device)
+                rank = logits.masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+                selected = selected & (rank < kept[:, None])
+                gate, gated = alpha * logits.sigmoid(), selected
+            else:
+                selected, gated = real & (chosen >= r), chosen == r
+            depths = depths + selected
+            hidden = self._recursion_step(hidden, layers, selected, gate, gated, position_ids, run)
+        for layer in after:
+            hidden = run_all(layer, hidden)
+        loss = config.mor_z_loss_coef * torch.stack(z_losses).nan_to_num().mean()
+        if balance_loss is not None:
+            loss = loss + config.mor_balance_loss_coef * balance_loss.nan_to_num()
+        return hidden, loss, depths
+
+    def _recursion_step(self, hidden: Tensor, layers, selected: Tensor, gate: Tensor, gated: Tensor,
+                        position_ids: Tensor, run: Callable[..., Tensor]) -> Tensor:
+        """One recursion on the ``selected`` (B, S) tokens: ``h + gate * (F(h) - h)`` where ``gated``,
+        ``F(h)`` elsewhere among them; the other tokens keep ``hidden``."""
+        B, S, width = hidden.shape
+        counts = selected.sum(1)
+        n = int(counts.max()) if B else 0
+        if n == 0:
+            return hidden
+        # The selected tokens of each row first, in their order (a stable sort of "not selected").
+        order = (~selected).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
+        compact = torch.arange(n, device=hidden.device) < counts[:, None]
+
+        def take(t: Tensor) -> Tensor:
+            return t.gather(1, order.view(B, n, *[1] * (t.dim() - 2)).expand(B, n, *t.shape[2:]))
+
+        h = take(hidden)
+        position_embeddings = rotary_embedding(take(position_ids), self.config.head_dim, self.config.rope_theta, h.dtype)
+        packing = None if bool(compact.all()) else VarlenPacking.from_attention_mask(compact, n)
+        out = h
+        for layer in layers:
+            out = run(layer, out, position_embeddings, packing)
+        g = take(gate).unsqueeze(-1).to(h.dtype)
+        out = torch.where(take(gated).unsqueeze(-1), h + g * (out - h), out)
+        out = torch.where(compact.unsqueeze(-1), out, h)  # compact rows past a row's count hold unselected tokens
+        return hidden.scatter(1, order.unsqueeze(-1).expand(B, n, width), out)
 
     @staticmethod
     def _default_position_ids(batch: int, length: int, past_length: int, attention_mask: Optional[Tensor], device) -> Tensor:
@@ -295,11 +448,10 @@ class RecursiveForCausalLM(RecursivePreTrainedModel):
         if labels is not None:
             if tuple(labels.shape) != tuple(input_ids.shape):
                 raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(labels.shape)}")
-            loss = next_token_loss(logits, labels)
-            if out.aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * out.aux_loss
+            loss = _with_router_losses(next_token_loss(logits, labels), out, self.config)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values,
-                              hidden_states=out.hidden_states)
+                              hidden_states=out.hidden_states, recursion_loss=out.recursion_loss,
+                              recursion_depths=out.recursion_depths)
 
     def generate(
         self,
@@ -325,7 +477,11 @@ class RecursiveForCausalLM(RecursivePreTrainedModel):
             temperature, top_k, top_p: the sampling distribution (:func:`recursive.generation.next_tokens`).
             eos_token_id: the end-of-sequence token, or None.
             exit_threshold: early exit at loop boundaries for decoded tokens (the module docstring of
-                :mod:`recursive.generation`); None or 1.0: off.
+                :mod:`recursive.generation`); None or 1.0: off. A plain stack only: not with
+                hierarchical sharing or Mixture-of-Recursions.
+
+        A Mixture-of-Recursions model has no cache: its routing runs over the whole sequence, which it
+        recomputes at each step.
         """
         from .generation import generate
 
@@ -387,10 +543,9 @@ class RecursiveEncoder(RecursivePreTrainedModel):
             logits = self.classifier(self.head_norm(self.head_act(self.head_dense(self._pool(hidden, attention_mask)))))
         loss = None
         if labels is not None:
-            loss = self._loss(logits, labels)
-            if out.aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * out.aux_loss
-        return EncoderOutput(logits=logits, loss=loss, last_hidden_state=hidden, aux_loss=out.aux_loss)
+            loss = _with_router_losses(self._loss(logits, labels), out, self.config)
+        return EncoderOutput(logits=logits, loss=loss, last_hidden_state=hidden, aux_loss=out.aux_loss,
+                             recursion_loss=out.recursion_loss, recursion_depths=out.recursion_depths)
 
     def _pool(self, hidden: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
         """(B, S, hidden) -> (B, hidden)."""

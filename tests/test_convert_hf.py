@@ -297,6 +297,7 @@ BAD_ARGUMENTS = [
     (dict(num_blocks=3), "num_blocks"),  # 4 layers are no multiple of 3
     (dict(num_blocks=2, sharing="middle_cycle"), "num_blocks"),
     (dict(num_blocks=2, sharing="spiral"), "sharing"),
+    (dict(num_blocks=2, sharing="hierarchical"), "sharing"),
     (dict(num_blocks=2, init="random"), "init"),
     (dict(num_blocks=2, lora_rank=-1), "lora_rank"),
     (dict(num_blocks=2, lora_rank=2.5), "lora_rank"),

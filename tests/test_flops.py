@@ -1,6 +1,8 @@
 """recursive.flops against torch.utils.flop_counter.FlopCounterMode on real models (torch backend) and
 the parameter counts against the built models."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -89,6 +91,37 @@ def test_mixture_counts_routed_experts():
     assert counted(RecursiveForCausalLM(config), inputs(config)) == flops(4) == flops(2) + 2 * per_expert
 
 
+RECURRENCE = {
+    "hierarchical": dict(sharing="hierarchical", num_layers=6, num_blocks=2),
+    "expert_choice": dict(mor_routing="expert_choice", num_layers=6),
+    "expert_middle_cycle": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
+                                mor_capacities=(1.0, 0.6, 0.3)),
+    "token_choice": dict(mor_routing="token_choice", num_layers=6, mor_z_loss_coef=0.1),
+}
+
+
+@pytest.mark.parametrize("variant", list(RECURRENCE))
+def test_recurrence_flops_match_flop_counter(variant):
+    """Hierarchical recurrence and Mixture-of-Recursions (each recursion on its routed tokens only)."""
+    config = dataclasses.replace(tiny_config(), **RECURRENCE[variant])
+    model = RecursiveForCausalLM(config)
+    mask = torch.ones(3, SEQ, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[2, 5:] = 0
+    ids = inputs(config, 3)
+    for attention_mask, lengths in ((None, None), (mask, [SEQ - 3, SEQ, 5])):
+        with FlopCounterMode(display=False) as counter:
+            out = model(ids, attention_mask=attention_mask)
+        extra = {}
+        if config.mor_routing == "token_choice":
+            depths = out.recursion_depths
+            extra["recursion_tokens"] = [(depths > r).sum(1).tolist() for r in range(len(config.recursions()[1]))]
+        assert forward_flops(config, 3, SEQ, lengths=lengths, **extra) == counter.get_total_flops()
+    assert parameter_counts(config) == parameters_by_role(model)
+    if config.mor_routing == "expert_choice":  # fewer tokens run the later recursions
+        assert forward_flops(config, 3, SEQ) < forward_flops(dataclasses.replace(config, mor_routing=None, mor_capacities=None), 3, SEQ)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -175,6 +208,12 @@ def test_bad_arguments_raise_value_error_naming_them():
             forward_flops(**arguments)
         with pytest.raises(ValueError, match=name):
             training_step_flops(**arguments)
+    token_choice = dataclasses.replace(config, mor_routing="token_choice")
+    for bad_config, recursion_tokens in ((token_choice, None), (token_choice, [[SEQ, SEQ]]), (token_choice, [[SEQ + 1, 0]] * 2),
+                                         (config, [[SEQ, SEQ]] * 2), (dataclasses.replace(token_choice, mor_routing="expert_choice"),
+                                                                      [[SEQ, SEQ]] * 2)):
+        with pytest.raises(ValueError, match="recursion_tokens"):
+            forward_flops(bad_config, BATCH, SEQ, recursion_tokens=recursion_tokens)
     with pytest.raises(ValueError, match="model_type"):
         parameter_counts(config, "seq2seq")
     with pytest.raises(ValueError, match="config"):

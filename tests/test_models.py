@@ -289,6 +289,8 @@ def test_config_json_round_trip_and_resolution():
     ("sequence", 6, 2, [0, 0, 0, 1, 1, 1]),
     ("middle_cycle", 6, 4, [0, 1, 2, 1, 2, 3]),
     ("middle_cycle", 3, 3, [0, 1, 2]),
+    ("hierarchical", 6, 2, [0, 0, 1, 0, 0, 1]),  # hrm_period 2: two fast steps, one slow
+    ("hierarchical", 6, 4, [0, 1, 0, 1, 2, 3]),  # modules of two blocks
 ])
 def test_sharing_schemes(sharing, layers, blocks, expected):
     config = tiny_config(sharing=sharing, num_layers=layers, num_blocks=blocks)

@@ -55,9 +55,17 @@ def test_learning_rate_warms_up_then_decays_to_zero(schedule):
     assert factors[55] == pytest.approx(0.5)
 
 
-def test_loss_falls_below_unigram_entropy():
+RECURRENCES = {
+    "loop": dict(),
+    "hierarchical": dict(num_layers=3, num_blocks=2, sharing="hierarchical", hrm_period=2),
+    "mixture_of_recursions": dict(num_layers=3, mor_routing="expert_choice"),
+}
+
+
+@pytest.mark.parametrize("recurrence", list(RECURRENCES))
+def test_loss_falls_below_unigram_entropy(recurrence):
     corpus = encode(synthetic_corpus(1 << 15))
-    losses = train(tiny_model(), steps=80, batch_size=8, seq_len=32, lr=1e-2, corpus=corpus, progress=False)
+    losses = train(tiny_model(**RECURRENCES[recurrence]), steps=80, batch_size=8, seq_len=32, lr=1e-2, corpus=corpus, progress=False)
     assert len(losses) == 80 and all(math.isfinite(loss) for loss in losses)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert losses[0] == pytest.approx(math.log(CORPUS_VOCAB_SIZE), abs=0.1)  # starts near uniform
@@ -65,8 +73,9 @@ def test_loss_falls_below_unigram_entropy():
     assert last < unigram_entropy(corpus) - 0.5  # it uses context, not only letter frequencies
 
 
-def test_bf16_autocast_trains():
-    losses = train(tiny_model(), steps=3, batch_size=2, seq_len=16, bf16=True, progress=False)
+@pytest.mark.parametrize("recurrence", list(RECURRENCES))
+def test_bf16_autocast_trains(recurrence):
+    losses = train(tiny_model(**RECURRENCES[recurrence]), steps=3, batch_size=2, seq_len=16, bf16=True, progress=False)
     assert all(math.isfinite(loss) for loss in losses)
 
 

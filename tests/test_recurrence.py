@@ -1,0 +1,302 @@
+"""Hierarchical recurrence (HRM-LM) and Mixture-of-Recursions against plain unrolled references.
+
+Each reference runs the data flow of ``recursive.config``'s docstring step by step, with an untied copy of
+its block's parameters per effective layer (Mixture-of-Recursions: one sequence at a time, on exactly the
+tokens the routing keeps); outputs and losses must agree, and every shared parameter's gradient must equal
+the sum of its copies'. Float64, seeded, tiny sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from recursive import DepthBatchingEngine
+from tests.test_models import VOCAB, assert_grads_are_sums_over_depths, make_model, ref_block, tiny_config
+from tests.test_modules import TOL, ref_rms_norm
+
+LayerCopy = Tuple[int, Dict[str, Tensor], int]  # (block, parameters, adapter)
+
+
+def copies(model) -> Tuple[Dict[str, Tensor], List[LayerCopy]]:
+    """Copies of the parameters outside the blocks, and one copy of its block per effective layer."""
+    config = model.config
+    top = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters() if ".blocks." not in name}
+    layers = []
+    for layer in range(config.num_layers):
+        block = config.block_of_layer(layer)
+        params = {name: p.detach().clone().requires_grad_() for name, p in model.model.blocks[block].named_parameters()}
+        depth_layers = config.depth_layers_of_block(block)
+        layers.append((block, params, depth_layers.index(layer) if layer in depth_layers else -1))
+    return top, layers
+
+
+def lm_loss(model, top, hidden: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    config = model.config
+    hidden = ref_rms_norm(hidden, top["model.norm.weight"], config.rms_norm_eps, config.norm_unit_offset)
+    logits = hidden @ (top["model.embed_tokens.weight"] if config.tie_word_embeddings else top["lm_head.weight"]).T
+    return logits, F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def check_against_reference(model, out, ref_logits, ref_loss, top, layers, real: Optional[Tensor] = None) -> None:
+    ref_loss.backward()
+    real = torch.ones(out.logits.shape[:2], dtype=torch.bool) if real is None else real
+    torch.testing.assert_close(out.logits[real], ref_logits[real], **TOL)
+    torch.testing.assert_close(out.loss, ref_loss, **TOL)
+    assert_grads_are_sums_over_depths(model, top, [(block, params) for block, params, _ in layers])
+
+
+# Hierarchical recurrence (HRM-LM).
+
+
+def ref_hierarchical(model, input_ids: Tensor, attention_mask: Optional[Tensor], one_step: bool):
+    """``z_L <- f_L(z_L + z_H + x)`` hrm_period times, then ``z_H <- f_H(z_H + z_L)``, per cycle."""
+    config = model.config
+    top, layers = copies(model)
+    x = top["model.embed_tokens.weight"][input_ids] * config.embed_scale
+    B, S = input_ids.shape
+    positions = torch.arange(S).expand(B, S) if attention_mask is None else (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    module = config.num_blocks // 2
+    layer = 0
+
+    def module_pass(h: Tensor) -> Tensor:
+        nonlocal layer
+        for _ in range(module):
+            _, params, adapter = layers[layer]
+            with torch.set_grad_enabled(not one_step or layer >= config.num_layers - 2 * module):
+                h = ref_block(h, params, adapter, config, positions, True, attention_mask)[0]
+            layer += 1
+        return h
+
+    fast = slow = torch.zeros_like(x)
+    for _ in range(config.num_layers // config.hrm_cycle_length):
+        for _ in range(config.hrm_period):
+            fast = module_pass(fast + slow + x)
+        slow = module_pass(slow + fast)
+    assert layer == config.num_layers
+    return slow, top, layers
+
+
+HIERARCHICAL = {
+    "two_blocks": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2, relaxation="none"),
+    "modules_of_two": dict(sharing="hierarchical", num_layers=8, num_blocks=4, hrm_period=3, relaxation="depth_lora"),
+    "one_step": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2, relaxation="qkov_lora",
+                     hrm_one_step_gradient=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(HIERARCHICAL))
+@pytest.mark.parametrize("padded", [False, True])
+def test_hierarchical_matches_unrolled_reference(variant, padded):
+    model = make_model(seed=21, **HIERARCHICAL[variant])
+    torch.manual_seed(22)
+    input_ids = torch.randint(0, VOCAB, (2, 7))
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]) if padded else None
+    labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    out = model(input_ids, attention_mask=attention_mask, labels=labels)
+    out.loss.backward()
+    hidden, top, layers = ref_hierarchical(model, input_ids, attention_mask, model.config.hrm_one_step_gradient)
+    logits, loss = lm_loss(model, top, hidden, labels)
+    check_against_reference(model, out, logits, loss, top, layers, None if attention_mask is None else attention_mask.bool())
+
+
+def test_one_step_gradient_reaches_only_the_last_two_modules():
+    full, one_step = (make_model(seed=23, **dict(HIERARCHICAL["two_blocks"], hrm_one_step_gradient=flag)) for flag in (False, True))
+    input_ids = torch.randint(0, VOCAB, (2, 5))
+    for model in (full, one_step):
+        model(input_ids, labels=input_ids).loss.backward()
+    torch.testing.assert_close(one_step(input_ids).logits, full(input_ids).logits, **TOL)  # the forward is the same
+    fast, slow = one_step.model.blocks  # the last fast and slow steps are layers 4 and 5 of 6
+    for a, b in zip(fast.parameters(), full.model.blocks[0].parameters()):
+        assert a.grad is not None and not torch.allclose(a.grad, b.grad)
+    with torch.no_grad():
+        assert not one_step(input_ids).logits.requires_grad
+
+
+def test_hierarchical_cache_and_generate_equal_recompute():
+    model = make_model(seed=24, **HIERARCHICAL["modules_of_two"]).eval()
+    torch.manual_seed(25)
+    input_ids = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        full = model(input_ids).logits
+        out = model(input_ids[:, :5], use_cache=True)
+        pieces = [out.logits]
+        for t in range(5, 8):
+            out = model(input_ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            pieces.append(out.logits)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, **TOL)
+
+        prompts = torch.randint(0, VOCAB, (2, 4))
+        mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+        generated = model.generate(prompts, 5, attention_mask=mask)
+        for row in range(2):
+            sequence = prompts[row, 4 - int(mask[row].sum()):][None]
+            for _ in range(5):
+                sequence = torch.cat((sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)), 1)
+            assert torch.equal(generated[row, 4:], sequence[0, -5:])
+
+
+# Mixture-of-Recursions.
+
+
+def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
+    """Routing and recursions one sequence at a time; returns the hidden states, the weighted router
+    losses, the depths and the copies."""
+    config = model.config
+    top, layers = copies(model)
+    h = top["model.embed_tokens.weight"][input_ids] * config.embed_scale
+    B, S = input_ids.shape
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(layer: int, h: Tensor, positions: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+        _, params, adapter = layers[layer]
+        return ref_block(h, params, adapter, config, positions, True, key_mask)[0]
+
+    before, recursions, after = config.recursions()
+    for layer in before:
+        h = run(layer, h, positions, attention_mask)
+    router, alpha, N = top["model.mor_router.weight"], config.mor_router_alpha, len(recursions)
+    real = [attention_mask[b].nonzero().flatten().tolist() for b in range(B)]
+    active = real
+    depths = torch.zeros(B, S, dtype=torch.int64)
+    z_terms = []
+    extra = 0.0
+    if config.mor_routing == "token_choice":
+        logits = h @ router.T
+        probs = logits.softmax(-1)
+        chosen = probs.argmax(-1)
+        real_mask = attention_mask.bool()
+        used = torch.stack([(chosen[real_mask] == i).double().mean() for i in range(N)])
+        extra = config.mor_balance_loss_coef * N * (used * probs[real_mask].mean(0)).sum()
+        z_terms.append(logits[real_mask].logsumexp(-1).square().mean())
+        gates = alpha * probs.gather(-1, chosen[..., None]).squeeze(-1)
+    for r, recursion_layers in enumerate(recursions):
+        if config.mor_routing == "expert_choice":
+            logits = h @ router[r]
+            z_terms.append(torch.cat([logits[b, active[b]] for b in range(B)]).square().mean())
+            kept = [max(1, math.ceil(config.mor_capacities[r] * len(real[b]) - 1e-9)) for b in range(B)]
+            active = [sorted(sorted(active[b], key=lambda t: -logits[b, t].item())[:kept[b]]) for b in range(B)]
+            gates = alpha * logits.sigmoid()
+        else:
+            active = [[t for t in real[b] if chosen[b, t] >= r] for b in range(B)]
+        rows = []
+        for b in range(B):
+            if not active[b]:
+                rows.append(h[b])
+                continue
+            index = torch.tensor(active[b])
+            chosen_rows = h[b, index][None]
+            out = chosen_rows
+            for layer in recursion_layers:
+                out = run(layer, out, positions[b, index][None], None)
+            g = gates[b, index][None, :, None]
+            gated = torch.ones_like(g, dtype=torch.bool) if config.mor_routing == "expert_choice" else (chosen[b, index] == r)[None, :, None]
+            new = torch.where(gated, chosen_rows + g * (out - chosen_rows), out)
+            rows.append(h[b].index_put((index,), new[0]))
+            depths[b, index] += 1
+        h = torch.stack(rows)
+    for layer in after:
+        h = run(layer, h, positions, attention_mask)
+    return h, config.mor_z_loss_coef * torch.stack(z_terms).mean() + extra, depths, top, layers
+
+
+MIXTURE_OF_RECURSIONS = {
+    "expert_cycle": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
+                         mor_router_alpha=0.7, mor_z_loss_coef=0.05),
+    "expert_middle_cycle": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
+                                mor_capacities=(1.0, 0.6, 0.3), relaxation="qkov_lora", start_index=2),
+    "token_cycle": dict(mor_routing="token_choice", num_layers=3, num_blocks=1, relaxation="circuit",
+                        mor_balance_loss_coef=0.2, mor_z_loss_coef=0.05),
+}
+
+
+@pytest.mark.parametrize("variant", list(MIXTURE_OF_RECURSIONS))
+def test_mixture_of_recursions_matches_reference(variant):
+    model = make_model(seed=31, **MIXTURE_OF_RECURSIONS[variant])
+    torch.manual_seed(32)
+    input_ids = torch.randint(0, VOCAB, (3, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # left padding
+    attention_mask[2, 6:] = 0  # right padding
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    out = model(input_ids, attention_mask=attention_mask, labels=labels)
+    out.loss.backward()
+    hidden, router_loss, depths, top, layers = ref_mixture_of_recursions(model, input_ids, attention_mask)
+    logits, loss = lm_loss(model, top, hidden, labels)
+    torch.testing.assert_close(out.recursion_loss, router_loss, **TOL)
+    assert torch.equal(out.recursion_depths, depths)
+    assert len(set(depths[attention_mask.bool()].tolist())) > 1  # the routing did split the tokens
+    check_against_reference(model, out, logits, loss + router_loss, top, layers, attention_mask.bool())
+    assert model.model.mor_router.weight.grad.abs().sum() > 0
+
+
+def test_expert_choice_keeps_its_capacities():
+    model = make_model(seed=33, mor_routing="expert_choice", num_layers=8, num_blocks=2, mor_capacities=(1.0, 0.5, 0.5, 0.2))
+    lengths = [10, 7, 1]
+    input_ids = torch.randint(0, VOCAB, (3, 10))
+    attention_mask = (torch.arange(10) < torch.tensor(lengths)[:, None]).long()
+    depths = model(input_ids, attention_mask=attention_mask).recursion_depths
+    for row, n in enumerate(lengths):
+        for r, capacity in enumerate(model.config.mor_capacities):
+            assert int((depths[row] > r).sum()) == max(1, math.ceil(capacity * n))
+        assert not depths[row, n:].any()
+
+
+def test_mixture_of_recursions_generates_by_recomputing():
+    model = make_model(seed=34, **MIXTURE_OF_RECURSIONS["token_cycle"]).eval()
+    prompts = torch.randint(0, VOCAB, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    generated = model.generate(prompts, 4, attention_mask=mask)
+    with torch.no_grad():
+        for row in range(2):
+            sequence = prompts[row, 5 - int(mask[row].sum()):][None]
+            for _ in range(4):
+                sequence = torch.cat((sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)), 1)
+            assert torch.equal(generated[row, 5:], sequence[0, -4:])
+    input_ids = prompts[:, :3]
+    for kwargs, name in ((dict(use_cache=True), "use_cache"), (dict(output_hidden_states=True), "output_hidden_states")):
+        with pytest.raises(ValueError, match=name):
+            model(input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("options", [HIERARCHICAL["two_blocks"], MIXTURE_OF_RECURSIONS["expert_cycle"]])
+def test_early_exit_and_depth_batching_reject_other_data_flows(options):
+    model = make_model(seed=35, **options)
+    with pytest.raises(ValueError, match="model"):
+        DepthBatchingEngine(model, 2)
+    with pytest.raises(ValueError, match="exit_threshold"):
+        model.generate(torch.randint(0, VOCAB, (1, 3)), 2, exit_threshold=0.5)
+
+
+def test_recursion_plans():
+    assert tiny_config(num_layers=6, num_blocks=2).recursions() == ([], [[0, 1], [2, 3], [4, 5]], [])
+    assert tiny_config(sharing="middle_cycle", num_layers=6, num_blocks=4).recursions() == ([0], [[1, 2], [3, 4]], [5])
+    assert tiny_config(sharing="sequence", num_layers=3, num_blocks=1).recursions() == ([], [[0], [1], [2]], [])
+    assert tiny_config(sharing="sequence", num_layers=4, num_blocks=2).recursions() == ([], [[0, 1, 2, 3]], [])
+    assert tiny_config(mor_routing="expert_choice", num_layers=6, num_blocks=2).mor_capacities == (1.0, 2 / 3, 1 / 3)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(sharing="hierarchical", num_layers=6, num_blocks=3), "num_blocks"),
+    (dict(sharing="hierarchical", num_layers=4, num_blocks=2), "num_blocks"),  # not a multiple of the cycle of 3
+    (dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=0), "hrm_period"),
+    (dict(hrm_one_step_gradient=1), "hrm_one_step_gradient"),
+    (dict(mor_routing="top_k"), "mor_routing"),
+    (dict(mor_routing="expert_choice", sharing="sequence"), "mor_routing"),
+    (dict(mor_routing="token_choice", sharing="hierarchical", num_layers=6), "mor_routing"),
+    (dict(mor_routing="expert_choice", mor_capacities=(1.0,)), "mor_capacities"),
+    (dict(mor_routing="expert_choice", mor_capacities=(0.5, 1.0)), "mor_capacities"),
+    (dict(mor_routing="expert_choice", mor_capacities=(1.0, 0.0)), "mor_capacities"),
+    (dict(mor_routing="token_choice", mor_capacities=(1.0, 0.5)), "mor_capacities"),
+    (dict(mor_capacities=(1.0, 0.5)), "mor_capacities"),
+    (dict(mor_routing="expert_choice", mor_router_alpha=-1.0), "mor_router_alpha"),
+    (dict(mor_routing="token_choice", mor_z_loss_coef=float("nan")), "mor_z_loss_coef"),
+])
+def test_config_rejects_bad_recurrence_values(bad, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**bad)
