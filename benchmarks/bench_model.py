@@ -1,11 +1,13 @@
 """Benchmark whole recursive models: forward and training-step throughput, fused backends against the
-torch reference, and a relaxed recursive model against an untied one of the same effective depth.
+torch reference, and recursive models (relaxed, Mixture-of-Recursions) against an untied one of the same depth.
 
-Two models of the same sizes and effective depth L:
+Three models of the same sizes and effective depth L:
 
 - relaxed: L layers over L / 4 shared blocks (cycle) with a depth-wise LoRA of rank 16 on every
   projection (Relaxed Recursive Transformer);
-- untied: L blocks of its own per layer, no relaxation (the ordinary transformer it compresses).
+- untied: L blocks of its own per layer, no relaxation (the ordinary transformer it compresses);
+- mor: the relaxed model's L / 4 shared blocks without LoRA as a Mixture-of-Recursions (expert choice
+  keeps all, 3/4, 1/2 and 1/4 of the tokens in its four loops: 5/8 of the layers' token work).
 
 Each is timed with the automatically selected (fused) backends and with the torch reference, forward
 (inference, no autograd) and forward+backward of the loss (a training step without the optimizer).
@@ -37,7 +39,7 @@ from recursive.progress import Progress  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("auto", "torch")  # auto: the fused backend each op selects on this device
-VARIANTS = ("relaxed", "untied")
+VARIANTS = ("relaxed", "untied", "mor")
 LORA_RANK = 16
 
 
@@ -55,6 +57,9 @@ class Case:
         if self.variant == "relaxed":
             return replace(self.base, num_blocks=self.base.num_layers // 4, relaxation="depth_lora",
                            lora_rank=LORA_RANK, lora_alpha=float(LORA_RANK), lora_targets=None)
+        if self.variant == "mor":
+            return replace(self.base, num_blocks=self.base.num_layers // 4, relaxation="none", lora_targets=None,
+                           mor_routing="expert_choice")
         return replace(self.base, num_blocks=self.base.num_layers, relaxation="none", lora_targets=None)
 
     def flops(self, backward: bool) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_circuit_attention, bench_lowrank_linear, common
+from benchmarks import bench_circuit_attention, bench_lowrank_linear, bench_model, common
+from recursive import RecursiveConfig
 
 
 def test_relative_error_over_tensor_sequences():
@@ -50,6 +51,18 @@ def test_circuit_attention_benchmark_checks_every_implementation(quick_timing):
     errors = _errors(result, "sdpa")
     assert {impl for impl, _ in errors} >= {"eager", "torch"}
     assert all(0 < err < 1e-5 for err in errors.values()), errors
+
+
+def test_model_benchmark_times_every_variant_against_the_untied_model(quick_timing):
+    base = RecursiveConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_layers=8)
+    cases = [bench_model.Case(variant, base, 1, 9) for variant in bench_model.VARIANTS]
+    result = bench_model.run(device=torch.device("cpu"), dtype=torch.float32, cases=cases, progress=False)
+    rows = {(row["model"], row["mode"], row["impl"]): row for row in result["rows"]}
+    assert len(rows) == len(bench_model.VARIANTS) * len(bench_model.MODES) * len(bench_model.IMPLS)
+    assert all(row["vs untied"] > 0 and row["GFLOP/s"] > 0 for row in rows.values())
+    assert all(rows["untied", mode, impl]["vs untied"] == 1.0 for mode in bench_model.MODES for impl in bench_model.IMPLS)
+    mor, relaxed = (cases[bench_model.VARIANTS.index(v)] for v in ("mor", "relaxed"))
+    assert mor.flops(backward=False) < relaxed.flops(backward=False)  # the later loops run on fewer tokens
 
 
 def test_compile_pass_runs_its_shard_once_and_times_nothing(monkeypatch, one_thread):
