@@ -30,7 +30,8 @@ The per-depth relaxations (all but ``"mol"``) leave the layers before ``start_in
 ``mor_routing`` makes the model a Mixture-of-Recursions: the loops over the shared blocks
 (:meth:`RecursiveConfig.recursions`) become recursions that each token takes or not. A recursion step
 updates its selected tokens ``h <- h + g * (F(h) - h)`` (F the recursion's blocks, run on the selected
-tokens only, which attend to each other: recursion-wise KV) and leaves the others unchanged:
+tokens only, which attend to each other: recursion-wise KV, or with ``mor_kv_sharing`` to the first
+recursion's keys and values of every token it ran) and leaves the others unchanged:
 
 - ``"expert_choice"``: before recursion r a router scores the tokens still active,
   ``g = mor_router_alpha * sigmoid(w_r . h)``, and the top ``mor_capacities[r]`` fraction of each
@@ -95,6 +96,9 @@ class RecursiveConfig:
         mor_router_alpha: the routers' gate scale (alpha).
         mor_balance_loss_coef: weight of the token-choice balancing loss in the training loss.
         mor_z_loss_coef: weight of the router z-loss in the training loss.
+        mor_kv_sharing: the later recursions attend over the first recursion's keys and values (each
+            layer of a recursion over those of the same layer of the first) instead of their own
+            selected tokens' (recursion-wise); not with the QK/OV circuit.
         relaxation: ``"none"``, ``"depth_lora"``, ``"qkov_lora"``, ``"circuit"`` or ``"mol"``.
         lora_rank: rank of every targeted projection, or a dict from target to rank.
         lora_alpha: LoRA alpha; the scaling is ``lora_alpha / rank`` (PEFT's convention).
@@ -136,6 +140,7 @@ class RecursiveConfig:
     mor_router_alpha: float = 1.0
     mor_balance_loss_coef: float = 0.01
     mor_z_loss_coef: float = 0.001
+    mor_kv_sharing: bool = False
     relaxation: str = "none"
     lora_rank: Union[int, Dict[str, int]] = 8
     lora_alpha: float = 8.0
@@ -222,10 +227,16 @@ class RecursiveConfig:
             raise ValueError(f"num_blocks: num_layers ({L}) must be a multiple of num_blocks ({B})")
 
     def _resolve_mor(self) -> None:
+        if not isinstance(self.mor_kv_sharing, bool):
+            raise ValueError(f"mor_kv_sharing: expected a bool, got {self.mor_kv_sharing!r}")
         if self.mor_routing is None:
-            if self.mor_capacities is not None:
-                raise ValueError("mor_capacities: given without mor_routing")
+            for name in ("mor_capacities", "mor_kv_sharing"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: given without mor_routing")
             return
+        if self.mor_kv_sharing and self.relaxation == "circuit":
+            raise ValueError("mor_kv_sharing: the QK/OV circuit's key corrections belong to their own depth; "
+                             "they cannot be shared across recursions")
         _check_choice("mor_routing", self.mor_routing, MOR_ROUTINGS)
         if self.sharing not in ("cycle", "middle_cycle") and self.num_blocks > 1:
             raise ValueError(

@@ -18,7 +18,10 @@ cost that width times the batch, attention each sequence's selected tokens squar
 ``config.mor_tokens_kept`` tokens per sequence and recursion; token choice depends on the data, so its
 counts are given (``recursion_tokens``, read off the output's ``recursion_depths``). The routers add
 one matmul over every position: (hidden, 1) per recursion for expert choice, (hidden, N) once for
-token choice. Hierarchical (HRM) sharing adds only additions to a plain stack of its effective layers.
+token choice. With ``mor_kv_sharing`` the later recursions project no keys or values, and their
+queries, spread over the first recursion's tokens, attend in that recursion's layout (its selected
+tokens squared per sequence). Hierarchical (HRM) sharing adds only additions to a plain stack of its
+effective layers.
 
 The fused backends (cpp, triton, cuda) run their own kernels, which FlopCounterMode sees only in part
 (the cpp backend's base matmuls go through aten and are counted; its attention and low-rank loops, and
@@ -111,9 +114,13 @@ def forward_flops(
     before, recursions, after = config.recursions()
     counts = _recursion_tokens(config, lengths, len(recursions), recursion_tokens)
     total = sum(_layer_flops(config, layer, tokens, score_entries) for layer in before + after)
-    for layers, selected in zip(recursions, counts):
+    first_entries = sum(n * n for n in counts[0])
+    for r, (layers, selected) in enumerate(zip(recursions, counts)):
         width, entries = batch_size * max(selected), sum(n * n for n in selected)
-        total += sum(_layer_flops(config, layer, width, entries) for layer in layers)
+        if config.mor_kv_sharing and r > 0:  # no keys of their own; queries attend in the first recursion's layout
+            total += sum(_layer_flops(config, layer, width, first_entries, key_value_tokens=0) for layer in layers)
+        else:
+            total += sum(_layer_flops(config, layer, width, entries) for layer in layers)
     total += 2 * tokens * config.hidden_size * len(recursions)  # the router: (hidden, 1) N times, or (hidden, N) once
     return total + _outside_blocks_flops(config, batch_size, tokens, model_type)
 
@@ -198,19 +205,22 @@ def _circuit_width(config: RecursiveConfig) -> int:
     return config.num_attention_heads + 2 * config.num_key_value_heads
 
 
-def _layer_flops(config: RecursiveConfig, layer: int, tokens: int, score_entries: int) -> int:
-    """One effective layer: its block's projections, the active relaxation's terms and attention."""
+def _layer_flops(config: RecursiveConfig, layer: int, tokens: int, score_entries: int,
+                 key_value_tokens: Optional[int] = None) -> int:
+    """One effective layer: its block's projections, the active relaxation's terms and attention; the k and
+    v projections run over ``key_value_tokens`` (default ``tokens``)."""
     relaxed = config.per_depth and layer >= config.start_index  # per-depth parameters modify this layer
     mol = config.relaxation == "mol"
     heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
     flops = 0
     for target, (fan_in, fan_out) in _projection_shapes(config).items():
-        flops += 2 * tokens * fan_in * fan_out
+        rows = tokens if key_value_tokens is None or target not in ("k", "v") else key_value_tokens
+        flops += 2 * rows * fan_in * fan_out
         adapters_here = (relaxed and target in ATTENTION_TARGETS) or (
             (relaxed or mol) and target in FEED_FORWARD_TARGETS)
         if adapters_here:
             slots = config.num_experts_per_tok if mol else 1
-            flops += slots * 2 * tokens * _lora_rank(config, target, fan_in, fan_out) * (fan_in + fan_out)
+            flops += slots * 2 * rows * _lora_rank(config, target, fan_in, fan_out) * (fan_in + fan_out)
     if mol:
         flops += 2 * tokens * hidden * config.num_experts  # the router
     score_width = head_dim  # the contraction width of QK^T (and of PV: value width)

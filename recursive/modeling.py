@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Type, TypeVar
+from typing import Callable, List, NamedTuple, Optional, Tuple, Type, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import RecursiveConfig
-from .nn import LayerKV, LowRankLinear, RecursiveBlock, RMSNorm, VarlenPacking, activation, rotary_embedding
+from .nn import (LayerKV, LowRankLinear, RecursiveBlock, RMSNorm, SharedKeyValue, VarlenPacking, activation,
+                 rotary_embedding)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -204,26 +205,32 @@ class RecursiveModel(nn.Module):
             packing = VarlenPacking.from_attention_mask(attention_mask, S)
         presents, aux_losses, hidden_states = [], [], [hidden]
 
-        def run(layer: int, hidden: Tensor, position_embeddings, packing: Optional[VarlenPacking]) -> Tensor:
-            past = None if past_key_values is None else past_key_values[layer]
+        def run_block(layer: int, hidden: Tensor, position_embeddings, packing: Optional[VarlenPacking],
+                      **options) -> Tuple[Tensor, Optional[LayerKV]]:
             hidden, present, aux_loss = self.blocks[self.block_of_layer[layer]](
-                hidden, layer, position_embeddings, packing, past, use_cache)
-            presents.append(present)
-            hidden_states.append(hidden)
+                hidden, layer, position_embeddings, packing, **options)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
+            return hidden, present
+
+        def run(layer: int, hidden: Tensor) -> Tensor:
+            """Effective layer ``layer`` on the whole batch, with its cache."""
+            past = None if past_key_values is None else past_key_values[layer]
+            hidden, present = run_block(layer, hidden, position_embeddings, packing, past_key_value=past,
+                                        use_cache=use_cache)
+            presents.append(present)
+            hidden_states.append(hidden)
             return hidden
 
         recursion_loss = recursion_depths = None
         if mor:
             real = packing.query_mask if packing is not None else torch.ones(B, S, dtype=torch.bool, device=hidden.device)
-            hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(
-                hidden, real, position_ids, lambda layer, h: run(layer, h, position_embeddings, packing), run)
+            hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(hidden, real, position_ids, run, run_block)
         elif self.config.sharing == "hierarchical":
-            hidden = self._hierarchical(hidden, lambda layer, h: run(layer, h, position_embeddings, packing))
+            hidden = self._hierarchical(hidden, run)
         else:
             for layer in range(self.config.num_layers):
-                hidden = run(layer, hidden, position_embeddings, packing)
+                hidden = run(layer, hidden)
         return RecursiveModelOutput(
             last_hidden_state=self.norm(hidden),
             past_key_values=tuple(presents) if use_cache else None,
@@ -232,6 +239,13 @@ class RecursiveModel(nn.Module):
             recursion_loss=recursion_loss,
             recursion_depths=recursion_depths,
         )
+
+    @staticmethod
+    def _default_position_ids(batch: int, length: int, past_length: int, attention_mask: Optional[Tensor], device) -> Tensor:
+        if attention_mask is None:
+            return torch.arange(past_length, past_length + length, device=device).expand(batch, length)
+        positions = attention_mask.long().cumsum(-1) - 1
+        return positions[:, past_length:].clamp(min=0)  # padding gets position 0; it is never attended to
 
     def _hierarchical(self, x: Tensor, run: Callable[[int, Tensor], Tensor]) -> Tensor:
         """HRM: the fast state ``z_L <- f_L(z_L + z_H + x)`` at each fast step, the slow state
@@ -259,14 +273,14 @@ class RecursiveModel(nn.Module):
 
     def _mixture_of_recursions(
         self, hidden: Tensor, real: Tensor, position_ids: Tensor, run_all: Callable[[int, Tensor], Tensor],
-        run: Callable[..., Tensor],
+        run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]],
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Mixture-of-Recursions over ``hidden`` (B, S, hidden) with real tokens ``real`` (B, S) bool.
 
         The layers before and after the recursions run on every token (``run_all(layer, h)``); each
         recursion runs its layers on its selected tokens only, gathered in order into a compact batch
-        (``run(layer, h, position_embeddings, packing)``). Returns the hidden states, the weighted
-        router losses and the recursions each token ran.
+        (``run_block(layer, h, position_embeddings, packing, **block_options) -> (h, present)``).
+        Returns the hidden states, the weighted router losses and the recursions each token ran.
         """
         config = self.config
         before, recursions, after = config.recursions()
@@ -277,7 +291,7 @@ class RecursiveModel(nn.Module):
         depths = torch.zeros(real.shape, dtype=torch.int64, device=hidden.device)
         selected = real
         z_losses = []
-        balance_loss = None
+        balance_loss = first = None  # first: the first recursion's layout and keys (KV sharing)
         if config.mor_routing == "token_choice":
             logits = _upcast(self.mor_router(hidden))  # (B, S, N)
             probs = logits.softmax(-1)
@@ -297,7 +311,7 @@ class RecursiveModel(nn.Module):
             else:
                 selected, gated = real & (chosen >= r), chosen == r
             depths = depths + selected
-            hidden = self._recursion_step(hidden, layers, selected, gate, gated, position_ids, run)
+            hidden, first = self._recursion_step(hidden, layers, selected, gate, gated, position_ids, run_block, first)
         for layer in after:
             hidden = run_all(layer, hidden)
         loss = config.mor_z_loss_coef * torch.stack(z_losses).nan_to_num().mean()
@@ -305,17 +319,25 @@ class RecursiveModel(nn.Module):
             loss = loss + config.mor_balance_loss_coef * balance_loss.nan_to_num()
         return hidden, loss, depths
 
-    def _recursion_step(self, hidden: Tensor, layers, selected: Tensor, gate: Tensor, gated: Tensor,
-                        position_ids: Tensor, run: Callable[..., Tensor]) -> Tensor:
+    def _recursion_step(
+        self, hidden: Tensor, layers, selected: Tensor, gate: Tensor, gated: Tensor, position_ids: Tensor,
+        run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]], first: Optional["_FirstRecursion"],
+    ) -> Tuple[Tensor, Optional["_FirstRecursion"]]:
         """One recursion on the ``selected`` (B, S) tokens: ``h + gate * (F(h) - h)`` where ``gated``,
-        ``F(h)`` elsewhere among them; the other tokens keep ``hidden``."""
+        ``F(h)`` elsewhere among them; the other tokens keep ``hidden``. With KV sharing, the first
+        recursion returns its layout and keys (``first``) and the later ones attend over them."""
         B, S, width = hidden.shape
         counts = selected.sum(1)
         n = int(counts.max()) if B else 0
         if n == 0:
-            return hidden
-        # The selected tokens of each row first, in their order (a stable sort of "not selected").
-        order = (~selected).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
+            return hidden, first
+        # The selected tokens of each row first, in their order (a stable sort of "not selected"); with
+        # KV sharing, placed by their rows in the first recursion's layout.
+        if first is None:
+            order = (~selected).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
+        else:
+            rows = (~selected.gather(1, first.order)).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
+            order = first.order.gather(1, rows)
         compact = torch.arange(n, device=hidden.device) < counts[:, None]
 
         def take(t: Tensor) -> Tensor:
@@ -324,20 +346,28 @@ class RecursiveModel(nn.Module):
         h = take(hidden)
         position_embeddings = rotary_embedding(take(position_ids), self.config.head_dim, self.config.rope_theta, h.dtype)
         packing = None if bool(compact.all()) else VarlenPacking.from_attention_mask(compact, n)
+        keep = self.config.mor_kv_sharing and first is None
+        key_values = []
         out = h
-        for layer in layers:
-            out = run(layer, out, position_embeddings, packing)
+        for i, layer in enumerate(layers):
+            shared = None if first is None else SharedKeyValue(first.key_values[i], rows, first.packing)
+            out, present = run_block(layer, out, position_embeddings, packing, use_cache=keep, shared_key_value=shared)
+            key_values.append(present)
         g = take(gate).unsqueeze(-1).to(h.dtype)
         out = torch.where(take(gated).unsqueeze(-1), h + g * (out - h), out)
         out = torch.where(compact.unsqueeze(-1), out, h)  # compact rows past a row's count hold unselected tokens
-        return hidden.scatter(1, order.unsqueeze(-1).expand(B, n, width), out)
+        if keep:
+            first = _FirstRecursion(order, packing, key_values)
+        return hidden.scatter(1, order.unsqueeze(-1).expand(B, n, width), out), first
 
-    @staticmethod
-    def _default_position_ids(batch: int, length: int, past_length: int, attention_mask: Optional[Tensor], device) -> Tensor:
-        if attention_mask is None:
-            return torch.arange(past_length, past_length + length, device=device).expand(batch, length)
-        positions = attention_mask.long().cumsum(-1) - 1
-        return positions[:, past_length:].clamp(min=0)  # padding gets position 0; it is never attended to
+
+class _FirstRecursion(NamedTuple):
+    """The first recursion's compact layout (``order`` (B, n): the token of each row; ``packing``: its
+    real rows) and each of its layers' keys and values, which the later recursions share."""
+
+    order: Tensor
+    packing: Optional[VarlenPacking]
+    key_values: List[LayerKV]
 
 
 class RecursivePreTrainedModel(nn.Module):

@@ -252,6 +252,21 @@ class LayerKV(NamedTuple):
         return LayerKV(*(None if p is None else torch.cat((p, n), dim=2) for p, n in zip(self, new)))
 
 
+class SharedKeyValue(NamedTuple):
+    """Another layer's keys and values for a layer to attend over instead of its own (Mixture-of-
+    Recursions' KV sharing: later recursions reuse the first one's).
+
+    ``key_value``: that layer's :class:`LayerKV` (B, Hkv, Sk, .); ``query_rows``: (B, Sq) int64, the
+    row of each query among those keys (its token's place in that layer's sequence; unique per
+    sequence); ``packing``: the real tokens of that sequence (None: all real). Attention scatters the
+    queries into the keys' sequence and attends there (causal by that order), then gathers them back.
+    """
+
+    key_value: LayerKV
+    query_rows: Tensor
+    packing: Optional["VarlenPacking"] = None
+
+
 @dataclass(frozen=True)
 class VarlenPacking:
     """Where the real (unpadded) tokens of a padded batch are, for :func:`kernels.circuit_attention_varlen`.
@@ -444,6 +459,7 @@ class CircuitAttention(nn.Module):
         use_cache: bool = False,
         *,
         check_indices: bool = True,
+        shared_key_value: Optional[SharedKeyValue] = None,
     ) -> Tuple[Tensor, Optional[LayerKV]]:
         """Args:
             hidden_states: (B, S, hidden).
@@ -456,6 +472,9 @@ class CircuitAttention(nn.Module):
             use_cache: also return the cache extended by this step.
             check_indices: False trusts a tensor ``adapter_index`` to lie in [-1, E) (no host read of its
                 values, which is a synchronisation on the GPU), as :func:`kernels.lowrank_linear`'s.
+            shared_key_value: attend over these keys and values (:class:`SharedKeyValue`) instead of
+                projecting this layer's own; ``packing`` then describes nothing here (the shared
+                sequence's is in it), and there is no cache. Not with the QK/OV circuit.
 
         Returns:
             ``(output, present)``: (B, S, hidden) and the extended :class:`LayerKV` (None unless
@@ -465,6 +484,8 @@ class CircuitAttention(nn.Module):
         H, D = self.num_heads, self.head_dim
         index = self._check_index(adapter_index, B, S, check_indices)
         q = _apply_rotary(self.q_proj(hidden_states, index, check_indices=False).view(B, S, H, D), *position_embeddings)
+        if shared_key_value is not None:
+            return self._attend_shared(q, shared_key_value, index, past_key_value, use_cache), None
         k, v, k_c, v_c = self._key_value(hidden_states, position_embeddings, index)
         q_c = _depth_projection(hidden_states, self.qk_u, index) if k_c is not None else None
         if past_key_value is not None:
@@ -531,6 +552,22 @@ class CircuitAttention(nn.Module):
             check_offsets=False,  # built by VarlenPacking: no host synchronisation per layer
         )
         return unpacked(out), unpacked(out_c)
+
+    def _attend_shared(self, q: Tensor, shared: SharedKeyValue, index: Union[int, Tensor],
+                       past_key_value: Optional[LayerKV], use_cache: bool) -> Tensor:
+        """:meth:`forward` over another layer's keys and values; q (B, S, H, D) -> (B, S, hidden)."""
+        if past_key_value is not None or use_cache:
+            raise ValueError("shared_key_value: a layer attending over shared keys and values has no cache of its own")
+        if self.qk_u is not None or shared.key_value.key_c is not None:
+            raise ValueError("shared_key_value: the QK/OV circuit's corrections belong to their own depth; not shared")
+        B, S, H, D = q.shape
+        key, value = shared.key_value.key, shared.key_value.value
+        if tuple(shared.query_rows.shape) != (B, S):
+            raise ValueError(f"shared_key_value: query_rows must be ({B}, {S}), got {tuple(shared.query_rows.shape)}")
+        rows = shared.query_rows[:, :, None, None].expand(B, S, H, D)
+        spread = q.new_zeros(B, key.shape[2], H, D).scatter(1, rows, q)  # the queries in the keys' sequence
+        out, _ = self._attend(spread, key, value, None, None, None, shared.packing)
+        return self.o_proj(out.gather(1, rows).reshape(B, S, H * D), index, check_indices=False)
 
     def _ov_output(self, out_c: Tensor, index: Union[int, Tensor]) -> Tensor:
         """``out_c`` (B, S, H, R) through each head's D (D <- R) of the row's depth -> (B, S, H, D)."""
@@ -802,6 +839,7 @@ class RecursiveBlock(nn.Module):
         use_cache: bool = False,
         *,
         check_depth: bool = True,
+        shared_key_value: Optional[SharedKeyValue] = None,
     ) -> Tuple[Tensor, Optional[LayerKV], Optional[Tensor]]:
         """Args:
             hidden_states: (B, S, hidden).
@@ -811,6 +849,8 @@ class RecursiveBlock(nn.Module):
             check_depth: False trusts a tensor ``depth`` to hold effective layers (no host read of its
                 values, a synchronisation on the GPU; :class:`recursive.DepthBatchingEngine` builds its
                 depths). The adapter indices derived from the depths are never read again.
+            shared_key_value: the attention attends over these instead of its own keys and values
+                (:meth:`CircuitAttention.forward`).
 
         Returns:
             ``(hidden_states, present, aux_loss)``: (B, S, hidden), the extended cache (None unless
@@ -819,7 +859,7 @@ class RecursiveBlock(nn.Module):
         index = self._token_adapter_index(depth, hidden_states, check_depth)
         attn_out, present = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, index, packing, past_key_value, use_cache,
-            check_indices=False,
+            check_indices=False, shared_key_value=shared_key_value,
         )
         hidden_states = hidden_states + attn_out
         normed = self.post_attention_layernorm(hidden_states)

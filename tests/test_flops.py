@@ -97,6 +97,8 @@ RECURRENCE = {
     "expert_middle_cycle": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
                                 mor_capacities=(1.0, 0.6, 0.3)),
     "token_choice": dict(mor_routing="token_choice", num_layers=6, mor_z_loss_coef=0.1),
+    "expert_kv_sharing": dict(mor_routing="expert_choice", num_layers=6, mor_kv_sharing=True, mor_capacities=(0.8, 0.5, 0.2)),
+    "token_kv_sharing": dict(mor_routing="token_choice", num_layers=6, mor_kv_sharing=True),
 }
 
 
@@ -119,7 +121,8 @@ def test_recurrence_flops_match_flop_counter(variant):
         assert forward_flops(config, 3, SEQ, lengths=lengths, **extra) == counter.get_total_flops()
     assert parameter_counts(config) == parameters_by_role(model)
     if config.mor_routing == "expert_choice":  # fewer tokens run the later recursions
-        assert forward_flops(config, 3, SEQ) < forward_flops(dataclasses.replace(config, mor_routing=None, mor_capacities=None), 3, SEQ)
+        assert forward_flops(config, 3, SEQ) < forward_flops(dataclasses.replace(
+            config, mor_routing=None, mor_capacities=None, mor_kv_sharing=False), 3, SEQ)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from recursive import DepthBatchingEngine
 from tests.test_models import VOCAB, assert_grads_are_sums_over_depths, make_model, ref_block, tiny_config
-from tests.test_modules import TOL, ref_rms_norm
+from tests.test_modules import TOL, ref_feed_forward, ref_linear, ref_rms_norm, ref_rope, sub
 
 LayerCopy = Tuple[int, Dict[str, Tensor], int]  # (block, parameters, adapter)
 
@@ -144,6 +144,32 @@ def test_hierarchical_cache_and_generate_equal_recompute():
 # Mixture-of-Recursions.
 
 
+def ref_block_over_shared_keys(h: Tensor, params: Dict[str, Tensor], adapter: int, config, positions: Tensor,
+                               first: Tuple[Tensor, Dict[str, Tensor], int, Tensor]) -> Tensor:
+    """A block whose attention takes its keys and values from ``first`` = (the first recursion's input
+    (1, n0, hidden) to the same layer, that layer's parameters and adapter, its positions (1, n0)): causal
+    by position. h (1, n, hidden), positions (1, n)."""
+    norm = {"eps": config.rms_norm_eps, "unit_offset": config.norm_unit_offset}
+    heads, kv_heads, D, alpha = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.lora_alpha
+    h0, params0, adapter0, positions0 = first
+    x = ref_rms_norm(h, params["input_layernorm.weight"], **norm)
+    x0 = ref_rms_norm(h0, params0["input_layernorm.weight"], **norm)
+    attn0 = sub(params0, "self_attn.")
+    n, n0 = h.shape[1], h0.shape[1]
+    q = ref_rope(ref_linear(x, sub(params, "self_attn."), "q_proj", adapter, alpha).view(1, n, heads, D), positions,
+                 config.rope_theta).transpose(1, 2)
+    k = ref_rope(ref_linear(x0, attn0, "k_proj", adapter0, alpha).view(1, n0, kv_heads, D), positions0, config.rope_theta)
+    v = ref_linear(x0, attn0, "v_proj", adapter0, alpha).view(1, n0, kv_heads, D)
+    group = heads // kv_heads
+    k, v = k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
+    allowed = positions0[0][None, :] <= positions[0][:, None]
+    probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, float("-inf")), -1)
+    out = (probs @ v).transpose(1, 2).reshape(1, n, heads * D)
+    h = h + ref_linear(out, sub(params, "self_attn."), "o_proj", adapter, alpha)
+    x = ref_rms_norm(h, params["post_attention_layernorm.weight"], **norm)
+    return h + ref_feed_forward(x, sub(params, "mlp."), adapter, config.hidden_act, alpha)
+
+
 def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
     """Routing and recursions one sequence at a time; returns the hidden states, the weighted router
     losses, the depths and the copies."""
@@ -175,6 +201,7 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
         extra = config.mor_balance_loss_coef * N * (used * probs[real_mask].mean(0)).sum()
         z_terms.append(logits[real_mask].logsumexp(-1).square().mean())
         gates = alpha * probs.gather(-1, chosen[..., None]).squeeze(-1)
+    first: List[List[Tuple[Tensor, Dict[str, Tensor], int, Tensor]]] = [[] for _ in range(B)]  # KV sharing
     for r, recursion_layers in enumerate(recursions):
         if config.mor_routing == "expert_choice":
             logits = h @ router[r]
@@ -192,7 +219,13 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
             index = torch.tensor(active[b])
             chosen_rows = h[b, index][None]
             out = chosen_rows
-            for layer in recursion_layers:
+            for j, layer in enumerate(recursion_layers):
+                if config.mor_kv_sharing and r > 0:
+                    _, params, adapter = layers[layer]
+                    out = ref_block_over_shared_keys(out, params, adapter, config, positions[b, index][None], first[b][j])
+                    continue
+                if config.mor_kv_sharing:
+                    first[b].append((out, layers[layer][1], layers[layer][2], positions[b, index][None]))
                 out = run(layer, out, positions[b, index][None], None)
             g = gates[b, index][None, :, None]
             gated = torch.ones_like(g, dtype=torch.bool) if config.mor_routing == "expert_choice" else (chosen[b, index] == r)[None, :, None]
@@ -212,6 +245,10 @@ MIXTURE_OF_RECURSIONS = {
                                 mor_capacities=(1.0, 0.6, 0.3), relaxation="qkov_lora", start_index=2),
     "token_cycle": dict(mor_routing="token_choice", num_layers=3, num_blocks=1, relaxation="circuit",
                         mor_balance_loss_coef=0.2, mor_z_loss_coef=0.05),
+    "expert_kv_sharing": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
+                              mor_kv_sharing=True, mor_capacities=(0.8, 0.6, 0.3)),
+    "token_kv_sharing": dict(mor_routing="token_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
+                             relaxation="qkov_lora", mor_kv_sharing=True, mor_balance_loss_coef=0.2),
 }
 
 
@@ -296,6 +333,9 @@ def test_recursion_plans():
     (dict(mor_capacities=(1.0, 0.5)), "mor_capacities"),
     (dict(mor_routing="expert_choice", mor_router_alpha=-1.0), "mor_router_alpha"),
     (dict(mor_routing="token_choice", mor_z_loss_coef=float("nan")), "mor_z_loss_coef"),
+    (dict(mor_routing="token_choice", mor_kv_sharing=1), "mor_kv_sharing"),
+    (dict(mor_kv_sharing=True), "mor_kv_sharing"),
+    (dict(mor_routing="token_choice", mor_kv_sharing=True, relaxation="circuit"), "mor_kv_sharing"),
 ])
 def test_config_rejects_bad_recurrence_values(bad, field):
     with pytest.raises(ValueError, match=field):
