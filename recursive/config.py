@@ -305,6 +305,13 @@ class RecursiveConfig:
         return 1 + (layer - 1) % (B - 2)
 
     @property
+    def kv_cacheable(self) -> bool:
+        """Whether the model decodes with a KV cache: all but a Mixture-of-Recursions, which only with
+        token choice (a token's depth is its own) and KV sharing (the first recursion, which every token
+        runs, holds every key the later ones read)."""
+        return self.mor_routing is None or (self.mor_routing == "token_choice" and self.mor_kv_sharing)
+
+    @property
     def hrm_cycle_length(self) -> int:
         """``hierarchical``: effective layers per cycle, ``(hrm_period + 1) * num_blocks / 2``."""
         return (self.hrm_period + 1) * (self.num_blocks // 2)

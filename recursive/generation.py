@@ -283,8 +283,8 @@ def generate(
     if max_new_tokens == 0:
         return input_ids
 
-    # A Mixture-of-Recursions model routes over the whole sequence: it recomputes it at each step.
-    cached = config.mor_routing is None
+    # A Mixture-of-Recursions model without a cache (config.kv_cacheable) recomputes the sequence at each step.
+    cached = config.kv_cacheable
     out = model(input_ids, attention_mask=attention_mask, use_cache=cached)
     # The last real token of each row (the last column with left padding).
     last = (attention_mask.long() * torch.arange(S, device=input_ids.device)).argmax(1)
@@ -309,7 +309,7 @@ def generate(
         if not cached:
             sequence = torch.cat((sequence, tokens[:, None].to(sequence.dtype)), dim=1)
             logits = model(sequence, attention_mask=attention_mask).logits[:, -1]
-        elif config.sharing == "hierarchical":  # its fast and slow states: the model's own forward
+        elif config.sharing == "hierarchical" or config.mor_routing is not None:  # their own data flow
             out = model(tokens[:, None], attention_mask=attention_mask if padded else None,
                         position_ids=positions[:, None], past_key_values=past, use_cache=True)
             logits, past = out.logits[:, -1], out.past_key_values

@@ -122,9 +122,10 @@ class RecursiveModel(nn.Module):
     decoder (True) or encoder (False) attention.
 
     ``hierarchical`` sharing runs the HRM data flow and ``mor_routing`` the Mixture-of-Recursions one
-    (:mod:`recursive.config`). A Mixture-of-Recursions forward takes no cache (``past_key_values``,
-    ``use_cache``) and no ``output_hidden_states``: its recursions run on token subsets that change
-    with the sequence.
+    (:mod:`recursive.config`). A Mixture-of-Recursions forward has no ``output_hidden_states`` (its
+    recursions run on token subsets) and a cache only when ``config.kv_cacheable`` (token choice with
+    KV sharing): the layers before, after and of the first recursion cache their keys; the later
+    recursions' entries are None, as they read the first's.
     """
 
     def __init__(self, config: RecursiveConfig, causal: bool = True) -> None:
@@ -193,17 +194,18 @@ class RecursiveModel(nn.Module):
             raise ValueError(f"position_ids: expected shape ({B}, {S}), got {tuple(position_ids.shape)}")
 
         mor = self.config.mor_routing is not None
-        if mor and (past_key_values is not None or use_cache or output_hidden_states):
-            name = "past_key_values" if past_key_values is not None else "use_cache" if use_cache else "output_hidden_states"
-            raise ValueError(f"{name}: a Mixture-of-Recursions model runs its recursions on token subsets; it has "
-                             f"no per-layer cache or hidden states")
+        cached = past_key_values is not None or use_cache
+        if mor and (output_hidden_states or (cached and not self.config.kv_cacheable)):
+            name = "output_hidden_states" if output_hidden_states else "past_key_values" if past_key_values is not None else "use_cache"
+            raise ValueError(f"{name}: a Mixture-of-Recursions model runs its recursions on token subsets; it has no "
+                             f"per-layer hidden states, and a KV cache only with token choice and KV sharing")
 
         hidden = self.embed(input_ids)
         position_embeddings = rotary_embedding(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
         packing = None
         if attention_mask is not None and not bool(attention_mask.all()):
             packing = VarlenPacking.from_attention_mask(attention_mask, S)
-        presents, aux_losses, hidden_states = [], [], [hidden]
+        presents, aux_losses, hidden_states = {}, [], [hidden]  # presents: effective layer -> its cache
 
         def run_block(layer: int, hidden: Tensor, position_embeddings, packing: Optional[VarlenPacking],
                       **options) -> Tuple[Tensor, Optional[LayerKV]]:
@@ -213,19 +215,23 @@ class RecursiveModel(nn.Module):
                 aux_losses.append(aux_loss)
             return hidden, present
 
-        def run(layer: int, hidden: Tensor) -> Tensor:
-            """Effective layer ``layer`` on the whole batch, with its cache."""
+        def run_cached(layer: int, hidden: Tensor) -> Tuple[Tensor, Optional[LayerKV]]:
+            """Effective layer ``layer`` on the whole batch, with its cache; also returns the extended cache."""
             past = None if past_key_values is None else past_key_values[layer]
             hidden, present = run_block(layer, hidden, position_embeddings, packing, past_key_value=past,
-                                        use_cache=use_cache)
-            presents.append(present)
+                                        use_cache=cached)
+            presents[layer] = present
             hidden_states.append(hidden)
-            return hidden
+            return hidden, present
+
+        def run(layer: int, hidden: Tensor) -> Tensor:
+            return run_cached(layer, hidden)[0]
 
         recursion_loss = recursion_depths = None
         if mor:
             real = packing.query_mask if packing is not None else torch.ones(B, S, dtype=torch.bool, device=hidden.device)
-            hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(hidden, real, position_ids, run, run_block)
+            hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(
+                hidden, real, position_ids, run_cached, run_block, packing if cached else None, cached)
         elif self.config.sharing == "hierarchical":
             hidden = self._hierarchical(hidden, run)
         else:
@@ -233,7 +239,7 @@ class RecursiveModel(nn.Module):
                 hidden = run(layer, hidden)
         return RecursiveModelOutput(
             last_hidden_state=self.norm(hidden),
-            past_key_values=tuple(presents) if use_cache else None,
+            past_key_values=tuple(presents.get(layer) for layer in range(self.config.num_layers)) if use_cache else None,
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             recursion_loss=recursion_loss,
@@ -272,20 +278,24 @@ class RecursiveModel(nn.Module):
         return slow
 
     def _mixture_of_recursions(
-        self, hidden: Tensor, real: Tensor, position_ids: Tensor, run_all: Callable[[int, Tensor], Tensor],
-        run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]],
+        self, hidden: Tensor, real: Tensor, position_ids: Tensor,
+        run_cached: Callable[[int, Tensor], Tuple[Tensor, Optional[LayerKV]]],
+        run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]], packing: Optional[VarlenPacking], cached: bool,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Mixture-of-Recursions over ``hidden`` (B, S, hidden) with real tokens ``real`` (B, S) bool.
 
-        The layers before and after the recursions run on every token (``run_all(layer, h)``); each
-        recursion runs its layers on its selected tokens only, gathered in order into a compact batch
-        (``run_block(layer, h, position_embeddings, packing, **block_options) -> (h, present)``).
-        Returns the hidden states, the weighted router losses and the recursions each token ran.
+        The layers before and after the recursions run on every token (``run_cached(layer, h) -> (h,
+        cache)``); each recursion runs its layers on its selected tokens only, gathered in order into a
+        compact batch (``run_block(layer, h, position_embeddings, packing, **block_options) -> (h,
+        present)``). With a cache (``cached``: token choice with KV sharing) the first recursion, which
+        every token runs, runs on the whole batch with its layers' caches, and the later recursions
+        attend over those (``packing``: the batch's). Returns the hidden states, the weighted router
+        losses and the recursions each token ran.
         """
         config = self.config
         before, recursions, after = config.recursions()
         for layer in before:
-            hidden = run_all(layer, hidden)
+            hidden = run_cached(layer, hidden)[0]
         alpha = config.mor_router_alpha
         real_counts = real.sum(1).tolist()
         depths = torch.zeros(real.shape, dtype=torch.int64, device=hidden.device)
@@ -311,9 +321,18 @@ class RecursiveModel(nn.Module):
             else:
                 selected, gated = real & (chosen >= r), chosen == r
             depths = depths + selected
+            if cached and r == 0:
+                out, key_values = hidden, []
+                for layer in layers:
+                    out, present = run_cached(layer, out)
+                    key_values.append(present)
+                hidden = torch.where(gated.unsqueeze(-1), hidden + gate.unsqueeze(-1).to(out.dtype) * (out - hidden), out)
+                first = _FirstRecursion(torch.arange(hidden.shape[1], device=hidden.device).expand(real.shape), packing,
+                                        key_values)
+                continue
             hidden, first = self._recursion_step(hidden, layers, selected, gate, gated, position_ids, run_block, first)
         for layer in after:
-            hidden = run_all(layer, hidden)
+            hidden = run_cached(layer, hidden)[0]
         loss = config.mor_z_loss_coef * torch.stack(z_losses).nan_to_num().mean()
         if balance_loss is not None:
             loss = loss + config.mor_balance_loss_coef * balance_loss.nan_to_num()
@@ -350,7 +369,7 @@ class RecursiveModel(nn.Module):
         key_values = []
         out = h
         for i, layer in enumerate(layers):
-            shared = None if first is None else SharedKeyValue(first.key_values[i], rows, first.packing)
+            shared = None if first is None else SharedKeyValue(first.key_values[i], first.order.shape[1], rows, first.packing)
             out, present = run_block(layer, out, position_embeddings, packing, use_cache=keep, shared_key_value=shared)
             key_values.append(present)
         g = take(gate).unsqueeze(-1).to(h.dtype)
@@ -362,8 +381,9 @@ class RecursiveModel(nn.Module):
 
 
 class _FirstRecursion(NamedTuple):
-    """The first recursion's compact layout (``order`` (B, n): the token of each row; ``packing``: its
-    real rows) and each of its layers' keys and values, which the later recursions share."""
+    """The first recursion's layout (``order`` (B, n): the token of each row; ``packing``: its
+    :class:`VarlenPacking`) and each of its layers' keys and values (with a cache, the cached ones
+    too), which the later recursions share."""
 
     order: Tensor
     packing: Optional[VarlenPacking]
@@ -510,8 +530,8 @@ class RecursiveForCausalLM(RecursivePreTrainedModel):
                 :mod:`recursive.generation`); None or 1.0: off. A plain stack only: not with
                 hierarchical sharing or Mixture-of-Recursions.
 
-        A Mixture-of-Recursions model has no cache: its routing runs over the whole sequence, which it
-        recomputes at each step.
+        A Mixture-of-Recursions model without a KV cache (``config.kv_cacheable``) recomputes the whole
+        sequence at each step.
         """
         from .generation import generate
 

@@ -256,13 +256,15 @@ class SharedKeyValue(NamedTuple):
     """Another layer's keys and values for a layer to attend over instead of its own (Mixture-of-
     Recursions' KV sharing: later recursions reuse the first one's).
 
-    ``key_value``: that layer's :class:`LayerKV` (B, Hkv, Sk, .); ``query_rows``: (B, Sq) int64, the
-    row of each query among those keys (its token's place in that layer's sequence; unique per
-    sequence); ``packing``: the real tokens of that sequence (None: all real). Attention scatters the
-    queries into the keys' sequence and attends there (causal by that order), then gathers them back.
+    ``key_value``: that layer's :class:`LayerKV` (B, Hkv, Sk, .); ``query_length``: that layer's
+    queries were the last ``query_length`` of those keys (all of them without a cache); ``query_rows``:
+    (B, Sq) int64, the row of each query among those ``query_length`` (its token's place; unique per
+    sequence); ``packing``: that layer's :class:`VarlenPacking` (None: no padding). Attention scatters
+    the queries into those rows and attends as that layer did (causal by that order), then gathers them.
     """
 
     key_value: LayerKV
+    query_length: int
     query_rows: Tensor
     packing: Optional["VarlenPacking"] = None
 
@@ -565,7 +567,7 @@ class CircuitAttention(nn.Module):
         if tuple(shared.query_rows.shape) != (B, S):
             raise ValueError(f"shared_key_value: query_rows must be ({B}, {S}), got {tuple(shared.query_rows.shape)}")
         rows = shared.query_rows[:, :, None, None].expand(B, S, H, D)
-        spread = q.new_zeros(B, key.shape[2], H, D).scatter(1, rows, q)  # the queries in the keys' sequence
+        spread = q.new_zeros(B, shared.query_length, H, D).scatter(1, rows, q)  # in that layer's query rows
         out, _ = self._attend(spread, key, value, None, None, None, shared.packing)
         return self.o_proj(out.gather(1, rows).reshape(B, S, H * D), index, check_indices=False)
 

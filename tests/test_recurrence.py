@@ -284,8 +284,31 @@ def test_expert_choice_keeps_its_capacities():
         assert not depths[row, n:].any()
 
 
-def test_mixture_of_recursions_generates_by_recomputing():
-    model = make_model(seed=34, **MIXTURE_OF_RECURSIONS["token_cycle"]).eval()
+def test_token_choice_with_kv_sharing_decodes_with_a_cache():
+    model = make_model(seed=36, **MIXTURE_OF_RECURSIONS["token_kv_sharing"]).eval()  # middle cycle: 3 recursions
+    assert model.config.kv_cacheable
+    torch.manual_seed(37)
+    input_ids = torch.randint(0, VOCAB, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0  # left padding
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=attention_mask)
+        assert len(set(full.recursion_depths[attention_mask.bool()].tolist())) > 1
+        out = model(input_ids[:, :5], attention_mask=attention_mask[:, :5], use_cache=True)
+        cached_layers = [layer for layer, kv in enumerate(out.past_key_values) if kv is not None]
+        assert cached_layers == [0, 1, 2, 7]  # before, the first recursion's two layers, after
+        pieces = [out.logits]
+        for start, stop in ((5, 7), (7, 8), (8, 9)):
+            out = model(input_ids[:, start:stop], attention_mask=attention_mask[:, :stop],
+                        past_key_values=out.past_key_values, use_cache=True)
+            pieces.append(out.logits)
+    real = attention_mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[real], full.logits[real], **TOL)
+
+
+@pytest.mark.parametrize("variant", ["token_cycle", "token_kv_sharing", "expert_kv_sharing"])
+def test_mixture_of_recursions_generates_like_recomputing(variant):
+    model = make_model(seed=34, **MIXTURE_OF_RECURSIONS[variant]).eval()
     prompts = torch.randint(0, VOCAB, (2, 5))
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     generated = model.generate(prompts, 4, attention_mask=mask)
@@ -296,7 +319,10 @@ def test_mixture_of_recursions_generates_by_recomputing():
                 sequence = torch.cat((sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)), 1)
             assert torch.equal(generated[row, 5:], sequence[0, -4:])
     input_ids = prompts[:, :3]
-    for kwargs, name in ((dict(use_cache=True), "use_cache"), (dict(output_hidden_states=True), "output_hidden_states")):
+    rejected = [(dict(output_hidden_states=True), "output_hidden_states")]
+    if not model.config.kv_cacheable:
+        rejected.append((dict(use_cache=True), "use_cache"))
+    for kwargs, name in rejected:
         with pytest.raises(ValueError, match=name):
             model(input_ids, **kwargs)
 
