@@ -36,7 +36,10 @@ recursion's keys and values of every token it ran) and leaves the others unchang
 - ``"expert_choice"``: before recursion r a router scores the tokens still active,
   ``g = mor_router_alpha * sigmoid(w_r . h)``, and the top ``mor_capacities[r]`` fraction of each
   sequence's real tokens stays (tokens keep their order; a token left out never returns). The top-k
-  runs over the whole sequence, so a token's path depends on the tokens after it, as in the paper.
+  runs over the whole sequence, so a token's path depends on the tokens after it, as in the paper;
+  an auxiliary loss (``mor_router_loss_coef``: binary cross-entropy of ``sigmoid(w_r . h)`` against
+  "kept") teaches each router to tell alone, and ``mor_threshold_routing`` then keeps the active tokens
+  whose ``sigmoid(w_r . h)`` reaches 1/2 instead (causal; recursions of capacity 1 keep every token).
 - ``"token_choice"``: before the first recursion one router assigns each token a depth,
   ``p = softmax(W h)``, depth ``d = argmax p + 1``; the token runs recursions 0 .. d - 1 and the last of
   them is gated by ``g = mor_router_alpha * p[d - 1]`` (the earlier ones ungated). A balancing loss
@@ -96,6 +99,10 @@ class RecursiveConfig:
         mor_router_alpha: the routers' gate scale (alpha).
         mor_balance_loss_coef: weight of the token-choice balancing loss in the training loss.
         mor_z_loss_coef: weight of the router z-loss in the training loss.
+        mor_router_loss_coef: ``expert_choice``: weight of the routers' auxiliary loss (the module
+            docstring) in the training loss.
+        mor_threshold_routing: ``expert_choice``: route by the routers' own 1/2 threshold, not the
+            top-k (causal; for generation, after training with ``mor_router_loss_coef``).
         mor_kv_sharing: the later recursions attend over the first recursion's keys and values (each
             layer of a recursion over those of the same layer of the first) instead of their own
             selected tokens' (recursion-wise); not with the QK/OV circuit.
@@ -140,6 +147,8 @@ class RecursiveConfig:
     mor_router_alpha: float = 1.0
     mor_balance_loss_coef: float = 0.01
     mor_z_loss_coef: float = 0.001
+    mor_router_loss_coef: float = 0.0
+    mor_threshold_routing: bool = False
     mor_kv_sharing: bool = False
     relaxation: str = "none"
     lora_rank: Union[int, Dict[str, int]] = 8
@@ -227,10 +236,11 @@ class RecursiveConfig:
             raise ValueError(f"num_blocks: num_layers ({L}) must be a multiple of num_blocks ({B})")
 
     def _resolve_mor(self) -> None:
-        if not isinstance(self.mor_kv_sharing, bool):
-            raise ValueError(f"mor_kv_sharing: expected a bool, got {self.mor_kv_sharing!r}")
+        for name in ("mor_kv_sharing", "mor_threshold_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if self.mor_routing is None:
-            for name in ("mor_capacities", "mor_kv_sharing"):
+            for name in ("mor_capacities", "mor_kv_sharing", "mor_threshold_routing"):
                 if getattr(self, name):
                     raise ValueError(f"{name}: given without mor_routing")
             return
@@ -243,11 +253,13 @@ class RecursiveConfig:
                 f"mor_routing: Mixture-of-Recursions routes tokens over the loops of cycle or middle_cycle sharing "
                 f"(or of one block), not over sharing={self.sharing!r} with {self.num_blocks} blocks"
             )
-        for name in ("mor_router_alpha", "mor_balance_loss_coef", "mor_z_loss_coef"):
+        for name in ("mor_router_alpha", "mor_balance_loss_coef", "mor_z_loss_coef", "mor_router_loss_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
         if self.mor_routing != "expert_choice":
+            if self.mor_threshold_routing:
+                raise ValueError("mor_threshold_routing: token choice has no per-recursion router threshold")
             if self.mor_capacities is not None:
                 raise ValueError("mor_capacities: only expert_choice routing keeps a capacity per recursion")
             return
@@ -307,9 +319,14 @@ class RecursiveConfig:
     @property
     def kv_cacheable(self) -> bool:
         """Whether the model decodes with a KV cache: all but a Mixture-of-Recursions, which only with
-        token choice (a token's depth is its own) and KV sharing (the first recursion, which every token
-        runs, holds every key the later ones read)."""
-        return self.mor_routing is None or (self.mor_routing == "token_choice" and self.mor_kv_sharing)
+        causal routing (token choice, or expert choice with threshold routing and a first recursion of
+        capacity 1) and KV sharing (the first recursion, which every token runs, holds every key the
+        later ones read)."""
+        if self.mor_routing is None:
+            return True
+        every_token_first = self.mor_routing == "token_choice" or (
+            self.mor_threshold_routing and self.mor_capacities[0] == 1.0)
+        return self.mor_kv_sharing and every_token_first
 
     @property
     def hrm_cycle_length(self) -> int:

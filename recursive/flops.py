@@ -15,12 +15,12 @@ counts here equal its counts exactly, with one documented exception:
 A Mixture-of-Recursions model (``mor_routing``) runs each recursion's layers on its selected tokens
 only, gathered into a compact batch as wide as the sequence with the most of them: the projections
 cost that width times the batch, attention each sequence's selected tokens squared. Expert choice keeps
-``config.mor_tokens_kept`` tokens per sequence and recursion; token choice depends on the data, so its
-counts are given (``recursion_tokens``, read off the output's ``recursion_depths``). The routers add
-one matmul over every position: (hidden, 1) per recursion for expert choice, (hidden, N) once for
-token choice. With ``mor_kv_sharing`` the later recursions project no keys or values, and their
-queries, spread over the first recursion's tokens, attend in that recursion's layout (its selected
-tokens squared per sequence). Hierarchical (HRM) sharing adds only additions to a plain stack of its
+``config.mor_tokens_kept`` tokens per sequence and recursion; token choice and threshold routing depend
+on the data, so their counts are given (``recursion_tokens``, from the output's ``recursion_depths``).
+The routers add one matmul over every position: (hidden, 1) per recursion for expert choice,
+(hidden, N) once for token choice. With ``mor_kv_sharing`` the later recursions project no keys or
+values, and their queries, spread over the first recursion's tokens, attend in that recursion's layout
+(its selected tokens squared per sequence). Hierarchical (HRM) sharing adds only additions to a plain stack of its
 effective layers.
 
 The fused backends (cpp, triton, cuda) run their own kernels, which FlopCounterMode sees only in part
@@ -86,9 +86,9 @@ def forward_flops(
             padded batch). None: no padding.
         model_type: "causal_lm" (:class:`recursive.RecursiveForCausalLM`) or "encoder"
             (:class:`recursive.RecursiveEncoder` with ``config.encoder_head``).
-        recursion_tokens: token-choice Mixture-of-Recursions only (and required there): for each
-            recursion, the tokens of each sequence that run it (N lists of B ints), e.g.
-            ``[(out.recursion_depths > r).sum(1).tolist() for r in range(N)]``.
+        recursion_tokens: token-choice or threshold-routed Mixture-of-Recursions only (and required
+            there): for each recursion, the tokens of each sequence that run it (N lists of B ints),
+            e.g. ``[(out.recursion_depths > r).sum(1).tolist() for r in range(N)]``.
 
     Returns:
         The count, an int.
@@ -250,13 +250,13 @@ def _outside_blocks_flops(config: RecursiveConfig, batch_size: int, tokens: int,
 def _recursion_tokens(config: RecursiveConfig, lengths: Sequence[int], num_recursions: int,
                       given: Optional[Sequence[Sequence[int]]]) -> Sequence[Sequence[int]]:
     """The tokens of each sequence that run each recursion (see :func:`forward_flops`)."""
-    if config.mor_routing == "expert_choice":
+    if config.mor_routing == "expert_choice" and not config.mor_threshold_routing:
         if given is not None:
             raise ValueError("recursion_tokens: expert choice keeps config.mor_tokens_kept tokens; give none")
         return [[config.mor_tokens_kept(r, n) for n in lengths] for r in range(num_recursions)]
     if given is None:
-        raise ValueError("recursion_tokens: token-choice routing picks each token's depth from the data; give the "
-                         "tokens of each sequence that run each recursion")
+        raise ValueError("recursion_tokens: token choice and threshold routing pick each token's depth from the "
+                         "data; give the tokens of each sequence that run each recursion")
     given = [list(counts) for counts in given]
     if len(given) != num_recursions or any(
         len(counts) != len(lengths) or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n

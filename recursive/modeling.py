@@ -48,7 +48,8 @@ class RecursiveModelOutput:
     embeddings and the output of every effective layer, all before the final norm (``hierarchical``:
     the state, fast or slow, that the layer updated). Mixture-of-Recursions only: ``recursion_loss``,
     the routers' losses weighted by their coefficients (``mor_balance_loss_coef`` times the
-    token-choice balancing loss plus ``mor_z_loss_coef`` times the z-loss), and ``recursion_depths``
+    token-choice balancing loss, ``mor_router_loss_coef`` times the expert-choice routers' auxiliary
+    loss, ``mor_z_loss_coef`` times the z-loss), and ``recursion_depths``
     (B, S) int64, the recursions each token ran (0 at padding)."""
 
     last_hidden_state: Tensor
@@ -300,7 +301,7 @@ class RecursiveModel(nn.Module):
         real_counts = real.sum(1).tolist()
         depths = torch.zeros(real.shape, dtype=torch.int64, device=hidden.device)
         selected = real
-        z_losses = []
+        z_losses, router_losses = [], []
         balance_loss = first = None  # first: the first recursion's layout and keys (KV sharing)
         if config.mor_routing == "token_choice":
             logits = _upcast(self.mor_router(hidden))  # (B, S, N)
@@ -313,10 +314,17 @@ class RecursiveModel(nn.Module):
         for r, layers in enumerate(recursions):
             if config.mor_routing == "expert_choice":
                 logits = _upcast(F.linear(hidden, self.mor_router.weight[r:r + 1]).squeeze(-1))  # (B, S)
-                z_losses.append(logits[selected].square().mean())  # the z-loss of a single logit
-                kept = torch.tensor([config.mor_tokens_kept(r, n) for n in real_counts], device=hidden.device)
-                rank = logits.masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-                selected = selected & (rank < kept[:, None])
+                scored = selected
+                z_losses.append(logits[scored].square().mean())  # the z-loss of a single logit
+                if config.mor_capacities[r] == 1.0:
+                    pass  # every active token stays
+                elif config.mor_threshold_routing:
+                    selected = selected & (logits >= 0)  # sigmoid >= 1/2
+                else:
+                    kept = torch.tensor([config.mor_tokens_kept(r, n) for n in real_counts], device=hidden.device)
+                    rank = logits.masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+                    selected = selected & (rank < kept[:, None])
+                router_losses.append(F.binary_cross_entropy_with_logits(logits[scored], selected[scored].to(logits.dtype)))
                 gate, gated = alpha * logits.sigmoid(), selected
             else:
                 selected, gated = real & (chosen >= r), chosen == r
@@ -336,6 +344,8 @@ class RecursiveModel(nn.Module):
         loss = config.mor_z_loss_coef * torch.stack(z_losses).nan_to_num().mean()
         if balance_loss is not None:
             loss = loss + config.mor_balance_loss_coef * balance_loss.nan_to_num()
+        if router_losses:
+            loss = loss + config.mor_router_loss_coef * torch.stack(router_losses).nan_to_num().mean()
         return hidden, loss, depths
 
     def _recursion_step(

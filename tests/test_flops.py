@@ -99,6 +99,7 @@ RECURRENCE = {
     "token_choice": dict(mor_routing="token_choice", num_layers=6, mor_z_loss_coef=0.1),
     "expert_kv_sharing": dict(mor_routing="expert_choice", num_layers=6, mor_kv_sharing=True, mor_capacities=(0.8, 0.5, 0.2)),
     "token_kv_sharing": dict(mor_routing="token_choice", num_layers=6, mor_kv_sharing=True),
+    "expert_threshold": dict(mor_routing="expert_choice", num_layers=6, mor_threshold_routing=True),
 }
 
 
@@ -115,12 +116,12 @@ def test_recurrence_flops_match_flop_counter(variant):
         with FlopCounterMode(display=False) as counter:
             out = model(ids, attention_mask=attention_mask)
         extra = {}
-        if config.mor_routing == "token_choice":
+        if config.mor_routing == "token_choice" or config.mor_threshold_routing:
             depths = out.recursion_depths
             extra["recursion_tokens"] = [(depths > r).sum(1).tolist() for r in range(len(config.recursions()[1]))]
         assert forward_flops(config, 3, SEQ, lengths=lengths, **extra) == counter.get_total_flops()
     assert parameter_counts(config) == parameters_by_role(model)
-    if config.mor_routing == "expert_choice":  # fewer tokens run the later recursions
+    if config.mor_routing == "expert_choice" and not config.mor_threshold_routing:  # fewer tokens run the later recursions
         assert forward_flops(config, 3, SEQ) < forward_flops(dataclasses.replace(
             config, mor_routing=None, mor_capacities=None, mor_kv_sharing=False), 3, SEQ)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recursive import DepthBatchingEngine
+from recursive import DepthBatchingEngine, RecursiveEncoder
 from tests.test_models import VOCAB, assert_grads_are_sums_over_depths, make_model, ref_block, tiny_config
 from tests.test_modules import TOL, ref_feed_forward, ref_linear, ref_rms_norm, ref_rope, sub
 
@@ -145,10 +145,10 @@ def test_hierarchical_cache_and_generate_equal_recompute():
 
 
 def ref_block_over_shared_keys(h: Tensor, params: Dict[str, Tensor], adapter: int, config, positions: Tensor,
-                               first: Tuple[Tensor, Dict[str, Tensor], int, Tensor]) -> Tensor:
+                               first: Tuple[Tensor, Dict[str, Tensor], int, Tensor], causal: bool) -> Tensor:
     """A block whose attention takes its keys and values from ``first`` = (the first recursion's input
-    (1, n0, hidden) to the same layer, that layer's parameters and adapter, its positions (1, n0)): causal
-    by position. h (1, n, hidden), positions (1, n)."""
+    (1, n0, hidden) to the same layer, that layer's parameters and adapter, its positions (1, n0)), causal
+    by position or not. h (1, n, hidden), positions (1, n)."""
     norm = {"eps": config.rms_norm_eps, "unit_offset": config.norm_unit_offset}
     heads, kv_heads, D, alpha = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.lora_alpha
     h0, params0, adapter0, positions0 = first
@@ -162,7 +162,7 @@ def ref_block_over_shared_keys(h: Tensor, params: Dict[str, Tensor], adapter: in
     v = ref_linear(x0, attn0, "v_proj", adapter0, alpha).view(1, n0, kv_heads, D)
     group = heads // kv_heads
     k, v = k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
-    allowed = positions0[0][None, :] <= positions[0][:, None]
+    allowed = positions0[0][None, :] <= positions[0][:, None] if causal else torch.ones(n, n0, dtype=torch.bool)
     probs = torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, float("-inf")), -1)
     out = (probs @ v).transpose(1, 2).reshape(1, n, heads * D)
     h = h + ref_linear(out, sub(params, "self_attn."), "o_proj", adapter, alpha)
@@ -170,7 +170,7 @@ def ref_block_over_shared_keys(h: Tensor, params: Dict[str, Tensor], adapter: in
     return h + ref_feed_forward(x, sub(params, "mlp."), adapter, config.hidden_act, alpha)
 
 
-def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
+def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor, causal: bool = True):
     """Routing and recursions one sequence at a time; returns the hidden states, the weighted router
     losses, the depths and the copies."""
     config = model.config
@@ -181,7 +181,7 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
 
     def run(layer: int, h: Tensor, positions: Tensor, key_mask: Optional[Tensor]) -> Tensor:
         _, params, adapter = layers[layer]
-        return ref_block(h, params, adapter, config, positions, True, key_mask)[0]
+        return ref_block(h, params, adapter, config, positions, causal, key_mask)[0]
 
     before, recursions, after = config.recursions()
     for layer in before:
@@ -190,7 +190,7 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
     real = [attention_mask[b].nonzero().flatten().tolist() for b in range(B)]
     active = real
     depths = torch.zeros(B, S, dtype=torch.int64)
-    z_terms = []
+    z_terms, router_terms = [], []
     extra = 0.0
     if config.mor_routing == "token_choice":
         logits = h @ router.T
@@ -205,9 +205,17 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
     for r, recursion_layers in enumerate(recursions):
         if config.mor_routing == "expert_choice":
             logits = h @ router[r]
-            z_terms.append(torch.cat([logits[b, active[b]] for b in range(B)]).square().mean())
-            kept = [max(1, math.ceil(config.mor_capacities[r] * len(real[b]) - 1e-9)) for b in range(B)]
-            active = [sorted(sorted(active[b], key=lambda t: -logits[b, t].item())[:kept[b]]) for b in range(B)]
+            scored = [torch.tensor(active[b], dtype=torch.long) for b in range(B)]
+            z_terms.append(torch.cat([logits[b, scored[b]] for b in range(B)]).square().mean())
+            capacity = config.mor_capacities[r]
+            if capacity < 1.0 and config.mor_threshold_routing:
+                active = [[t for t in active[b] if logits[b, t].sigmoid() >= 0.5] for b in range(B)]
+            elif capacity < 1.0:
+                kept = [max(1, math.ceil(capacity * len(real[b]) - 1e-9)) for b in range(B)]
+                active = [sorted(sorted(active[b], key=lambda t: -logits[b, t].item())[:kept[b]]) for b in range(B)]
+            targets = torch.cat([torch.tensor([float(t in active[b]) for t in scored[b].tolist()], dtype=h.dtype)
+                                 for b in range(B)])
+            router_terms.append(F.binary_cross_entropy(torch.cat([logits[b, scored[b]] for b in range(B)]).sigmoid(), targets))
             gates = alpha * logits.sigmoid()
         else:
             active = [[t for t in real[b] if chosen[b, t] >= r] for b in range(B)]
@@ -222,7 +230,8 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
             for j, layer in enumerate(recursion_layers):
                 if config.mor_kv_sharing and r > 0:
                     _, params, adapter = layers[layer]
-                    out = ref_block_over_shared_keys(out, params, adapter, config, positions[b, index][None], first[b][j])
+                    out = ref_block_over_shared_keys(out, params, adapter, config, positions[b, index][None], first[b][j],
+                                                     causal)
                     continue
                 if config.mor_kv_sharing:
                     first[b].append((out, layers[layer][1], layers[layer][2], positions[b, index][None]))
@@ -235,12 +244,14 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor):
         h = torch.stack(rows)
     for layer in after:
         h = run(layer, h, positions, attention_mask)
+    if router_terms:
+        extra = extra + config.mor_router_loss_coef * torch.stack(router_terms).mean()
     return h, config.mor_z_loss_coef * torch.stack(z_terms).mean() + extra, depths, top, layers
 
 
 MIXTURE_OF_RECURSIONS = {
     "expert_cycle": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
-                         mor_router_alpha=0.7, mor_z_loss_coef=0.05),
+                         mor_router_alpha=0.7, mor_z_loss_coef=0.05, mor_router_loss_coef=0.3),
     "expert_middle_cycle": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
                                 mor_capacities=(1.0, 0.6, 0.3), relaxation="qkov_lora", start_index=2),
     "token_cycle": dict(mor_routing="token_choice", num_layers=3, num_blocks=1, relaxation="circuit",
@@ -249,6 +260,9 @@ MIXTURE_OF_RECURSIONS = {
                               mor_kv_sharing=True, mor_capacities=(0.8, 0.6, 0.3)),
     "token_kv_sharing": dict(mor_routing="token_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
                              relaxation="qkov_lora", mor_kv_sharing=True, mor_balance_loss_coef=0.2),
+    "expert_threshold_kv_sharing": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
+                                        relaxation="depth_lora", mor_threshold_routing=True, mor_kv_sharing=True,
+                                        mor_router_loss_coef=0.3),
 }
 
 
@@ -272,6 +286,23 @@ def test_mixture_of_recursions_matches_reference(variant):
     assert model.model.mor_router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("variant", ["expert_cycle", "token_kv_sharing"])
+def test_encoder_mixture_of_recursions_matches_reference(variant):
+    """Bidirectional: each recursion's tokens see each other (or the first recursion's) in both directions."""
+    model = make_model(RecursiveEncoder, seed=38, hidden_act="gelu", **MIXTURE_OF_RECURSIONS[variant])
+    input_ids = torch.randint(0, VOCAB, (2, 8))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    out = model(input_ids, attention_mask=attention_mask)
+    hidden, router_loss, depths, top, _ = ref_mixture_of_recursions(model, input_ids, attention_mask, causal=False)
+    config = model.config
+    hidden = ref_rms_norm(hidden, top["model.norm.weight"], config.rms_norm_eps, config.norm_unit_offset)
+    real = attention_mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[real], hidden[real], **TOL)
+    torch.testing.assert_close(out.recursion_loss, router_loss, **TOL)
+    assert torch.equal(out.recursion_depths, depths)
+
+
 def test_expert_choice_keeps_its_capacities():
     model = make_model(seed=33, mor_routing="expert_choice", num_layers=8, num_blocks=2, mor_capacities=(1.0, 0.5, 0.5, 0.2))
     lengths = [10, 7, 1]
@@ -284,8 +315,9 @@ def test_expert_choice_keeps_its_capacities():
         assert not depths[row, n:].any()
 
 
-def test_token_choice_with_kv_sharing_decodes_with_a_cache():
-    model = make_model(seed=36, **MIXTURE_OF_RECURSIONS["token_kv_sharing"]).eval()  # middle cycle: 3 recursions
+@pytest.mark.parametrize("variant", ["token_kv_sharing", "expert_threshold_kv_sharing"])
+def test_causal_routing_with_kv_sharing_decodes_with_a_cache(variant):
+    model = make_model(seed=36, **MIXTURE_OF_RECURSIONS[variant]).eval()  # middle cycle: 3 recursions
     assert model.config.kv_cacheable
     torch.manual_seed(37)
     input_ids = torch.randint(0, VOCAB, (2, 9))
@@ -306,7 +338,7 @@ def test_token_choice_with_kv_sharing_decodes_with_a_cache():
     torch.testing.assert_close(torch.cat(pieces, 1)[real], full.logits[real], **TOL)
 
 
-@pytest.mark.parametrize("variant", ["token_cycle", "token_kv_sharing", "expert_kv_sharing"])
+@pytest.mark.parametrize("variant", ["token_cycle", "token_kv_sharing", "expert_kv_sharing", "expert_threshold_kv_sharing"])
 def test_mixture_of_recursions_generates_like_recomputing(variant):
     model = make_model(seed=34, **MIXTURE_OF_RECURSIONS[variant]).eval()
     prompts = torch.randint(0, VOCAB, (2, 5))
@@ -362,6 +394,9 @@ def test_recursion_plans():
     (dict(mor_routing="token_choice", mor_kv_sharing=1), "mor_kv_sharing"),
     (dict(mor_kv_sharing=True), "mor_kv_sharing"),
     (dict(mor_routing="token_choice", mor_kv_sharing=True, relaxation="circuit"), "mor_kv_sharing"),
+    (dict(mor_routing="token_choice", mor_threshold_routing=True), "mor_threshold_routing"),
+    (dict(mor_threshold_routing=True), "mor_threshold_routing"),
+    (dict(mor_routing="expert_choice", mor_router_loss_coef=-0.1), "mor_router_loss_coef"),
 ])
 def test_config_rejects_bad_recurrence_values(bad, field):
     with pytest.raises(ValueError, match=field):
