@@ -318,15 +318,9 @@ class RecursiveConfig:
 
     @property
     def kv_cacheable(self) -> bool:
-        """Whether the model decodes with a KV cache: all but a Mixture-of-Recursions, which only with
-        causal routing (token choice, or expert choice with threshold routing and a first recursion of
-        capacity 1) and KV sharing (the first recursion, which every token runs, holds every key the
-        later ones read)."""
-        if self.mor_routing is None:
-            return True
-        every_token_first = self.mor_routing == "token_choice" or (
-            self.mor_threshold_routing and self.mor_capacities[0] == 1.0)
-        return self.mor_kv_sharing and every_token_first
+        """Whether the model decodes with a KV cache: all but a Mixture-of-Recursions whose routing is
+        not causal (expert choice by top-k, where a token's path depends on the tokens after it)."""
+        return self.mor_routing != "expert_choice" or self.mor_threshold_routing
 
     @property
     def hrm_cycle_length(self) -> int:

@@ -13,7 +13,9 @@ gets the positions it would have alone.
 
 Cache: ``past_key_values`` is a tuple with one :class:`recursive.nn.LayerKV` per effective layer
 (keys and values after RoPE, (B, Hkv, S_past, D), plus the circuit's ``key_c``/``value_c``); a forward
-with ``use_cache=True`` returns it extended by the new tokens.
+with ``use_cache=True`` returns it extended by the new tokens. A Mixture-of-Recursions model caches
+recursion-wise: a recursion's layers hold a :class:`RecursionKV` with the keys of the tokens that ran
+it only (with KV sharing the later recursions hold None: they read the first one's).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Tuple, Type, TypeVar
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,24 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 IGNORE_INDEX = -100
 
-PastKeyValues = Tuple[LayerKV, ...]
+
+class RecursionKV(NamedTuple):
+    """The cache of one layer of a Mixture-of-Recursions recursion (recursion-wise caching): the keys
+    and values of the tokens that ran the recursion, and only those.
+
+    ``key_value``: a :class:`recursive.nn.LayerKV` (B, Hkv, C, .) whose columns are shared by the
+    batch: each step appends as many as the row with the most tokens in the recursion needs, and each
+    row's tokens lie in their order among its columns; ``token_mask``: (B, C) bool, the columns that
+    hold one of the row's tokens (the others are never attended to); ``length``: the sequence length
+    the cache covers (the ``S_past`` of a plain :class:`recursive.nn.LayerKV`).
+    """
+
+    key_value: LayerKV
+    token_mask: Tensor
+    length: int
+
+
+PastKeyValues = Tuple[Optional[Union[LayerKV, RecursionKV]], ...]
 Model = TypeVar("Model", bound="RecursivePreTrainedModel")
 
 
@@ -124,8 +143,9 @@ class RecursiveModel(nn.Module):
 
     ``hierarchical`` sharing runs the HRM data flow and ``mor_routing`` the Mixture-of-Recursions one
     (:mod:`recursive.config`). A Mixture-of-Recursions forward has no ``output_hidden_states`` (its
-    recursions run on token subsets) and a cache only when ``config.kv_cacheable`` (token choice with
-    KV sharing): the layers before, after and of the first recursion cache their keys; the later
+    recursions run on token subsets) and a cache only when ``config.kv_cacheable`` (causal routing):
+    the layers before and after the recursions cache every token (:class:`recursive.nn.LayerKV`), a
+    recursion's layers the tokens that ran it (:class:`RecursionKV`); with KV sharing the later
     recursions' entries are None, as they read the first's.
     """
 
@@ -170,7 +190,7 @@ class RecursiveModel(nn.Module):
             input_ids: (B, S) int64.
             attention_mask: (B, S_past + S) of 1 and 0, or None (no padding).
             position_ids: (B, S); default: the count of earlier real tokens (see the module docstring).
-            past_key_values: one :class:`recursive.nn.LayerKV` per effective layer, or None.
+            past_key_values: one cache per effective layer (the module docstring), or None.
             use_cache: return the extended cache.
             output_hidden_states: also return the embeddings and every layer's output (e.g. for the
                 loss of early exit at loop boundaries, :func:`recursive.generation.exit_loss`).
@@ -184,7 +204,7 @@ class RecursiveModel(nn.Module):
                 raise ValueError(
                     f"past_key_values: expected one entry per effective layer ({self.config.num_layers}), got {len(past_key_values)}"
                 )
-            past_length = past_key_values[0].key.shape[2]
+            past_length = self._past_length(past_key_values)
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past_length + S):
             raise ValueError(
                 f"attention_mask: expected shape (B={B}, past + S={past_length + S}), got {tuple(attention_mask.shape)}"
@@ -199,7 +219,8 @@ class RecursiveModel(nn.Module):
         if mor and (output_hidden_states or (cached and not self.config.kv_cacheable)):
             name = "output_hidden_states" if output_hidden_states else "past_key_values" if past_key_values is not None else "use_cache"
             raise ValueError(f"{name}: a Mixture-of-Recursions model runs its recursions on token subsets; it has no "
-                             f"per-layer hidden states, and a KV cache only with token choice and KV sharing")
+                             f"per-layer hidden states, and a KV cache only with causal routing (token choice, or "
+                             f"expert choice with mor_threshold_routing)")
 
         hidden = self.embed(input_ids)
         position_embeddings = rotary_embedding(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
@@ -232,7 +253,7 @@ class RecursiveModel(nn.Module):
         if mor:
             real = packing.query_mask if packing is not None else torch.ones(B, S, dtype=torch.bool, device=hidden.device)
             hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(
-                hidden, real, position_ids, run_cached, run_block, packing if cached else None, cached)
+                hidden, real, position_ids, run_cached, run_block, past_key_values, presents if cached else None)
         elif self.config.sharing == "hierarchical":
             hidden = self._hierarchical(hidden, run)
         else:
@@ -246,6 +267,28 @@ class RecursiveModel(nn.Module):
             recursion_loss=recursion_loss,
             recursion_depths=recursion_depths,
         )
+
+    def _past_length(self, past_key_values: PastKeyValues) -> int:
+        """The sequence length a cache covers (Mixture-of-Recursions: after checking that each entry is
+        of its layer's kind, as the module docstring has it)."""
+        config = self.config
+        if config.mor_routing is None:
+            return past_key_values[0].key.shape[2]
+        recursions = config.recursions()[1]
+        kinds = {layer: RecursionKV for recursion in recursions for layer in recursion}
+        if config.mor_kv_sharing:
+            kinds.update((layer, type(None)) for recursion in recursions[1:] for layer in recursion)
+        lengths = set()
+        for layer, entry in enumerate(past_key_values):
+            kind = kinds.get(layer, LayerKV)
+            if not isinstance(entry, kind):
+                expected = "None" if kind is type(None) else kind.__name__
+                raise ValueError(f"past_key_values: entry {layer} must be {expected}, got {type(entry).__name__}")
+            if entry is not None:
+                lengths.add(entry.length if kind is RecursionKV else entry.key.shape[2])
+        if len(lengths) != 1:
+            raise ValueError(f"past_key_values: the entries cover different sequence lengths {sorted(lengths)}")
+        return lengths.pop()
 
     @staticmethod
     def _default_position_ids(batch: int, length: int, past_length: int, attention_mask: Optional[Tensor], device) -> Tensor:
@@ -281,17 +324,18 @@ class RecursiveModel(nn.Module):
     def _mixture_of_recursions(
         self, hidden: Tensor, real: Tensor, position_ids: Tensor,
         run_cached: Callable[[int, Tensor], Tuple[Tensor, Optional[LayerKV]]],
-        run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]], packing: Optional[VarlenPacking], cached: bool,
+        run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]], past_key_values: Optional[PastKeyValues],
+        presents: Optional[Dict[int, Optional[RecursionKV]]],
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Mixture-of-Recursions over ``hidden`` (B, S, hidden) with real tokens ``real`` (B, S) bool.
 
         The layers before and after the recursions run on every token (``run_cached(layer, h) -> (h,
         cache)``); each recursion runs its layers on its selected tokens only, gathered in order into a
         compact batch (``run_block(layer, h, position_embeddings, packing, **block_options) -> (h,
-        present)``). With a cache (``cached``: token choice with KV sharing) the first recursion, which
-        every token runs, runs on the whole batch with its layers' caches, and the later recursions
-        attend over those (``packing``: the batch's). Returns the hidden states, the weighted router
-        losses and the recursions each token ran.
+        present)``). With a cache (``presents``, filled here with the recursions' layers' caches) each
+        recursion's layers attend over their :class:`RecursionKV` of the earlier tokens
+        (``past_key_values``) too. Returns the hidden states, the weighted router losses and the
+        recursions each token ran.
         """
         config = self.config
         before, recursions, after = config.recursions()
@@ -329,16 +373,15 @@ class RecursiveModel(nn.Module):
             else:
                 selected, gated = real & (chosen >= r), chosen == r
             depths = depths + selected
-            if cached and r == 0:
-                out, key_values = hidden, []
-                for layer in layers:
-                    out, present = run_cached(layer, out)
-                    key_values.append(present)
-                hidden = torch.where(gated.unsqueeze(-1), hidden + gate.unsqueeze(-1).to(out.dtype) * (out - hidden), out)
-                first = _FirstRecursion(torch.arange(hidden.shape[1], device=hidden.device).expand(real.shape), packing,
-                                        key_values)
-                continue
-            hidden, first = self._recursion_step(hidden, layers, selected, gate, gated, position_ids, run_block, first)
+            # With KV sharing the later recursions read the first one's keys and have no cache.
+            own_cache = presents is not None and (r == 0 or not config.mor_kv_sharing)
+            past = None
+            if own_cache:
+                past = [None if past_key_values is None else past_key_values[layer] for layer in layers]
+            hidden, first, caches = self._recursion_step(hidden, layers, selected, gate, gated, position_ids, run_block,
+                                                         first, past)
+            if own_cache:
+                presents.update(zip(layers, caches))
         for layer in after:
             hidden = run_cached(layer, hidden)[0]
         loss = config.mor_z_loss_coef * torch.stack(z_losses).nan_to_num().mean()
@@ -351,15 +394,20 @@ class RecursiveModel(nn.Module):
     def _recursion_step(
         self, hidden: Tensor, layers, selected: Tensor, gate: Tensor, gated: Tensor, position_ids: Tensor,
         run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]], first: Optional["_FirstRecursion"],
-    ) -> Tuple[Tensor, Optional["_FirstRecursion"]]:
+        past: Optional[List[Optional[RecursionKV]]],
+    ) -> Tuple[Tensor, Optional["_FirstRecursion"], Optional[List[RecursionKV]]]:
         """One recursion on the ``selected`` (B, S) tokens: ``h + gate * (F(h) - h)`` where ``gated``,
         ``F(h)`` elsewhere among them; the other tokens keep ``hidden``. With KV sharing, the first
-        recursion returns its layout and keys (``first``) and the later ones attend over them."""
+        recursion returns its layout and keys (``first``) and the later ones attend over them. ``past``:
+        with a cache, each layer's cache of the earlier tokens (None: there are none), which this step
+        extends and returns."""
         B, S, width = hidden.shape
         counts = selected.sum(1)
         n = int(counts.max()) if B else 0
-        if n == 0:
-            return hidden, first
+        if n == 0 and (past is None or past[0] is not None):
+            caches = None if past is None else [entry._replace(length=entry.length + S) for entry in past]
+            return hidden, first, caches
+        # (Below, n may be 0: the first step of a cache still creates it, empty.)
         # The selected tokens of each row first, in their order (a stable sort of "not selected"); with
         # KV sharing, placed by their rows in the first recursion's layout.
         if first is None:
@@ -374,20 +422,29 @@ class RecursiveModel(nn.Module):
 
         h = take(hidden)
         position_embeddings = rotary_embedding(take(position_ids), self.config.head_dim, self.config.rope_theta, h.dtype)
-        packing = None if bool(compact.all()) else VarlenPacking.from_attention_mask(compact, n)
+        # The compact tokens follow the cached ones, each row's in order, so causal attention over the
+        # row's real columns is exact (holes and compact rows past a row's count are masked out).
+        key_mask = compact if past is None or past[0] is None else torch.cat((past[0].token_mask, compact), 1)
+        packing = None if bool(key_mask.all()) else VarlenPacking.from_attention_mask(key_mask, n)
         keep = self.config.mor_kv_sharing and first is None
         key_values = []
         out = h
         for i, layer in enumerate(layers):
             shared = None if first is None else SharedKeyValue(first.key_values[i], first.order.shape[1], rows, first.packing)
-            out, present = run_block(layer, out, position_embeddings, packing, use_cache=keep, shared_key_value=shared)
+            past_key_value = None if past is None or past[i] is None else past[i].key_value
+            out, present = run_block(layer, out, position_embeddings, packing, past_key_value=past_key_value,
+                                     use_cache=keep or past is not None, shared_key_value=shared)
             key_values.append(present)
         g = take(gate).unsqueeze(-1).to(h.dtype)
         out = torch.where(take(gated).unsqueeze(-1), h + g * (out - h), out)
         out = torch.where(compact.unsqueeze(-1), out, h)  # compact rows past a row's count hold unselected tokens
         if keep:
             first = _FirstRecursion(order, packing, key_values)
-        return hidden.scatter(1, order.unsqueeze(-1).expand(B, n, width), out), first
+        caches = None
+        if past is not None:
+            length = (0 if past[0] is None else past[0].length) + S
+            caches = [RecursionKV(key_value, key_mask, length) for key_value in key_values]
+        return hidden.scatter(1, order.unsqueeze(-1).expand(B, n, width), out), first, caches
 
 
 class _FirstRecursion(NamedTuple):

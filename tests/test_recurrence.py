@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recursive import DepthBatchingEngine, RecursiveEncoder
+from recursive.modeling import RecursionKV
+from recursive.nn import LayerKV
 from tests.test_models import VOCAB, assert_grads_are_sums_over_depths, make_model, ref_block, tiny_config
 from tests.test_modules import TOL, ref_feed_forward, ref_linear, ref_rms_norm, ref_rope, sub
 
@@ -260,6 +262,8 @@ MIXTURE_OF_RECURSIONS = {
                               mor_kv_sharing=True, mor_capacities=(0.8, 0.6, 0.3)),
     "token_kv_sharing": dict(mor_routing="token_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
                              relaxation="qkov_lora", mor_kv_sharing=True, mor_balance_loss_coef=0.2),
+    "expert_threshold": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="circuit",
+                             mor_threshold_routing=True, mor_capacities=(0.7, 0.5, 0.3), mor_router_loss_coef=0.3),
     "expert_threshold_kv_sharing": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
                                         relaxation="depth_lora", mor_threshold_routing=True, mor_kv_sharing=True,
                                         mor_router_loss_coef=0.3),
@@ -315,30 +319,70 @@ def test_expert_choice_keeps_its_capacities():
         assert not depths[row, n:].any()
 
 
-@pytest.mark.parametrize("variant", ["token_kv_sharing", "expert_threshold_kv_sharing"])
-def test_causal_routing_with_kv_sharing_decodes_with_a_cache(variant):
-    model = make_model(seed=36, **MIXTURE_OF_RECURSIONS[variant]).eval()  # middle cycle: 3 recursions
-    assert model.config.kv_cacheable
+CAUSAL_ROUTING = ["token_cycle", "token_kv_sharing", "expert_threshold", "expert_threshold_kv_sharing"]
+
+
+def decode_in_pieces(model, input_ids: Tensor, attention_mask: Tensor, stops=(5, 7, 8, 9)):
+    """Logits of a prefill up to ``stops[0]`` and then cached steps up to each stop; the last output."""
+    out = model(input_ids[:, :stops[0]], attention_mask=attention_mask[:, :stops[0]], use_cache=True)
+    pieces = [out.logits]
+    for start, stop in zip(stops, stops[1:]):
+        out = model(input_ids[:, start:stop], attention_mask=attention_mask[:, :stop],
+                    past_key_values=out.past_key_values, use_cache=True)
+        pieces.append(out.logits)
+    return torch.cat(pieces, 1), out
+
+
+@pytest.mark.parametrize("variant", CAUSAL_ROUTING)
+def test_causal_routing_decodes_with_a_recursion_wise_cache(variant):
+    """Each recursion's layers cache exactly the tokens that ran it (with KV sharing the later ones
+    none: they read the first's), and cached decoding equals the full forward."""
+    model = make_model(seed=36, **MIXTURE_OF_RECURSIONS[variant]).eval()
+    config = model.config
+    assert config.kv_cacheable
     torch.manual_seed(37)
     input_ids = torch.randint(0, VOCAB, (2, 9))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :2] = 0  # left padding
+    real = attention_mask.bool()
     with torch.no_grad():
         full = model(input_ids, attention_mask=attention_mask)
-        assert len(set(full.recursion_depths[attention_mask.bool()].tolist())) > 1
-        out = model(input_ids[:, :5], attention_mask=attention_mask[:, :5], use_cache=True)
-        cached_layers = [layer for layer, kv in enumerate(out.past_key_values) if kv is not None]
-        assert cached_layers == [0, 1, 2, 7]  # before, the first recursion's two layers, after
-        pieces = [out.logits]
-        for start, stop in ((5, 7), (7, 8), (8, 9)):
-            out = model(input_ids[:, start:stop], attention_mask=attention_mask[:, :stop],
-                        past_key_values=out.past_key_values, use_cache=True)
-            pieces.append(out.logits)
-    real = attention_mask.bool()
-    torch.testing.assert_close(torch.cat(pieces, 1)[real], full.logits[real], **TOL)
+        assert len(set(full.recursion_depths[real].tolist())) > 1
+        logits, out = decode_in_pieces(model, input_ids, attention_mask)
+    torch.testing.assert_close(logits[real], full.logits[real], **TOL)
+    before, recursions, after = config.recursions()
+    for layer in before + after:
+        assert isinstance(out.past_key_values[layer], LayerKV) and out.past_key_values[layer].key.shape[2] == 9
+    for r, layers in enumerate(recursions):
+        for layer in layers:
+            cache = out.past_key_values[layer]
+            if config.mor_kv_sharing and r > 0:
+                assert cache is None
+                continue
+            assert isinstance(cache, RecursionKV) and cache.length == 9
+            key = cache.key_value.key
+            assert tuple(cache.token_mask.shape) == (key.shape[0], key.shape[2])
+            assert torch.equal(cache.token_mask.sum(1), (full.recursion_depths > r).sum(1))
 
 
-@pytest.mark.parametrize("variant", ["token_cycle", "token_kv_sharing", "expert_kv_sharing", "expert_threshold_kv_sharing"])
+def test_recursion_wise_cache_of_recursions_no_token_reaches():
+    """A router that sends every token to depth 1 (all logits equal: argmax picks recursion 0) leaves
+    the later recursions' caches empty, from the prefill on."""
+    model = make_model(seed=39, **MIXTURE_OF_RECURSIONS["token_cycle"]).eval()
+    with torch.no_grad():
+        model.model.mor_router.weight.zero_()
+        input_ids = torch.randint(0, VOCAB, (2, 9))
+        attention_mask = torch.ones_like(input_ids)
+        full = model(input_ids, attention_mask=attention_mask)
+        logits, out = decode_in_pieces(model, input_ids, attention_mask)
+    assert torch.equal(full.recursion_depths, torch.ones_like(input_ids))
+    torch.testing.assert_close(logits, full.logits, **TOL)
+    assert [cache.key_value.key.shape[2] for cache in out.past_key_values] == [9, 0, 0]
+    with pytest.raises(ValueError, match="past_key_values: entry 1 must be RecursionKV"):
+        model(input_ids[:, :1], past_key_values=(out.past_key_values[0],) + (out.past_key_values[0].key_value,) * 2)
+
+
+@pytest.mark.parametrize("variant", CAUSAL_ROUTING + ["expert_kv_sharing"])
 def test_mixture_of_recursions_generates_like_recomputing(variant):
     model = make_model(seed=34, **MIXTURE_OF_RECURSIONS[variant]).eval()
     prompts = torch.randint(0, VOCAB, (2, 5))
