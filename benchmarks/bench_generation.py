@@ -5,11 +5,15 @@ One set of requests (seeded random prompts and output lengths) is generated gree
 - plain: ``RecursiveForCausalLM.generate`` on left-padded batches of ``max_batch_size`` requests in
   arrival order, each batch running until its longest request is done (with and without early exit);
 - untied: the same on a model of the same depth and width whose layers all have their own weights;
-- engine: ``recursive.DepthBatchingEngine`` with as many slots (with and without early exit).
+- engine: ``recursive.DepthBatchingEngine`` with as many slots (with and without early exit);
+- mor, mor engine: plain batching and the engine on a Mixture-of-Recursions model of the recursive
+  model's shape (token choice over its loops, recursion-wise KV cache; its router untrained, so the
+  tokens' depths spread over the loops).
 
 Tokens/s counts the requested new tokens over the wall time of the whole run (prefill included).
 ``x plain``: throughput over the plain recursive run's. ``exit loops``: the loops an engine-decoded
-token ran on average, of the model's loops. ``agree``: the fraction of new tokens equal to those of
+token ran on average, of the model's loops (mor: the recursions the decoded tokens ran, read off one
+forward of each output). ``agree``: the fraction of new tokens equal to those of
 full-depth decoding at the same position (1.0 without early exit).
 
 Early exit on random weights: a fixed threshold such as 0.9 never fires, so the threshold is
@@ -45,7 +49,7 @@ from recursive.generation import calibrate_exit_threshold, generate_in_batches  
 from recursive.progress import Progress  # noqa: E402
 from recursive.train import encode, synthetic_corpus, train  # noqa: E402
 
-METHODS = ("plain", "plain+exit", "untied", "engine", "engine+exit")
+METHODS = ("plain", "plain+exit", "untied", "engine", "engine+exit", "mor", "mor engine")
 
 
 @dataclass(frozen=True)
@@ -76,23 +80,25 @@ def default_workload(device: torch.device) -> Workload:
 
 
 def make_models(workload: Workload, device: torch.device, dtype: torch.dtype, train_steps: int = 0):
-    """The recursive model (cycle sharing, per-depth LoRA) and the untied model of the same depth; with
-    ``train_steps``, the recursive model trained that long on the synthetic corpus, for early exit too."""
+    """The recursive model (cycle sharing, per-depth LoRA), the untied model of the same depth and the
+    Mixture-of-Recursions model of the recursive one's shape; with ``train_steps``, the recursive model
+    trained that long on the synthetic corpus, for early exit too."""
     common = dict(vocab_size=workload.vocab_size, hidden_size=workload.hidden_size,
                   intermediate_size=workload.intermediate_size, num_attention_heads=workload.num_heads,
                   num_layers=workload.num_layers)
     torch.manual_seed(0)
-    recursive = RecursiveForCausalLM(RecursiveConfig(num_blocks=workload.num_blocks, relaxation="depth_lora", lora_rank=8,
-                                                     **common))
+    shared = dict(num_blocks=workload.num_blocks, relaxation="depth_lora", lora_rank=8, **common)
+    recursive = RecursiveForCausalLM(RecursiveConfig(**shared))
+    mor = RecursiveForCausalLM(RecursiveConfig(mor_routing="token_choice", **shared))
     with torch.no_grad():  # fresh LoRA B is zero: give the adapters something to do
-        for name, parameter in recursive.named_parameters():
+        for name, parameter in [*recursive.named_parameters(), *mor.named_parameters()]:
             if name.endswith("lora_b"):
                 parameter.normal_(0.0, 0.02)
     untied = RecursiveForCausalLM(RecursiveConfig(num_blocks=workload.num_layers, **common))
     if train_steps:
         train(recursive.to(device), steps=train_steps, exit_loss_weight=1.0, bf16=device.type == "cuda",
               progress=False)
-    return recursive.to(device, dtype).eval(), untied.to(device, dtype).eval()
+    return tuple(model.to(device, dtype).eval() for model in (recursive, untied, mor))
 
 
 def make_requests(workload: Workload, seed: int = 0, from_corpus: bool = False):
@@ -110,15 +116,25 @@ def make_requests(workload: Workload, seed: int = 0, from_corpus: bool = False):
 
 
 def _runner(method: str, models, prompts, lengths, workload: Workload, threshold: float) -> Callable[[], List[List[int]]]:
-    recursive, untied = models
+    recursive, untied, mor = models
     exit_threshold = threshold if method.endswith("+exit") else None
-    if method.startswith("engine"):
-        engine = DepthBatchingEngine(recursive, workload.max_batch_size, exit_threshold)
+    if method.endswith("engine") or method.startswith("engine"):
+        engine = DepthBatchingEngine(mor if method == "mor engine" else recursive, workload.max_batch_size, exit_threshold)
         runner = lambda: engine.generate(prompts, lengths)  # noqa: E731
         runner.engine = engine
         return runner
-    model = untied if method == "untied" else recursive
+    model = {"untied": untied, "mor": mor}.get(method, recursive)
     return lambda: generate_in_batches(model, prompts, lengths, workload.max_batch_size, exit_threshold=exit_threshold)
+
+
+@torch.no_grad()
+def _mean_recursions(model, prompts: List[List[int]], outputs: List[List[int]]) -> float:
+    """The recursions ``model`` ran, on average, for the decoded tokens of ``outputs`` (every new token
+    but the last), read off one forward of each output."""
+    device = next(model.parameters()).device
+    depths = [model(torch.tensor([output], device=device)).recursion_depths[0, len(prompt):-1]
+              for prompt, output in zip(prompts, outputs)]
+    return float(torch.cat(depths).double().mean())
 
 
 def _synchronize(device: torch.device) -> None:
@@ -162,12 +178,15 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
         new = [o[len(p):] for o, p in zip(outputs[method], prompts)]
         same = sum(a == b for x, y in zip(new, full_depth) for a, b in zip(x, y))
         engine = getattr(runners[method], "engine", None)
+        loops_run = engine.stats.mean_exit_loops if engine else None
+        if method == "mor":
+            loops_run = _mean_recursions(models[2], prompts, outputs[method])
         rows.append({
             "method": method,
             "s": median,
             "tokens/s": new_tokens / median,
-            "exit loops": engine.stats.mean_exit_loops if engine else None,
-            "agree": same / new_tokens if method != "untied" else None,
+            "exit loops": loops_run,
+            "agree": same / new_tokens if method in ("plain", "plain+exit", "engine", "engine+exit") else None,
         })
     for row in rows:
         row["x plain"] = row["tokens/s"] / rows[0]["tokens/s"]

@@ -16,6 +16,10 @@ layer's own input norm and k/v projections with its depth's adapters
 exit applies to decoded tokens. ``None`` and ``1.0`` turn it off (1.0 is read as "off" because a
 probability that rounds to 1.0 would otherwise reach it); a threshold below 1 on a model with a single
 loop raises ``ValueError``.
+
+Mixture-of-Recursions (causal routing, ``config.kv_cacheable``): ``generate`` decodes through the model's
+own forward and recursion-wise cache; :class:`DepthBatchingEngine` runs one recursion per row and step,
+and a token's routing, not its confidence, ends its run. Early exit is for plain stacks.
 """
 
 from __future__ import annotations
@@ -96,12 +100,15 @@ def _check_exit_threshold(exit_threshold: Optional[float], config: RecursiveConf
 
 def _check_plain_stack(name: str, config: RecursiveConfig) -> None:
     """Raise ValueError naming ``name`` when the model's data flow is not one pass down its effective
-    layers (hierarchical sharing, Mixture-of-Recursions): early exit and depth-wise batching step
-    through the layers themselves."""
-    if config.sharing == "hierarchical" or config.mor_routing is not None:
-        kind = "hierarchical (HRM)" if config.sharing == "hierarchical" else "a Mixture-of-Recursions"
-        raise ValueError(f"{name}: early exit and depth-wise batching run a plain stack of layers; this model is "
-                         f"{kind}, whose states flow differently")
+    layers (hierarchical sharing, Mixture-of-Recursions): early exit steps through the layers
+    themselves."""
+    if config.sharing == "hierarchical":
+        raise ValueError(f"{name}: early exit and depth-wise batching step through a plain stack of layers (or the "
+                         f"recursions of a Mixture-of-Recursions); this model is hierarchical (HRM), whose fast and "
+                         f"slow states flow differently")
+    if config.mor_routing is not None:
+        raise ValueError(f"{name}: early exit steps through a plain stack of layers; this model is a "
+                         f"Mixture-of-Recursions, whose routers decide each token's depth")
 
 
 def _check_loops(name: str, config: RecursiveConfig) -> None:
@@ -363,6 +370,9 @@ class DepthBatchingEngine:
 
     Without early exit, every request's output equals :meth:`recursive.RecursiveForCausalLM.generate`
     (greedy) on that prompt alone; with it, the per-token early-exit rule of ``generate``. Greedy only.
+    A Mixture-of-Recursions model with causal routing is served with its loops as the recursions and
+    its routers ending each token's run (:class:`_RecursionEngineRun`), outputs again equal to
+    ``generate``'s.
 
     Cache layout: per effective layer, keys and values for every slot, token-major (L, slots, T, Hkv, D)
     (plus the QK/OV circuit's (L, slots, T, Hkv, R)), T the longest request (prompt plus new tokens), so
@@ -379,12 +389,21 @@ class DepthBatchingEngine:
 
         if not isinstance(model, RecursiveForCausalLM):
             raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
-        _check_plain_stack("model", model.config)
+        config = model.config
         self.model = model
         self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
-        self.exit_threshold = _check_exit_threshold(exit_threshold, model.config)
-        self.loop_length = loop_length(model.config)
-        self.num_loops = model.config.num_layers // self.loop_length
+        if config.sharing == "hierarchical":
+            _check_plain_stack("model", config)
+        if config.mor_routing is not None and not config.kv_cacheable:
+            raise ValueError("model: depth-wise batching decodes token by token, and top-k expert choice routes by "
+                             "the whole sequence; route with mor_threshold_routing (or token choice)")
+        self.exit_threshold = _check_exit_threshold(exit_threshold, config)  # Mixture-of-Recursions: None or 1.0
+        if config.mor_routing is not None:  # a loop is a recursion
+            recursions = config.recursions()[1]
+            self.loop_length, self.num_loops = len(recursions[0]), len(recursions)
+        else:
+            self.loop_length = loop_length(config)
+            self.num_loops = config.num_layers // self.loop_length
         self.stats = EngineStats(num_loops=self.num_loops)
 
     def _requests(self, prompts, max_new_tokens, eos_token_id) -> List[_Request]:
@@ -426,7 +445,8 @@ class DepthBatchingEngine:
             Per prompt, in order, the prompt followed by its new tokens. :attr:`stats` describes the run.
         """
         requests = self._requests(prompts, max_new_tokens, eos_token_id)
-        run = _EngineRun(self, requests, eos_token_id, progress)
+        run = (_EngineRun if self.model.config.mor_routing is None else _RecursionEngineRun)(
+            self, requests, eos_token_id, progress)
         run.run()
         self.stats = run.stats
         return [request.tokens for request in requests]
@@ -504,10 +524,7 @@ class _EngineRun:
             [int(i < len(r.tokens)) for r in batch for i in range(width)], [len(r.tokens) for r in batch], slots)
         ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
         out = self.model(ids, attention_mask=mask, use_cache=True)
-        for layer, present in enumerate(out.past_key_values):
-            for cache, tensor in zip(self.caches(), present):
-                if tensor is not None:
-                    cache[layer, slot_index, :width] = tensor.transpose(1, 2)
+        self._store_prompts(out, slot_index, slots, width)
         first = out.logits[torch.arange(len(batch), device=device), lengths - 1].argmax(-1)
         for request, slot in zip(batch, slots):
             self.length[slot], self.loop[slot] = len(request.tokens), 0
@@ -515,6 +532,17 @@ class _EngineRun:
         for request, slot, token in zip(batch, slots, first.tolist()):
             if not self._emit(request, token):
                 self.slot_request[slot] = request
+
+    def _store_prompts(self, out, slot_index: Tensor, slots: List[int], width: int) -> None:
+        """Copy the prefill's cache (``out.past_key_values``) into ``slots``."""
+        for layer, present in enumerate(out.past_key_values):
+            self._store_prompt_layer(layer, present, slot_index, slots, width)
+
+    def _store_prompt_layer(self, layer: int, present, slot_index: Tensor, slots: List[int], width: int) -> None:
+        """One layer of :meth:`_store_prompts`: a :class:`LayerKV` (B, Hkv, width, .)."""
+        for cache, tensor in zip(self.caches(), present):
+            if tensor is not None:
+                cache[layer, slot_index, :width] = tensor.transpose(1, 2)
 
     # One step.
 
@@ -536,6 +564,20 @@ class _EngineRun:
             packed = packed.to(self.device)
         return list(packed.split([len(column) for column in columns]))
 
+    def _row_packing(self, first_rows: Tensor, key_counts: List[int], offsets: Tensor) -> VarlenPacking:
+        """The packing of one query per row, row i attending over ``key_counts[i]`` consecutive rows of the
+        flattened caches from ``first_rows[i]``; ``offsets``: :func:`_offsets` of ``key_counts`` on the
+        device."""
+        rows, total = len(key_counts), sum(key_counts)
+        starts = offsets[rows + 1:-1]
+        key_rows = torch.repeat_interleave(first_rows - starts, offsets[rows + 2:] - starts, output_size=total)
+        offsets32 = offsets.to(torch.int32)
+        return VarlenPacking(
+            query_rows=offsets[:rows], key_rows=key_rows + torch.arange(total, device=self.device),
+            cu_seqlens_q=offsets32[: rows + 1], cu_seqlens_k=offsets32[rows + 1:], max_seqlen_q=1,
+            max_seqlen_k=max(key_counts), query_mask=torch.ones(rows, 1, dtype=torch.bool, device=self.device),
+        )
+
     def _store(self, rows: Tensor, new: LayerKV) -> None:
         """Write the newest keys and values of ``new`` (the last of its sequence) at flattened cache ``rows``."""
         for cache, tensor in zip(self.caches(), new):
@@ -555,23 +597,14 @@ class _EngineRun:
         loops = [self.loop[slot] + 1 for slot in busy]  # after this step
         first_layers = [(loop - 1) * engine.loop_length for loop in loops]
         first_rows = [self._flat_row(layer, slot) for layer, slot in zip(first_layers, busy)]
-        cu_seqlens_k = [0]
-        for position in positions:
-            cu_seqlens_k.append(cu_seqlens_k[-1] + position + 1)
         finishing = [i for i, loop in enumerate(loops) if loop == engine.num_loops]
+        key_counts = [position + 1 for position in positions]
         slots, positions_d, first_layers_d, first_rows_d, offsets, finishing_d = self._to_device(
-            busy, positions, first_layers, first_rows, list(range(rows + 1)) + cu_seqlens_k, finishing)
+            busy, positions, first_layers, first_rows, _offsets(key_counts), finishing)
         # Each row reads positions [0, position] (its cache and the new token) of its (layer, slot) in the
         # flattened caches; the layer of block offset o is loop * loop_length + o, so the rows of offset o
         # are those of offset 0 shifted by o layers.
-        total = cu_seqlens_k[-1]
-        key_rows = torch.repeat_interleave(first_rows_d - offsets[rows + 1:-1], positions_d + 1, output_size=total)
-        offsets32 = offsets.to(torch.int32)
-        packing = VarlenPacking(
-            query_rows=offsets[:rows], key_rows=key_rows + torch.arange(total, device=self.device),
-            cu_seqlens_q=offsets32[: rows + 1], cu_seqlens_k=offsets32[rows + 1:], max_seqlen_q=1,
-            max_seqlen_k=max(positions) + 1, query_mask=torch.ones(rows, 1, dtype=torch.bool, device=self.device),
-        )
+        packing = self._row_packing(first_rows_d, key_counts, offsets)
         position_embeddings = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
         hidden = self.hidden[slots]
         for offset in range(engine.loop_length):
@@ -631,6 +664,189 @@ class _EngineRun:
             new = self.backbone.blocks[block_index].key_value(hidden[rows], first_layers_d + offset, (cos[rows], sin[rows]),
                                                               check_depth=False)
             self._store(first_rows_d + offset * self.layer_stride, new)
+
+
+class _RecursionEngineRun(_EngineRun):
+    """:class:`_EngineRun` for a Mixture-of-Recursions model with causal routing: a step runs one
+    recursion for every busy row, each row at its own, and the routing ends a token's run.
+
+    A token starts with the layers before the recursions and its routing (token choice: its depth;
+    threshold routing: its first router's logit), runs one recursion per step (gated as in the
+    model's forward), and once the routing ends it (token choice: at its depth; threshold routing: at a
+    recursion whose router says no, decided on the step's output for the next one, or at the first)
+    runs the layers after the recursions and the LM head, which gives the request's next token. Rows
+    that finish and the rows of a new request share the steps with the others.
+
+    Recursion-wise cache: the layers of recursion r hold, per slot, the keys of the slot's tokens that
+    ran r at consecutive positions (``count[slot][r]`` of them, known on the host); with KV sharing
+    the later recursions attend over the first one's (writing their own keys to their unused caches).
+    Per step the host reads back which rows ran and go on, then the finished rows' tokens.
+    """
+
+    def __init__(self, engine: "DepthBatchingEngine", requests: List[_Request], eos_token_id: Optional[int],
+                 progress: Optional[Progress]) -> None:
+        super().__init__(engine, requests, eos_token_id, progress)
+        config = self.config
+        self.before, self.recursions, self.after = config.recursions()
+        slots = engine.max_batch_size
+        self.count = [[0] * len(self.recursions) for _ in range(slots)]
+        self.threshold = config.mor_routing == "expert_choice"
+        router = self.backbone.mor_router.weight
+        route_dtype = torch.promote_types(router.dtype, torch.float32)
+        # Per slot, on the device: token choice: the token's last recursion and its gate; threshold
+        # routing: the router logit of the recursion the token runs next.
+        self.chosen = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.route = torch.zeros(slots, dtype=route_dtype, device=self.device)
+        if self.threshold:
+            self.keeps_all = torch.tensor([c == 1.0 for c in config.mor_capacities], device=self.device)
+
+    def _store_prompts(self, out, slot_index: Tensor, slots: List[int], width: int) -> None:
+        counts = torch.stack([(out.recursion_depths > r).sum(1) for r in range(len(self.recursions))], 1)
+        for slot, slot_counts in zip(slots, counts.tolist()):
+            self.count[slot] = slot_counts
+        super()._store_prompts(out, slot_index, slots, width)
+
+    def _store_prompt_layer(self, layer: int, present, slot_index: Tensor, slots: List[int], width: int) -> None:
+        from .modeling import RecursionKV
+
+        if not isinstance(present, RecursionKV):  # None: a later recursion under KV sharing
+            if present is not None:
+                super()._store_prompt_layer(layer, present, slot_index, slots, width)
+            return
+        # Each row's tokens (its True columns) to consecutive positions of its slot.
+        mask = present.token_mask
+        first_rows = torch.tensor([self._flat_row(layer, slot) for slot in slots], device=self.device)
+        rows = (first_rows[:, None] + mask.long().cumsum(1) - 1)[mask]
+        for cache, tensor in zip(self.caches(), present.key_value):
+            if tensor is not None:
+                cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor.transpose(1, 2)[mask])
+
+    def _step(self) -> None:
+        config, backbone = self.config, self.backbone
+        busy = [slot for slot, request in enumerate(self.slot_request) if request is not None]
+        rows = len(busy)
+        positions = [self.length[slot] for slot in busy]
+        recursion = [self.loop[slot] for slot in busy]
+        starting = [i for i in range(rows) if recursion[i] == 0]
+        shared = [config.mor_kv_sharing and r > 0 for r in recursion]
+        own_layers = [self.recursions[r][0] for r in recursion]
+        store_rows = [self._flat_row(layer, slot) + self.count[slot][r]
+                      for layer, slot, r in zip(own_layers, busy, recursion)]
+        read_rows = [self._flat_row(self.recursions[0][0], slot) if reads_first else row - self.count[slot][r]
+                     for reads_first, slot, r, row in zip(shared, busy, recursion, store_rows)]
+        key_counts = [self.count[slot][0] if reads_first else self.count[slot][r] + 1
+                      for reads_first, slot, r in zip(shared, busy, recursion)]
+        slots, positions_d, recursion_d, own_layers_d, store_rows_d, read_rows_d, offsets, starting_d = self._to_device(
+            busy, positions, recursion, own_layers, store_rows, read_rows, _offsets(key_counts), starting)
+        cos, sin = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
+        hidden = self.hidden[slots]
+        if starting:
+            start = hidden[starting_d]
+            if self.before:
+                start = self._plain_layers(self.before, start, [busy[i] for i in starting], [positions[i] for i in starting],
+                                           (cos[starting_d], sin[starting_d]))
+                hidden = hidden.index_copy(0, starting_d, start)
+            self._route_start(start[:, 0], slots[starting_d])
+
+        # This step's recursion, each row at its own (its layers are consecutive: offset o is layer first + o).
+        packing = self._row_packing(read_rows_d, key_counts, offsets)
+        out = hidden
+        for offset, layer in enumerate(self.recursions[0]):
+            shift = offset * self.layer_stride
+            out, _, _ = backbone.blocks[backbone.block_of_layer[layer]](
+                out, own_layers_d + offset, (cos, sin), replace(packing, key_rows=packing.key_rows + shift),
+                _SlotCache(self, store_rows_d + shift), check_depth=False)
+        ran, gate, gated = self._routing(slots, recursion_d)
+        g = gate[:, None, None].to(hidden.dtype)
+        out = torch.where(gated[:, None, None], hidden + g * (out - hidden), out)
+        hidden = torch.where(ran[:, None, None], out, hidden)
+        going_on = self._goes_on(hidden[:, 0], slots, recursion_d, ran)
+        self.hidden[slots] = hidden
+        ran_host, going_on_host = torch.stack((ran, going_on)).tolist()
+
+        done = [i for i in range(rows) if not going_on_host[i]]
+        for i, slot in enumerate(busy):
+            self.count[slot][recursion[i]] += ran_host[i]
+            self.loop[slot] = recursion[i] + 1
+        tokens = []
+        if done:
+            done_d = self._to_device(done)[0]
+            finished = hidden[done_d]
+            if self.after:
+                finished = self._plain_layers(self.after, finished, [busy[i] for i in done], [positions[i] for i in done],
+                                              (cos[done_d], sin[done_d]))
+            tokens_d = _lm_head(self.model, finished[:, 0]).argmax(-1)
+            self.hidden[slots[done_d]] = backbone.embed(tokens_d[:, None])
+            tokens = tokens_d.tolist()
+        self.stats.steps += 1
+        self.stats.decoded_tokens += len(done)
+        for i, token in zip(done, tokens):
+            slot = busy[i]
+            self.exit_loops_sum += recursion[i] + ran_host[i]
+            self.length[slot] += 1
+            self.loop[slot] = 0
+            if self._emit(self.slot_request[slot], token):
+                self.slot_request[slot] = None
+
+    def _plain_layers(self, layers: List[int], hidden: Tensor, slots: List[int], positions: List[int],
+                      position_embeddings: Tuple[Tensor, Tensor]) -> Tensor:
+        """The consecutive effective ``layers`` (before or after the recursions, which every token runs) on
+        ``hidden`` (rows, 1, hidden), the token of each of ``slots`` at its position."""
+        first_rows = [self._flat_row(layers[0], slot) for slot in slots]
+        key_counts = [position + 1 for position in positions]
+        first_rows_d, store_rows_d, offsets = self._to_device(
+            first_rows, [row + position for row, position in zip(first_rows, positions)], _offsets(key_counts))
+        packing = self._row_packing(first_rows_d, key_counts, offsets)
+        for j, layer in enumerate(layers):
+            shift = j * self.layer_stride
+            hidden, _, _ = self.backbone.blocks[self.backbone.block_of_layer[layer]](
+                hidden, layer, position_embeddings, replace(packing, key_rows=packing.key_rows + shift),
+                _SlotCache(self, store_rows_d + shift))
+        return hidden
+
+    def _route_start(self, hidden: Tensor, slots: Tensor) -> None:
+        """Routing of the tokens that start (``hidden`` (rows, hidden), after the layers before the
+        recursions), as the model's forward does it."""
+        from .modeling import _upcast
+
+        router = self.backbone.mor_router
+        if self.threshold:
+            self.route[slots] = _upcast(F.linear(hidden, router.weight[:1]))[:, 0]
+            return
+        probs = _upcast(router(hidden)).softmax(-1)
+        chosen = probs.argmax(-1)
+        self.chosen[slots] = chosen
+        self.route[slots] = self.config.mor_router_alpha * probs.gather(-1, chosen[:, None])[:, 0]
+
+    def _routing(self, slots: Tensor, recursion: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """For this step's recursion of each row: whether it runs it (False only for a token that threshold
+        routing keeps out of the first), its gate, and whether the gate applies (rows,)."""
+        if self.threshold:
+            logits = self.route[slots]
+            ran = self.keeps_all[recursion] | (logits >= 0)
+            return ran, self.config.mor_router_alpha * logits.sigmoid(), ran
+        return torch.ones_like(recursion, dtype=torch.bool), self.route[slots], self.chosen[slots] == recursion
+
+    def _goes_on(self, hidden: Tensor, slots: Tensor, recursion: Tensor, ran: Tensor) -> Tensor:
+        """Whether each row's token runs the next recursion, from this step's output ``hidden`` (rows,
+        hidden); threshold routing keeps the next router's logit."""
+        if not self.threshold:
+            return ran & (recursion < self.chosen[slots])
+        from .modeling import _upcast
+
+        following = (recursion + 1).clamp(max=len(self.recursions) - 1)
+        logits = _upcast(F.linear(hidden, self.backbone.mor_router.weight)).gather(1, following[:, None])[:, 0]
+        self.route[slots] = logits
+        return ran & (recursion + 1 < len(self.recursions)) & (self.keeps_all[following] | (logits >= 0))
+
+
+def _offsets(key_counts: Sequence[int]) -> List[int]:
+    """``[0, 1, .., rows]`` (one query per row) followed by the cumulative ``key_counts`` from 0: the
+    offsets of :meth:`_EngineRun._row_packing`."""
+    cumulative = [0]
+    for count in key_counts:
+        cumulative.append(cumulative[-1] + count)
+    return list(range(len(key_counts) + 1)) + cumulative
 
 
 class _SlotCache:

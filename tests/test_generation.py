@@ -516,3 +516,5 @@ def test_generation_benchmark_on_a_trained_model():
     assert list(rows) == list(METHODS)
     assert rows["plain"]["agree"] == rows["engine"]["agree"] == 1.0  # without early exit: full depth
     assert 1.0 <= rows["engine+exit"]["exit loops"] <= result["loops"]
+    assert 1.0 <= rows["mor"]["exit loops"] <= result["loops"] and rows["mor"]["agree"] is None
+    assert rows["mor engine"]["exit loops"] == pytest.approx(rows["mor"]["exit loops"])  # the same tokens

@@ -403,11 +403,39 @@ def test_mixture_of_recursions_generates_like_recomputing(variant):
             model(input_ids, **kwargs)
 
 
-@pytest.mark.parametrize("options", [HIERARCHICAL["two_blocks"], MIXTURE_OF_RECURSIONS["expert_cycle"]])
+@pytest.mark.parametrize("variant", CAUSAL_ROUTING)
+def test_depth_batching_engine_serves_causal_routing(variant):
+    """Rows at different recursions share each step (and the layers before and after the recursions run
+    on the rows that start and finish); every request's output equals generate on it alone."""
+    model = make_model(seed=40, **MIXTURE_OF_RECURSIONS[variant]).eval()
+    generator = torch.Generator().manual_seed(41)
+    lengths = torch.randint(1, 9, (10,), generator=generator).tolist()
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+    counts = torch.randint(0, 8, (10,), generator=generator).tolist()
+    eos = 5
+    engine = DepthBatchingEngine(model, 3)
+    outputs = engine.generate(prompts, counts, eos_token_id=eos)
+    for prompt, count, output in zip(prompts, counts, outputs):
+        expected = model.generate(torch.tensor([prompt]), count, eos_token_id=eos)[0].tolist() if count else prompt
+        if eos in expected[len(prompt):]:
+            expected = expected[:expected.index(eos, len(prompt)) + 1]
+        assert output == expected
+    stats = engine.stats
+    assert stats.num_loops == len(model.config.recursions()[1]) and stats.decoded_tokens > 10
+    # token choice runs at least one recursion; threshold routing may keep a token out of all of them
+    assert (1.0 if variant.startswith("token") else 0.0) <= stats.mean_exit_loops < stats.num_loops
+
+
+@pytest.mark.parametrize("options", [HIERARCHICAL["two_blocks"], MIXTURE_OF_RECURSIONS["expert_cycle"],
+                                     MIXTURE_OF_RECURSIONS["token_cycle"]])
 def test_early_exit_and_depth_batching_reject_other_data_flows(options):
     model = make_model(seed=35, **options)
-    with pytest.raises(ValueError, match="model"):
-        DepthBatchingEngine(model, 2)
+    if options.get("mor_routing") == "token_choice":  # the engine serves it, without early exit
+        with pytest.raises(ValueError, match="exit_threshold: .*routers decide"):
+            DepthBatchingEngine(model, 2, exit_threshold=0.5)
+    else:
+        with pytest.raises(ValueError, match="model"):
+            DepthBatchingEngine(model, 2)
     with pytest.raises(ValueError, match="exit_threshold"):
         model.generate(torch.randint(0, VOCAB, (1, 3)), 2, exit_threshold=0.5)
 
