@@ -102,13 +102,10 @@ def _check_plain_stack(name: str, config: RecursiveConfig) -> None:
     """Raise ValueError naming ``name`` when the model's data flow is not one pass down its effective
     layers (hierarchical sharing, Mixture-of-Recursions): early exit steps through the layers
     themselves."""
-    if config.sharing == "hierarchical":
-        raise ValueError(f"{name}: early exit and depth-wise batching step through a plain stack of layers (or the "
-                         f"recursions of a Mixture-of-Recursions); this model is hierarchical (HRM), whose fast and "
-                         f"slow states flow differently")
-    if config.mor_routing is not None:
-        raise ValueError(f"{name}: early exit steps through a plain stack of layers; this model is a "
-                         f"Mixture-of-Recursions, whose routers decide each token's depth")
+    if config.sharing == "hierarchical" or config.mor_routing is not None:
+        kind = ("hierarchical (HRM), whose fast and slow states flow differently" if config.sharing == "hierarchical"
+                else "a Mixture-of-Recursions, whose routers decide each token's depth")
+        raise ValueError(f"{name}: early exit steps through a plain stack of layers; this model is {kind}")
 
 
 def _check_loops(name: str, config: RecursiveConfig) -> None:
@@ -371,7 +368,8 @@ class DepthBatchingEngine:
     Without early exit, every request's output equals :meth:`recursive.RecursiveForCausalLM.generate`
     (greedy) on that prompt alone; with it, the per-token early-exit rule of ``generate``. Greedy only.
     A Mixture-of-Recursions model with causal routing is served with its loops as the recursions and
-    its routers ending each token's run (:class:`_RecursionEngineRun`), outputs again equal to
+    its routers ending each token's run (:class:`_RecursionEngineRun`); a hierarchical (HRM) model
+    with its whole stack as one loop (its fast and slow states within a step); outputs again equal to
     ``generate``'s.
 
     Cache layout: per effective layer, keys and values for every slot, token-major (L, slots, T, Hkv, D)
@@ -392,8 +390,6 @@ class DepthBatchingEngine:
         config = model.config
         self.model = model
         self.max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
-        if config.sharing == "hierarchical":
-            _check_plain_stack("model", config)
         if config.mor_routing is not None and not config.kv_cacheable:
             raise ValueError("model: depth-wise batching decodes token by token, and top-k expert choice routes by "
                              "the whole sequence; route with mor_threshold_routing (or token choice)")
@@ -401,6 +397,8 @@ class DepthBatchingEngine:
         if config.mor_routing is not None:  # a loop is a recursion
             recursions = config.recursions()[1]
             self.loop_length, self.num_loops = len(recursions[0]), len(recursions)
+        elif config.sharing == "hierarchical":  # one loop: its states flow through the whole stack
+            self.loop_length, self.num_loops = config.num_layers, 1
         else:
             self.loop_length = loop_length(config)
             self.num_loops = config.num_layers // self.loop_length
@@ -607,13 +605,20 @@ class _EngineRun:
         packing = self._row_packing(first_rows_d, key_counts, offsets)
         position_embeddings = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
         hidden = self.hidden[slots]
-        for offset in range(engine.loop_length):
+
+        def run_offset(offset: int, hidden: Tensor) -> Tensor:
             block_index = backbone.block_of_layer[offset]  # the same block at this offset of every loop
             shift = offset * self.layer_stride
             cache = _SlotCache(self, first_rows_d + positions_d + shift)
             offset_packing = replace(packing, key_rows=packing.key_rows + shift)
-            hidden, _, _ = backbone.blocks[block_index](hidden, first_layers_d + offset, position_embeddings,
-                                                        offset_packing, cache, check_depth=False)
+            return backbone.blocks[block_index](hidden, first_layers_d + offset, position_embeddings,
+                                                offset_packing, cache, check_depth=False)[0]
+
+        if config.sharing == "hierarchical":  # one loop of every layer, in the HRM data flow
+            hidden = backbone._hierarchical(hidden, run_offset)
+        else:
+            for offset in range(engine.loop_length):
+                hidden = run_offset(offset, hidden)
 
         if engine.exit_threshold is None:
             self.hidden[slots] = hidden

@@ -403,11 +403,13 @@ def test_mixture_of_recursions_generates_like_recomputing(variant):
             model(input_ids, **kwargs)
 
 
-@pytest.mark.parametrize("variant", CAUSAL_ROUTING)
-def test_depth_batching_engine_serves_causal_routing(variant):
-    """Rows at different recursions share each step (and the layers before and after the recursions run
-    on the rows that start and finish); every request's output equals generate on it alone."""
-    model = make_model(seed=40, **MIXTURE_OF_RECURSIONS[variant]).eval()
+@pytest.mark.parametrize("variant", CAUSAL_ROUTING + ["hierarchical"])
+def test_depth_batching_engine_serves_other_data_flows(variant):
+    """Mixture-of-Recursions with causal routing: rows at different recursions share each step (the
+    layers before and after the recursions run on the rows that start and finish). HRM: the whole stack
+    per step. Every request's output equals generate on it alone."""
+    options = HIERARCHICAL["modules_of_two"] if variant == "hierarchical" else MIXTURE_OF_RECURSIONS[variant]
+    model = make_model(seed=40, **options).eval()
     generator = torch.Generator().manual_seed(41)
     lengths = torch.randint(1, 9, (10,), generator=generator).tolist()
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
@@ -421,7 +423,11 @@ def test_depth_batching_engine_serves_causal_routing(variant):
             expected = expected[:expected.index(eos, len(prompt)) + 1]
         assert output == expected
     stats = engine.stats
-    assert stats.num_loops == len(model.config.recursions()[1]) and stats.decoded_tokens > 10
+    assert stats.decoded_tokens > 10
+    if variant == "hierarchical":
+        assert stats.num_loops == 1 and stats.mean_exit_loops == 1.0
+        return
+    assert stats.num_loops == len(model.config.recursions()[1])
     # token choice runs at least one recursion; threshold routing may keep a token out of all of them
     assert (1.0 if variant.startswith("token") else 0.0) <= stats.mean_exit_loops < stats.num_loops
 
@@ -430,12 +436,12 @@ def test_depth_batching_engine_serves_causal_routing(variant):
                                      MIXTURE_OF_RECURSIONS["token_cycle"]])
 def test_early_exit_and_depth_batching_reject_other_data_flows(options):
     model = make_model(seed=35, **options)
-    if options.get("mor_routing") == "token_choice":  # the engine serves it, without early exit
-        with pytest.raises(ValueError, match="exit_threshold: .*routers decide"):
-            DepthBatchingEngine(model, 2, exit_threshold=0.5)
-    else:
-        with pytest.raises(ValueError, match="model"):
+    if options.get("mor_routing") == "expert_choice":  # top-k routing looks at the whole sequence
+        with pytest.raises(ValueError, match="model: .*top-k expert choice"):
             DepthBatchingEngine(model, 2)
+    else:  # the engine serves the others, without early exit
+        with pytest.raises(ValueError, match="exit_threshold: early exit steps through a plain stack"):
+            DepthBatchingEngine(model, 2, exit_threshold=0.5)
     with pytest.raises(ValueError, match="exit_threshold"):
         model.generate(torch.randint(0, VOCAB, (1, 3)), 2, exit_threshold=0.5)
 
