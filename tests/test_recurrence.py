@@ -432,6 +432,38 @@ def test_depth_batching_engine_serves_other_data_flows(variant):
     assert (1.0 if variant.startswith("token") else 0.0) <= stats.mean_exit_loops < stats.num_loops
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a CUDA matter")
+@pytest.mark.parametrize("variant", ["token_kv_sharing", "expert_threshold"])
+def test_recursion_engine_step_synchronises_at_most_twice(variant, monkeypatch):
+    """A Mixture-of-Recursions engine step reads back which rows ran and go on, then (only when some
+    finish) their tokens: at most two synchronising CUDA calls per step."""
+    import warnings
+
+    from recursive.generation import _RecursionEngineRun
+
+    model = make_model(seed=42, **MIXTURE_OF_RECURSIONS[variant]).float().cuda().eval()
+    generator = torch.Generator().manual_seed(43)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in range(1, 13)]
+    engine = DepthBatchingEngine(model, max_batch_size=4)
+    engine.generate(prompts, 5)  # compiles and autotunes outside the count
+    counts = []
+    step = _RecursionEngineRun._step
+
+    def counted(run):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(run)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchronizing" in str(w.message) for w in caught))
+
+    monkeypatch.setattr(_RecursionEngineRun, "_step", counted)
+    engine.generate(prompts, 5)
+    assert counts and max(counts) <= 2, counts
+
+
 @pytest.mark.parametrize("options", [HIERARCHICAL["two_blocks"], MIXTURE_OF_RECURSIONS["expert_cycle"],
                                      MIXTURE_OF_RECURSIONS["token_cycle"]])
 def test_early_exit_and_depth_batching_reject_other_data_flows(options):
