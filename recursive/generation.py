@@ -25,7 +25,8 @@ and a token's routing, not its confidence, ends its run. Early exit is for plain
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -352,7 +353,7 @@ class _Request:
 
 
 class DepthBatchingEngine:
-    """Greedy decoding of many requests with continuous depth-wise batching.
+    """Decoding of many requests with continuous depth-wise batching (greedy, or sampled).
 
     ``max_batch_size`` slots hold one request each. A request's prompt is prefilled (full depth, batched
     with the other requests admitted at the same time) into its slot's cache, which gives its first
@@ -366,7 +367,9 @@ class DepthBatchingEngine:
     ``max_new_tokens``, or ``eos_token_id``) frees its slot, and waiting requests are admitted at once.
 
     Without early exit, every request's output equals :meth:`recursive.RecursiveForCausalLM.generate`
-    (greedy) on that prompt alone; with it, the per-token early-exit rule of ``generate``. Greedy only.
+    (greedy) on that prompt alone; with it, the per-token early-exit rule of ``generate``. Sampling
+    draws each token from the same distribution as ``generate`` (not the same draws: the rows share
+    torch's generator in another order).
     A Mixture-of-Recursions model with causal routing is served with its loops as the recursions and
     its routers ending each token's run (:class:`_RecursionEngineRun`); a hierarchical (HRM) model
     with its whole stack as one loop (its fast and slow states within a step); outputs again equal to
@@ -432,19 +435,29 @@ class DepthBatchingEngine:
         max_new_tokens: Union[int, Sequence[int]],
         eos_token_id: Optional[int] = None,
         progress: Optional[Progress] = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
     ) -> List[List[int]]:
         """Args:
             prompts: token id lists (or 1-D int tensors), each non-empty.
             max_new_tokens: new tokens per request: one int for all, or one per prompt.
             eos_token_id: a request ends after generating it.
             progress: advanced by every new token.
+            do_sample, temperature, top_k, top_p: sample each new token as :func:`next_tokens` does (from
+                torch's global generator; early exit still decides on the unfiltered distribution's top
+                probability); default greedy.
 
         Returns:
             Per prompt, in order, the prompt followed by its new tokens. :attr:`stats` describes the run.
         """
         requests = self._requests(prompts, max_new_tokens, eos_token_id)
+        _check_sampling(temperature, top_k, top_p)
+        pick = partial(next_tokens, do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
         run = (_EngineRun if self.model.config.mor_routing is None else _RecursionEngineRun)(
-            self, requests, eos_token_id, progress)
+            self, requests, eos_token_id, progress, pick)
         run.run()
         self.stats = run.stats
         return [request.tokens for request in requests]
@@ -454,8 +467,9 @@ class _EngineRun:
     """The state of one :meth:`DepthBatchingEngine.generate` call: slots, their caches and the queue."""
 
     def __init__(self, engine: DepthBatchingEngine, requests: List[_Request], eos_token_id: Optional[int],
-                 progress: Optional[Progress]) -> None:
+                 progress: Optional[Progress], pick: Callable[[Tensor], Tensor]) -> None:
         self.engine, self.model, self.eos_token_id, self.progress = engine, engine.model, eos_token_id, progress
+        self.pick = pick  # next-token logits (rows, vocab) -> tokens (rows,)
         self.config = config = self.model.config
         self.backbone = self.model.model
         self.waiting = [request for request in requests if request.max_new_tokens > 0]
@@ -523,7 +537,7 @@ class _EngineRun:
         ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
         out = self.model(ids, attention_mask=mask, use_cache=True)
         self._store_prompts(out, slot_index, slots, width)
-        first = out.logits[torch.arange(len(batch), device=device), lengths - 1].argmax(-1)
+        first = self.pick(out.logits[torch.arange(len(batch), device=device), lengths - 1])
         for request, slot in zip(batch, slots):
             self.length[slot], self.loop[slot] = len(request.tokens), 0
         self.hidden[slot_index] = self.backbone.embed(first[:, None])
@@ -624,14 +638,14 @@ class _EngineRun:
             self.hidden[slots] = hidden
             done, tokens = finishing, []
             if finishing:  # else nothing to read back this step
-                tokens_d = _lm_head(self.model, hidden[finishing_d, 0]).argmax(-1)
+                tokens_d = self.pick(_lm_head(self.model, hidden[finishing_d, 0]))
                 self.hidden[slots[finishing_d]] = backbone.embed(tokens_d[:, None])
                 tokens = tokens_d.tolist()
         else:
             logits = _lm_head(self.model, hidden[:, 0])
             can_exit = torch.ones(rows, dtype=torch.bool, device=self.device).index_fill_(0, finishing_d, False)
             leaving = can_exit & (_top_probability(logits) >= engine.exit_threshold)
-            tokens_d = logits.argmax(-1)
+            tokens_d = self.pick(logits)
             self.hidden[slots] = torch.where((leaving | ~can_exit)[:, None, None], backbone.embed(tokens_d[:, None]), hidden)
             all_tokens, left = torch.stack((tokens_d, leaving.long())).tolist()
             exited = [i for i in range(rows) if left[i]]
@@ -689,8 +703,8 @@ class _RecursionEngineRun(_EngineRun):
     """
 
     def __init__(self, engine: "DepthBatchingEngine", requests: List[_Request], eos_token_id: Optional[int],
-                 progress: Optional[Progress]) -> None:
-        super().__init__(engine, requests, eos_token_id, progress)
+                 progress: Optional[Progress], pick: Callable[[Tensor], Tensor]) -> None:
+        super().__init__(engine, requests, eos_token_id, progress, pick)
         config = self.config
         self.before, self.recursions, self.after = config.recursions()
         slots = engine.max_batch_size
@@ -780,7 +794,7 @@ class _RecursionEngineRun(_EngineRun):
             if self.after:
                 finished = self._plain_layers(self.after, finished, [busy[i] for i in done], [positions[i] for i in done],
                                               (cos[done_d], sin[done_d]))
-            tokens_d = _lm_head(self.model, finished[:, 0]).argmax(-1)
+            tokens_d = self.pick(_lm_head(self.model, finished[:, 0]))
             self.hidden[slots[done_d]] = backbone.embed(tokens_d[:, None])
             tokens = tokens_d.tolist()
         self.stats.steps += 1
@@ -912,14 +926,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-prompts", type=int, default=16, help="random prompts when no --prompt is given")
     parser.add_argument("--prompt-len", type=int, default=16, help="length of the random prompts")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--engine", action="store_true", help="DepthBatchingEngine (greedy) instead of plain batches")
+    parser.add_argument("--engine", action="store_true", help="DepthBatchingEngine instead of plain batches")
     parser.add_argument("--max-batch-size", type=int, default=8, help="rows per batch, or the engine's slots")
     exit_options = parser.add_mutually_exclusive_group()
     exit_options.add_argument("--exit-threshold", type=float, help="early exit at loop boundaries (0, 1]")
     exit_options.add_argument("--exit-fraction", type=float,
                               help="calibrate the threshold on the prompts so this fraction of tokens would leave at "
                                    "the first loop boundary (for untrained models)")
-    parser.add_argument("--do-sample", action="store_true", help="sample (plain batches only; the engine is greedy)")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -973,14 +987,14 @@ def command(args) -> None:
             width = min(map(len, prompts))
             calibration = torch.tensor([p[:width] for p in prompts], device=device)
             exit_threshold = calibrate_exit_threshold(model, calibration, args.exit_fraction)
-        if args.engine and args.do_sample:
-            raise ValueError("--do-sample: the engine decodes greedily; drop --engine to sample")
         progress = Progress(len(prompts) * max(args.max_new_tokens, 0), enabled=not args.no_progress, unit="tok")
         start = time.perf_counter()
         with progress:
             if args.engine:
                 engine = DepthBatchingEngine(model, args.max_batch_size, exit_threshold)
-                outputs = engine.generate(prompts, args.max_new_tokens, args.eos_token_id, progress)
+                outputs = engine.generate(prompts, args.max_new_tokens, args.eos_token_id, progress,
+                                          do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                                          top_p=args.top_p)
             else:
                 outputs = generate_in_batches(
                     model, prompts, args.max_new_tokens, args.max_batch_size, args.eos_token_id, progress,

@@ -347,6 +347,34 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy():
     assert torch.equal(model.generate(ids, 6, do_sample=True, top_k=1), model.generate(ids, 6))
 
 
+def test_engine_samples_from_each_steps_distribution():
+    """Sampled engine tokens (top-2 at a temperature) are always among the two most likely of a full
+    recompute at their position, and the top one is drawn as often as its renormalised probability
+    predicts, over the prefill's and the engine steps' tokens alike. top_k=1 is greedy."""
+    model = model_for("depth_lora")
+    prompts = random_prompts(300, 1, 6, seed=12)
+    engine = DepthBatchingEngine(model, max_batch_size=16)
+    torch.manual_seed(13)
+    outputs = engine.generate(prompts, 3, do_sample=True, temperature=0.25, top_k=2)
+    chosen_top, expected_top = [], []
+    with torch.no_grad():
+        for prompt, output in zip(prompts, outputs):
+            logits = model(torch.tensor([output])).logits[0, len(prompt) - 1:-1]  # (3, vocab)
+            top2 = logits.topk(2).indices
+            new = torch.tensor(output[len(prompt):])
+            assert bool((top2 == new[:, None]).any(1).all()), (prompt, output)
+            chosen_top.append(new == top2[:, 0])
+            expected_top.append((logits.gather(1, top2) / 0.25).softmax(-1)[:, 0])
+    chosen_top, expected_top = torch.stack(chosen_top).double(), torch.stack(expected_top)
+    # 900 draws: a standard error of about 0.016 on the rate (about 0.68 here; 0.55 at temperature 1)
+    assert abs(chosen_top.mean() - expected_top.mean()) < 0.05
+    steps = slice(1, None)  # the engine steps' tokens alone (600 draws)
+    assert abs(chosen_top[:, steps].mean() - expected_top[:, steps].mean()) < 0.06
+    assert engine.generate(prompts[:8], 3, do_sample=True, top_k=1) == engine.generate(prompts[:8], 3)
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(prompts[:1], 2, do_sample=True, temperature=0.0)
+
+
 # Bad input.
 
 

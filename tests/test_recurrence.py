@@ -423,6 +423,7 @@ def test_depth_batching_engine_serves_other_data_flows(variant):
             expected = expected[:expected.index(eos, len(prompt)) + 1]
         assert output == expected
     stats = engine.stats
+    assert engine.generate(prompts, counts, eos_token_id=eos, do_sample=True, top_k=1) == outputs
     assert stats.decoded_tokens > 10
     if variant == "hierarchical":
         assert stats.num_loops == 1 and stats.mean_exit_loops == 1.0
