@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import backends
+from kernels.backends import BACKENDS
 from recursive import DepthBatchingEngine, RecursiveEncoder
 from recursive.modeling import RecursionKV
 from recursive.nn import LayerKV
@@ -363,6 +365,28 @@ def test_causal_routing_decodes_with_a_recursion_wise_cache(variant):
             key = cache.key_value.key
             assert tuple(cache.token_mask.shape) == (key.shape[0], key.shape[2])
             assert torch.equal(cache.token_mask.sum(1), (full.recursion_depths > r).sum(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["token_cycle", "expert_threshold_kv_sharing"])
+def test_recursion_wise_cache_on_every_backend(backend, variant):
+    """The fused kernels serve the cache's layout too (holes, fewer queries than keys, rows without a
+    query): float32 cached decoding equals the same backend's full forward."""
+    cpu = torch.device("cpu")
+    why = backends.reasons("circuit_attention", backend, cpu, dtype=torch.float32, head_dim=8) + backends.reasons(
+        "lowrank_linear", backend, cpu, dtype=torch.float32)
+    if why:
+        pytest.skip("; ".join(dict.fromkeys(why)))
+    model = make_model(seed=36, backend=backend, **MIXTURE_OF_RECURSIONS[variant]).float().eval()
+    torch.manual_seed(37)
+    input_ids = torch.randint(0, VOCAB, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    real = attention_mask.bool()
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=attention_mask).logits
+        logits, _ = decode_in_pieces(model, input_ids, attention_mask)
+    torch.testing.assert_close(logits[real], full[real])
 
 
 def test_recursion_wise_cache_of_recursions_no_token_reaches():
