@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import RecursiveConfig
-from .nn import LayerKV, VarlenPacking, rotary_embedding
+from .nn import LayerKV, VarlenPacking, _ints_to_device, rotary_embedding
 from .progress import Progress
 
 
@@ -567,14 +567,9 @@ class _EngineRun:
         return layer * self.layer_stride + slot * self.capacity
 
     def _to_device(self, *columns: Sequence[int]) -> List[Tensor]:
-        """Host integer lists as int64 tensors on the model's device, in one copy (from pinned memory on a
-        GPU, so that it does not wait for the queued work)."""
-        packed = torch.tensor([value for column in columns for value in column], dtype=torch.long)
-        if self.device.type == "cuda":
-            packed = packed.pin_memory().to(self.device, non_blocking=True)
-        else:
-            packed = packed.to(self.device)
-        return list(packed.split([len(column) for column in columns]))
+        """Host integer lists as int64 tensors on the model's device, in one copy that does not wait for
+        the queued work."""
+        return _ints_to_device(self.device, *columns)
 
     def _row_packing(self, first_rows: Tensor, key_counts: List[int], offsets: Tensor) -> VarlenPacking:
         """The packing of one query per row, row i attending over ``key_counts[i]`` consecutive rows of the
@@ -734,7 +729,7 @@ class _RecursionEngineRun(_EngineRun):
             return
         # Each row's tokens (its True columns) to consecutive positions of its slot.
         mask = present.token_mask
-        first_rows = torch.tensor([self._flat_row(layer, slot) for slot in slots], device=self.device)
+        first_rows = self._to_device([self._flat_row(layer, slot) for slot in slots])[0]
         rows = (first_rows[:, None] + mask.long().cumsum(1) - 1)[mask]
         for cache, tensor in zip(self.caches(), present.key_value):
             if tensor is not None:

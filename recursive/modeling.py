@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import RecursiveConfig
-from .nn import (LayerKV, LowRankLinear, RecursiveBlock, RMSNorm, SharedKeyValue, VarlenPacking, activation,
-                 rotary_embedding)
+from .nn import (LayerKV, LowRankLinear, RecursiveBlock, RMSNorm, SharedKeyValue, VarlenPacking, _ints_to_device,
+                 activation, rotary_embedding)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -112,6 +112,13 @@ class EncoderOutput:
 def _upcast(logits: Tensor) -> Tensor:
     """Losses and routing are computed in float32 at least."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """The mean of ``values`` (B, S, *) over the (B, S) positions where ``mask`` is True, as
+    ``values[mask].mean(0)`` but without the boolean indexing's read of the device (NaN when none is)."""
+    mask = mask.view(*mask.shape, *[1] * (values.dim() - mask.dim()))
+    return torch.where(mask, values, 0).sum((0, 1)) / mask.sum()
 
 
 def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -342,9 +349,13 @@ class RecursiveModel(nn.Module):
         for layer in before:
             hidden = run_cached(layer, hidden)[0]
         alpha = config.mor_router_alpha
-        real_counts = real.sum(1).tolist()
         depths = torch.zeros(real.shape, dtype=torch.int64, device=hidden.device)
         selected = real
+        # Top-k expert choice keeps counts the host knows (after one read of the real tokens' counts), so its
+        # steps read nothing back from the device.
+        kept_counts = real_counts = None
+        if config.mor_routing == "expert_choice" and not config.mor_threshold_routing:
+            kept_counts = real_counts = real.sum(1).tolist()
         z_losses, router_losses = [], []
         balance_loss = first = None  # first: the first recursion's layout and keys (KV sharing)
         if config.mor_routing == "token_choice":
@@ -352,23 +363,25 @@ class RecursiveModel(nn.Module):
             probs = logits.softmax(-1)
             chosen = probs.argmax(-1)  # the last recursion each token runs
             gate = alpha * probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-            used = F.one_hot(chosen[real], len(recursions)).to(probs.dtype).mean(0)
-            balance_loss = len(recursions) * (used * probs[real].mean(0)).sum()
-            z_losses.append(logits[real].logsumexp(-1).square().mean())
+            used = _masked_mean(F.one_hot(chosen, len(recursions)).to(probs.dtype), real)
+            balance_loss = len(recursions) * (used * _masked_mean(probs, real)).sum()
+            z_losses.append(_masked_mean(logits.logsumexp(-1).square(), real))
         for r, layers in enumerate(recursions):
             if config.mor_routing == "expert_choice":
                 logits = _upcast(F.linear(hidden, self.mor_router.weight[r:r + 1]).squeeze(-1))  # (B, S)
                 scored = selected
-                z_losses.append(logits[scored].square().mean())  # the z-loss of a single logit
+                z_losses.append(_masked_mean(logits.square(), scored))  # the z-loss of a single logit
                 if config.mor_capacities[r] == 1.0:
                     pass  # every active token stays
                 elif config.mor_threshold_routing:
                     selected = selected & (logits >= 0)  # sigmoid >= 1/2
                 else:
-                    kept = torch.tensor([config.mor_tokens_kept(r, n) for n in real_counts], device=hidden.device)
+                    kept_counts = [min(active, config.mor_tokens_kept(r, n)) for active, n in zip(kept_counts, real_counts)]
+                    kept = _ints_to_device(hidden.device, kept_counts)[0]
                     rank = logits.masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
                     selected = selected & (rank < kept[:, None])
-                router_losses.append(F.binary_cross_entropy_with_logits(logits[scored], selected[scored].to(logits.dtype)))
+                router_losses.append(_masked_mean(F.binary_cross_entropy_with_logits(
+                    logits, selected.to(logits.dtype), reduction="none"), scored))
                 gate, gated = alpha * logits.sigmoid(), selected
             else:
                 selected, gated = real & (chosen >= r), chosen == r
@@ -379,7 +392,7 @@ class RecursiveModel(nn.Module):
             if own_cache:
                 past = [None if past_key_values is None else past_key_values[layer] for layer in layers]
             hidden, first, caches = self._recursion_step(hidden, layers, selected, gate, gated, position_ids, run_block,
-                                                         first, past)
+                                                         first, past, kept_counts)
             if own_cache:
                 presents.update(zip(layers, caches))
         for layer in after:
@@ -394,16 +407,20 @@ class RecursiveModel(nn.Module):
     def _recursion_step(
         self, hidden: Tensor, layers, selected: Tensor, gate: Tensor, gated: Tensor, position_ids: Tensor,
         run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]], first: Optional["_FirstRecursion"],
-        past: Optional[List[Optional[RecursionKV]]],
+        past: Optional[List[Optional[RecursionKV]]], known_counts: Optional[List[int]] = None,
     ) -> Tuple[Tensor, Optional["_FirstRecursion"], Optional[List[RecursionKV]]]:
         """One recursion on the ``selected`` (B, S) tokens: ``h + gate * (F(h) - h)`` where ``gated``,
         ``F(h)`` elsewhere among them; the other tokens keep ``hidden``. With KV sharing, the first
         recursion returns its layout and keys (``first``) and the later ones attend over them. ``past``:
         with a cache, each layer's cache of the earlier tokens (None: there are none), which this step
-        extends and returns."""
+        extends and returns. ``known_counts``: the selected tokens of each row when the host knows them
+        (no cache), which spares the step's reads of the device."""
         B, S, width = hidden.shape
         counts = selected.sum(1)
-        n = int(counts.max()) if B else 0
+        if known_counts is not None:
+            n = max(known_counts, default=0)
+        else:
+            n = int(counts.max()) if B else 0
         if n == 0 and (past is None or past[0] is not None):
             caches = None if past is None else [entry._replace(length=entry.length + S) for entry in past]
             return hidden, first, caches
@@ -424,8 +441,12 @@ class RecursiveModel(nn.Module):
         position_embeddings = rotary_embedding(take(position_ids), self.config.head_dim, self.config.rope_theta, h.dtype)
         # The compact tokens follow the cached ones, each row's in order, so causal attention over the
         # row's real columns is exact (holes and compact rows past a row's count are masked out).
-        key_mask = compact if past is None or past[0] is None else torch.cat((past[0].token_mask, compact), 1)
-        packing = None if bool(key_mask.all()) else VarlenPacking.from_attention_mask(key_mask, n)
+        if known_counts is not None and past is None:
+            key_mask = compact
+            packing = None if all(c == n for c in known_counts) else VarlenPacking.from_lengths(known_counts, n, hidden.device)
+        else:
+            key_mask = compact if past is None or past[0] is None else torch.cat((past[0].token_mask, compact), 1)
+            packing = None if bool(key_mask.all()) else VarlenPacking.from_attention_mask(key_mask, n)
         keep = self.config.mor_kv_sharing and first is None
         key_values = []
         out = h

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -269,6 +269,17 @@ class SharedKeyValue(NamedTuple):
     packing: Optional["VarlenPacking"] = None
 
 
+def _ints_to_device(device, *columns: Sequence[int]) -> List[Tensor]:
+    """Host integer lists as int64 tensors on ``device``, in one copy; on a GPU from pinned memory, so
+    that the copy does not wait for the queued work (one from ordinary host memory does)."""
+    packed = torch.tensor([value for column in columns for value in column], dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    return list(packed.split([len(column) for column in columns]))
+
+
 @dataclass(frozen=True)
 class VarlenPacking:
     """Where the real (unpadded) tokens of a padded batch are, for :func:`kernels.circuit_attention_varlen`.
@@ -293,6 +304,21 @@ class VarlenPacking:
     max_seqlen_q: int
     max_seqlen_k: int
     query_mask: Tensor
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], width: int, device) -> "VarlenPacking":
+        """A batch of ``width`` columns whose row b holds ``lengths[b]`` real tokens first, then padding,
+        as its queries and keys (no cache), from counts the host knows: nothing is read back from the
+        device (a synchronisation on a GPU), unlike :meth:`from_attention_mask`."""
+        cumulative = [0]
+        for length in lengths:
+            cumulative.append(cumulative[-1] + length)
+        rows = [b * width + i for b, length in enumerate(lengths) for i in range(length)]
+        rows, cu, lengths_d = _ints_to_device(device, rows, cumulative, lengths)
+        cu = cu.to(torch.int32)
+        longest = max(lengths, default=0)
+        return cls(query_rows=rows, key_rows=rows, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                   max_seqlen_k=longest, query_mask=torch.arange(width, device=device) < lengths_d[:, None])
 
     @classmethod
     def from_attention_mask(cls, attention_mask: Tensor, query_length: int) -> "VarlenPacking":
