@@ -3,7 +3,9 @@
 Each reference runs the data flow of ``recursive.config``'s docstring step by step, with an untied copy of
 its block's parameters per effective layer (Mixture-of-Recursions: one sequence at a time, on exactly the
 tokens the routing keeps); outputs and losses must agree, and every shared parameter's gradient must equal
-the sum of its copies'. Float64, seeded, tiny sizes.
+the sum of its copies'. Decoding (the recursion-wise cache, ``generate``, the depth-batching engine) must
+equal the full forward, or ``generate`` one request at a time. Float64, seeded, tiny sizes (float32 where
+the fused backends run).
 """
 
 from __future__ import annotations
