@@ -459,6 +459,33 @@ def test_depth_batching_engine_serves_other_data_flows(variant):
     assert (1.0 if variant.startswith("token") else 0.0) <= stats.mean_exit_loops < stats.num_loops
 
 
+@pytest.mark.parametrize("variant", ["token_kv_sharing", "expert_threshold"])
+def test_recursion_engine_many_random_requests_all_complete(variant):
+    """150 requests of random lengths through 16 slots: every one completes with its count (or
+    at eos), the counts add up, and a sample equals generate on it alone."""
+    model = make_model(seed=44, **MIXTURE_OF_RECURSIONS[variant]).eval()
+    generator = torch.Generator().manual_seed(45)
+    lengths = torch.randint(1, 13, (150,), generator=generator).tolist()
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+    counts = torch.randint(0, 9, (150,), generator=generator).tolist()
+    eos = 5
+    engine = DepthBatchingEngine(model, max_batch_size=16)
+    outputs = engine.generate(prompts, counts, eos_token_id=eos)
+    assert len(outputs) == len(prompts)
+    for output, prompt, count in zip(outputs, prompts, counts):
+        new = output[len(prompt):]
+        assert output[:len(prompt)] == prompt
+        assert len(new) == count or (0 < len(new) < count and new[-1] == eos)
+        assert eos not in new[:-1]
+    assert engine.stats.new_tokens == sum(len(o) - len(p) for o, p in zip(outputs, prompts))
+    for i in range(0, 150, 10):
+        if counts[i]:
+            expected = model.generate(torch.tensor([prompts[i]]), counts[i], eos_token_id=eos)[0].tolist()
+            if eos in expected[len(prompts[i]):]:
+                expected = expected[:expected.index(eos, len(prompts[i])) + 1]
+            assert outputs[i] == expected
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a CUDA matter")
 @pytest.mark.parametrize("variant", ["token_kv_sharing", "expert_threshold"])
 def test_recursion_engine_step_synchronises_at_most_twice(variant, monkeypatch):
