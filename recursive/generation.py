@@ -334,7 +334,8 @@ class EngineStats:
 
     ``new_tokens``: tokens generated (the first of each request comes from its prefill); ``steps``:
     engine steps (one loop over the blocks for every busy row); ``decoded_tokens``: tokens produced by
-    engine steps; ``mean_exit_loops``: the loops those tokens ran, on average, of ``num_loops``.
+    engine steps; ``mean_exit_loops``: the loops those tokens ran, on average, of ``num_loops`` (a
+    Mixture-of-Recursions model: its recursions; an HRM model: its one loop).
     """
 
     new_tokens: int = 0
