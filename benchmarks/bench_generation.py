@@ -118,7 +118,7 @@ def make_requests(workload: Workload, seed: int = 0, from_corpus: bool = False):
 def _runner(method: str, models, prompts, lengths, workload: Workload, threshold: float) -> Callable[[], List[List[int]]]:
     recursive, untied, mor = models
     exit_threshold = threshold if method.endswith("+exit") else None
-    if method.endswith("engine") or method.startswith("engine"):
+    if "engine" in method:
         engine = DepthBatchingEngine(mor if method == "mor engine" else recursive, workload.max_batch_size, exit_threshold)
         runner = lambda: engine.generate(prompts, lengths)  # noqa: E731
         runner.engine = engine

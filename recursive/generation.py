@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import partial
+from itertools import accumulate
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -586,6 +587,15 @@ class _EngineRun:
             max_seqlen_k=max(key_counts), query_mask=torch.ones(rows, 1, dtype=torch.bool, device=self.device),
         )
 
+    def _run_block(self, layer: int, hidden: Tensor, depth: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor],
+                   packing: VarlenPacking, store_rows: Tensor, shift: int) -> Tensor:
+        """The block of effective ``layer`` on ``hidden`` (rows, 1, hidden) at ``depth`` (an int, or one
+        per row), ``shift`` rows on in the flattened caches: each row writes its new keys at ``store_rows +
+        shift`` and reads the keys of ``packing`` shifted so."""
+        return self.backbone.blocks[self.backbone.block_of_layer[layer]](
+            hidden, depth, position_embeddings, replace(packing, key_rows=packing.key_rows + shift),
+            _SlotCache(self, store_rows + shift), check_depth=False)[0]
+
     def _store(self, rows: Tensor, new: LayerKV) -> None:
         """Write the newest keys and values of ``new`` (the last of its sequence) at flattened cache ``rows``."""
         for cache, tensor in zip(self.caches(), new):
@@ -617,12 +627,9 @@ class _EngineRun:
         hidden = self.hidden[slots]
 
         def run_offset(offset: int, hidden: Tensor) -> Tensor:
-            block_index = backbone.block_of_layer[offset]  # the same block at this offset of every loop
-            shift = offset * self.layer_stride
-            cache = _SlotCache(self, first_rows_d + positions_d + shift)
-            offset_packing = replace(packing, key_rows=packing.key_rows + shift)
-            return backbone.blocks[block_index](hidden, first_layers_d + offset, position_embeddings,
-                                                offset_packing, cache, check_depth=False)[0]
+            # the same block at this offset of every loop
+            return self._run_block(offset, hidden, first_layers_d + offset, position_embeddings, packing,
+                                   first_rows_d + positions_d, offset * self.layer_stride)
 
         if config.sharing == "hierarchical":  # one loop of every layer, in the HRM data flow
             hidden = backbone._hierarchical(hidden, run_offset)
@@ -767,10 +774,8 @@ class _RecursionEngineRun(_EngineRun):
         packing = self._row_packing(read_rows_d, key_counts, offsets)
         out = hidden
         for offset, layer in enumerate(self.recursions[0]):
-            shift = offset * self.layer_stride
-            out, _, _ = backbone.blocks[backbone.block_of_layer[layer]](
-                out, own_layers_d + offset, (cos, sin), replace(packing, key_rows=packing.key_rows + shift),
-                _SlotCache(self, store_rows_d + shift), check_depth=False)
+            out = self._run_block(layer, out, own_layers_d + offset, (cos, sin), packing, store_rows_d,
+                                  offset * self.layer_stride)
         ran, gate, gated = self._routing(slots, recursion_d)
         g = gate[:, None, None].to(hidden.dtype)
         out = torch.where(gated[:, None, None], hidden + g * (out - hidden), out)
@@ -813,10 +818,8 @@ class _RecursionEngineRun(_EngineRun):
             first_rows, [row + position for row, position in zip(first_rows, positions)], _offsets(key_counts))
         packing = self._row_packing(first_rows_d, key_counts, offsets)
         for j, layer in enumerate(layers):
-            shift = j * self.layer_stride
-            hidden, _, _ = self.backbone.blocks[self.backbone.block_of_layer[layer]](
-                hidden, layer, position_embeddings, replace(packing, key_rows=packing.key_rows + shift),
-                _SlotCache(self, store_rows_d + shift))
+            hidden = self._run_block(layer, hidden, layer, position_embeddings, packing, store_rows_d,
+                                     j * self.layer_stride)
         return hidden
 
     def _route_start(self, hidden: Tensor, slots: Tensor) -> None:
@@ -858,10 +861,7 @@ class _RecursionEngineRun(_EngineRun):
 def _offsets(key_counts: Sequence[int]) -> List[int]:
     """``[0, 1, .., rows]`` (one query per row) followed by the cumulative ``key_counts`` from 0: the
     offsets of :meth:`_EngineRun._row_packing`."""
-    cumulative = [0]
-    for count in key_counts:
-        cumulative.append(cumulative[-1] + count)
-    return list(range(len(key_counts) + 1)) + cumulative
+    return list(range(len(key_counts) + 1)) + list(accumulate(key_counts, initial=0))
 
 
 class _SlotCache:

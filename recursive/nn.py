@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -310,9 +311,7 @@ class VarlenPacking:
         """A batch of ``width`` columns whose row b holds ``lengths[b]`` real tokens first, then padding,
         as its queries and keys (no cache), from counts the host knows: nothing is read back from the
         device (a synchronisation on a GPU), unlike :meth:`from_attention_mask`."""
-        cumulative = [0]
-        for length in lengths:
-            cumulative.append(cumulative[-1] + length)
+        cumulative = list(accumulate(lengths, initial=0))
         rows = [b * width + i for b, length in enumerate(lengths) for i in range(length)]
         rows, cu, lengths_d = _ints_to_device(device, rows, cumulative, lengths)
         cu = cu.to(torch.int32)

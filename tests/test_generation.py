@@ -259,22 +259,15 @@ def test_engine_many_random_requests_with_early_exit_all_complete():
     assert 1.0 < stats.mean_exit_loops < stats.num_loops  # some tokens exited, some ran deeper
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a CUDA matter")
-@pytest.mark.parametrize("exit_fraction", [None, 0.5])
-def test_engine_step_synchronises_at_most_once(exit_fraction, monkeypatch):
-    """An engine step builds its indices on the host and reads back only its new tokens: at most one
-    synchronising CUDA call per step (torch's sync debug mode names each), and none in a step where no
-    token finishes or leaves."""
+def synchronisations_per_step(engine, run_class, prompts, monkeypatch) -> List[int]:
+    """The synchronising CUDA calls (torch's sync debug mode names each) of every ``run_class._step`` of
+    ``engine.generate(prompts, 5)``, after a run of the same shapes that compiles and autotunes outside
+    the count."""
     import warnings
 
-    model = model_for("depth_lora").float().cuda()
-    prompts = random_prompts(12, 1, 7, seed=11)
-    threshold = None if exit_fraction is None else calibrate_exit_threshold(
-        model, torch.tensor([p[:1] for p in prompts], device="cuda"), exit_fraction)
-    engine = DepthBatchingEngine(model, max_batch_size=4, exit_threshold=threshold)
-    engine.generate(prompts, 5)  # the same shapes as the counted run: compiles and autotunes outside the count
+    engine.generate(prompts, 5)
     counts = []
-    step = _EngineRun._step
+    step = run_class._step
 
     def counted(run):
         with warnings.catch_warnings(record=True) as caught:
@@ -286,8 +279,23 @@ def test_engine_step_synchronises_at_most_once(exit_fraction, monkeypatch):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchronizing" in str(w.message) for w in caught))
 
-    monkeypatch.setattr(_EngineRun, "_step", counted)
+    monkeypatch.setattr(run_class, "_step", counted)
     engine.generate(prompts, 5)
+    return counts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a CUDA matter")
+@pytest.mark.parametrize("exit_fraction", [None, 0.5])
+def test_engine_step_synchronises_at_most_once(exit_fraction, monkeypatch):
+    """An engine step builds its indices on the host and reads back only its new tokens: at most one
+    synchronising CUDA call per step (torch's sync debug mode names each), and none in a step where no
+    token finishes or leaves."""
+    model = model_for("depth_lora").float().cuda()
+    prompts = random_prompts(12, 1, 7, seed=11)
+    threshold = None if exit_fraction is None else calibrate_exit_threshold(
+        model, torch.tensor([p[:1] for p in prompts], device="cuda"), exit_fraction)
+    engine = DepthBatchingEngine(model, max_batch_size=4, exit_threshold=threshold)
+    counts = synchronisations_per_step(engine, _EngineRun, prompts, monkeypatch)
     assert counts and max(counts) <= 1, counts
     if exit_fraction is None:
         assert 0 in counts  # steps where no token reached the full depth read nothing

@@ -326,6 +326,26 @@ def test_expert_choice_keeps_its_capacities():
 CAUSAL_ROUTING = ["token_cycle", "token_kv_sharing", "expert_threshold", "expert_threshold_kv_sharing"]
 
 
+def left_padded_inputs() -> Tuple[Tensor, Tensor]:
+    """Seeded (2, 9) token ids and their attention mask, the second row left-padded by 2."""
+    torch.manual_seed(37)
+    input_ids = torch.randint(0, VOCAB, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    return input_ids, attention_mask
+
+
+def generated_alone(model, prompt: List[int], count: int, eos: int) -> List[int]:
+    """``prompt`` and ``model.generate``'s greedy tokens for it alone: ``count`` of them, or up to and
+    including the first ``eos``."""
+    if not count:
+        return prompt
+    expected = model.generate(torch.tensor([prompt]), count, eos_token_id=eos)[0].tolist()
+    if eos in expected[len(prompt):]:
+        expected = expected[:expected.index(eos, len(prompt)) + 1]
+    return expected
+
+
 def decode_in_pieces(model, input_ids: Tensor, attention_mask: Tensor, stops=(5, 7, 8, 9)):
     """Logits of a prefill up to ``stops[0]`` and then cached steps up to each stop; the last output."""
     out = model(input_ids[:, :stops[0]], attention_mask=attention_mask[:, :stops[0]], use_cache=True)
@@ -344,10 +364,7 @@ def test_causal_routing_decodes_with_a_recursion_wise_cache(variant):
     model = make_model(seed=36, **MIXTURE_OF_RECURSIONS[variant]).eval()
     config = model.config
     assert config.kv_cacheable
-    torch.manual_seed(37)
-    input_ids = torch.randint(0, VOCAB, (2, 9))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :2] = 0  # left padding
+    input_ids, attention_mask = left_padded_inputs()
     real = attention_mask.bool()
     with torch.no_grad():
         full = model(input_ids, attention_mask=attention_mask)
@@ -380,10 +397,7 @@ def test_recursion_wise_cache_on_every_backend(backend, variant):
     if why:
         pytest.skip("; ".join(dict.fromkeys(why)))
     model = make_model(seed=36, backend=backend, **MIXTURE_OF_RECURSIONS[variant]).float().eval()
-    torch.manual_seed(37)
-    input_ids = torch.randint(0, VOCAB, (2, 9))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :2] = 0
+    input_ids, attention_mask = left_padded_inputs()
     real = attention_mask.bool()
     with torch.no_grad():
         full = model(input_ids, attention_mask=attention_mask).logits
@@ -444,10 +458,7 @@ def test_depth_batching_engine_serves_other_data_flows(variant):
     engine = DepthBatchingEngine(model, 3)
     outputs = engine.generate(prompts, counts, eos_token_id=eos)
     for prompt, count, output in zip(prompts, counts, outputs):
-        expected = model.generate(torch.tensor([prompt]), count, eos_token_id=eos)[0].tolist() if count else prompt
-        if eos in expected[len(prompt):]:
-            expected = expected[:expected.index(eos, len(prompt)) + 1]
-        assert output == expected
+        assert output == generated_alone(model, prompt, count, eos)
     stats = engine.stats
     assert engine.generate(prompts, counts, eos_token_id=eos, do_sample=True, top_k=1) == outputs
     assert stats.decoded_tokens > 10
@@ -479,11 +490,7 @@ def test_recursion_engine_many_random_requests_all_complete(variant):
         assert eos not in new[:-1]
     assert engine.stats.new_tokens == sum(len(o) - len(p) for o, p in zip(outputs, prompts))
     for i in range(0, 150, 10):
-        if counts[i]:
-            expected = model.generate(torch.tensor([prompts[i]]), counts[i], eos_token_id=eos)[0].tolist()
-            if eos in expected[len(prompts[i]):]:
-                expected = expected[:expected.index(eos, len(prompts[i])) + 1]
-            assert outputs[i] == expected
+        assert outputs[i] == generated_alone(model, prompts[i], counts[i], eos)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a CUDA matter")
@@ -491,30 +498,14 @@ def test_recursion_engine_many_random_requests_all_complete(variant):
 def test_recursion_engine_step_synchronises_at_most_twice(variant, monkeypatch):
     """A Mixture-of-Recursions engine step reads back which rows ran and go on, then (only when some
     finish) their tokens: at most two synchronising CUDA calls per step."""
-    import warnings
-
     from recursive.generation import _RecursionEngineRun
+    from tests.test_generation import synchronisations_per_step
 
     model = make_model(seed=42, **MIXTURE_OF_RECURSIONS[variant]).float().cuda().eval()
     generator = torch.Generator().manual_seed(43)
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in range(1, 13)]
-    engine = DepthBatchingEngine(model, max_batch_size=4)
-    engine.generate(prompts, 5)  # compiles and autotunes outside the count
-    counts = []
-    step = _RecursionEngineRun._step
-
-    def counted(run):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                step(run)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        counts.append(sum("synchronizing" in str(w.message) for w in caught))
-
-    monkeypatch.setattr(_RecursionEngineRun, "_step", counted)
-    engine.generate(prompts, 5)
+    counts = synchronisations_per_step(DepthBatchingEngine(model, max_batch_size=4), _RecursionEngineRun, prompts,
+                                       monkeypatch)
     assert counts and max(counts) <= 2, counts
 
 
