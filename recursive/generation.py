@@ -917,6 +917,7 @@ def generate_in_batches(
 def add_arguments(parser) -> None:
     """The options of ``python -m recursive generate`` on ``parser`` (an argparse sub-parser)."""
     parser.add_argument("--model", help="directory written by save_pretrained (default: a small random model)")
+    parser.add_argument("--adapter", metavar="DIR", help="adapters written by save_adapter, loaded into --model")
     parser.add_argument("--prompt", action="append",
                         help="a prompt as comma-separated token ids (repeatable; the project has no tokenizer)")
     parser.add_argument("--num-prompts", type=int, default=16, help="random prompts when no --prompt is given")
@@ -972,6 +973,8 @@ def command(args) -> None:
             model = RecursiveForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
         else:
             model = RecursiveForCausalLM(default_config()).to(device=device, dtype=dtype or torch.float32).eval()
+        if args.adapter:
+            model.load_adapter(args.adapter)
         if args.prompt:
             prompts = [_parse_prompt(text) for text in args.prompt]
         else:

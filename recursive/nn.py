@@ -85,6 +85,9 @@ class LowRankLinear(nn.Module):
     ``lora_b`` zeros, so a fresh adapter changes nothing).
     """
 
+    # The parameters a relaxation adds to the shared model (RecursivePreTrainedModel.adapter_state_dict).
+    adapter_parameters = ("lora_a", "lora_b")
+
     def __init__(
         self,
         in_features: int,
@@ -155,6 +158,21 @@ class LowRankLinear(nn.Module):
         layer._create_adapters(num_adapters, rank, alpha, device=weight.device, dtype=weight.dtype)
         layer.reset_adapters()
         return layer
+
+    @torch.no_grad()
+    def merged_weight(self, adapter: int) -> Tensor:
+        """``weight + scaling * lora_b[adapter] @ lora_a[adapter]`` (N, K), the weight of a plain linear that
+        computes what this layer does with ``adapter`` selected; ``weight`` itself (not a copy) for -1 or
+        a layer without adapters. Formed in at least float32 and rounded once to the weight's dtype."""
+        if isinstance(adapter, bool) or not isinstance(adapter, int):
+            raise ValueError(f"adapter: expected an int, got {adapter!r}")
+        if self.lora_a is None or adapter == -1:
+            return self.weight
+        if not 0 <= adapter < self.num_adapters:
+            raise IndexError(f"adapter: {adapter} is outside [-1, {self.num_adapters})")
+        compute = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = self.lora_b[adapter].to(compute) @ self.lora_a[adapter].to(compute)
+        return (self.weight.to(compute) + self.scaling * delta).to(self.weight.dtype)
 
     def forward(self, x: Tensor, indices: AdapterIndex = None, gates: Optional[Tensor] = None, *,
                 check_indices: bool = True) -> Tensor:
@@ -395,6 +413,8 @@ class CircuitAttention(nn.Module):
         circuit_rank: R of the QK/OV circuit; 0: none.
         backend: kernels backend, None for automatic.
     """
+
+    adapter_parameters = ("qk_u", "qk_v", "ov_c", "ov_d")
 
     def __init__(
         self,
@@ -689,6 +709,8 @@ class MoLFeedForward(_GatedProjections):
 
     Parameters: the projections' ``weight``, ``lora_a``, ``lora_b`` and ``router.weight`` (E, hidden).
     """
+
+    adapter_parameters = ("router.weight",)
 
     def __init__(
         self,

@@ -217,7 +217,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-loss-weight", type=float, default=0.0,
                         help="weight of the LM head's loss at the loop boundaries (trains for early exit)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the init, the corpus and the batches")
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="freeze the base model and train the adapters (LoRA, circuit factors, routers) only")
     parser.add_argument("--save", metavar="DIR", help="save the trained model here (save_pretrained)")
+    parser.add_argument("--save-adapter", metavar="DIR", help="save the adapters alone here (save_adapter)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -235,9 +238,13 @@ def run(args: argparse.Namespace) -> List[float]:
                 config = RecursiveConfig.from_json_string(f.read())
         model = RecursiveForCausalLM(config).to(device)
     corpus = encode(synthetic_corpus(seed=args.seed))
+    if args.adapters_only:
+        model.mark_only_adapters_trainable()
     num_parameters = sum(p.numel() for p in model.parameters())
-    print(f"training {num_parameters / 1e6:.2f}M parameters ({model.config.num_layers} layers over "
-          f"{model.config.num_blocks} blocks, {model.config.relaxation}) on {device}, {args.steps} steps of "
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.config
+    print(f"training {trainable / 1e6:.2f}M of {num_parameters / 1e6:.2f}M parameters ({config.num_layers} layers "
+          f"over {config.num_blocks} blocks, {config.relaxation}) on {device}, {args.steps} steps of "
           f"{args.batch_size} x {args.seq_len} tokens")
     start = time.perf_counter()
     losses = train(
@@ -254,4 +261,7 @@ def run(args: argparse.Namespace) -> List[float]:
     if args.save:
         model.save_pretrained(args.save)
         print(f"saved to {args.save}")
+    if args.save_adapter:
+        model.save_adapter(args.save_adapter)
+        print(f"saved the adapters to {args.save_adapter}")
     return losses
