@@ -4,7 +4,8 @@
   ``MoLFeedForward``, ``RecursiveBlock``).
 - ``recursive.RecursiveConfig``, ``recursive.RecursiveForCausalLM``, ``recursive.RecursiveEncoder``: the
   model family, saved and loaded as ``config.json`` plus safetensors.
-- ``recursive.convert_hf``: a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM as a recursive model.
+- ``recursive.convert_hf``: a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM as a recursive model;
+  ``recursive.export_hf``: back, merged and untied.
 - ``RecursiveForCausalLM.generate`` and ``recursive.DepthBatchingEngine``: generation with early exit and
   continuous depth-wise batching (``recursive.generation``).
 - ``recursive.flops``: FLOP counts (forward, training step) and parameter counts from a config.
@@ -13,7 +14,7 @@
 
 from . import flops, nn, train
 from .config import RecursiveConfig
-from .convert import convert_hf
+from .convert import convert_hf, export_hf
 from .generation import DepthBatchingEngine
 from .modeling import (
     CausalLMOutput,
@@ -36,6 +37,7 @@ __all__ = [
     "RecursiveModelOutput",
     "RecursivePreTrainedModel",
     "convert_hf",
+    "export_hf",
     "flops",
     "nn",
     "train",

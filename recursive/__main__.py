@@ -1,4 +1,4 @@
-"""Command line: ``python -m recursive {info,bench,train,convert,generate}``."""
+"""Command line: ``python -m recursive {info,bench,train,convert,export,generate}``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import LORA_TARGETS, RecursiveConfig
-from .convert import CONVERTIBLE_SHARING, INIT_SCHEMES, convert_hf
+from .convert import CONVERTIBLE_SHARING, INIT_SCHEMES, SUPPORTED_MODEL_TYPES, convert_hf, export_hf
 
 
 def _version(module: str) -> str:
@@ -89,6 +89,22 @@ def convert(args) -> None:
           f"written to {args.output}")
 
 
+def export(args) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        sys.exit("python -m recursive export needs transformers: pip install transformers")
+    from .modeling import RecursiveForCausalLM
+
+    model = RecursiveForCausalLM.from_pretrained(args.model)
+    try:
+        hf_model = export_hf(model, args.model_type)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    hf_model.save_pretrained(args.output)
+    print(f"{model.config.num_layers} layers over {model.config.num_blocks} blocks (relaxation "
+          f"{model.config.relaxation}) -> {type(hf_model).__name__} of {hf_model.config.num_hidden_layers} layers, "
+          f"written to {args.output}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m recursive", description="recursive-kernels command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +135,11 @@ def main(argv=None) -> None:
                    help="dtype to load the checkpoint in (auto: its own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=convert)
+    p = sub.add_parser("export", help="a saved recursive model, merged and untied, as a Hugging Face checkpoint")
+    p.add_argument("model", help="directory written by save_pretrained")
+    p.add_argument("output", help="directory to write the Hugging Face checkpoint to")
+    p.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES, help="default: read off the architecture")
+    p.set_defaults(func=export)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -1,11 +1,12 @@
-"""Conversion of a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM into a recursive model.
+"""Conversion of a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM into a recursive model, and back.
 
 :func:`convert_hf` ties the L layers of a pretrained model into B shared blocks (Relaxed Recursive
 Transformers): it picks each block's weights from the original layers by an init scheme and, with
 ``lora_rank > 0``, gives every effective layer a LoRA on its projections, initialised from the SVD of
-what the sharing took away from that layer.
+what the sharing took away from that layer. :func:`export_hf` goes the other way: a recursive model,
+merged and untied, as a Hugging Face model of the same family.
 
-``transformers`` is not imported here: any ``nn.Module`` shaped like transformers' ``*ForCausalLM``
+Only :func:`export_hf` imports ``transformers``: any ``nn.Module`` shaped like transformers' ``*ForCausalLM``
 (``config.model_type``, ``model.embed_tokens``, ``model.layers[i]`` with ``self_attn.{q,k,v,o}_proj``,
 ``mlp.{gate,up,down}_proj`` and the two norms, ``model.norm``, ``lm_head``) of a supported type converts.
 """
@@ -312,3 +313,78 @@ def _svd_init(projection: LowRankLinear, adapter: int, original: Tensor) -> None
     r = projection.rank
     projection.lora_a[adapter] = vh[:r]
     projection.lora_b[adapter] = u[:, :r] * (s[:r] / projection.scaling)
+
+
+def export_hf(model: RecursiveForCausalLM, model_type: Optional[str] = None) -> nn.Module:
+    """The Hugging Face causal LM that computes what ``model`` computes: the inverse of :func:`convert_hf`.
+
+    A model with shared blocks or per-depth LoRA is first merged and untied
+    (:meth:`RecursiveForCausalLM.merge_and_untie`); each effective layer then becomes one Hugging Face
+    decoder layer. Needs ``transformers`` (imported here only).
+
+    Args:
+        model: a :class:`RecursiveForCausalLM` that :meth:`~RecursiveForCausalLM.merge_and_untie` serves
+            (relaxation "none", "depth_lora" or "qkov_lora"; not HRM or Mixture-of-Recursions).
+        model_type: "llama", "mistral", "qwen2" or "gemma"; default: read off the architecture (Gemma's
+            unit-offset norms and embedding scale, else Qwen2 for q/k/v biases, else Llama).
+
+    Returns:
+        A ``transformers`` ``*ForCausalLM`` in ``model``'s dtype and on its device, in eval mode; its
+        ``save_pretrained`` writes a checkpoint that any Hugging Face tool loads.
+
+    Raises:
+        ValueError: naming ``model`` when the architecture has no counterpart of ``model_type`` (for example
+            q/k/v biases in Llama, or Gemma's norms elsewhere), naming ``model_type`` when it is unknown.
+    """
+    import transformers
+
+    if not isinstance(model, RecursiveForCausalLM):
+        raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
+    config = model.config
+    gemma_like = config.norm_unit_offset or config.embed_scale != 1.0
+    if model_type is None:
+        model_type = "gemma" if gemma_like else "qwen2" if config.qkv_bias else "llama"
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    gemma = model_type == "gemma"
+    if gemma_like != gemma or (gemma and (not config.norm_unit_offset or config.embed_scale != config.hidden_size ** 0.5)):
+        raise ValueError(f"model: norm_unit_offset={config.norm_unit_offset} and embed_scale={config.embed_scale} are "
+                         f"{'not ' if gemma else ''}Gemma's (unit-offset norms and sqrt(hidden_size)); model_type "
+                         f"{model_type!r} cannot carry them")
+    if config.qkv_bias and model_type != "qwen2":
+        raise ValueError(f"model: q/k/v biases (qkv_bias) have no place in a {model_type} model; use model_type 'qwen2'")
+    if config.num_blocks != config.num_layers or config.relaxation != "none":
+        model = model.merge_and_untie()
+    elif config.sharing == "hierarchical" or config.mor_routing is not None:
+        raise ValueError("model: HRM and Mixture-of-Recursions models have no Hugging Face counterpart")
+    options = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
+        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=config.initializer_range,
+    )
+    if gemma:
+        options["hidden_activation"] = config.hidden_act
+    if model_type in ("mistral", "qwen2"):
+        options.update(sliding_window=None, use_sliding_window=False)
+    hf_config = transformers.AutoConfig.for_model(model_type, **options)
+    parameter = next(model.parameters())
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).to(device=parameter.device, dtype=parameter.dtype)
+    layers = _decoder_layers(hf_model)
+    # The options went through transformers' own config handling, which differs between versions: check.
+    if _activation_name(layers[0].mlp.act_fn) != config.hidden_act or _rope_theta(hf_model.config) != config.rope_theta:
+        raise ValueError(f"model: this transformers version builds {model_type} with another activation or RoPE base "
+                         f"than hidden_act={config.hidden_act!r}, rope_theta={config.rope_theta}")
+    state = {name.replace("model.blocks.", "model.layers.", 1): tensor for name, tensor in model.state_dict().items()}
+    theirs = hf_model.state_dict()
+    for name in theirs:  # Qwen2 always has q/k/v biases: zeros stand for a model without them
+        if name not in state and name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            state[name] = torch.zeros_like(theirs[name])
+    if set(state) != set(theirs) or any(state[name].shape != theirs[name].shape for name in theirs):
+        wrong = sorted(n for n in set(state) & set(theirs) if state[n].shape != theirs[n].shape)
+        raise ValueError(f"model: its parameters do not map onto {type(hf_model).__name__}'s (missing "
+                         f"{sorted(set(theirs) - set(state))}, unexpected {sorted(set(state) - set(theirs))}, "
+                         f"shapes differ: {wrong})")
+    hf_model.load_state_dict(state)
+    return hf_model.eval()

@@ -11,13 +11,14 @@ layer shows.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Dict, Optional
 
 import pytest
 import torch
 from torch import Tensor
 
-from recursive import RecursiveForCausalLM, convert_hf
+from recursive import RecursiveForCausalLM, convert_hf, export_hf
 from recursive.__main__ import main as cli_main
 from tests.test_modules import ref_attention, ref_feed_forward, ref_rms_norm, sub
 
@@ -335,6 +336,58 @@ def test_unsupported_models_raise(case):
         convert_hf(UNSUPPORTED[case](), 2)
 
 
+# Export back to Hugging Face.
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_inverts_conversion(family):
+    """Fewer blocks with full-rank SVD LoRA, exported: the original's parameters, its class and its logits."""
+    hf = make_hf(family, 4, uniform=True)
+    model = convert_hf(hf, 2, "cycle", lora_rank=10**6, lora_alpha=3.0)
+    exported = export_hf(model, "mistral" if family == "mistral" else None)
+    assert type(exported) is type(hf) and not exported.training
+    theirs = dict(exported.named_parameters())
+    for name, parameter in hf.named_parameters():
+        assert torch.allclose(theirs[name], parameter, rtol=0, atol=1e-12), name
+    input_ids, mask = inputs()
+    assert relative_error(reference_logits(exported, input_ids, mask), logits(model, input_ids, mask), mask) < TIGHT
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_computes_the_recursive_model(family):
+    """A recursive model that never was a Hugging Face one (per-depth LoRA from a Start Index, random
+    weights): the export's float64 reference equals its logits, and the Hugging Face forward agrees up to
+    its float32 norms and rotary tables; converting it back, one block per layer, gives the same logits."""
+    model = convert_hf(make_hf(family, 4), 2, "sequence", lora_rank=3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_b"):
+                parameter.normal_(0.0, 0.1)
+    exported = export_hf(model, "mistral" if family == "mistral" else None)
+    input_ids, mask = inputs()
+    expected = logits(model, input_ids, mask)
+    assert relative_error(reference_logits(exported, input_ids, mask), expected, mask) < TIGHT
+    assert relative_error(logits(exported, input_ids[:1]), expected[:1]) < 1e-5
+    again = convert_hf(exported, 4)
+    assert relative_error(logits(again, input_ids, mask), expected, mask) < TIGHT
+
+
+def test_export_rejects_what_hugging_face_cannot_hold():
+    qwen2_like = convert_hf(make_hf("qwen2", 4), 4)
+    with pytest.raises(ValueError, match="qkv_bias"):
+        export_hf(qwen2_like, "llama")
+    with pytest.raises(ValueError, match="Gemma"):
+        export_hf(convert_hf(make_hf("gemma", 4), 4), "llama")
+    with pytest.raises(ValueError, match="Gemma"):
+        export_hf(convert_hf(make_hf("llama", 4), 4), "gemma")
+    with pytest.raises(ValueError, match="model_type"):
+        export_hf(qwen2_like, "gpt2")
+    circuit = RecursiveForCausalLM(dataclasses.replace(qwen2_like.config, num_blocks=2, relaxation="circuit"))
+    with pytest.raises(ValueError, match="circuit"):
+        export_hf(circuit)
+    with pytest.raises(ValueError, match="^model"):
+        export_hf(hf_config("llama"))
+
+
 # Checkpoints, command line, progress.
 
 def test_save_and_load_round_trip(tmp_path):
@@ -359,6 +412,16 @@ def test_convert_command(tmp_path, capsys):
     expected = convert_hf(hf, 2, "sequence", "average", 5, ("q", "o", "up"), lora_alpha=10.0)
     input_ids, mask = inputs()
     assert torch.equal(logits(loaded, input_ids, mask), logits(expected, input_ids, mask))
+
+
+def test_export_command(tmp_path, capsys):
+    model = convert_hf(make_hf("gemma", 4), 2, "cycle", lora_rank=3)
+    model.save_pretrained(tmp_path / "recursive")
+    cli_main(["export", str(tmp_path / "recursive"), str(tmp_path / "hf")])
+    assert "GemmaForCausalLM of 4 layers" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    input_ids, _ = inputs()
+    assert torch.equal(logits(loaded, input_ids), logits(export_hf(model), input_ids))
 
 
 def test_progress_bar_only_when_asked_or_large(capsys):
