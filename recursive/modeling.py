@@ -567,7 +567,9 @@ class RecursivePreTrainedModel(nn.Module):
 
     def mark_only_adapters_trainable(self) -> int:
         """Freeze the base model: ``requires_grad`` True on the adapters' parameters only (the depth-as-
-        modulation recipe, or LoRA uptraining of a converted model). Returns the trainable parameter count."""
+        modulation recipe, or LoRA uptraining of a converted model). Returns the trainable parameter count.
+        A new task head trains beside them after ``model.classifier.requires_grad_(True)`` (PEFT's
+        ``modules_to_save``); :meth:`save_adapter` saves the adapters only."""
         adapters = self.adapter_state_dict()
         if not adapters:
             raise ValueError(f"model: has no adapters to train (relaxation {self.config.relaxation!r}, "
