@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import RecursiveConfig
 from .nn import (LayerKV, LowRankLinear, RecursiveBlock, RMSNorm, SharedKeyValue, VarlenPacking, _ints_to_device,
@@ -173,6 +174,7 @@ class RecursiveModel(nn.Module):
         self.blocks = nn.ModuleList(RecursiveBlock(config, b, causal) for b in range(config.num_blocks))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.block_of_layer = tuple(config.block_of_layer(layer) for layer in range(config.num_layers))
+        self.gradient_checkpointing = False  # RecursivePreTrainedModel.gradient_checkpointing_enable
         if config.mor_routing is not None:
             # Row r scores recursion r (expert choice); all rows together assign depths (token choice).
             self.mor_router = nn.Linear(config.hidden_size, len(config.recursions()[1]), bias=False)
@@ -243,8 +245,12 @@ class RecursiveModel(nn.Module):
 
         def run_block(layer: int, hidden: Tensor, position_embeddings, packing: Optional[VarlenPacking],
                       **options) -> Tuple[Tensor, Optional[LayerKV]]:
-            hidden, present, aux_loss = self.blocks[self.block_of_layer[layer]](
-                hidden, layer, position_embeddings, packing, **options)
+            block = self.blocks[self.block_of_layer[layer]]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, present, aux_loss = checkpoint(block, hidden, layer, position_embeddings, packing,
+                                                       use_reentrant=False, **options)
+            else:
+                hidden, present, aux_loss = block(hidden, layer, position_embeddings, packing, **options)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
             return hidden, present
@@ -549,6 +555,20 @@ class RecursivePreTrainedModel(nn.Module):
             raise ValueError(f"directory: the checkpoint does not match the config (missing {sorted(missing)}, "
                              f"unexpected {sorted(unexpected)})")
         return model.eval()
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing per effective layer, as Hugging Face's: in training, each block call
+        keeps only its input and runs again in the backward (``torch.utils.checkpoint``, non-reentrant).
+        Activation memory then grows with the depth by one hidden state per layer instead of every
+        intermediate of the block: what lets a deep loop of a small block train."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
 
     # Adapters: what the relaxation and the routers add to the shared model (PEFT's workflow).
 

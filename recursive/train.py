@@ -219,6 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the init, the corpus and the batches")
     parser.add_argument("--adapters-only", action="store_true",
                         help="freeze the base model and train the adapters (LoRA, circuit factors, routers) only")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each layer in the backward instead of keeping its activations")
     parser.add_argument("--save", metavar="DIR", help="save the trained model here (save_pretrained)")
     parser.add_argument("--save-adapter", metavar="DIR", help="save the adapters alone here (save_adapter)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -240,6 +242,8 @@ def run(args: argparse.Namespace) -> List[float]:
     corpus = encode(synthetic_corpus(seed=args.seed))
     if args.adapters_only:
         model.mark_only_adapters_trainable()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     num_parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = model.config
