@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import accumulate
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -430,7 +430,6 @@ class DepthBatchingEngine:
             requests.append(_Request(i, list(tokens), _check_int(f"max_new_tokens[{i}]", count, 0)))
         return requests
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[Union[Sequence[int], Tensor]],
@@ -455,14 +454,40 @@ class DepthBatchingEngine:
         Returns:
             Per prompt, in order, the prompt followed by its new tokens. :attr:`stats` describes the run.
         """
+        run = self._start(prompts, max_new_tokens, eos_token_id, progress, do_sample, temperature, top_k, top_p)
+        for _ in run.run():
+            pass
+        return [request.tokens for request in run.requests]
+
+    def stream(
+        self,
+        prompts: Sequence[Union[Sequence[int], Tensor]],
+        max_new_tokens: Union[int, Sequence[int]],
+        eos_token_id: Optional[int] = None,
+        progress: Optional[Progress] = None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+    ) -> Iterator[Tuple[int, int]]:
+        """:meth:`generate`, token by token: an iterator of ``(request, token)`` pairs (``request``: the
+        prompt's index), each yielded as soon as the step that decides it is done, so a server can send a
+        request's tokens while the others are still decoding. The arguments are checked here, at once; a
+        request's tokens come in order, and together they are :meth:`generate`'s new tokens. :attr:`stats`
+        describes the run once the iterator is exhausted."""
+        return self._start(prompts, max_new_tokens, eos_token_id, progress, do_sample, temperature, top_k,
+                           top_p).run()
+
+    def _start(self, prompts, max_new_tokens, eos_token_id, progress, do_sample, temperature, top_k,
+               top_p) -> "_EngineRun":
         requests = self._requests(prompts, max_new_tokens, eos_token_id)
         _check_sampling(temperature, top_k, top_p)
         pick = partial(next_tokens, do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
         run = (_EngineRun if self.model.config.mor_routing is None else _RecursionEngineRun)(
             self, requests, eos_token_id, progress, pick)
-        run.run()
         self.stats = run.stats
-        return [request.tokens for request in requests]
+        return run
 
 
 class _EngineRun:
@@ -472,6 +497,8 @@ class _EngineRun:
                  progress: Optional[Progress], pick: Callable[[Tensor], Tensor]) -> None:
         self.engine, self.model, self.eos_token_id, self.progress = engine, engine.model, eos_token_id, progress
         self.pick = pick  # next-token logits (rows, vocab) -> tokens (rows,)
+        self.requests = requests
+        self.emitted: List[Tuple[int, int]] = []  # (request, token) since the last yield of run()
         self.config = config = self.model.config
         self.backbone = self.model.model
         self.waiting = [request for request in requests if request.max_new_tokens > 0]
@@ -500,13 +527,21 @@ class _EngineRun:
         # Rows of the flattened (L * slots * T, Hkv, .) caches: T per slot, slots * T per layer.
         self.capacity, self.layer_stride = capacity, slots * capacity
 
-    def run(self) -> None:
+    @torch.no_grad()  # torch's decorator holds for a generator's own frames only, not the caller's between them
+    def run(self) -> Iterator[Tuple[int, int]]:
+        """Decode every request; yields each step's ``(request, token)`` pairs after the step."""
         self._admit()
+        yield from self._take_emitted()
         while any(request is not None for request in self.slot_request):
             self._step()
             self._admit()
+            yield from self._take_emitted()
         if self.stats.decoded_tokens:
             self.stats.mean_exit_loops = self.exit_loops_sum / self.stats.decoded_tokens
+
+    def _take_emitted(self) -> List[Tuple[int, int]]:
+        emitted, self.emitted = self.emitted, []
+        return emitted
 
     # Requests.
 
@@ -514,6 +549,7 @@ class _EngineRun:
         """Record ``token``; True when the request is done."""
         request.tokens.append(token)
         request.generated += 1
+        self.emitted.append((request.index, token))
         self.stats.new_tokens += 1
         if self.progress is not None:
             self.progress.step(f"request {request.index}")

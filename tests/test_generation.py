@@ -229,6 +229,26 @@ def test_engine_equals_one_request_at_a_time(name):
     assert engine.stats.new_tokens == sum(lengths)
 
 
+def test_engine_stream_yields_generates_tokens_as_they_come():
+    model = model_for("depth_lora")
+    prompts = random_prompts(7, 1, 6, seed=12)
+    lengths = [5, 0, 2, 6, 1, 4, 3]
+    engine = DepthBatchingEngine(model, max_batch_size=3)
+    expected = engine.generate(prompts, lengths)
+    stats = engine.stats
+    stream = engine.stream(prompts, lengths)
+    request, token = next(stream)  # the first prefill's token, before any other step
+    assert (request, token) == (0, expected[0][len(prompts[0])])
+    assert torch.is_grad_enabled()  # the stream's no_grad holds inside it only
+    pairs = [(request, token), *stream]
+    assert sorted(pairs, key=lambda pair: pair[0]) != pairs  # interleaved across requests
+    for index, (prompt, tokens) in enumerate(zip(prompts, expected)):
+        assert [t for r, t in pairs if r == index] == tokens[len(prompt):]
+    assert engine.stats == stats
+    with pytest.raises(ValueError, match="prompts"):
+        engine.stream([[]], 3)  # checked at the call, not at the first next()
+
+
 def test_engine_eos_equals_generate():
     model = model_for("none")
     prompts = random_prompts(5, 2, 5, seed=8)
