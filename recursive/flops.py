@@ -133,12 +133,29 @@ def training_step_flops(
     lengths: Optional[Sequence[int]] = None,
     model_type: str = "causal_lm",
     recursion_tokens: Optional[Sequence[Sequence[int]]] = None,
+    gradient_checkpointing: bool = False,
 ) -> int:
     """FLOPs of a forward and backward pass with every parameter trainable: three times
     :func:`forward_flops` (the backward computes an input and a weight gradient per matmul, each as
-    costly as the forward matmul). Arguments as :func:`forward_flops`."""
-    return 3 * forward_flops(config, batch_size, seq_len, lengths=lengths, model_type=model_type,
-                             recursion_tokens=recursion_tokens)
+    costly as the forward matmul), except that HRM's one-step gradient (``hrm_one_step_gradient``) runs
+    the layers before its last fast and slow steps forward only. ``gradient_checkpointing``
+    (:meth:`recursive.RecursivePreTrainedModel.gradient_checkpointing_enable`): the backward also runs the
+    forward of every block call that autograd records once more. Other arguments as :func:`forward_flops`."""
+    if not isinstance(gradient_checkpointing, bool):
+        raise ValueError(f"gradient_checkpointing: expected a bool, got {gradient_checkpointing!r}")
+    forward = forward_flops(config, batch_size, seq_len, lengths=lengths, model_type=model_type,
+                            recursion_tokens=recursion_tokens)
+    tokens = batch_size * seq_len
+    blocks = forward - _outside_blocks_flops(config, batch_size, tokens, model_type)
+    if config.mor_routing is not None:
+        blocks -= 2 * tokens * config.hidden_size * len(config.recursions()[1])  # the routers
+    unrecorded = 0
+    if config.sharing == "hierarchical" and config.hrm_one_step_gradient:
+        score_entries = sum(n * n for n in lengths) if lengths is not None else batch_size * seq_len * seq_len
+        first_recorded = config.num_layers - config.num_blocks  # the last fast and slow module applications
+        unrecorded = sum(_layer_flops(config, layer, tokens, score_entries) for layer in range(first_recorded))
+    recomputed = blocks - unrecorded if gradient_checkpointing else 0
+    return 3 * forward - 2 * unrecorded + recomputed
 
 
 def parameter_counts(config: RecursiveConfig, model_type: str = "causal_lm") -> ParameterCounts:

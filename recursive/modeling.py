@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from .config import RecursiveConfig
 from .nn import (LayerKV, LowRankLinear, RecursiveBlock, RMSNorm, SharedKeyValue, VarlenPacking, _ints_to_device,
@@ -247,8 +247,11 @@ class RecursiveModel(nn.Module):
                       **options) -> Tuple[Tensor, Optional[LayerKV]]:
             block = self.blocks[self.block_of_layer[layer]]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, present, aux_loss = checkpoint(block, hidden, layer, position_embeddings, packing,
-                                                       use_reentrant=False, **options)
+                # The whole block again (no early stop): the fused ops recompute whole anyway, and
+                # recursive.flops.training_step_flops counts it so, on every backend.
+                with set_checkpoint_early_stop(False):
+                    hidden, present, aux_loss = checkpoint(block, hidden, layer, position_embeddings, packing,
+                                                           use_reentrant=False, **options)
             else:
                 hidden, present, aux_loss = block(hidden, layer, position_embeddings, packing, **options)
             if aux_loss is not None:

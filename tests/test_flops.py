@@ -157,6 +157,29 @@ def test_training_step_flops_match_forward_and_backward(relaxation, sharing):
     assert training_step_flops(config, BATCH, SEQ) == counted(model, ids, labels=ids, backward=True)
 
 
+@pytest.mark.parametrize("variant, overrides", [
+    ("depth_lora", {}), ("circuit", {}),
+    ("hierarchical", RECURRENCE["hierarchical"]),
+    ("one-step", dict(RECURRENCE["hierarchical"], hrm_one_step_gradient=True)),
+    ("one-step 8", dict(RECURRENCE["hierarchical"], num_layers=12, num_blocks=4, hrm_one_step_gradient=True)),
+    ("expert_kv_sharing", RECURRENCE["expert_kv_sharing"]),
+], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_step_flops_with_one_step_gradient_and_checkpointing(variant, overrides, checkpointing):
+    """The recomputed forward of checkpointed layers, and HRM's layers that run without autograd."""
+    config = dataclasses.replace(tiny_config("circuit" if variant == "circuit" else "depth_lora"), **overrides)
+    model = RecursiveForCausalLM(config).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, :2] = 0
+    ids = inputs(config)
+    expected = training_step_flops(config, BATCH, SEQ, lengths=[SEQ, SEQ - 2], gradient_checkpointing=checkpointing)
+    assert expected == counted(model, ids, mask, labels=ids, backward=True)
+    if checkpointing:
+        assert expected > training_step_flops(config, BATCH, SEQ, lengths=[SEQ, SEQ - 2])
+
+
 def test_frozen_weights_cost_less_in_flop_counter():
     """FlopCounterMode skips a frozen weight's gradient matmul; training_step_flops counts all trainable."""
     config = tiny_config("depth_lora")
