@@ -67,3 +67,18 @@ def test_checkpointing_keeps_gradients_and_saves_activations(variant):
     model.gradient_checkpointing_enable()
     model.eval()  # checkpointing is for training only
     assert training_step(model, input_ids, attention_mask)[2] == saved
+
+
+def test_checkpointing_under_torch_compile_matches_eager():
+    model = make_model(seed=4, **RELAXATIONS["depth_lora"]).train()
+    model.gradient_checkpointing_enable()
+    input_ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    attention_mask = torch.ones_like(input_ids)
+    loss, grads, _ = training_step(model, input_ids, attention_mask)
+    compiled_loss, compiled_grads, _ = training_step(torch.compile(model, backend="aot_eager"), input_ids,
+                                                     attention_mask)
+    torch.testing.assert_close(compiled_loss, loss)
+    compiled_grads = {name.removeprefix("_orig_mod."): grad for name, grad in compiled_grads.items()}
+    assert compiled_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, msg=name)
