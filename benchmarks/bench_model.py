@@ -7,7 +7,10 @@ Three models of the same sizes and effective depth L:
   projection (Relaxed Recursive Transformer);
 - untied: L blocks of its own per layer, no relaxation (the ordinary transformer it compresses);
 - mor: the relaxed model's L / 4 shared blocks without LoRA as a Mixture-of-Recursions (expert choice
-  keeps all, 3/4, 1/2 and 1/4 of the tokens in its four loops: 5/8 of the layers' token work).
+  keeps all, 3/4, 1/2 and 1/4 of the tokens in its four loops: 5/8 of the layers' token work);
+- relaxed ckpt: the relaxed model with activation checkpointing (``gradient_checkpointing_enable``),
+  training step only; its GFLOP/s count the model's FLOPs, not the recomputed ones, so that they
+  compare as useful throughput.
 
 Each is timed with the automatically selected (fused) backends and with the torch reference, forward
 (inference, no autograd) and forward+backward of the loss (a training step without the optimizer).
@@ -39,7 +42,7 @@ from recursive.progress import Progress  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("auto", "torch")  # auto: the fused backend each op selects on this device
-VARIANTS = ("relaxed", "untied", "mor")
+VARIANTS = ("relaxed", "untied", "mor", "relaxed ckpt")
 LORA_RANK = 16
 
 
@@ -53,8 +56,16 @@ class Case:
     seq_len: int
 
     @property
+    def checkpointing(self) -> bool:
+        return self.variant.endswith(" ckpt")
+
+    def runs(self, mode: str) -> bool:
+        """Checkpointing changes only the training step."""
+        return mode == "fwd+bwd" or not self.checkpointing
+
+    @property
     def config(self) -> RecursiveConfig:
-        if self.variant == "relaxed":
+        if self.variant.split()[0] == "relaxed":
             return replace(self.base, num_blocks=self.base.num_layers // 4, relaxation="depth_lora",
                            lora_rank=LORA_RANK, lora_alpha=float(LORA_RANK), lora_targets=None)
         if self.variant == "mor":
@@ -88,7 +99,10 @@ def build_model(case: Case, impl: str, device: torch.device, dtype: torch.dtype)
     """The case's model with the given backends, seeded, so every backend runs the same weights."""
     torch.manual_seed(0)
     config = replace(case.config, backend=None if impl == "auto" else impl)
-    return RecursiveForCausalLM(config).to(device=device, dtype=dtype)
+    model = RecursiveForCausalLM(config).to(device=device, dtype=dtype)
+    if case.checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
 
 
 def _callable(model: RecursiveForCausalLM, case: Case, backward: bool, device: torch.device) -> Callable[[], object]:
@@ -128,12 +142,12 @@ def run(
             bar.step(mode)
             timed[mode] = median_seconds(
                 {(case.variant, impl): _callable(models[case.variant, impl], case, mode == "fwd+bwd", device)
-                 for case in cases for impl in impls},
+                 for case in cases if case.runs(mode) for impl in impls},
                 device,
             )
     rows = []
     for case in cases:
-        for mode in modes:
+        for mode in filter(case.runs, modes):
             times = timed[mode]
             for impl in impls:
                 seconds = times[case.variant, impl]

@@ -8,9 +8,11 @@ from benchmarks.common import resolve, run_benchmark
 DEVICE, DTYPE = resolve(None, None)
 
 
+CASES = [(case, mode) for case in default_cases(DEVICE) for mode in MODES if case.runs(mode)]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", default_cases(DEVICE), ids=lambda c: c.label.replace(" ", "-"))
+@pytest.mark.parametrize("case, mode", CASES, ids=[f"{c.label}-{m}".replace(" ", "-") for c, m in CASES])
 def test_model(benchmark, case, mode, impl):
     benchmark.group = f"{case.label} {mode}"
     fn = _callable(build_model(case, impl, DEVICE, DTYPE), case, mode == "fwd+bwd", DEVICE)
