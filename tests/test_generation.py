@@ -268,15 +268,21 @@ def test_engine_many_random_requests_with_early_exit_all_complete():
     model.float()
     engine = DepthBatchingEngine(model, max_batch_size=16, exit_threshold=threshold)
     out = engine.generate(prompts, lengths, eos_token_id=eos)
-    assert len(out) == len(prompts)
-    for tokens, prompt, length in zip(out, prompts, lengths):
-        new = tokens[len(prompt):]
-        assert tokens[: len(prompt)] == prompt
-        assert len(new) == length or (0 < len(new) < length and new[-1] == eos)
-        assert eos not in new[:-1]
+    assert_every_request_completes(engine, out, prompts, lengths, eos)
     stats = engine.stats
-    assert stats.new_tokens == sum(len(t) - len(p) for t, p in zip(out, prompts))
     assert 1.0 < stats.mean_exit_loops < stats.num_loops  # some tokens exited, some ran deeper
+
+
+def assert_every_request_completes(engine, outputs, prompts, counts, eos) -> None:
+    """Each output is its prompt and then ``counts`` new tokens, or fewer ending at the first ``eos``; the
+    engine's stats count them all."""
+    assert len(outputs) == len(prompts)
+    for output, prompt, count in zip(outputs, prompts, counts):
+        new = output[len(prompt):]
+        assert output[:len(prompt)] == prompt
+        assert len(new) == count or (0 < len(new) < count and new[-1] == eos)
+        assert eos not in new[:-1]
+    assert engine.stats.new_tokens == sum(len(o) - len(p) for o, p in zip(outputs, prompts))
 
 
 def synchronisations_per_step(engine, run_class, prompts, monkeypatch) -> List[int]:

@@ -474,6 +474,8 @@ def test_depth_batching_engine_serves_other_data_flows(variant):
 def test_recursion_engine_many_random_requests_all_complete(variant):
     """150 requests of random lengths through 16 slots: every one completes with its count (or
     at eos), the counts add up, and a sample equals generate on it alone."""
+    from tests.test_generation import assert_every_request_completes
+
     model = make_model(seed=44, **MIXTURE_OF_RECURSIONS[variant]).eval()
     generator = torch.Generator().manual_seed(45)
     lengths = torch.randint(1, 13, (150,), generator=generator).tolist()
@@ -482,13 +484,7 @@ def test_recursion_engine_many_random_requests_all_complete(variant):
     eos = 5
     engine = DepthBatchingEngine(model, max_batch_size=16)
     outputs = engine.generate(prompts, counts, eos_token_id=eos)
-    assert len(outputs) == len(prompts)
-    for output, prompt, count in zip(outputs, prompts, counts):
-        new = output[len(prompt):]
-        assert output[:len(prompt)] == prompt
-        assert len(new) == count or (0 < len(new) < count and new[-1] == eos)
-        assert eos not in new[:-1]
-    assert engine.stats.new_tokens == sum(len(o) - len(p) for o, p in zip(outputs, prompts))
+    assert_every_request_completes(engine, outputs, prompts, counts, eos)
     for i in range(0, 150, 10):
         assert outputs[i] == generated_alone(model, prompts[i], counts[i], eos)
 
