@@ -318,9 +318,8 @@ def _svd_init(projection: LowRankLinear, adapter: int, original: Tensor) -> None
 def export_hf(model: RecursiveForCausalLM, model_type: Optional[str] = None) -> nn.Module:
     """The Hugging Face causal LM that computes what ``model`` computes: the inverse of :func:`convert_hf`.
 
-    A model with shared blocks or per-depth LoRA is first merged and untied
-    (:meth:`RecursiveForCausalLM.merge_and_untie`); each effective layer then becomes one Hugging Face
-    decoder layer. Needs ``transformers`` (imported here only).
+    The model is first merged and untied (:meth:`RecursiveForCausalLM.merge_and_untie`, a copy); each
+    effective layer then becomes one Hugging Face decoder layer. Needs ``transformers`` (imported here only).
 
     Args:
         model: a :class:`RecursiveForCausalLM` that :meth:`~RecursiveForCausalLM.merge_and_untie` serves
@@ -353,10 +352,7 @@ def export_hf(model: RecursiveForCausalLM, model_type: Optional[str] = None) -> 
                          f"{model_type!r} cannot carry them")
     if config.qkv_bias and model_type != "qwen2":
         raise ValueError(f"model: q/k/v biases (qkv_bias) have no place in a {model_type} model; use model_type 'qwen2'")
-    if config.num_blocks != config.num_layers or config.relaxation != "none":
-        model = model.merge_and_untie()
-    elif config.sharing == "hierarchical" or config.mor_routing is not None:
-        raise ValueError("model: HRM and Mixture-of-Recursions models have no Hugging Face counterpart")
+    model = model.merge_and_untie()  # also checks that the model has a plain-stack counterpart
     options = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
