@@ -74,7 +74,7 @@ setup(
     packages=find_packages(include=["kernels", "kernels.*", "recursive", "recursive.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "safetensors", "triton; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers>=4.45"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "transformers>=4.45,<5.25"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["recursive=recursive.__main__:main"]},
