@@ -29,7 +29,7 @@ def info(args) -> None:
 
     print(f"recursive-kernels {kernels.__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
-    for module in ("torch", "triton", "numpy"):
+    for module in ("torch", "triton", "numpy", "transformers"):  # transformers: conversion and export only
         print(f"{module:<8} {_version(module)}")
     print(f"cpu      {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     if torch.cuda.is_available():

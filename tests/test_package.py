@@ -32,3 +32,14 @@ def test_recursive_names_a_foreign_kernels_package_that_hides_ours(tmp_path):
                           cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr and str(foreign / "__init__.py") in proc.stderr, proc.stderr
+
+
+def test_info_lists_versions_and_every_backend():
+    proc = subprocess.run([sys.executable, "-m", "recursive", "info"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for module in ("torch", "triton", "numpy", "transformers"):
+        assert any(line.startswith(module + " ") for line in lines), proc.stdout
+    for name in kernels.backends.BACKENDS:
+        assert any(line.strip().startswith(name + " ") and ("available" in line) for line in lines), proc.stdout
