@@ -1,37 +1,33 @@
-"""Benchmark ``kernels.circuit_attention`` against plain SDPA and the eager way.
+"""Benchmark ``recursive_kernels.circuit_attention`` against plain SDPA and the eager way.
 
-For D in (64, 128), causal and not, R = Rv = 16, S from 512 to 8192 on GPU (512 to 2048 on CPU), every
-available backend is timed, forward and forward+backward, beside
+With ``--full``: D in (64, 128), causal and not, R = Rv = 16, S from 512 to 8192 on GPU (512 to 2048 on CPU);
+by default a representative three of these (four on GPU). Every available backend is timed, forward and
+forward+backward, beside
 
 - sdpa: ``scaled_dot_product_attention`` without corrections (the floor the fused op aims at);
 - eager: the corrections concatenated onto the head dims ([q, q_c / scale], [k, k_c], [v, v_c]), then SDPA.
 
 Printed: time, TFLOP/s (useful FLOPs of the corrected attention; FlashAttention's convention: causal
-halves the work, backward counts 2.5x forward), ``x sdpa`` (throughput relative to SDPA's on its own,
-smaller, FLOP count: above 1 is better) and ``vs eager`` (eager time over this time). ``--memory`` adds
-the peak extra memory of one forward at S = 4096 (GPU: allocator peak; CPU: peak RSS of a child process).
+halves the work, backward counts 2.5x forward), ``vs sdpa`` and ``vs eager`` (that baseline's time over
+this time: above 1 is faster). ``--memory`` adds the peak extra memory of one forward at S = 4096 (GPU:
+allocator peak; CPU: peak RSS of a child process).
 
-    python benchmarks/bench_circuit_attention.py [--device cuda] [--json out.json] [--memory]
+    python -m recursive bench --only circuit_attention [--full] [--device cuda] [--json out.json] [--memory]
 """
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    available_backends, machine_description, report, resolve, seeded_like, time_cases,
+import recursive_kernels
+from .common import (
+    Column, Steps, available_backends, machine_description, render, resolve, seeded_like, speedup, time_cases,
 )
 
 MODES = ("fwd", "fwd+bwd")
@@ -57,9 +53,15 @@ class Case:
         return f"S={self.S} D={self.D} {'causal' if self.causal else 'full'}"
 
 
-def default_cases(device: torch.device) -> List[Case]:
-    lengths = (512, 1024, 2048, 4096, 8192) if device.type == "cuda" else (512, 1024, 2048)
-    batch, heads = (4, 16) if device.type == "cuda" else (1, 4)
+def default_cases(device: torch.device, full: bool = False) -> List[Case]:
+    """``full``: D 64 and 128, causal and not, over the lengths; else a representative three (GPU: four)."""
+    gpu = device.type == "cuda"
+    batch, heads = (4, 16) if gpu else (1, 4)
+    if not full:
+        shapes = [(4096, 128, False), (4096, 128, True), (1024, 64, True)] if gpu else \
+            [(1024, 64, False), (1024, 64, True), (2048, 128, False)]
+        return [Case(S, D, causal, batch, heads) for S, D, causal in shapes]
+    lengths = (512, 1024, 2048, 4096, 8192) if gpu else (512, 1024, 2048)
     return [Case(S, D, causal, batch, heads) for D in (64, 128) for causal in (False, True) for S in lengths]
 
 
@@ -94,7 +96,7 @@ def _callable(impl: str, t: Dict[str, torch.Tensor], case: Case, backward: bool)
         if impl == "eager":
             forward = lambda: eager_circuit_attention(*params, case.causal, scale)  # noqa: E731
         else:
-            forward = lambda: kernels.circuit_attention(*params, causal=case.causal, backend=impl)  # noqa: E731
+            forward = lambda: recursive_kernels.circuit_attention(*params, causal=case.causal, backend=impl)  # noqa: E731
     if not backward:
         return forward
     with torch.no_grad():
@@ -115,7 +117,7 @@ def peak_forward_memory(impl: str, case: Case, device: torch.device, dtype: torc
     # CPU (Linux): a child process. Its high-water mark (VmHWM) is reset after the set-up (writing 5 to
     # /proc/self/clear_refs), so the figure is the forward's peak RSS minus the RSS just before it.
     code = (
-        "import torch, benchmarks.bench_circuit_attention as b\n"
+        "import torch, recursive_benchmarks.bench_circuit_attention as b\n"
         f"case = b.Case({case.S}, {case.D}, {case.causal}, {case.B}, {case.H}, {case.R})\n"
         f"t = b.make_inputs(case, torch.device('cpu'), torch.{str(dtype).split('.')[1]}, False)\n"
         f"fn = b._callable({impl!r}, t, case, False)\n"
@@ -127,12 +129,19 @@ def peak_forward_memory(impl: str, case: Case, device: torch.device, dtype: torc
         "out = fn()\n"
         "print((status_kib('VmHWM:') - before) / 1024)\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=False, progress=True):
+def steps(cases: List[Case], modes=MODES) -> int:
+    """Progress steps of ``run``: one per case and mode."""
+    return len(cases) * len(modes)
+
+
+STEP_SECONDS = 4.0  # a step's rough time on a 2-core CPU, for the run's time left
+
+
+def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=False, progress: Optional[Steps] = None):
     device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
     impls = ["sdpa", "eager", *(impls or available_backends("circuit_attention", device, dtype, head_dim=64))]
@@ -145,13 +154,12 @@ def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=Fal
     checked = [impl for impl in impls if impl != "sdpa"]
     for case, mode, times, errors in time_cases(cases, modes, impls, prepare, device, progress, checked):
         backward = mode == "fwd+bwd"
-        sdpa_rate = case.flops(backward, corrections=False) / times["sdpa"]
         for impl, seconds in times.items():
-            rate = case.flops(backward, corrections=impl != "sdpa") / seconds
             rows.append({
-                "S": case.S, "D": case.D, "causal": case.causal, "mode": mode, "impl": impl,
-                "ms": seconds * 1e3, "TFLOP/s": rate / 1e12, "x sdpa": rate / sdpa_rate,
-                "vs eager": times["eager"] / seconds, "rel err": errors.get(impl),
+                "B": case.B, "H": case.H, "S": case.S, "D": case.D, "R": case.R, "causal": case.causal, "mode": mode,
+                "impl": impl, "ms": seconds * 1e3,
+                "TFLOP/s": case.flops(backward, corrections=impl != "sdpa") / seconds / 1e12,
+                "vs sdpa": times["sdpa"] / seconds, "vs eager": times["eager"] / seconds, "rel err": errors.get(impl),
             })
     result = {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
     if memory:
@@ -162,30 +170,28 @@ def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=Fal
     return result
 
 
-COLUMNS = ["S", "D", "causal", "mode", "impl", "ms", "TFLOP/s", "x sdpa", "vs eager", "rel err"]
+COLUMNS = [
+    Column("B", "d", "batch"),
+    Column("H", "d", "query heads (as many key/value heads)"),
+    Column("S", "d", "sequence length (queries = keys)"),
+    Column("D", "d", "head dim"),
+    Column("R", "d", "rank of the logit (q_c, k_c) and value (v_c) corrections"),
+    Column("causal", "", "causal mask or none"),
+    Column("mode", "", "fwd: forward; fwd+bwd: forward and the gradients of every input"),
+    Column("impl", "", "sdpa: scaled_dot_product_attention without corrections, the floor; eager: the corrections "
+                       "concatenated onto the head dims, then sdpa; cpp/torch/triton/cuda: "
+                       "recursive_kernels.circuit_attention on that backend"),
+    Column("ms", ".3f", "median time of one call"),
+    Column("TFLOP/s", ".4f", "useful FLOPs (with the corrections; sdpa: without) / time, FlashAttention's count (causal "
+                             "halves it, backward 2.5x forward); the GPU target compares it with sdpa's"),
+    Column("vs sdpa", ".2f", speedup("sdpa") + "; it does less work, so below 1"),
+    Column("vs eager", ".2f", speedup("eager")),
+    Column("rel err", ".1e", "||out - ref|| / ||ref|| against eager in float64 (GPU: float32) on the same inputs"),
+]
 
 
-def main(argv=None) -> Dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--mode", choices=MODES, action="append")
-    parser.add_argument("--backend", action="append")
-    parser.add_argument("--memory", action="store_true", help="also the peak memory of a forward at S = 4096")
-    parser.add_argument("--json")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = run(
-        device=torch.device(args.device) if args.device else None,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        modes=tuple(args.mode or MODES), impls=args.backend, memory=args.memory, progress=not args.no_progress,
-    )
+def render_result(result: Dict[str, object]) -> str:
     memory = result.get("peak_memory_MiB_at_S4096")
     notes = ["peak extra memory of one forward at S = 4096 (MiB): "
              + ", ".join(f"{k} {v:.0f}" for k, v in memory.items())] if memory else []
-    report(f"circuit_attention on {result['machine']}, {result['dtype']}", result, COLUMNS, args.json, *notes)
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    return render(f"circuit_attention on {result['machine']}, {result['dtype']}", result, COLUMNS, *notes)

@@ -11,7 +11,7 @@ One set of requests (seeded random prompts and output lengths) is generated gree
   tokens' depths spread over the loops).
 
 Tokens/s counts the requested new tokens over the wall time of the whole run (prefill included).
-``x plain``: throughput over the plain recursive run's. ``exit loops``: the loops an engine-decoded
+``vs plain``: the plain recursive run's time over this one's (above 1 is faster). ``exit loops``: the loops an engine-decoded
 token ran on average, of the model's loops (mor: the recursions the decoded tokens ran, read off one
 forward of each output). ``agree``: the fraction of new tokens equal to those of
 full-depth decoding at the same position (1.0 without early exit).
@@ -24,32 +24,28 @@ package's synthetic corpus (``recursive.train``, with the loop-boundary loss tha
 ``exit_loss_weight=1``) and draws the prompts from held-out text of that corpus: early exit then runs at
 a fixed ``--exit-threshold`` (default 0.9) and ``agree`` measures the output quality it keeps.
 
-    python benchmarks/bench_generation.py [--device cuda] [--train-steps 300] [--json out.json]
+By default plain, untied, engine and engine+exit; ``--full`` adds plain+exit, mor and mor engine.
+
+    python -m recursive bench --only generation [--full] [--device cuda] [--train-steps 300] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine_description, report, resolve  # noqa: E402
-from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM  # noqa: E402
-from recursive.generation import calibrate_exit_threshold, generate_in_batches  # noqa: E402
-from recursive.progress import Progress  # noqa: E402
-from recursive.train import encode, synthetic_corpus, train  # noqa: E402
+from .common import Column, Steps, machine_description, render, resolve, speedup
+from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM
+from recursive.generation import calibrate_exit_threshold, generate_in_batches
+from recursive.train import encode, synthetic_corpus, train
 
 METHODS = ("plain", "plain+exit", "untied", "engine", "engine+exit", "mor", "mor engine")
+DEFAULT_METHODS = ("plain", "untied", "engine", "engine+exit")  # without --full
 
 
 @dataclass(frozen=True)
@@ -69,8 +65,9 @@ class Workload:
 
     @property
     def label(self) -> str:
-        return (f"h={self.hidden_size} L={self.num_layers} B={self.num_blocks} requests={self.num_requests} "
-                f"batch={self.max_batch_size}")
+        return (f"h={self.hidden_size} L={self.num_layers} B={self.num_blocks} vocab={self.vocab_size}, "
+                f"{self.num_requests} requests (prompts {self.prompt_lengths[0]}-{self.prompt_lengths[1]} tokens, "
+                f"{self.output_lengths[0]}-{self.output_lengths[1]} new), batch {self.max_batch_size}")
 
 
 def default_workload(device: torch.device) -> Workload:
@@ -142,11 +139,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def steps(methods=DEFAULT_METHODS, repeats: int = 3) -> int:
+    """Progress steps of ``run``: a warm-up and ``repeats`` timed runs per method."""
+    return len(methods) * (repeats + 1)
+
+
+STEP_SECONDS = 0.75  # a step's rough time on a 2-core CPU, for the run's time left
+
+
 def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, workload: Optional[Workload] = None,
-        exit_fraction: float = 0.5, repeats: int = 3, progress: bool = True, train_steps: int = 0,
-        exit_threshold: Optional[float] = None) -> Dict[str, object]:
+        exit_fraction: float = 0.5, repeats: int = 3, progress: Optional[Steps] = None, train_steps: int = 0,
+        exit_threshold: Optional[float] = None, methods=DEFAULT_METHODS) -> Dict[str, object]:
     device, dtype = resolve(device, dtype)
     workload = workload or default_workload(device)
+    progress = progress or Steps(None)
+    if "plain" not in methods:
+        raise ValueError(f"methods: {methods} lacks plain, the baseline")
     models = make_models(workload, device, dtype, train_steps)
     prompts, lengths = make_requests(workload, from_corpus=train_steps > 0)
     threshold = exit_threshold
@@ -156,16 +164,15 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
         calibration = torch.tensor([p[: workload.prompt_lengths[0]] for p in prompts], device=device)
         threshold = calibrate_exit_threshold(models[0], calibration, exit_fraction)
     new_tokens = sum(lengths)
-    bar = Progress(len(METHODS) * (repeats + 1), progress)
-    runners = {method: _runner(method, models, prompts, lengths, workload, threshold) for method in METHODS}
+    runners = {method: _runner(method, models, prompts, lengths, workload, threshold) for method in methods}
     outputs = {}
     for method, runner in runners.items():
-        bar.step(f"{method} warm-up")
+        progress.step(f"{method} warm-up")
         outputs[method] = runner()  # warm-up; also the outputs compared below
-    seconds = {method: [] for method in METHODS}
+    seconds = {method: [] for method in methods}
     for _ in range(repeats):  # the methods take turns, so that a slow spell of the machine hits them all
         for method, runner in runners.items():
-            bar.step(method)
+            progress.step(method)
             _synchronize(device)
             start = time.perf_counter()
             runner()
@@ -173,7 +180,7 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
             seconds[method].append(time.perf_counter() - start)
     full_depth = [o[len(p):] for o, p in zip(outputs["plain"], prompts)]
     rows = []
-    for method in METHODS:
+    for method in methods:
         median = statistics.median(seconds[method])
         new = [o[len(p):] for o, p in zip(outputs[method], prompts)]
         same = sum(a == b for x, y in zip(new, full_depth) for a, b in zip(x, y))
@@ -189,45 +196,27 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
             "agree": same / new_tokens if method in ("plain", "plain+exit", "engine", "engine+exit") else None,
         })
     for row in rows:
-        row["x plain"] = row["tokens/s"] / rows[0]["tokens/s"]
+        row["vs plain"] = row["tokens/s"] / rows[0]["tokens/s"]
     loops = workload.num_layers // workload.num_blocks
     return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "workload": workload.label,
             "loops": loops, "train_steps": train_steps, "exit_threshold": threshold, "new_tokens": new_tokens,
             "rows": rows}
 
 
-COLUMNS = ["method", "s", "tokens/s", "x plain", "exit loops", "agree"]
+COLUMNS = [
+    Column("method", "", "plain: RecursiveForCausalLM.generate on batches in arrival order, each until its longest "
+                         "request is done; untied: the same on an untied model of the same depth; engine: "
+                         "DepthBatchingEngine; +exit: with early exit; mor: a Mixture-of-Recursions model"),
+    Column("s", ".2f", "median wall time of the whole run (prefill included)"),
+    Column("tokens/s", ".0f", "requested new tokens / time"),
+    Column("vs plain", ".2f", speedup("plain")),
+    Column("exit loops", ".2f", "loops a decoded token ran on average (of the model's loops)"),
+    Column("agree", ".3f", "fraction of new tokens equal to full-depth plain decoding's at the same position"),
+]
 
 
-def main(argv=None) -> Dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--exit-fraction", type=float, default=0.5,
-                        help="untrained: calibrate the exit threshold so this fraction of tokens would leave at the first loop")
-    parser.add_argument("--train-steps", type=int, default=0,
-                        help="train the recursive model this many steps first (synthetic corpus, with the exit loss)")
-    parser.add_argument("--exit-threshold", type=float, help="a fixed exit threshold (default with --train-steps: 0.9)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs per method after a warm-up, the methods taking turns (median)")
-    parser.add_argument("--json", help="also write the table as JSON to this path")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = run(
-        device=torch.device(args.device) if args.device else None,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        exit_fraction=args.exit_fraction,
-        repeats=args.repeats,
-        progress=not args.no_progress,
-        train_steps=args.train_steps,
-        exit_threshold=args.exit_threshold,
-    )
+def render_result(result: Dict[str, object]) -> str:
     trained = f"trained {result['train_steps']} steps" if result["train_steps"] else "random weights"
-    report(f"generation on {result['machine']}, {result['dtype']}: {result['workload']}, {result['loops']} loops, "
-           f"{trained}, {result['new_tokens']} new tokens, exit threshold {result['exit_threshold']:.4g}",
-           result, COLUMNS, args.json)
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    return render(f"generation on {result['machine']}, {result['dtype']}: {result['workload']}, {result['loops']} "
+                  f"loops, {trained}, {result['new_tokens']} new tokens, exit threshold {result['exit_threshold']:.4g}",
+                  result, COLUMNS)

@@ -1,4 +1,4 @@
-"""Benchmark ``kernels.lowrank_linear`` against the base matmul and the best eager PyTorch way.
+"""Benchmark ``recursive_kernels.lowrank_linear`` against the base matmul and the best eager PyTorch way.
 
 For one adapter for all rows, one adapter per row (8 adapters) and the top 2 of 8 experts with gates,
 at a decode size (M = 16) and a prefill size (M = 4096 on GPU, 256 on CPU), K = N = 4096 on GPU (1024
@@ -7,29 +7,24 @@ on CPU), r = 16, every available backend is timed, forward and forward+backward,
 - base: the shared matmul alone (``F.linear``), the floor the fused op aims at;
 - eager: base matmul, then per adapter: gather its rows, two small matmuls, scatter-add.
 
-Printed per row: time, GFLOP/s (useful FLOPs: base plus low-rank), ``x base`` (time over the base
-matmul's time) and ``vs eager`` (eager time over this time: above 1 is faster).
+Printed per row: time, GFLOP/s (useful FLOPs: base plus low-rank), ``vs base`` and ``vs eager`` (that
+baseline's time over this time: above 1 is faster) and the error against eager in float64. Every case runs
+by default (they are quick); ``--full`` adds nothing here.
 
-    python benchmarks/bench_lowrank_linear.py [--device cuda] [--json out.json]
+    python -m recursive bench --only lowrank_linear [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    available_backends, machine_description, report, resolve, seeded_like, time_cases,
+import recursive_kernels
+from .common import (
+    Column, Steps, available_backends, machine_description, render, resolve, seeded_like, speedup, time_cases,
 )
 
 FORMS = ("one-adapter", "per-row", "top-2")
@@ -63,7 +58,7 @@ class Case:
         return f"{self.form} M={self.M} K={self.K} N={self.N} r={self.r}"
 
 
-def default_cases(device: torch.device) -> List[Case]:
+def default_cases(device: torch.device, full: bool = False) -> List[Case]:
     gpu = device.type == "cuda"
     size = 4096 if gpu else 1024
     rows = (16, 4096 if gpu else 256)
@@ -128,7 +123,7 @@ def _callable(impl: str, inputs: Dict[str, object], backward: bool) -> Callable[
     elif impl == "eager":
         forward = lambda: eager_lowrank_linear(x, w, b, *lora)  # noqa: E731
     else:
-        forward = lambda: kernels.lowrank_linear(x, w, b, *lora, backend=impl)  # noqa: E731
+        forward = lambda: recursive_kernels.lowrank_linear(x, w, b, *lora, backend=impl)  # noqa: E731
     if impl != "base":
         params = [t for t in (x, w, b, inputs["lora_a"], inputs["lora_b"], inputs["gates"]) if t is not None]
     if not backward:
@@ -142,13 +137,21 @@ def _callable(impl: str, inputs: Dict[str, object], backward: bool) -> Callable[
     return step
 
 
+def steps(cases: List[Case], modes=MODES) -> int:
+    """Progress steps of ``run``: one per case and mode."""
+    return len(cases) * len(modes)
+
+
+STEP_SECONDS = 1.25  # a step's rough time on a 2-core CPU, for the run's time left
+
+
 def run(
     device: Optional[torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     modes=MODES,
     impls: Optional[List[str]] = None,
     cases: Optional[List[Case]] = None,
-    progress: bool = True,
+    progress: Optional[Steps] = None,
 ) -> Dict[str, object]:
     device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
@@ -170,11 +173,12 @@ def run(
                     "K": case.K,
                     "N": case.N,
                     "r": case.r,
+                    "E": case.E,
                     "mode": mode,
                     "impl": impl,
                     "ms": seconds * 1e3,
                     "GFLOP/s": case.flops(backward, lowrank=impl != "base") / seconds / 1e9,
-                    "x base": seconds / times["base"],
+                    "vs base": times["base"] / seconds,
                     "vs eager": times["eager"] / seconds,
                     "rel err": errors.get(impl),
                 }
@@ -182,28 +186,25 @@ def run(
     return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
 
 
-COLUMNS = ["case", "M", "K", "mode", "impl", "ms", "GFLOP/s", "x base", "vs eager", "rel err"]
+COLUMNS = [
+    Column("case", "", "one-adapter: adapter 3 for every row; per-row: one of E adapters per row; top-2: two of E "
+                       "experts per row, with gates"),
+    Column("M", "d", "rows (tokens)"),
+    Column("K", "d", "input features"),
+    Column("N", "d", "output features"),
+    Column("r", "d", "adapter rank"),
+    Column("E", "d", "adapters (experts) stacked"),
+    Column("mode", "", "fwd: forward; fwd+bwd: forward and the gradients of every input"),
+    Column("impl", "", "base: the shared matmul alone (F.linear, no adapter), the floor; eager: base, then per adapter "
+                       "gather, two matmuls, scatter-add; cpp/torch/triton/cuda: recursive_kernels.lowrank_linear "
+                       "on that backend"),
+    Column("ms", ".3f", "median time of one call"),
+    Column("GFLOP/s", ".1f", "useful FLOPs (base + low-rank; base: its own) / time"),
+    Column("vs base", ".2f", speedup("base") + "; the fused op aims at 1"),
+    Column("vs eager", ".2f", speedup("eager")),
+    Column("rel err", ".1e", "||out - ref|| / ||ref|| against eager in float64 (GPU: float32) on the same inputs"),
+]
 
 
-def main(argv=None) -> Dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--mode", choices=MODES, action="append", help="default: both")
-    parser.add_argument("--backend", action="append", help="backends to time (default: every available one)")
-    parser.add_argument("--json", help="also write the table as JSON to this path")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = run(
-        device=torch.device(args.device) if args.device else None,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        modes=tuple(args.mode or MODES),
-        impls=args.backend,
-        progress=not args.no_progress,
-    )
-    report(f"lowrank_linear on {result['machine']}, {result['dtype']}", result, COLUMNS, args.json)
-    return result
-
-
-if __name__ == "__main__":
-    main()
+def render_result(result: Dict[str, object]) -> str:
+    return render(f"lowrank_linear on {result['machine']}, {result['dtype']}", result, COLUMNS)

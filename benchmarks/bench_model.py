@@ -1,7 +1,7 @@
 """Benchmark whole recursive models: forward and training-step throughput, fused backends against the
 torch reference, and recursive models (relaxed, Mixture-of-Recursions) against an untied one of the same depth.
 
-Three models of the same sizes and effective depth L:
+Four models of the same sizes and effective depth L:
 
 - relaxed: L layers over L / 4 shared blocks (cycle) with a depth-wise LoRA of rank 16 on every
   projection (Relaxed Recursive Transformer);
@@ -19,26 +19,21 @@ FlopCounterMode's convention, the same count for every backend), ``vs torch`` (t
 over this time: above 1 is faster) and ``vs untied`` (the untied model's time with the same backends
 over this time). CPU: float32, a small model; GPU: bfloat16 parameters, a 12-layer model.
 
-    python benchmarks/bench_model.py [--device cuda] [--json out.json]
+By default the relaxed and untied models; ``--full`` adds mor and relaxed ckpt.
+
+    python -m recursive bench --only model [--full] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import machine_description, median_seconds, report, resolve  # noqa: E402
-from recursive import RecursiveConfig, RecursiveForCausalLM  # noqa: E402
-from recursive.flops import forward_flops, training_step_flops  # noqa: E402
-from recursive.progress import Progress  # noqa: E402
+from .common import Column, Steps, machine_description, median_seconds, render, resolve, speedup
+from recursive import RecursiveConfig, RecursiveForCausalLM
+from recursive.flops import forward_flops, training_step_flops
 
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("auto", "torch")  # auto: the fused backend each op selects on this device
@@ -83,7 +78,8 @@ class Case:
         return f"{self.variant} L={c.num_layers} B={c.num_blocks} h={c.hidden_size} {self.batch_size}x{self.seq_len}"
 
 
-def default_cases(device: torch.device) -> List[Case]:
+def default_cases(device: torch.device, full: bool = False) -> List[Case]:
+    """The relaxed and untied models; ``full`` adds the Mixture-of-Recursions and checkpointed ones."""
     if device.type == "cuda":
         base = RecursiveConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
                                num_key_value_heads=4, num_layers=12)
@@ -92,7 +88,7 @@ def default_cases(device: torch.device) -> List[Case]:
         base = RecursiveConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_attention_heads=4,
                                num_key_value_heads=2, num_layers=8)
         batch_size, seq_len = 2, 128
-    return [Case(variant, base, batch_size, seq_len) for variant in VARIANTS]
+    return [Case(variant, base, batch_size, seq_len) for variant in (VARIANTS if full else VARIANTS[:2])]
 
 
 def build_model(case: Case, impl: str, device: torch.device, dtype: torch.dtype) -> RecursiveForCausalLM:
@@ -125,37 +121,48 @@ def _callable(model: RecursiveForCausalLM, case: Case, backward: bool, device: t
     return step
 
 
+def steps(cases: List[Case], modes=MODES) -> int:
+    """Progress units of ``run``: one per model and mode (a step per mode times every model of that mode)."""
+    return sum(case.runs(mode) for case in cases for mode in modes)
+
+
+STEP_SECONDS = 2.0  # a unit's rough time on a 2-core CPU, for the run's time left
+
+
 def run(
     device: Optional[torch.device] = None,
     dtype: Optional[torch.dtype] = None,
     modes=MODES,
     impls=IMPLS,
     cases: Optional[List[Case]] = None,
-    progress: bool = True,
+    progress: Optional[Steps] = None,
 ) -> Dict[str, object]:
     device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
+    progress = progress or Steps(None)
     models = {(case.variant, impl): build_model(case, impl, device, dtype) for case in cases for impl in impls}
     timed = {}  # mode -> {(variant, impl): seconds}; every model of a mode timed in the same rounds
-    with Progress(len(modes), progress) as bar:
-        for mode in modes:
-            bar.step(mode)
-            timed[mode] = median_seconds(
-                {(case.variant, impl): _callable(models[case.variant, impl], case, mode == "fwd+bwd", device)
-                 for case in cases if case.runs(mode) for impl in impls},
-                device,
-            )
+    for mode in modes:
+        progress.step(mode, count=sum(case.runs(mode) for case in cases))
+        timed[mode] = median_seconds(
+            {(case.variant, impl): _callable(models[case.variant, impl], case, mode == "fwd+bwd", device)
+             for case in cases if case.runs(mode) for impl in impls},
+            device,
+        )
     rows = []
     for case in cases:
         for mode in filter(case.runs, modes):
             times = timed[mode]
             for impl in impls:
                 seconds = times[case.variant, impl]
+                config = case.config
                 rows.append(
                     {
                         "model": case.variant,
-                        "layers": case.config.num_layers,
-                        "blocks": case.config.num_blocks,
+                        "L": config.num_layers,
+                        "B": config.num_blocks,
+                        "h": config.hidden_size,
+                        "tokens": f"{case.batch_size}x{case.seq_len}",
                         "mode": mode,
                         "impl": impl,
                         "ms": seconds * 1e3,
@@ -173,27 +180,24 @@ def run(
     }
 
 
-COLUMNS = ["model", "layers", "blocks", "mode", "impl", "ms", "tokens/s", "GFLOP/s", "vs torch", "vs untied"]
+COLUMNS = [
+    Column("model", "", "relaxed: L layers over B shared blocks with a rank-16 LoRA per depth; untied: L blocks of "
+                        "its own; mor: B blocks as a Mixture-of-Recursions; relaxed ckpt: relaxed with activation "
+                        "checkpointing"),
+    Column("L", "d", "effective layers"),
+    Column("B", "d", "unique blocks"),
+    Column("h", "d", "hidden size"),
+    Column("tokens", "", "batch x sequence length"),
+    Column("mode", "", "fwd: inference forward; fwd+bwd: forward and backward of the loss (a training step without "
+                       "the optimizer)"),
+    Column("impl", "", "auto: the fused backends each op selects here; torch: the pure-PyTorch reference"),
+    Column("ms", ".1f", "median time of one call"),
+    Column("tokens/s", ".0f", "tokens / time"),
+    Column("GFLOP/s", ".1f", "the model's FLOPs (recursive.flops, the same for every impl) / time"),
+    Column("vs torch", ".2f", speedup("the torch reference (same model)")),
+    Column("vs untied", ".2f", speedup("the untied model (same impl)")),
+]
 
 
-def main(argv=None) -> Dict[str, object]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--mode", choices=MODES, action="append", help="default: both")
-    parser.add_argument("--json", help="also write the table as JSON to this path")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    result = run(
-        device=torch.device(args.device) if args.device else None,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        modes=tuple(args.mode or MODES),
-        progress=not args.no_progress,
-    )
-    report(f"recursive models on {result['machine']}, {result['dtype']}: {'; '.join(result['cases'])}", result, COLUMNS,
-           args.json)
-    return result
-
-
-if __name__ == "__main__":
-    main()
+def render_result(result: Dict[str, object]) -> str:
+    return render(f"recursive models on {result['machine']}, {result['dtype']}", result, COLUMNS)

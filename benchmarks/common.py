@@ -18,7 +18,8 @@ import math
 import os
 import platform
 import statistics
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,20 +75,41 @@ def machine_description(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def format_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
-    def cell(value):
-        if isinstance(value, float):
-            if 0 < abs(value) < 1e-2:
-                return f"{value:.1e}"
-            return f"{value:.3f}" if abs(value) < 1000 else f"{value:.0f}"
-        return "" if value is None else str(value)
+@dataclass(frozen=True)
+class Column:
+    """A table column: the row key, its one number format (``format`` spec; "" for text) and its meaning (the
+    printed legend)."""
 
-    cells = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    name: str
+    format: str
+    meaning: str
+
+
+def format_table(rows: List[Dict[str, object]], columns: Sequence[Column]) -> str:
+    def cell(value, column):
+        if value is None:
+            return ""
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return format(value, column.format) if column.format and not isinstance(value, (str, bool)) else str(value)
+
+    cells = [[cell(row.get(c.name), c) for c in columns] for row in rows]
+    widths = [max(len(c.name), *(len(r[i]) for r in cells)) if cells else len(c.name) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.name.ljust(w) for c, w in zip(columns, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
+
+
+def render(title: str, result: Dict[str, object], columns: Sequence[Column], *notes: str) -> str:
+    """A benchmark's table: the title, the rows of ``result["rows"]``, a legend of the columns, any notes."""
+    legend = [f"  {c.name}: {c.meaning}" for c in columns if c.meaning]
+    return "\n".join([title, format_table(result["rows"], columns), "legend:", *legend, *notes])
+
+
+def speedup(baseline: str) -> str:
+    """The legend of a ``vs <baseline>`` column: every ratio in the tables reads this way."""
+    return f"{baseline}'s time / this row's time, timed in the same rounds (>1: this row is faster)"
 
 
 def write_json(path: str, payload: Dict[str, object]) -> None:
@@ -95,15 +117,25 @@ def write_json(path: str, payload: Dict[str, object]) -> None:
         json.dump(payload, f, indent=2)
 
 
-def report(title: str, result: Dict[str, object], columns: List[str], json_path: Optional[str], *notes: str) -> None:
-    """A benchmark's closing output: the title, the table of ``result["rows"]``, any notes; the whole
-    result as JSON to ``json_path`` when given."""
-    print(title)
-    print(format_table(result["rows"], columns))
-    for note in notes:
-        print(note)
-    if json_path:
-        write_json(json_path, result)
+class Steps:
+    """A benchmark's share of the run's one progress bar. Each step weighs the seconds it is expected to take
+    (so that the time left holds across benchmarks) and counts as done once the next one starts or ``close()``
+    is called. ``Steps(None)`` shows nothing."""
+
+    def __init__(self, bar: Optional[Progress], name: str = "", seconds: float = 1.0) -> None:
+        self.bar, self.name, self.seconds = bar, name, seconds
+        self._running = 0.0
+
+    def step(self, label: str, count: int = 1) -> None:
+        """A step of ``count`` units (``count`` times the expected seconds) starts."""
+        if self.bar is not None:
+            self.bar.step(f"{self.name} {label}", self._running)
+            self._running = count * self.seconds
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.step(f"{self.name} done", self._running)
+            self._running = 0.0
 
 
 def resolve(device, dtype):
@@ -115,7 +147,7 @@ def resolve(device, dtype):
 def available_backends(op: str, device: torch.device, dtype: torch.dtype, **inputs) -> List[str]:
     """Backends that serve ``op`` here (``inputs``: the op's other support-check arguments); the Triton
     CPU interpreter is for testing, not timing."""
-    from kernels import backends
+    from recursive_kernels import backends
 
     return [
         name for name in backends.BACKENDS
@@ -141,7 +173,7 @@ def relative_error(out, ref) -> float:
     return (diff / norm) ** 0.5 if norm else float(diff > 0)
 
 
-def time_cases(cases, modes, impls, prepare, device, progress=True, checked=()):
+def time_cases(cases, modes, impls, prepare, device, steps: Optional[Steps] = None, checked=()):
     """Yield (case, mode, {impl: median seconds}, {impl: relative error}). ``prepare(case, backward,
     dtype=None)`` builds the inputs once (in ``dtype``, default the benchmark's) and returns a function of
     the implementation name that gives the callable to time. Before timing, each of ``checked`` runs once
@@ -154,11 +186,11 @@ def time_cases(cases, modes, impls, prepare, device, progress=True, checked=()):
     pairs = [(case, mode) for case in cases for mode in modes]
     if shard:
         pairs = pairs[shard[0]::shard[1]]
-    bar = Progress(len(pairs), progress)
+    steps = steps or Steps(None)
     for case, mode in pairs:
         backward = mode == "fwd+bwd"
         make = prepare(case, backward)
-        bar.step(f"{case.label} {mode}")
+        steps.step(f"{case.label} {mode}")
         errors = {}
         if checked and not shard:
             reference = prepare(case, backward, reference_dtype)("eager")()

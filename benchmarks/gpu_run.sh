@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a session on a CUDA machine should produce, in as few commands as possible:
-#   benchmarks/gpu_run.sh OUT_DIR build   # build the CPU and CUDA extensions in place (several minutes)
+#   benchmarks/gpu_run.sh OUT_DIR build   # editable install, building the CPU and CUDA extensions (several minutes)
 #   benchmarks/gpu_run.sh OUT_DIR tests   # the test suite on the GPU (Triton compiled, CUDA fallback built)
 #   benchmarks/gpu_run.sh OUT_DIR bench   # every benchmark; bench.json and bench.txt in OUT_DIR
 #   benchmarks/gpu_run.sh OUT_DIR all     # the three in turn
@@ -18,10 +18,11 @@ step_build() {
   # machine code for this GPU only (about half the nvcc time of setup.py's default sm_80 + sm_90)
   local arch
   arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  # (the machine has no network: nothing but this package is installed)
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} \
-    python3 setup.py build_ext --inplace >"$out/build.log" 2>&1
+    python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1
   local rc=$?
-  echo "build: rc $rc (log: build.log)"
+  echo "build: rc $rc (log: build.log; left out: $(cat kernels/_build.json 2>/dev/null | tr -d '\n'))"
   return $rc
 }
 
@@ -47,10 +48,11 @@ step_warm() {
   local jobs=${WARM_JOBS:-12} i pid pids=() failed=0
   for ((i = 0; i < jobs; i++)); do
     RECURSIVE_KERNELS_BENCH_WARM="$i/$jobs" python3 -m recursive bench --no-progress \
-      --only lowrank_linear --only circuit_attention >"$out/warm.$i.log" 2>&1 &
+      --full --only lowrank_linear --only circuit_attention >"$out/warm.$i.log" 2>&1 &
     pids+=($!)
   done
-  RECURSIVE_KERNELS_BENCH_WARM=0/1 python3 -m recursive bench --no-progress --only model >"$out/warm.model.log" 2>&1 &
+  RECURSIVE_KERNELS_BENCH_WARM=0/1 python3 -m recursive bench --full --no-progress --only model \
+    >"$out/warm.model.log" 2>&1 &
   pids+=($!)
   for pid in "${pids[@]}"; do
     wait "$pid" || failed=$((failed + 1))
@@ -60,18 +62,21 @@ step_warm() {
 
 step_bench() {
   step_warm
-  python3 -m recursive bench --no-progress --json "$out/bench.json" >"$out/bench.txt" 2>&1
+  python3 -m recursive bench --full --no-progress --json "$out/bench.json" >"$out/bench.txt" 2>&1
   local rc=$?
   echo "bench: rc $rc (tables: bench.txt)"
   return $rc
 }
 
-python3 -m recursive info >"$out/info.txt" 2>&1
-grep -E "^(torch|triton|cuda) " "$out/info.txt"
+step_info() {
+  python3 -m recursive info >"$out/info.txt" 2>&1
+  grep -E "^(torch|triton|cuda) |^  (triton|cuda|cpp) " "$out/info.txt"
+}
+
 case "$what" in
-  build) step_build ;;
-  tests) step_tests ;;
-  bench) step_bench ;;
-  all) step_build && step_tests; step_bench ;;
+  build) step_build; step_info ;;
+  tests) step_info; step_tests ;;
+  bench) step_info; step_bench ;;
+  all) step_build; step_info && step_tests; step_bench ;;
   *) echo "unknown step: $what (build, tests, bench or all)" >&2; exit 2 ;;
 esac

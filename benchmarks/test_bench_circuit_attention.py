@@ -2,8 +2,8 @@
 
 import pytest
 
-from benchmarks.bench_circuit_attention import MODES, _callable, default_cases, make_inputs
-from benchmarks.common import available_backends, resolve, run_benchmark
+from .bench_circuit_attention import MODES, _callable, default_cases, make_inputs
+from .common import available_backends, resolve, run_benchmark
 
 DEVICE, DTYPE = resolve(None, None)
 IMPLS = ["sdpa", "eager", *available_backends("circuit_attention", DEVICE, DTYPE, head_dim=64)]

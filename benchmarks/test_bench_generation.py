@@ -7,8 +7,8 @@ comparison table shows the engine against plain batching and the untied model.
 import pytest
 import torch
 
-from benchmarks.bench_generation import METHODS, _runner, default_workload, make_models, make_requests
-from benchmarks.common import resolve, run_benchmark
+from .bench_generation import METHODS, _runner, default_workload, make_models, make_requests
+from .common import resolve, run_benchmark
 from recursive.generation import calibrate_exit_threshold
 
 DEVICE, DTYPE = resolve(None, None)

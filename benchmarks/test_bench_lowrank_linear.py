@@ -6,8 +6,8 @@ way and every available backend, so pytest-benchmark's comparison table shows th
 
 import pytest
 
-from benchmarks.bench_lowrank_linear import MODES, _callable, default_cases, make_inputs
-from benchmarks.common import available_backends, resolve, run_benchmark
+from .bench_lowrank_linear import MODES, _callable, default_cases, make_inputs
+from .common import available_backends, resolve, run_benchmark
 
 DEVICE, DTYPE = resolve(None, None)
 IMPLS = ["base", "eager", *available_backends("lowrank_linear", DEVICE, DTYPE)]

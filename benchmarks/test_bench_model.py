@@ -2,8 +2,8 @@
 
 import pytest
 
-from benchmarks.bench_model import IMPLS, MODES, _callable, build_model, default_cases
-from benchmarks.common import resolve, run_benchmark
+from .bench_model import IMPLS, MODES, _callable, build_model, default_cases
+from .common import resolve, run_benchmark
 
 DEVICE, DTYPE = resolve(None, None)
 

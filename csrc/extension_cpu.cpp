@@ -1,4 +1,4 @@
-// kernels._C: the C++/OpenMP CPU backend. One binding per op; the ops are declared in ops_cpu.h and
+// recursive_kernels._C: the C++/OpenMP CPU backend. One binding per op; the ops are declared in ops_cpu.h and
 // implemented in csrc/<op>_cpu.cpp. Optional tensors map from None; the GIL is released while an op runs.
 #include <torch/extension.h>
 

@@ -1,4 +1,4 @@
-// Declarations of the CPU (C++/ATen/OpenMP) ops that csrc/extension_cpu.cpp exposes as kernels._C.
+// Declarations of the CPU (C++/ATen/OpenMP) ops that csrc/extension_cpu.cpp exposes as recursive_kernels._C.
 // Each op lives in its own csrc/<op>_cpu.cpp; add its declarations here and its binding there.
 #pragma once
 

@@ -1,45 +1,45 @@
-"""recursive-kernels: fused ops for recursive (weight-sharing) transformers.
+"""recursive-kernels: fused ops for recursive (weight-sharing) transformers, imported as ``recursive_kernels``.
 
 Functional API; every op takes ``backend=`` ("triton", "cuda", "cpp", "torch"), else reads the
-``RECURSIVE_KERNELS_BACKEND`` environment variable, else picks automatically (see ``kernels.backends``).
+``RECURSIVE_KERNELS_BACKEND`` environment variable, else picks automatically (see
+``recursive_kernels.backends``). This folder, ``kernels/``, is the package's source; ``setup.py`` installs it
+under the import name ``recursive_kernels``, because the name ``kernels`` belongs to Hugging Face's hub-kernels
+distribution (which transformers >= 5.25 requires).
 """
 
-import importlib.metadata
-import warnings
+if __name__ == "kernels":
+    # A source checkout's root is on sys.path (``python -m`` or pytest run from it), so ``import kernels`` found
+    # this folder. That name is Hugging Face's package: load it from the rest of sys.path in our place.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-from .backends import BackendUnavailableError
-from .circuit_attention import circuit_attention, circuit_attention_varlen
-from .lowrank_linear import lowrank_linear
-from .reference import circuit_attention_ref, lowrank_linear_ref
+    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
+    if _spec is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (the folder kernels/ of this checkout is recursive-kernels' source, "
+            "imported as recursive_kernels)", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # what `import kernels` returns once this file has run
+    _spec.loader.exec_module(_module)
+else:
+    from .backends import BackendUnavailableError
+    from .circuit_attention import circuit_attention, circuit_attention_varlen
+    from .lowrank_linear import lowrank_linear
+    from .reference import circuit_attention_ref, lowrank_linear_ref
 
-__version__ = "0.1.0"
+    __version__ = "0.1.0"
 
-
-def _warn_if_hub_kernels_installed() -> None:
-    """Warn when Hugging Face's ``kernels`` distribution is installed too: it has the same import name,
-    so whichever comes first on ``sys.path`` hides the other (transformers >= 5.25 requires it and
-    imports it at model creation, where it would get this package instead)."""
-    try:
-        version = importlib.metadata.version("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    warnings.warn(
-        f"the distribution `kernels` {version} (Hugging Face's hub kernels, required by transformers >= 5.25) "
-        "is installed beside recursive-kernels and has the same import name `kernels`: one hides the other, and "
-        "transformers fails when it imports this package in its place. Use transformers < 5.25 with "
-        "recursive-kernels (`pip install 'transformers<5.25'`, then `pip uninstall kernels`), or keep the two "
-        "in separate environments.",
-        stacklevel=2,
-    )
-
-
-_warn_if_hub_kernels_installed()
-__all__ = [
-    "BackendUnavailableError",
-    "circuit_attention",
-    "circuit_attention_ref",
-    "circuit_attention_varlen",
-    "lowrank_linear",
-    "lowrank_linear_ref",
-    "__version__",
-]
+    __all__ = [
+        "BackendUnavailableError",
+        "circuit_attention",
+        "circuit_attention_ref",
+        "circuit_attention_varlen",
+        "lowrank_linear",
+        "lowrank_linear_ref",
+        "__version__",
+    ]

@@ -15,6 +15,7 @@ the test suite checks the Triton code on machines without a GPU.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -42,24 +43,37 @@ def _import_reason(module: str) -> Optional[str]:
     return None
 
 
+def _left_out_at_build(extension: str) -> Optional[str]:
+    """Why setup.py left ``extension`` out, from the record it writes beside the package; None if it did not."""
+    try:
+        with open(os.path.join(os.path.dirname(__file__), "_build.json")) as f:
+            return json.load(f).get(extension)
+    except (OSError, ValueError):
+        return None
+
+
+def _extension_reason(extension: str) -> Optional[str]:
+    reason = _import_reason(extension)
+    if reason is None:
+        return None
+    why = _left_out_at_build(extension)
+    if why:
+        return f"not built at install: {why}"
+    return reason + "; build it with `pip install --no-build-isolation .` (or -e .) against the installed torch"
+
+
 def _triton_reason() -> Optional[str]:
     return _import_reason("triton")
 
 
 def _cpp_reason() -> Optional[str]:
-    reason = _import_reason("kernels._C")
-    if reason:
-        return reason + "; build it with `pip install --no-build-isolation -e .`"
-    return None
+    return _extension_reason("recursive_kernels._C")
 
 
 def _cuda_reason() -> Optional[str]:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
-    reason = _import_reason("kernels._C_cuda")
-    if reason:
-        return reason + "; it is built by setup.py where torch has CUDA and nvcc exists"
-    return None
+    return _extension_reason("recursive_kernels._C_cuda")
 
 
 _INSTALL_REASON: Dict[str, Callable[[], Optional[str]]] = {

@@ -48,9 +48,9 @@ _TRITON_MAX_HEAD_DIM = 256
 
 # backend name -> (module, forward function, backward function), all with the interface above.
 _IMPLS = {
-    "triton": ("kernels.triton_circuit_attention", "forward", "backward"),
-    "cuda": ("kernels._C_cuda", "circuit_attention_forward", "circuit_attention_backward"),
-    "cpp": ("kernels._C", "circuit_attention_forward", "circuit_attention_backward"),
+    "triton": ("recursive_kernels.triton_circuit_attention", "forward", "backward"),
+    "cuda": ("recursive_kernels._C_cuda", "circuit_attention_forward", "circuit_attention_backward"),
+    "cpp": ("recursive_kernels._C", "circuit_attention_forward", "circuit_attention_backward"),
 }
 
 
@@ -287,14 +287,14 @@ def circuit_attention(
         causal: mask aligned bottom-right (query i sees keys j <= i + Sk - Sq); a query that sees no key
             gets zeros.
         scale: the logit scale of ``q @ k^T``, default 1/sqrt(D).
-        backend: as for every op (see ``kernels.backends``).
+        backend: as for every op (see ``recursive_kernels.backends``).
 
     Returns:
         ``(out, out_c)``: (B, H, Sq, D) and (B, H, Sq, Rv), ``out_c`` None when ``v_c`` is None.
 
     Raises:
         ValueError: mismatched shapes, ranks, dtypes or devices (the message names the argument).
-        kernels.BackendUnavailableError: the requested backend cannot serve this input.
+        recursive_kernels.BackendUnavailableError: the requested backend cannot serve this input.
 
     Under ``torch.autocast`` all six inputs run in the autocast dtype (attention is matmul-like).
     """

@@ -6,7 +6,7 @@
 One op serves every recursive-transformer variant: one adapter for all rows (a depth's LoRA), one
 adapter per row (tokens of different depths in one batch) and k adapters per row with gates (a mixture
 of LoRA experts). This file validates and normalises the inputs, picks a backend (see
-``kernels.backends``) and wires the compiled backends into autograd: eager calls through a
+``recursive_kernels.backends``) and wires the compiled backends into autograd: eager calls through a
 ``torch.autograd.Function``, and ``torch.compile`` through ``torch.library`` custom ops with fake
 implementations (so ``fullgraph=True`` works and ``torch.library.opcheck`` passes).
 
@@ -46,9 +46,9 @@ _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # backend name -> (module, forward function, backward function), all with the normalised interface.
 _IMPLS = {
-    "triton": ("kernels.triton_lowrank_linear", "forward", "backward"),
-    "cpp": ("kernels._C", "lowrank_linear_forward", "lowrank_linear_backward"),
-    "cuda": ("kernels._C_cuda", "lowrank_linear_forward", "lowrank_linear_backward"),
+    "triton": ("recursive_kernels.triton_lowrank_linear", "forward", "backward"),
+    "cpp": ("recursive_kernels._C", "lowrank_linear_forward", "lowrank_linear_backward"),
+    "cuda": ("recursive_kernels._C_cuda", "lowrank_linear_forward", "lowrank_linear_backward"),
 }
 backends.register_op(
     OP,
@@ -333,7 +333,7 @@ def lowrank_linear(
     Raises:
         IndexError: an index outside [-1, E).
         ValueError: a mismatched shape, dtype or device (the message names the argument).
-        kernels.BackendUnavailableError: the requested backend cannot serve this input.
+        recursive_kernels.BackendUnavailableError: the requested backend cannot serve this input.
 
     Under ``torch.autocast`` the op is matmul-like: x, weight, bias, lora_a and lora_b run in the autocast
     dtype (gates keep theirs; they are summed in the accumulator dtype anyway).

@@ -12,21 +12,11 @@
 - ``recursive.train``: uptraining on a generated corpus (``python -m recursive train``).
 """
 
-import kernels as _kernels
-
-if not hasattr(_kernels, "lowrank_linear"):
-    raise ImportError(
-        f"`import kernels` found {getattr(_kernels, '__file__', None) or _kernels}, not recursive-kernels' ops: another "
-        "package named `kernels` (Hugging Face's hub kernels, which transformers >= 5.25 requires) comes first "
-        "on sys.path. Use transformers < 5.25 with recursive-kernels and `pip uninstall kernels`, or keep the "
-        "two in separate environments."
-    )
-
-from . import flops, nn, train  # noqa: E402
-from .config import RecursiveConfig  # noqa: E402
-from .convert import convert_hf, export_hf  # noqa: E402
-from .generation import DepthBatchingEngine  # noqa: E402
-from .modeling import (  # noqa: E402
+from . import flops, nn, train
+from .config import RecursiveConfig
+from .convert import convert_hf, export_hf
+from .generation import DepthBatchingEngine
+from .modeling import (
     CausalLMOutput,
     EncoderOutput,
     RecursiveEncoder,

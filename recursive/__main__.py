@@ -6,9 +6,9 @@ import argparse
 import importlib.util
 import platform
 import sys
-from pathlib import Path
 
 import torch
+from recursive_benchmarks import runner as benchmarks
 
 from .config import LORA_TARGETS, RecursiveConfig
 from .convert import CONVERTIBLE_SHARING, INIT_SCHEMES, SUPPORTED_MODEL_TYPES, convert_hf, export_hf
@@ -24,10 +24,10 @@ def _version(module: str) -> str:
 
 
 def info(args) -> None:
-    import kernels
-    from kernels import backends
+    import recursive_kernels
+    from recursive_kernels import backends
 
-    print(f"recursive-kernels {kernels.__version__}")
+    print(f"recursive-kernels {recursive_kernels.__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
     for module in ("torch", "triton", "numpy", "transformers"):  # transformers: conversion and export only
         print(f"{module:<8} {_version(module)}")
@@ -43,31 +43,8 @@ def info(args) -> None:
         print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
 
 
-def _benchmarks_dir() -> Path:
-    path = Path(__file__).resolve().parents[1] / "benchmarks"
-    if not path.is_dir():
-        sys.exit("python -m recursive bench runs the benchmarks of a source checkout; no benchmarks/ found")
-    sys.path.insert(0, str(path.parent))
-    return path
-
-
-BENCHMARKS = ("lowrank_linear", "circuit_attention", "model", "generation")
-
-
 def bench(args) -> None:
-    _benchmarks_dir()
-    from benchmarks.common import write_json
-
-    argv = ["--device", args.device] if args.device else []
-    if args.no_progress:
-        argv.append("--no-progress")
-    results = {}
-    for name in args.only or BENCHMARKS:
-        module = importlib.import_module(f"benchmarks.bench_{name}")
-        results[name] = module.main(argv)
-        print()
-    if args.json:
-        write_json(args.json, results)
+    benchmarks.main(args)
 
 
 def convert(args) -> None:
@@ -109,11 +86,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m recursive", description="recursive-kernels command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=info)
-    p = sub.add_parser("bench", help="benchmark the fused ops and whole models on the default device")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--json", help="write the results as JSON to this path")
-    p.add_argument("--no-progress", action="store_true", help="no progress indicator")
-    p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these benchmarks")
+    p = sub.add_parser("bench", help="benchmark the fused ops and whole models on the default device (a "
+                                     "representative selection, about 2 minutes on a 2-core CPU; --full: every case)")
+    benchmarks.add_arguments(p)
     p.set_defaults(func=bench)
     from .train import add_arguments as add_train_arguments
 

@@ -55,7 +55,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from kernels.backends import BACKENDS
+from recursive_kernels.backends import BACKENDS
 
 SHARING_SCHEMES = ("cycle", "sequence", "middle_cycle", "hierarchical")
 MOR_ROUTINGS = ("expert_choice", "token_choice")

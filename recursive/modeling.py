@@ -6,8 +6,8 @@ Hugging Face conventions: ``model(input_ids, attention_mask=None, labels=None)``
 directory with ``config.json`` and ``model.safetensors`` (never pickle).
 
 Padding: when ``attention_mask`` has a zero, every layer attends over the real tokens only, through
-:func:`kernels.circuit_attention_varlen` (:class:`recursive.nn.VarlenPacking`), which is exact for left
-padding (decoding) as for right padding; without one, the dense :func:`kernels.circuit_attention`
+:func:`recursive_kernels.circuit_attention_varlen` (:class:`recursive.nn.VarlenPacking`), which is exact for left
+padding (decoding) as for right padding; without one, the dense :func:`recursive_kernels.circuit_attention`
 runs. Default positions count real tokens only (``cumsum(attention_mask) - 1``), so a left-padded row
 gets the positions it would have alone.
 

@@ -1,7 +1,7 @@
 """Drop-in ``torch.nn`` modules of recursive (weight-sharing) transformers.
 
-Every projection that carries low-rank updates runs through :func:`kernels.lowrank_linear` (the shared
-matmul and all gathered updates in one op) and attention through :func:`kernels.circuit_attention`;
+Every projection that carries low-rank updates runs through :func:`recursive_kernels.lowrank_linear` (the shared
+matmul and all gathered updates in one op) and attention through :func:`recursive_kernels.circuit_attention`;
 the ops pick their backend (a module's ``backend`` attribute, when set, is passed through).
 
 Adapter indices follow the op's convention everywhere: an int selects one adapter for the whole batch,
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
-from kernels.lowrank_linear import check_index_values
+import recursive_kernels
+from recursive_kernels.lowrank_linear import check_index_values
 
 from .config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, RecursiveConfig
 
@@ -67,7 +67,7 @@ class LowRankLinear(nn.Module):
     """``nn.Linear`` with ``num_adapters`` stacked LoRA adapters on the same weight.
 
     ``y = x W^T + b + scaling * sum_j g_j (x A_e^T) B_e^T`` over the adapters ``e`` selected for the
-    row, computed by one :func:`kernels.lowrank_linear` call. With one adapter selected it equals PEFT's
+    row, computed by one :func:`recursive_kernels.lowrank_linear` call. With one adapter selected it equals PEFT's
     ``lora.Linear`` holding ``lora_A.weight = lora_a[e]``, ``lora_B.weight = lora_b[e]``.
 
     Args:
@@ -182,7 +182,7 @@ class LowRankLinear(nn.Module):
                 (one adapter per row) or (*, k) (k adapters per row); -1: no adapter. A layer without
                 adapters is a plain linear and ignores ``indices`` and ``gates``.
             gates: None (1 per slot) or a float tensor shaped like a tensor ``indices``.
-            check_indices: as :func:`kernels.lowrank_linear` (False: a tensor ``indices`` is trusted to
+            check_indices: as :func:`recursive_kernels.lowrank_linear` (False: a tensor ``indices`` is trusted to
                 lie in [-1, E), saving a host synchronisation).
 
         Returns:
@@ -190,8 +190,8 @@ class LowRankLinear(nn.Module):
         """
         plain = self.lora_a is None or (isinstance(indices, int) and not isinstance(indices, bool) and indices == -1)
         if plain:
-            return kernels.lowrank_linear(x, self.weight, self.bias, backend=self.backend)
-        return kernels.lowrank_linear(
+            return recursive_kernels.lowrank_linear(x, self.weight, self.bias, backend=self.backend)
+        return recursive_kernels.lowrank_linear(
             x, self.weight, self.bias, self.lora_a, self.lora_b, indices, gates, self.scaling, backend=self.backend,
             check_indices=check_indices,
         )
@@ -301,7 +301,7 @@ def _ints_to_device(device, *columns: Sequence[int]) -> List[Tensor]:
 
 @dataclass(frozen=True)
 class VarlenPacking:
-    """Where the real (unpadded) tokens of a padded batch are, for :func:`kernels.circuit_attention_varlen`.
+    """Where the real (unpadded) tokens of a padded batch are, for :func:`recursive_kernels.circuit_attention_varlen`.
 
     Built once per forward from a Hugging Face ``attention_mask`` (1 real, 0 padding) and shared by every
     layer. Attention then runs on the real tokens only: a query sees the real keys of its sequence (and,
@@ -390,7 +390,7 @@ class CircuitAttention(nn.Module):
     - QKOV-LoRA: LoRA adapters on q_proj, k_proj, v_proj, o_proj (:class:`LowRankLinear`).
     - The QK/OV circuit, rank R per depth and head:
       ``S_h += (X U_h)(X V_g)^T`` at the logit site and ``out_h += P_h (X C_g) D_h^T`` at the value site,
-      with ``g`` the key/value head of query head ``h``. One :func:`kernels.circuit_attention` pass takes
+      with ``g`` the key/value head of query head ``h``. One :func:`recursive_kernels.circuit_attention` pass takes
       ``q_c = X U_h``, ``k_c = X V_g``, ``v_c = X C_g``; ``out_c @ D_h^T`` is added to head h's output
       before ``o_proj``. This is our reading of the depth-as-modulation paper's abstract (its exact
       formula is not published). The corrections carry no RoPE and no logit scale. U and D start at
@@ -518,7 +518,7 @@ class CircuitAttention(nn.Module):
                 with its ``append``); the new keys follow it.
             use_cache: also return the cache extended by this step.
             check_indices: False trusts a tensor ``adapter_index`` to lie in [-1, E) (no host read of its
-                values, which is a synchronisation on the GPU), as :func:`kernels.lowrank_linear`'s.
+                values, which is a synchronisation on the GPU), as :func:`recursive_kernels.lowrank_linear`'s.
             shared_key_value: attend over these keys and values (:class:`SharedKeyValue`) instead of
                 projecting this layer's own; ``packing`` then describes nothing here (the shared
                 sequence's is in it), and there is no cache. Not with the QK/OV circuit.
@@ -571,7 +571,7 @@ class CircuitAttention(nn.Module):
         """q (B, S, H, D), q_c (B, S, H, R), k, v, k_c, v_c (B, Hkv, Sk, .) -> out (B, S, H, D),
         out_c (B, S, H, R) or None."""
         if packing is None:
-            out, out_c = kernels.circuit_attention(
+            out, out_c = recursive_kernels.circuit_attention(
                 q.transpose(1, 2), k, v, None if q_c is None else q_c.transpose(1, 2), k_c, v_c,
                 causal=self.causal, backend=self.backend,
             )
@@ -591,7 +591,7 @@ class CircuitAttention(nn.Module):
             full = t.new_zeros(B * S, *t.shape[1:]).index_copy(0, packing.query_rows, t)
             return full.view(B, S, *t.shape[1:])
 
-        out, out_c = kernels.circuit_attention_varlen(
+        out, out_c = recursive_kernels.circuit_attention_varlen(
             packed(q, packing.query_rows, False), packed(k, packing.key_rows, True), packed(v, packing.key_rows, True),
             packing.cu_seqlens_q, packing.cu_seqlens_k, packing.max_seqlen_q, packing.max_seqlen_k,
             packed(q_c, packing.query_rows, False), packed(k_c, packing.key_rows, True),
@@ -695,7 +695,7 @@ class MoLFeedForward(_GatedProjections):
 
     A router ``p = softmax(W_r x)`` keeps the top-k experts of each token, and every projection becomes
     ``W x + s * sum_{i in topk} p_i B_i A_i x`` (the probabilities are not renormalised over the top k):
-    one :func:`kernels.lowrank_linear` call per projection with (*, k) indices and gates. The router is
+    one :func:`recursive_kernels.lowrank_linear` call per projection with (*, k) indices and gates. The router is
     trained through the gates; the load-balancing loss ``E * sum_i f_i P_i`` (f_i: the fraction of
     routing slots given to expert i, P_i: its mean probability; 1 at uniform routing) keeps experts in use.
 

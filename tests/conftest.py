@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import backends  # noqa: E402
+from recursive_kernels import backends  # noqa: E402
 
 
 def serving_backends(op: str, dtype: torch.dtype, **inputs):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import bench_circuit_attention, bench_lowrank_linear, bench_model, common
+from recursive_benchmarks import bench_circuit_attention, bench_lowrank_linear, bench_model, common
 from recursive import RecursiveConfig
 
 
@@ -39,7 +39,7 @@ def _errors(result, baseline):
 
 def test_lowrank_linear_benchmark_checks_every_implementation(quick_timing):
     cases = [bench_lowrank_linear.Case("top-2", 17, 64, 48), bench_lowrank_linear.Case("one-adapter", 5, 64, 48)]
-    result = bench_lowrank_linear.run(device=torch.device("cpu"), cases=cases, progress=False)
+    result = bench_lowrank_linear.run(device=torch.device("cpu"), cases=cases)
     errors = _errors(result, "base")
     assert {impl for impl, _ in errors} >= {"eager", "torch"}
     assert all(0 < err < 1e-5 for err in errors.values()), errors
@@ -47,7 +47,7 @@ def test_lowrank_linear_benchmark_checks_every_implementation(quick_timing):
 
 def test_circuit_attention_benchmark_checks_every_implementation(quick_timing):
     cases = [bench_circuit_attention.Case(33, 16, True, 1, 2)]
-    result = bench_circuit_attention.run(device=torch.device("cpu"), cases=cases, progress=False)
+    result = bench_circuit_attention.run(device=torch.device("cpu"), cases=cases)
     errors = _errors(result, "sdpa")
     assert {impl for impl, _ in errors} >= {"eager", "torch"}
     assert all(0 < err < 1e-5 for err in errors.values()), errors
@@ -56,7 +56,7 @@ def test_circuit_attention_benchmark_checks_every_implementation(quick_timing):
 def test_model_benchmark_times_every_variant_against_the_untied_model(quick_timing):
     base = RecursiveConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_layers=8)
     cases = [bench_model.Case(variant, base, 1, 9) for variant in bench_model.VARIANTS]
-    result = bench_model.run(device=torch.device("cpu"), dtype=torch.float32, cases=cases, progress=False)
+    result = bench_model.run(device=torch.device("cpu"), dtype=torch.float32, cases=cases)
     rows = {(row["model"], row["mode"], row["impl"]): row for row in result["rows"]}
     assert set(rows) == {(case.variant, mode, impl) for case in cases for mode in bench_model.MODES
                          for impl in bench_model.IMPLS if mode == "fwd+bwd" or case.variant != "relaxed ckpt"}
@@ -78,7 +78,7 @@ def test_compile_pass_runs_its_shard_once_and_times_nothing(monkeypatch, one_thr
 
     monkeypatch.setenv(common.WARM_ENV, "1/3")
     yielded = list(common.time_cases(cases, ["fwd", "fwd+bwd"], ["base", "cpp"], counting_prepare,
-                                     torch.device("cpu"), progress=False, checked=["cpp"]))
+                                     torch.device("cpu"), checked=["cpp"]))
     # of the (case, mode) pairs 0..3, shard 1/3 takes pair 1: the first case's fwd+bwd
     assert [(case.label, mode) for case, mode, _, _ in yielded] == [(cases[0].label, "fwd+bwd")]
     assert all(t != t for _, _, times, _ in yielded for t in times.values())  # NaN: nothing timed

@@ -1,4 +1,4 @@
-"""``kernels.circuit_attention`` and ``circuit_attention_varlen``.
+"""``recursive_kernels.circuit_attention`` and ``circuit_attention_varlen``.
 
 The reference (the spec and the oracle) against independent computations: plain attention equals
 ``scaled_dot_product_attention``, corrections equal attention over concatenated head dimensions,
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import recursive_kernels
 
 F64 = torch.float64
 
@@ -52,7 +52,7 @@ def sdpa(q, k, v, causal, scale):
 @pytest.mark.parametrize("Sq,Sk", [(5, 7), (7, 7), (1, 17)])
 def test_plain_attention_equals_sdpa(causal, Sq, Sk):
     q, k, v, *_ = make(Sq=Sq, Sk=Sk, R=None, Rv=None)
-    out, out_c = kernels.circuit_attention(q, k, v, causal=causal)
+    out, out_c = recursive_kernels.circuit_attention(q, k, v, causal=causal)
     assert out_c is None
     torch.testing.assert_close(out, sdpa(q, k, v, causal, q.shape[-1] ** -0.5))
 
@@ -62,7 +62,7 @@ def test_corrections_equal_attention_over_concatenated_dims(causal):
     """S = scale q k^T + q_c k_c^T is attention over [q, q_c / scale] and [k, k_c]; out_c rides along v."""
     q, k, v, q_c, k_c, v_c = make(seed=1)
     scale = 0.3
-    out, out_c = kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=causal, scale=scale)
+    out, out_c = recursive_kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=causal, scale=scale)
     both = sdpa(torch.cat([q, q_c / scale], -1), torch.cat([k, k_c], -1), torch.cat([v, v_c], -1), causal, scale)
     torch.testing.assert_close(torch.cat([out, out_c], -1), both)
     grad = torch.randn_like(both)
@@ -75,7 +75,7 @@ def test_corrections_equal_attention_over_concatenated_dims(causal):
 
 def test_fully_masked_rows_give_zeros_without_nan():
     q, k, v, q_c, k_c, v_c = make(Sq=9, Sk=4)  # bottom-right causal: the first 5 queries see no key
-    out, out_c = kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=True)
+    out, out_c = recursive_kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=True)
     assert torch.all(out[:, :, :5] == 0) and torch.all(out_c[:, :, :5] == 0)
     grads = torch.autograd.grad((out.sum() + out_c.sum()), [q, q_c])
     assert all(torch.isfinite(g).all() for g in grads)
@@ -86,13 +86,13 @@ def test_large_logits_stay_finite():
     q, k, v, q_c, k_c, v_c = make(seed=2, dtype=torch.float32)
     with torch.no_grad():
         q.mul_(5), k.mul_(3), q_c.mul_(5)
-    out, out_c = kernels.circuit_attention(q, k, v, q_c, k_c, v_c)
+    out, out_c = recursive_kernels.circuit_attention(q, k, v, q_c, k_c, v_c)
     assert torch.isfinite(out).all() and torch.isfinite(out_c).all()
 
 
 def test_zero_rank_corrections():
     q, k, v, q_c, k_c, v_c = make(R=0, Rv=0)
-    out, out_c = kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=True)
+    out, out_c = recursive_kernels.circuit_attention(q, k, v, q_c, k_c, v_c, causal=True)
     torch.testing.assert_close(out, sdpa(q, k, v, True, q.shape[-1] ** -0.5))
     assert out_c.shape == (*q.shape[:-1], 0)
 
@@ -100,7 +100,7 @@ def test_zero_rank_corrections():
 def test_gradcheck_float64():
     q, k, v, q_c, k_c, v_c = make(B=1, H=2, Hkv=1, Sq=3, Sk=4, D=4, R=2, Rv=2)
     assert torch.autograd.gradcheck(
-        lambda *t: kernels.circuit_attention(*t, causal=True), (q, k, v, q_c, k_c, v_c), eps=1e-6, atol=1e-6
+        lambda *t: recursive_kernels.circuit_attention(*t, causal=True), (q, k, v, q_c, k_c, v_c), eps=1e-6, atol=1e-6
     )
 
 
@@ -113,12 +113,12 @@ def test_varlen_matches_dense_per_sequence():
     k, v, k_c, v_c = rand(gen, tk, Hkv, D), rand(gen, tk, Hkv, D), rand(gen, tk, Hkv, R), rand(gen, tk, Hkv, Rv)
     cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
-    out, out_c = kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 5, q_c, k_c, v_c, causal=True)
+    out, out_c = recursive_kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 5, q_c, k_c, v_c, causal=True)
     assert out.shape == (tq, H, D) and out_c.shape == (tq, H, Rv)
     for b in range(3):
         rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
         dense = [t[r].transpose(0, 1).unsqueeze(0) for t, r in ((q, rq), (k, rk), (v, rk), (q_c, rq), (k_c, rk), (v_c, rk))]
-        o, oc = kernels.circuit_attention(*dense, causal=True)
+        o, oc = recursive_kernels.circuit_attention(*dense, causal=True)
         torch.testing.assert_close(out[rq], o[0].transpose(0, 1))
         torch.testing.assert_close(out_c[rq], oc[0].transpose(0, 1))
 
@@ -147,7 +147,7 @@ def test_bad_input_raises_value_error_naming_argument(change, argument):
     args = _dense_args()
     change(args)
     with pytest.raises(ValueError, match=f"^{argument}:"):
-        kernels.circuit_attention(**args)
+        recursive_kernels.circuit_attention(**args)
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_malformed_cu_seqlens_raise(cu_q, cu_k, max_q, argument):
     gen = torch.Generator().manual_seed(0)
     q, k, v = rand(gen, 8, 2, 4), rand(gen, 11, 2, 4), rand(gen, 11, 2, 4)
     with pytest.raises(ValueError, match=f"^{argument}:"):
-        kernels.circuit_attention_varlen(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), max_q, 11)
+        recursive_kernels.circuit_attention_varlen(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), max_q, 11)
 
 
 # ------------------------------------------------------------------ fused backends vs float64
@@ -184,17 +184,17 @@ def test_varlen_trusted_offsets_skip_the_host_read(monkeypatch, backend, device)
     q, k, v = (rand(gen, n, 2, 4, dtype=torch.float32).to(device) for n in (8, 11, 11))
     cu_q = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 4, 11], dtype=torch.int32, device=device)
-    expected, _ = kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, backend=backend)
+    expected, _ = recursive_kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, backend=backend)
 
     def no_host_read(self):
         raise AssertionError("the offsets were read on the host")
 
     monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
-    out, _ = kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, check_offsets=False,
+    out, _ = recursive_kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, check_offsets=False,
                                               backend=backend)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     with pytest.raises(AssertionError, match="read on the host"):
-        kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, backend=backend)
+        recursive_kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, backend=backend)
 
 
 # (B, H, Hkv, Sq, Sk, D, R, Rv, causal): odd lengths, Sq < Sk (decode with a cache), Sq > Sk (fully
@@ -242,7 +242,7 @@ def test_backend_error_at_most_twice_eager(case, dtype):
     tensors64 = make(seed=5, B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, R=R, Rv=Rv)
     for backend, device in (p.values for p in kernel_backends(dtype, D)):
         out = assert_error_at_most_twice_eager(
-            lambda *t, backend: kernels.circuit_attention(*t, causal=causal, backend=backend),
+            lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=causal, backend=backend),
             tensors64, backend, device, dtype)[0]
         if causal and Sq > Sk:  # queries before the first key see nothing: zeros
             assert torch.all(out[:, :, : Sq - Sk] == 0)
@@ -268,7 +268,7 @@ def test_varlen_backends_error_at_most_twice_eager(causal, dtype):
     for backend, device in (p.values for p in kernel_backends(dtype, op="circuit_attention_varlen")):
         cq, ck = cu_q.to(device), cu_k.to(device)
         out = assert_error_at_most_twice_eager(
-            lambda q, k, v, q_c, k_c, v_c, backend: kernels.circuit_attention_varlen(
+            lambda q, k, v, q_c, k_c, v_c, backend: recursive_kernels.circuit_attention_varlen(
                 q, k, v, cq, ck, max(lengths_q), max(lengths_k), q_c, k_c, v_c, causal=causal, backend=backend),
             tensors64, backend, device, dtype)[0]
         assert torch.all(out[cu_q[4]:] == 0), "queries of a sequence without keys get zeros"
@@ -278,7 +278,7 @@ def test_varlen_without_corrections_on_fused_backends():
     tensors64, cu_q, cu_k = _varlen_inputs([7, 1], [7, 12], R=0, Rv=0)
     for backend, device in (p.values for p in kernel_backends(torch.float32, op="circuit_attention_varlen")):
         assert_error_at_most_twice_eager(
-            lambda q, k, v, q_c, k_c, v_c, backend: kernels.circuit_attention_varlen(
+            lambda q, k, v, q_c, k_c, v_c, backend: recursive_kernels.circuit_attention_varlen(
                 q, k, v, cu_q.to(device), cu_k.to(device), 7, 12, causal=True, backend=backend),
             tensors64, backend, device, torch.float32)
 
@@ -289,7 +289,7 @@ def test_long_sequences_on_the_cpp_backend(S):
         pytest.skip("the cpp extension is not built")
     tensors64 = make(seed=S, B=1, H=2, Hkv=1, Sq=S, Sk=S, D=16, R=4, Rv=4)
     assert_error_at_most_twice_eager(
-        lambda *t, backend: kernels.circuit_attention(*t, causal=True, backend=backend),
+        lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=True, backend=backend),
         tensors64, "cpp", "cpu", torch.float32)
 
 
@@ -300,7 +300,7 @@ def test_large_logits_stay_finite_on_fused_backends():
     for dtype in (torch.float32, torch.bfloat16):
         for backend, device in (p.values for p in kernel_backends(dtype)):
             assert_error_at_most_twice_eager(
-                lambda *t, backend: kernels.circuit_attention(*t, causal=True, backend=backend),
+                lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=True, backend=backend),
                 (q, k, v, q_c, k_c, v_c), backend, device, dtype)
 
 
@@ -309,10 +309,10 @@ def test_gradcheck_float64_on_the_cpp_backend():
         pytest.skip("the cpp extension is not built")
     dense = make(B=1, H=2, Hkv=1, Sq=3, Sk=5, D=4, R=2, Rv=3)
     assert torch.autograd.gradcheck(
-        lambda *t: kernels.circuit_attention(*t, causal=True, backend="cpp"), dense, eps=1e-6, atol=1e-6)
+        lambda *t: recursive_kernels.circuit_attention(*t, causal=True, backend="cpp"), dense, eps=1e-6, atol=1e-6)
     packed, cu_q, cu_k = _varlen_inputs([2, 0, 3], [3, 2, 1], H=2, Hkv=1, D=4, R=2, Rv=2)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, q_c, k_c, v_c: kernels.circuit_attention_varlen(
+        lambda q, k, v, q_c, k_c, v_c: recursive_kernels.circuit_attention_varlen(
             q, k, v, cu_q, cu_k, 3, 3, q_c, k_c, v_c, causal=True, backend="cpp"),
         packed, eps=1e-6, atol=1e-6)
 
@@ -333,17 +333,17 @@ def test_both_cpp_backward_paths(path, products, monkeypatch):
         tensors64 = make(seed=5, B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, R=R, Rv=Rv)
         for dtype in (torch.float32, torch.bfloat16):
             assert_error_at_most_twice_eager(
-                lambda *t, backend: kernels.circuit_attention(*t, causal=causal, backend=backend),
+                lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=causal, backend=backend),
                 tensors64, "cpp", "cpu", dtype)
     lengths_q, lengths_k = [3, 0, 1, 70, 2], [5, 4, 19, 90, 0]
     packed, cu_q, cu_k = _varlen_inputs(lengths_q, lengths_k)
     assert_error_at_most_twice_eager(
-        lambda q, k, v, q_c, k_c, v_c, backend: kernels.circuit_attention_varlen(
+        lambda q, k, v, q_c, k_c, v_c, backend: recursive_kernels.circuit_attention_varlen(
             q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), q_c, k_c, v_c, causal=True, backend=backend),
         packed, "cpp", "cpu", torch.float32)
     dense = make(B=1, H=2, Hkv=1, Sq=3, Sk=5, D=4, R=2, Rv=3)
     assert torch.autograd.gradcheck(
-        lambda *t: kernels.circuit_attention(*t, causal=True, backend="cpp"), dense, eps=1e-6, atol=1e-6)
+        lambda *t: recursive_kernels.circuit_attention(*t, causal=True, backend="cpp"), dense, eps=1e-6, atol=1e-6)
 
 
 def _fused_cpu_backend():
@@ -354,7 +354,7 @@ def _fused_cpu_backend():
 
 
 def test_opcheck_custom_op():
-    from kernels.circuit_attention import _circuit_attention_op
+    from recursive_kernels.circuit_attention import _circuit_attention_op
 
     backend = _fused_cpu_backend()
     q, k, v, q_c, k_c, v_c = (t.detach().float().requires_grad_(True) for t in make(seed=4, Sq=9, Sk=11))
@@ -369,7 +369,7 @@ def test_torch_compile_fullgraph_matches_eager():
     tensors = [t.detach().float() for t in make(seed=6, Sq=9, Sk=9)]
 
     def loss(*t):
-        out, out_c = kernels.circuit_attention(*t, causal=True, backend=backend)
+        out, out_c = recursive_kernels.circuit_attention(*t, causal=True, backend=backend)
         return (out * out).sum() + out_c.sum()
 
     eager_leaves = [t.clone().requires_grad_(True) for t in tensors]
@@ -382,19 +382,19 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_registry_explains_what_a_backend_cannot_serve():
-    from kernels import backends
+    from recursive_kernels import backends
 
     assert any("head dims up to 256" in r for r in backends.reasons("circuit_attention", "triton", torch.device("cpu"),
                                                                    dtype=torch.float32, head_dim=300))
     assert any("float64" in r for r in backends.reasons("circuit_attention", "triton", torch.device("cpu"),
                                                        dtype=F64, head_dim=16))
     q, k, v, *_ = make(D=8, R=None, Rv=None)
-    with pytest.raises(kernels.BackendUnavailableError, match="triton"):
-        kernels.circuit_attention(q, k, v, backend="triton")  # float64
+    with pytest.raises(recursive_kernels.BackendUnavailableError, match="triton"):
+        recursive_kernels.circuit_attention(q, k, v, backend="triton")  # float64
     empty = [t[..., :0] for t in (q, k, v)]  # D = 0: only the reference serves it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the automatic choice says why it passed cpp over
-        out, _ = kernels.circuit_attention(*empty)
+        out, _ = recursive_kernels.circuit_attention(*empty)
     assert out.shape == q.shape[:-1] + (0,)
 
 
@@ -403,17 +403,17 @@ def test_inference_calls_the_backend_without_autograd(backend, device, monkeypat
     """Under no_grad, or with no input requiring grad, the op skips autograd.Function: the same output, no graph."""
     inputs = [t.detach().float().to(device) for t in make(seed=7)]
     tracked = [t.detach().requires_grad_() for t in inputs]
-    expected = kernels.circuit_attention(*tracked, causal=True, backend=backend)
+    expected = recursive_kernels.circuit_attention(*tracked, causal=True, backend=backend)
     assert all(t.grad_fn is not None for t in expected)
-    module = importlib.import_module("kernels.circuit_attention")
+    module = importlib.import_module("recursive_kernels.circuit_attention")
 
     def no_function(*args):
         raise AssertionError("autograd.Function used without a graph to record")
 
     monkeypatch.setattr(module._CircuitAttentionFunction, "apply", no_function)
     with torch.no_grad():
-        inferred = kernels.circuit_attention(*tracked, causal=True, backend=backend)
-    untracked = kernels.circuit_attention(*inputs, causal=True, backend=backend)
+        inferred = recursive_kernels.circuit_attention(*tracked, causal=True, backend=backend)
+    untracked = recursive_kernels.circuit_attention(*inputs, causal=True, backend=backend)
     for outputs in (inferred, untracked):
         assert all(t.grad_fn is None for t in outputs)
         torch.testing.assert_close(outputs, tuple(t.detach() for t in expected), rtol=0, atol=0)
@@ -432,11 +432,11 @@ def test_autocast_runs_in_the_autocast_dtype(backend, device, varlen):
 
         def attend(*t):
             packed = [x[0].transpose(0, 1) for x in t]
-            return kernels.circuit_attention_varlen(*packed[:3], cu_q, cu_k, 5, 7, *packed[3:], causal=True,
+            return recursive_kernels.circuit_attention_varlen(*packed[:3], cu_q, cu_k, 5, 7, *packed[3:], causal=True,
                                                     backend=backend)
     else:
         def attend(*t):
-            return kernels.circuit_attention(*t, causal=True, backend=backend)
+            return recursive_kernels.circuit_attention(*t, causal=True, backend=backend)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         out, out_c = attend(*inputs)
     expected, expected_c = attend(*low)

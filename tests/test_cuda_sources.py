@@ -1,4 +1,4 @@
-"""Checks of the CUDA fallback backend's sources in ``csrc/cuda`` (the ``kernels._C_cuda`` extension).
+"""Checks of the CUDA fallback backend's sources in ``csrc/cuda`` (the ``recursive_kernels._C_cuda`` extension).
 
 On any machine:
   * the kernels (``lowrank_linear_kernels.cu`` and ``circuit_attention_kernels.cu``, plain CUDA C++) compile
@@ -7,7 +7,7 @@ On any machine:
   * the binding (``extension_cuda.cpp``) passes a C++ syntax check against torch's headers.
 On a machine with a CUDA device (skipped otherwise): the installed extension (or, where it is absent or older
 than its sources, one built with ``torch.utils.cpp_extension.load``) is checked against the float64
-references of ``kernels.reference``:
+references of ``recursive_kernels.reference``:
   * ``lowrank_linear_forward`` / ``lowrank_linear_backward`` (float32, float16, bfloat16; plain,
     single-adapter, per-row and top-2 gated modes; -1 slots, M = 0, non-contiguous operands);
   * ``circuit_attention_forward`` / ``_backward``, dense and packed: out, out_c, lse and all six
@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from kernels.reference import circuit_attention_ref, circuit_attention_varlen_ref, lowrank_linear_ref
+from recursive_kernels.reference import circuit_attention_ref, circuit_attention_varlen_ref, lowrank_linear_ref
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -378,10 +378,10 @@ def check_case(mod, case, dtype, device, seed=0):
 
 
 def _installed_cuda_ext():
-    """kernels._C_cuda when it imports and was built after every source changed (on a GPU machine a
+    """recursive_kernels._C_cuda when it imports and was built after every source changed (on a GPU machine a
     second build for the test would cost minutes), else None."""
     try:
-        mod = importlib.import_module("kernels._C_cuda")
+        mod = importlib.import_module("recursive_kernels._C_cuda")
     except ImportError:
         return None
     built = pathlib.Path(mod.__file__).stat().st_mtime
@@ -409,7 +409,7 @@ def cuda_ext(tmp_path_factory):
             build_directory=str(build_dir),
             verbose=False,
         )
-    pytest.skip("ninja is not available to build the extension, and no up-to-date kernels._C_cuda imports")
+    pytest.skip("ninja is not available to build the extension, and no up-to-date recursive_kernels._C_cuda imports")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -569,10 +569,10 @@ def test_converted_model_greedy_equals_hugging_face_generate(family):
 
 def test_generation_benchmark_on_a_trained_model():
     """The benchmark's --train-steps path: a trained model, corpus prompts, a fixed threshold, every method."""
-    from benchmarks.bench_generation import METHODS, Workload, run
+    from recursive_benchmarks.bench_generation import METHODS, Workload, run
 
     workload = Workload(32, 48, 2, 4, 2, 128, 4, 2, (3, 6), (2, 5))
-    result = run(torch.device("cpu"), torch.float32, workload, repeats=1, progress=False, train_steps=2)
+    result = run(torch.device("cpu"), torch.float32, workload, repeats=1, train_steps=2, methods=METHODS)
     assert result["train_steps"] == 2 and result["exit_threshold"] == 0.9
     rows = {row["method"]: row for row in result["rows"]}
     assert list(rows) == list(METHODS)

@@ -1,4 +1,4 @@
-"""``kernels.lowrank_linear``: every backend on this machine against a float64 reference.
+"""``recursive_kernels.lowrank_linear``: every backend on this machine against a float64 reference.
 
 Error rule (FlashAttention's): a backend's error against float64 is at most twice the error of the same
 computation done eagerly by PyTorch in the tested dtype, plus half an ulp of the dtype relative to the
@@ -16,9 +16,9 @@ from typing import Dict, Optional
 import pytest
 import torch
 
-import kernels
-from kernels import BackendUnavailableError, backends
-from kernels.lowrank_linear import _lowrank_linear_op
+import recursive_kernels
+from recursive_kernels import BackendUnavailableError, backends
+from recursive_kernels.lowrank_linear import _lowrank_linear_op
 from tests.conftest import serving_backends
 
 GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "gates")
@@ -114,7 +114,7 @@ def run(inputs, backend: str, grad_out: Optional[torch.Tensor] = None):
         if isinstance(args[name], torch.Tensor):
             args[name] = args[name].detach().requires_grad_(True)
             leaves[name] = args[name]
-    y = kernels.lowrank_linear(**args, backend=backend)
+    y = recursive_kernels.lowrank_linear(**args, backend=backend)
     if grad_out is None:
         return y, {}
     grads = torch.autograd.grad(y, list(leaves.values()), grad_out.to(y.dtype), allow_unused=True)
@@ -235,7 +235,7 @@ def test_gradcheck_float64(shape, backend, device):
     def fn(*ts):
         args = dict(inputs)
         args.update(zip(names, ts))
-        return kernels.lowrank_linear(**args, backend=backend)
+        return recursive_kernels.lowrank_linear(**args, backend=backend)
 
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -251,7 +251,7 @@ def test_shared_weight_gradient_is_sum_over_depths(backend, device):
     lora_b = (torch.randn(E, K, r, generator=gen) * 0.2).to(device).requires_grad_(True)
     h = x
     for depth in range(depths):
-        h = h + kernels.lowrank_linear(h, weight, None, lora_a, lora_b, depth, backend=backend)
+        h = h + recursive_kernels.lowrank_linear(h, weight, None, lora_a, lora_b, depth, backend=backend)
     h.square().sum().backward()
 
     copies = [weight.detach().clone().requires_grad_(True) for _ in range(depths)]
@@ -268,10 +268,10 @@ def test_per_row_equals_single_adapter_calls(backend, device):
     """Depth-wise batching: rows at different depths in one call equal one call per depth."""
     inputs = make_inputs(Shape(12, 16, 20, E=4, r=4, form="per-row"), torch.float32, device, seed=5)
     idx = torch.tensor([0, 1, 2, 3] * 3, device=device)
-    together = kernels.lowrank_linear(**{**inputs, "indices": idx}, backend=backend)
+    together = recursive_kernels.lowrank_linear(**{**inputs, "indices": idx}, backend=backend)
     for depth in range(4):
         rows = idx == depth
-        alone = kernels.lowrank_linear(**{**inputs, "x": inputs["x"][rows], "indices": depth}, backend=backend)
+        alone = recursive_kernels.lowrank_linear(**{**inputs, "x": inputs["x"][rows], "indices": depth}, backend=backend)
         torch.testing.assert_close(together[rows], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -281,17 +281,17 @@ def test_inference_calls_the_backend_without_autograd(backend, device, monkeypat
     inputs = make_inputs(Shape(12, 16, 20, E=4, r=4, k=2, form="top-k"), torch.float32, device, seed=6)
     tracked = {n: t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                for n, t in inputs.items()}
-    expected = kernels.lowrank_linear(**tracked, backend=backend)
+    expected = recursive_kernels.lowrank_linear(**tracked, backend=backend)
     assert expected.grad_fn is not None
-    module = importlib.import_module("kernels.lowrank_linear")
+    module = importlib.import_module("recursive_kernels.lowrank_linear")
 
     def no_function(*args):
         raise AssertionError("autograd.Function used without a graph to record")
 
     monkeypatch.setattr(module._LowRankLinearFunction, "apply", no_function)
     with torch.no_grad():
-        inferred = kernels.lowrank_linear(**tracked, backend=backend)
-    untracked = kernels.lowrank_linear(**inputs, backend=backend)
+        inferred = recursive_kernels.lowrank_linear(**tracked, backend=backend)
+    untracked = recursive_kernels.lowrank_linear(**inputs, backend=backend)
     for y in (inferred, untracked):
         assert y.grad_fn is None
         torch.testing.assert_close(y, expected.detach(), rtol=0, atol=0)
@@ -332,7 +332,7 @@ def test_bad_input_raises_value_error_naming_argument(change, argument):
     args = _good()
     change(args)
     with pytest.raises(ValueError, match=f"^{argument}:"):
-        kernels.lowrank_linear(**args, backend="torch")
+        recursive_kernels.lowrank_linear(**args, backend="torch")
 
 
 @pytest.mark.parametrize("bad", [-2, 3, 7])
@@ -340,45 +340,45 @@ def test_index_out_of_range_raises_index_error(bad):
     args = _good()
     args["indices"][1, 0] = bad
     with pytest.raises(IndexError, match="indices"):
-        kernels.lowrank_linear(**args, backend="torch")
+        recursive_kernels.lowrank_linear(**args, backend="torch")
     args = _good()
     with pytest.raises(IndexError, match="indices"):
-        kernels.lowrank_linear(**{**args, "indices": bad, "gates": None}, backend="torch")
+        recursive_kernels.lowrank_linear(**{**args, "indices": bad, "gates": None}, backend="torch")
 
 
 def test_trusted_indices_skip_the_host_read(monkeypatch):
     """check_indices=False gives the same result without reading the indices on the host."""
     import importlib
 
-    op_module = importlib.import_module("kernels.lowrank_linear")  # the package exports a function of that name
+    op_module = importlib.import_module("recursive_kernels.lowrank_linear")  # the package exports a function of that name
     args = _good()
-    expected = kernels.lowrank_linear(**args, backend="torch")
+    expected = recursive_kernels.lowrank_linear(**args, backend="torch")
 
     def no_host_read(*unused, **unused_kw):
         raise AssertionError("the indices were read on the host")
 
     monkeypatch.setattr(op_module, "check_index_values", no_host_read)
-    torch.testing.assert_close(kernels.lowrank_linear(**args, backend="torch", check_indices=False), expected,
+    torch.testing.assert_close(recursive_kernels.lowrank_linear(**args, backend="torch", check_indices=False), expected,
                                rtol=0, atol=0)
     with pytest.raises(AssertionError, match="host"):
-        kernels.lowrank_linear(**args, backend="torch")
+        recursive_kernels.lowrank_linear(**args, backend="torch")
 
 
 def test_explicit_backend_that_cannot_serve_raises_with_reasons():
     args = _good()
     with pytest.raises(BackendUnavailableError, match="cuda needs CUDA tensors|torch sees no CUDA device"):
-        kernels.lowrank_linear(**args, backend="cuda")
+        recursive_kernels.lowrank_linear(**args, backend="cuda")
     with pytest.raises(BackendUnavailableError, match="unknown backend 'nope'"):
-        kernels.lowrank_linear(**args, backend="nope")
+        recursive_kernels.lowrank_linear(**args, backend="nope")
     with pytest.raises(BackendUnavailableError, match="triton does not support torch.float64"):
-        kernels.lowrank_linear(**cast(args, torch.float64, torch.device("cpu")), backend="triton")
+        recursive_kernels.lowrank_linear(**cast(args, torch.float64, torch.device("cpu")), backend="triton")
 
 
 def test_environment_variable_selects_backend(monkeypatch):
     args = _good()
     monkeypatch.setenv(backends.ENV_VAR, "nope")
     with pytest.raises(BackendUnavailableError, match=backends.ENV_VAR):
-        kernels.lowrank_linear(**args)
+        recursive_kernels.lowrank_linear(**args)
     monkeypatch.setenv(backends.ENV_VAR, "torch")
     assert backends.select("lowrank_linear", torch.device("cpu"), dtype=torch.float32) == "torch"
 
@@ -389,10 +389,10 @@ def test_automatic_fallback_warns_once(monkeypatch):
     monkeypatch.setattr(backends, "_selections", {})  # choices made before the pretence
     args = _good()
     with pytest.warns(RuntimeWarning, match="falling back from the cpp backend to torch: pretend"):
-        kernels.lowrank_linear(**args)
+        recursive_kernels.lowrank_linear(**args)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kernels.lowrank_linear(**args)
+        recursive_kernels.lowrank_linear(**args)
 
 
 def test_cpu_auto_order_prefers_cpp_when_built():
@@ -406,7 +406,7 @@ def test_cpu_auto_order_prefers_cpp_when_built():
 @pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[8]], ids=str)
 def test_opcheck(shape, backend, device):
     inputs = make_inputs(shape, torch.float32, device, seed=2)
-    from kernels.lowrank_linear import _normalise
+    from recursive_kernels.lowrank_linear import _normalise
 
     lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
         inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_a"], inputs["lora_b"],
@@ -423,7 +423,7 @@ def test_compile_fullgraph_matches_eager(backend, device):
     params = {n: inputs[n].detach().requires_grad_(True) for n in ("x", "weight", "lora_a", "lora_b", "gates")}
 
     def fn(x, weight, lora_a, lora_b, gates):
-        y = kernels.lowrank_linear(x, weight, inputs["bias"], lora_a, lora_b, inputs["indices"], gates,
+        y = recursive_kernels.lowrank_linear(x, weight, inputs["bias"], lora_a, lora_b, inputs["indices"], gates,
                                    inputs["scaling"], backend=backend)
         return torch.tanh(y).sum()
 
@@ -463,8 +463,8 @@ def test_autocast_runs_in_the_autocast_dtype(backend, device):
     grad = torch.randn(9, 12, generator=gen).to(device)
 
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        y = kernels.lowrank_linear(*params[:5], indices, params[5], 0.5, backend=backend)
-    expected = kernels.lowrank_linear(*low[:5], indices, low[5], 0.5, backend=backend)
+        y = recursive_kernels.lowrank_linear(*params[:5], indices, params[5], 0.5, backend=backend)
+    expected = recursive_kernels.lowrank_linear(*low[:5], indices, low[5], 0.5, backend=backend)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     y.backward(grad)

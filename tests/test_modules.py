@@ -537,7 +537,7 @@ def test_block_checks_per_row_indices_once_per_module(monkeypatch):
 
     import recursive.nn
 
-    op_module = importlib.import_module("kernels.lowrank_linear")  # the package exports a function of that name
+    op_module = importlib.import_module("recursive_kernels.lowrank_linear")  # the package exports a function of that name
     calls = {"op": 0, "module": 0, "depth": 0}
     checked = op_module.check_index_values
 

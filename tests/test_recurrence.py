@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import backends
-from kernels.backends import BACKENDS
+from recursive_kernels import backends
+from recursive_kernels.backends import BACKENDS
 from recursive import DepthBatchingEngine, RecursiveEncoder
 from recursive.modeling import RecursionKV
 from recursive.nn import LayerKV

@@ -57,7 +57,7 @@ def test_every_kernel_compiles_for_sm90_in_its_default_configuration():
 def test_autotune_switch_sets_the_tuning_space(autotune, expect_one):
     pytest.importorskip("triton")
     code = (
-        "from kernels import triton_lowrank_linear as L, triton_circuit_attention as A\n"
+        "from recursive_kernels import triton_lowrank_linear as L, triton_circuit_attention as A\n"
         "print(*(len(k.configs) for k in (L._linear_kernel, L._seg_shrink_kernel, L._seg_outer_kernel,"
         " A._fwd_kernel, A._bwd_dq_kernel, A._bwd_dkdv_kernel)))\n"
     )

@@ -147,7 +147,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _lowrank_cases() -> Dict[str, Callable[[], None]]:
-    from kernels import triton_lowrank_linear as T
+    from recursive_kernels import triton_lowrank_linear as T
 
     def run(dtype, M, r, mode, bias):
         g = torch.Generator().manual_seed(0)
@@ -183,7 +183,7 @@ def _lowrank_cases() -> Dict[str, Callable[[], None]]:
 
 
 def _attention_cases() -> Dict[str, Callable[[], None]]:
-    from kernels import triton_circuit_attention as T
+    from recursive_kernels import triton_circuit_attention as T
 
     def run(dtype, D, R, RV, causal, varlen, S=1024):
         g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-// Python binding of the CUDA fallback backend (module kernels._C_cuda): `lowrank_linear` and
+// Python binding of the CUDA fallback backend (module recursive_kernels._C_cuda): `lowrank_linear` and
 // `circuit_attention` (dense and packed varlen).
 //
 // lowrank_linear implements the two functions of the backend interface in kernels/lowrank_linear.py on CUDA
