@@ -53,11 +53,13 @@ def _nvcc_toolkit(nvcc):
     """The toolkit folder of ``nvcc``, also when the one on PATH is a wrapper script or a link: nvcc names its
     own folder in a dry run (``#$ _HERE_=<toolkit>/bin``)."""
     try:
-        out = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        # a dry run prints its set-up, then what it would run (nothing runs, the file need not exist)
+        out = subprocess.run([nvcc, "--dryrun", "-c", "probe.cu"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.MULTILINE)
-    return os.path.dirname(match.group(1).strip()) if match else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    bin_folder = match.group(1).strip() if match else os.path.dirname(os.path.realpath(nvcc))
+    return os.path.dirname(bin_folder)
 
 
 def _cuda_toolkit():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import platform
 import sys
@@ -30,14 +31,18 @@ def info(args) -> None:
     print(f"recursive-kernels {recursive_kernels.__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
     for module in ("torch", "triton", "numpy", "transformers"):  # transformers: conversion and export only
-        print(f"{module:<8} {_version(module)}")
-    print(f"cpu      {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+        print(f"{module:<12} {_version(module)}")
+    try:  # beside this package under its own name, which our source folder kernels/ would shadow on import
+        print(f"{'kernels':<12} {importlib.metadata.version('kernels')} (Hugging Face's hub kernels)")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    print(f"{'cpu':<12} {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"cuda:{i}   {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}")
+            print(f"{f'cuda:{i}':<12} {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}")
     else:
-        print("cuda     no device")
+        print(f"{'cuda':<12} no device")
     print("backends:")
     for name, why in backends.report().items():
         print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")

@@ -72,17 +72,23 @@ def _source_copy(tmp_path: Path) -> Path:
     return source
 
 
+OURS = {"recursive", "recursive_kernels", "recursive_benchmarks"}
+
+
 def _environment_seeing_this_one(tmp_path: Path) -> str:
     """A new virtual environment that imports what this interpreter's site-packages hold (torch, pip,
-    setuptools) but runs none of their start-up hooks, such as a developer's editable install of this package,
-    which would otherwise answer imports that a tested install lacks. Returns its python."""
+    setuptools) through links, but neither this package, however it is installed here, nor any start-up hook
+    (``.pth``): a developer's install of the package would otherwise answer imports that a tested install lacks.
+    Returns its python."""
     environment = tmp_path / "venv"
     venv.create(environment)
-    paths = {"base": str(environment), "platbase": str(environment)}
-    for key in ("purelib", "platlib"):
-        folder = Path(sysconfig.get_path(key, vars=paths))
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    inner = Path(sysconfig.get_path("purelib", vars={"base": str(environment), "platbase": str(environment)}))
+    for outer in map(Path, site.getsitepackages()):
+        for entry in outer.iterdir() if outer.is_dir() else ():
+            name = entry.name
+            ours = name in OURS or name.startswith(("recursive_kernels-", "__editable__"))
+            if not (ours or name.endswith(".pth") or (inner / name).exists()):
+                (inner / name).symlink_to(entry)
     return str(environment / "bin" / "python")
 
 
