@@ -23,9 +23,9 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGE_DIRS = {"recursive_kernels": "kernels", "recursive": "recursive", "recursive_benchmarks": "benchmarks"}
+PACKAGE_DIRS = {"recursive_kernels": "kernels", "recursive_benchmarks": "benchmarks"}  # import name -> folder
 BUILD_RECORD = "_build.json"  # {extension name: why it was left out}; read by recursive_kernels.backends
 CPU_EXTENSION, CUDA_EXTENSION = "recursive_kernels._C", "recursive_kernels._C_cuda"
 
@@ -163,7 +163,7 @@ setup(
     description="Fused kernels and modules for recursive (weight-sharing) transformers",
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=list(PACKAGE_DIRS),
+    packages=[*PACKAGE_DIRS, *find_packages(include=["recursive", "recursive.*"])],
     package_dir=PACKAGE_DIRS,
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy>=1.24", "safetensors>=0.4", "triton>=3.6; platform_system == 'Linux'"],

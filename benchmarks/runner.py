@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -88,8 +88,3 @@ def _options(name: str, args: argparse.Namespace) -> Dict[str, object]:
         return {"train_steps": args.train_steps, "exit_threshold": args.exit_threshold}
     return {}
 
-
-def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m recursive bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return parser.parse_args(argv)

@@ -360,7 +360,7 @@ def circuit_attention_varlen(
 
     ``check_offsets=False`` skips reading the offsets on the host to check their values (one host
     synchronisation per call on the GPU); only for offsets that are right by construction, such as those of
-    :class:`recursive.nn.VarlenPacking`. Their dtype, shape and device are always checked. Under
+    :class:`recursive.cache.VarlenPacking`. Their dtype, shape and device are always checked. Under
     ``torch.autocast`` the six inputs run in the autocast dtype, as in :func:`circuit_attention`.
     """
     cast_to = backends.autocast_dtype(q.device)

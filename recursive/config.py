@@ -316,6 +316,29 @@ class RecursiveConfig:
             return 0 if layer == 0 else B - 1
         return 1 + (layer - 1) % (B - 2)
 
+    def loop_length(self) -> int:
+        """Effective layers per loop: the shortest period of the block pattern. With cycle sharing the
+        ``num_layers / num_blocks`` loops are the passes over the blocks; one shared block (any scheme) loops
+        ``num_layers`` times over one layer; sequence sharing with several blocks, middle-cycle sharing and
+        untied models run their stack as a single loop. Early exit leaves at loop boundaries."""
+        plan = [self.block_of_layer(layer) for layer in range(self.num_layers)]
+        L = self.num_layers
+        return next(p for p in range(1, L + 1) if L % p == 0 and all(plan[l] == plan[l % p] for l in range(L)))
+
+    def check_loop_boundaries(self, name: str) -> None:
+        """Raise ValueError naming ``name`` unless the model runs a plain stack of layers (not hierarchical
+        sharing or a Mixture-of-Recursions, whose states flow otherwise) in more than one loop: what early exit
+        and the loss at loop boundaries need."""
+        if self.sharing == "hierarchical" or self.mor_routing is not None:
+            kind = ("hierarchical (HRM), whose fast and slow states flow differently" if self.sharing == "hierarchical"
+                    else "a Mixture-of-Recursions, whose routers decide each token's depth")
+            raise ValueError(f"{name}: early exit steps through a plain stack of layers; this model is {kind}")
+        if self.loop_length() == self.num_layers:
+            raise ValueError(
+                f"{name}: early exit happens at loop boundaries, and this model (sharing={self.sharing!r}, "
+                f"num_layers={self.num_layers}, num_blocks={self.num_blocks}) runs its layers as a single loop"
+            )
+
     @property
     def kv_cacheable(self) -> bool:
         """Whether the model decodes with a KV cache: all but a Mixture-of-Recursions whose routing is

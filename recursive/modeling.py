@@ -6,61 +6,34 @@ Hugging Face conventions: ``model(input_ids, attention_mask=None, labels=None)``
 directory with ``config.json`` and ``model.safetensors`` (never pickle).
 
 Padding: when ``attention_mask`` has a zero, every layer attends over the real tokens only, through
-:func:`recursive_kernels.circuit_attention_varlen` (:class:`recursive.nn.VarlenPacking`), which is exact for left
+:func:`recursive_kernels.circuit_attention_varlen` (:class:`recursive.cache.VarlenPacking`), which is exact for left
 padding (decoding) as for right padding; without one, the dense :func:`recursive_kernels.circuit_attention`
 runs. Default positions count real tokens only (``cumsum(attention_mask) - 1``), so a left-padded row
 gets the positions it would have alone.
 
-Cache: ``past_key_values`` is a tuple with one :class:`recursive.nn.LayerKV` per effective layer
+Cache: ``past_key_values`` is a tuple with one :class:`recursive.cache.LayerKV` per effective layer
 (keys and values after RoPE, (B, Hkv, S_past, D), plus the circuit's ``key_c``/``value_c``); a forward
 with ``use_cache=True`` returns it extended by the new tokens. A Mixture-of-Recursions model caches
-recursion-wise: a recursion's layers hold a :class:`RecursionKV` with the keys of the tokens that ran
+recursion-wise: a recursion's layers hold a :class:`recursive.cache.RecursionKV` with the keys of the tokens that ran
 it only (with KV sharing the later recursions hold None: they read the first one's).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Type, TypeVar, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from .cache import LayerKV, PastKeyValues, RecursionKV, SharedKeyValue, VarlenPacking, ints_to_device
 from .config import RecursiveConfig
-from .nn import (LayerKV, LowRankLinear, RecursiveBlock, RMSNorm, SharedKeyValue, VarlenPacking, _ints_to_device,
-                 activation, rotary_embedding)
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-IGNORE_INDEX = -100
-
-
-class RecursionKV(NamedTuple):
-    """The cache of one layer of a Mixture-of-Recursions recursion (recursion-wise caching): the keys
-    and values of the tokens that ran the recursion, and only those.
-
-    ``key_value``: a :class:`recursive.nn.LayerKV` (B, Hkv, C, .) whose columns are shared by the
-    batch: each step appends as many as the row with the most tokens in the recursion needs, and each
-    row's tokens lie in their order among its columns; ``token_mask``: (B, C) bool, the columns that
-    hold one of the row's tokens (the others are never attended to); ``length``: the sequence length
-    the cache covers (the ``S_past`` of a plain :class:`recursive.nn.LayerKV`).
-    """
-
-    key_value: LayerKV
-    token_mask: Tensor
-    length: int
-
-
-PastKeyValues = Tuple[Optional[Union[LayerKV, RecursionKV]], ...]
-Model = TypeVar("Model", bound="RecursivePreTrainedModel")
+from .generation import GenerationMixin
+from .losses import IGNORE_INDEX, masked_mean, next_token_loss, upcast, with_router_losses
+from .nn import RecursiveBlock, RMSNorm, activation, rotary_embedding
+from .pretrained import RecursivePreTrainedModel
 
 
 @dataclass
@@ -113,36 +86,6 @@ class EncoderOutput:
     recursion_depths: Optional[Tensor] = None
 
 
-def _upcast(logits: Tensor) -> Tensor:
-    """Losses and routing are computed in float32 at least."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """The mean of ``values`` (B, S, *) over the (B, S) positions where ``mask`` is True, as
-    ``values[mask].mean(0)`` but without the boolean indexing's read of the device (NaN when none is)."""
-    mask = mask.view(*mask.shape, *[1] * (values.dim() - mask.dim()))
-    return torch.where(mask, values, 0).sum((0, 1)) / mask.sum()
-
-
-def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy of ``logits`` (B, S, vocab) at position t predicting ``labels[:, t + 1]`` (B, S; -100:
-    ignored), in float32 at least."""
-    return F.cross_entropy(
-        _upcast(logits[:, :-1]).reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-    )
-
-
-def _with_router_losses(loss: Tensor, out: RecursiveModelOutput, config: RecursiveConfig) -> Tensor:
-    """The task loss plus the routers' losses: the mixture of LoRAs' load balancing, weighted by
-    ``router_aux_loss_coef``, and the Mixture-of-Recursions' (already weighted)."""
-    if out.aux_loss is not None:
-        loss = loss + config.router_aux_loss_coef * out.aux_loss
-    if out.recursion_loss is not None:
-        loss = loss + out.recursion_loss
-    return loss
-
-
 class RecursiveModel(nn.Module):
     """The backbone: embeddings, the ``num_blocks`` shared blocks run over ``num_layers`` effective
     layers by the sharing scheme, and the final norm.
@@ -155,8 +98,8 @@ class RecursiveModel(nn.Module):
     ``hierarchical`` sharing runs the HRM data flow and ``mor_routing`` the Mixture-of-Recursions one
     (:mod:`recursive.config`). A Mixture-of-Recursions forward has no ``output_hidden_states`` (its
     recursions run on token subsets) and a cache only when ``config.kv_cacheable`` (causal routing):
-    the layers before and after the recursions cache every token (:class:`recursive.nn.LayerKV`), a
-    recursion's layers the tokens that ran it (:class:`RecursionKV`); with KV sharing the later
+    the layers before and after the recursions cache every token (:class:`recursive.cache.LayerKV`), a
+    recursion's layers the tokens that ran it (:class:`recursive.cache.RecursionKV`); with KV sharing the later
     recursions' entries are None, as they read the first's.
     """
 
@@ -207,7 +150,7 @@ class RecursiveModel(nn.Module):
             past_key_values: one cache per effective layer (the module docstring), or None.
             use_cache: return the extended cache.
             output_hidden_states: also return the embeddings and every layer's output (e.g. for the
-                loss of early exit at loop boundaries, :func:`recursive.generation.exit_loss`).
+                loss of early exit at loop boundaries, :func:`recursive.losses.exit_loss`).
         """
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
             raise ValueError(f"input_ids: expected an int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
@@ -276,7 +219,7 @@ class RecursiveModel(nn.Module):
             hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(
                 hidden, real, position_ids, run_cached, run_block, past_key_values, presents if cached else None)
         elif self.config.sharing == "hierarchical":
-            hidden = self._hierarchical(hidden, run)
+            hidden = self.hierarchical(hidden, run)
         else:
             for layer in range(self.config.num_layers):
                 hidden = run(layer, hidden)
@@ -318,7 +261,7 @@ class RecursiveModel(nn.Module):
         positions = attention_mask.long().cumsum(-1) - 1
         return positions[:, past_length:].clamp(min=0)  # padding gets position 0; it is never attended to
 
-    def _hierarchical(self, x: Tensor, run: Callable[[int, Tensor], Tensor]) -> Tensor:
+    def hierarchical(self, x: Tensor, run: Callable[[int, Tensor], Tensor]) -> Tensor:
         """HRM: the fast state ``z_L <- f_L(z_L + z_H + x)`` at each fast step, the slow state
         ``z_H <- f_H(z_H + z_L)`` after every ``hrm_period`` of them, both from zero; returns ``z_H``.
         ``run(layer, h)`` runs effective layer ``layer`` on ``h``."""
@@ -354,7 +297,7 @@ class RecursiveModel(nn.Module):
         cache)``); each recursion runs its layers on its selected tokens only, gathered in order into a
         compact batch (``run_block(layer, h, position_embeddings, packing, **block_options) -> (h,
         present)``). With a cache (``presents``, filled here with the recursions' layers' caches) each
-        recursion's layers attend over their :class:`RecursionKV` of the earlier tokens
+        recursion's layers attend over their :class:`recursive.cache.RecursionKV` of the earlier tokens
         (``past_key_values``) too. Returns the hidden states, the weighted router losses and the
         recursions each token ran.
         """
@@ -373,28 +316,28 @@ class RecursiveModel(nn.Module):
         z_losses, router_losses = [], []
         balance_loss = first = None  # first: the first recursion's layout and keys (KV sharing)
         if config.mor_routing == "token_choice":
-            logits = _upcast(self.mor_router(hidden))  # (B, S, N)
+            logits = upcast(self.mor_router(hidden))  # (B, S, N)
             probs = logits.softmax(-1)
             chosen = probs.argmax(-1)  # the last recursion each token runs
             gate = alpha * probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-            used = _masked_mean(F.one_hot(chosen, len(recursions)).to(probs.dtype), real)
-            balance_loss = len(recursions) * (used * _masked_mean(probs, real)).sum()
-            z_losses.append(_masked_mean(logits.logsumexp(-1).square(), real))
+            used = masked_mean(F.one_hot(chosen, len(recursions)).to(probs.dtype), real)
+            balance_loss = len(recursions) * (used * masked_mean(probs, real)).sum()
+            z_losses.append(masked_mean(logits.logsumexp(-1).square(), real))
         for r, layers in enumerate(recursions):
             if config.mor_routing == "expert_choice":
-                logits = _upcast(F.linear(hidden, self.mor_router.weight[r:r + 1]).squeeze(-1))  # (B, S)
+                logits = upcast(F.linear(hidden, self.mor_router.weight[r:r + 1]).squeeze(-1))  # (B, S)
                 scored = selected
-                z_losses.append(_masked_mean(logits.square(), scored))  # the z-loss of a single logit
+                z_losses.append(masked_mean(logits.square(), scored))  # the z-loss of a single logit
                 if config.mor_capacities[r] == 1.0:
                     pass  # every active token stays
                 elif config.mor_threshold_routing:
                     selected = selected & (logits >= 0)  # sigmoid >= 1/2
                 else:
                     kept_counts = [min(active, config.mor_tokens_kept(r, n)) for active, n in zip(kept_counts, real_counts)]
-                    kept = _ints_to_device(hidden.device, kept_counts)[0]
+                    kept = ints_to_device(hidden.device, kept_counts)[0]
                     rank = logits.masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
                     selected = selected & (rank < kept[:, None])
-                router_losses.append(_masked_mean(F.binary_cross_entropy_with_logits(
+                router_losses.append(masked_mean(F.binary_cross_entropy_with_logits(
                     logits, selected.to(logits.dtype), reduction="none"), scored))
                 gate, gated = alpha * logits.sigmoid(), selected
             else:
@@ -492,195 +435,9 @@ class _FirstRecursion(NamedTuple):
     key_values: List[LayerKV]
 
 
-class RecursivePreTrainedModel(nn.Module):
-    """Config, weight init, weight tying and the ``save_pretrained``/``from_pretrained`` checkpoint format
-    shared by the models.
-
-    Init (driven by ``torch.manual_seed``): projections and embeddings ``normal(0, initializer_range)``,
-    biases zeros; LoRA adapters (Kaiming-uniform A, zero B), circuit factors and norms keep their
-    modules' init, so a fresh relaxation changes nothing.
-    """
-
-    def __init__(self, config: RecursiveConfig) -> None:
-        super().__init__()
-        if not isinstance(config, RecursiveConfig):
-            raise ValueError(f"config: expected a RecursiveConfig, got {type(config).__name__}")
-        self.config = config
-
-    def tied_weights(self) -> Tuple[Tuple[str, str], ...]:
-        """``(name, source)`` pairs of parameters that are the same tensor; the checkpoint stores the source."""
-        return ()
-
-    def tie_weights(self) -> None:
-        """Make each parameter of :meth:`tied_weights` its source (again, after ``to_empty`` or a
-        ``load_state_dict(assign=True)`` gave them separate storage)."""
-        for name, source in self.tied_weights():
-            module_name, _, attribute = name.rpartition(".")
-            setattr(self.get_submodule(module_name), attribute, self.get_parameter(source))
-
-    def _tie_and_init(self) -> None:
-        self.tie_weights()
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, LowRankLinear)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-
-    def save_pretrained(self, save_directory: str) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied parameters once) into ``save_directory``."""
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            f.write(self.config.to_json_string())
-        tied = {name for name, _ in self.tied_weights()}
-        state = {name: tensor.contiguous() for name, tensor in self.state_dict().items() if name not in tied}
-        save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
-
-    @classmethod
-    def from_pretrained(cls: Type[Model], directory: str, device=None, dtype: Optional[torch.dtype] = None) -> Model:
-        """Load a model written by :meth:`save_pretrained`, in the checkpoint's dtype unless ``dtype`` is
-        given, on ``device`` (default CPU), in eval mode."""
-        config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        for path in (config_path, weights_path):
-            if not os.path.isfile(path):
-                raise ValueError(f"directory: {directory!r} holds no {os.path.basename(path)}")
-        with open(config_path) as f:
-            config = RecursiveConfig.from_dict(json.load(f))
-        state = load_file(weights_path, device=str(torch.device(device or "cpu")))
-        if dtype is None:
-            dtype = next(t.dtype for t in state.values() if t.is_floating_point())
-        model = cls(config).to(device=device, dtype=dtype)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = set(missing) - {name for name, _ in model.tied_weights()}
-        if missing or unexpected:
-            raise ValueError(f"directory: the checkpoint does not match the config (missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)})")
-        return model.eval()
-
-    def gradient_checkpointing_enable(self) -> None:
-        """Activation checkpointing per effective layer, as Hugging Face's: in training, each block call
-        keeps only its input and runs again in the backward (``torch.utils.checkpoint``, non-reentrant).
-        Activation memory then grows with the depth by one hidden state per layer instead of every
-        intermediate of the block: what lets a deep loop of a small block train."""
-        self.model.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.model.gradient_checkpointing
-
-    # Adapters: what the relaxation and the routers add to the shared model (PEFT's workflow).
-
-    def adapter_state_dict(self) -> Dict[str, Tensor]:
-        """The adapters' parameters by name: per-depth LoRA (``lora_a``, ``lora_b``), QK/OV circuit factors,
-        the mixture of LoRAs' experts and routers, the Mixture-of-Recursions router; empty for a plain
-        shared model. Everything else (embeddings, shared blocks, norms, heads) is the base model."""
-        parameters = dict(self.named_parameters())
-        state = {}
-        for prefix, module in self.named_modules():
-            for name in getattr(module, "adapter_parameters", ()):
-                path = f"{prefix}.{name}" if prefix else name
-                if path in parameters:
-                    state[path] = parameters[path]
-        return state
-
-    def mark_only_adapters_trainable(self) -> int:
-        """Freeze the base model: ``requires_grad`` True on the adapters' parameters only (the depth-as-
-        modulation recipe, or LoRA uptraining of a converted model). Returns the trainable parameter count.
-        A new task head trains beside them after ``model.classifier.requires_grad_(True)`` (PEFT's
-        ``modules_to_save``); :meth:`save_adapter` saves the adapters only."""
-        adapters = self.adapter_state_dict()
-        if not adapters:
-            raise ValueError(f"model: has no adapters to train (relaxation {self.config.relaxation!r}, "
-                             f"mor_routing {self.config.mor_routing!r})")
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad_(name in adapters)
-        return sum(p.numel() for p in adapters.values())
-
-    def save_adapter(self, save_directory: str) -> None:
-        """Write the adapters alone into ``save_directory``: ``adapter_config.json`` (the model's config,
-        which fixes every adapter's shape) and ``adapter_model.safetensors``. Several adapters trained on
-        one base checkpoint then load into it in turn (:meth:`load_adapter`)."""
-        state = self.adapter_state_dict()
-        if not state:
-            raise ValueError(f"model: has no adapters to save (relaxation {self.config.relaxation!r})")
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w") as f:
-            f.write(self.config.to_json_string())
-        tensors = {name: tensor.detach().contiguous() for name, tensor in state.items()}
-        save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-
-    @torch.no_grad()
-    def load_adapter(self, directory: str) -> None:
-        """Copy the adapters written by :meth:`save_adapter` into this model, in its dtype and on its
-        device. The adapter's config must equal this model's (the kernels backend aside)."""
-        config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
-        weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-        for path in (config_path, weights_path):
-            if not os.path.isfile(path):
-                raise ValueError(f"directory: {directory!r} holds no {os.path.basename(path)}")
-        with open(config_path) as f:
-            saved = RecursiveConfig.from_dict(json.load(f)).to_dict()
-        ours = self.config.to_dict()
-        differ = sorted(name for name in ours if name != "backend" and saved[name] != ours[name])
-        if differ:
-            raise ValueError(f"directory: the adapter was saved for another config; fields that differ: "
-                             + ", ".join(f"{name} ({saved[name]!r} there, {ours[name]!r} here)" for name in differ))
-        adapters = self.adapter_state_dict()
-        state = load_file(weights_path)
-        if set(state) != set(adapters):
-            raise ValueError(f"directory: the adapter's tensors do not match the model's adapters (missing "
-                             f"{sorted(set(adapters) - set(state))}, unexpected {sorted(set(state) - set(adapters))})")
-        for name, tensor in state.items():
-            if tensor.shape != adapters[name].shape:
-                raise ValueError(f"directory: {name}: shape {tuple(tensor.shape)}, the model's is "
-                                 f"{tuple(adapters[name].shape)}")
-        for name, tensor in state.items():
-            adapters[name].copy_(tensor)
-
-    @torch.no_grad()
-    def merge_and_untie(self: Model) -> Model:
-        """The untied model this one computes: every effective layer its own block, holding its block's
-        weights with its LoRA merged in (``W + s B_l A_l``, :meth:`recursive.nn.LowRankLinear.merged_weight`).
-        A new model of the same class in this one's dtype and on its device (``num_blocks = num_layers``,
-        relaxation "none"); this one is unchanged. Serves the shared-stack schemes with relaxation
-        "none", "depth_lora" or "qkov_lora"; the circuit and the mixtures act on activations, not weights,
-        and HRM and Mixture-of-Recursions do not run a plain stack."""
-        config = self.config
-        if config.relaxation not in ("none", "depth_lora", "qkov_lora"):
-            raise ValueError(f"model: relaxation {config.relaxation!r} does not merge into weights (it acts on the "
-                             "activations); merge_and_untie serves 'none', 'depth_lora' and 'qkov_lora'")
-        if config.sharing == "hierarchical" or config.mor_routing is not None:
-            raise ValueError("model: HRM and Mixture-of-Recursions models do not run a plain stack of layers; "
-                             "merge_and_untie serves cycle, sequence and middle-cycle sharing")
-        untied_config = dataclasses.replace(config, num_blocks=config.num_layers, sharing="cycle", relaxation="none",
-                                            lora_rank=0, lora_targets=None, start_index=0)
-        # Clones: the new model shares no storage with this one.
-        state = {name: t.clone() for name, t in self.state_dict().items() if not name.startswith("model.blocks.")}
-        for layer in range(config.num_layers):
-            block = self.model.blocks[config.block_of_layer(layer)]
-            adapter = block.adapter_index(layer)
-            merged = {f"{name}.weight": module.merged_weight(adapter) for name, module in block.named_modules()
-                      if isinstance(module, LowRankLinear)}
-            for name, tensor in block.state_dict().items():
-                if name.rpartition(".")[2] not in LowRankLinear.adapter_parameters:
-                    state[f"model.blocks.{layer}.{name}"] = merged[name].clone() if name in merged else tensor.clone()
-        parameter = next(self.parameters())
-        with torch.device("meta"):
-            untied = type(self)(untied_config)
-        untied.load_state_dict(state, assign=True)
-        untied.tie_weights()
-        for block in untied.model.blocks:  # the non-persistent layer -> adapter tables, left on the meta device
-            block.adapter_of_layer = torch.tensor(block._adapter_of_layer, dtype=torch.int64)
-        return untied.to(device=parameter.device, dtype=parameter.dtype).train(self.training)
-
-
-class RecursiveForCausalLM(RecursivePreTrainedModel):
-    """A recursive decoder with a language-modelling head.
+class RecursiveForCausalLM(GenerationMixin, RecursivePreTrainedModel):
+    """A recursive decoder with a language-modelling head; ``generate`` comes from
+    :class:`recursive.generation.GenerationMixin`.
 
     Parameters: ``model`` (:class:`RecursiveModel`, causal) and ``lm_head`` (vocab <- hidden, no bias;
     the embedding matrix when ``tie_word_embeddings``). Factorised embeddings are an encoder option.
@@ -719,45 +476,15 @@ class RecursiveForCausalLM(RecursivePreTrainedModel):
         if labels is not None:
             if tuple(labels.shape) != tuple(input_ids.shape):
                 raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(labels.shape)}")
-            loss = _with_router_losses(next_token_loss(logits, labels), out, self.config)
+            loss = with_router_losses(next_token_loss(logits, labels), out, self.config)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values,
                               hidden_states=out.hidden_states, recursion_loss=out.recursion_loss,
                               recursion_depths=out.recursion_depths)
 
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int,
-        attention_mask: Optional[Tensor] = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        eos_token_id: Optional[int] = None,
-        exit_threshold: Optional[float] = None,
-    ) -> Tensor:
-        """KV-cached generation, like Hugging Face's ``generate``: the prompt (B, S) followed by up to
-        ``max_new_tokens`` new tokens, (B, S + T); generation stops early once every row has produced
-        ``eos_token_id``, and finished rows are padded with it.
-
-        Args:
-            input_ids: (B, S) token ids; padded rows need ``attention_mask`` (any padding side).
-            max_new_tokens: new tokens per row (0 returns ``input_ids``).
-            attention_mask: (B, S) of 1 (token) and 0 (padding), or None.
-            do_sample: sample (from torch's global generator) instead of greedy argmax.
-            temperature, top_k, top_p: the sampling distribution (:func:`recursive.generation.next_tokens`).
-            eos_token_id: the end-of-sequence token, or None.
-            exit_threshold: early exit at loop boundaries for decoded tokens (the module docstring of
-                :mod:`recursive.generation`); None or 1.0: off. A plain stack only: not with
-                hierarchical sharing or Mixture-of-Recursions.
-
-        A Mixture-of-Recursions model without a KV cache (``config.kv_cacheable``) recomputes the whole
-        sequence at each step.
-        """
-        from .generation import generate
-
-        return generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
-                        eos_token_id, exit_threshold)
+    def logits_at(self, hidden: Tensor) -> Tensor:
+        """The LM head at any depth (early exit, the loss at loop boundaries): the final norm, then ``lm_head``;
+        (*, hidden) -> (*, vocab)."""
+        return self.lm_head(self.model.norm(hidden))
 
 
 class RecursiveEncoder(RecursivePreTrainedModel):
@@ -814,7 +541,7 @@ class RecursiveEncoder(RecursivePreTrainedModel):
             logits = self.classifier(self.head_norm(self.head_act(self.head_dense(self._pool(hidden, attention_mask)))))
         loss = None
         if labels is not None:
-            loss = _with_router_losses(self._loss(logits, labels), out, self.config)
+            loss = with_router_losses(self._loss(logits, labels), out, self.config)
         return EncoderOutput(logits=logits, loss=loss, last_hidden_state=hidden, aux_loss=out.aux_loss,
                              recursion_loss=out.recursion_loss, recursion_depths=out.recursion_depths)
 
@@ -831,9 +558,9 @@ class RecursiveEncoder(RecursivePreTrainedModel):
         if self.config.encoder_head == "mlm":
             if tuple(labels.shape) != tuple(logits.shape[:-1]):
                 raise ValueError(f"labels: expected shape {tuple(logits.shape[:-1])} like input_ids, got {tuple(labels.shape)}")
-            return F.cross_entropy(_upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            return F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         if tuple(labels.shape) != (logits.shape[0],):
             raise ValueError(f"labels: expected shape ({logits.shape[0]},), one per sequence, got {tuple(labels.shape)}")
         if self.config.num_labels == 1:
-            return F.mse_loss(_upcast(logits).squeeze(-1), labels.to(_upcast(logits).dtype))
-        return F.cross_entropy(_upcast(logits), labels)
+            return F.mse_loss(upcast(logits).squeeze(-1), labels.to(upcast(logits).dtype))
+        return F.cross_entropy(upcast(logits), labels)

@@ -8,13 +8,12 @@ entropy once it picks up spelling, word order and agreement.
 
 :func:`train` runs AdamW with a linear warm-up and a cosine (or linear) decay, gradient clipping and
 optional bfloat16 autocast on random windows of the corpus, and returns the loss of every step.
-``python -m recursive train`` (see :func:`add_arguments`) builds a model from a default config, a JSON
-config or a saved directory, trains it, prints a summary and optionally saves it.
+``python -m recursive train`` (:mod:`recursive.cli`) builds a model from a default config, a JSON config or a
+saved directory, trains it with :func:`train`, prints a summary and optionally saves it.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -23,23 +22,34 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .config import RecursiveConfig
-from .generation import exit_loss
+from .losses import exit_loss
 from .modeling import RecursiveForCausalLM
 from .progress import Progress
 
+
 CORPUS_VOCAB_SIZE = 128  # bytes of ASCII text
+
+
 SCHEDULES = ("cosine", "linear")
+
 
 _NOUNS = {  # singular -> plural
     "cat": "cats", "dog": "dogs", "bird": "birds", "child": "children", "teacher": "teachers",
     "robot": "robots", "farmer": "farmers", "mouse": "mice", "ball": "balls", "river": "rivers",
 }
+
+
 _VERBS = {  # third person singular -> plural
     "sees": "see", "likes": "like", "chases": "chase", "finds": "find", "helps": "help", "watches": "watch",
 }
+
+
 _DETERMINERS = {False: ("the", "a", "this", "every"), True: ("the", "some", "these", "many")}
+
+
 _ADJECTIVES = ("small", "big", "red", "old", "happy", "quiet")
+
+
 _PLACES = ("near the river", "in the garden", "at night", "after school")
 
 
@@ -128,7 +138,7 @@ def train(
         weight_decay: AdamW's, on matrices only (not on norms and biases).
         max_grad_norm: gradients are clipped to this total norm.
         bf16: run the forward under ``torch.autocast`` to bfloat16 (the parameters stay float32).
-        exit_loss_weight: adds this times :func:`recursive.generation.exit_loss` (the LM head's loss at the
+        exit_loss_weight: adds this times :func:`recursive.losses.exit_loss` (the LM head's loss at the
             loop boundaries) to the loss, so that early exit can stop tokens there; 0: the final loss only.
         corpus: (N,) int64 token ids; default ``encode(synthetic_corpus(seed=seed))``.
         seed: seeds the window sampling (and the default corpus).
@@ -189,83 +199,4 @@ def train(
             losses.append(out.loss.item())
             tokens_per_second = len(losses) * batch_size * seq_len / (time.perf_counter() - start)
             bar.step(f"loss {losses[-1]:.3f}  {tokens_per_second:,.0f} tok/s")
-    return losses
-
-
-def default_config() -> RecursiveConfig:
-    """The small model ``python -m recursive train`` builds by default: 6 effective layers over 2 shared
-    blocks with a depth-wise LoRA, byte vocabulary."""
-    return RecursiveConfig(
-        vocab_size=CORPUS_VOCAB_SIZE, hidden_size=64, intermediate_size=176, num_attention_heads=4,
-        num_key_value_heads=2, num_layers=6, num_blocks=2, relaxation="depth_lora", lora_rank=8, lora_alpha=16.0,
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``python -m recursive train``."""
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", help="a JSON RecursiveConfig to build the model from (default: a small built-in one)")
-    source.add_argument("--model", help="a directory written by save_pretrained to continue training")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    parser.add_argument("--warmup-steps", type=int, help="default: a tenth of --steps")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
-    parser.add_argument("--exit-loss-weight", type=float, default=0.0,
-                        help="weight of the LM head's loss at the loop boundaries (trains for early exit)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the init, the corpus and the batches")
-    parser.add_argument("--adapters-only", action="store_true",
-                        help="freeze the base model and train the adapters (LoRA, circuit factors, routers) only")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute each layer in the backward instead of keeping its activations")
-    parser.add_argument("--save", metavar="DIR", help="save the trained model here (save_pretrained)")
-    parser.add_argument("--save-adapter", metavar="DIR", help="save the adapters alone here (save_adapter)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> List[float]:
-    """``python -m recursive train``: build, train, summarise, save; returns the losses."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    if args.model:
-        model = RecursiveForCausalLM.from_pretrained(args.model, device=device, dtype=torch.float32)
-    else:
-        config = default_config()
-        if args.config:
-            with open(args.config) as f:
-                config = RecursiveConfig.from_json_string(f.read())
-        model = RecursiveForCausalLM(config).to(device)
-    corpus = encode(synthetic_corpus(seed=args.seed))
-    if args.adapters_only:
-        model.mark_only_adapters_trainable()
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    num_parameters = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = model.config
-    print(f"training {trainable / 1e6:.2f}M of {num_parameters / 1e6:.2f}M parameters ({config.num_layers} layers "
-          f"over {config.num_blocks} blocks, {config.relaxation}) on {device}, {args.steps} steps of "
-          f"{args.batch_size} x {args.seq_len} tokens")
-    start = time.perf_counter()
-    losses = train(
-        model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16,
-        exit_loss_weight=args.exit_loss_weight, corpus=corpus, seed=args.seed,
-        progress=not args.no_progress,
-    )
-    seconds = time.perf_counter() - start
-    window = min(10, len(losses))
-    print(f"loss: first {sum(losses[:window]) / window:.3f}, last {sum(losses[-window:]) / window:.3f} "
-          f"(means of {window} steps); the corpus's unigram entropy is {unigram_entropy(corpus):.3f}")
-    print(f"{args.steps * args.batch_size * args.seq_len / seconds:,.0f} tokens/s over {seconds:.1f} s")
-    if args.save:
-        model.save_pretrained(args.save)
-        print(f"saved to {args.save}")
-    if args.save_adapter:
-        model.save_adapter(args.save_adapter)
-        print(f"saved the adapters to {args.save_adapter}")
     return losses

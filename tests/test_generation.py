@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM
-from recursive.generation import (
-    _EngineRun, calibrate_exit_threshold, exit_loss, generate_in_batches, next_tokens, top_k_filter, top_p_filter,
-)
+from recursive.generation import calibrate_exit_threshold, generate_in_batches, next_tokens, top_k_filter, top_p_filter
+from recursive.generation.engine_run import EngineRun
+from recursive.losses import exit_loss
 from recursive.nn import rotary_embedding
 from tests.test_models import VOCAB, make_model
 
@@ -321,7 +321,7 @@ def test_engine_step_synchronises_at_most_once(exit_fraction, monkeypatch):
     threshold = None if exit_fraction is None else calibrate_exit_threshold(
         model, torch.tensor([p[:1] for p in prompts], device="cuda"), exit_fraction)
     engine = DepthBatchingEngine(model, max_batch_size=4, exit_threshold=threshold)
-    counts = synchronisations_per_step(engine, _EngineRun, prompts, monkeypatch)
+    counts = synchronisations_per_step(engine, EngineRun, prompts, monkeypatch)
     assert counts and max(counts) <= 1, counts
     if exit_fraction is None:
         assert 0 in counts  # steps where no token reached the full depth read nothing

@@ -15,15 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recursive import RecursiveConfig
+from recursive.cache import LayerKV, VarlenPacking
 from recursive.nn import (
     CircuitAttention,
     GatedFeedForward,
-    LayerKV,
     LowRankLinear,
     MoLFeedForward,
     RecursiveBlock,
     RMSNorm,
-    VarlenPacking,
     rotary_embedding,
 )
 
@@ -535,7 +534,8 @@ def test_block_checks_per_row_indices_once_per_module(monkeypatch):
     still raise."""
     import importlib
 
-    import recursive.nn
+    import recursive.nn.attention
+    import recursive.nn.feed_forward
 
     op_module = importlib.import_module("recursive_kernels.lowrank_linear")  # the package exports a function of that name
     calls = {"op": 0, "module": 0, "depth": 0}
@@ -548,7 +548,8 @@ def test_block_checks_per_row_indices_once_per_module(monkeypatch):
         return check
 
     monkeypatch.setattr(op_module, "check_index_values", counting("op"))
-    monkeypatch.setattr(recursive.nn, "check_index_values", counting("module"))
+    for module in (recursive.nn.attention, recursive.nn.feed_forward):  # the modules that check indices
+        monkeypatch.setattr(module, "check_index_values", counting("module"))
     monkeypatch.setattr(torch, "aminmax", counting("depth", torch.aminmax))  # every host read of index values
     block = randomize_(RecursiveBlock(block_config("depth_lora"), block_index=1).to(DTYPE))
     x = torch.randn(3, 4, 16, dtype=DTYPE)

@@ -21,8 +21,7 @@ from torch import Tensor
 from recursive_kernels import backends
 from recursive_kernels.backends import BACKENDS
 from recursive import DepthBatchingEngine, RecursiveEncoder
-from recursive.modeling import RecursionKV
-from recursive.nn import LayerKV
+from recursive.cache import LayerKV, RecursionKV
 from tests.test_models import VOCAB, assert_grads_are_sums_over_depths, make_model, ref_block, tiny_config
 from tests.test_modules import TOL, ref_feed_forward, ref_linear, ref_rms_norm, ref_rope, sub
 
@@ -494,13 +493,13 @@ def test_recursion_engine_many_random_requests_all_complete(variant):
 def test_recursion_engine_step_synchronises_at_most_twice(variant, monkeypatch):
     """A Mixture-of-Recursions engine step reads back which rows ran and go on, then (only when some
     finish) their tokens: at most two synchronising CUDA calls per step."""
-    from recursive.generation import _RecursionEngineRun
+    from recursive.generation.recursion_run import RecursionEngineRun
     from tests.test_generation import synchronisations_per_step
 
     model = make_model(seed=42, **MIXTURE_OF_RECURSIONS[variant]).float().cuda().eval()
     generator = torch.Generator().manual_seed(43)
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in range(1, 13)]
-    counts = synchronisations_per_step(DepthBatchingEngine(model, max_batch_size=4), _RecursionEngineRun, prompts,
+    counts = synchronisations_per_step(DepthBatchingEngine(model, max_batch_size=4), RecursionEngineRun, prompts,
                                        monkeypatch)
     assert counts and max(counts) <= 2, counts
 

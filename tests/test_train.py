@@ -8,7 +8,7 @@ import torch
 
 from recursive import RecursiveConfig, RecursiveForCausalLM
 from recursive.__main__ import main as cli
-from recursive.generation import exit_loss
+from recursive.losses import exit_loss
 from recursive.train import (
     CORPUS_VOCAB_SIZE,
     encode,

@@ -1,0 +1,303 @@
+"""The command line, ``python -m recursive {info,bench,train,generate,convert,export}``: argument parsing and
+printing around the library's functions (the library itself neither prints nor exits)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+import time
+from typing import List
+
+import torch
+from recursive_benchmarks import runner as benchmarks
+
+from .config import LORA_TARGETS, RecursiveConfig
+from .convert import CONVERTIBLE_SHARING, INIT_SCHEMES, SUPPORTED_MODEL_TYPES, convert_hf, export_hf
+from .generation import DepthBatchingEngine, calibrate_exit_threshold, generate_in_batches
+from .generation.validation import check_int
+from .modeling import RecursiveForCausalLM
+from .progress import Progress
+from .train import CORPUS_VOCAB_SIZE, SCHEDULES, encode, synthetic_corpus, train, unigram_entropy
+
+
+def _version(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown")
+    except Exception as exc:  # a broken install should not stop `info`
+        return f"broken ({type(exc).__name__}: {exc})"
+
+
+def info(args) -> None:
+    import recursive_kernels
+    from recursive_kernels import backends
+
+    print(f"recursive-kernels {recursive_kernels.__version__}")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    for module in ("torch", "triton", "numpy", "transformers"):  # transformers: conversion and export only
+        print(f"{module:<12} {_version(module)}")
+    try:  # beside this package under its own name, which our source folder kernels/ would shadow on import
+        print(f"{'kernels':<12} {importlib.metadata.version('kernels')} (Hugging Face's hub kernels)")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    print(f"{'cpu':<12} {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"{f'cuda:{i}':<12} {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}")
+    else:
+        print(f"{'cuda':<12} no device")
+    print("backends:")
+    for name, why in backends.report().items():
+        print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
+
+
+def bench(args) -> None:
+    benchmarks.main(args)
+
+
+def convert(args) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        sys.exit("python -m recursive convert needs transformers: pip install transformers")
+    from transformers import AutoModelForCausalLM
+
+    targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else LORA_TARGETS
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(args.checkpoint, local_files_only=True, torch_dtype=dtype)
+    model = convert_hf(hf_model, args.num_blocks, args.sharing, args.init, args.lora_rank, targets,
+                       svd_init=not args.no_svd_init, lora_alpha=args.lora_alpha,
+                       progress=False if args.no_progress else None)
+    model.save_pretrained(args.output)
+    count = sum(p.numel() for p in model.parameters())
+    original = sum(p.numel() for p in hf_model.parameters())
+    print(f"{model.config.num_layers} layers -> {model.config.num_blocks} blocks ({model.config.sharing}, "
+          f"relaxation {model.config.relaxation}): {count:,} parameters ({count / original:.1%} of {original:,}), "
+          f"written to {args.output}")
+
+
+def export(args) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        sys.exit("python -m recursive export needs transformers: pip install transformers")
+    model = RecursiveForCausalLM.from_pretrained(args.model)
+    try:
+        hf_model = export_hf(model, args.model_type)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    hf_model.save_pretrained(args.output)
+    print(f"{model.config.num_layers} layers over {model.config.num_blocks} blocks (relaxation "
+          f"{model.config.relaxation}) -> {type(hf_model).__name__} of {hf_model.config.num_hidden_layers} layers, "
+          f"written to {args.output}")
+
+
+def default_train_config() -> RecursiveConfig:
+    """The small model ``python -m recursive train`` builds by default: 6 effective layers over 2 shared
+    blocks with a depth-wise LoRA, byte vocabulary."""
+    return RecursiveConfig(
+        vocab_size=CORPUS_VOCAB_SIZE, hidden_size=64, intermediate_size=176, num_attention_heads=4,
+        num_key_value_heads=2, num_layers=6, num_blocks=2, relaxation="depth_lora", lora_rank=8, lora_alpha=16.0,
+    )
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m recursive train``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", help="a JSON RecursiveConfig to build the model from (default: a small built-in one)")
+    source.add_argument("--model", help="a directory written by save_pretrained to continue training")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, help="default: a tenth of --steps")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    parser.add_argument("--exit-loss-weight", type=float, default=0.0,
+                        help="weight of the LM head's loss at the loop boundaries (trains for early exit)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the init, the corpus and the batches")
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="freeze the base model and train the adapters (LoRA, circuit factors, routers) only")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each layer in the backward instead of keeping its activations")
+    parser.add_argument("--save", metavar="DIR", help="save the trained model here (save_pretrained)")
+    parser.add_argument("--save-adapter", metavar="DIR", help="save the adapters alone here (save_adapter)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> List[float]:
+    """``python -m recursive train``: build, train, summarise, save; returns the losses."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    if args.model:
+        model = RecursiveForCausalLM.from_pretrained(args.model, device=device, dtype=torch.float32)
+    else:
+        config = default_train_config()
+        if args.config:
+            with open(args.config) as f:
+                config = RecursiveConfig.from_json_string(f.read())
+        model = RecursiveForCausalLM(config).to(device)
+    corpus = encode(synthetic_corpus(seed=args.seed))
+    if args.adapters_only:
+        model.mark_only_adapters_trainable()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    num_parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.config
+    print(f"training {trainable / 1e6:.2f}M of {num_parameters / 1e6:.2f}M parameters ({config.num_layers} layers "
+          f"over {config.num_blocks} blocks, {config.relaxation}) on {device}, {args.steps} steps of "
+          f"{args.batch_size} x {args.seq_len} tokens")
+    start = time.perf_counter()
+    losses = train(
+        model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16,
+        exit_loss_weight=args.exit_loss_weight, corpus=corpus, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - start
+    window = min(10, len(losses))
+    print(f"loss: first {sum(losses[:window]) / window:.3f}, last {sum(losses[-window:]) / window:.3f} "
+          f"(means of {window} steps); the corpus's unigram entropy is {unigram_entropy(corpus):.3f}")
+    print(f"{args.steps * args.batch_size * args.seq_len / seconds:,.0f} tokens/s over {seconds:.1f} s")
+    if args.save:
+        model.save_pretrained(args.save)
+        print(f"saved to {args.save}")
+    if args.save_adapter:
+        model.save_adapter(args.save_adapter)
+        print(f"saved the adapters to {args.save_adapter}")
+    return losses
+
+
+def default_generate_config() -> RecursiveConfig:
+    """The small random model of ``python -m recursive generate`` without ``--model``: 8 layers cycling
+    over 2 blocks (4 loops) with per-depth LoRA."""
+    return RecursiveConfig(vocab_size=1024, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                           num_layers=8, num_blocks=2, relaxation="depth_lora", lora_rank=4)
+
+
+def add_generate_arguments(parser) -> None:
+    """The options of ``python -m recursive generate`` on ``parser`` (an argparse sub-parser)."""
+    parser.add_argument("--model", help="directory written by save_pretrained (default: a small random model)")
+    parser.add_argument("--adapter", metavar="DIR", help="adapters written by save_adapter, loaded into --model")
+    parser.add_argument("--prompt", action="append",
+                        help="a prompt as comma-separated token ids (repeatable; the project has no tokenizer)")
+    parser.add_argument("--num-prompts", type=int, default=16, help="random prompts when no --prompt is given")
+    parser.add_argument("--prompt-len", type=int, default=16, help="length of the random prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--engine", action="store_true", help="DepthBatchingEngine instead of plain batches")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="rows per batch, or the engine's slots")
+    exit_options = parser.add_mutually_exclusive_group()
+    exit_options.add_argument("--exit-threshold", type=float, help="early exit at loop boundaries (0, 1]")
+    exit_options.add_argument("--exit-fraction", type=float,
+                              help="calibrate the threshold on the prompts so this fraction of tokens would leave at "
+                                   "the first loop boundary (for untrained models)")
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--eos-token-id", type=int)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random model, prompts and sampling")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"),
+                        help="default: the checkpoint's, float32 for the random model")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary, not the tokens")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=generate_command)
+
+
+def _parse_prompt(text: str) -> List[int]:
+    try:
+        return [int(token) for token in text.replace(" ", "").split(",") if token]
+    except ValueError:
+        raise ValueError(f"--prompt: expected comma-separated token ids, got {text!r}") from None
+
+
+def generate_command(args) -> None:
+    """``python -m recursive generate``: generate from token-id prompts and print tokens/s."""
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        torch.manual_seed(args.seed)
+        if args.model:
+            model = RecursiveForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
+        else:
+            model = RecursiveForCausalLM(default_generate_config()).to(device=device, dtype=dtype or torch.float32).eval()
+        if args.adapter:
+            model.load_adapter(args.adapter)
+        if args.prompt:
+            prompts = [_parse_prompt(text) for text in args.prompt]
+        else:
+            check_int("--num-prompts", args.num_prompts, 1)
+            check_int("--prompt-len", args.prompt_len, 1)
+            prompts = torch.randint(model.config.vocab_size, (args.num_prompts, args.prompt_len)).tolist()
+        exit_threshold = args.exit_threshold
+        if args.exit_fraction is not None:
+            width = min(map(len, prompts))
+            calibration = torch.tensor([p[:width] for p in prompts], device=device)
+            exit_threshold = calibrate_exit_threshold(model, calibration, args.exit_fraction)
+        progress = Progress(len(prompts) * max(args.max_new_tokens, 0), enabled=not args.no_progress, unit="tok")
+        start = time.perf_counter()
+        with progress:
+            if args.engine:
+                engine = DepthBatchingEngine(model, args.max_batch_size, exit_threshold)
+                outputs = engine.generate(prompts, args.max_new_tokens, args.eos_token_id, progress,
+                                          do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                                          top_p=args.top_p)
+            else:
+                outputs = generate_in_batches(
+                    model, prompts, args.max_new_tokens, args.max_batch_size, args.eos_token_id, progress,
+                    do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    exit_threshold=exit_threshold)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    if not args.quiet:
+        for i, (prompt, tokens) in enumerate(zip(prompts, outputs)):
+            print(f"[{i}] {','.join(map(str, prompt))} -> {','.join(map(str, tokens[len(prompt):]))}")
+    new_tokens = sum(len(tokens) - len(prompt) for prompt, tokens in zip(prompts, outputs))
+    how = "engine" if args.engine else "plain batches"
+    line = f"{new_tokens} new tokens for {len(prompts)} prompts in {seconds:.2f} s ({how}): {new_tokens / seconds:.1f} tokens/s"
+    if exit_threshold is not None:
+        line += f", exit threshold {exit_threshold:.4g}"
+    if args.engine:
+        line += f", {engine.stats.mean_exit_loops:.2f} of {engine.stats.num_loops} loops per decoded token"
+    print(line)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m recursive", description="recursive-kernels command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=info)
+    p = sub.add_parser("bench", help="benchmark the fused ops and whole models on the default device (a "
+                                     "representative selection, about 2 minutes on a 2-core CPU; --full: every case)")
+    benchmarks.add_arguments(p)
+    p.set_defaults(func=bench)
+    add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))
+    add_generate_arguments(sub.add_parser("generate", help="generate from token-id prompts (plain batches or the engine)"))
+    p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint")
+    p.add_argument("checkpoint", help="directory of the Hugging Face checkpoint (read with local_files_only)")
+    p.add_argument("output", help="directory to write the recursive model to")
+    p.add_argument("--num-blocks", type=int, required=True, help="unique blocks B")
+    p.add_argument("--sharing", default="cycle", choices=CONVERTIBLE_SHARING)
+    p.add_argument("--init", default="stepwise", choices=INIT_SCHEMES, help="how blocks take the original layers")
+    p.add_argument("--lora-rank", type=int, default=0, help="per-layer LoRA rank (0: none)")
+    p.add_argument("--lora-targets", help="comma-separated LoRA targets (default: q,k,v,o,gate,up,down)")
+    p.add_argument("--lora-alpha", type=float, default=RecursiveConfig.lora_alpha, help="LoRA alpha")
+    p.add_argument("--no-svd-init", action="store_true", help="PEFT's LoRA init instead of the SVD of the residuals")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64", "bfloat16", "float16"),
+                   help="dtype to load the checkpoint in (auto: its own)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=convert)
+    p = sub.add_parser("export", help="a saved recursive model, merged and untied, as a Hugging Face checkpoint")
+    p.add_argument("model", help="directory written by save_pretrained")
+    p.add_argument("output", help="directory to write the Hugging Face checkpoint to")
+    p.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES, help="default: read off the architecture")
+    p.set_defaults(func=export)
+    args = parser.parse_args(argv)
+    args.func(args)

@@ -1,0 +1,144 @@
+"""KV-cached decoding: :class:`GenerationMixin` (``model.generate``) and plain (static) batching of many
+requests."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..progress import Progress
+
+from ..cache import VarlenPacking
+from .early_exit import decode_step
+from .sampling import next_tokens
+from .validation import check_exit_threshold, check_ids, check_int, check_sampling, check_token
+
+
+class GenerationMixin:
+    """``generate`` for a causal LM of the family (as Hugging Face models get theirs): the model is ``self``, with
+    ``config``, ``model`` (the backbone: ``embed``, ``blocks``, ``block_of_layer``) and :meth:`logits_at` (the LM
+    head at any depth)."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        attention_mask: Optional[Tensor] = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos_token_id: Optional[int] = None,
+        exit_threshold: Optional[float] = None,
+        progress: Optional[Progress] = None,
+    ) -> Tensor:
+        """KV-cached generation, like Hugging Face's ``generate``: the prompt (B, S) followed by up to
+        ``max_new_tokens`` new tokens, (B, S + T); generation stops early once every row has produced
+        ``eos_token_id``, and finished rows are padded with it.
+
+        Args:
+            input_ids: (B, S) token ids; padded rows need ``attention_mask`` (any padding side).
+            max_new_tokens: new tokens per row (0 returns ``input_ids``).
+            attention_mask: (B, S) of 1 (token) and 0 (padding), or None.
+            do_sample: sample (from torch's global generator) instead of greedy argmax.
+            temperature, top_k, top_p: the sampling distribution (:func:`recursive.generation.next_tokens`).
+            eos_token_id: the end-of-sequence token, or None.
+            exit_threshold: early exit at loop boundaries for decoded tokens (the package docstring of
+                :mod:`recursive.generation`); None or 1.0: off. A plain stack only: not with
+                hierarchical sharing or Mixture-of-Recursions.
+            progress: a :class:`recursive.progress.Progress` advanced by the batch's new tokens at each step.
+
+        A Mixture-of-Recursions model without a KV cache (``config.kv_cacheable``) recomputes the whole
+        sequence at each step.
+        """
+        config = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids: expected an int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected at least one row and one token, got shape {tuple(input_ids.shape)}")
+        check_ids("input_ids", input_ids, config.vocab_size)
+        check_int("max_new_tokens", max_new_tokens, 0)
+        check_sampling(temperature, top_k, top_p)
+        check_token("eos_token_id", eos_token_id, config.vocab_size)
+        exit_threshold = check_exit_threshold(exit_threshold, config)
+        B, S = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif tuple(attention_mask.shape) != (B, S) or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(f"attention_mask: expected ({B}, {S}) of 0 and 1 like input_ids, got {tuple(attention_mask.shape)}")
+        if not bool(attention_mask.any(1).all()):
+            raise ValueError("attention_mask: every row needs at least one real token (an empty prompt)")
+        if max_new_tokens == 0:
+            return input_ids
+
+        # A Mixture-of-Recursions model without a cache (config.kv_cacheable) recomputes the sequence at each step.
+        cached = config.kv_cacheable
+        out = self(input_ids, attention_mask=attention_mask, use_cache=cached)
+        # The last real token of each row (the last column with left padding).
+        last = (attention_mask.long() * torch.arange(S, device=input_ids.device)).argmax(1)
+        logits, past = out.logits[torch.arange(B, device=input_ids.device), last], out.past_key_values
+        positions = attention_mask.long().sum(1)
+        padded = not bool(attention_mask.all())  # the new columns are real tokens: decided once
+        sequence = input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            tokens = next_tokens(logits, do_sample, temperature, top_k, top_p)
+            if eos_token_id is not None:
+                tokens = tokens.masked_fill(finished, eos_token_id)  # finished rows pad with eos, as HF pads
+                finished = finished | (tokens == eos_token_id)
+            new_tokens.append(tokens)
+            if progress is not None:
+                progress.step(f"token {step + 1}/{max_new_tokens}", count=B)
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                break
+            if padded or not cached:
+                attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)
+            if not cached:
+                sequence = torch.cat((sequence, tokens[:, None].to(sequence.dtype)), dim=1)
+                logits = self(sequence, attention_mask=attention_mask).logits[:, -1]
+            elif config.sharing == "hierarchical" or config.mor_routing is not None:  # their own data flow
+                out = self(tokens[:, None], attention_mask=attention_mask if padded else None,
+                            position_ids=positions[:, None], past_key_values=past, use_cache=True)
+                logits, past = out.logits[:, -1], out.past_key_values
+            else:
+                packing = VarlenPacking.from_attention_mask(attention_mask, 1) if padded else None
+                logits, past = decode_step(self, tokens, positions, packing, past, exit_threshold)
+            positions = positions + 1
+        return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
+
+
+def generate_in_batches(
+    model, prompts: Sequence[Sequence[int]], max_new_tokens: Union[int, Sequence[int]], batch_size: int,
+    eos_token_id: Optional[int] = None, progress: Optional[Progress] = None, **generate_kwargs,
+) -> List[List[int]]:
+    """Plain (static) batching: :meth:`recursive.RecursiveForCausalLM.generate` over left-padded batches
+    of ``batch_size`` prompts in order, each batch running until its longest request is done.
+
+    Returns, per prompt, the prompt and its new tokens (its own ``max_new_tokens``, cut after
+    ``eos_token_id``), like :meth:`DepthBatchingEngine.generate`; ``generate_kwargs`` go to ``generate``.
+    """
+    check_int("batch_size", batch_size, 1)
+    counts = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * len(prompts)
+    if len(counts) != len(prompts):
+        raise ValueError(f"max_new_tokens: expected one count per prompt ({len(prompts)}), got {len(counts)}")
+    device = model.lm_head.weight.device
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        batch, batch_counts = [list(p) for p in prompts[start:start + batch_size]], counts[start:start + batch_size]
+        for i, prompt in enumerate(batch):
+            if not prompt:
+                raise ValueError(f"prompts[{start + i}]: expected a non-empty list of token ids")
+        width = max(map(len, batch))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(ids, max(batch_counts), mask, eos_token_id=eos_token_id, progress=progress, **generate_kwargs)
+        for prompt, count, row in zip(batch, batch_counts, out.tolist()):
+            new = row[width:width + count]
+            if eos_token_id in new:
+                new = new[: new.index(eos_token_id) + 1]
+            outputs.append(prompt + new)
+    return outputs

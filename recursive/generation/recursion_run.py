@@ -1,0 +1,181 @@
+"""One :class:`recursive.DepthBatchingEngine` run on a Mixture-of-Recursions model with causal routing: a step
+runs one recursion for every busy row, each at its own, and the routers end each token's run."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..progress import Progress
+
+from ..cache import RecursionKV
+from ..losses import upcast
+from ..nn import rotary_embedding
+from .engine_run import EngineRun, Request, key_offsets
+
+
+class RecursionEngineRun(EngineRun):
+    """:class:`EngineRun` for a Mixture-of-Recursions model with causal routing: a step runs one
+    recursion for every busy row, each row at its own, and the routing ends a token's run.
+
+    A token starts with the layers before the recursions and its routing (token choice: its depth;
+    threshold routing: its first router's logit), runs one recursion per step (gated as in the
+    model's forward), and once the routing ends it (token choice: at its depth; threshold routing: at a
+    recursion whose router says no, decided on the step's output for the next one, or at the first)
+    runs the layers after the recursions and the LM head, which gives the request's next token. Rows
+    that finish and the rows of a new request share the steps with the others.
+
+    Recursion-wise cache: the layers of recursion r hold, per slot, the keys of the slot's tokens that
+    ran r at consecutive positions (``count[slot][r]`` of them, known on the host); with KV sharing
+    the later recursions attend over the first one's (writing their own keys to their unused caches).
+    Per step the host reads back which rows ran and go on, then the finished rows' tokens.
+    """
+
+    def __init__(self, engine, requests: List[Request], eos_token_id: Optional[int],
+                 progress: Optional[Progress], pick: Callable[[Tensor], Tensor]) -> None:
+        super().__init__(engine, requests, eos_token_id, progress, pick)
+        config = self.config
+        self.before, self.recursions, self.after = config.recursions()
+        slots = engine.max_batch_size
+        self.count = [[0] * len(self.recursions) for _ in range(slots)]
+        self.threshold = config.mor_routing == "expert_choice"
+        router = self.backbone.mor_router.weight
+        route_dtype = torch.promote_types(router.dtype, torch.float32)
+        # Per slot, on the device: token choice: the token's last recursion and its gate; threshold
+        # routing: the router logit of the recursion the token runs next.
+        self.chosen = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.route = torch.zeros(slots, dtype=route_dtype, device=self.device)
+        if self.threshold:
+            self.keeps_all = torch.tensor([c == 1.0 for c in config.mor_capacities], device=self.device)
+
+    def _store_prompts(self, out, slot_index: Tensor, slots: List[int], width: int) -> None:
+        counts = torch.stack([(out.recursion_depths > r).sum(1) for r in range(len(self.recursions))], 1)
+        for slot, slot_counts in zip(slots, counts.tolist()):
+            self.count[slot] = slot_counts
+        super()._store_prompts(out, slot_index, slots, width)
+
+    def _store_prompt_layer(self, layer: int, present, slot_index: Tensor, slots: List[int], width: int) -> None:
+        if not isinstance(present, RecursionKV):  # None: a later recursion under KV sharing
+            if present is not None:
+                super()._store_prompt_layer(layer, present, slot_index, slots, width)
+            return
+        # Each row's tokens (its True columns) to consecutive positions of its slot.
+        mask = present.token_mask
+        first_rows = self._to_device([self._flat_row(layer, slot) for slot in slots])[0]
+        rows = (first_rows[:, None] + mask.long().cumsum(1) - 1)[mask]
+        for cache, tensor in zip(self.caches(), present.key_value):
+            if tensor is not None:
+                cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor.transpose(1, 2)[mask])
+
+    def _step(self) -> None:
+        config, backbone = self.config, self.backbone
+        busy = [slot for slot, request in enumerate(self.slot_request) if request is not None]
+        rows = len(busy)
+        positions = [self.length[slot] for slot in busy]
+        recursion = [self.loop[slot] for slot in busy]
+        starting = [i for i in range(rows) if recursion[i] == 0]
+        shared = [config.mor_kv_sharing and r > 0 for r in recursion]
+        own_layers = [self.recursions[r][0] for r in recursion]
+        store_rows = [self._flat_row(layer, slot) + self.count[slot][r]
+                      for layer, slot, r in zip(own_layers, busy, recursion)]
+        read_rows = [self._flat_row(self.recursions[0][0], slot) if reads_first else row - self.count[slot][r]
+                     for reads_first, slot, r, row in zip(shared, busy, recursion, store_rows)]
+        key_counts = [self.count[slot][0] if reads_first else self.count[slot][r] + 1
+                      for reads_first, slot, r in zip(shared, busy, recursion)]
+        slots, positions_d, recursion_d, own_layers_d, store_rows_d, read_rows_d, offsets, starting_d = self._to_device(
+            busy, positions, recursion, own_layers, store_rows, read_rows, key_offsets(key_counts), starting)
+        cos, sin = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
+        hidden = self.hidden[slots]
+        if starting:
+            start = hidden[starting_d]
+            if self.before:
+                start = self._plain_layers(self.before, start, [busy[i] for i in starting], [positions[i] for i in starting],
+                                           (cos[starting_d], sin[starting_d]))
+                hidden = hidden.index_copy(0, starting_d, start)
+            self._route_start(start[:, 0], slots[starting_d])
+
+        # This step's recursion, each row at its own (its layers are consecutive: offset o is layer first + o).
+        packing = self._row_packing(read_rows_d, key_counts, offsets)
+        out = hidden
+        for offset, layer in enumerate(self.recursions[0]):
+            out = self._run_block(layer, out, own_layers_d + offset, (cos, sin), packing, store_rows_d,
+                                  offset * self.layer_stride)
+        ran, gate, gated = self._routing(slots, recursion_d)
+        g = gate[:, None, None].to(hidden.dtype)
+        out = torch.where(gated[:, None, None], hidden + g * (out - hidden), out)
+        hidden = torch.where(ran[:, None, None], out, hidden)
+        going_on = self._goes_on(hidden[:, 0], slots, recursion_d, ran)
+        self.hidden[slots] = hidden
+        ran_host, going_on_host = torch.stack((ran, going_on)).tolist()
+
+        done = [i for i in range(rows) if not going_on_host[i]]
+        for i, slot in enumerate(busy):
+            self.count[slot][recursion[i]] += ran_host[i]
+            self.loop[slot] = recursion[i] + 1
+        tokens = []
+        if done:
+            done_d = self._to_device(done)[0]
+            finished = hidden[done_d]
+            if self.after:
+                finished = self._plain_layers(self.after, finished, [busy[i] for i in done], [positions[i] for i in done],
+                                              (cos[done_d], sin[done_d]))
+            tokens_d = self.pick(self.model.logits_at(finished[:, 0]))
+            self.hidden[slots[done_d]] = backbone.embed(tokens_d[:, None])
+            tokens = tokens_d.tolist()
+        self.stats.steps += 1
+        self.stats.decoded_tokens += len(done)
+        for i, token in zip(done, tokens):
+            slot = busy[i]
+            self.exit_loops_sum += recursion[i] + ran_host[i]
+            self.length[slot] += 1
+            self.loop[slot] = 0
+            if self._emit(self.slot_request[slot], token):
+                self.slot_request[slot] = None
+
+    def _plain_layers(self, layers: List[int], hidden: Tensor, slots: List[int], positions: List[int],
+                      position_embeddings: Tuple[Tensor, Tensor]) -> Tensor:
+        """The consecutive effective ``layers`` (before or after the recursions, which every token runs) on
+        ``hidden`` (rows, 1, hidden), the token of each of ``slots`` at its position."""
+        first_rows = [self._flat_row(layers[0], slot) for slot in slots]
+        key_counts = [position + 1 for position in positions]
+        first_rows_d, store_rows_d, offsets = self._to_device(
+            first_rows, [row + position for row, position in zip(first_rows, positions)], key_offsets(key_counts))
+        packing = self._row_packing(first_rows_d, key_counts, offsets)
+        for j, layer in enumerate(layers):
+            hidden = self._run_block(layer, hidden, layer, position_embeddings, packing, store_rows_d,
+                                     j * self.layer_stride)
+        return hidden
+
+    def _route_start(self, hidden: Tensor, slots: Tensor) -> None:
+        """Routing of the tokens that start (``hidden`` (rows, hidden), after the layers before the
+        recursions), as the model's forward does it."""
+        router = self.backbone.mor_router
+        if self.threshold:
+            self.route[slots] = upcast(F.linear(hidden, router.weight[:1]))[:, 0]
+            return
+        probs = upcast(router(hidden)).softmax(-1)
+        chosen = probs.argmax(-1)
+        self.chosen[slots] = chosen
+        self.route[slots] = self.config.mor_router_alpha * probs.gather(-1, chosen[:, None])[:, 0]
+
+    def _routing(self, slots: Tensor, recursion: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """For this step's recursion of each row: whether it runs it (False only for a token that threshold
+        routing keeps out of the first), its gate, and whether the gate applies (rows,)."""
+        if self.threshold:
+            logits = self.route[slots]
+            ran = self.keeps_all[recursion] | (logits >= 0)
+            return ran, self.config.mor_router_alpha * logits.sigmoid(), ran
+        return torch.ones_like(recursion, dtype=torch.bool), self.route[slots], self.chosen[slots] == recursion
+
+    def _goes_on(self, hidden: Tensor, slots: Tensor, recursion: Tensor, ran: Tensor) -> Tensor:
+        """Whether each row's token runs the next recursion, from this step's output ``hidden`` (rows,
+        hidden); threshold routing keeps the next router's logit."""
+        if not self.threshold:
+            return ran & (recursion < self.chosen[slots])
+        following = (recursion + 1).clamp(max=len(self.recursions) - 1)
+        logits = upcast(F.linear(hidden, self.backbone.mor_router.weight)).gather(1, following[:, None])[:, 0]
+        self.route[slots] = logits
+        return ran & (recursion + 1 < len(self.recursions)) & (self.keeps_all[following] | (logits >= 0))
