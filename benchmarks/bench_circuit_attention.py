@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 import recursive_kernels
 from .common import (
-    Column, Steps, available_backends, machine_description, render, resolve, seeded_like, speedup, time_cases,
+    MODE, REL_ERR, TIME_MS, Column, Steps, available_backends, machine_description, render, resolve, seeded_like,
+    speedup, time_cases,
 )
 
 MODES = ("fwd", "fwd+bwd")
@@ -177,16 +178,16 @@ COLUMNS = [
     Column("D", "d", "head dim"),
     Column("R", "d", "rank of the logit (q_c, k_c) and value (v_c) corrections"),
     Column("causal", "", "causal mask or none"),
-    Column("mode", "", "fwd: forward; fwd+bwd: forward and the gradients of every input"),
+    MODE,
     Column("impl", "", "sdpa: scaled_dot_product_attention without corrections, the floor; eager: the corrections "
                        "concatenated onto the head dims, then sdpa; cpp/torch/triton/cuda: "
                        "recursive_kernels.circuit_attention on that backend"),
-    Column("ms", ".3f", "median time of one call"),
+    TIME_MS,
     Column("TFLOP/s", ".4f", "useful FLOPs (with the corrections; sdpa: without) / time, FlashAttention's count (causal "
                              "halves it, backward 2.5x forward); the GPU target compares it with sdpa's"),
     Column("vs sdpa", ".2f", speedup("sdpa") + "; it does less work, so below 1"),
     Column("vs eager", ".2f", speedup("eager")),
-    Column("rel err", ".1e", "||out - ref|| / ||ref|| against eager in float64 (GPU: float32) on the same inputs"),
+    REL_ERR,
 ]
 
 

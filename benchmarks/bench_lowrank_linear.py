@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import recursive_kernels
 from .common import (
-    Column, Steps, available_backends, machine_description, render, resolve, seeded_like, speedup, time_cases,
+    MODE, REL_ERR, TIME_MS, Column, Steps, available_backends, machine_description, render, resolve, seeded_like,
+    speedup, time_cases,
 )
 
 FORMS = ("one-adapter", "per-row", "top-2")
@@ -194,15 +195,15 @@ COLUMNS = [
     Column("N", "d", "output features"),
     Column("r", "d", "adapter rank"),
     Column("E", "d", "adapters (experts) stacked"),
-    Column("mode", "", "fwd: forward; fwd+bwd: forward and the gradients of every input"),
+    MODE,
     Column("impl", "", "base: the shared matmul alone (F.linear, no adapter), the floor; eager: base, then per adapter "
                        "gather, two matmuls, scatter-add; cpp/torch/triton/cuda: recursive_kernels.lowrank_linear "
                        "on that backend"),
-    Column("ms", ".3f", "median time of one call"),
+    TIME_MS,
     Column("GFLOP/s", ".1f", "useful FLOPs (base + low-rank; base: its own) / time"),
     Column("vs base", ".2f", speedup("base") + "; the fused op aims at 1"),
     Column("vs eager", ".2f", speedup("eager")),
-    Column("rel err", ".1e", "||out - ref|| / ||ref|| against eager in float64 (GPU: float32) on the same inputs"),
+    REL_ERR,
 ]
 
 

@@ -85,6 +85,12 @@ class Column:
     meaning: str
 
 
+# Columns the kernel benchmarks share.
+MODE = Column("mode", "", "fwd: forward; fwd+bwd: forward and the gradients of every input")
+TIME_MS = Column("ms", ".3f", "median time of one call")
+REL_ERR = Column("rel err", ".1e", "||out - ref|| / ||ref|| against eager in float64 (GPU: float32) on the same inputs")
+
+
 def format_table(rows: List[Dict[str, object]], columns: Sequence[Column]) -> str:
     def cell(value, column):
         if value is None:
