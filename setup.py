@@ -167,7 +167,10 @@ setup(
     package_dir=PACKAGE_DIRS,
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy>=1.24", "safetensors>=0.4", "triton>=3.6; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark", "transformers>=4.45"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark", "transformers>=4.45"],
+        "bench": ["transformers>=4.45"],  # the peers the benchmarks time beside ours
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["recursive=recursive.__main__:main"]},

@@ -31,21 +31,28 @@ By default plain, untied, engine and engine+exit; ``--full`` adds plain+exit, mo
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .common import Column, Steps, machine_description, render, resolve, speedup
-from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM
+from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM, export_hf
 from recursive.generation import calibrate_exit_threshold, generate_in_batches
 from recursive.train import encode, synthetic_corpus, train
 
-METHODS = ("plain", "plain+exit", "untied", "engine", "engine+exit", "mor", "mor engine")
-DEFAULT_METHODS = ("plain", "untied", "engine", "engine+exit")  # without --full
+PEER = "transformers"  # the untied model exported to Hugging Face transformers, its own batched generate
+METHODS = ("plain", "plain+exit", "untied", PEER, "engine", "engine+exit", "mor", "mor engine")
+DEFAULT_METHODS = ("plain", "untied", PEER, "engine", "engine+exit")  # without --full
+
+
+def available_methods(methods=METHODS) -> Tuple[str, ...]:
+    """``methods`` but the peer when transformers is not installed."""
+    return tuple(m for m in methods if m != PEER or importlib.util.find_spec("transformers") is not None)
 
 
 @dataclass(frozen=True)
@@ -112,9 +119,29 @@ def make_requests(workload: Workload, seed: int = 0, from_corpus: bool = False):
     return prompts, [rng.randint(*workload.output_lengths) for _ in prompts]
 
 
+@torch.no_grad()
+def transformers_in_batches(model, prompts: List[List[int]], lengths: List[int], batch_size: int) -> List[List[int]]:
+    """Greedy ``generate`` of a transformers model over left-padded batches of ``batch_size`` prompts in order,
+    each batch running until its longest request is done; per prompt, the prompt and its own new tokens."""
+    device = model.device
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        batch, counts = prompts[start:start + batch_size], lengths[start:start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max(counts), do_sample=False, pad_token_id=0)
+        outputs += [prompt + row[width:width + count] for prompt, count, row in zip(batch, counts, out.tolist())]
+    return outputs
+
+
 def _runner(method: str, models, prompts, lengths, workload: Workload, threshold: float) -> Callable[[], List[List[int]]]:
     recursive, untied, mor = models
     exit_threshold = threshold if method.endswith("+exit") else None
+    if method == PEER:
+        peer = export_hf(untied)
+        peer.generation_config.eos_token_id = None  # every request runs to its length, as with the other methods
+        return lambda: transformers_in_batches(peer, prompts, lengths, workload.max_batch_size)
     if "engine" in method:
         engine = DepthBatchingEngine(mor if method == "mor engine" else recursive, workload.max_batch_size, exit_threshold)
         runner = lambda: engine.generate(prompts, lengths)  # noqa: E731
@@ -141,7 +168,7 @@ def _synchronize(device: torch.device) -> None:
 
 def steps(methods=DEFAULT_METHODS, repeats: int = 3) -> int:
     """Progress steps of ``run``: a warm-up and ``repeats`` timed runs per method."""
-    return len(methods) * (repeats + 1)
+    return len(available_methods(methods)) * (repeats + 1)
 
 
 STEP_SECONDS = 0.75  # a step's rough time on a 2-core CPU, for the run's time left
@@ -155,6 +182,9 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
     progress = progress or Steps(None)
     if "plain" not in methods:
         raise ValueError(f"methods: {methods} lacks plain, the baseline")
+    notes = [f"no {PEER} row: transformers is not installed (pip install 'recursive-kernels[bench]')"] \
+        if PEER in methods and PEER not in available_methods() else []
+    methods = available_methods(methods)
     models = make_models(workload, device, dtype, train_steps)
     prompts, lengths = make_requests(workload, from_corpus=train_steps > 0)
     threshold = exit_threshold
@@ -195,21 +225,26 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
             "exit loops": loops_run,
             "agree": same / new_tokens if method in ("plain", "plain+exit", "engine", "engine+exit") else None,
         })
+    peer = next((row for row in rows if row["method"] == PEER), None)
     for row in rows:
         row["vs plain"] = row["tokens/s"] / rows[0]["tokens/s"]
+        row["vs transformers"] = row["tokens/s"] / peer["tokens/s"] if peer else None
     loops = workload.num_layers // workload.num_blocks
     return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "workload": workload.label,
             "loops": loops, "train_steps": train_steps, "exit_threshold": threshold, "new_tokens": new_tokens,
-            "rows": rows}
+            "rows": rows, "notes": notes}
 
 
 COLUMNS = [
     Column("method", "", "plain: RecursiveForCausalLM.generate on batches in arrival order, each until its longest "
                          "request is done; untied: the same on an untied model of the same depth; engine: "
-                         "DepthBatchingEngine; +exit: with early exit; mor: a Mixture-of-Recursions model"),
+                         "DepthBatchingEngine; +exit: with early exit; mor: a Mixture-of-Recursions model; "
+                         "transformers: the untied model exported to a Hugging Face LlamaForCausalLM, its generate "
+                         "on the same batches (the peer)"),
     Column("s", ".2f", "median wall time of the whole run (prefill included)"),
     Column("tokens/s", ".0f", "requested new tokens / time"),
     Column("vs plain", ".2f", speedup("plain")),
+    Column("vs transformers", ".2f", speedup("transformers (the untied model's generate in transformers)")),
     Column("exit loops", ".2f", "loops a decoded token ran on average (of the model's loops)"),
     Column("agree", ".3f", "fraction of new tokens equal to full-depth plain decoding's at the same position"),
 ]
@@ -219,4 +254,4 @@ def render_result(result: Dict[str, object]) -> str:
     trained = f"trained {result['train_steps']} steps" if result["train_steps"] else "random weights"
     return render(f"generation on {result['machine']}, {result['dtype']}: {result['workload']}, {result['loops']} "
                   f"loops, {trained}, {result['new_tokens']} new tokens, exit threshold {result['exit_threshold']:.4g}",
-                  result, COLUMNS)
+                  result, COLUMNS, *result["notes"])

@@ -26,17 +26,19 @@ By default the relaxed and untied models; ``--full`` adds mor and relaxed ckpt.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .common import Column, Steps, machine_description, median_seconds, render, resolve, speedup
-from recursive import RecursiveConfig, RecursiveForCausalLM
+from recursive import RecursiveConfig, RecursiveForCausalLM, export_hf
 from recursive.flops import forward_flops, training_step_flops
 
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("auto", "torch")  # auto: the fused backend each op selects on this device
+PEER = "transformers"  # the untied model exported to Hugging Face transformers (when it is installed)
 VARIANTS = ("relaxed", "untied", "mor", "relaxed ckpt")
 LORA_RANK = 16
 
@@ -85,14 +87,17 @@ def default_cases(device: torch.device, full: bool = False) -> List[Case]:
                                num_key_value_heads=4, num_layers=12)
         batch_size, seq_len = 8, 1024
     else:
-        base = RecursiveConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+        base = RecursiveConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_attention_heads=4,
                                num_key_value_heads=2, num_layers=8)
         batch_size, seq_len = 2, 128
     return [Case(variant, base, batch_size, seq_len) for variant in (VARIANTS if full else VARIANTS[:2])]
 
 
-def build_model(case: Case, impl: str, device: torch.device, dtype: torch.dtype) -> RecursiveForCausalLM:
-    """The case's model with the given backends, seeded, so every backend runs the same weights."""
+def build_model(case: Case, impl: str, device: torch.device, dtype: torch.dtype):
+    """The case's model with the given backends (``PEER``: the untied model as a transformers model), seeded, so
+    that every impl runs the same weights."""
+    if impl == PEER:
+        return export_hf(build_model(case, "auto", device, dtype))
     torch.manual_seed(0)
     config = replace(case.config, backend=None if impl == "auto" else impl)
     model = RecursiveForCausalLM(config).to(device=device, dtype=dtype)
@@ -101,7 +106,13 @@ def build_model(case: Case, impl: str, device: torch.device, dtype: torch.dtype)
     return model
 
 
-def _callable(model: RecursiveForCausalLM, case: Case, backward: bool, device: torch.device) -> Callable[[], object]:
+def peer_available() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _callable(model, case: Case, backward: bool, device: torch.device) -> Callable[[], object]:
+    """A forward without autograd, or a training step's forward and backward (the optimizer aside), of ``model``
+    (ours or transformers': both take ``labels`` and shift them inside)."""
     input_ids = torch.randint(0, case.config.vocab_size, (case.batch_size, case.seq_len),
                               generator=torch.Generator().manual_seed(0)).to(device)
     if not backward:
@@ -121,12 +132,18 @@ def _callable(model: RecursiveForCausalLM, case: Case, backward: bool, device: t
     return step
 
 
-def steps(cases: List[Case], modes=MODES) -> int:
-    """Progress units of ``run``: one per model and mode (a step per mode times every model of that mode)."""
-    return sum(case.runs(mode) for case in cases for mode in modes)
+def _timed_models(cases: List[Case], impls) -> List[Tuple[Case, str]]:
+    """(case, impl) of every model to time: each case with each impl, and the untied case in transformers."""
+    peer = [(case, PEER) for case in cases if case.variant == "untied" and peer_available()]
+    return [(case, impl) for case in cases for impl in impls] + peer
 
 
-STEP_SECONDS = 2.0  # a unit's rough time on a 2-core CPU, for the run's time left
+def steps(cases: List[Case], modes=MODES, impls=IMPLS) -> int:
+    """Progress units of ``run``: one per timed model and mode (a step per mode times every model of that mode)."""
+    return sum(case.runs(mode) for case, _ in _timed_models(cases, impls) for mode in modes)
+
+
+STEP_SECONDS = 1.0  # a unit's rough time on a 2-core CPU, for the run's time left
 
 
 def run(
@@ -140,43 +157,47 @@ def run(
     device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
     progress = progress or Steps(None)
-    models = {(case.variant, impl): build_model(case, impl, device, dtype) for case in cases for impl in impls}
+    pairs = _timed_models(cases, impls)
+    peer = any(impl == PEER for _, impl in pairs)
+    models = {(case.variant, impl): build_model(case, impl, device, dtype) for case, impl in pairs}
     timed = {}  # mode -> {(variant, impl): seconds}; every model of a mode timed in the same rounds
     for mode in modes:
-        progress.step(mode, count=sum(case.runs(mode) for case in cases))
+        progress.step(mode, count=sum(case.runs(mode) for case, _ in pairs))
         timed[mode] = median_seconds(
             {(case.variant, impl): _callable(models[case.variant, impl], case, mode == "fwd+bwd", device)
-             for case in cases if case.runs(mode) for impl in impls},
+             for case, impl in pairs if case.runs(mode)},
             device,
         )
     rows = []
-    for case in cases:
+    for case, impl in pairs:
         for mode in filter(case.runs, modes):
             times = timed[mode]
-            for impl in impls:
-                seconds = times[case.variant, impl]
-                config = case.config
-                rows.append(
-                    {
-                        "model": case.variant,
-                        "L": config.num_layers,
-                        "B": config.num_blocks,
-                        "h": config.hidden_size,
-                        "tokens": f"{case.batch_size}x{case.seq_len}",
-                        "mode": mode,
-                        "impl": impl,
-                        "ms": seconds * 1e3,
-                        "tokens/s": case.batch_size * case.seq_len / seconds,
-                        "GFLOP/s": case.flops(mode == "fwd+bwd") / seconds / 1e9,
-                        "vs torch": times[case.variant, "torch"] / seconds if "torch" in impls else None,
-                        "vs untied": times["untied", impl] / seconds if ("untied", impl) in times else None,
-                    }
-                )
+            seconds = times[case.variant, impl]
+            config = case.config
+            rows.append(
+                {
+                    "model": case.variant,
+                    "L": config.num_layers,
+                    "B": config.num_blocks,
+                    "h": config.hidden_size,
+                    "tokens": f"{case.batch_size}x{case.seq_len}",
+                    "mode": mode,
+                    "impl": impl,
+                    "ms": seconds * 1e3,
+                    "tokens/s": case.batch_size * case.seq_len / seconds,
+                    "GFLOP/s": case.flops(mode == "fwd+bwd") / seconds / 1e9,
+                    "vs torch": times[case.variant, "torch"] / seconds if "torch" in impls else None,
+                    "vs untied": times["untied", impl] / seconds if impl != PEER and ("untied", impl) in times else None,
+                    "vs transformers": times["untied", PEER] / seconds if peer else None,
+                }
+            )
+    notes = [] if peer_available() else [f"no {PEER} rows: transformers is not installed (pip install 'recursive-kernels[bench]')"]
     return {
         "machine": machine_description(device),
         "dtype": str(dtype).replace("torch.", ""),
         "cases": [case.label for case in cases],
         "rows": rows,
+        "notes": notes,
     }
 
 
@@ -190,14 +211,16 @@ COLUMNS = [
     Column("tokens", "", "batch x sequence length"),
     Column("mode", "", "fwd: inference forward; fwd+bwd: forward and backward of the loss (a training step without "
                        "the optimizer)"),
-    Column("impl", "", "auto: the fused backends each op selects here; torch: the pure-PyTorch reference"),
+    Column("impl", "", "auto: the fused backends each op selects here; torch: the pure-PyTorch reference; "
+                       "transformers: the untied model exported to a Hugging Face LlamaForCausalLM (the peer)"),
     Column("ms", ".1f", "median time of one call"),
     Column("tokens/s", ".0f", "tokens / time"),
     Column("GFLOP/s", ".1f", "the model's FLOPs (recursive.flops, the same for every impl) / time"),
     Column("vs torch", ".2f", speedup("the torch reference (same model)")),
     Column("vs untied", ".2f", speedup("the untied model (same impl)")),
+    Column("vs transformers", ".2f", speedup("the untied model in transformers (same mode)")),
 ]
 
 
 def render_result(result: Dict[str, object]) -> str:
-    return render(f"recursive models on {result['machine']}, {result['dtype']}", result, COLUMNS)
+    return render(f"recursive models on {result['machine']}, {result['dtype']}", result, COLUMNS, *result["notes"])

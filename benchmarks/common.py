@@ -14,6 +14,7 @@ in parallel, and the timed run then only loads them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -57,6 +58,9 @@ def median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, m
         from triton.testing import do_bench
 
         return {name: do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3 for name, fn in fns.items()}
+    # torch.utils.benchmark imports torch.utils.cpp_extension, whose CUDA builds log a warning on a machine
+    # without a GPU ("No CUDA runtime is found"): nothing here builds an extension.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.benchmark import Timer
 
     for fn in fns.values():

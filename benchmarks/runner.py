@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import torch
 
-from recursive.progress import Progress
+from recursive.progress import Progress, format_duration
 
 from . import bench_circuit_attention, bench_generation, bench_lowrank_linear, bench_model
 from .common import Steps, resolve, write_json
@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
     expected = sum(plan["steps"] * BENCHMARKS[name].STEP_SECONDS for name, plan in plans.items())
     if device.type == "cpu":
         print(f"benchmarks {', '.join(names)} on the CPU ({'every case' if args.full else 'a representative selection'}"
-              f"): about {expected / 60:.0f} min on a 2-core machine", file=sys.stderr)
+              f"): about {format_duration(expected)} on a 2-core machine", file=sys.stderr)
     results = {}
     with Progress(expected, enabled=not args.no_progress) as bar:
         for name, plan in plans.items():

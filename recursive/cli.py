@@ -12,7 +12,9 @@ import time
 from typing import List
 
 import torch
+import recursive_kernels
 from recursive_benchmarks import runner as benchmarks
+from recursive_kernels import backends
 
 from .config import LORA_TARGETS, RecursiveConfig
 from .convert import CONVERTIBLE_SHARING, INIT_SCHEMES, SUPPORTED_MODEL_TYPES, convert_hf, export_hf
@@ -33,9 +35,6 @@ def _version(module: str) -> str:
 
 
 def info(args) -> None:
-    import recursive_kernels
-    from recursive_kernels import backends
-
     print(f"recursive-kernels {recursive_kernels.__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
     for module in ("torch", "triton", "numpy", "transformers"):  # transformers: conversion and export only
@@ -54,10 +53,6 @@ def info(args) -> None:
     print("backends:")
     for name, why in backends.report().items():
         print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
-
-
-def bench(args) -> None:
-    benchmarks.main(args)
 
 
 def convert(args) -> None:
@@ -277,7 +272,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("bench", help="benchmark the fused ops and whole models on the default device (a "
                                      "representative selection, about 2 minutes on a 2-core CPU; --full: every case)")
     benchmarks.add_arguments(p)
-    p.set_defaults(func=bench)
+    p.set_defaults(func=benchmarks.main)
     add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))
     add_generate_arguments(sub.add_parser("generate", help="generate from token-id prompts (plain batches or the engine)"))
     p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint")

@@ -8,7 +8,8 @@ import time
 from typing import Optional
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``, ``42`` -> ``42s``."""
     seconds = int(round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
@@ -43,9 +44,9 @@ class Progress:
         elapsed = time.perf_counter() - self._start
         done = min(self.done, self.total)
         where = f"{int(done)}/{int(self.total)}" if self.unit else f"{100 * done / self.total:3.0f}%"
-        timing = f"{_duration(elapsed)} elapsed"
+        timing = f"{format_duration(elapsed)} elapsed"
         if 0 < done < self.total:
-            timing += f", about {_duration(elapsed * (self.total - done) / done)} left"
+            timing += f", about {format_duration(elapsed * (self.total - done) / done)} left"
         if self.unit and elapsed > 0:
             timing += f", {done / elapsed:.1f} {self.unit}/s"
         line = f"[{where}] {label[:56]:<56} {timing}"

@@ -58,14 +58,22 @@ def test_model_benchmark_times_every_variant_against_the_untied_model(quick_timi
     cases = [bench_model.Case(variant, base, 1, 9) for variant in bench_model.VARIANTS]
     result = bench_model.run(device=torch.device("cpu"), dtype=torch.float32, cases=cases)
     rows = {(row["model"], row["mode"], row["impl"]): row for row in result["rows"]}
+    peer = {("untied", mode, bench_model.PEER) for mode in bench_model.MODES} if bench_model.peer_available() else set()
     assert set(rows) == {(case.variant, mode, impl) for case in cases for mode in bench_model.MODES
-                         for impl in bench_model.IMPLS if mode == "fwd+bwd" or case.variant != "relaxed ckpt"}
-    assert all(row["vs untied"] > 0 and row["GFLOP/s"] > 0 for row in rows.values())
+                         for impl in bench_model.IMPLS if mode == "fwd+bwd" or case.variant != "relaxed ckpt"} | peer
+    assert all(rows[key]["vs transformers"] == 1.0 for key in peer)
+    assert all(row["vs untied"] > 0 and row["GFLOP/s"] > 0 for key, row in rows.items() if key not in peer)
     assert all(rows["untied", mode, impl]["vs untied"] == 1.0 for mode in bench_model.MODES for impl in bench_model.IMPLS)
     mor, relaxed = (cases[bench_model.VARIANTS.index(v)] for v in ("mor", "relaxed"))
     assert mor.flops(backward=False) < relaxed.flops(backward=False)  # the later loops run on fewer tokens
     assert bench_model.build_model(cases[bench_model.VARIANTS.index("relaxed ckpt")], "auto", torch.device("cpu"),
                                    torch.float32).is_gradient_checkpointing
+    if peer:  # the peer runs the same weights: the same logits (to float32: transformers' norms run in float32)
+        untied = cases[bench_model.VARIANTS.index("untied")]
+        ids = torch.randint(0, 64, (2, 9))
+        ours, theirs = (bench_model.build_model(untied, impl, torch.device("cpu"), torch.float64)(ids).logits
+                        for impl in ("auto", bench_model.PEER))
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_pass_runs_its_shard_once_and_times_nothing(monkeypatch, one_thread):

@@ -9,6 +9,7 @@ blocks on it.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from typing import List, Tuple
 
@@ -569,14 +570,29 @@ def test_converted_model_greedy_equals_hugging_face_generate(family):
 
 def test_generation_benchmark_on_a_trained_model():
     """The benchmark's --train-steps path: a trained model, corpus prompts, a fixed threshold, every method."""
-    from recursive_benchmarks.bench_generation import METHODS, Workload, run
+    from recursive_benchmarks.bench_generation import METHODS, PEER, Workload, available_methods, run
 
     workload = Workload(32, 48, 2, 4, 2, 128, 4, 2, (3, 6), (2, 5))
     result = run(torch.device("cpu"), torch.float32, workload, repeats=1, train_steps=2, methods=METHODS)
     assert result["train_steps"] == 2 and result["exit_threshold"] == 0.9
     rows = {row["method"]: row for row in result["rows"]}
-    assert list(rows) == list(METHODS)
+    assert list(rows) == list(available_methods(METHODS))
+    assert PEER not in rows or rows[PEER]["vs transformers"] == 1.0
     assert rows["plain"]["agree"] == rows["engine"]["agree"] == 1.0  # without early exit: full depth
     assert 1.0 <= rows["engine+exit"]["exit loops"] <= result["loops"]
     assert 1.0 <= rows["mor"]["exit loops"] <= result["loops"] and rows["mor"]["agree"] is None
     assert rows["mor engine"]["exit loops"] == pytest.approx(rows["mor"]["exit loops"])  # the same tokens
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_generation_benchmark_peer_decodes_what_the_untied_model_decodes():
+    """The benchmark's transformers row runs the same requests on the same weights: the same greedy tokens."""
+    from recursive import RecursiveConfig, export_hf
+    from recursive_benchmarks.bench_generation import transformers_in_batches
+
+    untied = RecursiveForCausalLM(RecursiveConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                                  num_attention_heads=2, num_layers=3, num_blocks=3)).double().eval()
+    peer = export_hf(untied)
+    peer.generation_config.eos_token_id = None
+    prompts, lengths = random_prompts(5, 2, 7, seed=3), [4, 1, 6, 3, 5]
+    assert transformers_in_batches(peer, prompts, lengths, 2) == generate_in_batches(untied, prompts, lengths, 2)
