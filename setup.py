@@ -168,8 +168,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy>=1.24", "safetensors>=0.4", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "transformers>=4.45"],
-        "bench": ["transformers>=4.45"],  # the peers the benchmarks time beside ours
+        "test": ["pytest>=7", "pytest-benchmark", "transformers>=4.45", "peft>=0.13"],
+        "bench": ["transformers>=4.45", "peft>=0.13"],  # the peers the benchmarks time beside ours
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -16,6 +16,7 @@ by default (they are quick); ``--full`` adds nothing here.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -29,6 +30,8 @@ from .common import (
 )
 
 FORMS = ("one-adapter", "per-row", "top-2")
+PEERS = ("eager", "compiled", "peft")  # what a user would run instead
+COMPILED_FORMS = ("per-row",)  # timed under torch.compile by default (``--full``: per-row and top-2)
 NUM_ADAPTERS = 8
 RANK = 16
 MODES = ("fwd", "fwd+bwd")
@@ -115,14 +118,91 @@ def eager_lowrank_linear(x, weight, bias, lora_a, lora_b, indices, gates, scalin
     return y
 
 
+def masked_lowrank_linear(x, weight, bias, lora_a, lora_b, indices, gates, scaling):
+    """What a user writes for ``torch.compile`` (no data-dependent shapes): every adapter's down-projection at
+    once, masked to each row's adapters (weighted by their gates), then one up-projection over all of them. It
+    does E times the low-rank arithmetic, in three dense matmuls."""
+    y = F.linear(x, weight, bias)
+    if isinstance(indices, int):
+        return y + scaling * F.linear(F.linear(x, lora_a[indices]), lora_b[indices])
+    E, r, K = lora_a.shape
+    slots = indices.reshape(x.shape[0], -1)  # (M, k)
+    weights = torch.ones(slots.shape, dtype=x.dtype, device=x.device) if gates is None else gates.reshape(slots.shape)
+    mask = torch.zeros(x.shape[0], E, dtype=x.dtype, device=x.device).scatter_add(1, slots.clamp(min=0),
+                                                                                  weights * (slots >= 0))
+    h = F.linear(x, lora_a.reshape(E * r, K)).view(-1, E, r) * mask[..., None]  # (M, E, r)
+    return y + scaling * F.linear(h.reshape(-1, E * r), lora_b.permute(1, 0, 2).reshape(-1, E * r))
+
+
+_compiled_masked: Optional[Callable] = None
+
+
+def compiled_lowrank_linear(*args):
+    """:func:`masked_lowrank_linear` under ``torch.compile`` (compiled once per form and mode, dynamic shapes)."""
+    global _compiled_masked
+    if _compiled_masked is None:
+        _compiled_masked = torch.compile(masked_lowrank_linear, dynamic=True)
+    return _compiled_masked(*args)
+
+
+def peft_available() -> bool:
+    return importlib.util.find_spec("peft") is not None
+
+
+def peft_mixed_batch(inputs: Dict[str, object]) -> Callable[[], object]:
+    """PEFT's mixed-batch inference (``adapter_names``, one adapter per row) on an ``nn.Linear`` with the case's
+    E adapters loaded into PEFT's LoRA layers."""
+    from peft import LoraConfig, get_peft_model
+
+    x, weight = inputs["x"], inputs["weight"]
+    lora_a, lora_b = inputs["lora_a"], inputs["lora_b"]
+    rank = lora_a.shape[1]
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(inputs["bias"])
+    config = LoraConfig(r=rank, lora_alpha=inputs["scaling"] * rank, target_modules=["proj"], lora_dropout=0.0)
+    model = get_peft_model(_Projection(linear), config, adapter_name="0")
+    for e in range(1, lora_a.shape[0]):
+        model.add_adapter(str(e), config)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for e in range(lora_a.shape[0]):
+            layer.lora_A[str(e)].weight.copy_(lora_a[e])
+            layer.lora_B[str(e)].weight.copy_(lora_b[e])
+    names = [str(e) for e in inputs["indices"].tolist()]
+    model.eval()
+
+    def forward():
+        with torch.no_grad():
+            return model(x, adapter_names=names)
+
+    return forward
+
+
+class _Projection(torch.nn.Module):
+    """A module around one linear layer, the target PEFT adapts (its ``proj``)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def _callable(impl: str, inputs: Dict[str, object], backward: bool) -> Callable[[], object]:
     x, w, b = inputs["x"], inputs["weight"], inputs["bias"]
     lora = (inputs["lora_a"], inputs["lora_b"], inputs["indices"], inputs["gates"], inputs["scaling"])
+    if impl == "peft":
+        return peft_mixed_batch(inputs)  # inference only
     if impl == "base":
         forward = lambda: F.linear(x, w, b)  # noqa: E731
         params = [x, w, b]
     elif impl == "eager":
         forward = lambda: eager_lowrank_linear(x, w, b, *lora)  # noqa: E731
+    elif impl == "compiled":
+        forward = lambda: compiled_lowrank_linear(x, w, b, *lora)  # noqa: E731
     else:
         forward = lambda: recursive_kernels.lowrank_linear(x, w, b, *lora, backend=impl)  # noqa: E731
     if impl != "base":
@@ -138,9 +218,9 @@ def _callable(impl: str, inputs: Dict[str, object], backward: bool) -> Callable[
     return step
 
 
-def steps(cases: List[Case], modes=MODES) -> int:
-    """Progress steps of ``run``: one per case and mode."""
-    return len(cases) * len(modes)
+def steps(cases: List[Case], modes=MODES, compiled_forms=COMPILED_FORMS) -> int:
+    """Progress units of ``run``: one per case and mode, and about 20 for each compile (a form in a mode)."""
+    return len(cases) * len(modes) + 20 * len(modes) * sum(form in compiled_forms for form in {c.form for c in cases})
 
 
 STEP_SECONDS = 1.25  # a step's rough time on a 2-core CPU, for the run's time left
@@ -153,19 +233,29 @@ def run(
     impls: Optional[List[str]] = None,
     cases: Optional[List[Case]] = None,
     progress: Optional[Steps] = None,
+    compiled_forms=COMPILED_FORMS,
 ) -> Dict[str, object]:
+    """``compiled_forms``: the forms timed under ``torch.compile`` too (each costs a compile of tens of seconds
+    on a CPU)."""
     device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
-    impls = ["base", "eager", *(impls or available_backends("lowrank_linear", device, dtype))]
+    backends = list(impls or available_backends("lowrank_linear", device, dtype))
+
+    def impls_of(case: Case, mode: str) -> List[str]:
+        peers = ["eager"] + (["compiled"] if case.form in compiled_forms else [])
+        if case.form == "per-row" and mode == "fwd" and peft_available():
+            peers.append("peft")
+        return ["base", *peers, *backends]
 
     def prepare(case, backward, inputs_dtype=None):
         inputs = make_inputs(case, device, inputs_dtype or dtype, requires_grad=backward)
         return lambda impl: _callable(impl, inputs, backward)
 
     rows = []
-    checked = [impl for impl in impls if impl != "base"]
-    for case, mode, times, errors in time_cases(cases, modes, impls, prepare, device, progress, checked):
+    checked = ["eager", "compiled", "peft", *backends]
+    for case, mode, times, errors in time_cases(cases, modes, impls_of, prepare, device, progress, checked):
         backward = mode == "fwd+bwd"
+        peer = min((impl for impl in PEERS if impl in times), key=times.get)
         for impl, seconds in times.items():
             rows.append(
                 {
@@ -181,6 +271,8 @@ def run(
                     "GFLOP/s": case.flops(backward, lowrank=impl != "base") / seconds / 1e9,
                     "vs base": times["base"] / seconds,
                     "vs eager": times["eager"] / seconds,
+                    "peer": peer,
+                    "vs peer": times[peer] / seconds,
                     "rel err": errors.get(impl),
                 }
             )
@@ -196,13 +288,16 @@ COLUMNS = [
     Column("r", "d", "adapter rank"),
     Column("E", "d", "adapters (experts) stacked"),
     MODE,
-    Column("impl", "", "base: the shared matmul alone (F.linear, no adapter), the floor; eager: base, then per adapter "
-                       "gather, two matmuls, scatter-add; cpp/torch/triton/cuda: recursive_kernels.lowrank_linear "
-                       "on that backend"),
+    Column("impl", "", "base: the shared matmul alone (F.linear, no adapter), the floor; the peers: eager (base, then "
+                       "per adapter gather, two matmuls, scatter-add), compiled (every adapter's low-rank product masked "
+                       "to each row's, under torch.compile), peft (PEFT's mixed-batch LoRA, adapter_names, inference); "
+                       "cpp/torch/triton/cuda: recursive_kernels.lowrank_linear on that backend"),
     TIME_MS,
     Column("GFLOP/s", ".1f", "useful FLOPs (base + low-rank; base: its own) / time"),
     Column("vs base", ".2f", speedup("base") + "; the fused op aims at 1"),
     Column("vs eager", ".2f", speedup("eager")),
+    Column("peer", "", "the fastest peer of the case and mode"),
+    Column("vs peer", ".2f", speedup("that peer")),
     REL_ERR,
 ]
 

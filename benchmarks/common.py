@@ -184,7 +184,8 @@ def relative_error(out, ref) -> float:
 
 
 def time_cases(cases, modes, impls, prepare, device, steps: Optional[Steps] = None, checked=()):
-    """Yield (case, mode, {impl: median seconds}, {impl: relative error}). ``prepare(case, backward,
+    """Yield (case, mode, {impl: median seconds}, {impl: relative error}). ``impls``: the implementations to
+    time, or a function of (case, mode) that names them (a peer may serve some cases only). ``prepare(case, backward,
     dtype=None)`` builds the inputs once (in ``dtype``, default the benchmark's) and returns a function of
     the implementation name that gives the callable to time. Before timing, each of ``checked`` runs once
     and its result (outputs, or gradients with backward) is compared with the eager implementation run on
@@ -199,14 +200,15 @@ def time_cases(cases, modes, impls, prepare, device, steps: Optional[Steps] = No
     steps = steps or Steps(None)
     for case, mode in pairs:
         backward = mode == "fwd+bwd"
+        names = impls(case, mode) if callable(impls) else impls
         make = prepare(case, backward)
         steps.step(f"{case.label} {mode}")
         errors = {}
         if checked and not shard:
             reference = prepare(case, backward, reference_dtype)("eager")()
-            errors = {impl: relative_error(make(impl)(), reference) for impl in checked}
+            errors = {impl: relative_error(make(impl)(), reference) for impl in checked if impl in names}
             del reference
-        yield case, mode, median_seconds({impl: make(impl) for impl in impls}, device), errors
+        yield case, mode, median_seconds({impl: make(impl) for impl in names}, device), errors
 
 
 def run_benchmark(benchmark, fn, device: torch.device) -> None:

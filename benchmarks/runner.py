@@ -52,6 +52,11 @@ def _plans(names: List[str], device: torch.device, full: bool) -> Dict[str, dict
         if name == "generation":
             methods = bench_generation.METHODS if full else bench_generation.DEFAULT_METHODS
             plans[name] = {"kwargs": {"methods": methods}, "steps": module.steps(methods)}
+        elif name == "lowrank_linear":
+            cases = module.default_cases(device, full)
+            forms = ("per-row", "top-2") if full else module.COMPILED_FORMS
+            plans[name] = {"kwargs": {"cases": cases, "compiled_forms": forms},
+                           "steps": module.steps(cases, compiled_forms=forms)}
         else:
             cases = module.default_cases(device, full)
             plans[name] = {"kwargs": {"cases": cases}, "steps": module.steps(cases)}

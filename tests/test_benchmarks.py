@@ -98,3 +98,18 @@ def test_compile_pass_rejects_a_malformed_shard(monkeypatch, value):
     monkeypatch.setenv(common.WARM_ENV, value)
     with pytest.raises(ValueError, match=common.WARM_ENV):
         common.warm_shard()
+
+
+@pytest.mark.slow
+def test_lowrank_linear_benchmark_times_the_peers(quick_timing):
+    """Per-row adapters: torch.compile of the masked way and (when installed) PEFT's mixed batch are timed and
+    checked like the backends; each row names the fastest peer."""
+    cases = [bench_lowrank_linear.Case("per-row", 9, 32, 24)]
+    result = bench_lowrank_linear.run(device=torch.device("cpu"), cases=cases, impls=["cpp"])
+    errors = _errors(result, "base")
+    peers = {"eager", "compiled"} | ({"peft"} if bench_lowrank_linear.peft_available() else set())
+    assert {impl for impl, mode in errors if mode == "fwd"} == peers | {"cpp"}
+    assert "peft" not in {impl for impl, mode in errors if mode == "fwd+bwd"}  # inference only
+    assert all(0 < err < 1e-5 for err in errors.values()), errors
+    for row in result["rows"]:
+        assert row["peer"] in peers and row["vs peer"] > 0
