@@ -19,7 +19,6 @@ if __name__ == "kernels":
     _path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _checkout]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None:
-        del sys.modules["kernels"]
         raise ModuleNotFoundError(
             "No module named 'kernels' (the folder kernels/ of this checkout is recursive-kernels' source, "
             "imported as recursive_kernels)", name="kernels")
