@@ -24,6 +24,7 @@
 // * bfloat16 / float16: low-rank math in fp32 (x rows and the used adapters upcast once per call), results
 //   rounded once; the dense matmuls run in the input dtype through ATen. float64 stays float64.
 #include "ops_cpu.h"
+#include "checks.h"
 #include "cpu_dispatch.h"
 
 #include <ATen/ATen.h>
@@ -43,6 +44,8 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
+
+constexpr const char* kWhere = "lowrank_linear (cpu): ";  // opens every message (see checks.h)
 
 // Work per at::parallel_for chunk, in elements touched.
 constexpr int64_t kGrainElems = 1 << 14;
@@ -104,7 +107,7 @@ Plan make_plan(int64_t M, int64_t E, int64_t r, int64_t K, int64_t N, const std:
   auto adapter_of = [&](int64_t s) { return ip ? ip[s] : adapter; };  // -1: none
   for (int64_t s = 0; s < S; ++s) {
     const int64_t e = adapter_of(s);
-    TORCH_CHECK(e >= -1 && e < E, "lowrank_linear (cpu): indices: value ", e, " is outside [-1, ", E, ")");
+    TORCH_CHECK(e >= -1 && e < E, kWhere, "indices: value ", e, " is outside [-1, ", E, ")");
     if (e >= 0) ++pl.count[e];
   }
   for (int64_t e = 0; e < E; ++e) {
@@ -700,78 +703,21 @@ inline void add_row_chunk(T* dst, const A* tmp, int64_t cn) {
 // ---------------------------------------------------------------------------------------------------
 // Argument checks (things that would otherwise crash or silently misbehave).
 
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), "lowrank_linear (cpu): ", name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.device().is_cpu(), "lowrank_linear (cpu): ", name, ": expected a CPU tensor, got one on ",
-              t.device());
-}
-
-void check_like_x(const Tensor& t, const Tensor& x, const char* name) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lowrank_linear (cpu): ", name, ": expected dtype ",
-              x.scalar_type(), " (like x), got ", t.scalar_type());
-}
-
-struct Dims {
-  int64_t M, K, N, E = 0, r = 0, k = 1;
-};
-
-Dims check_inputs(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                  const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b,
-                  const std::optional<Tensor>& indices, const std::optional<Tensor>& gates, int64_t adapter) {
-  check_cpu(x, "x");
+// x: a CPU tensor of a supported dtype; then the checks of checks.h, and a rank r >= 1 (the interface's; the
+// loop kernels block over the rank).
+LowrankLinearSizes check_inputs(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                const std::optional<Tensor>& lora_a, const std::optional<Tensor>& lora_b,
+                                const std::optional<Tensor>& indices, const std::optional<Tensor>& gates,
+                                int64_t adapter) {
+  check_defined(x, kWhere, "x");
+  TORCH_CHECK(x.device().is_cpu(), kWhere, "x: expected a CPU tensor, got one on ", x.device());
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "lowrank_linear (cpu): x: expected float32, float64, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(x.dim() == 2, "lowrank_linear (cpu): x: expected a 2-D tensor (M, K), got ", x.dim(), " dims");
-  Dims d;
-  d.M = x.size(0);
-  d.K = x.size(1);
-  check_like_x(weight, x, "weight");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d.K, "lowrank_linear (cpu): weight: expected shape (N, K=",
-              d.K, "), got ", weight.sizes());
-  d.N = weight.size(0);
-  if (bias.has_value()) {
-    check_like_x(*bias, x, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d.N, "lowrank_linear (cpu): bias: expected shape (N=", d.N,
-                ",), got ", bias->sizes());
-  }
-  TORCH_CHECK(lora_a.has_value() == lora_b.has_value(),
-              "lowrank_linear (cpu): lora_a, lora_b: give both low-rank factors or neither");
-  if (!lora_a.has_value()) {
-    TORCH_CHECK(!indices.has_value(), "lowrank_linear (cpu): indices: given without lora_a/lora_b");
-    TORCH_CHECK(!gates.has_value(), "lowrank_linear (cpu): gates: given without lora_a/lora_b");
-    return d;
-  }
-  check_like_x(*lora_a, x, "lora_a");
-  check_like_x(*lora_b, x, "lora_b");
-  TORCH_CHECK(lora_a->dim() == 3 && lora_a->size(2) == d.K && lora_a->size(1) >= 1,
-              "lowrank_linear (cpu): lora_a: expected shape (E, r >= 1, K=", d.K, "), got ", lora_a->sizes());
-  d.E = lora_a->size(0);
-  d.r = lora_a->size(1);
-  TORCH_CHECK(lora_b->dim() == 3 && lora_b->size(0) == d.E && lora_b->size(1) == d.N && lora_b->size(2) == d.r,
-              "lowrank_linear (cpu): lora_b: expected shape (E=", d.E, ", N=", d.N, ", r=", d.r, "), got ",
-              lora_b->sizes());
-  if (indices.has_value()) {
-    check_cpu(*indices, "indices");
-    TORCH_CHECK(!at::isFloatingType(indices->scalar_type()) && !at::isComplexType(indices->scalar_type()) &&
-                    indices->scalar_type() != at::kBool,
-                "lowrank_linear (cpu): indices: expected an integer tensor, got ", indices->scalar_type());
-    TORCH_CHECK(indices->dim() == 2 && indices->size(0) == d.M && indices->size(1) >= 1,
-                "lowrank_linear (cpu): indices: expected shape (M=", d.M, ", k >= 1), got ", indices->sizes());
-    d.k = indices->size(1);
-    if (gates.has_value()) {
-      check_cpu(*gates, "gates");
-      TORCH_CHECK(at::isFloatingType(gates->scalar_type()),
-                  "lowrank_linear (cpu): gates: expected a floating dtype, got ", gates->scalar_type());
-      TORCH_CHECK(gates->sizes() == indices->sizes(), "lowrank_linear (cpu): gates: expected shape ",
-                  indices->sizes(), " (like indices), got ", gates->sizes());
-    }
-  } else {
-    TORCH_CHECK(!gates.has_value(), "lowrank_linear (cpu): gates: given without a tensor of indices");
-    TORCH_CHECK(adapter >= 0 && adapter < d.E, "lowrank_linear (cpu): adapter: ", adapter, " is outside [0, ",
-                d.E, ")");
-  }
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, kWhere,
+              "x: expected float32, float64, bfloat16 or float16, got ", dt);
+  const LowrankLinearSizes d = check_lowrank_linear_args(kWhere, x, weight, bias, lora_a, lora_b, indices, gates,
+                                                         adapter);
+  TORCH_CHECK(!lora_a.has_value() || d.r >= 1, kWhere, "lora_a: expected a rank r >= 1, got shape ",
+              lora_a->sizes());
   return d;
 }
 
@@ -786,7 +732,7 @@ Dims check_inputs(const Tensor& x, const Tensor& weight, const std::optional<Ten
 
 // y[t] += sum_j (coef u)_q @ B_e.T ; ug (Q, r) contiguous A.
 template <typename T>
-void expand_into(Tensor& y, const Tensor& ug, const Tensor& lora_b, const Plan& pl, const Dims& d) {
+void expand_into(Tensor& y, const Tensor& ug, const Tensor& lora_b, const Plan& pl, const LowrankLinearSizes& d) {
   using A = at::opmath_type<T>;
   Tensor hb;
   LoopArgs<A> a{&pl, d.K, d.N, d.r};
@@ -809,7 +755,7 @@ void expand_into(Tensor& y, const Tensor& ug, const Tensor& lora_b, const Plan& 
 
 // dx[t] += sum_j (coef v)_q @ A_e ; vg (Q, r) contiguous A.
 template <typename T>
-void dx_into(Tensor& dx, const Tensor& vg, const Tensor& lora_a, const Plan& pl, const Dims& d) {
+void dx_into(Tensor& dx, const Tensor& vg, const Tensor& lora_a, const Plan& pl, const LowrankLinearSizes& d) {
   using A = at::opmath_type<T>;
   Tensor ha;
   LoopArgs<A> a{&pl, d.K, d.N, d.r};
@@ -834,7 +780,7 @@ void dx_into(Tensor& dx, const Tensor& vg, const Tensor& lora_a, const Plan& pl,
 // undefined for the identity assignment, where it becomes a view of the buffer).
 template <typename T>
 void forward_lowrank(Tensor& y, Tensor& u, const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
-                     const Plan& pl, const Dims& d) {
+                     const Plan& pl, const LowrankLinearSizes& d) {
   using A = at::opmath_type<T>;
   constexpr bool same = std::is_same<T, A>::value;
   const auto aopt = x.options().dtype(c10::CppTypeToScalarType<A>::value);
@@ -887,7 +833,7 @@ void forward_lowrank(Tensor& y, Tensor& u, const Tensor& x, const Tensor& lora_a
 template <typename T>
 void backward_lowrank(Tensor* dx, Tensor* da, Tensor* db, Tensor* dg, const Tensor& grad_y, const Tensor& x,
                       const Tensor& lora_a, const Tensor& lora_b, const Tensor& u, const Plan& pl,
-                      const Dims& d, double scaling) {
+                      const LowrankLinearSizes& d, double scaling) {
   using A = at::opmath_type<T>;
   constexpr bool same = std::is_same<T, A>::value;
   const auto aopt = x.options().dtype(c10::CppTypeToScalarType<A>::value);
@@ -998,7 +944,7 @@ std::tuple<Tensor, Tensor> lowrank_linear_forward(const Tensor& x, const Tensor&
                                                   const std::optional<Tensor>& indices,
                                                   const std::optional<Tensor>& gates, double scaling,
                                                   int64_t adapter) {
-  const Dims d = check_inputs(x, weight, bias, lora_a, lora_b, indices, gates, adapter);
+  const LowrankLinearSizes d = check_inputs(x, weight, bias, lora_a, lora_b, indices, gates, adapter);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel: it records no autograd graph itself
   const auto aopt = x.options().dtype(acc_dtype(x.scalar_type()));
   Tensor y = at::linear(x, weight, bias).contiguous();
@@ -1022,12 +968,8 @@ std::vector<Tensor> lowrank_linear_backward(const Tensor& grad_y, const Tensor& 
                                             const std::optional<Tensor>& indices,
                                             const std::optional<Tensor>& gates, double scaling, int64_t adapter,
                                             const Tensor& u, const std::vector<bool>& needs) {
-  const Dims d = check_inputs(x, weight, std::nullopt, lora_a, lora_b, indices, gates, adapter);
-  TORCH_CHECK(needs.size() == 6, "lowrank_linear (cpu): needs: expected 6 bools (x, weight, bias, lora_a, "
-              "lora_b, gates), got ", needs.size());
-  check_like_x(grad_y, x, "grad_y");
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == d.M && grad_y.size(1) == d.N,
-              "lowrank_linear (cpu): grad_y: expected shape (M=", d.M, ", N=", d.N, "), got ", grad_y.sizes());
+  const LowrankLinearSizes d = check_inputs(x, weight, std::nullopt, lora_a, lora_b, indices, gates, adapter);
+  check_lowrank_linear_grad_y(kWhere, grad_y, x, d, needs.size());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto acc = acc_dtype(x.scalar_type());
   const auto aopt = x.options().dtype(acc);
@@ -1044,10 +986,7 @@ std::vector<Tensor> lowrank_linear_backward(const Tensor& grad_y, const Tensor& 
   if (need_x) out[0] = at::mm(grad_y, weight).contiguous();
 
   if (lora && (need_x || need_a || need_bb || need_g)) {
-    check_cpu(u, "u");
-    TORCH_CHECK(u.dim() == 3 && u.size(0) == d.M && u.size(1) == d.k && u.size(2) == d.r,
-                "lowrank_linear (cpu): u: expected shape (M=", d.M, ", k=", d.k, ", r=", d.r,
-                ") as returned by lowrank_linear_forward, got ", u.sizes());
+    check_lowrank_linear_u(kWhere, u, x, d);
     const Tensor uc = u.to(acc).contiguous();
     const Plan pl = make_plan(d.M, d.E, d.r, d.K, d.N, indices, gates, scaling, adapter,
                               acc == x.scalar_type(), kLoopMacsPerAdapterBackward);

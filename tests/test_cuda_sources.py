@@ -38,10 +38,11 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 KERNELS_CU = CUDA_DIR / "lowrank_linear_kernels.cu"
 ATTENTION_CU = CUDA_DIR / "circuit_attention_kernels.cu"
 KERNEL_SOURCES = (KERNELS_CU, ATTENTION_CU)
+SHARED_CHECKS = ROOT / "csrc" / "checks.h"  # included by the host files, shared with the CPU backend
 HOST_SOURCES = (CUDA_DIR / "lowrank_linear_cuda.cpp", CUDA_DIR / "circuit_attention_cuda.cpp",
                 CUDA_DIR / "extension_cuda.cpp")
 OUR_FILES = ("lowrank_linear_kernels.cu", "lowrank_linear_kernels.h", "circuit_attention_kernels.cu",
-             "circuit_attention_kernels.h", "element_conversions.cuh", "kernel_launch.h", "ops_cuda.h",
+             "circuit_attention_kernels.h", "element_conversions.cuh", "checks.h", "kernel_launch.h", "ops_cuda.h",
              "lowrank_linear_cuda.cpp", "circuit_attention_cuda.cpp", "extension_cuda.cpp")
 COMPILE_TIMEOUT_S = 300
 
@@ -388,7 +389,7 @@ def _installed_cuda_ext():
     except ImportError:
         return None
     built = pathlib.Path(mod.__file__).stat().st_mtime
-    sources = [p for p in CUDA_DIR.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")]
+    sources = [*(p for p in CUDA_DIR.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")), SHARED_CHECKS]
     return mod if all(p.stat().st_mtime <= built for p in sources) else None
 
 

@@ -10,13 +10,11 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <initializer_list>
 #include <optional>
-#include <string>
 #include <tuple>
-#include <utility>
 #include <vector>
 
+#include "../checks.h"
 #include "circuit_attention_kernels.h"
 #include "kernel_launch.h"
 
@@ -25,6 +23,8 @@ namespace cuda {
 namespace {
 
 namespace rk = recursive_kernels::cuda_backend;
+
+constexpr const char* kWhere = "";  // the messages open with the argument's name (see checks.h)
 
 // Dense: q (B, H, Sq, D), k / v (B, Hkv, Sk, D), lse (B, H, Sq). Packed: q (total_q, H, D), k / v
 // (total_k, Hkv, D), lse (H, total_q), sequences delimited by cu_seqlens. Corrections like their partners
@@ -39,110 +39,40 @@ struct AttentionArgs {
   rk::CircuitAttentionShape shape{};
 };
 
-using Dim = std::pair<const char*, int64_t>;  // a dim's label and its expected size (-1: any)
-
-void check_shape(const at::Tensor& t, const char* name, std::initializer_list<Dim> dims) {
-  bool ok = t.dim() == static_cast<int64_t>(dims.size());
-  int64_t d = 0;
-  for (const Dim& dim : dims) {
-    ok = ok && (dim.second < 0 || t.size(d) == dim.second);
-    ++d;
-  }
-  if (ok) return;
-  std::string want;
-  for (const Dim& dim : dims) {
-    if (!want.empty()) want += ", ";
-    want += dim.first;
-    if (dim.second >= 0) want += "=" + std::to_string(dim.second);
-  }
-  TORCH_CHECK(false, name, ": expected shape (", want, "), got ", t.sizes());
-}
-
-void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.device() == q.device(), name, ": expected a tensor on ", q.device(), " (like q), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(), " (like q), got ",
-              t.scalar_type());
-}
-
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // The dtype of lse and Delta: the softmax statistics are double for float32 inputs.
 at::ScalarType stats_dtype(const at::Tensor& q) { return q.scalar_type() == at::kFloat ? at::kDouble : at::kFloat; }
 
 void check_cu_seqlens(const at::Tensor& cu, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(cu.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(cu.device() == q.device(), name, ": expected a tensor on ", q.device(), " (like q), got ", cu.device());
+  check_device_like(cu, q, kWhere, name, "q");
   TORCH_CHECK(cu.scalar_type() == at::kInt, name, ": expected int32 offsets, got ", cu.scalar_type());
   TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, name, ": expected a 1-D tensor of batch + 1 offsets, got shape ",
               cu.sizes());
 }
 
-// Validates the inputs of either layout. cu_seqlens_q / cu_seqlens_k and the max lengths are used by the
-// packed layout only.
+// Validates the inputs of either layout: q a CUDA tensor of a supported dtype, then the checks of checks.h and
+// the packed layout's offsets. cu_seqlens_q / cu_seqlens_k and the max lengths are used by the packed layout
+// only.
 AttentionArgs check_inputs(Layout layout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::optional<at::Tensor>& q_c, const std::optional<at::Tensor>& k_c,
                            const std::optional<at::Tensor>& v_c, const at::Tensor& cu_seqlens_q,
                            const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
                            double scale) {
   const bool packed = layout == Layout::kPacked;
-  TORCH_CHECK(q.defined(), "q: expected a tensor, got an undefined one");
+  check_defined(q, kWhere, "q");
   TORCH_CHECK(q.is_cuda(), "q: the cuda backend needs a CUDA tensor, got one on ", q.device());
   scalar_kind(q, "q");
-  TORCH_CHECK(q.dim() == (packed ? 3 : 4), "q: expected ", packed ? "3 dims (total_q, H, D)" : "4 dims (B, H, Sq, D)",
-              ", got shape ", q.sizes());
-  const int64_t H = q.size(1), D = q.size(-1);
-  const int64_t rows_q = packed ? q.size(0) : q.size(2);  // total_q or Sq
-  const int64_t B = packed ? -1 : q.size(0);
-  check_like_q(k, q, "k");
-  check_like_q(v, q, "v");
-  if (packed) {
-    check_shape(k, "k", {{"total_k", -1}, {"Hkv", -1}, {"D", D}});
-  } else {
-    check_shape(k, "k", {{"B", B}, {"Hkv", -1}, {"Sk", -1}, {"D", D}});
-  }
-  const int64_t Hkv = k.size(1);
-  const int64_t rows_k = packed ? k.size(0) : k.size(2);  // total_k or Sk
-  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "k: its ", Hkv, " key/value heads must divide the ", H,
-              " query heads of q (grouped-query attention)");
-  TORCH_CHECK(v.sizes() == k.sizes(), "v: expected shape ", k.sizes(), " (like k), got ", v.sizes());
-
-  TORCH_CHECK(present(q_c) == present(k_c), present(q_c) ? "k_c" : "q_c",
-              ": q_c and k_c are the two factors of the logit correction; give both or neither");
-  int64_t R = 0, Rv = 0;
-  if (present(q_c)) {
-    check_like_q(*q_c, q, "q_c");
-    check_like_q(*k_c, q, "k_c");
-    if (packed) {
-      check_shape(*q_c, "q_c", {{"total_q", rows_q}, {"H", H}, {"R", -1}});
-      R = q_c->size(2);
-      check_shape(*k_c, "k_c", {{"total_k", rows_k}, {"Hkv", Hkv}, {"R", R}});
-    } else {
-      check_shape(*q_c, "q_c", {{"B", B}, {"H", H}, {"Sq", rows_q}, {"R", -1}});
-      R = q_c->size(3);
-      check_shape(*k_c, "k_c", {{"B", B}, {"Hkv", Hkv}, {"Sk", rows_k}, {"R", R}});
-    }
-  }
-  if (present(v_c)) {
-    check_like_q(*v_c, q, "v_c");
-    if (packed) {
-      check_shape(*v_c, "v_c", {{"total_k", rows_k}, {"Hkv", Hkv}, {"Rv", -1}});
-    } else {
-      check_shape(*v_c, "v_c", {{"B", B}, {"Hkv", Hkv}, {"Sk", rows_k}, {"Rv", -1}});
-    }
-    Rv = v_c->size(-1);
-  }
+  const CircuitAttentionSizes sizes = check_circuit_attention_args(kWhere, packed, q, k, v, q_c, k_c, v_c);
 
   AttentionArgs args;
   args.layout = layout;
   args.q = q.contiguous();
   args.k = k.contiguous();
   args.v = v.contiguous();
-  if (present(q_c)) {
+  if (q_c.has_value()) {
     args.q_c = q_c->contiguous();
     args.k_c = k_c->contiguous();
   }
-  if (present(v_c)) args.v_c = v_c->contiguous();
+  if (v_c.has_value()) args.v_c = v_c->contiguous();
 
   rk::CircuitAttentionShape& shape = args.shape;
   if (packed) {
@@ -160,17 +90,17 @@ AttentionArgs check_inputs(Layout layout, const at::Tensor& q, const at::Tensor&
     shape.cu_seqlens_q = args.cu_seqlens_q.data_ptr<int32_t>();
     shape.cu_seqlens_k = args.cu_seqlens_k.data_ptr<int32_t>();
   } else {
-    shape.batch = B;
-    shape.seqlen_q = rows_q;
-    shape.seqlen_k = rows_k;
+    shape.batch = sizes.B;
+    shape.seqlen_q = sizes.rows_q;
+    shape.seqlen_k = sizes.rows_k;
     shape.cu_seqlens_q = nullptr;
     shape.cu_seqlens_k = nullptr;
   }
-  shape.heads = H;
-  shape.kv_heads = Hkv;
-  shape.head_dim = D;
-  shape.rank_qk = R;
-  shape.rank_v = Rv;
+  shape.heads = sizes.H;
+  shape.kv_heads = sizes.Hkv;
+  shape.head_dim = sizes.D;
+  shape.rank_qk = sizes.R;
+  shape.rank_v = sizes.Rv;
   shape.causal = causal;
   shape.scale = static_cast<float>(scale);
   return args;
@@ -240,27 +170,25 @@ std::vector<at::Tensor> attention_backward(const AttentionArgs& a, const at::Ten
                                            const at::Tensor& out_c_in, const at::Tensor& lse_in) {
   const at::Tensor& q = a.q;
   const std::vector<int64_t> out_sizes = query_sizes(a, a.shape.head_dim);
-  check_like_q(out_in, q, "out");
+  check_like(out_in, q, kWhere, "out", "q");
   TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_sizes), "out: expected shape ", out_sizes, " (like q), got ",
               out_in.sizes());
-  check_like_q(grad_out_in, q, "grad_out");
+  check_like(grad_out_in, q, kWhere, "grad_out", "q");
   TORCH_CHECK(grad_out_in.sizes() == out_in.sizes(), "grad_out: expected shape ", out_in.sizes(), " (like out), got ",
               grad_out_in.sizes());
   at::Tensor out_c, grad_out_c;  // undefined without v_c: the kernels then read neither
   if (a.v_c.defined()) {
     const std::vector<int64_t> out_c_sizes = query_sizes(a, a.shape.rank_v);
-    check_like_q(out_c_in, q, "out_c");
+    check_like(out_c_in, q, kWhere, "out_c", "q");
     TORCH_CHECK(out_c_in.sizes() == at::IntArrayRef(out_c_sizes), "out_c: expected shape ", out_c_sizes, ", got ",
                 out_c_in.sizes());
-    check_like_q(grad_out_c_in, q, "grad_out_c");
+    check_like(grad_out_c_in, q, kWhere, "grad_out_c", "q");
     TORCH_CHECK(grad_out_c_in.sizes() == out_c_in.sizes(), "grad_out_c: expected shape ", out_c_in.sizes(),
                 " (like out_c), got ", grad_out_c_in.sizes());
     out_c = out_c_in.contiguous();
     grad_out_c = grad_out_c_in.contiguous();
   }
-  TORCH_CHECK(lse_in.defined(), "lse: expected a tensor, got an undefined one");
-  TORCH_CHECK(lse_in.device() == q.device(), "lse: expected a tensor on ", q.device(), " (like q), got ",
-              lse_in.device());
+  check_device_like(lse_in, q, kWhere, "lse", "q");
   TORCH_CHECK(lse_in.scalar_type() == stats_dtype(q), "lse: expected dtype ", stats_dtype(q), " for ",
               q.scalar_type(), " inputs (as returned by the forward), got ", lse_in.scalar_type());
   const std::vector<int64_t> lse_sizes = stats_sizes(a);
@@ -294,12 +222,6 @@ std::vector<at::Tensor> attention_backward(const AttentionArgs& a, const at::Ten
   return grads;
 }
 
-Layout layout_of(const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k) {
-  TORCH_CHECK(present(cu_seqlens_q) == present(cu_seqlens_k), present(cu_seqlens_q) ? "cu_seqlens_k" : "cu_seqlens_q",
-              ": give both cu_seqlens_q and cu_seqlens_k (packed layout) or neither (dense layout)");
-  return present(cu_seqlens_q) ? Layout::kPacked : Layout::kDense;
-}
-
 }  // namespace
 
 // One entry point per direction for both layouts, packed when cu_seqlens are given (max_seqlen_q/k are read
@@ -309,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> circuit_attention_forward(
     const std::optional<at::Tensor>& k_c, const std::optional<at::Tensor>& v_c,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
-  const Layout layout = layout_of(cu_seqlens_q, cu_seqlens_k);
+  const Layout layout = check_packed(kWhere, cu_seqlens_q, cu_seqlens_k) ? Layout::kPacked : Layout::kDense;
   return attention_forward(check_inputs(layout, q, k, v, q_c, k_c, v_c, cu_seqlens_q.value_or(at::Tensor()),
                                         cu_seqlens_k.value_or(at::Tensor()), max_seqlen_q, max_seqlen_k, causal,
                                         scale));
@@ -321,7 +243,7 @@ std::vector<at::Tensor> circuit_attention_backward(
     const std::optional<at::Tensor>& v_c, const at::Tensor& out, const at::Tensor& out_c, const at::Tensor& lse,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
-  const Layout layout = layout_of(cu_seqlens_q, cu_seqlens_k);
+  const Layout layout = check_packed(kWhere, cu_seqlens_q, cu_seqlens_k) ? Layout::kPacked : Layout::kDense;
   const AttentionArgs args =
       check_inputs(layout, q, k, v, q_c, k_c, v_c, cu_seqlens_q.value_or(at::Tensor()),
                    cu_seqlens_k.value_or(at::Tensor()), max_seqlen_q, max_seqlen_k, causal, scale);

@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../checks.h"
 #include "kernel_launch.h"
 #include "lowrank_linear_kernels.h"
 
@@ -32,33 +33,7 @@ namespace {
 
 namespace rk = recursive_kernels::cuda_backend;
 
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.device() == x.device(), name, ": expected a tensor on ", x.device(), " (like x), got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
-              " (like x), got ", t.scalar_type());
-}
-
-void check_on_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got an undefined one");
-  TORCH_CHECK(t.device() == x.device(), name, ": expected a tensor on ", x.device(), " (like x), got ",
-              t.device());
-}
-
-// x: a 2-D CUDA tensor of a supported dtype.
-void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.defined(), "x: expected a tensor, got an undefined one");
-  TORCH_CHECK(x.is_cuda(), "x: the cuda backend needs a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor (M, K), got ", x.dim(), " dimensions");
-  scalar_kind(x, "x");
-}
-
-void check_weight(const at::Tensor& weight, const at::Tensor& x) {
-  check_like_x(weight, x, "weight");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight: expected shape (N, K=", x.size(1),
-              "), got ", weight.sizes());
-}
+constexpr const char* kWhere = "";  // the messages open with the argument's name (see checks.h)
 
 // The validated low-rank arguments.
 struct LowRank {
@@ -82,54 +57,38 @@ struct LowRank {
   }
 };
 
-// Validates the optional low-rank arguments; returns std::nullopt when there is no low-rank part.
-std::optional<LowRank> check_lowrank(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& lora_a,
-                                     const std::optional<at::Tensor>& lora_b,
-                                     const std::optional<at::Tensor>& indices,
-                                     const std::optional<at::Tensor>& gates, int64_t adapter) {
-  const bool has_a = lora_a.has_value() && lora_a->defined();
-  const bool has_b = lora_b.has_value() && lora_b->defined();
-  const bool has_indices = indices.has_value() && indices->defined();
-  const bool has_gates = gates.has_value() && gates->defined();
-  TORCH_CHECK(has_a == has_b, "lora_a, lora_b: give both low-rank factors or neither");
-  if (!has_a) {
-    TORCH_CHECK(!has_indices, "indices: given without lora_a/lora_b");
-    TORCH_CHECK(!has_gates, "gates: given without lora_a/lora_b");
-    return std::nullopt;
-  }
-  const int64_t M = x.size(0), K = x.size(1);
+// x: a CUDA tensor of a supported dtype; then the checks of checks.h, and indices int64 (the kernels read them
+// as they are).
+LowrankLinearSizes check_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                              const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& gates,
+                              int64_t adapter) {
+  check_defined(x, kWhere, "x");
+  TORCH_CHECK(x.is_cuda(), "x: the cuda backend needs a CUDA tensor, got one on ", x.device());
+  scalar_kind(x, "x");
+  const LowrankLinearSizes s = check_lowrank_linear_args(kWhere, x, weight, bias, lora_a, lora_b, indices, gates,
+                                                         adapter);
+  TORCH_CHECK(!indices.has_value() || indices->scalar_type() == at::kLong, "indices: expected int64, got ",
+              indices->scalar_type());
+  return s;
+}
+
+// The low-rank arguments as the kernels take them; std::nullopt when there is no low-rank part.
+std::optional<LowRank> low_rank(const LowrankLinearSizes& s, const std::optional<at::Tensor>& lora_a,
+                                const std::optional<at::Tensor>& lora_b, const std::optional<at::Tensor>& indices,
+                                const std::optional<at::Tensor>& gates, int64_t adapter) {
+  if (!lora_a.has_value()) return std::nullopt;
   LowRank lr;
   lr.a = *lora_a;
   lr.b = *lora_b;
-  check_like_x(lr.a, x, "lora_a");
-  check_like_x(lr.b, x, "lora_b");
-  TORCH_CHECK(lr.a.dim() == 3 && lr.a.size(2) == K, "lora_a: expected shape (E, r, K=", K, "), got ",
-              lr.a.sizes());
-  lr.E = lr.a.size(0);
-  lr.r = lr.a.size(1);
-  TORCH_CHECK(lr.b.dim() == 3 && lr.b.size(0) == lr.E && lr.b.size(1) == N && lr.b.size(2) == lr.r,
-              "lora_b: expected shape (E=", lr.E, ", N=", N, ", r=", lr.r, "), got ", lr.b.sizes());
-  if (has_indices) {
-    const at::Tensor& idx = *indices;
-    check_on_device(idx, x, "indices");
-    TORCH_CHECK(idx.scalar_type() == at::kLong, "indices: expected int64, got ", idx.scalar_type());
-    TORCH_CHECK(idx.dim() == 2 && idx.size(0) == M && idx.size(1) >= 1,
-                "indices: expected shape (M=", M, ", k >= 1), got ", idx.sizes());
-    lr.indices = idx.contiguous();
-    lr.k = idx.size(1);
-    if (has_gates) {
-      const at::Tensor& g = *gates;
-      check_on_device(g, x, "gates");
-      TORCH_CHECK(g.is_floating_point(), "gates: expected a floating dtype, got ", g.scalar_type());
-      TORCH_CHECK(g.sizes() == idx.sizes(), "gates: expected shape ", idx.sizes(), " (like indices), got ",
-                  g.sizes());
-      lr.gates = g.to(at::kFloat).contiguous();
-    }
+  lr.E = s.E;
+  lr.r = s.r;
+  lr.k = s.k;
+  if (indices.has_value()) {
+    lr.indices = indices->contiguous();
+    if (gates.has_value()) lr.gates = gates->to(at::kFloat).contiguous();
   } else {
-    TORCH_CHECK(!has_gates, "gates: per-slot gates need a tensor of indices shaped like them");
-    TORCH_CHECK(adapter >= 0 && adapter < lr.E, "adapter: ", adapter, " is outside [0, ", lr.E, ")");
     lr.adapter = adapter;
-    lr.k = 1;
   }
   return lr;
 }
@@ -146,16 +105,10 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_forward(
     const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
     const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& gates, double scaling,
     int64_t adapter) {
-  check_x(x);
-  check_weight(weight, x);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    check_like_x(*bias, x, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias: expected shape (N=", N, ",), got ",
-                bias->sizes());
-  }
-  const std::optional<LowRank> lr = check_lowrank(x, N, lora_a, lora_b, indices, gates, adapter);
+  const LowrankLinearSizes sizes = check_args(x, weight, bias, lora_a, lora_b, indices, gates, adapter);
+  const int64_t M = sizes.M, K = sizes.K, N = sizes.N;
+  const bool has_bias = bias.has_value();
+  const std::optional<LowRank> lr = low_rank(sizes, lora_a, lora_b, indices, gates, adapter);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -195,15 +148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
     const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& gates, double scaling,
     int64_t adapter, const at::Tensor& u_in, std::vector<bool> needs) {
-  check_x(x);
-  check_weight(weight, x);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  check_like_x(grad_y, x, "grad_y");
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == M && grad_y.size(1) == N, "grad_y: expected shape (M=", M,
-              ", N=", N, "), got ", grad_y.sizes());
-  TORCH_CHECK(needs.size() == 6, "needs: expected 6 flags (x, weight, bias, lora_a, lora_b, gates), got ",
-              needs.size());
-  const std::optional<LowRank> lr = check_lowrank(x, N, lora_a, lora_b, indices, gates, adapter);
+  const LowrankLinearSizes sizes = check_args(x, weight, std::nullopt, lora_a, lora_b, indices, gates, adapter);
+  check_lowrank_linear_grad_y(kWhere, grad_y, x, sizes, needs.size());
+  const int64_t M = sizes.M, K = sizes.K, N = sizes.N;
+  const std::optional<LowRank> lr = low_rank(sizes, lora_a, lora_b, indices, gates, adapter);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -222,12 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool want_dg = needs[5] && lr->gates.defined();
   if (!(needs[0] || want_da || want_db || want_dg)) return {dx, dweight, dbias, dlora_a, dlora_b, dgates};
 
-  check_on_device(u_in, x, "u");
+  check_lowrank_linear_u(kWhere, u_in, x, sizes);
   TORCH_CHECK(u_in.scalar_type() == at::kFloat, "u: expected float32 (as returned by forward), got ",
               u_in.scalar_type());
-  TORCH_CHECK(u_in.dim() == 3 && u_in.size(0) == M && u_in.size(1) == lr->k && u_in.size(2) == lr->r,
-              "u: expected shape (M=", M, ", k=", lr->k, ", r=", lr->r, ") as returned by forward, got ",
-              u_in.sizes());
   const at::Tensor u = u_in.contiguous();
   const rk::ScalarKind kind = scalar_kind(x, "x");
   const rk::SlotMap map = lr->slot_map(M);
