@@ -38,6 +38,10 @@
 // * x86: the item loops are compiled for AVX-512, AVX2+FMA and the baseline ISA, picked at run time
 //   (cpu_dispatch.h).
 // * bfloat16 / float16: inputs upcast to float once (linear memory), results rounded once.
+// One file, longer than the others: the passes and the host code share the types defined here (Rows, Parts,
+// Problem) within one translation unit. Moving the passes out would give those types external linkage in a
+// header, and when lowrank_linear's loop types moved so, GCC vectorised one of its loops differently (other
+// rounding) until an omp simd pinned it: here that would mean re-checking every pass's code.
 #include "ops_cpu.h"
 #include "checks.h"
 #include "cpu_dispatch.h"

@@ -34,6 +34,9 @@
 //
 // Nothing here needs --use_fast_math, relaxed constexpr or half operators: conversions go through the
 // cuda_fp16.h / cuda_bf16.h intrinsics, so torch's -D__CUDA_NO_HALF_OPERATORS__ etc. are fine.
+//
+// One file, longer than the others: the four kernels share the tile machinery defined first (sequences, block
+// and query-tile decoding, staging, dot products, products), and the file reads top-down from it.
 
 #include "circuit_attention_kernels.h"
 #include "element_conversions.cuh"
