@@ -38,7 +38,12 @@
 // * x86: the item loops are compiled for AVX-512, AVX2+FMA and the baseline ISA, picked at run time
 //   (cpu_dispatch.h).
 // * bfloat16 / float16: inputs upcast to float once (linear memory), results rounded once.
+// One file, longer than the others: the passes and the host code share the types defined here (Rows, Parts,
+// Problem) within one translation unit. Moving the passes out would give those types external linkage in a
+// header, and when lowrank_linear's loop types moved so, GCC vectorised one of its loops differently (other
+// rounding) until an omp simd pinned it: here that would mean re-checking every pass's code.
 #include "ops_cpu.h"
+#include "checks.h"
 #include "cpu_dispatch.h"
 
 #include <ATen/ATen.h>
@@ -58,6 +63,8 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
+
+constexpr const char* kWhere = "circuit_attention (cpu): ";  // opens every message (see checks.h)
 
 // Blocks of the forward: query rows per work item, and keys per step of its online softmax (score tiles of
 // kFwdRows x kFwdKeys: the products are BLAS calls of that size, where a call's overhead is small).
@@ -536,100 +543,66 @@ struct Layout {
   std::vector<int64_t> lse_shape;
 };
 
-void check_like_q(const Tensor& t, const Tensor& q, const char* name) {
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "circuit_attention (cpu): ", name, ": expected dtype ",
-              q.scalar_type(), " like q, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "circuit_attention (cpu): ", name, ": expected a CPU tensor");
-}
-
 // Per-sequence starts and lengths from cu_seqlens (int32 or int64, B + 1 non-decreasing offsets ending at total).
 void read_offsets(const Tensor& cu, int64_t total, const char* name, std::vector<int64_t>& start,
                   std::vector<int64_t>& len) {
   TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && cu.device().is_cpu() &&
                   (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
-              "circuit_attention (cpu): ", name, ": expected a 1-D int32/int64 CPU tensor of B + 1 offsets");
+              kWhere, name, ": expected a 1-D int32/int64 CPU tensor of B + 1 offsets");
   const Tensor c = cu.to(at::kLong).contiguous();
   const int64_t* p = c.data_ptr<int64_t>();
   const int64_t B = c.numel() - 1;
-  TORCH_CHECK(p[0] == 0 && p[B] == total, "circuit_attention (cpu): ", name, ": must run from 0 to ", total);
+  TORCH_CHECK(p[0] == 0 && p[B] == total, kWhere, name, ": must run from 0 to ", total);
   start.assign(p, p + B);
   len.resize(B);
   for (int64_t b = 0; b < B; ++b) {
     len[b] = p[b + 1] - p[b];
-    TORCH_CHECK(len[b] >= 0, "circuit_attention (cpu): ", name, ": offsets must be non-decreasing");
+    TORCH_CHECK(len[b] >= 0, kWhere, name, ": offsets must be non-decreasing");
   }
 }
 
+// q: a CPU tensor of a supported dtype; then the checks of checks.h, widths D, R, Rv >= 1 (the interface's), and
+// the offsets of the packed layout, read here.
 Layout check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& q_c,
                     const std::optional<Tensor>& k_c, const std::optional<Tensor>& v_c,
                     const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k, int64_t max_q,
                     int64_t max_k) {
+  check_defined(q, kWhere, "q");
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-              "circuit_attention (cpu): q: expected float32, float64, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(q.device().is_cpu(), "circuit_attention (cpu): q: expected a CPU tensor");
-  check_like_q(k, q, "k");
-  check_like_q(v, q, "v");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, kWhere,
+              "q: expected float32, float64, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(q.device().is_cpu(), kWhere, "q: expected a CPU tensor, got one on ", q.device());
   Layout L;
-  L.packed = cu_q.has_value();
-  TORCH_CHECK(cu_k.has_value() == L.packed, "circuit_attention (cpu): cu_seqlens_q and cu_seqlens_k go together");
-  const int64_t rank = L.packed ? 3 : 4;
-  TORCH_CHECK(q.dim() == rank && k.dim() == rank && v.sizes() == k.sizes(),
-              "circuit_attention (cpu): q, k, v: expected ", rank, "-D tensors with v shaped like k, got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  L.D = q.size(-1);
-  L.H = q.size(1);
-  L.Hkv = k.size(1);
-  TORCH_CHECK(k.size(-1) == L.D && L.D >= 1, "circuit_attention (cpu): k: expected head dim ", L.D, ", got ",
-              k.size(-1));
-  TORCH_CHECK(L.Hkv >= 1 && L.H % L.Hkv == 0, "circuit_attention (cpu): k: ", L.Hkv,
-              " kv heads must divide the ", L.H, " query heads");
+  L.packed = check_packed(kWhere, cu_q, cu_k);
+  const CircuitAttentionSizes sizes = check_circuit_attention_args(kWhere, L.packed, q, k, v, q_c, k_c, v_c);
+  L.D = sizes.D, L.H = sizes.H, L.Hkv = sizes.Hkv, L.R = sizes.R, L.Rv = sizes.Rv;
+  TORCH_CHECK(L.D >= 1, kWhere, "q: expected a head dim D >= 1, got shape ", q.sizes());
+  TORCH_CHECK(!q_c.has_value() || L.R >= 1, kWhere, "q_c: expected a width R >= 1, got shape ", q_c->sizes());
+  TORCH_CHECK(!v_c.has_value() || L.Rv >= 1, kWhere, "v_c: expected a width Rv >= 1, got shape ", v_c->sizes());
   if (L.packed) {
     read_offsets(*cu_q, q.size(0), "cu_seqlens_q", L.start_q, L.len_q);
     read_offsets(*cu_k, k.size(0), "cu_seqlens_k", L.start_k, L.len_k);
     L.B = static_cast<int64_t>(L.len_q.size());
-    TORCH_CHECK(static_cast<int64_t>(L.len_k.size()) == L.B,
-                "circuit_attention (cpu): cu_seqlens_k: expected as many offsets as cu_seqlens_q");
+    TORCH_CHECK(static_cast<int64_t>(L.len_k.size()) == L.B, kWhere,
+                "cu_seqlens_k: expected as many offsets as cu_seqlens_q");
     L.max_q = 0, L.max_k = 0;
     for (int64_t b = 0; b < L.B; ++b) L.max_q = std::max(L.max_q, L.len_q[b]), L.max_k = std::max(L.max_k, L.len_k[b]);
-    TORCH_CHECK(L.max_q <= max_q && L.max_k <= max_k,
-                "circuit_attention (cpu): max_seqlen_q / max_seqlen_k: below the longest sequence");
+    TORCH_CHECK(L.max_q <= max_q && L.max_k <= max_k, kWhere,
+                "max_seqlen_q / max_seqlen_k: below the longest sequence");
     L.total_q = q.size(0);
     L.qs = Rows{0, 1, L.H, L.start_q.data(), L.len_q.data()};
     L.ks = Rows{0, 1, L.Hkv, L.start_k.data(), L.len_k.data()};
     L.stats = Rows{0, L.total_q, 1, L.start_q.data(), L.len_q.data()};
     L.lse_shape = {L.H, L.total_q};
   } else {
-    L.B = q.size(0);
-    TORCH_CHECK(k.size(0) == L.B, "circuit_attention (cpu): k: expected batch ", L.B, ", got ", k.size(0));
-    L.max_q = q.size(2), L.max_k = k.size(2);
+    L.B = sizes.B;
+    L.max_q = sizes.rows_q, L.max_k = sizes.rows_k;
     L.start_q.assign(L.B, 0), L.start_k.assign(L.B, 0);
     L.len_q.assign(L.B, L.max_q), L.len_k.assign(L.B, L.max_k);
     L.qs = Rows{L.H * L.max_q, L.max_q, 1, L.start_q.data(), L.len_q.data()};
     L.ks = Rows{L.Hkv * L.max_k, L.max_k, 1, L.start_k.data(), L.len_k.data()};
     L.stats = L.qs;
     L.lse_shape = {L.B, L.H, L.max_q};
-  }
-  TORCH_CHECK(q_c.has_value() == k_c.has_value(), "circuit_attention (cpu): q_c and k_c: give both or neither");
-  auto q_rows = q.sizes().vec(), k_rows = k.sizes().vec();
-  q_rows.pop_back(), k_rows.pop_back();
-  if (q_c.has_value()) {
-    check_like_q(*q_c, q, "q_c");
-    check_like_q(*k_c, q, "k_c");
-    L.R = q_c->size(-1);
-    auto qc_rows = q_c->sizes().vec(), kc_rows = k_c->sizes().vec();
-    qc_rows.pop_back(), kc_rows.pop_back();
-    TORCH_CHECK(qc_rows == q_rows && kc_rows == k_rows && k_c->size(-1) == L.R && L.R >= 1,
-                "circuit_attention (cpu): q_c / k_c: expected q's and k's shapes with a common width R >= 1, got ",
-                q_c->sizes(), ", ", k_c->sizes());
-  }
-  if (v_c.has_value()) {
-    check_like_q(*v_c, q, "v_c");
-    L.Rv = v_c->size(-1);
-    auto vc_rows = v_c->sizes().vec();
-    vc_rows.pop_back();
-    TORCH_CHECK(vc_rows == k_rows && L.Rv >= 1,
-                "circuit_attention (cpu): v_c: expected k's shape with a width Rv >= 1, got ", v_c->sizes());
   }
   return L;
 }
@@ -768,14 +741,14 @@ std::vector<Tensor> circuit_attention_backward(
   const Layout L = check_inputs(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const auto dt = q.scalar_type();
   const auto adt = acc_dtype(dt);
-  TORCH_CHECK(grad_out.sizes() == q.sizes(), "circuit_attention (cpu): grad_out: expected q's shape ", q.sizes(),
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), kWhere, "grad_out: expected q's shape ", q.sizes(),
               ", got ", grad_out.sizes());
-  TORCH_CHECK(lse.sizes().vec() == L.lse_shape, "circuit_attention (cpu): lse: expected shape ", L.lse_shape,
+  TORCH_CHECK(lse.sizes().vec() == L.lse_shape, kWhere, "lse: expected shape ", L.lse_shape,
               ", got ", lse.sizes());
   if (L.Rv) {
     auto shape = q.sizes().vec();
     shape.back() = L.Rv;
-    TORCH_CHECK(grad_out_c.sizes().vec() == shape, "circuit_attention (cpu): grad_out_c: expected shape ", shape,
+    TORCH_CHECK(grad_out_c.sizes().vec() == shape, kWhere, "grad_out_c: expected shape ", shape,
                 ", got ", grad_out_c.sizes());
   }
   (void)out, (void)out_c;  // Delta is rowsum(P * dP), recomputed (see the design notes)

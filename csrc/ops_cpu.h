@@ -1,5 +1,5 @@
 // Declarations of the CPU (C++/ATen/OpenMP) ops that csrc/extension_cpu.cpp exposes as recursive_kernels._C.
-// Each op lives in its own csrc/<op>_cpu.cpp; add its declarations here and its binding there.
+// Each op's entry points live in csrc/<op>_cpu.cpp; add their declarations here and their binding there.
 #pragma once
 
 #include <ATen/core/Tensor.h>

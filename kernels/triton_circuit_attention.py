@@ -183,6 +183,36 @@ def _seq(cu_ptr, b, SEQ, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_block(cu_q_ptr, cu_k_ptr, H, GROUP, SEQ_Q, SEQ_K, D, R, RV, q_rb, q_rh, q_rs, k_rb, k_rh, k_rs,
+                 VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RV: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """The query block of a forward or dq program (grid axis 0: blocks of BLOCK_M query rows, axis 1: batch x
+    head): its batch b and head h, the sequence's query start and lengths, the block's first row m0 (the
+    program has nothing to do when m0 >= Sq), the row and width offsets with their masks, the rows of the
+    block's queries and the first key row of its kv head."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q_start, Sq = _seq(cu_q_ptr, b, SEQ_Q, VARLEN)
+    k_start, Sk = _seq(cu_k_ptr, b, SEQ_K, VARLEN)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_rv = tl.arange(0, BLOCK_RV)
+    m_mask = offs_m < Sq
+    d_mask = offs_d < D
+    r_mask = offs_r < R
+    rv_mask = offs_rv < RV
+    q_rows = b * q_rb + h * q_rh + (q_start + offs_m) * q_rs
+    k_rows0 = b * k_rb + hk * k_rh + k_start * k_rs
+    return (b, h, q_start, Sq, Sk, m0, offs_m, offs_d, offs_r, offs_rv, m_mask, d_mask, r_mask, rv_mask,
+            q_rows, k_rows0)
+
+
+@triton.jit
 def _fwd_inner(
     acc, acc_c, m_i, l_i, q, qc, k_base, v_base, kc_base, vc_base, k_rows0, offs_m, offs_n, offs_d, offs_r,
     offs_rv, d_mask, r_mask, rv_mask, lo, hi, Sq, Sk, k_rs, D, R, RV, scale,
@@ -244,27 +274,12 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RV: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    q_start, Sq = _seq(cu_q_ptr, b, SEQ_Q, VARLEN)
-    k_start, Sk = _seq(cu_k_ptr, b, SEQ_K, VARLEN)
-    m0 = pid_m * BLOCK_M
+    (b, h, q_start, Sq, Sk, m0, offs_m, offs_d, offs_r, offs_rv, m_mask, d_mask, r_mask, rv_mask, q_rows,
+     k_rows0) = _query_block(cu_q_ptr, cu_k_ptr, H, GROUP, SEQ_Q, SEQ_K, D, R, RV, q_rb, q_rh, q_rs, k_rb, k_rh, k_rs,
+                             VARLEN, BLOCK_D, BLOCK_R, BLOCK_RV, BLOCK_M)
     if m0 >= Sq:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_rv = tl.arange(0, BLOCK_RV)
-    m_mask = offs_m < Sq
-    d_mask = offs_d < D
-    r_mask = offs_r < R
-    rv_mask = offs_rv < RV
-    q_rows = b * q_rb + h * q_rh + (q_start + offs_m) * q_rs
-    k_rows0 = b * k_rb + hk * k_rh + k_start * k_rs
 
     q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     qc = q
@@ -495,27 +510,12 @@ def _bwd_dq_kernel(
     """dq, dq_c of one query block of one head, looping over the key blocks it sees. EXACT: a first sweep
     computes Delta = rowsum(P * dP) in float64 from the same fp32 dP as the second (their rounding errors
     cancel in dP - Delta, which Delta = rowsum(dO * O) would not give) and stores it for the dk/dv kernel."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    q_start, Sq = _seq(cu_q_ptr, b, SEQ_Q, VARLEN)
-    k_start, Sk = _seq(cu_k_ptr, b, SEQ_K, VARLEN)
-    m0 = pid_m * BLOCK_M
+    (b, h, q_start, Sq, Sk, m0, offs_m, offs_d, offs_r, offs_rv, m_mask, d_mask, r_mask, rv_mask, q_rows,
+     k_rows0) = _query_block(cu_q_ptr, cu_k_ptr, H, GROUP, SEQ_Q, SEQ_K, D, R, RV, q_rb, q_rh, q_rs, k_rb, k_rh, k_rs,
+                             VARLEN, BLOCK_D, BLOCK_R, BLOCK_RV, BLOCK_M)
     if m0 >= Sq:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_nb = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_rv = tl.arange(0, BLOCK_RV)
-    m_mask = offs_m < Sq
-    d_mask = offs_d < D
-    r_mask = offs_r < R
-    rv_mask = offs_rv < RV
-    q_rows = b * q_rb + h * q_rh + (q_start + offs_m) * q_rs
-    k_rows0 = b * k_rb + hk * k_rh + k_start * k_rs
     md_mask = m_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + q_rows[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)
     do = tl.load(do_ptr + q_rows[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)

@@ -295,6 +295,31 @@ def _linear_kernel(
     tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def _assignment_tile(pid, seg_ptr, NA, E, TILE: tl.constexpr, BLOCK_E: tl.constexpr, SORTED: tl.constexpr):
+    """(adapter e, start, end) of tile ``pid`` of up to TILE assignments: a tile of adapter e's segment of the
+    sorted assignments (see ``_segment_tile``; e >= E: no tile), or, unsorted (single-adapter mode), the
+    assignments from pid * TILE of adapter 0."""
+    if SORTED:
+        e, start, end = _segment_tile(pid, seg_ptr, E, TILE, BLOCK_E)
+    else:
+        e = 0
+        start = pid * TILE
+        end = NA
+    return e, start, end
+
+
+@triton.jit
+def _slots(order_ptr, offs, mask, SORTED: tl.constexpr):
+    """The assignment (slot) ids at positions ``offs`` of the assignment order: ``order`` sorted, else the
+    positions themselves."""
+    if SORTED:
+        slot = tl.load(order_ptr + offs, mask=mask, other=0).to(tl.int64)
+    else:
+        slot = offs.to(tl.int64)
+    return slot
+
+
 @triton.autotune(
     configs=_SHRINK_CONFIGS,
     key=["ROWS_BUCKET", "K", "stride_xk", "BLOCK_R", "SORTED"],
@@ -316,21 +341,12 @@ def _seg_shrink_kernel(
     x (M, K), A (E, R, K), u (NA, R) with NA = M * SLOTS assignments. SORTED: ``order`` (NA,) lists the
     assignments by adapter and ``seg`` (E+1,) the segment offsets; otherwise assignment a is row a and
     uses A[0] (single-adapter mode, E = 1)."""
-    pid = tl.program_id(0)
-    if SORTED:
-        e, start, end = _segment_tile(pid, seg_ptr, E, BLOCK_M, BLOCK_E)
-        if e >= E:
-            return
-    else:
-        e = 0
-        start = pid * BLOCK_M
-        end = NA
+    e, start, end = _assignment_tile(tl.program_id(0), seg_ptr, NA, E, BLOCK_M, BLOCK_E, SORTED)
+    if e >= E:
+        return
     offs = start + tl.arange(0, BLOCK_M)
     m_mask = offs < end
-    if SORTED:
-        slot = tl.load(order_ptr + offs, mask=m_mask, other=0).to(tl.int64)
-    else:
-        slot = offs.to(tl.int64)
+    slot = _slots(order_ptr, offs, m_mask, SORTED)
     row = slot // SLOTS
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -369,16 +385,10 @@ def _seg_outer_kernel(
     """out[e] += s * sum_a g[a] * outer(vec[a], mat[a // SLOTS]) over up to ROWS assignments a of adapter e.
 
     vec (NA, R) float32, mat (M, Q), g (NA,) float32, out (E, R, Q) float32 (atomically accumulated)."""
-    pid = tl.program_id(0)
     pid_q = tl.program_id(1)
-    if SORTED:
-        e, start, end = _segment_tile(pid, seg_ptr, E, ROWS, BLOCK_E)
-        if e >= E:
-            return
-    else:
-        e = 0
-        start = pid * ROWS
-        end = NA
+    e, start, end = _assignment_tile(tl.program_id(0), seg_ptr, NA, E, ROWS, BLOCK_E, SORTED)
+    if e >= E:
+        return
     stop = tl.minimum(start + ROWS, end)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = offs_q < Q
@@ -389,10 +399,7 @@ def _seg_outer_kernel(
     for m0 in range(start, stop, BLOCK_M):
         offs = m0 + offs_m
         m_mask = offs < stop
-        if SORTED:
-            slot = tl.load(order_ptr + offs, mask=m_mask, other=0).to(tl.int64)
-        else:
-            slot = offs.to(tl.int64)
+        slot = _slots(order_ptr, offs, m_mask, SORTED)
         row = slot // SLOTS
         vt = tl.load(vec_ptr + slot[None, :] * stride_vs + offs_r[:, None] * stride_vr,
                      mask=r_mask[:, None] & m_mask[None, :], other=0.0)                          # (BR, BM)

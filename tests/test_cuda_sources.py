@@ -4,7 +4,8 @@ On any machine:
   * the kernels (``lowrank_linear_kernels.cu`` and ``circuit_attention_kernels.cu``, plain CUDA C++) compile
     with nvcc for sm_90, without warnings, also with the flags torch's CUDAExtension adds (its
     -D__CUDA_NO_HALF_OPERATORS__ family);
-  * the binding (``extension_cuda.cpp``) passes a C++ syntax check against torch's headers.
+  * the host code (``lowrank_linear_cuda.cpp``, ``circuit_attention_cuda.cpp``) and the binding
+    (``extension_cuda.cpp``) pass a C++ syntax check against torch's headers.
 On a machine with a CUDA device (skipped otherwise): the installed extension (or, where it is absent or older
 than its sources, one built with ``torch.utils.cpp_extension.load``) is checked against the float64
 references of ``recursive_kernels.reference``:
@@ -37,9 +38,12 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 KERNELS_CU = CUDA_DIR / "lowrank_linear_kernels.cu"
 ATTENTION_CU = CUDA_DIR / "circuit_attention_kernels.cu"
 KERNEL_SOURCES = (KERNELS_CU, ATTENTION_CU)
-BINDING = CUDA_DIR / "extension_cuda.cpp"
+SHARED_CHECKS = ROOT / "csrc" / "checks.h"  # included by the host files, shared with the CPU backend
+HOST_SOURCES = (CUDA_DIR / "lowrank_linear_cuda.cpp", CUDA_DIR / "circuit_attention_cuda.cpp",
+                CUDA_DIR / "extension_cuda.cpp")
 OUR_FILES = ("lowrank_linear_kernels.cu", "lowrank_linear_kernels.h", "circuit_attention_kernels.cu",
-             "circuit_attention_kernels.h", "element_conversions.cuh", "extension_cuda.cpp")
+             "circuit_attention_kernels.h", "element_conversions.cuh", "checks.h", "kernel_launch.h", "ops_cuda.h",
+             "lowrank_linear_cuda.cpp", "circuit_attention_cuda.cpp", "extension_cuda.cpp")
 COMPILE_TIMEOUT_S = 300
 
 # The macros torch's CUDAExtension passes to nvcc (torch.utils.cpp_extension.COMMON_NVCC_FLAGS).
@@ -155,7 +159,7 @@ def test_binding_syntax(std):
         pytest.skip("no C++ compiler (g++ / c++) on PATH")
     cuda_include = _cuda_include_dir()
     if cuda_include is None:
-        pytest.skip("the CUDA toolkit headers (cuda_runtime_api.h) are not installed; the binding includes them "
+        pytest.skip("the CUDA toolkit headers (cuda_runtime_api.h) are not installed; the host code includes them "
                     "through c10/cuda")
     from torch.utils.cpp_extension import include_paths
 
@@ -171,7 +175,7 @@ def test_binding_syntax(std):
     cmd = [cxx, "-fsyntax-only", f"-std={std}", "-Wall", "-Wextra", *defines, f"-I{CUDA_DIR}"]
     for inc in [*torch_includes, cuda_include, pathlib.Path(sysconfig.get_paths()["include"])]:
         cmd += ["-isystem", str(inc)]  # their own warnings are not ours
-    cmd.append(str(BINDING))
+    cmd += [str(p) for p in HOST_SOURCES]
     proc = _run(cmd)
     assert proc.returncode == 0, _report(cmd, proc)
     assert not _warnings_about_our_files(proc.stdout + proc.stderr), _report(cmd, proc)
@@ -395,7 +399,7 @@ def _installed_cuda_ext():
     except ImportError:
         return None
     built = pathlib.Path(mod.__file__).stat().st_mtime
-    sources = [p for p in CUDA_DIR.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")]
+    sources = [*(p for p in CUDA_DIR.iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp")), SHARED_CHECKS]
     return mod if all(p.stat().st_mtime <= built for p in sources) else None
 
 
@@ -412,7 +416,7 @@ def cuda_ext(tmp_path_factory):
         build_dir = tmp_path_factory.mktemp("cuda_ext_build")
         return cpp_extension.load(
             name="recursive_kernels_cuda_sources_test",
-            sources=[*(str(p) for p in KERNEL_SOURCES), str(BINDING)],
+            sources=[str(p) for p in (*KERNEL_SOURCES, *HOST_SOURCES)],
             extra_include_paths=[str(CUDA_DIR)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3"],

@@ -34,6 +34,9 @@
 //
 // Nothing here needs --use_fast_math, relaxed constexpr or half operators: conversions go through the
 // cuda_fp16.h / cuda_bf16.h intrinsics, so torch's -D__CUDA_NO_HALF_OPERATORS__ etc. are fine.
+//
+// One file, longer than the others: the four kernels share the tile machinery defined first (sequences, block
+// and query-tile decoding, staging, dot products, products), and the file reads top-down from it.
 
 #include "circuit_attention_kernels.h"
 #include "element_conversions.cuh"
@@ -318,6 +321,30 @@ __device__ __forceinline__ BlockIndex block_index(int64_t tiles, int64_t groups)
   return index;
 }
 
+// The query tile a block of forward_kernel or dq_kernel owns: the tile of kTileRows query rows from i0 of query
+// head h (kv head hk) in sequence b, the rows of it inside the sequence and the keys [0, key_end) some row of it
+// sees. Tiles are numbered from the last: under a causal mask later query tiles see more keys, and starting
+// them first shortens the tail of the grid. rows_valid and key_end mean something only when i0 < seq.q_len.
+struct QueryTile {
+  BlockIndex index;
+  int64_t i0, b, h, hk;
+  Sequence seq;
+  int64_t rows_valid, key_end;
+};
+
+__device__ __forceinline__ QueryTile query_tile(const CircuitAttentionShape& shape, int64_t tiles, int64_t groups) {
+  QueryTile t;
+  t.index = block_index(tiles, groups);
+  t.i0 = (tiles - 1 - t.index.tile) * kTileRows;
+  t.b = t.index.outer / shape.heads;
+  t.h = t.index.outer % shape.heads;
+  t.hk = t.h / (shape.heads / shape.kv_heads);
+  t.seq = sequence_of(shape, t.b);
+  t.rows_valid = min64(kTileRows, t.seq.q_len - t.i0);
+  t.key_end = visible_key_end(shape, t.seq, t.i0 + t.rows_valid);
+  return t;
+}
+
 // ---- forward ----
 
 template <typename T>
@@ -327,16 +354,8 @@ forward_kernel(CircuitAttentionShape shape, CircuitAttentionTensors ts, int64_t 
   __shared__ SharedTiles sm;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const BlockIndex index = block_index(tiles, groups);
-  // Causal: later query tiles see more keys; starting them first shortens the tail of the grid.
-  const int64_t i0 = (tiles - 1 - index.tile) * kTileRows;
-  const int64_t b = index.outer / shape.heads;
-  const int64_t h = index.outer % shape.heads;
-  const int64_t hk = h / (shape.heads / shape.kv_heads);
-  const Sequence seq = sequence_of(shape, b);
+  const auto [index, i0, b, h, hk, seq, rows_valid, key_end] = query_tile(shape, tiles, groups);
   if (i0 >= seq.q_len) return;  // uniform over the block
-  const int64_t rows_valid = min64(kTileRows, seq.q_len - i0);
-  const int64_t key_end = visible_key_end(shape, seq, i0 + rows_valid);
   const int64_t D = shape.head_dim, R = shape.rank_qk, Rv = shape.rank_v;
 
   const Rows<const T> q = sequence_rows<const T>(ts.q, b, h, seq.q_first, D);
@@ -455,15 +474,8 @@ dq_kernel(CircuitAttentionShape shape, CircuitAttentionTensors ts, CircuitAttent
   __shared__ SharedTiles sm;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const BlockIndex index = block_index(tiles, groups);
-  const int64_t i0 = (tiles - 1 - index.tile) * kTileRows;  // causal: the longest rows first
-  const int64_t b = index.outer / shape.heads;
-  const int64_t h = index.outer % shape.heads;
-  const int64_t hk = h / (shape.heads / shape.kv_heads);
-  const Sequence seq = sequence_of(shape, b);
+  const auto [index, i0, b, h, hk, seq, rows_valid, key_end] = query_tile(shape, tiles, groups);
   if (i0 >= seq.q_len) return;  // uniform over the block
-  const int64_t rows_valid = min64(kTileRows, seq.q_len - i0);
-  const int64_t key_end = visible_key_end(shape, seq, i0 + rows_valid);
   const int64_t D = shape.head_dim, R = shape.rank_qk, Rv = shape.rank_v;
 
   const Rows<const T> q = sequence_rows<const T>(ts.q, b, h, seq.q_first, D);
@@ -701,30 +713,20 @@ cudaError_t launch_backward(const CircuitAttentionShape& shape, const CircuitAtt
 cudaError_t circuit_attention_forward(ScalarKind kind, const CircuitAttentionShape& shape,
                                       const CircuitAttentionTensors& tensors, cudaStream_t stream) {
   if (!valid_shape(shape)) return cudaErrorInvalidValue;
-  switch (kind) {
-    case ScalarKind::kFloat32:
-      return launch_forward<float>(shape, tensors, stream);
-    case ScalarKind::kFloat16:
-      return launch_forward<__half>(shape, tensors, stream);
-    case ScalarKind::kBFloat16:
-      return launch_forward<__nv_bfloat16>(shape, tensors, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(kind, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return launch_forward<T>(shape, tensors, stream);
+  });
 }
 
 cudaError_t circuit_attention_backward(ScalarKind kind, const CircuitAttentionShape& shape,
                                        const CircuitAttentionTensors& tensors, const CircuitAttentionGrads& grads,
                                        cudaStream_t stream) {
   if (!valid_shape(shape)) return cudaErrorInvalidValue;
-  switch (kind) {
-    case ScalarKind::kFloat32:
-      return launch_backward<float>(shape, tensors, grads, stream);
-    case ScalarKind::kFloat16:
-      return launch_backward<__half>(shape, tensors, grads, stream);
-    case ScalarKind::kBFloat16:
-      return launch_backward<__nv_bfloat16>(shape, tensors, grads, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(kind, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return launch_backward<T>(shape, tensors, grads, stream);
+  });
 }
 
 }  // namespace cuda_backend

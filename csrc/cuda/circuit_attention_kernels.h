@@ -6,8 +6,8 @@
 // correction is not scaled. Causal masking is bottom-right aligned per sequence: query i sees key j iff
 // j <= i + (len_k - len_q). A row that sees no key gets out = 0, out_c = 0, lse = -inf and zero gradients.
 //
-// Plain CUDA C++: no torch headers on either side of this interface (extension_cuda.cpp validates, allocates
-// and calls these launchers). Conventions:
+// Plain CUDA C++: no torch headers on either side of this interface (circuit_attention_cuda.cpp validates,
+// allocates and calls these launchers). Conventions:
 //   * Element pointers of the input dtype are passed as void* with a ScalarKind. The softmax statistics
 //     (lse, Delta) are in the "stat" dtype: double for kFloat32, float for kFloat16 / kBFloat16.
 //   * Every launcher only enqueues work on `stream` and returns the launch status (cudaGetLastError());

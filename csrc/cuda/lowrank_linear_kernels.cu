@@ -264,15 +264,10 @@ cudaError_t lowrank_shrink(ScalarKind kind, float* out, const void* x, int64_t x
                            const void* w, int64_t w_s0, int64_t w_s1, int64_t w_s2,
                            const SlotMap& map, int64_t rank, int64_t len, cudaStream_t stream) {
   if (!valid_map(map) || rank < 0 || len < 0) return cudaErrorInvalidValue;
-  switch (kind) {
-    case ScalarKind::kFloat32:
-      return launch_shrink<float>(out, x, x_s0, x_s1, w, w_s0, w_s1, w_s2, map, rank, len, stream);
-    case ScalarKind::kFloat16:
-      return launch_shrink<__half>(out, x, x_s0, x_s1, w, w_s0, w_s1, w_s2, map, rank, len, stream);
-    case ScalarKind::kBFloat16:
-      return launch_shrink<__nv_bfloat16>(out, x, x_s0, x_s1, w, w_s0, w_s1, w_s2, map, rank, len, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(kind, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return launch_shrink<T>(out, x, x_s0, x_s1, w, w_s0, w_s1, w_s2, map, rank, len, stream);
+  });
 }
 
 cudaError_t lowrank_expand_add(ScalarKind kind, void* y, int64_t y_s0, int64_t y_s1, const float* coef,
@@ -280,16 +275,10 @@ cudaError_t lowrank_expand_add(ScalarKind kind, void* y, int64_t y_s0, int64_t y
                                const SlotMap& map, int64_t rank, int64_t cols, float scale,
                                cudaStream_t stream) {
   if (!valid_map(map) || rank < 0 || cols < 0) return cudaErrorInvalidValue;
-  switch (kind) {
-    case ScalarKind::kFloat32:
-      return launch_expand_add<float>(y, y_s0, y_s1, coef, w, w_s0, w_s1, w_s2, map, rank, cols, scale, stream);
-    case ScalarKind::kFloat16:
-      return launch_expand_add<__half>(y, y_s0, y_s1, coef, w, w_s0, w_s1, w_s2, map, rank, cols, scale, stream);
-    case ScalarKind::kBFloat16:
-      return launch_expand_add<__nv_bfloat16>(y, y_s0, y_s1, coef, w, w_s0, w_s1, w_s2, map, rank, cols, scale,
-                                              stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(kind, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return launch_expand_add<T>(y, y_s0, y_s1, coef, w, w_s0, w_s1, w_s2, map, rank, cols, scale, stream);
+  });
 }
 
 cudaError_t lowrank_outer_scatter(ScalarKind kind, float* d, int64_t d_s0, int64_t d_s1, int64_t d_s2,
@@ -297,16 +286,10 @@ cudaError_t lowrank_outer_scatter(ScalarKind kind, float* d, int64_t d_s0, int64
                                   const SlotMap& map, int64_t rank, int64_t cols, float scale,
                                   cudaStream_t stream) {
   if (!valid_map(map) || rank < 0 || cols < 0) return cudaErrorInvalidValue;
-  switch (kind) {
-    case ScalarKind::kFloat32:
-      return launch_outer_scatter<float>(d, d_s0, d_s1, d_s2, coef, q, q_s0, q_s1, map, rank, cols, scale, stream);
-    case ScalarKind::kFloat16:
-      return launch_outer_scatter<__half>(d, d_s0, d_s1, d_s2, coef, q, q_s0, q_s1, map, rank, cols, scale, stream);
-    case ScalarKind::kBFloat16:
-      return launch_outer_scatter<__nv_bfloat16>(d, d_s0, d_s1, d_s2, coef, q, q_s0, q_s1, map, rank, cols, scale,
-                                                 stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(kind, [&](auto element) {
+    using T = typename decltype(element)::type;
+    return launch_outer_scatter<T>(d, d_s0, d_s1, d_s2, coef, q, q_s0, q_s1, map, rank, cols, scale, stream);
+  });
 }
 
 }  // namespace cuda_backend

@@ -1,7 +1,7 @@
 // Hand-written CUDA kernels for the low-rank (LoRA) parts of `lowrank_linear` (the CUDA fallback backend).
 //
-// Plain CUDA C++: no torch headers on either side of this interface. The binding
-// (extension_cuda.cpp) does the dense shared-weight matmuls through ATen/cuBLAS and calls the launchers
+// Plain CUDA C++: no torch headers on either side of this interface. The host code
+// (lowrank_linear_cuda.cpp) does the dense shared-weight matmuls through ATen/cuBLAS and calls the launchers
 // below for the gathered low-rank parts, in the style of Punica's BGMV: every (row, slot) reads its own
 // adapter's factor in place, through the factor's element strides (no per-row copies of weights).
 //
