@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import recursive_kernels
+from tests.helpers import serving_backends
 
 F64 = torch.float64
 
@@ -168,9 +169,6 @@ def test_malformed_cu_seqlens_raise(cu_q, cu_k, max_q, argument):
 
 
 # ------------------------------------------------------------------ fused backends vs float64
-
-from tests.conftest import serving_backends  # noqa: E402
-
 
 def kernel_backends(dtype, head_dim=16, op="circuit_attention"):
     """The fused backends on this machine (comparing the reference with itself cannot fail)."""

@@ -19,7 +19,7 @@ import torch
 import recursive_kernels
 from recursive_kernels import BackendUnavailableError, backends
 from recursive_kernels.lowrank_linear import _lowrank_linear_op
-from tests.conftest import serving_backends
+from tests.helpers import serving_backends
 
 GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "gates")
 
