@@ -1,7 +1,7 @@
 """``recursive.convert_hf`` and ``python -m recursive convert`` on tiny Hugging Face models built from configs.
 
 The oracle is an unrolled float64 reference of the Hugging Face decoder computed from the Hugging Face
-model's own parameters (the reference functions of ``tests.test_modules``). Hugging Face's float64
+model's own parameters (the reference functions of ``tests.helpers``). Hugging Face's float64
 models run their norms and rotary tables in float32, so they are not an exact oracle themselves;
 ``test_reference_is_the_hf_model`` shows that the reference computes what they compute, up to that
 float32 rounding. Norm weights and biases are randomised so that a norm or bias taken from the wrong
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from recursive import RecursiveForCausalLM, convert_hf, export_hf
 from recursive.__main__ import main as cli_main
-from tests.test_modules import ref_attention, ref_feed_forward, ref_rms_norm, sub
+from tests.helpers import ref_attention, ref_feed_forward, ref_rms_norm, sub
 
 transformers = pytest.importorskip("transformers")
 

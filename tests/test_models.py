@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from recursive import RecursiveConfig, RecursiveEncoder, RecursiveForCausalLM
-from tests.test_modules import (
+from tests.helpers import (
     DTYPE,
     TOL,
     randomize_,
