@@ -1,7 +1,9 @@
 """What the test modules share; a helper module, not a test module: it imports no test module.
 
 * the backends this machine can serve (:func:`serving_backends`);
-* plain-PyTorch references written from the math (``ref_*``, no kernels), float64 at ``TOL``.
+* plain-PyTorch references written from the math (``ref_*``, no kernels), float64 at ``TOL``;
+* tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``) and
+  the check of shared parameters' gradients against an unrolled reference's copies.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recursive import RecursiveConfig, RecursiveForCausalLM
 from recursive_kernels import backends
 
 
@@ -140,3 +143,66 @@ def randomize_(module: nn.Module, scale: float = 0.2) -> nn.Module:
         for p in module.parameters():
             p.add_(scale * torch.randn_like(p))
     return module
+
+
+def ref_block(h: Tensor, params: Dict[str, Tensor], adapter: int, config: RecursiveConfig, positions: Tensor,
+              causal: bool, key_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """A pre-norm block on its own parameter copies; returns the new hidden states and the MoL loss."""
+    norm = {"eps": config.rms_norm_eps, "unit_offset": config.norm_unit_offset}
+    x = ref_rms_norm(h, params["input_layernorm.weight"], **norm)
+    h = h + ref_attention(
+        x, sub(params, "self_attn."), adapter, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, positions=positions, theta=config.rope_theta, causal=causal,
+        alpha=config.lora_alpha, key_mask=key_mask,
+    )
+    x = ref_rms_norm(h, params["post_attention_layernorm.weight"], **norm)
+    if config.relaxation == "mol":
+        out, aux = ref_mixture(x, sub(params, "mlp."), config.num_experts_per_tok, config.hidden_act, config.lora_alpha,
+                               None if key_mask is None else key_mask.bool())
+        return h + out, aux
+    return h + ref_feed_forward(x, sub(params, "mlp."), adapter, config.hidden_act, config.lora_alpha), None
+
+
+# Tiny models.
+
+VOCAB = 97
+
+
+def tiny_config(**kwargs) -> RecursiveConfig:
+    options = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                   num_layers=4, num_blocks=2, lora_rank=3, lora_alpha=6.0, circuit_rank=3, num_experts=4,
+                   num_experts_per_tok=2, router_aux_loss_coef=0.1)
+    options.update(kwargs)
+    return RecursiveConfig(**options)
+
+
+# One configuration per relaxation, spread over the sharing schemes and the Hugging Face model options.
+RELAXATIONS = {
+    "none": dict(relaxation="none", qkv_bias=True, tie_word_embeddings=True),  # Qwen2-like
+    "depth_lora": dict(relaxation="depth_lora", sharing="sequence",
+                       lora_rank={"q": 4, "k": 2, "v": 3, "o": 4, "gate": 2, "up": 4, "down": 3}),
+    "qkov_lora": dict(relaxation="qkov_lora", sharing="middle_cycle", num_layers=5, num_blocks=3, start_index=2,
+                      head_dim=12, norm_unit_offset=True, embed_scale=math.sqrt(32), hidden_act="gelu_pytorch_tanh",
+                      tie_word_embeddings=True),  # Gemma-like
+    "circuit": dict(relaxation="circuit", num_layers=6, start_index=1),
+    "mol": dict(relaxation="mol", num_blocks=1, hidden_act="gelu", lora_targets=("gate", "down")),
+}
+
+
+def make_model(cls=RecursiveForCausalLM, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    return randomize_(cls(tiny_config(**kwargs)).to(DTYPE), scale=0.1)
+
+
+def assert_grads_are_sums_over_depths(model, top, layers) -> None:
+    """Each parameter's gradient equals its copy's (outside the blocks) or the sum of its copies' over the
+    effective layers that run its block."""
+    for name, param in model.named_parameters():
+        if ".blocks." in name:
+            block, local = int(name.split(".")[2]), name.split(".", 3)[3]
+            copies = [params[local].grad for b, params in layers if b == block and params[local].grad is not None]
+            expected = torch.stack(copies).sum(0) if copies else torch.zeros_like(param)
+        else:
+            expected = top[name].grad
+        got = torch.zeros_like(param) if param.grad is None else param.grad
+        torch.testing.assert_close(got, expected, **TOL, msg=lambda m: f"{name}: {m}")

@@ -20,7 +20,7 @@ from recursive.generation import calibrate_exit_threshold, generate_in_batches, 
 from recursive.generation.engine_run import EngineRun
 from recursive.losses import exit_loss
 from recursive.nn import rotary_embedding
-from tests.test_models import VOCAB, make_model
+from tests.helpers import VOCAB, make_model
 
 # Cycle sharing (early exit needs loop boundaries), one configuration per relaxation.
 CONFIGS = {

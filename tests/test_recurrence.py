@@ -22,8 +22,19 @@ from recursive_kernels import backends
 from recursive_kernels.backends import BACKENDS
 from recursive import DepthBatchingEngine, RecursiveEncoder
 from recursive.cache import LayerKV, RecursionKV
-from tests.test_models import VOCAB, assert_grads_are_sums_over_depths, make_model, ref_block, tiny_config
-from tests.helpers import TOL, ref_feed_forward, ref_linear, ref_rms_norm, ref_rope, sub
+from tests.helpers import (
+    TOL,
+    VOCAB,
+    assert_grads_are_sums_over_depths,
+    make_model,
+    ref_block,
+    ref_feed_forward,
+    ref_linear,
+    ref_rms_norm,
+    ref_rope,
+    sub,
+    tiny_config,
+)
 
 LayerCopy = Tuple[int, Dict[str, Tensor], int]  # (block, parameters, adapter)
 
