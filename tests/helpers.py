@@ -3,7 +3,8 @@
 * the backends this machine can serve (:func:`serving_backends`);
 * plain-PyTorch references written from the math (``ref_*``, no kernels), float64 at ``TOL``;
 * tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``) and
-  the check of shared parameters' gradients against an unrolled reference's copies.
+  the check of shared parameters' gradients against an unrolled reference's copies; the hierarchical
+  (``HIERARCHICAL``) and Mixture-of-Recursions (``MIXTURE_OF_RECURSIONS``) variants of their data flow.
 """
 
 from __future__ import annotations
@@ -206,3 +207,30 @@ def assert_grads_are_sums_over_depths(model, top, layers) -> None:
             expected = top[name].grad
         got = torch.zeros_like(param) if param.grad is None else param.grad
         torch.testing.assert_close(got, expected, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+# make_model options of the other data flows: hierarchical recurrence (HRM-LM) and Mixture-of-Recursions.
+HIERARCHICAL = {
+    "two_blocks": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2, relaxation="none"),
+    "modules_of_two": dict(sharing="hierarchical", num_layers=8, num_blocks=4, hrm_period=3, relaxation="depth_lora"),
+    "one_step": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2, relaxation="qkov_lora",
+                     hrm_one_step_gradient=True),
+}
+
+MIXTURE_OF_RECURSIONS = {
+    "expert_cycle": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
+                         mor_router_alpha=0.7, mor_z_loss_coef=0.05, mor_router_loss_coef=0.3),
+    "expert_middle_cycle": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
+                                mor_capacities=(1.0, 0.6, 0.3), relaxation="qkov_lora", start_index=2),
+    "token_cycle": dict(mor_routing="token_choice", num_layers=3, num_blocks=1, relaxation="circuit",
+                        mor_balance_loss_coef=0.2, mor_z_loss_coef=0.05),
+    "expert_kv_sharing": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
+                              mor_kv_sharing=True, mor_capacities=(0.8, 0.6, 0.3)),
+    "token_kv_sharing": dict(mor_routing="token_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
+                             relaxation="qkov_lora", mor_kv_sharing=True, mor_balance_loss_coef=0.2),
+    "expert_threshold": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="circuit",
+                             mor_threshold_routing=True, mor_capacities=(0.7, 0.5, 0.3), mor_router_loss_coef=0.3),
+    "expert_threshold_kv_sharing": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
+                                        relaxation="depth_lora", mor_threshold_routing=True, mor_kv_sharing=True,
+                                        mor_router_loss_coef=0.3),
+}

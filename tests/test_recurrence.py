@@ -23,6 +23,8 @@ from recursive_kernels.backends import BACKENDS
 from recursive import DepthBatchingEngine, RecursiveEncoder
 from recursive.cache import LayerKV, RecursionKV
 from tests.helpers import (
+    HIERARCHICAL,
+    MIXTURE_OF_RECURSIONS,
     TOL,
     VOCAB,
     assert_grads_are_sums_over_depths,
@@ -96,14 +98,6 @@ def ref_hierarchical(model, input_ids: Tensor, attention_mask: Optional[Tensor],
         slow = module_pass(slow + fast)
     assert layer == config.num_layers
     return slow, top, layers
-
-
-HIERARCHICAL = {
-    "two_blocks": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2, relaxation="none"),
-    "modules_of_two": dict(sharing="hierarchical", num_layers=8, num_blocks=4, hrm_period=3, relaxation="depth_lora"),
-    "one_step": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2, relaxation="qkov_lora",
-                     hrm_one_step_gradient=True),
-}
 
 
 @pytest.mark.parametrize("variant", list(HIERARCHICAL))
@@ -263,25 +257,6 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor, 
     if router_terms:
         extra = extra + config.mor_router_loss_coef * torch.stack(router_terms).mean()
     return h, config.mor_z_loss_coef * torch.stack(z_terms).mean() + extra, depths, top, layers
-
-
-MIXTURE_OF_RECURSIONS = {
-    "expert_cycle": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
-                         mor_router_alpha=0.7, mor_z_loss_coef=0.05, mor_router_loss_coef=0.3),
-    "expert_middle_cycle": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
-                                mor_capacities=(1.0, 0.6, 0.3), relaxation="qkov_lora", start_index=2),
-    "token_cycle": dict(mor_routing="token_choice", num_layers=3, num_blocks=1, relaxation="circuit",
-                        mor_balance_loss_coef=0.2, mor_z_loss_coef=0.05),
-    "expert_kv_sharing": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
-                              mor_kv_sharing=True, mor_capacities=(0.8, 0.6, 0.3)),
-    "token_kv_sharing": dict(mor_routing="token_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
-                             relaxation="qkov_lora", mor_kv_sharing=True, mor_balance_loss_coef=0.2),
-    "expert_threshold": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="circuit",
-                             mor_threshold_routing=True, mor_capacities=(0.7, 0.5, 0.3), mor_router_loss_coef=0.3),
-    "expert_threshold_kv_sharing": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
-                                        relaxation="depth_lora", mor_threshold_routing=True, mor_kv_sharing=True,
-                                        mor_router_loss_coef=0.3),
-}
 
 
 @pytest.mark.parametrize("variant", list(MIXTURE_OF_RECURSIONS))
