@@ -4,13 +4,15 @@
 * plain-PyTorch references written from the math (``ref_*``, no kernels), float64 at ``TOL``;
 * tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``) and
   the check of shared parameters' gradients against an unrolled reference's copies; the hierarchical
-  (``HIERARCHICAL``) and Mixture-of-Recursions (``MIXTURE_OF_RECURSIONS``) variants of their data flow.
+  (``HIERARCHICAL``) and Mixture-of-Recursions (``MIXTURE_OF_RECURSIONS``) variants of their data flow;
+* checks of the generation engines: every request completes, synchronisations per engine step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -234,3 +236,41 @@ MIXTURE_OF_RECURSIONS = {
                                         relaxation="depth_lora", mor_threshold_routing=True, mor_kv_sharing=True,
                                         mor_router_loss_coef=0.3),
 }
+
+
+# Generation engines.
+
+
+def assert_every_request_completes(engine, outputs, prompts, counts, eos) -> None:
+    """Each output is its prompt and then ``counts`` new tokens, or fewer ending at the first ``eos``; the
+    engine's stats count them all."""
+    assert len(outputs) == len(prompts)
+    for output, prompt, count in zip(outputs, prompts, counts):
+        new = output[len(prompt):]
+        assert output[:len(prompt)] == prompt
+        assert len(new) == count or (0 < len(new) < count and new[-1] == eos)
+        assert eos not in new[:-1]
+    assert engine.stats.new_tokens == sum(len(o) - len(p) for o, p in zip(outputs, prompts))
+
+
+def synchronisations_per_step(engine, run_class, prompts, monkeypatch) -> List[int]:
+    """The synchronising CUDA calls (torch's sync debug mode names each) of every ``run_class._step`` of
+    ``engine.generate(prompts, 5)``, after a run of the same shapes that compiles and autotunes outside
+    the count."""
+    engine.generate(prompts, 5)
+    counts = []
+    step = run_class._step
+
+    def counted(run):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step(run)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchronizing" in str(w.message) for w in caught))
+
+    monkeypatch.setattr(run_class, "_step", counted)
+    engine.generate(prompts, 5)
+    return counts

@@ -27,6 +27,7 @@ from tests.helpers import (
     MIXTURE_OF_RECURSIONS,
     TOL,
     VOCAB,
+    assert_every_request_completes,
     assert_grads_are_sums_over_depths,
     make_model,
     ref_block,
@@ -35,6 +36,7 @@ from tests.helpers import (
     ref_rms_norm,
     ref_rope,
     sub,
+    synchronisations_per_step,
     tiny_config,
 )
 
@@ -459,8 +461,6 @@ def test_depth_batching_engine_serves_other_data_flows(variant):
 def test_recursion_engine_many_random_requests_all_complete(variant):
     """150 requests of random lengths through 16 slots: every one completes with its count (or
     at eos), the counts add up, and a sample equals generate on it alone."""
-    from tests.test_generation import assert_every_request_completes
-
     model = make_model(seed=44, **MIXTURE_OF_RECURSIONS[variant]).eval()
     generator = torch.Generator().manual_seed(45)
     lengths = torch.randint(1, 13, (150,), generator=generator).tolist()
@@ -480,7 +480,6 @@ def test_recursion_engine_step_synchronises_at_most_twice(variant, monkeypatch):
     """A Mixture-of-Recursions engine step reads back which rows ran and go on, then (only when some
     finish) their tokens: at most two synchronising CUDA calls per step."""
     from recursive.generation.recursion_run import RecursionEngineRun
-    from tests.test_generation import synchronisations_per_step
 
     model = make_model(seed=42, **MIXTURE_OF_RECURSIONS[variant]).float().cuda().eval()
     generator = torch.Generator().manual_seed(43)
