@@ -5,6 +5,8 @@
 * tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``) and
   the check of shared parameters' gradients against an unrolled reference's copies; the hierarchical
   (``HIERARCHICAL``) and Mixture-of-Recursions (``MIXTURE_OF_RECURSIONS``) variants of their data flow;
+* tiny float64 Hugging Face models of the families the converter takes (:func:`make_hf`; ``transformers``
+  is imported only when one is built: the tests that build them skip without it);
 * checks of the generation engines: every request completes, synchronisations per engine step.
 """
 
@@ -236,6 +238,55 @@ MIXTURE_OF_RECURSIONS = {
                                         relaxation="depth_lora", mor_threshold_routing=True, mor_kv_sharing=True,
                                         mor_router_loss_coef=0.3),
 }
+
+
+# Tiny Hugging Face models, of the tiny models' vocabulary.
+
+HIDDEN, HEADS, KV_HEADS, INTERMEDIATE = 64, 4, 2, 96
+THETA, EPS = 5000.0, 1e-5
+
+# Per family: the Hugging Face classes, config options, and what the reference needs to know about it.
+FAMILIES = {
+    "llama": dict(cls="Llama", options={}, unit_offset=False, embed_scale=1.0, act="silu"),
+    # Mistral's default window (4096) is below max_position_embeddings; full attention is what converts.
+    "mistral": dict(cls="Mistral", options={"sliding_window": None}, unit_offset=False, embed_scale=1.0, act="silu"),
+    "qwen2": dict(cls="Qwen2", options={"tie_word_embeddings": True}, unit_offset=False, embed_scale=1.0, act="silu"),
+    "gemma": dict(cls="Gemma", options={"head_dim": 24}, unit_offset=True, embed_scale=HIDDEN ** 0.5,
+                  act="gelu_pytorch_tanh"),
+}
+
+
+def hf_config(family: str, num_layers: int = 4, **options):
+    import transformers
+
+    spec = FAMILIES[family]
+    values = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=num_layers,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rope_theta=THETA, rms_norm_eps=EPS,
+                  max_position_embeddings=64, attn_implementation="eager")
+    values.update(spec["options"])
+    values.update(options)
+    return getattr(transformers, f"{spec['cls']}Config")(**values)
+
+
+def make_hf(family: str, num_layers: int = 4, seed: int = 0, uniform: bool = False, **options):
+    """A float64 Hugging Face model with random norm weights and biases; ``uniform``: every layer's norms
+    and biases equal layer 0's (the condition under which fewer blocks can be exact)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = hf_config(family, num_layers, **options)
+    model = getattr(transformers, f"{FAMILIES[family]['cls']}ForCausalLM")(config).to(DTYPE).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.3 * torch.randn_like(p))
+        if uniform:
+            first = model.model.layers[0]
+            for layer in model.model.layers[1:]:
+                for name, p in layer.named_parameters():
+                    if "norm" in name or name.endswith(".bias"):
+                        p.copy_(first.get_parameter(name))
+    return model
 
 
 # Generation engines.

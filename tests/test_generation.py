@@ -20,7 +20,7 @@ from recursive.generation import calibrate_exit_threshold, generate_in_batches, 
 from recursive.generation.engine_run import EngineRun
 from recursive.losses import exit_loss
 from recursive.nn import rotary_embedding
-from tests.helpers import VOCAB, assert_every_request_completes, make_model, synchronisations_per_step
+from tests.helpers import VOCAB, assert_every_request_completes, make_hf, make_model, synchronisations_per_step
 
 # Cycle sharing (early exit needs loop boundaries), one configuration per relaxation.
 CONFIGS = {
@@ -513,7 +513,6 @@ def test_converted_model_greedy_equals_hugging_face_generate(family):
     with and without left padding; the converted model also decodes through the engine."""
     pytest.importorskip("transformers")
     from recursive import convert_hf
-    from tests.test_convert_hf import make_hf
 
     hf = make_hf(family, 4, uniform=True)
     model = convert_hf(hf, 2, lora_rank=10**6).eval()
