@@ -1,6 +1,7 @@
 """What the test modules share; a helper module, not a test module: it imports no test module.
 
-* the backends this machine can serve (:func:`serving_backends`);
+* the backends this machine can serve (:func:`serving_backends`) and the one error rule they are held to
+  (:func:`assert_error_rule`, on :func:`relative_error`);
 * plain-PyTorch references written from the math (``ref_*``, no kernels), float64 at ``TOL``;
 * tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``) and
   the check of shared parameters' gradients against an unrolled reference's copies; the hierarchical
@@ -38,6 +39,26 @@ def serving_backends(op: str, dtype: torch.dtype, **inputs):
             if not backends.reasons(op, name, device, dtype=dtype, **inputs):
                 pairs.append(pytest.param(name, device, id=f"{name}-{device.type}"))
     return pairs
+
+
+def relative_error(ours: Tensor, ref: Tensor) -> float:
+    """``||ours - ref|| / ||ref||`` (Frobenius norms, float64 on the CPU; a zero ``ref`` counts as 1e-30)."""
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != reference's {tuple(ref.shape)}"
+    return ((ours - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_error_rule(name: str, ours: Tensor, ref: Tensor, eager: Tensor, dtype: torch.dtype,
+                      floor: Optional[float] = None) -> None:
+    """The error rule (FlashAttention's): ``ours``, a backend's result computed in ``dtype``, is finite, and
+    its :func:`relative_error` against ``ref``, the float64 reference, is at most twice that of ``eager``, the
+    same computation done eagerly by PyTorch in ``dtype``, plus ``floor`` (by default half an ulp of
+    ``dtype``, ``torch.finfo(dtype).eps / 2``)."""
+    floor = torch.finfo(dtype).eps / 2 if floor is None else floor
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err, eager_err = relative_error(ours, ref), relative_error(eager, ref)
+    assert err <= 2 * eager_err + floor, (f"{name}: error {err:.3e} > 2 x eager {dtype} error {eager_err:.3e} "
+                                          f"+ {floor:.1e}")
 
 
 # References, from the formulas.
