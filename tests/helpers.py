@@ -3,8 +3,8 @@
 * the backends this machine can serve (:func:`serving_backends`) and the one error rule they are held to
   (:func:`assert_error_rule`, on :func:`relative_error`);
 * plain-PyTorch references written from the math (``ref_*``, no kernels), float64 at ``TOL``;
-* tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``) and
-  the check of shared parameters' gradients against an unrolled reference's copies; the hierarchical
+* tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``), the
+  parameter copies an unrolled reference runs on (:func:`copies`) and the checks of a model against it; the hierarchical
   (``HIERARCHICAL``) and Mixture-of-Recursions (``MIXTURE_OF_RECURSIONS``) variants of their data flow;
 * tiny float64 Hugging Face models of the families the converter takes (:func:`make_hf`; ``transformers``
   is imported only when one is built: the tests that build them skip without it);
@@ -220,18 +220,45 @@ def make_model(cls=RecursiveForCausalLM, seed: int = 0, **kwargs):
     return randomize_(cls(tiny_config(**kwargs)).to(DTYPE), scale=0.1)
 
 
-def assert_grads_are_sums_over_depths(model, top, layers) -> None:
+LayerCopy = Tuple[int, Dict[str, Tensor], int]  # (block, parameters, adapter)
+
+
+def copies(model) -> Tuple[Dict[str, Tensor], List[LayerCopy]]:
+    """Copies of the parameters outside the blocks, and one copy of its block per effective layer."""
+    config = model.config
+    top = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters() if ".blocks." not in name}
+    layers = []
+    for layer in range(config.num_layers):
+        block = config.block_of_layer(layer)
+        params = {name: p.detach().clone().requires_grad_() for name, p in model.model.blocks[block].named_parameters()}
+        depth_layers = config.depth_layers_of_block(block)
+        layers.append((block, params, depth_layers.index(layer) if layer in depth_layers else -1))
+    return top, layers
+
+
+def assert_grads_are_sums_over_depths(model, top, layers: List[LayerCopy]) -> None:
     """Each parameter's gradient equals its copy's (outside the blocks) or the sum of its copies' over the
     effective layers that run its block."""
     for name, param in model.named_parameters():
         if ".blocks." in name:
             block, local = int(name.split(".")[2]), name.split(".", 3)[3]
-            copies = [params[local].grad for b, params in layers if b == block and params[local].grad is not None]
-            expected = torch.stack(copies).sum(0) if copies else torch.zeros_like(param)
+            grads = [params[local].grad for b, params, _ in layers if b == block and params[local].grad is not None]
+            expected = torch.stack(grads).sum(0) if grads else torch.zeros_like(param)
         else:
             expected = top[name].grad
         got = torch.zeros_like(param) if param.grad is None else param.grad
         torch.testing.assert_close(got, expected, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def check_against_reference(model, out, ref_logits, ref_loss, top, layers, real: Optional[Tensor] = None) -> None:
+    """Backpropagates ``ref_loss``, an unrolled reference's loss on the copies ``top, layers`` (:func:`copies`),
+    and checks ``out``, the model's output (its loss backpropagated), against it: the logits at the ``real``
+    tokens (all by default), the loss, and every parameter's gradient."""
+    ref_loss.backward()
+    real = torch.ones(out.logits.shape[:2], dtype=torch.bool) if real is None else real
+    torch.testing.assert_close(out.logits[real], ref_logits[real], **TOL)
+    torch.testing.assert_close(out.loss, ref_loss, **TOL)
+    assert_grads_are_sums_over_depths(model, top, layers)
 
 
 # make_model options of the other data flows: hierarchical recurrence (HRM-LM) and Mixture-of-Recursions.

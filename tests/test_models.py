@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import pytest
 import torch
@@ -26,6 +26,8 @@ from tests.helpers import (
     TOL,
     VOCAB,
     assert_grads_are_sums_over_depths,
+    check_against_reference,
+    copies,
     make_model,
     ref_activation,
     ref_block,
@@ -35,9 +37,9 @@ from tests.helpers import (
 
 def ref_backbone(model, input_ids: Tensor, causal: bool, attention_mask: Optional[Tensor] = None):
     """The unrolled backbone. Returns the final hidden states, the mean MoL loss (or None), the copies of
-    the non-block parameters ``{name: tensor}`` and each layer's ``(block, {name: tensor})`` copies."""
+    the non-block parameters ``{name: tensor}`` and each layer's ``(block, {name: tensor}, adapter)`` copies."""
     config = model.config
-    top = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters() if ".blocks." not in name}
+    top, layers = copies(model)
     embed = top["model.embed_tokens.weight"]
     h = embed[input_ids]
     if config.embedding_size is not None:
@@ -45,15 +47,9 @@ def ref_backbone(model, input_ids: Tensor, causal: bool, attention_mask: Optiona
     h = h * config.embed_scale
     B, S = input_ids.shape
     positions = torch.arange(S).expand(B, S) if attention_mask is None else (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    layers: List[Tuple[int, Dict[str, Tensor]]] = []
     aux_losses = []
-    for layer in range(config.num_layers):
-        block = config.block_of_layer(layer)
-        params = {name: p.detach().clone().requires_grad_() for name, p in model.model.blocks[block].named_parameters()}
-        depth_layers = config.depth_layers_of_block(block)
-        adapter = depth_layers.index(layer) if layer in depth_layers else -1
+    for _, params, adapter in layers:
         h, aux = ref_block(h, params, adapter, config, positions, causal, attention_mask)
-        layers.append((block, params))
         if aux is not None:
             aux_losses.append(aux)
     h = ref_rms_norm(h, top["model.norm.weight"], config.rms_norm_eps, config.norm_unit_offset)
@@ -149,11 +145,7 @@ def test_padded_training_batch_matches_reference():
     hidden, _, top, layers = ref_backbone(model, input_ids, causal=True, attention_mask=attention_mask)
     logits = hidden @ top["lm_head.weight"].T
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
-    loss.backward()
-    real = attention_mask.bool()
-    torch.testing.assert_close(out.logits[real], logits[real], **TOL)
-    torch.testing.assert_close(out.loss, loss, **TOL)
-    assert_grads_are_sums_over_depths(model, top, layers)
+    check_against_reference(model, out, logits, loss, top, layers, attention_mask.bool())
 
 
 def test_loss_follows_hugging_face_conventions():
@@ -284,11 +276,7 @@ def test_encoder_mlm_head_matches_reference():
     head = ref_rms_norm(head, top["head_norm.weight"], config.rms_norm_eps, False)
     logits = head @ top["model.embed_tokens.weight"].T + top["decoder.bias"]
     loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
-    loss.backward()
-    real = attention_mask.bool()
-    torch.testing.assert_close(out.logits[real], logits[real], **TOL)
-    torch.testing.assert_close(out.loss, loss, **TOL)
-    assert_grads_are_sums_over_depths(model, top, layers)
+    check_against_reference(model, out, logits, loss, top, layers, attention_mask.bool())
 
 
 def test_encoder_is_bidirectional_and_ignores_padding():

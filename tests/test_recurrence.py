@@ -28,7 +28,8 @@ from tests.helpers import (
     TOL,
     VOCAB,
     assert_every_request_completes,
-    assert_grads_are_sums_over_depths,
+    check_against_reference,
+    copies,
     make_model,
     ref_block,
     ref_feed_forward,
@@ -40,35 +41,11 @@ from tests.helpers import (
     tiny_config,
 )
 
-LayerCopy = Tuple[int, Dict[str, Tensor], int]  # (block, parameters, adapter)
-
-
-def copies(model) -> Tuple[Dict[str, Tensor], List[LayerCopy]]:
-    """Copies of the parameters outside the blocks, and one copy of its block per effective layer."""
-    config = model.config
-    top = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters() if ".blocks." not in name}
-    layers = []
-    for layer in range(config.num_layers):
-        block = config.block_of_layer(layer)
-        params = {name: p.detach().clone().requires_grad_() for name, p in model.model.blocks[block].named_parameters()}
-        depth_layers = config.depth_layers_of_block(block)
-        layers.append((block, params, depth_layers.index(layer) if layer in depth_layers else -1))
-    return top, layers
-
-
 def lm_loss(model, top, hidden: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
     config = model.config
     hidden = ref_rms_norm(hidden, top["model.norm.weight"], config.rms_norm_eps, config.norm_unit_offset)
     logits = hidden @ (top["model.embed_tokens.weight"] if config.tie_word_embeddings else top["lm_head.weight"]).T
     return logits, F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
-
-
-def check_against_reference(model, out, ref_logits, ref_loss, top, layers, real: Optional[Tensor] = None) -> None:
-    ref_loss.backward()
-    real = torch.ones(out.logits.shape[:2], dtype=torch.bool) if real is None else real
-    torch.testing.assert_close(out.logits[real], ref_logits[real], **TOL)
-    torch.testing.assert_close(out.loss, ref_loss, **TOL)
-    assert_grads_are_sums_over_depths(model, top, [(block, params) for block, params, _ in layers])
 
 
 # Hierarchical recurrence (HRM-LM).
