@@ -3,9 +3,9 @@
 * the backends this machine can serve (:func:`serving_backends`) and the one error rule they are held to
   (:func:`assert_error_rule`, on :func:`relative_error`);
 * plain-PyTorch references written from the math (``ref_*``, no kernels), float64 at ``TOL``;
-* tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``), the
-  parameter copies an unrolled reference runs on (:func:`copies`) and the checks of a model against it; the hierarchical
-  (``HIERARCHICAL``) and Mixture-of-Recursions (``MIXTURE_OF_RECURSIONS``) variants of their data flow;
+* tiny seeded float64 models (:func:`make_model`, one configuration per relaxation in ``RELAXATIONS``, the
+  other data flows in ``HIERARCHICAL`` and ``MIXTURE_OF_RECURSIONS``), the parameter copies an unrolled
+  reference runs on (:func:`copies`) and the checks of a model against that reference;
 * tiny float64 Hugging Face models of the families the converter takes (:func:`make_hf`; ``transformers``
   is imported only when one is built: the tests that build them skip without it);
 * checks of the generation engines: every request completes, synchronisations per engine step.
@@ -26,7 +26,7 @@ from recursive import RecursiveConfig, RecursiveForCausalLM
 from recursive_kernels import backends
 
 
-# Backends.
+# Backends and the error rule.
 
 
 def serving_backends(op: str, dtype: torch.dtype, **inputs):
@@ -163,14 +163,6 @@ def ref_mixture(x: Tensor, params: Dict[str, Tensor], top_k: int, act: str, alph
     return out, num_experts * (fraction * mean_prob).sum()
 
 
-def randomize_(module: nn.Module, scale: float = 0.2) -> nn.Module:
-    """Perturb every parameter (fresh LoRA B and circuit U, D are zero: the relaxations would do nothing)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
-
-
 def ref_block(h: Tensor, params: Dict[str, Tensor], adapter: int, config: RecursiveConfig, positions: Tensor,
               causal: bool, key_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """A pre-norm block on its own parameter copies; returns the new hidden states and the MoL loss."""
@@ -192,6 +184,14 @@ def ref_block(h: Tensor, params: Dict[str, Tensor], adapter: int, config: Recurs
 # Tiny models.
 
 VOCAB = 97
+
+
+def randomize_(module: nn.Module, scale: float = 0.2) -> nn.Module:
+    """Perturb every parameter (fresh LoRA B and circuit U, D are zero: the relaxations would do nothing)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
 
 
 def tiny_config(**kwargs) -> RecursiveConfig:
