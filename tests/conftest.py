@@ -16,18 +16,6 @@ import pytest  # noqa: E402
 from recursive_kernels import backends  # noqa: E402
 
 
-def serving_backends(op: str, dtype: torch.dtype, **inputs):
-    """(backend, device) pairs that can serve ``op`` in ``dtype`` (and the op's other ``inputs`` of its
-    support checks) on this machine."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    pairs = []
-    for device in devices:
-        for name in backends.BACKENDS:
-            if not backends.reasons(op, name, device, dtype=dtype, **inputs):
-                pairs.append(pytest.param(name, device, id=f"{name}-{device.type}"))
-    return pairs
-
-
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
     """Tests choose backends explicitly; a developer's RECURSIVE_KERNELS_BACKEND must not leak in."""

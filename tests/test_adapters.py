@@ -1,7 +1,7 @@
 """Adapters, PEFT's workflow on recursive models: which parameters are adapters, training them alone,
 saving and loading them apart from the base model, and merging per-depth LoRA into an untied model.
 
-Float64, seeded, tiny sizes (the models of tests/test_models.py).
+Float64, seeded, tiny sizes (the models of tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from recursive import RecursiveConfig, RecursiveEncoder, RecursiveForCausalLM
 from recursive.__main__ import main as cli
 from recursive.nn import LowRankLinear
 from recursive.train import CORPUS_VOCAB_SIZE, train
-from tests.test_models import RELAXATIONS, VOCAB, make_model
+from tests.helpers import RELAXATIONS, VOCAB, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

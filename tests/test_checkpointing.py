@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from recursive import RecursiveEncoder, RecursiveForCausalLM
-from tests.test_models import RELAXATIONS, VOCAB, make_model
-from tests.test_recurrence import HIERARCHICAL, MIXTURE_OF_RECURSIONS
+from tests.helpers import HIERARCHICAL, MIXTURE_OF_RECURSIONS, RELAXATIONS, VOCAB, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

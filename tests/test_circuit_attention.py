@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import recursive_kernels
+from tests.helpers import assert_error_rule, serving_backends
 
 F64 = torch.float64
 
@@ -169,9 +170,6 @@ def test_malformed_cu_seqlens_raise(cu_q, cu_k, max_q, argument):
 
 # ------------------------------------------------------------------ fused backends vs float64
 
-from tests.conftest import serving_backends  # noqa: E402
-
-
 def kernel_backends(dtype, head_dim=16, op="circuit_attention"):
     """The fused backends on this machine (comparing the reference with itself cannot fail)."""
     return [p for p in serving_backends(op, dtype, head_dim=head_dim) if p.values[0] != "torch"]
@@ -226,12 +224,8 @@ def assert_error_at_most_twice_eager(call, tensors64, backend, device, dtype, se
     ref = _results(lambda *t: call(*t, backend="torch"), tensors64, "cpu", F64, seed)
     ours = _results(lambda *t: call(*t, backend=backend), tensors64, device, dtype, seed)
     eager = _results(lambda *t: call(*t, backend="torch"), tensors64, device, dtype, seed)
-    floor = torch.finfo(dtype).eps / 2
     for i, (o, e, r) in enumerate(zip(ours, eager, ref)):
-        assert torch.isfinite(o).all(), f"{backend} result {i}: non-finite values"
-        norm = r.norm().clamp_min(1e-30)
-        err, eager_err = ((o - r).norm() / norm).item(), ((e - r).norm() / norm).item()
-        assert err <= 2 * eager_err + floor, f"{backend} result {i}: {err:.3e} > 2 x {eager_err:.3e} + {floor:.1e}"
+        assert_error_rule(f"{backend} result {i}", o, r, e, dtype)
     return ours
 
 

@@ -1,7 +1,7 @@
 """``recursive.convert_hf`` and ``python -m recursive convert`` on tiny Hugging Face models built from configs.
 
 The oracle is an unrolled float64 reference of the Hugging Face decoder computed from the Hugging Face
-model's own parameters (the reference functions of ``tests.test_modules``). Hugging Face's float64
+model's own parameters (the reference functions of ``tests.helpers``). Hugging Face's float64
 models run their norms and rotary tables in float32, so they are not an exact oracle themselves;
 ``test_reference_is_the_hf_model`` shows that the reference computes what they compute, up to that
 float32 rounding. Norm weights and biases are randomised so that a norm or bias taken from the wrong
@@ -20,56 +20,28 @@ from torch import Tensor
 
 from recursive import RecursiveForCausalLM, convert_hf, export_hf
 from recursive.__main__ import main as cli_main
-from tests.test_modules import ref_attention, ref_feed_forward, ref_rms_norm, sub
+from tests.helpers import (
+    DTYPE,
+    EPS,
+    FAMILIES,
+    HEADS,
+    KV_HEADS,
+    THETA,
+    VOCAB,
+    hf_config,
+    make_hf,
+    ref_attention,
+    ref_feed_forward,
+    ref_rms_norm,
+    sub,
+)
 
 transformers = pytest.importorskip("transformers")
 
-DTYPE = torch.float64
-VOCAB, HIDDEN, HEADS, KV_HEADS, INTERMEDIATE = 97, 64, 4, 2, 96
-THETA, EPS = 5000.0, 1e-5
 TIGHT = 1e-10  # relative to the largest logit
-
-# Per family: the Hugging Face classes, config options, and what the reference needs to know about it.
-FAMILIES = {
-    "llama": dict(cls="Llama", options={}, unit_offset=False, embed_scale=1.0, act="silu"),
-    # Mistral's default window (4096) is below max_position_embeddings; full attention is what converts.
-    "mistral": dict(cls="Mistral", options={"sliding_window": None}, unit_offset=False, embed_scale=1.0, act="silu"),
-    "qwen2": dict(cls="Qwen2", options={"tie_word_embeddings": True}, unit_offset=False, embed_scale=1.0, act="silu"),
-    "gemma": dict(cls="Gemma", options={"head_dim": 24}, unit_offset=True, embed_scale=HIDDEN ** 0.5,
-                  act="gelu_pytorch_tanh"),
-}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def hf_config(family: str, num_layers: int = 4, **options):
-    spec = FAMILIES[family]
-    values = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=num_layers,
-                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rope_theta=THETA, rms_norm_eps=EPS,
-                  max_position_embeddings=64, attn_implementation="eager")
-    values.update(spec["options"])
-    values.update(options)
-    return getattr(transformers, f"{spec['cls']}Config")(**values)
-
-
-def make_hf(family: str, num_layers: int = 4, seed: int = 0, uniform: bool = False, **options):
-    """A float64 Hugging Face model with random norm weights and biases; ``uniform``: every layer's norms
-    and biases equal layer 0's (the condition under which fewer blocks can be exact)."""
-    torch.manual_seed(seed)
-    config = hf_config(family, num_layers, **options)
-    model = getattr(transformers, f"{FAMILIES[family]['cls']}ForCausalLM")(config).to(DTYPE).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(0.3 * torch.randn_like(p))
-        if uniform:
-            first = model.model.layers[0]
-            for layer in model.model.layers[1:]:
-                for name, p in layer.named_parameters():
-                    if "norm" in name or name.endswith(".bias"):
-                        p.copy_(first.get_parameter(name))
-    return model
 
 
 def reference_logits(hf_model, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:

@@ -21,7 +21,7 @@ from recursive.generation import calibrate_exit_threshold, generate_in_batches, 
 from recursive.generation.engine_run import EngineRun
 from recursive.losses import exit_loss
 from recursive.nn import rotary_embedding
-from tests.test_models import VOCAB, make_model
+from tests.helpers import VOCAB, assert_every_request_completes, make_hf, make_model, synchronisations_per_step
 
 # Cycle sharing (early exit needs loop boundaries), one configuration per relaxation.
 CONFIGS = {
@@ -274,43 +274,6 @@ def test_engine_many_random_requests_with_early_exit_all_complete():
     assert 1.0 < stats.mean_exit_loops < stats.num_loops  # some tokens exited, some ran deeper
 
 
-def assert_every_request_completes(engine, outputs, prompts, counts, eos) -> None:
-    """Each output is its prompt and then ``counts`` new tokens, or fewer ending at the first ``eos``; the
-    engine's stats count them all."""
-    assert len(outputs) == len(prompts)
-    for output, prompt, count in zip(outputs, prompts, counts):
-        new = output[len(prompt):]
-        assert output[:len(prompt)] == prompt
-        assert len(new) == count or (0 < len(new) < count and new[-1] == eos)
-        assert eos not in new[:-1]
-    assert engine.stats.new_tokens == sum(len(o) - len(p) for o, p in zip(outputs, prompts))
-
-
-def synchronisations_per_step(engine, run_class, prompts, monkeypatch) -> List[int]:
-    """The synchronising CUDA calls (torch's sync debug mode names each) of every ``run_class._step`` of
-    ``engine.generate(prompts, 5)``, after a run of the same shapes that compiles and autotunes outside
-    the count."""
-    import warnings
-
-    engine.generate(prompts, 5)
-    counts = []
-    step = run_class._step
-
-    def counted(run):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                step(run)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        counts.append(sum("synchronizing" in str(w.message) for w in caught))
-
-    monkeypatch.setattr(run_class, "_step", counted)
-    engine.generate(prompts, 5)
-    return counts
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations are a CUDA matter")
 @pytest.mark.parametrize("exit_fraction", [None, 0.5])
 def test_engine_step_synchronises_at_most_once(exit_fraction, monkeypatch):
@@ -551,7 +514,6 @@ def test_converted_model_greedy_equals_hugging_face_generate(family):
     with and without left padding; the converted model also decodes through the engine."""
     pytest.importorskip("transformers")
     from recursive import convert_hf
-    from tests.test_convert_hf import make_hf
 
     hf = make_hf(family, 4, uniform=True)
     model = convert_hf(hf, 2, lora_rank=10**6).eval()

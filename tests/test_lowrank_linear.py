@@ -19,7 +19,7 @@ import torch
 import recursive_kernels
 from recursive_kernels import BackendUnavailableError, backends
 from recursive_kernels.lowrank_linear import _lowrank_linear_op
-from tests.conftest import serving_backends
+from tests.helpers import assert_error_rule, relative_error, serving_backends
 
 GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "gates")
 
@@ -132,16 +132,6 @@ def cast(inputs, dtype, device):
     return out
 
 
-def rel_err(a: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> float:
-    if ref is None or a is None:
-        assert a is None or not a.any(), "gradient where the reference has none"
-        return 0.0
-    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
-    assert a.shape == ref.shape
-    assert not (torch.isnan(a).any() and not torch.isnan(ref).any()), "NaN where the reference has none"
-    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def check_against_reference(shape: Shape, backend: str, device: torch.device, dtype: torch.dtype, seed=0):
     inputs64 = make_inputs(shape, torch.float64, torch.device("cpu"), seed)
     y64, _ = run(inputs64, "torch")
@@ -172,9 +162,8 @@ def check_against_reference(shape: Shape, backend: str, device: torch.device, dt
             continue
         assert ours is not None, f"{name}: missing gradient"
         assert ours.dtype == dtype, f"{name}: dtype {ours.dtype}, expected {dtype}"
-        err, eager_err = rel_err(ours, ref), rel_err(eager, ref)
         floor = half_ulp * max(1.0, terms.norm().item() / max(ref.norm().item(), 1e-30))
-        assert err <= 2 * eager_err + floor, f"{name}: error {err:.3e} > 2 x eager {eager_err:.3e} + {floor:.1e}"
+        assert_error_rule(name, ours, ref, eager, dtype, floor)
 
 
 def kernel_backends(dtype):
@@ -260,7 +249,7 @@ def test_shared_weight_gradient_is_sum_over_depths(backend, device):
         h = h + torch.nn.functional.linear(h, copies[depth]) + (h @ lora_a[depth].T) @ lora_b[depth].T
     h.square().sum().backward()
     unrolled = sum(c.grad for c in copies)
-    assert rel_err(weight.grad, unrolled) < 1e-5
+    assert relative_error(weight.grad, unrolled) < 1e-5
 
 
 @pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.float32))

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import pytest
 import torch
@@ -21,70 +20,26 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from recursive import RecursiveConfig, RecursiveEncoder, RecursiveForCausalLM
-from tests.test_modules import (
+from tests.helpers import (
     DTYPE,
+    RELAXATIONS,
     TOL,
-    randomize_,
+    VOCAB,
+    assert_grads_are_sums_over_depths,
+    check_against_reference,
+    copies,
+    make_model,
     ref_activation,
-    ref_attention,
-    ref_feed_forward,
-    ref_mixture,
+    ref_block,
     ref_rms_norm,
-    sub,
+    tiny_config,
 )
-
-VOCAB = 97
-
-
-def tiny_config(**kwargs) -> RecursiveConfig:
-    options = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
-                   num_layers=4, num_blocks=2, lora_rank=3, lora_alpha=6.0, circuit_rank=3, num_experts=4,
-                   num_experts_per_tok=2, router_aux_loss_coef=0.1)
-    options.update(kwargs)
-    return RecursiveConfig(**options)
-
-
-# One configuration per relaxation, spread over the sharing schemes and the Hugging Face model options.
-RELAXATIONS = {
-    "none": dict(relaxation="none", qkv_bias=True, tie_word_embeddings=True),  # Qwen2-like
-    "depth_lora": dict(relaxation="depth_lora", sharing="sequence",
-                       lora_rank={"q": 4, "k": 2, "v": 3, "o": 4, "gate": 2, "up": 4, "down": 3}),
-    "qkov_lora": dict(relaxation="qkov_lora", sharing="middle_cycle", num_layers=5, num_blocks=3, start_index=2,
-                      head_dim=12, norm_unit_offset=True, embed_scale=math.sqrt(32), hidden_act="gelu_pytorch_tanh",
-                      tie_word_embeddings=True),  # Gemma-like
-    "circuit": dict(relaxation="circuit", num_layers=6, start_index=1),
-    "mol": dict(relaxation="mol", num_blocks=1, hidden_act="gelu", lora_targets=("gate", "down")),
-}
-
-
-def make_model(cls=RecursiveForCausalLM, seed: int = 0, **kwargs):
-    torch.manual_seed(seed)
-    return randomize_(cls(tiny_config(**kwargs)).to(DTYPE), scale=0.1)
-
-
-def ref_block(h: Tensor, params: Dict[str, Tensor], adapter: int, config: RecursiveConfig, positions: Tensor,
-              causal: bool, key_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-    """A pre-norm block on its own parameter copies; returns the new hidden states and the MoL loss."""
-    norm = {"eps": config.rms_norm_eps, "unit_offset": config.norm_unit_offset}
-    x = ref_rms_norm(h, params["input_layernorm.weight"], **norm)
-    h = h + ref_attention(
-        x, sub(params, "self_attn."), adapter, heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim, positions=positions, theta=config.rope_theta, causal=causal,
-        alpha=config.lora_alpha, key_mask=key_mask,
-    )
-    x = ref_rms_norm(h, params["post_attention_layernorm.weight"], **norm)
-    if config.relaxation == "mol":
-        out, aux = ref_mixture(x, sub(params, "mlp."), config.num_experts_per_tok, config.hidden_act, config.lora_alpha,
-                               None if key_mask is None else key_mask.bool())
-        return h + out, aux
-    return h + ref_feed_forward(x, sub(params, "mlp."), adapter, config.hidden_act, config.lora_alpha), None
-
 
 def ref_backbone(model, input_ids: Tensor, causal: bool, attention_mask: Optional[Tensor] = None):
     """The unrolled backbone. Returns the final hidden states, the mean MoL loss (or None), the copies of
-    the non-block parameters ``{name: tensor}`` and each layer's ``(block, {name: tensor})`` copies."""
+    the non-block parameters ``{name: tensor}`` and each layer's ``(block, {name: tensor}, adapter)`` copies."""
     config = model.config
-    top = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters() if ".blocks." not in name}
+    top, layers = copies(model)
     embed = top["model.embed_tokens.weight"]
     h = embed[input_ids]
     if config.embedding_size is not None:
@@ -92,34 +47,14 @@ def ref_backbone(model, input_ids: Tensor, causal: bool, attention_mask: Optiona
     h = h * config.embed_scale
     B, S = input_ids.shape
     positions = torch.arange(S).expand(B, S) if attention_mask is None else (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    layers: List[Tuple[int, Dict[str, Tensor]]] = []
     aux_losses = []
-    for layer in range(config.num_layers):
-        block = config.block_of_layer(layer)
-        params = {name: p.detach().clone().requires_grad_() for name, p in model.model.blocks[block].named_parameters()}
-        depth_layers = config.depth_layers_of_block(block)
-        adapter = depth_layers.index(layer) if layer in depth_layers else -1
+    for _, params, adapter in layers:
         h, aux = ref_block(h, params, adapter, config, positions, causal, attention_mask)
-        layers.append((block, params))
         if aux is not None:
             aux_losses.append(aux)
     h = ref_rms_norm(h, top["model.norm.weight"], config.rms_norm_eps, config.norm_unit_offset)
     aux = torch.stack(aux_losses).mean() if aux_losses else None
     return h, aux, top, layers
-
-
-def assert_grads_are_sums_over_depths(model, top, layers) -> None:
-    """Each parameter's gradient equals its copy's (outside the blocks) or the sum of its copies' over the
-    effective layers that run its block."""
-    for name, param in model.named_parameters():
-        if ".blocks." in name:
-            block, local = int(name.split(".")[2]), name.split(".", 3)[3]
-            copies = [params[local].grad for b, params in layers if b == block and params[local].grad is not None]
-            expected = torch.stack(copies).sum(0) if copies else torch.zeros_like(param)
-        else:
-            expected = top[name].grad
-        got = torch.zeros_like(param) if param.grad is None else param.grad
-        torch.testing.assert_close(got, expected, **TOL, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("relaxation", list(RELAXATIONS))
@@ -210,11 +145,7 @@ def test_padded_training_batch_matches_reference():
     hidden, _, top, layers = ref_backbone(model, input_ids, causal=True, attention_mask=attention_mask)
     logits = hidden @ top["lm_head.weight"].T
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
-    loss.backward()
-    real = attention_mask.bool()
-    torch.testing.assert_close(out.logits[real], logits[real], **TOL)
-    torch.testing.assert_close(out.loss, loss, **TOL)
-    assert_grads_are_sums_over_depths(model, top, layers)
+    check_against_reference(model, out, logits, loss, top, layers, attention_mask.bool())
 
 
 def test_loss_follows_hugging_face_conventions():
@@ -345,11 +276,7 @@ def test_encoder_mlm_head_matches_reference():
     head = ref_rms_norm(head, top["head_norm.weight"], config.rms_norm_eps, False)
     logits = head @ top["model.embed_tokens.weight"].T + top["decoder.bias"]
     loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
-    loss.backward()
-    real = attention_mask.bool()
-    torch.testing.assert_close(out.logits[real], logits[real], **TOL)
-    torch.testing.assert_close(out.loss, loss, **TOL)
-    assert_grads_are_sums_over_depths(model, top, layers)
+    check_against_reference(model, out, logits, loss, top, layers, attention_mask.bool())
 
 
 def test_encoder_is_bidirectional_and_ignores_padding():

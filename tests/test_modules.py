@@ -1,13 +1,12 @@
-"""``recursive.nn``: every module against plain-PyTorch references written here from the math (no kernels).
+"""``recursive.nn``: every module against plain-PyTorch references written from the math (no kernels).
 
-The references (``ref_*``) are shared with ``tests/test_models.py``, which unrolls whole models on them.
-Float64, seeded, tiny sizes.
+The references (``ref_*``) live in ``tests/helpers.py``, shared with the tests that unroll whole models on
+them. Float64, seeded, tiny sizes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
@@ -25,115 +24,17 @@ from recursive.nn import (
     RMSNorm,
     rotary_embedding,
 )
-
-DTYPE = torch.float64
-TOL = {"rtol": 1e-9, "atol": 1e-10}
-
-
-# References, from the formulas.
-
-def ref_activation(name: str, x: Tensor) -> Tensor:
-    if name == "silu":
-        return x * torch.sigmoid(x)
-    if name == "gelu":
-        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def ref_rms_norm(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> Tensor:
-    normed = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return normed * (1.0 + weight) if unit_offset else normed * weight
-
-
-def ref_rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """x (B, S, heads, D): dims i and i + D/2 rotate together by ``position * theta ** (-2i / D)``."""
-    half = x.shape[-1] // 2
-    angles = positions[..., None].to(x.dtype) * theta ** (-torch.arange(half, dtype=x.dtype) * 2 / x.shape[-1])
-    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def sub(params: Dict[str, Tensor], prefix: str) -> Dict[str, Tensor]:
-    """The entries under ``prefix`` with the prefix removed."""
-    return {name[len(prefix):]: t for name, t in params.items() if name.startswith(prefix)}
-
-
-def ref_linear(x: Tensor, params: Dict[str, Tensor], name: str, adapter: int, alpha: float) -> Tensor:
-    """PEFT's LoRA as a merged weight: ``x (W + alpha / r * B_e A_e)^T + b`` (no adapter when -1)."""
-    weight = params[f"{name}.weight"]
-    if adapter >= 0 and f"{name}.lora_a" in params:
-        lora_a, lora_b = params[f"{name}.lora_a"][adapter], params[f"{name}.lora_b"][adapter]
-        weight = weight + alpha / lora_a.shape[0] * lora_b @ lora_a
-    y = x @ weight.T
-    return y + params[f"{name}.bias"] if f"{name}.bias" in params else y
-
-
-def ref_attention(
-    x: Tensor, params: Dict[str, Tensor], adapter: int, *, heads: int, kv_heads: int, head_dim: int,
-    positions: Tensor, theta: float, causal: bool, alpha: float, key_mask: Optional[Tensor] = None,
-) -> Tensor:
-    """Grouped-query attention with per-depth LoRA and the QK/OV circuit of depth ``adapter``."""
-    B, S, _ = x.shape
-    group = heads // kv_heads
-    q = ref_rope(ref_linear(x, params, "q_proj", adapter, alpha).view(B, S, heads, head_dim), positions, theta)
-    k = ref_rope(ref_linear(x, params, "k_proj", adapter, alpha).view(B, S, kv_heads, head_dim), positions, theta)
-    v = ref_linear(x, params, "v_proj", adapter, alpha).view(B, S, kv_heads, head_dim)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
-    circuit = adapter >= 0 and "qk_u" in params
-    if circuit:
-        q_c = torch.einsum("bsk,hrk->bhsr", x, params["qk_u"][adapter])
-        k_c = torch.einsum("bsk,grk->bgsr", x, params["qk_v"][adapter]).repeat_interleave(group, 1)
-        scores = scores + q_c @ k_c.transpose(-1, -2)
-    allowed = torch.ones(S, S, dtype=torch.bool)
-    if causal:
-        allowed = allowed.tril()
-    if key_mask is not None:
-        allowed = allowed & key_mask.bool()[:, None, None, :]
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    out = probs @ v
-    if circuit:
-        v_c = torch.einsum("bsk,grk->bgsr", x, params["ov_c"][adapter]).repeat_interleave(group, 1)
-        out = out + torch.einsum("bhsr,hdr->bhsd", probs @ v_c, params["ov_d"][adapter])
-    return ref_linear(out.transpose(1, 2).reshape(B, S, heads * head_dim), params, "o_proj", adapter, alpha)
-
-
-def ref_feed_forward(x: Tensor, params: Dict[str, Tensor], adapter: int, act: str, alpha: float) -> Tensor:
-    hidden = ref_activation(act, ref_linear(x, params, "gate_proj", adapter, alpha)) * ref_linear(x, params, "up_proj", adapter, alpha)
-    return ref_linear(hidden, params, "down_proj", adapter, alpha)
-
-
-def ref_mixture(x: Tensor, params: Dict[str, Tensor], top_k: int, act: str, alpha: float,
-                token_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Mixture of LoRAs: per token ``W + s * sum_{i in topk} p_i B_i A_i``; and the load-balancing loss."""
-    probs = torch.softmax(x @ params["router.weight"].T, dim=-1)
-    gates, experts = probs.topk(top_k, dim=-1)
-    routing = torch.zeros_like(probs).scatter_add(-1, experts, gates)  # (*, E): each expert's gate, 0 if unchosen
-
-    def projection(h: Tensor, name: str) -> Tensor:
-        y = h @ params[f"{name}.weight"].T
-        if f"{name}.lora_a" in params:
-            lora_a, lora_b = params[f"{name}.lora_a"], params[f"{name}.lora_b"]
-            for e in range(lora_a.shape[0]):
-                y = y + alpha / lora_a.shape[1] * routing[..., e:e + 1] * (h @ (lora_b[e] @ lora_a[e]).T)
-        return y
-
-    out = projection(ref_activation(act, projection(x, "gate_proj")) * projection(x, "up_proj"), "down_proj")
-    num_experts = probs.shape[-1]
-    weight = torch.ones(probs.shape[:-1], dtype=probs.dtype) if token_mask is None else token_mask.to(probs.dtype)
-    chosen = F.one_hot(experts, num_experts).sum(-2).to(probs.dtype)
-    fraction = (chosen * weight[..., None]).sum(tuple(range(chosen.dim() - 1))) / (weight.sum() * top_k)
-    mean_prob = (probs * weight[..., None]).sum(tuple(range(probs.dim() - 1))) / weight.sum()
-    return out, num_experts * (fraction * mean_prob).sum()
-
-
-def randomize_(module: nn.Module, scale: float = 0.2) -> nn.Module:
-    """Perturb every parameter (fresh LoRA B and circuit U, D are zero: the relaxations would do nothing)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
+from tests.helpers import (
+    DTYPE,
+    TOL,
+    randomize_,
+    ref_activation,
+    ref_attention,
+    ref_feed_forward,
+    ref_mixture,
+    ref_rms_norm,
+    ref_rope,
+)
 
 
 def positions_of(batch: int, length: int) -> Tensor:

@@ -22,38 +22,30 @@ from recursive_kernels import backends
 from recursive_kernels.backends import BACKENDS
 from recursive import DepthBatchingEngine, RecursiveEncoder
 from recursive.cache import LayerKV, RecursionKV
-from tests.test_models import VOCAB, assert_grads_are_sums_over_depths, make_model, ref_block, tiny_config
-from tests.test_modules import TOL, ref_feed_forward, ref_linear, ref_rms_norm, ref_rope, sub
-
-LayerCopy = Tuple[int, Dict[str, Tensor], int]  # (block, parameters, adapter)
-
-
-def copies(model) -> Tuple[Dict[str, Tensor], List[LayerCopy]]:
-    """Copies of the parameters outside the blocks, and one copy of its block per effective layer."""
-    config = model.config
-    top = {name: p.detach().clone().requires_grad_() for name, p in model.named_parameters() if ".blocks." not in name}
-    layers = []
-    for layer in range(config.num_layers):
-        block = config.block_of_layer(layer)
-        params = {name: p.detach().clone().requires_grad_() for name, p in model.model.blocks[block].named_parameters()}
-        depth_layers = config.depth_layers_of_block(block)
-        layers.append((block, params, depth_layers.index(layer) if layer in depth_layers else -1))
-    return top, layers
-
+from tests.helpers import (
+    HIERARCHICAL,
+    MIXTURE_OF_RECURSIONS,
+    TOL,
+    VOCAB,
+    assert_every_request_completes,
+    check_against_reference,
+    copies,
+    make_model,
+    ref_block,
+    ref_feed_forward,
+    ref_linear,
+    ref_rms_norm,
+    ref_rope,
+    sub,
+    synchronisations_per_step,
+    tiny_config,
+)
 
 def lm_loss(model, top, hidden: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
     config = model.config
     hidden = ref_rms_norm(hidden, top["model.norm.weight"], config.rms_norm_eps, config.norm_unit_offset)
     logits = hidden @ (top["model.embed_tokens.weight"] if config.tie_word_embeddings else top["lm_head.weight"]).T
     return logits, F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
-
-
-def check_against_reference(model, out, ref_logits, ref_loss, top, layers, real: Optional[Tensor] = None) -> None:
-    ref_loss.backward()
-    real = torch.ones(out.logits.shape[:2], dtype=torch.bool) if real is None else real
-    torch.testing.assert_close(out.logits[real], ref_logits[real], **TOL)
-    torch.testing.assert_close(out.loss, ref_loss, **TOL)
-    assert_grads_are_sums_over_depths(model, top, [(block, params) for block, params, _ in layers])
 
 
 # Hierarchical recurrence (HRM-LM).
@@ -85,14 +77,6 @@ def ref_hierarchical(model, input_ids: Tensor, attention_mask: Optional[Tensor],
         slow = module_pass(slow + fast)
     assert layer == config.num_layers
     return slow, top, layers
-
-
-HIERARCHICAL = {
-    "two_blocks": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2, relaxation="none"),
-    "modules_of_two": dict(sharing="hierarchical", num_layers=8, num_blocks=4, hrm_period=3, relaxation="depth_lora"),
-    "one_step": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2, relaxation="qkov_lora",
-                     hrm_one_step_gradient=True),
-}
 
 
 @pytest.mark.parametrize("variant", list(HIERARCHICAL))
@@ -252,25 +236,6 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor, 
     if router_terms:
         extra = extra + config.mor_router_loss_coef * torch.stack(router_terms).mean()
     return h, config.mor_z_loss_coef * torch.stack(z_terms).mean() + extra, depths, top, layers
-
-
-MIXTURE_OF_RECURSIONS = {
-    "expert_cycle": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
-                         mor_router_alpha=0.7, mor_z_loss_coef=0.05, mor_router_loss_coef=0.3),
-    "expert_middle_cycle": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
-                                mor_capacities=(1.0, 0.6, 0.3), relaxation="qkov_lora", start_index=2),
-    "token_cycle": dict(mor_routing="token_choice", num_layers=3, num_blocks=1, relaxation="circuit",
-                        mor_balance_loss_coef=0.2, mor_z_loss_coef=0.05),
-    "expert_kv_sharing": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="depth_lora",
-                              mor_kv_sharing=True, mor_capacities=(0.8, 0.6, 0.3)),
-    "token_kv_sharing": dict(mor_routing="token_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
-                             relaxation="qkov_lora", mor_kv_sharing=True, mor_balance_loss_coef=0.2),
-    "expert_threshold": dict(mor_routing="expert_choice", num_layers=6, num_blocks=2, relaxation="circuit",
-                             mor_threshold_routing=True, mor_capacities=(0.7, 0.5, 0.3), mor_router_loss_coef=0.3),
-    "expert_threshold_kv_sharing": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
-                                        relaxation="depth_lora", mor_threshold_routing=True, mor_kv_sharing=True,
-                                        mor_router_loss_coef=0.3),
-}
 
 
 @pytest.mark.parametrize("variant", list(MIXTURE_OF_RECURSIONS))
@@ -473,8 +438,6 @@ def test_depth_batching_engine_serves_other_data_flows(variant):
 def test_recursion_engine_many_random_requests_all_complete(variant):
     """150 requests of random lengths through 16 slots: every one completes with its count (or
     at eos), the counts add up, and a sample equals generate on it alone."""
-    from tests.test_generation import assert_every_request_completes
-
     model = make_model(seed=44, **MIXTURE_OF_RECURSIONS[variant]).eval()
     generator = torch.Generator().manual_seed(45)
     lengths = torch.randint(1, 13, (150,), generator=generator).tolist()
@@ -494,7 +457,6 @@ def test_recursion_engine_step_synchronises_at_most_twice(variant, monkeypatch):
     """A Mixture-of-Recursions engine step reads back which rows ran and go on, then (only when some
     finish) their tokens: at most two synchronising CUDA calls per step."""
     from recursive.generation.recursion_run import RecursionEngineRun
-    from tests.test_generation import synchronisations_per_step
 
     model = make_model(seed=42, **MIXTURE_OF_RECURSIONS[variant]).float().cuda().eval()
     generator = torch.Generator().manual_seed(43)
