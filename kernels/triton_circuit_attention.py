@@ -52,6 +52,9 @@ nearest even by hand (the interpreter truncates them). No host synchronisation.
 
 Limitations: float64 is not served (cpp and torch are); D <= 256; R and Rv live in register tiles of
 their padded sizes, so ranks above 64 work but spill.
+
+One file, longer than the others: the forward, dq and dk/dv kernels share the query- and key-block set-up
+defined here, and their launchers follow them, as Liger-Kernel keeps an op.
 """
 
 from __future__ import annotations

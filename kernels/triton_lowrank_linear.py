@@ -84,6 +84,9 @@ Triton APIs are used (tl.dot / load / store / atomic_add / cumsum, triton.autotu
 Limitations: the gathered epilogue loops over the cdiv(E*r, BLOCK_R) chunks of every (m, n) tile
 (unused chunks cost only a few index loads, but very large E*r makes it linear in E); r is held in a
 register tile of BLOCK_R >= r columns, so very large ranks (r > 128) spill. Float64 is not served.
+
+One file, longer than the others: one op's kernels, their tuning spaces and launchers, read together (each
+launcher's grid and constexprs follow its kernel's), as Liger-Kernel keeps an op.
 """
 
 from __future__ import annotations

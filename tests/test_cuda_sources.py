@@ -16,6 +16,8 @@ references of ``recursive_kernels.reference``:
     causal with fully masked rows, grouped heads, D from 1 to 256, absent corrections, ranks past one
     shared-memory chunk and outputs past one column group, packed batches with empty sequences, large
     logits), and bad inputs.
+One module, longer than the others: the compile checks and the GPU checks share the source lists, the build of
+the extension and the case tables.
 """
 
 from __future__ import annotations
