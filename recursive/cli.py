@@ -269,8 +269,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m recursive", description="recursive-kernels command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=info)
-    p = sub.add_parser("bench", help="benchmark the fused ops and whole models on the default device (a "
-                                     "representative selection, about 2 minutes on a 2-core CPU; --full: every case)")
+    p = sub.add_parser("bench", help="benchmark the fused ops and whole models against their peers on the "
+                                     "default device (a representative selection, about 2 minutes on a 2-core CPU; "
+                                     "--full: every case)")
     benchmarks.add_arguments(p)
     p.set_defaults(func=benchmarks.main)
     add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))
