@@ -216,6 +216,8 @@ def _run_fused(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 def _check_like(name: str, t: Tensor, q: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.dtype is q.dtype and t.device == q.device:  # the common case, before any message is built
+        return
     if t.device != q.device:
         raise ValueError(f"{name}: expected a tensor on {q.device} (like q), got {t.device}")
     if t.dtype != q.dtype:
@@ -224,9 +226,15 @@ def _check_like(name: str, t: Tensor, q: Tensor) -> None:
 
 def _check_dims(name: str, t: Tensor, expected: Tuple, labels: str) -> None:
     """``expected`` holds sizes or None (any); ``labels`` names the dims for the message."""
-    if t.dim() != len(expected) or any(e is not None and s != e for s, e in zip(t.shape, expected)):
-        want = ", ".join(f"{label}={e}" if e is not None else label for label, e in zip(labels.split(), expected))
-        raise ValueError(f"{name}: expected shape ({want}), got {tuple(t.shape)}")
+    shape = t.shape
+    if len(shape) == len(expected):
+        for size, e in zip(shape, expected):  # a loop, not any(...): this runs on every call of the op
+            if e is not None and size != e:
+                break
+        else:
+            return
+    want = ", ".join(f"{label}={e}" if e is not None else label for label, e in zip(labels.split(), expected))
+    raise ValueError(f"{name}: expected shape ({want}), got {tuple(t.shape)}")
 
 
 def _validate(q, k, v, q_c, k_c, v_c, scale, packed: bool):

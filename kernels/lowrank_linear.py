@@ -5,7 +5,8 @@
 
 One op serves every recursive-transformer variant: one adapter for all rows (a depth's LoRA), one
 adapter per row (tokens of different depths in one batch) and k adapters per row with gates (a mixture
-of LoRA experts). This file validates and normalises the inputs, picks a backend (see
+of LoRA experts). A plain linear (no adapters, or rank 0) is ``torch.nn.functional.linear`` whatever the
+backend: nothing to fuse, and the vendor GEMM with native autograd costs least per call. This file validates and normalises the inputs, picks a backend (see
 ``recursive_kernels.backends``) and wires the compiled backends into autograd: eager calls through a
 ``torch.autograd.Function``, and ``torch.compile`` through ``torch.library`` custom ops with fake
 implementations (so ``fullgraph=True`` works and ``torch.library.opcheck`` passes).
@@ -34,6 +35,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
@@ -185,11 +187,11 @@ class _LowRankLinearFunction(torch.autograd.Function):
         return _grads(ctx, grad_y, _backend_backward)
 
 
-def _same(name: str, tensor: Tensor, x: Tensor) -> None:
+def _mismatch(name: str, tensor: Tensor, x: Tensor) -> None:
+    """Raise for ``tensor`` not on x's device or not of x's dtype (the caller found one or the other)."""
     if tensor.device != x.device:
         raise ValueError(f"{name}: expected a tensor on {x.device} (like x), got {tensor.device}")
-    if tensor.dtype != x.dtype:
-        raise ValueError(f"{name}: expected dtype {x.dtype} (like x), got {tensor.dtype}")
+    raise ValueError(f"{name}: expected dtype {x.dtype} (like x), got {tensor.dtype}")
 
 
 def check_index_values(indices: Tensor, num_adapters: int, name: str = "indices") -> None:
@@ -207,28 +209,32 @@ def check_index_values(indices: Tensor, num_adapters: int, name: str = "indices"
 
 
 def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_indices):
-    """Validate the public arguments; return the backend form (see the module docstring)."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-    if x.dim() < 1:
+    """Validate the public arguments (x: a tensor, checked by the caller); return the backend form (see the
+    module docstring)."""
+    dtype, device = x.dtype, x.device
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x: expected a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
+    shape = x.shape
+    if not shape:
         raise ValueError("x: expected at least one dimension (*, K), got a scalar")
-    K = x.shape[-1]
+    K = shape[-1]
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != K:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight: expected shape (N, K={K}), got {shape}")
-    _same("weight", weight, x)
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight: expected shape (N, K={K}), got {got}")
     N = weight.shape[0]
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (N,):
             raise ValueError(f"bias: expected shape (N={N},), got {tuple(getattr(bias, 'shape', ()))}")
-        _same("bias", bias, x)
+    # dtype and device like x: one test per tensor on this path, which runs on every call
+    if weight.dtype is not dtype or weight.device != device:
+        _mismatch("weight", weight, x)
+    if bias is not None and (bias.dtype is not dtype or bias.device != device):
+        _mismatch("bias", bias, x)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise ValueError(f"scaling: expected a Python number, got {type(scaling).__name__}")
 
-    lead = x.shape[:-1]
-    x2d = x if x.dim() == 2 else x.reshape(-1, K)
+    lead = shape[:-1]
+    x2d = x if len(shape) == 2 else x.reshape(-1, K)
     M = x2d.shape[0]
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a, lora_b: give both low-rank factors or neither")
@@ -239,13 +245,16 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
             raise ValueError("gates: given without lora_a/lora_b")
         return lead, x2d, bias, None, None, None, None, 0
 
-    if lora_a.dim() != 3 or lora_a.shape[2] != K:
-        raise ValueError(f"lora_a: expected shape (E, r, K={K}), got {tuple(lora_a.shape)}")
-    E, r = lora_a.shape[0], lora_a.shape[1]
+    a_shape = lora_a.shape
+    if len(a_shape) != 3 or a_shape[2] != K:
+        raise ValueError(f"lora_a: expected shape (E, r, K={K}), got {tuple(a_shape)}")
+    E, r = a_shape[0], a_shape[1]
     if lora_b.shape != (E, N, r):
         raise ValueError(f"lora_b: expected shape (E={E}, N={N}, r={r}) to match lora_a and weight, got {tuple(lora_b.shape)}")
-    _same("lora_a", lora_a, x)
-    _same("lora_b", lora_b, x)
+    if lora_a.dtype is not dtype or lora_a.device != device:
+        _mismatch("lora_a", lora_a, x)
+    if lora_b.dtype is not dtype or lora_b.device != device:
+        _mismatch("lora_b", lora_b, x)
 
     adapter = 0
     if indices is None or isinstance(indices, int) and not isinstance(indices, bool):
@@ -262,8 +271,8 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
     elif isinstance(indices, Tensor):
         if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
             raise ValueError(f"indices: expected an integer tensor, got {indices.dtype}")
-        if indices.device != x.device:
-            raise ValueError(f"indices: expected a tensor on {x.device} (like x), got {indices.device}")
+        if indices.device != device:
+            raise ValueError(f"indices: expected a tensor on {device} (like x), got {indices.device}")
         if indices.shape == lead:
             slots = 1
         elif indices.dim() == len(lead) + 1 and indices.shape[:-1] == lead:
@@ -278,9 +287,9 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
                 raise ValueError(f"gates: expected shape {tuple(indices.shape)} (like indices), got {tuple(getattr(gates, 'shape', ()))}")
             if not gates.dtype.is_floating_point:
                 raise ValueError(f"gates: expected a floating dtype, got {gates.dtype}")
-            if gates.device != x.device:
-                raise ValueError(f"gates: expected a tensor on {x.device} (like x), got {gates.device}")
-            gates = gates.reshape(M, slots).to(_accumulator_dtype(x.dtype)).contiguous()
+            if gates.device != device:
+                raise ValueError(f"gates: expected a tensor on {device} (like x), got {gates.device}")
+            gates = gates.reshape(M, slots).to(_accumulator_dtype(dtype)).contiguous()
         if check_indices:
             check_index_values(indices, E)
         if indices.dtype != torch.int64:
@@ -338,7 +347,10 @@ def lowrank_linear(
     Under ``torch.autocast`` the op is matmul-like: x, weight, bias, lora_a and lora_b run in the autocast
     dtype (gates keep theirs; they are summed in the accumulator dtype anyway).
     """
-    cast_to = backends.autocast_dtype(x.device)
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x: expected a tensor, got {type(x).__name__}")
+    device = x.device
+    cast_to = backends.autocast_dtype(device)
     if cast_to is not None:
         x, weight, bias, lora_a, lora_b = backends.autocast_inputs(cast_to, x, weight, bias, lora_a, lora_b)
         with torch.autocast(x.device.type, enabled=False):  # the backends' own ATen calls stay as written
@@ -347,14 +359,17 @@ def lowrank_linear(
     lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
         x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_indices
     )
-    chosen = backends.select(OP, x.device, backend, dtype=x.dtype)
+    chosen = backends.select(OP, device, backend, dtype=x.dtype)  # also checks an explicit request
+    if lora_a is None:  # a plain linear is torch's own on every backend: the vendor GEMM, native autograd
+        return F.linear(x, weight, bias)
+    scaling = float(scaling)
     if chosen == "torch":
-        y = lowrank_linear_ref(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter)
+        y = lowrank_linear_ref(x2d, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter)
     elif torch.compiler.is_compiling():  # torch.compile sees the registered custom op
-        y, _ = _lowrank_linear_op(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter, chosen)
+        y, _ = _lowrank_linear_op(x2d, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, chosen)
     elif backends.records_graph(x2d, weight, bias, lora_a, lora_b, gates):
-        y = _LowRankLinearFunction.apply(x2d, weight, bias, lora_a, lora_b, indices, gates, float(scaling), adapter, chosen)
+        y = _LowRankLinearFunction.apply(x2d, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, chosen)
     else:
-        y, _ = backends.implementation(_IMPLS[chosen], 0)(x2d, weight, bias, lora_a, lora_b, indices, gates,
-                                                          float(scaling), adapter)
-    return y if x.dim() == 2 else y.reshape(*lead, weight.shape[0])
+        y, _ = backends.implementation(_IMPLS[chosen], 0)(x2d, weight, bias, lora_a, lora_b, indices, gates, scaling,
+                                                          adapter)
+    return y if len(lead) == 1 else y.reshape(*lead, y.shape[1])
