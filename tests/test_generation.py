@@ -238,7 +238,7 @@ def test_engine_stream_yields_generates_tokens_as_they_come():
     expected = engine.generate(prompts, lengths)
     stats = engine.stats
     stream = engine.stream(prompts, lengths)
-    request, token = next(stream)  # the first prefill's token, before any other step
+    request, token = next(stream)  # request 0's first token: the first prompts finish together, in order
     assert (request, token) == (0, expected[0][len(prompts[0])])
     assert torch.is_grad_enabled()  # the stream's no_grad holds inside it only
     pairs = [(request, token), *stream]
@@ -248,6 +248,26 @@ def test_engine_stream_yields_generates_tokens_as_they_come():
     assert engine.stats == stats
     with pytest.raises(ValueError, match="prompts"):
         engine.stream([[]], 3)  # checked at the call, not at the first next()
+
+
+def test_engine_runs_prompts_in_its_steps():
+    """A plain stack's prompts ride along in the engine's steps, beside the decoding tokens: the model's
+    forward never runs, and a request's first token comes with the step in which its prompt ends its last loop."""
+    model = model_for("depth_lora")
+    forwards = []
+    model.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    prompts = random_prompts(5, 1, 9, seed=13)
+    lengths = [3, 1, 4, 2, 5]
+    engine = DepthBatchingEngine(model, max_batch_size=2)
+    steps = []
+    for request, token in engine.stream(prompts, lengths):
+        steps.append((engine.stats.steps, request))
+    assert not forwards
+    loops = engine.num_loops
+    assert [step for step, request in steps if request == 0][0] == loops  # admitted at once: its last loop
+    assert engine.generate(prompts, lengths) == [model.generate(torch.tensor([p]), n)[0].tolist()
+                                                  for p, n in zip(prompts, lengths)]
+    assert engine.stats.decoded_tokens == sum(lengths) - len(prompts)
 
 
 def test_engine_eos_equals_generate():

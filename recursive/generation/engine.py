@@ -19,10 +19,11 @@ from .validation import check_exit_threshold, check_int, check_sampling, check_t
 class DepthBatchingEngine:
     """Decoding of many requests with continuous depth-wise batching (greedy, or sampled).
 
-    ``max_batch_size`` slots hold one request each. A request's prompt is prefilled (full depth, batched
-    with the other requests admitted at the same time) into its slot's cache, which gives its first
-    token; then its current token advances one loop per engine step. One step runs each block once over
-    the busy slots, every row at its own loop: per-row effective layers select each row's depth adapters
+    ``max_batch_size`` slots hold one request each. A request's prompt rides along in the engine's steps:
+    all its tokens advance one loop per step (full depth, no early exit), each attending over its slot's
+    cache up to itself, and its last token's output gives the first new token; then the request's current
+    token advances one loop per step. One step runs each block once over the in-flight tokens of the busy
+    slots, every row at its own loop: per-row effective layers select each row's depth adapters
     (per-row ``lowrank_linear`` indices) and each row attends over its own cache at its own layer: the
     new keys and values are written into the slot caches first, then varlen ``circuit_attention`` reads
     each row's keys straight from them (one gather of the visible keys per layer, no padded copy). A token
@@ -35,8 +36,9 @@ class DepthBatchingEngine:
     draws each token from the same distribution as ``generate`` (not the same draws: the rows share
     torch's generator in another order).
     A Mixture-of-Recursions model with causal routing is served with its loops as the recursions and
-    its routers ending each token's run (:class:`RecursionEngineRun`); a hierarchical (HRM) model
-    with its whole stack as one loop (its fast and slow states within a step); outputs again equal to
+    its routers ending each token's run (:class:`RecursionEngineRun`; its prompts are prefilled by a
+    forward of the model, whose routing takes the whole prompt); a hierarchical (HRM) model with its
+    whole stack as one loop (its fast and slow states within a step); outputs again equal to
     ``generate``'s.
 
     Cache layout: per effective layer, keys and values for every slot, token-major (L, slots, T, Hkv, D)

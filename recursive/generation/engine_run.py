@@ -1,5 +1,7 @@
 """One :class:`recursive.DepthBatchingEngine` run on a plain stack of layers: the slots, their caches and the
-queue, and the step that advances every busy row by one loop (each at its own), with early exit."""
+queue, and the step that advances every in-flight token by one loop (each at its own), with early exit. A new
+request's prompt rides along in the steps (its tokens advance one loop per step beside the decoding tokens)
+instead of taking a forward of its own."""
 
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from .early_exit import top_probability
 class EngineStats:
     """Counts of the last :meth:`DepthBatchingEngine.generate` run.
 
-    ``new_tokens``: tokens generated (the first of each request comes from its prefill); ``steps``:
-    engine steps (one loop over the blocks for every busy row); ``decoded_tokens``: tokens produced by
-    engine steps; ``mean_exit_loops``: the loops those tokens ran, on average, of ``num_loops`` (a
+    ``new_tokens``: tokens generated (the first of each request comes from its prompt's last token);
+    ``steps``: engine steps (one loop over the blocks for every in-flight token); ``decoded_tokens``: tokens
+    decoded from an earlier new token (every new token but each request's first); ``mean_exit_loops``: the
+    loops those tokens ran, on average, of ``num_loops`` (a
     Mixture-of-Recursions model: its recursions; an HRM model: its one loop).
     """
 
@@ -44,6 +47,12 @@ class Request:
 
 class EngineRun:
     """The state of one :meth:`DepthBatchingEngine.generate` call: slots, their caches and the queue."""
+
+    # A prompt's tokens run in the engine's steps, one loop per step like the decoding tokens (the per-row
+    # packing serves a prompt token as a row attending over its slot's cache up to itself). Per-step costs on
+    # a small batch are mostly per call, so the prompt rows cost little there, where a forward of their own
+    # would pay all of them again for every admission.
+    prefills_in_steps = True
 
     def __init__(self, engine, requests: List[Request], eos_token_id: Optional[int],
                  progress: Optional[Progress], pick: Callable[[Tensor], Tensor]) -> None:
@@ -71,10 +80,15 @@ class EngineRun:
             self.keys_c, self.values_c = torch.zeros(circuit_shape, **options), torch.zeros(circuit_shape, **options)
         self.slot_request: List[Optional[Request]] = [None] * slots
         # Per slot, kept on the host (a step builds its indices from them without reading the device): the
-        # in-flight token's position and the loops it has run. Its hidden state lives on the device.
+        # tokens in its cache, the loops its in-flight tokens have run, how many are in flight (its prompt
+        # while it prefills, else the one token being decoded) and whether it prefills. Their hidden states
+        # live on the device, row j of slot s at row s * rows_per_slot + j of ``hidden``.
         self.length = [0] * slots
         self.loop = [0] * slots
-        self.hidden = torch.zeros(slots, 1, config.hidden_size, **options)
+        self.in_flight = [0] * slots
+        self.prefilling = [False] * slots
+        self.rows_per_slot = max((len(r.tokens) for r in self.waiting), default=1) if self.prefills_in_steps else 1
+        self.hidden = torch.zeros(slots * self.rows_per_slot, 1, config.hidden_size, **options)
         self.device = weight.device
         # Rows of the flattened (L * slots * T, Hkv, .) caches: T per slot, slots * T per layer.
         self.capacity, self.layer_stride = capacity, slots * capacity
@@ -108,43 +122,24 @@ class EngineRun:
         return request.generated == request.max_new_tokens or token == self.eos_token_id
 
     def _admit(self) -> None:
-        """Prefill waiting requests into the free slots until none is free or none waits."""
+        """Start waiting requests in the free slots until none is free or none waits."""
         while self.waiting:
             free = [slot for slot, request in enumerate(self.slot_request) if request is None]
             if not free:
                 return
             batch = [self.waiting.pop() for _ in range(min(len(free), len(self.waiting)))]
-            self._prefill(batch, free[: len(batch)])
+            self._start(batch, free[: len(batch)])
 
-    def _prefill(self, batch: List[Request], slots: List[int]) -> None:
-        """Run the prompts of ``batch`` (right-padded into one batch), store their caches in ``slots``
-        and emit their first tokens; requests done at once leave their slot free."""
-        device = self.device
-        width = max(len(r.tokens) for r in batch)
-        ids, mask, lengths, slot_index = self._to_device(
-            [token for r in batch for token in r.tokens + [0] * (width - len(r.tokens))],
-            [int(i < len(r.tokens)) for r in batch for i in range(width)], [len(r.tokens) for r in batch], slots)
-        ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
-        out = self.model(ids, attention_mask=mask, use_cache=True)
-        self._store_prompts(out, slot_index, slots, width)
-        first = self.pick(out.logits[torch.arange(len(batch), device=device), lengths - 1])
+    def _start(self, batch: List[Request], slots: List[int]) -> None:
+        """Put the prompts of ``batch`` in flight in ``slots``: their embeddings, at loop 0."""
         for request, slot in zip(batch, slots):
-            self.length[slot], self.loop[slot] = len(request.tokens), 0
-        self.hidden[slot_index] = self.backbone.embed(first[:, None])
-        for request, slot, token in zip(batch, slots, first.tolist()):
-            if not self._emit(request, token):
-                self.slot_request[slot] = request
-
-    def _store_prompts(self, out, slot_index: Tensor, slots: List[int], width: int) -> None:
-        """Copy the prefill's cache (``out.past_key_values``) into ``slots``."""
-        for layer, present in enumerate(out.past_key_values):
-            self._store_prompt_layer(layer, present, slot_index, slots, width)
-
-    def _store_prompt_layer(self, layer: int, present, slot_index: Tensor, slots: List[int], width: int) -> None:
-        """One layer of :meth:`_store_prompts`: a :class:`LayerKV` (B, Hkv, width, .)."""
-        for cache, tensor in zip(self.caches(), present):
-            if tensor is not None:
-                cache[layer, slot_index, :width] = tensor.transpose(1, 2)
+            self.slot_request[slot] = request
+            self.length[slot], self.loop[slot] = 0, 0
+            self.in_flight[slot], self.prefilling[slot] = len(request.tokens), True
+        ids, rows = self._to_device(
+            [token for request in batch for token in request.tokens],
+            [slot * self.rows_per_slot + j for request, slot in zip(batch, slots) for j in range(len(request.tokens))])
+        self.hidden.index_copy_(0, rows, self.backbone.embed(ids[:, None]))
 
     # One step.
 
@@ -191,28 +186,38 @@ class EngineRun:
                 cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor[:, :, -1])
 
     def _step(self) -> None:
-        """Advance every busy slot's token by one loop; finish, exit and restart tokens.
+        """Advance every in-flight token by one loop; finish, exit and restart tokens.
 
-        The step's indices come from the host's bookkeeping in one copy to the device, and the one read back
-        is the new tokens (with which rows left early): at most one host synchronisation per step on a GPU.
+        The rows are the in-flight tokens: a decoding slot's one and a prefilling slot's whole prompt, each
+        token attending over its slot's cache up to itself. A slot whose tokens finish their last loop gives
+        its request's next token (a prompt: from its last token); a decoding token may leave early. The
+        step's indices come from the host's bookkeeping in one copy to the device, and the one read back is
+        the new tokens (with which rows left early): at most one host synchronisation per step on a GPU.
         """
         engine, config, backbone = self.engine, self.config, self.backbone
         busy = [slot for slot, request in enumerate(self.slot_request) if request is not None]
-        rows = len(busy)
-        positions = [self.length[slot] for slot in busy]
-        loops = [self.loop[slot] + 1 for slot in busy]  # after this step
-        first_layers = [(loop - 1) * engine.loop_length for loop in loops]
-        first_rows = [self._flat_row(layer, slot) for layer, slot in zip(first_layers, busy)]
-        finishing = [i for i, loop in enumerate(loops) if loop == engine.num_loops]
+        row_slots = [slot for slot in busy for _ in range(self.in_flight[slot])]
+        positions = [self.length[slot] + j for slot in busy for j in range(self.in_flight[slot])]
+        hidden_rows = [slot * self.rows_per_slot + j for slot in busy for j in range(self.in_flight[slot])]
+        last_rows = list(accumulate(self.in_flight[slot] for slot in busy))  # one past each slot's rows
+        first_layers = [self.loop[slot] * engine.loop_length for slot in row_slots]
+        first_rows = [self._flat_row(layer, slot) for layer, slot in zip(first_layers, row_slots)]
         key_counts = [position + 1 for position in positions]
-        slots, positions_d, first_layers_d, first_rows_d, offsets, finishing_d = self._to_device(
-            busy, positions, first_layers, first_rows, key_offsets(key_counts), finishing)
+        # The rows that give a token: each slot's last row once its tokens run their last loop; without
+        # that, a decoding row may leave early (index into ``busy``: ``finishing`` and ``may_exit``).
+        finishing = [i for i, slot in enumerate(busy) if self.loop[slot] + 1 == engine.num_loops]
+        may_exit = [] if engine.exit_threshold is None else [
+            i for i, slot in enumerate(busy) if not self.prefilling[slot] and self.loop[slot] + 1 < engine.num_loops]
+        deciding = finishing + may_exit
+        hidden_rows_d, positions_d, first_layers_d, first_rows_d, offsets, deciding_rows_d, deciding_slots_d = (
+            self._to_device(hidden_rows, positions, first_layers, first_rows, key_offsets(key_counts),
+                            [last_rows[i] - 1 for i in deciding], [busy[i] * self.rows_per_slot for i in deciding]))
         # Each row reads positions [0, position] (its cache and the new token) of its (layer, slot) in the
         # flattened caches; the layer of block offset o is loop * loop_length + o, so the rows of offset o
         # are those of offset 0 shifted by o layers.
         packing = self._row_packing(first_rows_d, key_counts, offsets)
         position_embeddings = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
-        hidden = self.hidden[slots]
+        hidden = self.hidden[hidden_rows_d]
 
         def run_offset(offset: int, hidden: Tensor) -> Tensor:
             # the same block at this offset of every loop
@@ -225,54 +230,62 @@ class EngineRun:
             for offset in range(engine.loop_length):
                 hidden = run_offset(offset, hidden)
 
-        if engine.exit_threshold is None:
-            self.hidden[slots] = hidden
-            done, tokens = finishing, []
-            if finishing:  # else nothing to read back this step
-                tokens_d = self.pick(self.model.logits_at(hidden[finishing_d, 0]))
-                self.hidden[slots[finishing_d]] = backbone.embed(tokens_d[:, None])
-                tokens = tokens_d.tolist()
-        else:
-            logits = self.model.logits_at(hidden[:, 0])
-            can_exit = torch.ones(rows, dtype=torch.bool, device=self.device).index_fill_(0, finishing_d, False)
-            leaving = can_exit & (top_probability(logits) >= engine.exit_threshold)
+        self.hidden[hidden_rows_d] = hidden
+        done, tokens, exited = finishing, [], []
+        if deciding:  # else nothing to read back this step
+            decided = hidden[deciding_rows_d, 0]
+            logits = self.model.logits_at(decided)
             tokens_d = self.pick(logits)
-            self.hidden[slots] = torch.where((leaving | ~can_exit)[:, None, None], backbone.embed(tokens_d[:, None]), hidden)
-            all_tokens, left = torch.stack((tokens_d, leaving.long())).tolist()
-            exited = [i for i in range(rows) if left[i]]
-            self._store_deeper(exited, busy, positions, loops, hidden, position_embeddings)
-            done = sorted(finishing + exited)
-            tokens = [all_tokens[i] for i in done]
+            if may_exit:
+                leaving = (top_probability(logits) >= engine.exit_threshold).index_fill_(
+                    0, torch.arange(len(finishing), device=self.device), True)  # finishing rows give a token anyway
+                restart = leaving[:, None, None]
+                self.hidden[deciding_slots_d] = torch.where(restart, backbone.embed(tokens_d[:, None]), decided[:, None])
+                all_tokens, left = torch.stack((tokens_d, leaving.long())).tolist()
+                exited = [i for i, gone in zip(may_exit, left[len(finishing):]) if gone]
+                self._store_deeper([busy[i] for i in exited], [last_rows[i] - 1 for i in exited], hidden,
+                                   position_embeddings)
+                done = sorted(finishing + exited)
+                token_of = dict(zip(deciding, all_tokens))
+                tokens = [token_of[i] for i in done]
+            else:
+                self.hidden[deciding_slots_d] = backbone.embed(tokens_d[:, None])
+                tokens = tokens_d.tolist()
 
         self.stats.steps += 1
-        self.stats.decoded_tokens += len(done)
-        for slot, loop in zip(busy, loops):
-            self.loop[slot] = loop
+        for slot in busy:
+            self.loop[slot] += 1
         for i, token in zip(done, tokens):
             slot = busy[i]
-            self.exit_loops_sum += loops[i]
-            self.length[slot] += 1
+            if self.prefilling[slot]:  # the prompt is in the cache now; its first token comes next
+                self.length[slot] += self.in_flight[slot]
+                self.in_flight[slot], self.prefilling[slot] = 1, False
+            else:
+                self.stats.decoded_tokens += 1
+                self.exit_loops_sum += self.loop[slot]
+                self.length[slot] += 1
             self.loop[slot] = 0
             if self._emit(self.slot_request[slot], token):
                 self.slot_request[slot] = None
 
-    def _store_deeper(self, exited: List[int], busy: List[int], positions: List[int], loops: List[int], hidden: Tensor,
+    def _store_deeper(self, slots: List[int], rows: List[int], hidden: Tensor,
                       position_embeddings: Tuple[Tensor, Tensor]) -> None:
-        """For the rows ``exited`` (indices into the step's rows), the keys and values of every layer
-        they skip, from their exit hidden states: one ``key_value`` call per block over (row, loop) pairs."""
-        if not exited:
+        """For the decoding tokens of ``slots`` that left early this step (``rows``: theirs among the step's),
+        the keys and values of every layer they skip, from their exit hidden states: one ``key_value`` call
+        per block over (row, loop) pairs. Called before the step's bookkeeping."""
+        if not slots:
             return
         engine = self.engine
-        pairs = [(i, loop) for i in exited for loop in range(loops[i], engine.num_loops)]
-        first_layers = [loop * engine.loop_length for _, loop in pairs]
-        rows, first_layers_d, first_rows_d = self._to_device(
-            [i for i, _ in pairs], first_layers,
-            [self._flat_row(layer, busy[i]) + positions[i] for (i, _), layer in zip(pairs, first_layers)])
+        pairs = [(row, slot, loop) for row, slot in zip(rows, slots) for loop in range(self.loop[slot] + 1, engine.num_loops)]
+        first_layers = [loop * engine.loop_length for _, _, loop in pairs]
+        rows_d, first_layers_d, first_rows_d = self._to_device(
+            [row for row, _, _ in pairs], first_layers,
+            [self._flat_row(layer, slot) + self.length[slot] for (_, slot, _), layer in zip(pairs, first_layers)])
         cos, sin = position_embeddings
         for offset in range(engine.loop_length):
             block_index = self.backbone.block_of_layer[offset]
-            new = self.backbone.blocks[block_index].key_value(hidden[rows], first_layers_d + offset, (cos[rows], sin[rows]),
-                                                              check_depth=False)
+            new = self.backbone.blocks[block_index].key_value(hidden[rows_d], first_layers_d + offset,
+                                                              (cos[rows_d], sin[rows_d]), check_depth=False)
             self._store(first_rows_d + offset * self.layer_stride, new)
 
 

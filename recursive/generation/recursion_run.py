@@ -31,8 +31,11 @@ class RecursionEngineRun(EngineRun):
     Recursion-wise cache: the layers of recursion r hold, per slot, the keys of the slot's tokens that
     ran r at consecutive positions (``count[slot][r]`` of them, known on the host); with KV sharing
     the later recursions attend over the first one's (writing their own keys to their unused caches).
-    Per step the host reads back which rows ran and go on, then the finished rows' tokens.
+    Per step the host reads back which rows ran and go on, then the finished rows' tokens. A prompt is
+    prefilled by a forward of the model (its routing is the forward's, over the whole prompt).
     """
+
+    prefills_in_steps = False
 
     def __init__(self, engine, requests: List[Request], eos_token_id: Optional[int],
                  progress: Optional[Progress], pick: Callable[[Tensor], Tensor]) -> None:
@@ -51,24 +54,45 @@ class RecursionEngineRun(EngineRun):
         if self.threshold:
             self.keeps_all = torch.tensor([c == 1.0 for c in config.mor_capacities], device=self.device)
 
-    def _store_prompts(self, out, slot_index: Tensor, slots: List[int], width: int) -> None:
+    def _start(self, batch: List[Request], slots: List[int]) -> None:
+        """Run the prompts of ``batch`` (right-padded into one batch) through the model, whose routing takes
+        the whole prompt, store their caches in ``slots`` and emit their first tokens; requests done at
+        once leave their slot free."""
+        device = self.device
+        width = max(len(r.tokens) for r in batch)
+        ids, mask, lengths, slot_index = self._to_device(
+            [token for r in batch for token in r.tokens + [0] * (width - len(r.tokens))],
+            [int(i < len(r.tokens)) for r in batch for i in range(width)], [len(r.tokens) for r in batch], slots)
+        ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
+        out = self.model(ids, attention_mask=mask, use_cache=True)
         counts = torch.stack([(out.recursion_depths > r).sum(1) for r in range(len(self.recursions))], 1)
         for slot, slot_counts in zip(slots, counts.tolist()):
             self.count[slot] = slot_counts
-        super()._store_prompts(out, slot_index, slots, width)
+        for layer, present in enumerate(out.past_key_values):
+            self._store_prompt_layer(layer, present, slot_index, slots, width)
+        first = self.pick(out.logits[torch.arange(len(batch), device=device), lengths - 1])
+        for request, slot in zip(batch, slots):
+            self.length[slot], self.loop[slot] = len(request.tokens), 0
+        self.hidden[slot_index] = self.backbone.embed(first[:, None])
+        for request, slot, token in zip(batch, slots, first.tolist()):
+            if not self._emit(request, token):
+                self.slot_request[slot] = request
 
     def _store_prompt_layer(self, layer: int, present, slot_index: Tensor, slots: List[int], width: int) -> None:
-        if not isinstance(present, RecursionKV):  # None: a later recursion under KV sharing
-            if present is not None:
-                super()._store_prompt_layer(layer, present, slot_index, slots, width)
-            return
-        # Each row's tokens (its True columns) to consecutive positions of its slot.
-        mask = present.token_mask
-        first_rows = self._to_device([self._flat_row(layer, slot) for slot in slots])[0]
-        rows = (first_rows[:, None] + mask.long().cumsum(1) - 1)[mask]
-        for cache, tensor in zip(self.caches(), present.key_value):
-            if tensor is not None:
-                cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor.transpose(1, 2)[mask])
+        """One layer of the prefill's cache into ``slots``: a recursion's :class:`RecursionKV` (each row's tokens,
+        its True columns, to consecutive positions of its slot), a plain layer's :class:`LayerKV` (B, Hkv,
+        width, .), or None (a later recursion under KV sharing)."""
+        if isinstance(present, RecursionKV):
+            mask = present.token_mask
+            first_rows = self._to_device([self._flat_row(layer, slot) for slot in slots])[0]
+            rows = (first_rows[:, None] + mask.long().cumsum(1) - 1)[mask]
+            for cache, tensor in zip(self.caches(), present.key_value):
+                if tensor is not None:
+                    cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor.transpose(1, 2)[mask])
+        elif present is not None:
+            for cache, tensor in zip(self.caches(), present):
+                if tensor is not None:
+                    cache[layer, slot_index, :width] = tensor.transpose(1, 2)
 
     def _step(self) -> None:
         config, backbone = self.config, self.backbone
