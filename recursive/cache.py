@@ -82,6 +82,8 @@ class VarlenPacking:
         cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 offsets of each sequence's real queries and keys.
         max_seqlen_q, max_seqlen_k: the longest of them.
         query_mask: (B, Sq) bool, True at real queries.
+        every_query: every query is real (``query_rows`` is ``0 .. B * Sq - 1``): attention then takes the
+            queries as they are, with no gather and no scatter back.
     """
 
     query_rows: Tensor
@@ -91,6 +93,7 @@ class VarlenPacking:
     max_seqlen_q: int
     max_seqlen_k: int
     query_mask: Tensor
+    every_query: bool = False
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], width: int, device) -> "VarlenPacking":
@@ -106,9 +109,10 @@ class VarlenPacking:
                    max_seqlen_k=longest, query_mask=torch.arange(width, device=device) < lengths_d[:, None])
 
     @classmethod
-    def from_attention_mask(cls, attention_mask: Tensor, query_length: int) -> "VarlenPacking":
+    def from_attention_mask(cls, attention_mask: Tensor, query_length: int, *, queries_real: bool = False) -> "VarlenPacking":
         """``attention_mask`` (B, Sk) covers the cached and the new tokens; the queries are its last
-        ``query_length`` columns."""
+        ``query_length`` columns. ``queries_real``: the caller knows they are all real tokens (a decoding
+        step's new tokens), so that the packing says so (``every_query``) without reading the mask back."""
         if attention_mask.dim() != 2 or not 0 <= query_length <= attention_mask.shape[1]:
             raise ValueError(
                 f"attention_mask: expected (B, Sk) with Sk >= the {query_length} queries, got {tuple(attention_mask.shape)}"
@@ -131,6 +135,7 @@ class VarlenPacking:
             max_seqlen_q=max_q,
             max_seqlen_k=max_k,
             query_mask=queries,
+            every_query=queries_real,
         )
 
 

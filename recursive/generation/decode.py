@@ -105,7 +105,7 @@ class GenerationMixin:
                             position_ids=positions[:, None], past_key_values=past, use_cache=True)
                 logits, past = out.logits[:, -1], out.past_key_values
             else:
-                packing = VarlenPacking.from_attention_mask(attention_mask, 1) if padded else None
+                packing = VarlenPacking.from_attention_mask(attention_mask, 1, queries_real=True) if padded else None
                 logits, past = decode_step(self, tokens, positions, packing, past, exit_threshold)
             positions = positions + 1
         return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)

@@ -168,6 +168,7 @@ class EngineRun:
             query_rows=offsets[:rows], key_rows=key_rows + torch.arange(total, device=self.device),
             cu_seqlens_q=offsets32[: rows + 1], cu_seqlens_k=offsets32[rows + 1:], max_seqlen_q=1,
             max_seqlen_k=max(key_counts), query_mask=torch.ones(rows, 1, dtype=torch.bool, device=self.device),
+            every_query=True,
         )
 
     def _run_block(self, layer: int, hidden: Tensor, depth: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor],

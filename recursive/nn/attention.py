@@ -236,11 +236,15 @@ class CircuitAttention(nn.Module):
                 return None
             if keys:  # (B, Hkv, Sk, d) -> (B * Sk, Hkv, d)
                 t = t.transpose(1, 2)
+            elif packing.every_query:
+                return t.reshape(-1, *t.shape[2:])
             return t.reshape(-1, *t.shape[2:]).index_select(0, rows)
 
         def unpacked(t: Optional[Tensor]) -> Optional[Tensor]:
             if t is None:
                 return None
+            if packing.every_query:
+                return t.view(B, S, *t.shape[1:])
             full = t.new_zeros(B * S, *t.shape[1:]).index_copy(0, packing.query_rows, t)
             return full.view(B, S, *t.shape[1:])
 
