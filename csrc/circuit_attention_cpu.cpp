@@ -549,15 +549,22 @@ void read_offsets(const Tensor& cu, int64_t total, const char* name, std::vector
   TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && cu.device().is_cpu() &&
                   (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
               kWhere, name, ": expected a 1-D int32/int64 CPU tensor of B + 1 offsets");
-  const Tensor c = cu.to(at::kLong).contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
+  // Read as they are (int32 from the Python layer): a conversion per call would cost more than the reading.
+  const Tensor c = cu.contiguous();
   const int64_t B = c.numel() - 1;
-  TORCH_CHECK(p[0] == 0 && p[B] == total, kWhere, name, ": must run from 0 to ", total);
-  start.assign(p, p + B);
-  len.resize(B);
-  for (int64_t b = 0; b < B; ++b) {
-    len[b] = p[b + 1] - p[b];
-    TORCH_CHECK(len[b] >= 0, kWhere, name, ": offsets must be non-decreasing");
+  const auto read = [&](const auto* p) {
+    TORCH_CHECK(p[0] == 0 && p[B] == total, kWhere, name, ": must run from 0 to ", total);
+    start.assign(p, p + B);
+    len.resize(B);
+    for (int64_t b = 0; b < B; ++b) {
+      len[b] = static_cast<int64_t>(p[b + 1]) - p[b];
+      TORCH_CHECK(len[b] >= 0, kWhere, name, ": offsets must be non-decreasing");
+    }
+  };
+  if (c.scalar_type() == at::kInt) {
+    read(c.data_ptr<int32_t>());
+  } else {
+    read(c.data_ptr<int64_t>());
   }
 }
 

@@ -108,7 +108,8 @@ Plan make_plan(int64_t M, int64_t E, int64_t r, int64_t K, int64_t N, const std:
     pl.buf_of[s] = q;
     pl.coef[q] = scaling;
   }
-  if (gates.has_value()) {
+  pl.gated = gates.has_value();
+  if (pl.gated) {
     const Tensor g = gates->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "lowrank_linear_cpu_gates", [&] {
       const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -279,18 +280,20 @@ LowrankLinearSizes check_inputs(const Tensor& x, const Tensor& weight, const std
 // y[t] += sum_j (coef u)_q @ B_e^T (into y; factor lora_b) or dx[t] += sum_j (coef v)_q @ A_e (into dx; factor
 // lora_a); w (Q, r) contiguous A: the coefficient rows. addmm_ straight into out for the identity assignment
 // without upcast, else the loop kernels.
+// alpha: a factor of every row of w, applied by addmm_ (the identity assignment only).
 template <typename T>
 void add_lowrank(AddInto into, Tensor& out, const Tensor& w, const Tensor& factor, const Plan& pl,
-                 const LowrankLinearSizes& d) {
+                 const LowrankLinearSizes& d, double alpha = 1.0) {
   using A = at::opmath_type<T>;
   if (pl.identity && std::is_same<T, A>::value) {
     for (int64_t e : pl.used) {
       const int64_t o = pl.begin[e], n = pl.count[e];
       const Tensor f = factor.select(0, e);
-      out.narrow(0, o, n).addmm_(w.narrow(0, o, n), into == AddInto::y ? f.t() : f);
+      out.narrow(0, o, n).addmm_(w.narrow(0, o, n), into == AddInto::y ? f.t() : f, 1.0, alpha);
     }
     return;
   }
+  TORCH_INTERNAL_ASSERT(alpha == 1.0, "add_lowrank: alpha is for the identity assignment");
   Tensor holder;
   LoopArgs<A> a{&pl, d.K, d.N, d.r};
   (into == AddInto::y ? a.lb : a.la) = stack_for<T, A>(factor, pl, holder);
@@ -327,7 +330,11 @@ void forward_lowrank(Tensor& y, Tensor& u, const Tensor& x, const Tensor& lora_a
     for (int64_t q = 0; q < pl.Q; ++q) std::memcpy(up + pl.slot_of[q] * d.r, usp + q * d.r, sizeof(A) * d.r);
   }
 
-  // y[row(q)] += (coef[q] * us[q]) @ B_e.T
+  // y[row(q)] += (coef[q] * us[q]) @ B_e.T; without gates on the addmm_ path, coef is addmm_'s alpha
+  if (!pl.gated && pl.identity && std::is_same<T, A>::value) {
+    add_lowrank<T>(AddInto::y, y, us, lora_b, pl, d, pl.coef[0]);
+    return;
+  }
   const Tensor ug = scaled_rows<A>(pl.Q, d.r, aopt, pl, [&](int64_t q) { return usp + q * d.r; });
   add_lowrank<T>(AddInto::y, y, ug, lora_b, pl, d);
 }

@@ -33,6 +33,7 @@ struct Plan {
   std::vector<int64_t> ad_of;         // Q: the adapter of each buffer row
   std::vector<int64_t> buf_of;        // M * k: the buffer row of each slot, -1 for an empty slot
   std::vector<double> coef;           // Q: scaling * gate of each buffer row
+  bool gated = false;                 // gates given (else every coef is the scaling)
   std::vector<int64_t> used;          // adapters with at least one slot, ascending
 };
 

@@ -114,9 +114,11 @@ _OP_SUPPORT: Dict[str, Dict[str, SupportCheck]] = {}
 _OP_IMPLS: Dict[str, Dict[str, Tuple[str, ...]]] = {}
 
 
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The dtype ``torch.autocast`` runs matmul-like ops in on ``device``, or None outside autocast."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+def autocast_dtype(tensor: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs matmul-like ops in on ``tensor``'s device, or None outside autocast.
+    Every op call asks, so the common device types skip building ``tensor.device.type``."""
+    device_type = "cuda" if tensor.is_cuda else "cpu" if tensor.is_cpu else tensor.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def autocast_inputs(dtype: torch.dtype, *tensors):

@@ -238,9 +238,8 @@ def _check_dims(name: str, t: Tensor, expected: Tuple, labels: str) -> None:
 
 
 def _validate(q, k, v, q_c, k_c, v_c, scale, packed: bool):
-    """Shared checks of the dense (B, heads, S, d) and packed (total, heads, d) layouts; returns scale."""
-    if not isinstance(q, Tensor):
-        raise ValueError(f"q: expected a tensor, got {type(q).__name__}")
+    """Shared checks of the dense (B, heads, S, d) and packed (total, heads, d) layouts (q: a tensor, checked
+    by the caller); returns scale."""
     if q.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"q: expected a floating dtype, got {q.dtype}")
     rank = 3 if packed else 4
@@ -306,7 +305,9 @@ def circuit_attention(
 
     Under ``torch.autocast`` all six inputs run in the autocast dtype (attention is matmul-like).
     """
-    cast_to = backends.autocast_dtype(q.device)
+    if not isinstance(q, Tensor):
+        raise ValueError(f"q: expected a tensor, got {type(q).__name__}")
+    cast_to = backends.autocast_dtype(q)
     if cast_to is not None:
         with torch.autocast(q.device.type, enabled=False):  # the backends' own ATen calls stay as written
             return circuit_attention(
@@ -371,7 +372,9 @@ def circuit_attention_varlen(
     :class:`recursive.cache.VarlenPacking`. Their dtype, shape and device are always checked. Under
     ``torch.autocast`` the six inputs run in the autocast dtype, as in :func:`circuit_attention`.
     """
-    cast_to = backends.autocast_dtype(q.device)
+    if not isinstance(q, Tensor):
+        raise ValueError(f"q: expected a tensor, got {type(q).__name__}")
+    cast_to = backends.autocast_dtype(q)
     if cast_to is not None:
         q, k, v, q_c, k_c, v_c = backends.autocast_inputs(cast_to, q, k, v, q_c, k_c, v_c)
         with torch.autocast(q.device.type, enabled=False):  # the backends' own ATen calls stay as written

@@ -349,8 +349,7 @@ def lowrank_linear(
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"x: expected a tensor, got {type(x).__name__}")
-    device = x.device
-    cast_to = backends.autocast_dtype(device)
+    cast_to = backends.autocast_dtype(x)
     if cast_to is not None:
         x, weight, bias, lora_a, lora_b = backends.autocast_inputs(cast_to, x, weight, bias, lora_a, lora_b)
         with torch.autocast(x.device.type, enabled=False):  # the backends' own ATen calls stay as written
@@ -359,7 +358,7 @@ def lowrank_linear(
     lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
         x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_indices
     )
-    chosen = backends.select(OP, device, backend, dtype=x.dtype)  # also checks an explicit request
+    chosen = backends.select(OP, x.device, backend, dtype=x.dtype)  # also checks an explicit request
     if lora_a is None:  # a plain linear is torch's own on every backend: the vendor GEMM, native autograd
         return F.linear(x, weight, bias)
     scaling = float(scaling)
