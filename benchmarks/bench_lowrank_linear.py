@@ -8,7 +8,9 @@ on CPU), r = 16, every available backend is timed, forward and forward+backward,
 - eager: base matmul, then per adapter: gather its rows, two small matmuls, scatter-add.
 
 Printed per row: time, GFLOP/s (useful FLOPs: base plus low-rank), ``vs base`` and ``vs eager`` (that
-baseline's time over this time: above 1 is faster) and the error against eager in float64. Every case runs
+baseline's time over this time: above 1 is faster), ``vs bytes`` (forward: the base's time scaled by the
+bytes the row must move, over its time: the byte bound where the base is memory-bound, as at decode sizes)
+and the error against eager in float64. Every case runs
 by default (they are quick); ``--full`` adds nothing here.
 
     python -m recursive bench --only lowrank_linear [--device cuda] [--json out.json]
@@ -56,6 +58,13 @@ class Case:
         lowrank = 2.0 * self.M * self.slots * self.r * (self.K + self.N) if lowrank else 0.0
         # forward; backward: dx and dW (two more base matmuls), dx's and dA/dB's low-rank terms
         return base + lowrank + (2 * base + 2 * lowrank if backward else 0.0)
+
+    def forward_elements(self, lowrank: bool = True) -> int:
+        """Elements a forward must read and write at least: x, the weight, the bias and y, and with
+        ``lowrank`` the factors of every adapter a row can use (all E but for one-adapter, each once)."""
+        base = self.M * self.K + self.N * self.K + self.N + self.M * self.N
+        used = 1 if self.form == "one-adapter" else min(self.E, self.M * self.slots)
+        return base + (used * self.r * (self.K + self.N) if lowrank else 0)
 
     @property
     def label(self) -> str:
@@ -270,6 +279,8 @@ def run(
                     "ms": seconds * 1e3,
                     "GFLOP/s": case.flops(backward, lowrank=impl != "base") / seconds / 1e9,
                     "vs base": times["base"] / seconds,
+                    "vs bytes": (times["base"] * case.forward_elements(impl != "base") / case.forward_elements(False)
+                                 / seconds) if not backward else None,
                     "vs eager": times["eager"] / seconds,
                     "peer": peer,
                     "vs peer": times[peer] / seconds,
@@ -295,6 +306,9 @@ COLUMNS = [
     TIME_MS,
     Column("GFLOP/s", ".1f", "useful FLOPs (base + low-rank; base: its own) / time"),
     Column("vs base", ".2f", speedup("base") + "; the fused op aims at 1"),
+    Column("vs bytes", ".2f", "forward: the byte bound (base's time scaled by the bytes this row must move: x, W, "
+                              "y and the factors of the adapters in use, over the base's) / this row's time; the "
+                              "bound where the base is memory-bound (decode sizes), above 1: faster than it"),
     Column("vs eager", ".2f", speedup("eager")),
     Column("peer", "", "the fastest peer of the case and mode"),
     Column("vs peer", ".2f", speedup("that peer")),

@@ -90,6 +90,10 @@ class EngineRun:
         self.rows_per_slot = max((len(r.tokens) for r in self.waiting), default=1) if self.prefills_in_steps else 1
         self.hidden = torch.zeros(slots * self.rows_per_slot, 1, config.hidden_size, **options)
         self.device = weight.device
+        # RoPE of every position a request can reach, once: a step picks its rows' (the same values as
+        # rotary_embedding of those positions, without its dozen ops per step)
+        self.rotary_table = rotary_embedding(torch.arange(capacity, device=self.device)[None], config.head_dim,
+                                             config.rope_theta, weight.dtype)
         # Rows of the flattened (L * slots * T, Hkv, .) caches: T per slot, slots * T per layer.
         self.capacity, self.layer_stride = capacity, slots * capacity
 
@@ -150,6 +154,10 @@ class EngineRun:
     def _flat_row(self, layer: int, slot: int) -> int:
         """The row of position 0 of (layer, slot) in the flattened (L * slots * T, Hkv, .) caches."""
         return layer * self.layer_stride + slot * self.capacity
+
+    def _rotary(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(cos, sin)`` (rows, 1, head_dim) of ``positions`` (rows,), from the run's table."""
+        return tuple(table[0, positions, None] for table in self.rotary_table)
 
     def _to_device(self, *columns: Sequence[int]) -> List[Tensor]:
         """Host integer lists as int64 tensors on the model's device, in one copy that does not wait for
@@ -217,7 +225,7 @@ class EngineRun:
         # flattened caches; the layer of block offset o is loop * loop_length + o, so the rows of offset o
         # are those of offset 0 shifted by o layers.
         packing = self._row_packing(first_rows_d, key_counts, offsets)
-        position_embeddings = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
+        position_embeddings = self._rotary(positions_d)
         hidden = self.hidden[hidden_rows_d]
 
         def run_offset(offset: int, hidden: Tensor) -> Tensor:

@@ -13,7 +13,6 @@ from ..progress import Progress
 
 from ..cache import RecursionKV
 from ..losses import upcast
-from ..nn import rotary_embedding
 from .engine_run import EngineRun, Request, key_offsets
 
 
@@ -111,7 +110,7 @@ class RecursionEngineRun(EngineRun):
                       for reads_first, slot, r in zip(shared, busy, recursion)]
         slots, positions_d, recursion_d, own_layers_d, store_rows_d, read_rows_d, offsets, starting_d = self._to_device(
             busy, positions, recursion, own_layers, store_rows, read_rows, key_offsets(key_counts), starting)
-        cos, sin = rotary_embedding(positions_d[:, None], config.head_dim, config.rope_theta, self.hidden.dtype)
+        cos, sin = self._rotary(positions_d)
         hidden = self.hidden[slots]
         if starting:
             start = hidden[starting_d]
