@@ -210,7 +210,7 @@ def check_index_values(indices: Tensor, num_adapters: int, name: str = "indices"
 
 def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_indices):
     """Validate the public arguments (x: a tensor, checked by the caller); return the backend form (see the
-    module docstring)."""
+    module docstring), x as (M, K) (a plain linear, which no backend sees: x as given)."""
     dtype, device = x.dtype, x.device
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x: expected a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
@@ -234,8 +234,6 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
         raise ValueError(f"scaling: expected a Python number, got {type(scaling).__name__}")
 
     lead = shape[:-1]
-    x2d = x if len(shape) == 2 else x.reshape(-1, K)
-    M = x2d.shape[0]
     if (lora_a is None) != (lora_b is None):
         raise ValueError("lora_a, lora_b: give both low-rank factors or neither")
     if lora_a is None:
@@ -243,7 +241,9 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
             raise ValueError("indices: given without lora_a/lora_b")
         if gates is not None:
             raise ValueError("gates: given without lora_a/lora_b")
-        return lead, x2d, bias, None, None, None, None, 0
+        return lead, x, bias, None, None, None, None, 0  # a plain linear takes x as it is
+    x2d = x if len(shape) == 2 else x.reshape(-1, K)
+    M = x2d.shape[0]
 
     a_shape = lora_a.shape
     if len(a_shape) != 3 or a_shape[2] != K:
@@ -301,7 +301,7 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
         raise ValueError(f"indices: expected None, an int or an integer tensor, got {type(indices).__name__}")
 
     if r == 0:  # a rank-0 update is zero: a plain linear
-        return lead, x2d, bias, None, None, None, None, 0
+        return lead, x, bias, None, None, None, None, 0
     return lead, x2d, bias, lora_a, lora_b, indices, gates, adapter
 
 
