@@ -5,11 +5,13 @@ by default a representative three of these (four on GPU). Every available backen
 forward+backward, beside
 
 - sdpa: ``scaled_dot_product_attention`` without corrections (the floor the fused op aims at);
-- eager: the corrections concatenated onto the head dims ([q, q_c / scale], [k, k_c], [v, v_c]), then SDPA.
+- eager: the corrections concatenated onto the head dims ([q, q_c / scale], [k, k_c], [v, v_c]), then SDPA;
+- compiled: the eager way under ``torch.compile`` (by default for the first case only: a compile takes tens of
+  seconds on a CPU; ``--full``: every case).
 
 Printed: time, TFLOP/s (useful FLOPs of the corrected attention; FlashAttention's convention: causal
-halves the work, backward counts 2.5x forward), ``vs sdpa`` and ``vs eager`` (that baseline's time over
-this time: above 1 is faster). ``--memory`` adds the peak extra memory of one forward at S = 4096 (GPU:
+halves the work, backward counts 2.5x forward), ``vs sdpa``, ``vs eager`` and ``vs peer`` (that baseline's
+time over this time: above 1 is faster; the peer is the faster of eager and compiled). ``--memory`` adds the peak extra memory of one forward at S = 4096 (GPU:
 allocator peak; CPU: peak RSS of a child process).
 
     python -m recursive bench --only circuit_attention [--full] [--device cuda] [--json out.json] [--memory]
@@ -33,6 +35,7 @@ from .common import (
 
 MODES = ("fwd", "fwd+bwd")
 RANK = 16
+PEERS = ("eager", "compiled")  # what a user would run instead
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,17 @@ def eager_circuit_attention(q, k, v, q_c, k_c, v_c, causal, scale):
     return both[..., : v.shape[-1]], both[..., v.shape[-1]:]
 
 
+_compiled_eager: Optional[Callable] = None
+
+
+def compiled_circuit_attention(*args):
+    """:func:`eager_circuit_attention` under ``torch.compile`` (compiled once, dynamic shapes)."""
+    global _compiled_eager
+    if _compiled_eager is None:
+        _compiled_eager = torch.compile(eager_circuit_attention, dynamic=True)
+    return _compiled_eager(*args)
+
+
 def _callable(impl: str, t: Dict[str, torch.Tensor], case: Case, backward: bool) -> Callable[[], object]:
     scale = case.D**-0.5
     if impl == "sdpa":
@@ -94,8 +108,9 @@ def _callable(impl: str, t: Dict[str, torch.Tensor], case: Case, backward: bool)
         forward = lambda: (F.scaled_dot_product_attention(*params, is_causal=case.causal),)  # noqa: E731
     else:
         params = [t[n] for n in ("q", "k", "v", "q_c", "k_c", "v_c")]
-        if impl == "eager":
-            forward = lambda: eager_circuit_attention(*params, case.causal, scale)  # noqa: E731
+        if impl in PEERS:
+            way = eager_circuit_attention if impl == "eager" else compiled_circuit_attention
+            forward = lambda: way(*params, case.causal, scale)  # noqa: E731
         else:
             forward = lambda: recursive_kernels.circuit_attention(*params, causal=case.causal, backend=impl)  # noqa: E731
     if not backward:
@@ -134,18 +149,24 @@ def peak_forward_memory(impl: str, case: Case, device: torch.device, dtype: torc
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def steps(cases: List[Case], modes=MODES) -> int:
-    """Progress steps of ``run``: one per case and mode."""
-    return len(cases) * len(modes)
+def steps(cases: List[Case], modes=MODES, compiled_cases: int = 1) -> int:
+    """Progress steps of ``run``: one per case and mode, and about 5 for each compiled case and mode."""
+    return len(cases) * len(modes) + 5 * len(modes) * min(compiled_cases, len(cases))
 
 
 STEP_SECONDS = 4.0  # a step's rough time on a 2-core CPU, for the run's time left
 
 
-def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=False, progress: Optional[Steps] = None):
+def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=False, progress: Optional[Steps] = None,
+        compiled_cases: int = 1):
+    """``compiled_cases``: how many of the cases (the first ones) the compiled peer is timed on."""
     device, dtype = resolve(device, dtype)
     cases = cases or default_cases(device)
-    impls = ["sdpa", "eager", *(impls or available_backends("circuit_attention", device, dtype, head_dim=64))]
+    backends = list(impls or available_backends("circuit_attention", device, dtype, head_dim=64))
+    impls = ["sdpa", *PEERS, *backends]
+
+    def impls_of(case: Case, mode: str) -> List[str]:
+        return [impl for impl in impls if impl != "compiled" or case in cases[:compiled_cases]]
 
     def prepare(case, backward, inputs_dtype=None):
         inputs = make_inputs(case, device, inputs_dtype or dtype, backward)
@@ -153,14 +174,16 @@ def run(device=None, dtype=None, modes=MODES, impls=None, cases=None, memory=Fal
 
     rows = []
     checked = [impl for impl in impls if impl != "sdpa"]
-    for case, mode, times, errors in time_cases(cases, modes, impls, prepare, device, progress, checked):
+    for case, mode, times, errors in time_cases(cases, modes, impls_of, prepare, device, progress, checked):
         backward = mode == "fwd+bwd"
+        peer = min((impl for impl in PEERS if impl in times), key=times.get)
         for impl, seconds in times.items():
             rows.append({
                 "B": case.B, "H": case.H, "S": case.S, "D": case.D, "R": case.R, "causal": case.causal, "mode": mode,
                 "impl": impl, "ms": seconds * 1e3,
                 "TFLOP/s": case.flops(backward, corrections=impl != "sdpa") / seconds / 1e12,
-                "vs sdpa": times["sdpa"] / seconds, "vs eager": times["eager"] / seconds, "rel err": errors.get(impl),
+                "vs sdpa": times["sdpa"] / seconds, "vs eager": times["eager"] / seconds, "peer": peer,
+                "vs peer": times[peer] / seconds, "rel err": errors.get(impl),
             })
     result = {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": rows}
     if memory:
@@ -180,13 +203,15 @@ COLUMNS = [
     Column("causal", "", "causal mask or none"),
     MODE,
     Column("impl", "", "sdpa: scaled_dot_product_attention without corrections, the floor; eager: the corrections "
-                       "concatenated onto the head dims, then sdpa; cpp/torch/triton/cuda: "
-                       "recursive_kernels.circuit_attention on that backend"),
+                       "concatenated onto the head dims, then sdpa; compiled: eager under torch.compile; "
+                       "cpp/torch/triton/cuda: recursive_kernels.circuit_attention on that backend"),
     TIME_MS,
     Column("TFLOP/s", ".4f", "useful FLOPs (with the corrections; sdpa: without) / time, FlashAttention's count (causal "
                              "halves it, backward 2.5x forward); the GPU target compares it with sdpa's"),
     Column("vs sdpa", ".2f", speedup("sdpa") + "; it does less work, so below 1"),
     Column("vs eager", ".2f", speedup("eager")),
+    Column("peer", "", "the faster of eager and compiled (compiled where it was timed)"),
+    Column("vs peer", ".2f", speedup("that peer")),
     REL_ERR,
 ]
 

@@ -57,6 +57,11 @@ def _plans(names: List[str], device: torch.device, full: bool) -> Dict[str, dict
             forms = ("per-row", "top-2") if full else module.COMPILED_FORMS
             plans[name] = {"kwargs": {"cases": cases, "compiled_forms": forms},
                            "steps": module.steps(cases, compiled_forms=forms)}
+        elif name == "circuit_attention":
+            cases = module.default_cases(device, full)
+            compiled = len(cases) if full else 1
+            plans[name] = {"kwargs": {"cases": cases, "compiled_cases": compiled},
+                           "steps": module.steps(cases, compiled_cases=compiled)}
         else:
             cases = module.default_cases(device, full)
             plans[name] = {"kwargs": {"cases": cases}, "steps": module.steps(cases)}

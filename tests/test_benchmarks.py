@@ -47,10 +47,24 @@ def test_lowrank_linear_benchmark_checks_every_implementation(quick_timing):
 
 def test_circuit_attention_benchmark_checks_every_implementation(quick_timing):
     cases = [bench_circuit_attention.Case(33, 16, True, 1, 2)]
-    result = bench_circuit_attention.run(device=torch.device("cpu"), cases=cases)
+    result = bench_circuit_attention.run(device=torch.device("cpu"), cases=cases, compiled_cases=0)
     errors = _errors(result, "sdpa")
     assert {impl for impl, _ in errors} >= {"eager", "torch"}
     assert all(0 < err < 1e-5 for err in errors.values()), errors
+
+
+@pytest.mark.slow
+def test_circuit_attention_benchmark_times_the_compiled_peer(quick_timing):
+    """torch.compile of the eager way is timed and checked like the backends on the first case only; each row
+    names the faster peer."""
+    cases = [bench_circuit_attention.Case(17, 8, False, 1, 2), bench_circuit_attention.Case(9, 8, True, 1, 2)]
+    result = bench_circuit_attention.run(device=torch.device("cpu"), cases=cases, impls=["cpp"])
+    errors = _errors(result, "sdpa")
+    first = {impl for (impl, mode) in errors if mode == "fwd"}
+    assert "compiled" in first and all(err < 1e-5 for err in errors.values()), errors
+    later = {row["impl"] for row in result["rows"] if row["S"] == 9}
+    assert later == {"sdpa", "eager", "cpp"}
+    assert all(row["peer"] in bench_circuit_attention.PEERS and row["vs peer"] > 0 for row in result["rows"])
 
 
 def test_model_benchmark_times_every_variant_against_the_untied_model(quick_timing):
