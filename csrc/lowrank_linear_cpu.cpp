@@ -118,10 +118,13 @@ Plan make_plan(int64_t M, int64_t E, int64_t r, int64_t K, int64_t N, const std:
   }
   bool identity = pl.k == 1 && pl.P == M;
   for (int64_t q = 0; identity && q < pl.Q; ++q) identity = pl.slot_of[q] == q;
-  // Path: the identity assignment without an upcast goes straight to BLAS (no gather, no scatter: nothing
-  // for the loops to save); otherwise the loop kernels up to loop_macs_per_adapter per used adapter.
+  // Path: one adapter on the identity assignment without an upcast goes straight to BLAS (no gather, no scatter:
+  // nothing for the loops to save); otherwise the loop kernels up to loop_macs_per_adapter per used adapter (for
+  // several adapters the identity assignment would cost two ATen products each: at decode sizes, more than
+  // one pass of the loops over every row).
   const double work = static_cast<double>(pl.P) * static_cast<double>(r) * static_cast<double>(K + N);
-  pl.loops = !(identity && acc_is_input) && work <= loop_macs_per_adapter * static_cast<double>(pl.used.size());
+  const bool one_blas_adapter = identity && acc_is_input && pl.used.size() == 1;
+  pl.loops = !one_blas_adapter && work <= loop_macs_per_adapter * static_cast<double>(pl.used.size());
   if (forced_path() != 0) pl.loops = forced_path() == 2;
   pl.identity = identity && !pl.loops;
   return pl;

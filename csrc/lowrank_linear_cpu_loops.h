@@ -14,8 +14,9 @@ namespace recursive_kernels {
 namespace cpu {
 namespace lowrank {
 
-// Work per at::parallel_for chunk, in elements touched.
-constexpr int64_t kGrainElems = 1 << 14;
+// Work per at::parallel_for chunk, in elements touched: about as much as a fork and join of the threads costs
+// (a few microseconds), so that decode-sized passes run on the calling thread.
+constexpr int64_t kGrainElems = 1 << 16;
 
 inline int64_t grain_for(int64_t per_item) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, per_item));
