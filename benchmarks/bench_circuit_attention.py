@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 import recursive_kernels
 from .common import (
-    MODE, REL_ERR, TIME_MS, Column, Steps, available_backends, machine_description, render, resolve, seeded_like,
-    speedup, time_cases,
+    MODE, REL_ERR, TIME_MS, Column, Steps, available_backends, compiled_lazily, machine_description, render, resolve,
+    seeded_like, speedup, time_cases,
 )
 
 MODES = ("fwd", "fwd+bwd")
@@ -90,15 +90,7 @@ def eager_circuit_attention(q, k, v, q_c, k_c, v_c, causal, scale):
     return both[..., : v.shape[-1]], both[..., v.shape[-1]:]
 
 
-_compiled_eager: Optional[Callable] = None
-
-
-def compiled_circuit_attention(*args):
-    """:func:`eager_circuit_attention` under ``torch.compile`` (compiled once, dynamic shapes)."""
-    global _compiled_eager
-    if _compiled_eager is None:
-        _compiled_eager = torch.compile(eager_circuit_attention, dynamic=True)
-    return _compiled_eager(*args)
+compiled_circuit_attention = compiled_lazily(eager_circuit_attention)
 
 
 def _callable(impl: str, t: Dict[str, torch.Tensor], case: Case, backward: bool) -> Callable[[], object]:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 import recursive_kernels
 from .common import (
-    MODE, REL_ERR, TIME_MS, Column, Steps, available_backends, machine_description, render, resolve, seeded_like,
-    speedup, time_cases,
+    MODE, REL_ERR, TIME_MS, Column, Steps, available_backends, compiled_lazily, machine_description, render, resolve,
+    seeded_like, speedup, time_cases,
 )
 
 FORMS = ("one-adapter", "per-row", "top-2")
@@ -143,15 +143,7 @@ def masked_lowrank_linear(x, weight, bias, lora_a, lora_b, indices, gates, scali
     return y + scaling * F.linear(h.reshape(-1, E * r), lora_b.permute(1, 0, 2).reshape(-1, E * r))
 
 
-_compiled_masked: Optional[Callable] = None
-
-
-def compiled_lowrank_linear(*args):
-    """:func:`masked_lowrank_linear` under ``torch.compile`` (compiled once per form and mode, dynamic shapes)."""
-    global _compiled_masked
-    if _compiled_masked is None:
-        _compiled_masked = torch.compile(masked_lowrank_linear, dynamic=True)
-    return _compiled_masked(*args)
+compiled_lowrank_linear = compiled_lazily(masked_lowrank_linear)
 
 
 def peft_available() -> bool:

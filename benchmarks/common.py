@@ -166,6 +166,20 @@ def available_backends(op: str, device: torch.device, dtype: torch.dtype, **inpu
     ]
 
 
+def compiled_lazily(fn: Callable) -> Callable:
+    """``fn`` under ``torch.compile`` (dynamic shapes), set up at its first call, so that importing a benchmark
+    does not bring in the compiler."""
+    compiled: Optional[Callable] = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(*args)
+
+    return call
+
+
 def seeded_like(t: torch.Tensor, seed: int = 1) -> torch.Tensor:
     """Standard normal numbers shaped like ``t`` in its dtype and device, the same draws for every dtype
     and device (a seeded CPU generator): upstream gradients that the reference run sees too."""
