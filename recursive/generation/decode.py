@@ -11,6 +11,7 @@ from torch import Tensor
 from ..progress import Progress
 
 from ..cache import VarlenPacking
+from ..nn import rotary_embedding, rotary_rows
 from .early_exit import decode_step
 from .sampling import next_tokens
 from .validation import check_exit_threshold, check_ids, check_int, check_sampling, check_token
@@ -82,6 +83,9 @@ class GenerationMixin:
         logits, past = out.logits[torch.arange(B, device=input_ids.device), last], out.past_key_values
         positions = attention_mask.long().sum(1)
         padded = not bool(attention_mask.all())  # the new columns are real tokens: decided once
+        # RoPE of every position a row can reach, once (the stacks decode_step runs take their rows of it)
+        rotary_table = rotary_embedding(torch.arange(S + max_new_tokens, device=input_ids.device)[None],
+                                        config.head_dim, config.rope_theta, self.model.embed_tokens.weight.dtype)
         sequence = input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
@@ -106,7 +110,8 @@ class GenerationMixin:
                 logits, past = out.logits[:, -1], out.past_key_values
             else:
                 packing = VarlenPacking.from_attention_mask(attention_mask, 1, queries_real=True) if padded else None
-                logits, past = decode_step(self, tokens, positions, packing, past, exit_threshold)
+                logits, past = decode_step(self, tokens, rotary_rows(rotary_table, positions), packing, past,
+                                           exit_threshold)
             positions = positions + 1
         return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
 

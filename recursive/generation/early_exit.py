@@ -47,18 +47,18 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
 
 
 def decode_step(
-    model, tokens: Tensor, positions: Tensor, packing: Optional[VarlenPacking], past: Tuple[LayerKV, ...],
-    exit_threshold: Optional[float],
+    model, tokens: Tensor, position_embeddings: Tuple[Tensor, Tensor], packing: Optional[VarlenPacking],
+    past: Tuple[LayerKV, ...], exit_threshold: Optional[float],
 ) -> Tuple[Tensor, Tuple[LayerKV, ...]]:
     """One new token per row through the stack, leaving at loop boundaries with ``exit_threshold``.
 
     A row that left keeps its exit hidden state, so the blocks it still runs (for rows that did not
     leave) give the keys and values of that state; once every row has left, the remaining layers only
-    project keys and values. tokens (B,), positions (B,) -> logits (B, vocab) and the extended cache.
+    project keys and values. tokens (B,), position_embeddings (cos, sin) each (B, 1, head_dim) of the tokens'
+    positions -> logits (B, vocab) and the extended cache.
     """
     backbone, config = model.model, model.config
     hidden = backbone.embed(tokens[:, None])
-    position_embeddings = rotary_embedding(positions[:, None], config.head_dim, config.rope_theta, hidden.dtype)
     period = config.loop_length()
     running = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     exit_logits: Optional[Tensor] = None

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..progress import Progress
 
 from ..cache import LayerKV, VarlenPacking, ints_to_device
-from ..nn import rotary_embedding
+from ..nn import rotary_embedding, rotary_rows
 from .early_exit import top_probability
 
 
@@ -90,8 +90,7 @@ class EngineRun:
         self.rows_per_slot = max((len(r.tokens) for r in self.waiting), default=1) if self.prefills_in_steps else 1
         self.hidden = torch.zeros(slots * self.rows_per_slot, 1, config.hidden_size, **options)
         self.device = weight.device
-        # RoPE of every position a request can reach, once: a step picks its rows' (the same values as
-        # rotary_embedding of those positions, without its dozen ops per step)
+        # RoPE of every position a request can reach, once: a step picks its rows' (rotary_rows)
         self.rotary_table = rotary_embedding(torch.arange(capacity, device=self.device)[None], config.head_dim,
                                              config.rope_theta, weight.dtype)
         # Rows of the flattened (L * slots * T, Hkv, .) caches: T per slot, slots * T per layer.
@@ -154,10 +153,6 @@ class EngineRun:
     def _flat_row(self, layer: int, slot: int) -> int:
         """The row of position 0 of (layer, slot) in the flattened (L * slots * T, Hkv, .) caches."""
         return layer * self.layer_stride + slot * self.capacity
-
-    def _rotary(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(cos, sin)`` (rows, 1, head_dim) of ``positions`` (rows,), from the run's table."""
-        return tuple(table[0, positions, None] for table in self.rotary_table)
 
     def _to_device(self, *columns: Sequence[int]) -> List[Tensor]:
         """Host integer lists as int64 tensors on the model's device, in one copy that does not wait for
@@ -225,7 +220,7 @@ class EngineRun:
         # flattened caches; the layer of block offset o is loop * loop_length + o, so the rows of offset o
         # are those of offset 0 shifted by o layers.
         packing = self._row_packing(first_rows_d, key_counts, offsets)
-        position_embeddings = self._rotary(positions_d)
+        position_embeddings = rotary_rows(self.rotary_table, positions_d)
         hidden = self.hidden[hidden_rows_d]
 
         def run_offset(offset: int, hidden: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from ..progress import Progress
 
 from ..cache import RecursionKV
 from ..losses import upcast
+from ..nn import rotary_rows
 from .engine_run import EngineRun, Request, key_offsets
 
 
@@ -110,7 +111,7 @@ class RecursionEngineRun(EngineRun):
                       for reads_first, slot, r in zip(shared, busy, recursion)]
         slots, positions_d, recursion_d, own_layers_d, store_rows_d, read_rows_d, offsets, starting_d = self._to_device(
             busy, positions, recursion, own_layers, store_rows, read_rows, key_offsets(key_counts), starting)
-        cos, sin = self._rotary(positions_d)
+        cos, sin = rotary_rows(self.rotary_table, positions_d)
         hidden = self.hidden[slots]
         if starting:
             start = hidden[starting_d]

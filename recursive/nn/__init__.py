@@ -22,8 +22,8 @@ The caches attention reads live in :mod:`recursive.cache`.
 from .attention import CircuitAttention
 from .block import RecursiveBlock, RMSNorm
 from .feed_forward import GatedFeedForward, MoLFeedForward
-from .functional import activation, rotary_embedding
+from .functional import activation, rotary_embedding, rotary_rows
 from .linear import LowRankLinear
 
 __all__ = ["CircuitAttention", "GatedFeedForward", "LowRankLinear", "MoLFeedForward", "RMSNorm", "RecursiveBlock",
-           "activation", "rotary_embedding"]
+           "activation", "rotary_embedding", "rotary_rows"]

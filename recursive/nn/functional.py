@@ -44,6 +44,13 @@ def rotary_embedding(position_ids: Tensor, head_dim: int, theta: float, dtype: t
     return table.cos().to(dtype), table.sin().to(dtype)
 
 
+def rotary_rows(table: Tuple[Tensor, Tensor], positions: Tensor) -> Tuple[Tensor, Tensor]:
+    """Rows of a RoPE ``table`` (:func:`rotary_embedding` of positions ``0 .. T - 1``, each (1, T, head_dim)) at
+    ``positions`` (B,): ``(cos, sin)``, each (B, 1, head_dim), the values :func:`rotary_embedding` gives for
+    ``positions[:, None]``. Decoding builds the table once instead of a dozen ops per step."""
+    return tuple(t[0, positions, None] for t in table)
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x (B, S, heads, D) rotated by cos, sin (B, S, D) (rotate-half convention)."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
