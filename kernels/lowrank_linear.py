@@ -6,7 +6,8 @@
 One op serves every recursive-transformer variant: one adapter for all rows (a depth's LoRA), one
 adapter per row (tokens of different depths in one batch) and k adapters per row with gates (a mixture
 of LoRA experts). A plain linear (no adapters, or rank 0) is ``torch.nn.functional.linear`` whatever the
-backend: nothing to fuse, and the vendor GEMM with native autograd costs least per call. This file validates and normalises the inputs, picks a backend (see
+backend: nothing to fuse, and the vendor GEMM with native autograd costs least per call. This file
+validates and normalises the inputs, picks a backend (see
 ``recursive_kernels.backends``) and wires the compiled backends into autograd: eager calls through a
 ``torch.autograd.Function``, and ``torch.compile`` through ``torch.library`` custom ops with fake
 implementations (so ``fullgraph=True`` works and ``torch.library.opcheck`` passes).

@@ -235,16 +235,16 @@ class EngineRun:
                 hidden = run_offset(offset, hidden)
 
         self.hidden[hidden_rows_d] = hidden
-        done, tokens, exited = finishing, [], []
+        done, tokens = finishing, []
         if deciding:  # else nothing to read back this step
             decided = hidden[deciding_rows_d, 0]
             logits = self.model.logits_at(decided)
             tokens_d = self.pick(logits)
             if may_exit:
-                leaving = (top_probability(logits) >= engine.exit_threshold).index_fill_(
-                    0, torch.arange(len(finishing), device=self.device), True)  # finishing rows give a token anyway
-                restart = leaving[:, None, None]
-                self.hidden[deciding_slots_d] = torch.where(restart, backbone.embed(tokens_d[:, None]), decided[:, None])
+                leaving = top_probability(logits) >= engine.exit_threshold
+                leaving[: len(finishing)] = True  # finishing rows give a token anyway
+                self.hidden[deciding_slots_d] = torch.where(leaving[:, None, None], backbone.embed(tokens_d[:, None]),
+                                                            decided[:, None])
                 all_tokens, left = torch.stack((tokens_d, leaving.long())).tolist()
                 exited = [i for i, gone in zip(may_exit, left[len(finishing):]) if gone]
                 self._store_deeper([busy[i] for i in exited], [last_rows[i] - 1 for i in exited], hidden,
