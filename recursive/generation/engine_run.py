@@ -223,10 +223,16 @@ class EngineRun:
         position_embeddings = rotary_rows(self.rotary_table, positions_d)
         hidden = self.hidden[hidden_rows_d]
 
+        # Rows all at one loop (as without early exit, where tokens finish together) share one depth: an int,
+        # which the blocks serve as one adapter for every row, with no per-row indices to build and check.
+        one_loop = len({self.loop[slot] for slot in busy}) == 1
+        store_rows_d = first_rows_d + positions_d
+
         def run_offset(offset: int, hidden: Tensor) -> Tensor:
             # the same block at this offset of every loop
-            return self._run_block(offset, hidden, first_layers_d + offset, position_embeddings, packing,
-                                   first_rows_d + positions_d, offset * self.layer_stride)
+            depth = first_layers[0] + offset if one_loop else first_layers_d + offset
+            return self._run_block(offset, hidden, depth, position_embeddings, packing, store_rows_d,
+                                   offset * self.layer_stride)
 
         if config.sharing == "hierarchical":  # one loop of every layer, in the HRM data flow
             hidden = backbone.hierarchical(hidden, run_offset)
