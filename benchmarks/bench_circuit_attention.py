@@ -11,8 +11,8 @@ forward+backward, beside
 
 Printed: time, TFLOP/s (useful FLOPs of the corrected attention; FlashAttention's convention: causal
 halves the work, backward counts 2.5x forward), ``vs sdpa``, ``vs eager`` and ``vs peer`` (that baseline's
-time over this time: above 1 is faster; the peer is the faster of eager and compiled). ``--memory`` adds the peak extra memory of one forward at S = 4096 (GPU:
-allocator peak; CPU: peak RSS of a child process).
+time over this time: above 1 is faster; the peer is the faster of eager and compiled). ``--memory`` adds the
+peak extra memory of one forward at S = 4096 (GPU: allocator peak; CPU: peak RSS of a child process).
 
     python -m recursive bench --only circuit_attention [--full] [--device cuda] [--json out.json] [--memory]
 """
