@@ -170,6 +170,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "transformers>=4.45", "peft>=0.13"],
         "bench": ["transformers>=4.45", "peft>=0.13"],  # the peers the benchmarks time beside ours
+        "plot": ["matplotlib>=3.5"],  # train --plot, reproduce's figures
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -43,7 +43,7 @@ import torch
 from .common import Column, Steps, machine_description, render, resolve, speedup
 from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM, export_hf
 from recursive.generation import calibrate_exit_threshold, generate_in_batches
-from recursive.train import encode, synthetic_corpus, train
+from recursive.training import TrainingArguments, encode, synthetic_corpus, train
 
 PEER = "transformers"  # the untied model exported to Hugging Face transformers, its own batched generate
 METHODS = ("plain", "plain+exit", "untied", PEER, "engine", "engine+exit", "mor", "mor engine")
@@ -100,7 +100,7 @@ def make_models(workload: Workload, device: torch.device, dtype: torch.dtype, tr
                 parameter.normal_(0.0, 0.02)
     untied = RecursiveForCausalLM(RecursiveConfig(num_blocks=workload.num_layers, **common))
     if train_steps:
-        train(recursive.to(device), steps=train_steps, exit_loss_weight=1.0, bf16=device.type == "cuda",
+        train(recursive.to(device), TrainingArguments(steps=train_steps, exit_loss_weight=1.0, bf16=device.type == "cuda"),
               progress=False)
     return tuple(model.to(device, dtype).eval() for model in (recursive, untied, mor))
 

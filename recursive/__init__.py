@@ -9,10 +9,11 @@
 - ``RecursiveForCausalLM.generate`` and ``recursive.DepthBatchingEngine``: generation with early exit and
   continuous depth-wise batching (``recursive.generation``).
 - ``recursive.flops``: FLOP counts (forward, training step) and parameter counts from a config.
-- ``recursive.train``: uptraining on a generated corpus (``python -m recursive train``).
+- ``recursive.training``: training on text files or token files, evaluation, checkpoints, DDP and FSDP2
+  (``python -m recursive train``).
 """
 
-from . import flops, nn, train
+from . import flops, nn, training
 from .config import RecursiveConfig
 from .convert import convert_hf, export_hf
 from .generation import DepthBatchingEngine
@@ -40,5 +41,5 @@ __all__ = [
     "export_hf",
     "flops",
     "nn",
-    "train",
+    "training",
 ]

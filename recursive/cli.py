@@ -22,7 +22,8 @@ from .generation import DepthBatchingEngine, calibrate_exit_threshold, generate_
 from .generation.validation import check_int
 from .modeling import RecursiveForCausalLM
 from .progress import Progress
-from .train import CORPUS_VOCAB_SIZE, SCHEDULES, encode, synthetic_corpus, train, unigram_entropy
+from .training.command import add_train_arguments
+from .training.tokenizers import check_vocabulary, load_tokenizer
 
 
 def _version(module: str) -> str:
@@ -67,11 +68,23 @@ def convert(args) -> None:
                        svd_init=not args.no_svd_init, lora_alpha=args.lora_alpha,
                        progress=False if args.no_progress else None)
     model.save_pretrained(args.output)
+    kept = ""
+    tokenizer_dir = args.tokenizer or args.checkpoint
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    if tokenizer is not None:
+        check_vocabulary(tokenizer, model.config.vocab_size, "tokenizer")
+        tokenizer.save_pretrained(args.output)
+        kept = " with its tokenizer"
+    elif args.tokenizer:
+        sys.exit(f"error: tokenizer: {args.tokenizer!r} holds no tokenizer")
     count = sum(p.numel() for p in model.parameters())
     original = sum(p.numel() for p in hf_model.parameters())
     print(f"{model.config.num_layers} layers -> {model.config.num_blocks} blocks ({model.config.sharing}, "
           f"relaxation {model.config.relaxation}): {count:,} parameters ({count / original:.1%} of {original:,}), "
-          f"written to {args.output}")
+          f"written to {args.output}{kept}")
 
 
 def export(args) -> None:
@@ -88,85 +101,6 @@ def export(args) -> None:
           f"written to {args.output}")
 
 
-def default_train_config() -> RecursiveConfig:
-    """The small model ``python -m recursive train`` builds by default: 6 effective layers over 2 shared
-    blocks with a depth-wise LoRA, byte vocabulary."""
-    return RecursiveConfig(
-        vocab_size=CORPUS_VOCAB_SIZE, hidden_size=64, intermediate_size=176, num_attention_heads=4,
-        num_key_value_heads=2, num_layers=6, num_blocks=2, relaxation="depth_lora", lora_rank=8, lora_alpha=16.0,
-    )
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``python -m recursive train``."""
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", help="a JSON RecursiveConfig to build the model from (default: a small built-in one)")
-    source.add_argument("--model", help="a directory written by save_pretrained to continue training")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    parser.add_argument("--warmup-steps", type=int, help="default: a tenth of --steps")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
-    parser.add_argument("--exit-loss-weight", type=float, default=0.0,
-                        help="weight of the LM head's loss at the loop boundaries (trains for early exit)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the init, the corpus and the batches")
-    parser.add_argument("--adapters-only", action="store_true",
-                        help="freeze the base model and train the adapters (LoRA, circuit factors, routers) only")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute each layer in the backward instead of keeping its activations")
-    parser.add_argument("--save", metavar="DIR", help="save the trained model here (save_pretrained)")
-    parser.add_argument("--save-adapter", metavar="DIR", help="save the adapters alone here (save_adapter)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=train_command)
-
-
-def train_command(args: argparse.Namespace) -> List[float]:
-    """``python -m recursive train``: build, train, summarise, save; returns the losses."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    if args.model:
-        model = RecursiveForCausalLM.from_pretrained(args.model, device=device, dtype=torch.float32)
-    else:
-        config = default_train_config()
-        if args.config:
-            with open(args.config) as f:
-                config = RecursiveConfig.from_json_string(f.read())
-        model = RecursiveForCausalLM(config).to(device)
-    corpus = encode(synthetic_corpus(seed=args.seed))
-    if args.adapters_only:
-        model.mark_only_adapters_trainable()
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    num_parameters = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = model.config
-    print(f"training {trainable / 1e6:.2f}M of {num_parameters / 1e6:.2f}M parameters ({config.num_layers} layers "
-          f"over {config.num_blocks} blocks, {config.relaxation}) on {device}, {args.steps} steps of "
-          f"{args.batch_size} x {args.seq_len} tokens")
-    start = time.perf_counter()
-    losses = train(
-        model, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        warmup_steps=args.warmup_steps, schedule=args.schedule, bf16=args.bf16,
-        exit_loss_weight=args.exit_loss_weight, corpus=corpus, seed=args.seed,
-        progress=not args.no_progress,
-    )
-    seconds = time.perf_counter() - start
-    window = min(10, len(losses))
-    print(f"loss: first {sum(losses[:window]) / window:.3f}, last {sum(losses[-window:]) / window:.3f} "
-          f"(means of {window} steps); the corpus's unigram entropy is {unigram_entropy(corpus):.3f}")
-    print(f"{args.steps * args.batch_size * args.seq_len / seconds:,.0f} tokens/s over {seconds:.1f} s")
-    if args.save:
-        model.save_pretrained(args.save)
-        print(f"saved to {args.save}")
-    if args.save_adapter:
-        model.save_adapter(args.save_adapter)
-        print(f"saved the adapters to {args.save_adapter}")
-    return losses
-
-
 def default_generate_config() -> RecursiveConfig:
     """The small random model of ``python -m recursive generate`` without ``--model``: 8 layers cycling
     over 2 blocks (4 loops) with per-depth LoRA."""
@@ -178,8 +112,12 @@ def add_generate_arguments(parser) -> None:
     """The options of ``python -m recursive generate`` on ``parser`` (an argparse sub-parser)."""
     parser.add_argument("--model", help="directory written by save_pretrained (default: a small random model)")
     parser.add_argument("--adapter", metavar="DIR", help="adapters written by save_adapter, loaded into --model")
-    parser.add_argument("--prompt", action="append",
-                        help="a prompt as comma-separated token ids (repeatable; the project has no tokenizer)")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", action="append", help="a prompt as comma-separated token ids (repeatable)")
+    prompts.add_argument("--prompt-text", action="append",
+                         help="a prompt as text (repeatable), encoded and the output decoded by the tokenizer saved with "
+                              "--model (or --tokenizer)")
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for --prompt-text (default: --model's)")
     parser.add_argument("--num-prompts", type=int, default=16, help="random prompts when no --prompt is given")
     parser.add_argument("--prompt-len", type=int, default=16, help="length of the random prompts")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -223,12 +161,24 @@ def generate_command(args) -> None:
             model = RecursiveForCausalLM(default_generate_config()).to(device=device, dtype=dtype or torch.float32).eval()
         if args.adapter:
             model.load_adapter(args.adapter)
-        if args.prompt:
+        tokenizer = None
+        if args.prompt_text:
+            folder = args.tokenizer or args.model
+            tokenizer = load_tokenizer(folder) if folder else None
+            if tokenizer is None:
+                raise ValueError(f"prompt-text: {folder or 'the random model'!r} has no tokenizer (pass --tokenizer DIR, "
+                                 "or token ids with --prompt)")
+            check_vocabulary(tokenizer, model.config.vocab_size, "tokenizer")
+            prompts = [tokenizer.encode(text) for text in args.prompt_text]
+            if not all(prompts):
+                raise ValueError("prompt-text: an empty prompt")
+        elif args.prompt:
             prompts = [_parse_prompt(text) for text in args.prompt]
         else:
             check_int("--num-prompts", args.num_prompts, 1)
             check_int("--prompt-len", args.prompt_len, 1)
             prompts = torch.randint(model.config.vocab_size, (args.num_prompts, args.prompt_len)).tolist()
+        eos_token_id = args.eos_token_id if args.eos_token_id is not None or tokenizer is None else tokenizer.eos_token_id
         exit_threshold = args.exit_threshold
         if args.exit_fraction is not None:
             width = min(map(len, prompts))
@@ -239,12 +189,12 @@ def generate_command(args) -> None:
         with progress:
             if args.engine:
                 engine = DepthBatchingEngine(model, args.max_batch_size, exit_threshold)
-                outputs = engine.generate(prompts, args.max_new_tokens, args.eos_token_id, progress,
+                outputs = engine.generate(prompts, args.max_new_tokens, eos_token_id, progress,
                                           do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                                           top_p=args.top_p)
             else:
                 outputs = generate_in_batches(
-                    model, prompts, args.max_new_tokens, args.max_batch_size, args.eos_token_id, progress,
+                    model, prompts, args.max_new_tokens, args.max_batch_size, eos_token_id, progress,
                     do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     exit_threshold=exit_threshold)
         if device.type == "cuda":
@@ -254,7 +204,10 @@ def generate_command(args) -> None:
         sys.exit(f"error: {exc}")
     if not args.quiet:
         for i, (prompt, tokens) in enumerate(zip(prompts, outputs)):
-            print(f"[{i}] {','.join(map(str, prompt))} -> {','.join(map(str, tokens[len(prompt):]))}")
+            if tokenizer is not None:
+                print(f"[{i}] {tokenizer.decode(prompt)!r} -> {tokenizer.decode(tokens[len(prompt):])!r}")
+            else:
+                print(f"[{i}] {','.join(map(str, prompt))} -> {','.join(map(str, tokens[len(prompt):]))}")
     new_tokens = sum(len(tokens) - len(prompt) for prompt, tokens in zip(prompts, outputs))
     how = "engine" if args.engine else "plain batches"
     line = f"{new_tokens} new tokens for {len(prompts)} prompts in {seconds:.2f} s ({how}): {new_tokens / seconds:.1f} tokens/s"
@@ -274,8 +227,8 @@ def main(argv=None) -> None:
                                      "--full: every case)")
     benchmarks.add_arguments(p)
     p.set_defaults(func=benchmarks.main)
-    add_train_arguments(sub.add_parser("train", help="uptrain a small recursive LM on the built-in synthetic corpus"))
-    add_generate_arguments(sub.add_parser("generate", help="generate from token-id prompts (plain batches or the engine)"))
+    add_train_arguments(sub.add_parser("train", help="train or uptrain a model on text files or a token file (or the built-in synthetic corpus); under torchrun on every process"))
+    add_generate_arguments(sub.add_parser("generate", help="generate from text or token-id prompts (plain batches or the engine)"))
     p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint")
     p.add_argument("checkpoint", help="directory of the Hugging Face checkpoint (read with local_files_only)")
     p.add_argument("output", help="directory to write the recursive model to")
@@ -288,6 +241,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-svd-init", action="store_true", help="PEFT's LoRA init instead of the SVD of the residuals")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64", "bfloat16", "float16"),
                    help="dtype to load the checkpoint in (auto: its own)")
+    p.add_argument("--tokenizer", metavar="DIR", help="the tokenizer to keep beside the model (default: the checkpoint's own, "
+                                                     "when it has one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=convert)
     p = sub.add_parser("export", help="a saved recursive model, merged and untied, as a Hugging Face checkpoint")

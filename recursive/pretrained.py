@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional, Tuple, Type, TypeVar
+from typing import Dict, Optional, Tuple, Type, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,6 +22,21 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 Model = TypeVar("Model", bound="RecursivePreTrainedModel")
+
+
+def read_config(path: str) -> RecursiveConfig:
+    """The config in the JSON file ``path``; a malformed one raises ValueError naming the file and the fault."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"directory: {path!r} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"directory: {path!r} holds a {type(values).__name__}, not a config object")
+    try:
+        return RecursiveConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"directory: {path!r} is not a valid config ({exc})") from None
 
 
 class RecursivePreTrainedModel(AdapterMixin, nn.Module):
@@ -61,13 +76,15 @@ class RecursivePreTrainedModel(AdapterMixin, nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def save_pretrained(self, save_directory: str) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied parameters once) into ``save_directory``."""
+    def save_pretrained(self, save_directory: str, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (tied parameters once) into ``save_directory``;
+        ``state_dict``: the weights to write instead of this module's own (a gathered sharded model's)."""
         os.makedirs(save_directory, exist_ok=True)
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             f.write(self.config.to_json_string())
         tied = {name for name, _ in self.tied_weights()}
-        state = {name: tensor.contiguous() for name, tensor in self.state_dict().items() if name not in tied}
+        state = self.state_dict() if state_dict is None else state_dict
+        state = {name: tensor.contiguous() for name, tensor in state.items() if name not in tied}
         save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
@@ -78,9 +95,12 @@ class RecursivePreTrainedModel(AdapterMixin, nn.Module):
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
                 raise ValueError(f"directory: {directory!r} holds no {os.path.basename(path)}")
-        with open(config_path) as f:
-            config = RecursiveConfig.from_dict(json.load(f))
-        state = load_file(weights_path, device=str(torch.device(device or "cpu")))
+        config = read_config(config_path)
+        try:
+            state = load_file(weights_path, device=str(torch.device(device or "cpu")))
+        except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+            raise ValueError(f"directory: {weights_path!r} is not a readable safetensors file, truncated or "
+                             f"damaged ({type(exc).__name__}: {exc})") from None
         if dtype is None:
             dtype = next(t.dtype for t in state.values() if t.is_floating_point())
         model = cls(config).to(device=device, dtype=dtype)

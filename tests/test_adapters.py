@@ -14,7 +14,7 @@ import torch
 from recursive import RecursiveConfig, RecursiveEncoder, RecursiveForCausalLM
 from recursive.__main__ import main as cli
 from recursive.nn import LowRankLinear
-from recursive.train import CORPUS_VOCAB_SIZE, train
+from recursive.training import CORPUS_VOCAB_SIZE, TrainingArguments, train
 from tests.helpers import RELAXATIONS, VOCAB, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,7 +61,7 @@ def test_training_adapters_only_leaves_the_base_unchanged():
     trainable = model.mark_only_adapters_trainable()
     assert trainable == sum(p.numel() for p in adapters.values())
     assert {name for name, p in model.named_parameters() if p.requires_grad} == set(adapters)
-    losses = train(model, steps=8, batch_size=2, seq_len=16, progress=False)
+    losses = train(model, TrainingArguments(steps=8, batch_size=2, seq_len=16), progress=False).losses
     assert losses[-1] < losses[0]
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and changed <= set(adapters)

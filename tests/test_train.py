@@ -1,5 +1,5 @@
-"""recursive.train: the synthetic corpus, the schedule, a short training run whose loss falls, and the
-``python -m recursive train`` command with --save."""
+"""recursive.training's loop: the synthetic corpus, the schedule, a short run whose loss falls, the exit loss,
+the argument checks, and the ``python -m recursive train`` command with --save."""
 
 import math
 
@@ -9,8 +9,9 @@ import torch
 from recursive import RecursiveConfig, RecursiveForCausalLM
 from recursive.__main__ import main as cli
 from recursive.losses import exit_loss
-from recursive.train import (
+from recursive.training import (
     CORPUS_VOCAB_SIZE,
+    TrainingArguments,
     encode,
     learning_rate_factor,
     synthetic_corpus,
@@ -65,7 +66,8 @@ RECURRENCES = {
 @pytest.mark.parametrize("recurrence", list(RECURRENCES))
 def test_loss_falls_below_unigram_entropy(recurrence):
     corpus = encode(synthetic_corpus(1 << 15))
-    losses = train(tiny_model(**RECURRENCES[recurrence]), steps=80, batch_size=8, seq_len=32, lr=1e-2, corpus=corpus, progress=False)
+    losses = train(tiny_model(**RECURRENCES[recurrence]), TrainingArguments(steps=80, batch_size=8, seq_len=32, lr=1e-2),
+                   corpus, progress=False).losses
     assert len(losses) == 80 and all(math.isfinite(loss) for loss in losses)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert losses[0] == pytest.approx(math.log(CORPUS_VOCAB_SIZE), abs=0.1)  # starts near uniform
@@ -75,7 +77,8 @@ def test_loss_falls_below_unigram_entropy(recurrence):
 
 @pytest.mark.parametrize("recurrence", list(RECURRENCES))
 def test_bf16_autocast_trains(recurrence):
-    losses = train(tiny_model(**RECURRENCES[recurrence]), steps=3, batch_size=2, seq_len=16, bf16=True, progress=False)
+    losses = train(tiny_model(**RECURRENCES[recurrence]), TrainingArguments(steps=3, batch_size=2, seq_len=16, bf16=True),
+                   progress=False).losses
     assert all(math.isfinite(loss) for loss in losses)
 
 
@@ -87,7 +90,7 @@ def test_exit_loss_weight_teaches_the_loop_boundaries():
 
     def boundary_loss(weight):
         model = tiny_model()
-        train(model, steps=60, batch_size=8, seq_len=32, lr=1e-2, corpus=corpus, exit_loss_weight=weight,
+        train(model, TrainingArguments(steps=60, batch_size=8, seq_len=32, lr=1e-2, exit_loss_weight=weight), corpus,
               progress=False)
         with torch.no_grad():
             return float(exit_loss(model, model(held_out, output_hidden_states=True).hidden_states, held_out))
@@ -116,21 +119,34 @@ def test_cli_trains_saves_and_continues(tmp_path, capsys):
 
 
 def test_bad_arguments_raise_value_error_naming_them():
-    model = tiny_model()
     for kwargs, name in [
         (dict(steps=0), "steps"),
         (dict(batch_size=1.5), "batch_size"),
         (dict(lr=0.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
         (dict(warmup_steps=20, steps=10), "warmup_steps"),
         (dict(schedule="step"), "schedule"),
         (dict(exit_loss_weight=-1.0), "exit_loss_weight"),
-        (dict(corpus=torch.arange(5)), "corpus"),
-        (dict(corpus=torch.arange(10.0)), "corpus"),
+        (dict(grad_accum=0), "grad_accum"),
+        (dict(eval_every=-1), "eval_every"),
     ]:
         with pytest.raises(ValueError, match=name):
-            train(model, **{"seq_len": 8, "progress": False, **kwargs})
-    with pytest.raises(ValueError, match="model"):
-        train(tiny_model(vocab_size=64), steps=1, progress=False)  # the corpus needs 128 byte ids
+            TrainingArguments(**kwargs)
+    model, args = tiny_model(), TrainingArguments(steps=1, batch_size=2, seq_len=8)
+    with pytest.raises(ValueError, match="seq_len"):
+        train(model, args, torch.arange(5), progress=False)  # no window of 8 tokens
+    with pytest.raises(ValueError, match="data"):
+        train(model, args, torch.arange(10.0), progress=False)
+    with pytest.raises(ValueError, match="data: holds token id 200"):
+        train(model, args, torch.full((64,), 200), progress=False)
+    with pytest.raises(ValueError, match="eval_data: holds token id"):
+        train(model, args, torch.arange(64), torch.full((64,), 128), progress=False)
+    with pytest.raises(ValueError, match="data: holds token id"):
+        train(tiny_model(vocab_size=64), args, progress=False)  # the synthetic corpus needs 128 byte ids
+    with pytest.raises(ValueError, match="batch_size"):
+        train(model, TrainingArguments(steps=1, batch_size=3, grad_accum=2), progress=False)
+    with pytest.raises(ValueError, match="args"):
+        train(model, dict(steps=1), progress=False)
     with pytest.raises(ValueError, match="model"):
         train(torch.nn.Linear(2, 2), progress=False)
     with pytest.raises(ValueError, match="num_bytes"):

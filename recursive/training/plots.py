@@ -1,0 +1,42 @@
+"""Loss curves of a run's metrics file as a PNG (matplotlib, the ``plot`` extra)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import List
+
+
+def require_matplotlib(argument: str) -> None:
+    """Raise, naming ``argument``, when matplotlib is missing (checked before a run, not after it)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(f"{argument}: plotting needs matplotlib (pip install 'recursive-kernels[plot]' or matplotlib)")
+
+
+def read_metrics(path: str) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> None:
+    """Training loss (each step) and held-out loss (where evaluated) against tokens seen, into ``png_path``."""
+    require_matplotlib("plot")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    axes.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=1, alpha=0.8, label="training loss")
+    evaluated = [r for r in rows if "eval_loss" in r]
+    if evaluated:
+        axes.plot([r["tokens"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="held-out loss")
+    axes.set_xlabel("tokens seen")
+    axes.set_ylabel("next-token loss (nats)")
+    axes.set_title(title or metrics_path, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)

@@ -1,0 +1,380 @@
+"""The training loop: AdamW with warm-up and decay, gradient accumulation, bfloat16 autocast, held-out
+evaluation, a metrics file, checkpoints that resume exactly, a clean stop on Ctrl-C, and data parallelism
+(DDP or FSDP2) under torchrun, where each rank reads its own rows of every global batch.
+
+A run on N processes with gradient accumulation A computes the same steps as one process with the same
+global batch (``batch_size`` windows per optimizer step): each rank's micro-batch loss is a mean over equal
+token counts, so the mean of the ranks' and micro-batches' means is the global mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import exit_loss
+from ..modeling import RecursiveForCausalLM
+from ..progress import Progress
+from .checkpoint import gathered_model_state, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .corpus import encode, synthetic_corpus
+from .data import TokenStream, WindowSampler, eval_windows
+from .distributed import World, all_sum, any_rank, current_world, unwrapped, wrap
+from .tokenizers import Tokenizer
+
+
+SCHEDULES = ("cosine", "linear")
+
+
+# What a resumed run must share with the checkpoint for its steps to be the ones the first run would have taken.
+RESUME_FIELDS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "schedule", "weight_decay",
+                 "max_grad_norm", "exit_loss_weight", "seed")
+
+
+@dataclass
+class TrainingArguments:
+    """What a run does (the command line's ``train`` options).
+
+    Args:
+        steps: optimizer steps in all (a resumed run continues to the same total).
+        batch_size: windows per optimizer step over every rank and accumulation step (the global batch); a
+            multiple of the world size times ``grad_accum``.
+        seq_len: tokens per window.
+        lr: AdamW's peak learning rate; warmup_steps: linear warm-up (default a tenth of ``steps``), then a
+            cosine or linear ``schedule`` to 0 at ``steps``.
+        weight_decay: AdamW's, on matrices only (not on norms and biases).
+        max_grad_norm: gradients are clipped to this total norm.
+        grad_accum: micro-batches per optimizer step on each rank.
+        bf16: run the forward under ``torch.autocast`` to bfloat16 (the parameters stay float32).
+        exit_loss_weight: adds this times :func:`recursive.losses.exit_loss` (the LM head's loss at the loop
+            boundaries, which teaches early exit) to the loss; 0: the final loss only.
+        seed: seeds the window sampler (and the synthetic corpus when no data is given).
+        eval_every: held-out loss every this many steps (0: at the end only, when there is held-out data).
+        eval_windows: at most this many held-out windows per evaluation, spread over the held-out text.
+        save_every: a checkpoint every this many steps (0: at the end only), when there is a save folder.
+        keep_checkpoints: the newest this many checkpoints are kept (0: all).
+        fsdp: shard with FSDP2 instead of replicating with DDP (several processes only).
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    warmup_steps: Optional[int] = None
+    schedule: str = "cosine"
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    bf16: bool = False
+    exit_loss_weight: float = 0.0
+    seed: int = 0
+    eval_every: int = 0
+    eval_windows: int = 64
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("eval_every", "save_every", "keep_checkpoints"):
+            _check_int(name, getattr(self, name), 0)
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, self.steps // 10)
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps: expected at most steps={self.steps}, got {self.warmup_steps}")
+        for name in ("lr", "max_grad_norm"):
+            if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "exit_loss_weight"):
+            if not _is_number(getattr(self, name)) or not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+@dataclass
+class TrainingResult:
+    """``losses``: the training loss of each step this call ran (the global batch's mean); ``eval_losses``:
+    ``(step, held-out loss)`` pairs; ``step``: the steps done in all; ``interrupted``: stopped by Ctrl-C (or
+    SIGTERM) before ``steps``; ``checkpoint``: the last checkpoint written, if any."""
+
+    losses: List[float] = field(default_factory=list)
+    eval_losses: List[Tuple[int, float]] = field(default_factory=list)
+    step: int = 0
+    tokens_per_second: float = 0.0
+    seconds: float = 0.0
+    interrupted: bool = False
+    checkpoint: Optional[str] = None
+
+
+def learning_rate_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based): linear warm-up over ``warmup_steps``,
+    then a cosine or linear decay to 0 at ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+Data = Union[TokenStream, Tensor]
+
+
+def _stream(data: Optional[Data], name: str) -> Optional[TokenStream]:
+    if data is None or isinstance(data, TokenStream):
+        return data
+    if isinstance(data, Tensor) and data.dim() == 1 and not data.is_floating_point() and not data.is_complex():
+        return TokenStream.of_tensor(data.cpu())
+    raise ValueError(f"{name}: expected a TokenStream or (N,) integer token ids, got {type(data).__name__}")
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current step; a second Ctrl-C interrupts
+    at once. Only the main thread can install signal handlers: elsewhere the run cannot be stopped so."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(
+    model: RecursiveForCausalLM,
+    args: Optional[TrainingArguments] = None,
+    data: Optional[Data] = None,
+    eval_data: Optional[Data] = None,
+    *,
+    save_dir: Optional[str] = None,
+    resume_from: Optional[str] = None,
+    metrics_path: Optional[str] = None,
+    tokenizer: Optional[Tokenizer] = None,
+    interrupt_dir: Optional[str] = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train ``model`` in place; on several processes (an initialised ``torch.distributed`` process group) as
+    one data-parallel run.
+
+    Args:
+        model: a causal LM on the device to train on, in float32 (or float64), the same on every rank.
+        args: :class:`TrainingArguments` (default: its defaults).
+        data: training tokens: a :class:`recursive.training.TokenStream` (of a token file) or (N,) integer
+            ids; default the synthetic corpus of ``args.seed``.
+        eval_data: held-out tokens, evaluated every ``args.eval_every`` steps and at the end.
+        save_dir: checkpoints go here (every ``args.save_every`` steps and at the end), and the final model
+            (``save_pretrained``, with ``tokenizer``).
+        resume_from: a checkpoint, or a save folder (its newest checkpoint), to continue from exactly.
+        metrics_path: JSON lines, one per step (step, tokens, loss, learning rate, tokens/s; eval loss and
+            perplexity where evaluated), written by rank 0; a resumed run drops rows past its checkpoint.
+        tokenizer: saved beside every checkpoint and the final model.
+        interrupt_dir: where a Ctrl-C checkpoint goes when there is no ``save_dir``.
+        progress: a progress bar on rank 0.
+    """
+    if not isinstance(model, RecursiveForCausalLM):
+        raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
+    args = args or TrainingArguments()
+    if not isinstance(args, TrainingArguments):
+        raise ValueError(f"args: expected TrainingArguments, got {type(args).__name__}")
+    stream = _stream(data, "data") or TokenStream.of_tensor(encode(synthetic_corpus(seed=args.seed)))
+    held_out = _stream(eval_data, "eval_data")
+    vocab_size = model.config.vocab_size
+    for name, s in (("data", stream), ("eval_data", held_out)):
+        if s is not None and s.max_token() >= vocab_size:
+            raise ValueError(f"{name}: holds token id {s.max_token()}, outside the model's vocabulary of {vocab_size}")
+    device = next(model.parameters()).device
+    world = current_world(device)
+    per_step = world.size * args.grad_accum
+    if args.batch_size % per_step:
+        raise ValueError(f"batch_size: {args.batch_size} windows do not split into {world.size} process(es) x "
+                         f"{args.grad_accum} accumulation step(s)")
+    micro = args.batch_size // per_step
+    sampler = WindowSampler(stream, args.seq_len, args.seed)
+    checkpoint = resolve_checkpoint(resume_from) if resume_from else None
+
+    wrapped = wrap(model, world, args.fsdp)
+    named = [(n, p) for n, p in unwrapped(wrapped).named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model: has no trainable parameter")
+    optimizer = torch.optim.AdamW([
+        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, args.steps, args.warmup_steps, args.schedule))
+    result = TrainingResult()
+    tokens = 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, wrapped, optimizer, world)
+        theirs = state["arguments"]
+        differ = [f"--{name.replace('_', '-')} {theirs.get(name)} there, {getattr(args, name)} here"
+                  for name in RESUME_FIELDS if theirs.get(name) != getattr(args, name)]
+        if differ:
+            raise ValueError(f"resume: {checkpoint!r} was trained with other settings ({'; '.join(differ)})")
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        result.step, tokens = state["step"], state["tokens"]
+    metrics = _Metrics(metrics_path, world, result.step)
+    windows = eval_windows(held_out, args.seq_len, args.eval_windows) if held_out is not None else []
+    if held_out is not None and not windows:
+        raise ValueError(f"eval_data: {len(held_out)} tokens hold no window of seq_len={args.seq_len}")
+
+    def state() -> dict:
+        return {"step": result.step, "tokens": tokens, "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(), "arguments": dataclasses.asdict(args)}
+
+    def save(directory: str) -> None:
+        result.checkpoint = save_checkpoint(directory, result.step, wrapped, optimizer, state(), world, tokenizer,
+                                            args.keep_checkpoints)
+
+    wrapped.train()
+    start, start_tokens = time.perf_counter(), tokens
+    bar = Progress(args.steps - result.step, progress and world.is_main, unit="step")
+    with bar, _StopRequest() as stop:
+        while result.step < args.steps:
+            starts = sampler.next_starts(args.batch_size)
+            lr = scheduler.get_last_lr()[0]
+            loss = _step(wrapped, optimizer, sampler, starts, args, micro, world)
+            scheduler.step()
+            result.step += 1
+            tokens += args.batch_size * args.seq_len
+            result.losses.append(loss)
+            elapsed = time.perf_counter() - start
+            row = {"step": result.step, "tokens": tokens, "loss": loss, "lr": lr,
+                   "tokens_per_s": (tokens - start_tokens) / elapsed, "elapsed_s": elapsed}
+            last = result.step == args.steps
+            label = f"loss {loss:.3f}"
+            if windows and (last or (args.eval_every and result.step % args.eval_every == 0)):
+                eval_loss = evaluate(wrapped, held_out, windows, args, micro, world)
+                result.eval_losses.append((result.step, eval_loss))
+                row.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 80.0)))
+            if result.eval_losses:
+                label += f"  eval {result.eval_losses[-1][1]:.3f}"
+            metrics.write(row)
+            bar.step(f"{label}  {row['tokens_per_s']:,.0f} tok/s")
+            if save_dir and (last or (args.save_every and result.step % args.save_every == 0)):
+                save(save_dir)
+            if not last and any_rank(stop.requested, world):
+                result.interrupted = True
+                if save_dir or interrupt_dir:
+                    save(save_dir or interrupt_dir)
+                break
+    result.seconds = time.perf_counter() - start
+    result.tokens_per_second = (tokens - start_tokens) / result.seconds if result.seconds > 0 else 0.0
+    if save_dir and not result.interrupted:
+        final = gathered_model_state(wrapped)
+        if world.is_main:
+            unwrapped(wrapped).save_pretrained(save_dir, state_dict=final)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(save_dir)
+    return result
+
+
+def _accumulation(model: nn.Module, last: bool):
+    """Gradient synchronisation on the last micro-batch of a step only (DDP's no_sync, FSDP2's switch)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if last else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: WindowSampler, starts: List[int],
+          args: TrainingArguments, micro: int, world: World) -> float:
+    """One optimizer step on the global batch ``starts``; returns its mean loss over every rank."""
+    device = world.device
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for a in range(args.grad_accum):
+        first = (a * world.size + world.rank) * micro
+        input_ids = sampler.read(starts[first:first + micro]).to(device, non_blocking=True)
+        with _accumulation(model, a == args.grad_accum - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                out = model(input_ids, labels=input_ids, output_hidden_states=args.exit_loss_weight > 0)
+                loss = out.loss
+                if args.exit_loss_weight > 0:
+                    loss = loss + args.exit_loss_weight * exit_loss(unwrapped(model), out.hidden_states, input_ids)
+            (loss / args.grad_accum).backward()
+        total += out.loss.detach().double() / args.grad_accum
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(all_sum(total, world)) / world.size
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: TokenStream, starts: List[int], args: TrainingArguments, micro: int,
+             world: World) -> float:
+    """The mean next-token loss over the windows at ``starts`` of ``stream``, the ranks sharing them. Every rank
+    runs the same number of forwards (FSDP2 gathers weights in each): a rank out of windows reruns the first
+    with weight 0."""
+    sampler = WindowSampler(stream, args.seq_len, 0)
+    mine = starts[world.rank::world.size]
+    rounds = math.ceil(math.ceil(len(starts) / world.size) / micro)
+    forward = unwrapped(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    sums = torch.zeros(2, dtype=torch.float64, device=world.device)  # loss x tokens, tokens
+    model.eval()
+    for r in range(rounds):
+        rows, weight = mine[r * micro:(r + 1) * micro], 1.0
+        if not rows:
+            rows, weight = starts[:1], 0.0
+        input_ids = sampler.read(rows).to(world.device)
+        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = forward(input_ids, labels=input_ids).loss
+        count = len(rows) * (args.seq_len - 1) * weight
+        sums += torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=world.device)])
+    model.train()
+    sums = all_sum(sums, world)
+    return float(sums[0] / sums[1])
+
+
+class _Metrics:
+    """JSON lines on rank 0; a resumed run first drops the rows past the step it resumes from."""
+
+    def __init__(self, path: Optional[str], world: World, resumed_step: int) -> None:
+        self.path = path if world.is_main else None
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        kept = []
+        if resumed_step and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, row: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
