@@ -373,3 +373,25 @@ def synchronisations_per_step(engine, run_class, prompts, monkeypatch) -> List[i
     monkeypatch.setattr(run_class, "_step", counted)
     engine.generate(prompts, 5)
     return counts
+
+
+# Tokenizers and text, without downloads.
+
+
+def save_hf_tokenizer(directory: str, vocab_size: int = 300, eos: bool = True) -> None:
+    """A byte-level BPE tokenizer of ``vocab_size`` ids trained on a slice of the standard library's sources,
+    saved as a Hugging Face fast tokenizer into ``directory`` (with ``<eos>`` as its end-of-text token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from recursive.training import stdlib_sources
+
+    texts = [open(path, encoding="utf-8").read() for path in stdlib_sources(limit=5)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<eos>"] if eos else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>" if eos else None).save_pretrained(directory)

@@ -338,7 +338,7 @@ class WindowSampler:
                 "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_windows", "seq_len"):
+        for key in ("seq_len", "seed", "num_windows"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"resume: the checkpoint's sampler has {key} {state[key]}, this run's data gives "
                                  f"{getattr(self, key)} (other data, --seq-len or --seed)")
