@@ -2,8 +2,9 @@
 # Everything a session on a CUDA machine should produce, in as few commands as possible:
 #   benchmarks/gpu_run.sh OUT_DIR build   # editable install, building the CPU and CUDA extensions (several minutes)
 #   benchmarks/gpu_run.sh OUT_DIR tests   # the test suite on the GPU (Triton compiled, CUDA fallback built)
+#   benchmarks/gpu_run.sh OUT_DIR train   # a short bf16 training run on the standard library's sources (train.log)
 #   benchmarks/gpu_run.sh OUT_DIR bench   # every benchmark; bench.json and bench.txt in OUT_DIR
-#   benchmarks/gpu_run.sh OUT_DIR all     # the three in turn
+#   benchmarks/gpu_run.sh OUT_DIR all     # the four in turn
 # Logs and results go to OUT_DIR; the last lines printed are a short summary. Commit the results under
 # benchmarks/results/ with the device named (info.txt holds it).
 set -uo pipefail
@@ -68,6 +69,18 @@ step_bench() {
   return $rc
 }
 
+step_train() {
+  # the README's training example on the GPU (nccl is not exercised: one GPU), in bf16 autocast
+  local stdlib
+  stdlib=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+  timeout 300 python3 -m recursive train --data "$stdlib/*.py" --steps 300 --batch-size 32 --seq-len 128 \
+    --eval-every 100 --bf16 --save "$out/train-run" --cache-dir "$out/token-cache" --no-progress >"$out/train.log" 2>&1
+  local rc=$?
+  rm -rf "$out/token-cache" "$out/train-run"/checkpoint-*
+  echo "train: rc $rc, $(grep -E 'tokens/s' "$out/train.log" | tail -n 1)"
+  return $rc
+}
+
 step_info() {
   python3 -m recursive info >"$out/info.txt" 2>&1
   grep -E "^(torch|triton|cuda) |^  (triton|cuda|cpp) " "$out/info.txt"
@@ -76,7 +89,8 @@ step_info() {
 case "$what" in
   build) step_build; step_info ;;
   tests) step_info; step_tests ;;
+  train) step_info; step_train ;;
   bench) step_info; step_bench ;;
-  all) step_build; step_info && step_tests; step_bench ;;
-  *) echo "unknown step: $what (build, tests, bench or all)" >&2; exit 2 ;;
+  all) step_build; step_info && step_tests; step_train; step_bench ;;
+  *) echo "unknown step: $what (build, tests, train, bench or all)" >&2; exit 2 ;;
 esac

@@ -195,7 +195,9 @@ def _train(args: argparse.Namespace, world) -> TrainingResult:
     if args.save:
         say(f"saved to {args.save} (checkpoint {result.checkpoint})")
     if args.plot and metrics and world.is_main:
-        plot_metrics(metrics, args.plot)
+        plot_metrics(metrics, args.plot, title=f"{config.num_layers} layers over {config.num_blocks} blocks "
+                                               f"({config.relaxation}), {args.batch_size} x {args.seq_len} tokens "
+                                               f"per step, on {source}")
         say(f"plotted to {args.plot}")
     if args.save_adapter and world.is_main:
         model.save_adapter(args.save_adapter)
