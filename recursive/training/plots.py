@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import textwrap
 from typing import List
 
 
@@ -34,7 +35,7 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> None:
         axes.plot([r["tokens"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="held-out loss")
     axes.set_xlabel("tokens seen")
     axes.set_ylabel("next-token loss (nats)")
-    axes.set_title(title or metrics_path, fontsize=9)
+    axes.set_title(textwrap.fill(title or metrics_path, 90), fontsize=8)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
