@@ -193,6 +193,7 @@ def test_cli_rejects_bad_data_before_training(tmp_path, capsys):
     make_model(vocab_size=97).save_pretrained(str(small))
     token_file = str(tmp_path / "wide.tokens")
     write_token_file(token_file, iter([[200] * 100, [1] * 100]), 256, {})
+    bytes_file = tokenize_files(stdlib_sources(limit=2), ByteTokenizer(), str(tmp_path / "cache"), progress=False).path
     tokenizer = tmp_path / "tok"
     pytest.importorskip("transformers")
     save_hf_tokenizer(str(tokenizer), vocab_size=300)
@@ -203,6 +204,8 @@ def test_cli_rejects_bad_data_before_training(tmp_path, capsys):
         (["--data", token_file, stdlib_sources(limit=1)[0]], "data: a token file .* must be the only"),
         (["--data", token_file, "--eval-fraction", "0.2", "--seq-len", "512"], "seq_len: 512 is longer"),
         (["--resume", str(tmp_path)], "resume: .*neither a checkpoint"),
+        (["--model", str(small), "--data", stdlib_sources(limit=1)[0]], "tokenizer: .*small.* holds no tokenizer"),
+        (["--tokenizer", str(tokenizer), "--data", bytes_file], "data: .* was tokenised by bytes"),
     ]:
         with pytest.raises(SystemExit, match=message):
             cli(["train", "--steps", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache"), *argv])

@@ -14,6 +14,7 @@ import torch
 
 from ..config import RecursiveConfig
 from ..modeling import RecursiveForCausalLM
+from ..pretrained import CONFIG_NAME, read_config
 from .checkpoint import resolve_checkpoint
 from .corpus import CORPUS_VOCAB_SIZE, encode, synthetic_corpus
 from .data import TokenFile, TokenStream, default_cache_dir, is_token_file, split_documents, tokenize_files
@@ -48,7 +49,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data", nargs="+", metavar="PATH",
                       help="text files, folders, glob patterns, or one token file (default: the built-in synthetic corpus)")
     data.add_argument("--tokenizer", metavar="DIR",
-                      help="tokenizer folder (default: the one saved with --model, else bytes)")
+                      help="tokenizer folder, or 'bytes' (default: the one saved with --model; bytes for a new model)")
     data.add_argument("--eval-fraction", type=float, default=0.05,
                       help="share of the documents (files, or 64 KiB pieces of them) held out for evaluation")
     data.add_argument("--cache-dir", help=f"where tokenised text is kept (default: {default_cache_dir()})")
@@ -86,7 +87,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 INTERRUPT_DIR = "train-interrupted"  # where Ctrl-C saves a run that has no --save
 
 
-def _train_data(args, tokenizer, world):
+def _train_data(args, tokenizer, model, world):
     """(train stream, held-out stream or None, tokenizer) of ``--data`` (rank 0 tokenises, the others wait)."""
     if not args.data:
         corpus = encode(synthetic_corpus(seed=args.seed))
@@ -96,8 +97,19 @@ def _train_data(args, tokenizer, world):
         raise ValueError(f"data: a token file ({token_files[0]!r}) must be the only --data")
     if token_files:
         token_file = TokenFile.open(token_files[0])
+        made_by = token_file.metadata.get("tokenizer")
+        if tokenizer is not None and made_by not in (None, tokenizer.fingerprint):
+            raise ValueError(f"data: {token_files[0]!r} was tokenised by {made_by}, not by this run's tokenizer "
+                             f"({tokenizer!r})")
+        if tokenizer is None and made_by == ByteTokenizer.fingerprint:
+            tokenizer = ByteTokenizer()
     else:
-        tokenizer = tokenizer or ByteTokenizer()
+        if tokenizer is None:
+            if (args.model or args.resume) and model.config.vocab_size != ByteTokenizer.vocab_size:
+                raise ValueError(f"tokenizer: {args.resume or args.model!r} holds no tokenizer, and its vocabulary of "
+                                 f"{model.config.vocab_size} is not bytes' {ByteTokenizer.vocab_size}: pass --tokenizer "
+                                 "DIR (or --tokenizer bytes to train on bytes anyway)")
+            tokenizer = ByteTokenizer()
         if world.is_main:
             token_file = tokenize_files(args.data, tokenizer, args.cache_dir, progress=not args.no_progress)
         barrier(world)
@@ -109,23 +121,28 @@ def _train_data(args, tokenizer, world):
 
 
 def _model_and_tokenizer(args, device):
-    """The model to train (from --resume, --model, --config or the default) and the tokenizer of the run."""
+    """The model to train (from --resume, --model, --config or the default) and the tokenizer of the run
+    (--tokenizer, else the one saved with the model; None: bytes or the token file's)."""
     folder = resolve_checkpoint(args.resume) if args.resume else args.model
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else (load_tokenizer(folder) if folder else None)
-    if args.tokenizer and tokenizer is None:
-        raise ValueError(f"tokenizer: {args.tokenizer!r} holds no tokenizer")
+    if args.tokenizer == "bytes":
+        tokenizer = ByteTokenizer()
+    elif args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"tokenizer: {args.tokenizer!r} holds no tokenizer")
+    else:
+        tokenizer = load_tokenizer(folder) if folder else None
     if folder:
         model = RecursiveForCausalLM.from_pretrained(folder, device=device)
         if next(model.parameters()).dtype not in (torch.float32, torch.float64):
             model = model.float()  # trains in float32 (--bf16: autocast), whatever dtype it was saved in
-        if args.config or (args.resume and args.model):
-            wanted = (RecursiveForCausalLM.from_pretrained(args.model).config if args.model
-                      else _read_config_file(args.config))
+        if args.resume and (args.model or args.config):
+            wanted = read_config(os.path.join(args.model, CONFIG_NAME)) if args.model else _read_config_file(args.config)
             if wanted != model.config:
                 raise ValueError(f"resume: {args.resume!r} holds a model of another config than "
                                  f"{'--model' if args.model else '--config'}")
     else:
-        vocab_size = tokenizer.vocab_size if tokenizer else (256 if args.data else CORPUS_VOCAB_SIZE)
+        vocab_size = tokenizer.vocab_size if tokenizer else (ByteTokenizer.vocab_size if args.data else CORPUS_VOCAB_SIZE)
         config = _read_config_file(args.config) if args.config else default_train_config(vocab_size)
         model = RecursiveForCausalLM(config).to(device)
     if tokenizer is not None:
@@ -165,7 +182,7 @@ def _train(args: argparse.Namespace, world) -> TrainingResult:
         keep_checkpoints=args.keep_checkpoints, fsdp=args.fsdp)
     torch.manual_seed(args.seed)
     model, tokenizer = _model_and_tokenizer(args, world.device)
-    data, held_out, tokenizer = _train_data(args, tokenizer, world)
+    data, held_out, tokenizer = _train_data(args, tokenizer, model, world)
     if args.adapters_only:
         model.mark_only_adapters_trainable()
     if args.gradient_checkpointing:
