@@ -170,7 +170,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "transformers>=4.45", "peft>=0.13"],
         "bench": ["transformers>=4.45", "peft>=0.13"],  # the peers the benchmarks time beside ours
-        "plot": ["matplotlib>=3.5"],  # train --plot, reproduce's figures
+        "plot": ["matplotlib>=3.5"],  # train --plot
+        "reproduce": ["transformers>=4.45", "matplotlib>=3.5"],  # its conversions and figures
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

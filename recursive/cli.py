@@ -22,6 +22,7 @@ from .generation import DepthBatchingEngine, calibrate_exit_threshold, generate_
 from .generation.validation import check_int
 from .modeling import RecursiveForCausalLM
 from .progress import Progress
+from .reproduce import EXPERIMENTS, run_experiments
 from .training.command import add_train_arguments
 from .training.tokenizers import check_vocabulary, load_tokenizer
 
@@ -99,6 +100,18 @@ def export(args) -> None:
     print(f"{model.config.num_layers} layers over {model.config.num_blocks} blocks (relaxation "
           f"{model.config.relaxation}) -> {type(hf_model).__name__} of {hf_model.config.num_hidden_layers} layers, "
           f"written to {args.output}")
+
+
+def reproduce(args) -> None:
+    try:
+        reports = run_experiments(args.experiments, quick=args.quick, out=args.out, device=args.device,
+                                  progress=not args.no_progress)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    for report in reports:
+        for claim in report.claims:
+            print(f"{report.name:<12} {claim.verdict:<13} {claim.claim}: {claim.evidence}")
+    print(f"tables and plots in {args.out} (summary.md)")
 
 
 def default_generate_config() -> RecursiveConfig:
@@ -245,6 +258,14 @@ def main(argv=None) -> None:
                                                      "when it has one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=convert)
+    p = sub.add_parser("reproduce", help="rerun the seed papers' claims at small scale on the standard library's sources "
+                                         "(tables, plots and verdicts)")
+    p.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help=f"any of {', '.join(EXPERIMENTS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="small models and budgets: every experiment in minutes (a smoke run)")
+    p.add_argument("--out", default="reproduce", help="folder for the tables, plots and summary (default: ./reproduce)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=reproduce)
     p = sub.add_parser("export", help="a saved recursive model, merged and untied, as a Hugging Face checkpoint")
     p.add_argument("model", help="directory written by save_pretrained")
     p.add_argument("output", help="directory to write the Hugging Face checkpoint to")

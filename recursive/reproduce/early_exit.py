@@ -1,0 +1,136 @@
+"""Experiment 6, continuous depth-wise batching with early exit (Bae et al., 2024): the pretrained untied
+model converted to a relaxed recursive one (2 blocks, 3 loops, rank-8 SVD depth LoRA) and uptrained with the
+loss at the loop boundaries; then greedy decoding of held-out prompts at a range of exit thresholds, with
+the depth-batching engine and with plain batching, against full-depth output and against the original
+untied model's ``generate`` in Hugging Face transformers."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import time
+from typing import Dict, List, Optional
+
+from ..convert import convert_hf, export_hf
+from ..generation import DepthBatchingEngine, generate_in_batches
+from .common import Claim, Context, Report, verdict
+
+
+NAME = "early_exit"
+
+THRESHOLDS = (None, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6)
+
+BATCH = 8
+
+AGREEMENT = 0.95  # the paper's "kept quality": greedy output equal to full depth's on this share of tokens
+
+
+def prompts(context: Context, count: int, seed: int = 0) -> List[List[int]]:
+    """``count`` held-out windows of 16-48 bytes."""
+    rng = random.Random(seed)
+    stream = context.corpus.held_out
+    out = []
+    for _ in range(count):
+        length = rng.randint(16, 48)
+        out.append(stream.read(rng.randrange(len(stream) - length), length).tolist())
+    return out
+
+
+def agreement(outputs: List[List[int]], reference: List[List[int]], prompts_: List[List[int]]) -> float:
+    same = total = 0
+    for out, ref, prompt in zip(outputs, reference, prompts_):
+        new, ref_new = out[len(prompt):], ref[len(prompt):]
+        same += sum(a == b for a, b in zip(new, ref_new))
+        total += len(ref_new)
+    return same / total
+
+
+def run(context: Context) -> Report:
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("reproduce early_exit: needs transformers (the conversion and the reference point)")
+    from recursive_benchmarks.bench_generation import transformers_in_batches
+    from recursive_benchmarks.common import median_seconds
+
+    budget = context.budget
+    count, new_tokens = budget.requests, budget.new_tokens
+    report = Report(NAME, "Continuous depth-wise batching with early exit: throughput against agreement",
+                    f"The pretrained untied model converted to 2 shared blocks looped 3 times with a rank-8 SVD depth "
+                    f"LoRA and uptrained {budget.train_steps} steps with the exit loss (weight 1: the LM head's loss at "
+                    f"each loop boundary). {count} held-out prompts of 16-48 bytes, {new_tokens} new bytes each, "
+                    f"greedy, {BATCH} rows per batch (or engine slots); a token leaves at a loop boundary when its top "
+                    "probability reaches the threshold. Agreement: share of new tokens equal to full-depth greedy "
+                    "decoding's at the same position. Times are medians of interleaved rounds.")
+    start = time.perf_counter()
+    untied, _ = context.pretrained_untied()
+    model = convert_hf(export_hf(untied).float(), 2, "cycle", "stepwise", 8, progress=False).to(context.device)
+    context.train(model, budget.train_steps, exit_loss_weight=1.0)
+    model.eval()
+    hf = export_hf(untied).float().to(context.device).eval()
+    requests = prompts(context, count)
+    lengths = [new_tokens] * count
+    reference = generate_in_batches(model, requests, new_tokens, BATCH)
+
+    engines: Dict[Optional[float], DepthBatchingEngine] = {t: DepthBatchingEngine(model, BATCH, t) for t in THRESHOLDS}
+    runs = {"transformers (untied)": lambda: transformers_in_batches(hf, requests, lengths, BATCH)}
+    for threshold in THRESHOLDS:
+        runs[f"engine {threshold}"] = lambda t=threshold: engines[t].generate(requests, new_tokens)
+        runs[f"plain {threshold}"] = lambda t=threshold: generate_in_batches(model, requests, new_tokens, BATCH,
+                                                                              exit_threshold=t)
+    seconds = median_seconds(runs, context.device, min_run_time=budget.timing_s)
+    rows, points = [], {"engine": [], "plain": []}
+    for threshold in THRESHOLDS:
+        engine_out = engines[threshold].generate(requests, new_tokens)
+        loops = engines[threshold].stats.mean_exit_loops
+        for how, out in (("engine", engine_out), ("plain", generate_in_batches(model, requests, new_tokens, BATCH,
+                                                                              exit_threshold=threshold))):
+            rate = count * new_tokens / seconds[f"{how} {threshold}"]
+            share = agreement(out, reference, requests)
+            points[how].append((share, rate))
+            rows.append([how, "none" if threshold is None else threshold, f"{loops:.2f}" if how == "engine" else "",
+                         share, rate, seconds["transformers (untied)"] / seconds[f"{how} {threshold}"]])
+    hf_rate = count * new_tokens / seconds["transformers (untied)"]
+    rows.append(["transformers, untied original", "", "", "", hf_rate, 1.0])
+    report.seconds = time.perf_counter() - start
+    report.table("Decoding throughput and agreement with full depth:",
+                 ["method", "exit threshold", "loops per token (of 3)", "agreement", "new tokens/s", "vs transformers"],
+                 rows)
+    report.claims = claims(points, hf_rate)
+    report.figure = lambda path: _plot(path, points, hf_rate)
+    return report
+
+
+def claims(points: Dict[str, List[tuple]], hf_rate: float) -> List[Claim]:
+    full_engine, full_plain = points["engine"][0][1], points["plain"][0][1]
+    kept = [(share, rate) for share, rate in points["engine"][1:] if share >= AGREEMENT]
+    best = max(kept, key=lambda p: p[1]) if kept else max(points["engine"][1:], key=lambda p: p[0])
+    faster = best[1] > max(full_engine, full_plain)
+    return [
+        Claim("Early exit with depth-wise batching buys throughput at kept quality",
+              f"some threshold gives >= {AGREEMENT:.0%} agreement with full depth and more tokens/s than both the "
+              "engine and plain batching without exit",
+              verdict(bool(kept) and faster, clear=bool(kept) == faster),
+              f"best kept: {best[0]:.1%} agreement at {best[1]:,.0f} tok/s; without exit: engine {full_engine:,.0f}, "
+              f"plain {full_plain:,.0f}; transformers (untied) {hf_rate:,.0f}"),
+        Claim("The engine beats plain batching at the same exit threshold",
+              "engine tokens/s above plain batching's at every threshold",
+              verdict(all(e[1] > p[1] for e, p in zip(points["engine"], points["plain"]))),
+              ", ".join(f"{e[1] / p[1]:.2f}x" for e, p in zip(points["engine"], points["plain"]))),
+    ]
+
+
+def _plot(path: str, points: Dict[str, List[tuple]], hf_rate: float) -> None:
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for how, marker in (("engine", "o-"), ("plain", "s--")):
+        axes.plot([100 * share for share, _ in points[how]], [rate for _, rate in points[how]], marker,
+                  label=f"{how} (thresholds: none, {', '.join(str(t) for t in THRESHOLDS[1:])})")
+    axes.axhline(hf_rate, color="gray", lw=1, label="transformers generate, untied original")
+    axes.axvline(100 * AGREEMENT, color="gray", lw=0.8, ls=":")
+    axes.set_xlabel("greedy agreement with full depth (%)")
+    axes.set_ylabel("new tokens / s")
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
