@@ -4,6 +4,7 @@ its claims' verdicts (held, did not hold, mixed) under the criteria fixed with i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from typing import List, Optional, Sequence
@@ -48,13 +49,9 @@ def run_experiments(names: Optional[Sequence[str]] = None, quick: bool = False, 
 
 
 def _draw(report: Report, out: str) -> Optional[str]:
-    import importlib.util
-
+    """The report's figure as ``<name>.png`` in ``out`` (None without matplotlib: the tables alone)."""
     if report.figure is None or importlib.util.find_spec("matplotlib") is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
     name = f"{report.name}.png"
     report.figure(os.path.join(out, name))
     return name

@@ -22,6 +22,7 @@ from ..modeling import RecursiveForCausalLM
 from ..training import ByteTokenizer, TokenStream, TrainingArguments, split_documents, stdlib_sources, tokenize_files, train
 from ..training.data import eval_windows
 from ..training.distributed import World
+from ..training.plots import figure
 from ..training.trainer import evaluate
 
 
@@ -254,18 +255,13 @@ def log(text: str) -> None:
 
 
 
+
 def bar_plot(path: str, loss: Dict[str, float]) -> None:
     """Held-out losses by model, as horizontal bars."""
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 0.9 + 0.35 * len(loss)), dpi=120)
     names = list(loss)
-    axes.barh(range(len(names)), [loss[n] for n in names], color="#3b75af")
-    axes.set_yticks(range(len(names)), names, fontsize=8)
-    axes.invert_yaxis()
-    axes.set_xlim(min(loss.values()) * 0.97, max(loss.values()) * 1.01)
-    axes.set_xlabel("held-out loss (nats per byte)")
-    axes.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with figure(path, size=(6.4, 0.9 + 0.35 * len(loss))) as axes:
+        axes.barh(range(len(names)), [loss[n] for n in names], color="#3b75af")
+        axes.set_yticks(range(len(names)), names, fontsize=8)
+        axes.invert_yaxis()
+        axes.set_xlim(min(loss.values()) * 0.97, max(loss.values()) * 1.01)
+        axes.set_xlabel("held-out loss (nats per byte)")

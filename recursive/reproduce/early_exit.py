@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 
 from ..convert import convert_hf, export_hf
 from ..generation import DepthBatchingEngine, generate_in_batches
+from ..training.plots import figure
 from .common import Claim, Context, Report, verdict
 
 
@@ -119,18 +120,12 @@ def claims(points: Dict[str, List[tuple]], hf_rate: float) -> List[Claim]:
 
 
 def _plot(path: str, points: Dict[str, List[tuple]], hf_rate: float) -> None:
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for how, marker in (("engine", "o-"), ("plain", "s--")):
-        axes.plot([100 * share for share, _ in points[how]], [rate for _, rate in points[how]], marker,
-                  label=f"{how} (thresholds: none, {', '.join(str(t) for t in THRESHOLDS[1:])})")
-    axes.axhline(hf_rate, color="gray", lw=1, label="transformers generate, untied original")
-    axes.axvline(100 * AGREEMENT, color="gray", lw=0.8, ls=":")
-    axes.set_xlabel("greedy agreement with full depth (%)")
-    axes.set_ylabel("new tokens / s")
-    axes.legend(fontsize=7)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with figure(path) as axes:
+        for how, marker in (("engine", "o-"), ("plain", "s--")):
+            axes.plot([100 * share for share, _ in points[how]], [rate for _, rate in points[how]], marker,
+                      label=f"{how} (thresholds: none, {', '.join(str(t) for t in THRESHOLDS[1:])})")
+        axes.axhline(hf_rate, color="gray", lw=1, label="transformers generate, untied original")
+        axes.axvline(100 * AGREEMENT, color="gray", lw=0.8, ls=":")
+        axes.set_xlabel("greedy agreement with full depth (%)")
+        axes.set_ylabel("new tokens / s")
+        axes.legend(fontsize=7)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Dict, List
 
+from ..training.plots import figure
 from .common import Claim, Context, Report, mean, spread, verdict
 
 
@@ -47,16 +48,10 @@ def run(context: Context) -> Report:
 
 
 def _plot(path: str, curves: Dict[str, List[float]]) -> None:
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for name, curve in curves.items():
-        smooth = [mean(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
-        axes.plot(range(1, len(curve) + 1), smooth, label=name)
-    axes.set_xlabel("step")
-    axes.set_ylabel("training loss (10-step mean, seed 0)")
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with figure(path) as axes:
+        for name, curve in curves.items():
+            smooth = [mean(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
+            axes.plot(range(1, len(curve) + 1), smooth, label=name)
+        axes.set_xlabel("step")
+        axes.set_ylabel("training loss (10-step mean, seed 0)")
+        axes.legend(fontsize=8)

@@ -10,6 +10,7 @@ from typing import Dict, List
 
 from ..flops import training_step_flops
 from ..generation import generate_in_batches
+from ..training.plots import figure
 from .common import Claim, Context, Report, mean, spread, verdict
 from .early_exit import prompts
 
@@ -81,15 +82,9 @@ def run(context: Context) -> Report:
 
 
 def _plot(path: str, loss: Dict[str, float], rate: Dict[str, float]) -> None:
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.0, 4.0), dpi=120)
-    for name in loss:
-        axes.scatter(rate[name], loss[name], s=40)
-        axes.annotate(name, (rate[name], loss[name]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    axes.set_xlabel("greedy decode, new tokens / s")
-    axes.set_ylabel("held-out loss at equal training FLOPs")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with figure(path, size=(6.0, 4.0)) as axes:
+        for name in loss:
+            axes.scatter(rate[name], loss[name], s=40)
+            axes.annotate(name, (rate[name], loss[name]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        axes.set_xlabel("greedy decode, new tokens / s")
+        axes.set_ylabel("held-out loss at equal training FLOPs")

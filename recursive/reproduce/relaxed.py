@@ -10,6 +10,7 @@ import time
 from typing import Dict, List
 
 from ..convert import convert_hf, export_hf
+from ..training.plots import figure
 from .common import Claim, Context, Report, mean, spread, verdict
 
 
@@ -100,22 +101,15 @@ def claims(after: Dict[str, List[float]], at_conversion: Dict[str, float]) -> Li
 
 
 def _plot(path: str, at_conversion: Dict[str, float], after: Dict[str, List[float]]) -> None:
-    from matplotlib import pyplot as plt
-
     labels = list(after)
-    figure, axes = plt.subplots(figsize=(7.5, 4.2), dpi=120)
-    y = range(len(labels))
-    axes.barh([i + 0.2 for i in y], [at_conversion[label] for label in labels], height=0.4, label="at conversion",
-              color="#bbbbbb")
-    axes.barh([i - 0.2 for i in y], [mean(after[label]) for label in labels], height=0.4, label="after uptraining",
-              color="#3b75af")
-    axes.set_yticks(list(y), labels, fontsize=8)
-    axes.invert_yaxis()
-    low = min(mean(v) for v in after.values())
-    axes.set_xlim(low * 0.9, max(at_conversion.values()) * 1.02)
-    axes.set_xlabel("held-out loss (nats per byte)")
-    axes.legend(fontsize=8)
-    axes.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    with figure(path, size=(7.5, 4.2)) as axes:
+        y = range(len(labels))
+        axes.barh([i + 0.2 for i in y], [at_conversion[label] for label in labels], height=0.4, label="at conversion",
+                  color="#bbbbbb")
+        axes.barh([i - 0.2 for i in y], [mean(after[label]) for label in labels], height=0.4, label="after uptraining",
+                  color="#3b75af")
+        axes.set_yticks(list(y), labels, fontsize=8)
+        axes.invert_yaxis()
+        axes.set_xlim(min(mean(v) for v in after.values()) * 0.9, max(at_conversion.values()) * 1.02)
+        axes.set_xlabel("held-out loss (nats per byte)")
+        axes.legend(fontsize=8)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import textwrap
-from typing import List
+from typing import Iterator, List, Tuple
 
 
 def require_matplotlib(argument: str) -> None:
@@ -19,25 +20,34 @@ def read_metrics(path: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> None:
-    """Training loss (each step) and held-out loss (where evaluated) against tokens seen, into ``png_path``."""
+@contextlib.contextmanager
+def figure(path: str, size: Tuple[float, float] = (6.4, 4.0)) -> Iterator[object]:
+    """One set of axes to draw on, saved as a PNG at ``path`` (with a light grid) when the block ends."""
     require_matplotlib("plot")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot as plt
 
+    drawing, axes = plt.subplots(figsize=size, dpi=120)
+    try:
+        yield axes
+        axes.grid(alpha=0.3)
+        drawing.tight_layout()
+        drawing.savefig(path)
+    finally:
+        plt.close(drawing)
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> None:
+    """Training loss (each step) and held-out loss (where evaluated) against tokens seen, into ``png_path``."""
     rows = read_metrics(metrics_path)
-    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    axes.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=1, alpha=0.8, label="training loss")
-    evaluated = [r for r in rows if "eval_loss" in r]
-    if evaluated:
-        axes.plot([r["tokens"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="held-out loss")
-    axes.set_xlabel("tokens seen")
-    axes.set_ylabel("next-token loss (nats)")
-    axes.set_title(textwrap.fill(title or metrics_path, 90), fontsize=8)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(png_path)
-    plt.close(figure)
+    with figure(png_path) as axes:
+        axes.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=1, alpha=0.8, label="training loss")
+        evaluated = [r for r in rows if "eval_loss" in r]
+        if evaluated:
+            axes.plot([r["tokens"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="held-out loss")
+        axes.set_xlabel("tokens seen")
+        axes.set_ylabel("next-token loss (nats)")
+        axes.set_title(textwrap.fill(title or metrics_path, 90), fontsize=8)
+        axes.legend()
