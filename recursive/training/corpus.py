@@ -94,13 +94,24 @@ def unigram_entropy(tokens: Tensor) -> float:
 
 
 def stdlib_sources(limit: int = 0) -> List[str]:
-    """The Python standard library's own ``.py`` files (its top folder and packages, not ``site-packages``
-    or the tests), sorted by path; the first ``limit`` of them when ``limit`` > 0."""
+    """The Python standard library's own ``.py`` files holding UTF-8 text (its top folder and packages, not
+    ``site-packages`` or the tests; no empty ``__init__.py``), sorted by path; the first ``limit`` of them when
+    ``limit`` > 0."""
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "test", "tests", "idlelib", "__pycache__")
                                and not d.startswith("."))
         paths += [os.path.join(folder, name) for name in sorted(files) if name.endswith(".py")]
-    paths.sort()
-    return paths[:limit] if limit > 0 else paths
+    kept = []
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            if data.decode("utf-8").strip():
+                kept.append(path)
+        except UnicodeDecodeError:
+            continue
+        if len(kept) == limit:
+            break
+    return kept
