@@ -69,11 +69,14 @@ def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
         return model
     if not fsdp:
         return nn.parallel.DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # the mesh on this run's device type (left to itself, fully_shard picks CUDA wherever there is one)
+    mesh = init_device_mesh(world.device.type, (world.size,))
     for block in model.model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
