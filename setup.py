@@ -168,7 +168,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy>=1.24", "safetensors>=0.4", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "transformers>=4.45", "peft>=0.13"],
+        "test": ["pytest>=7", "pytest-benchmark", "transformers>=4.45", "peft>=0.13", "matplotlib>=3.5"],
         "bench": ["transformers>=4.45", "peft>=0.13"],  # the peers the benchmarks time beside ours
         "plot": ["matplotlib>=3.5"],  # train --plot
         "reproduce": ["transformers>=4.45", "matplotlib>=3.5"],  # its conversions and figures

@@ -204,6 +204,7 @@ def test_cli_rejects_bad_data_before_training(tmp_path, capsys):
         (["--data", token_file, stdlib_sources(limit=1)[0]], "data: a token file .* must be the only"),
         (["--data", token_file, "--eval-fraction", "0.2", "--seq-len", "512"], "seq_len: 512 is longer"),
         (["--resume", str(tmp_path)], "resume: .*neither a checkpoint"),
+        (["--plot", str(tmp_path / "curve.png")], "plot: .*(--save DIR or --metrics FILE|matplotlib)"),
         (["--model", str(small), "--data", stdlib_sources(limit=1)[0]], "tokenizer: .*small.* holds no tokenizer"),
         (["--tokenizer", str(tokenizer), "--data", bytes_file], "data: .* was tokenised by bytes"),
     ]:

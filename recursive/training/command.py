@@ -174,6 +174,11 @@ def _train(args: argparse.Namespace, world) -> TrainingResult:
     say = print if world.is_main else (lambda *a, **k: None)
     if args.plot:
         require_matplotlib("plot")
+        if not (args.save or args.metrics):
+            raise ValueError("plot: draws the metrics file: pass --save DIR or --metrics FILE too")
+    if args.save_adapter and args.fsdp and world.distributed:
+        raise ValueError("save-adapter: the adapters of an FSDP2-sharded model are not gathered here: save the whole "
+                         "model with --save (save_adapter on the loaded model gives the adapters)")
     training_args = TrainingArguments(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
         schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
@@ -211,7 +216,7 @@ def _train(args: argparse.Namespace, world) -> TrainingResult:
     say(f"{result.tokens_per_second:,.0f} tokens/s over {result.seconds:.1f} s on {world.size} process(es)")
     if args.save:
         say(f"saved to {args.save} (checkpoint {result.checkpoint})")
-    if args.plot and metrics and world.is_main:
+    if args.plot and world.is_main:
         plot_metrics(metrics, args.plot, title=f"{config.num_layers} layers over {config.num_blocks} blocks "
                                                f"({config.relaxation}), {args.batch_size} x {args.seq_len} tokens "
                                                f"per step, on {source}")
