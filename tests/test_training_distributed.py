@@ -1,11 +1,13 @@
 """``torchrun --nproc-per-node 2 -m recursive train`` on the CPU (gloo): the loss curve and the weights equal
-one process with the same global batch (float64), with DDP and with FSDP2, and a checkpoint written by two
-ranks resumes in one process."""
+one process with the same global batch (float64), with DDP and with FSDP2; a checkpoint written by two ranks
+resumes in one process; Ctrl-C stops both ranks with a checkpoint."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -78,3 +80,36 @@ def test_two_processes_match_one_and_resume_in_one(kind, single_process, tmp_pat
     rows, model = run_train(model_dir, tmp_path / "resumed", 1, "--resume", str(tmp_path / "two" / "checkpoint-2"))
     assert [row["step"] for row in rows] == [3, 4]
     assert_same_run(reference_rows[:2] + rows, model, reference_rows, reference_model)
+
+
+def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
+    """Ctrl-C at a terminal reaches torchrun and its workers (one process group): the ranks stop at the same
+    step, rank 0 writes the checkpoint, and one process resumes it to the end."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "recursive",
+               "train", "--steps", "300", "--batch-size", "8", "--seq-len", "32", "--save", str(tmp_path / "run"),
+               "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if os.path.exists("/sys/class/net/lo"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read() if run.poll() is not None else ""
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, _ = run.communicate(timeout=TIMEOUT_S)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    checkpoints = sorted(os.listdir(tmp_path / "run"))
+    assert "interrupted after step" in out, out
+    step = int(next(name for name in checkpoints if name.startswith("checkpoint-")).split("-")[1])
+    assert 3 <= step < 300
+    done = subprocess.run([sys.executable, "-m", "recursive", *command[command.index("train"):], "--resume",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(metrics) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 301))
