@@ -164,6 +164,15 @@ def describe_budget(budget: Budget) -> str:
             f"tokens per step, pretraining {budget.pretrain_steps} steps, each variant {budget.train_steps} steps")
 
 
+@dataclass
+class Trained:
+    """:meth:`Context.from_scratch`'s result."""
+
+    losses: List[float]
+    model: RecursiveForCausalLM
+    curve: List[float]
+
+
 class Context:
     """One ``reproduce`` run: its budget, corpus, output folder, and the untied model pretrained once for the
     experiments that start from one."""
@@ -193,6 +202,16 @@ class Context:
         args = TrainingArguments(steps=steps, batch_size=self.budget.batch_size, seq_len=self.budget.seq_len,
                                  lr=lr or self.budget.lr, seed=seed, **options)
         return train(model, args, self.corpus.train, progress=self.progress).losses
+
+    def from_scratch(self, config: RecursiveConfig, steps: int) -> "Trained":
+        """A model of ``config`` trained from scratch ``steps`` steps with each of the budget's seeds (init and
+        window order): the held-out loss of each, the last seed's model and the first seed's training losses."""
+        losses, curves = [], []
+        for seed in self.budget.seeds:
+            model = self.fresh(config, seed)
+            curves.append(self.train(model, steps, seed=seed))
+            losses.append(self.held_out_loss(model))
+        return Trained(losses, model.eval(), curves[0])
 
     def held_out_loss(self, model: RecursiveForCausalLM) -> float:
         """Mean next-token loss (nats per byte) over the run's fixed held-out windows."""

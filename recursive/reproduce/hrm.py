@@ -25,15 +25,9 @@ def run(context: Context) -> Report:
                     f"same parameters and FLOPs), trained from scratch {budget.pretrain_steps} steps with the same "
                     "windows per seed.")
     start = time.perf_counter()
-    losses: Dict[str, List[float]] = {}
-    curves = {}
-    for name, config in configs.items():
-        losses[name] = []
-        for seed in budget.seeds:
-            model = context.fresh(config, seed)
-            curve = context.train(model, budget.pretrain_steps, seed=seed)
-            losses[name].append(context.held_out_loss(model))
-            curves.setdefault(name, curve)
+    runs = {name: context.from_scratch(config, budget.pretrain_steps) for name, config in configs.items()}
+    losses = {name: run.losses for name, run in runs.items()}
+    curves = {name: run.curve for name, run in runs.items()}
     parameters = {name: sum(p.numel() for p in context.fresh(config).parameters()) for name, config in configs.items()}
     report.seconds = time.perf_counter() - start
     report.table("Held-out loss after the same steps:", ["model", "parameters", "held-out loss (mean)", "spread over seeds"],

@@ -6,7 +6,7 @@ compared on held-out loss and greedy decode throughput."""
 from __future__ import annotations
 
 import time
-from typing import Dict, List
+from typing import Dict
 
 from ..flops import training_step_flops
 from ..generation import generate_in_batches
@@ -46,15 +46,9 @@ def run(context: Context) -> Report:
                     f"token a depth. Decode: {budget.requests} held-out prompts, {budget.new_tokens} new bytes each, batches of "
                     "8, greedy.")
     start = time.perf_counter()
-    losses: Dict[str, List[float]] = {}
-    models = {}
-    for name, config in configs.items():
-        losses[name] = []
-        for seed in budget.seeds:
-            model = context.fresh(config, seed)
-            context.train(model, steps[name], seed=seed)
-            losses[name].append(context.held_out_loss(model))
-            models[name] = model.eval()
+    runs = {name: context.from_scratch(config, steps[name]) for name, config in configs.items()}
+    losses = {name: run.losses for name, run in runs.items()}
+    models = {name: run.model for name, run in runs.items()}
     requests, new_tokens = prompts(context, budget.requests), budget.new_tokens
     seconds = median_seconds({name: (lambda m=model: generate_in_batches(m, requests, new_tokens, 8))
                               for name, model in models.items()}, context.device, min_run_time=budget.timing_s / 2)
