@@ -34,8 +34,8 @@ def merged(model, context: Context, rank=None):
     inputs: Dict[int, List[torch.Tensor]] = {}
     hooks = [block.mlp.register_forward_pre_hook(lambda module, args, b=b: inputs.setdefault(b, []).append(args[0].detach()))
              for b, block in enumerate(copy.model.blocks)]
-    stream, length = context.corpus.held_out, context.budget.seq_len
-    windows = torch.stack([torch.from_numpy(stream.read(i * length, length)) for i in range(context.budget.batch_size)])
+    length = context.budget.seq_len
+    windows = context.corpus.held_out.windows([i * length for i in range(context.budget.batch_size)], length)
     with torch.no_grad():
         copy(windows.to(context.device))
     for hook in hooks:

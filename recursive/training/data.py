@@ -278,6 +278,12 @@ class TokenStream:
         pieces = [self.tokens[s:s + n] for s, n in zip(self.starts, np.diff(self.cumulative)) if n]
         return max(int(piece.max()) for piece in pieces) if pieces else -1
 
+    def windows(self, starts: Sequence[int], length: int) -> Tensor:
+        """(len(starts), length) int64 token ids: the stream's windows at ``starts``."""
+        if not starts:
+            return torch.empty(0, length, dtype=torch.int64)
+        return torch.from_numpy(np.stack([self.read(start, length) for start in starts]))
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Stream positions ``[start, start + length)`` as an int64 array."""
         out = np.empty(length, dtype=np.int64)
@@ -330,8 +336,7 @@ class WindowSampler:
 
     def read(self, starts: Sequence[int]) -> Tensor:
         """(len(starts), seq_len) int64 token ids."""
-        return torch.from_numpy(np.stack([self.stream.read(s, self.seq_len) for s in starts])) if starts else \
-            torch.empty(0, self.seq_len, dtype=torch.int64)
+        return self.stream.windows(starts, self.seq_len)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_windows": self.num_windows,

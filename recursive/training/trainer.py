@@ -339,7 +339,6 @@ def evaluate(model: nn.Module, stream: TokenStream, starts: List[int], args: Tra
     """The mean next-token loss over the windows at ``starts`` of ``stream``, the ranks sharing them. Every rank
     runs the same number of forwards (FSDP2 gathers weights in each): a rank out of windows reruns the first
     with weight 0."""
-    sampler = WindowSampler(stream, args.seq_len, 0)
     mine = starts[world.rank::world.size]
     rounds = math.ceil(math.ceil(len(starts) / world.size) / micro)
     forward = unwrapped(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -349,7 +348,7 @@ def evaluate(model: nn.Module, stream: TokenStream, starts: List[int], args: Tra
         rows, weight = mine[r * micro:(r + 1) * micro], 1.0
         if not rows:
             rows, weight = starts[:1], 0.0
-        input_ids = sampler.read(rows).to(world.device)
+        input_ids = stream.windows(rows, args.seq_len).to(world.device)
         with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = forward(input_ids, labels=input_ids).loss
         count = len(rows) * (args.seq_len - 1) * weight
