@@ -5,16 +5,15 @@ saved, loaded and trained apart from the base, or merged into an untied model.""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Dict, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import RecursiveConfig
 from .nn import LowRankLinear
+from .serialization import read_config, read_weights
 
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -78,15 +77,14 @@ class AdapterMixin:
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
                 raise ValueError(f"directory: {directory!r} holds no {os.path.basename(path)}")
-        with open(config_path) as f:
-            saved = RecursiveConfig.from_dict(json.load(f)).to_dict()
+        saved = read_config(config_path).to_dict()
         ours = self.config.to_dict()
         differ = sorted(name for name in ours if name != "backend" and saved[name] != ours[name])
         if differ:
             raise ValueError(f"directory: the adapter was saved for another config; fields that differ: "
                              + ", ".join(f"{name} ({saved[name]!r} there, {ours[name]!r} here)" for name in differ))
         adapters = self.adapter_state_dict()
-        state = load_file(weights_path)
+        state = read_weights(weights_path)
         if set(state) != set(adapters):
             raise ValueError(f"directory: the adapter's tensors do not match the model's adapters (missing "
                              f"{sorted(set(adapters) - set(state))}, unexpected {sorted(set(state) - set(adapters))})")

@@ -3,17 +3,17 @@ format (``config.json`` plus safetensors, never pickle) and activation checkpoin
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional, Tuple, Type, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import AdapterMixin
 from .config import RecursiveConfig
 from .nn import LowRankLinear
+from .serialization import read_config, read_weights
 
 
 CONFIG_NAME = "config.json"
@@ -22,21 +22,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 Model = TypeVar("Model", bound="RecursivePreTrainedModel")
-
-
-def read_config(path: str) -> RecursiveConfig:
-    """The config in the JSON file ``path``; a malformed one raises ValueError naming the file and the fault."""
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"directory: {path!r} is not valid JSON ({exc})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"directory: {path!r} holds a {type(values).__name__}, not a config object")
-    try:
-        return RecursiveConfig.from_dict(values)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"directory: {path!r} is not a valid config ({exc})") from None
 
 
 class RecursivePreTrainedModel(AdapterMixin, nn.Module):
@@ -96,11 +81,7 @@ class RecursivePreTrainedModel(AdapterMixin, nn.Module):
             if not os.path.isfile(path):
                 raise ValueError(f"directory: {directory!r} holds no {os.path.basename(path)}")
         config = read_config(config_path)
-        try:
-            state = load_file(weights_path, device=str(torch.device(device or "cpu")))
-        except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
-            raise ValueError(f"directory: {weights_path!r} is not a readable safetensors file, truncated or "
-                             f"damaged ({type(exc).__name__}: {exc})") from None
+        state = read_weights(weights_path, device)
         if dtype is None:
             dtype = next(t.dtype for t in state.values() if t.is_floating_point())
         model = cls(config).to(device=device, dtype=dtype)

@@ -30,7 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..pretrained import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..pretrained import CONFIG_NAME, WEIGHTS_NAME
+from ..serialization import read_config, read_weights
 from .distributed import World, barrier, unwrapped
 from .tokenizers import Tokenizer
 
@@ -113,14 +114,12 @@ def load_checkpoint(checkpoint: str, model: nn.Module, optimizer: torch.optim.Op
     """Load ``checkpoint``'s weights, optimizer state and this rank's random state into the (wrapped) ``model``
     and ``optimizer`` on every rank; returns the trainer state. Raises ValueError naming ``resume`` when the
     checkpoint's model is not ``model``'s."""
-    config = read_config(os.path.join(checkpoint, CONFIG_NAME))
+    config = read_config(os.path.join(checkpoint, CONFIG_NAME), "resume")
     if config != unwrapped(model).config:
         ours, theirs = unwrapped(model).config.to_dict(), config.to_dict()
         differ = sorted(key for key in ours if ours[key] != theirs.get(key))
         raise ValueError(f"resume: {checkpoint!r} holds a model of another config (differs in {differ})")
-    from safetensors.torch import load_file
-
-    weights = load_file(os.path.join(checkpoint, WEIGHTS_NAME))
+    weights = read_weights(os.path.join(checkpoint, WEIGHTS_NAME), argument="resume")
     for name, source in unwrapped(model).tied_weights():
         weights.setdefault(name, weights[source])
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))

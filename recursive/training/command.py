@@ -5,7 +5,6 @@ summarises and saves."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -14,7 +13,8 @@ import torch
 
 from ..config import RecursiveConfig
 from ..modeling import RecursiveForCausalLM
-from ..pretrained import CONFIG_NAME, read_config
+from ..pretrained import CONFIG_NAME
+from ..serialization import read_config
 from .checkpoint import resolve_checkpoint
 from .corpus import CORPUS_VOCAB_SIZE, encode, synthetic_corpus
 from .data import TokenFile, TokenStream, default_cache_dir, is_token_file, split_documents, tokenize_files
@@ -137,25 +137,17 @@ def _model_and_tokenizer(args, device):
         if next(model.parameters()).dtype not in (torch.float32, torch.float64):
             model = model.float()  # trains in float32 (--bf16: autocast), whatever dtype it was saved in
         if args.resume and (args.model or args.config):
-            wanted = read_config(os.path.join(args.model, CONFIG_NAME)) if args.model else _read_config_file(args.config)
+            wanted = read_config(os.path.join(args.model, CONFIG_NAME), "model") if args.model else read_config(args.config, "config")
             if wanted != model.config:
                 raise ValueError(f"resume: {args.resume!r} holds a model of another config than "
                                  f"{'--model' if args.model else '--config'}")
     else:
         vocab_size = tokenizer.vocab_size if tokenizer else (ByteTokenizer.vocab_size if args.data else CORPUS_VOCAB_SIZE)
-        config = _read_config_file(args.config) if args.config else default_train_config(vocab_size)
+        config = read_config(args.config, "config") if args.config else default_train_config(vocab_size)
         model = RecursiveForCausalLM(config).to(device)
     if tokenizer is not None:
         check_vocabulary(tokenizer, model.config.vocab_size, "tokenizer")
     return model, tokenizer
-
-
-def _read_config_file(path: str) -> RecursiveConfig:
-    try:
-        with open(path) as f:
-            return RecursiveConfig.from_json_string(f.read())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"config: cannot read {path!r} ({exc})") from None
 
 
 def train_command(args: argparse.Namespace) -> TrainingResult:
