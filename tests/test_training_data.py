@@ -124,6 +124,10 @@ def test_stream_reads_across_documents():
     stream = TokenStream(tokens, [(10, 20), (50, 55), (55, 60), (0, 3)])
     expected = list(range(10, 20)) + list(range(50, 60)) + [0, 1, 2]
     assert len(stream) == len(expected) and stream.max_token() == 59
+    assert stream.token_beyond(60) is None and stream.token_beyond(50) == 59
+    # a token file's vocabulary bounds its ids: no pass over them (these made-up ids break the bound on purpose)
+    bounded = TokenStream(tokens, vocab_size=64)
+    assert bounded.token_beyond(64) is None and bounded.token_beyond(50) == 99
     for start in range(len(expected)):
         for length in range(len(expected) - start + 1):
             assert stream.read(start, length).tolist() == expected[start:start + length]

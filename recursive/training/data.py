@@ -247,9 +247,13 @@ class TokenStream:
     Args:
         tokens: (N,) integer array (a token file's memory map, or any numpy array).
         ranges: ``(start, end)`` pieces of ``tokens`` in stream order (default: all of it).
+        vocab_size: every id is known to be below it (a token file's vocabulary, checked when it was written);
+            None: unknown.
     """
 
-    def __init__(self, tokens: np.ndarray, ranges: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+    def __init__(self, tokens: np.ndarray, ranges: Optional[Sequence[Tuple[int, int]]] = None,
+                 vocab_size: Optional[int] = None) -> None:
+        self.vocab_size = vocab_size
         merged: List[List[int]] = []
         for start, end in ranges if ranges is not None else [(0, len(tokens))]:
             if end <= start:
@@ -265,7 +269,8 @@ class TokenStream:
 
     @classmethod
     def of_documents(cls, token_file: TokenFile, documents: Sequence[int]) -> "TokenStream":
-        return cls(token_file.tokens, [(int(token_file.offsets[d]), int(token_file.offsets[d + 1])) for d in documents])
+        return cls(token_file.tokens, [(int(token_file.offsets[d]), int(token_file.offsets[d + 1])) for d in documents],
+                   token_file.vocab_size)
 
     @classmethod
     def of_tensor(cls, tokens: Tensor) -> "TokenStream":
@@ -277,6 +282,14 @@ class TokenStream:
     def max_token(self) -> int:
         pieces = [self.tokens[s:s + n] for s, n in zip(self.starts, np.diff(self.cumulative)) if n]
         return max(int(piece.max()) for piece in pieces) if pieces else -1
+
+    def token_beyond(self, vocab_size: int) -> Optional[int]:
+        """The largest id of the stream when it is ``vocab_size`` or more, else None; reads the tokens only when
+        the stream's own ``vocab_size`` does not already bound them (a start-up pass over a large corpus)."""
+        if self.vocab_size is not None and self.vocab_size <= vocab_size:
+            return None
+        largest = self.max_token()
+        return largest if largest >= vocab_size else None
 
     def windows(self, starts: Sequence[int], length: int) -> Tensor:
         """(len(starts), length) int64 token ids: the stream's windows at ``starts``."""

@@ -212,8 +212,9 @@ def train(
     held_out = _stream(eval_data, "eval_data")
     vocab_size = model.config.vocab_size
     for name, s in (("data", stream), ("eval_data", held_out)):
-        if s is not None and s.max_token() >= vocab_size:
-            raise ValueError(f"{name}: holds token id {s.max_token()}, outside the model's vocabulary of {vocab_size}")
+        beyond = s.token_beyond(vocab_size) if s is not None else None
+        if beyond is not None:
+            raise ValueError(f"{name}: holds token id {beyond}, outside the model's vocabulary of {vocab_size}")
     device = next(model.parameters()).device
     world = current_world(device)
     per_step = world.size * args.grad_accum
