@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ..convert import convert_hf, export_hf
 from ..generation import DepthBatchingEngine, generate_in_batches
@@ -63,29 +63,38 @@ def run(context: Context) -> Report:
                     "decoding's at the same position. Times are medians of interleaved rounds.")
     start = time.perf_counter()
     untied, _ = context.pretrained_untied()
-    model = convert_hf(export_hf(untied).float(), 2, "cycle", "stepwise", 8, progress=False).to(context.device)
+    hf = export_hf(untied).float()
+    model = convert_hf(hf, 2, "cycle", "stepwise", 8, progress=False).to(context.device)
     context.train(model, budget.train_steps, exit_loss_weight=1.0)
     model.eval()
-    hf = export_hf(untied).float().to(context.device).eval()
+    hf = hf.to(context.device).eval()
     requests = prompts(context, count)
     lengths = [new_tokens] * count
-    reference = generate_in_batches(model, requests, new_tokens, BATCH)
+
+    # Greedy decoding gives the same tokens every round: the timed runs keep their last output, and each
+    # engine's stats are those of its last run.
+    outputs: Dict[str, List[List[int]]] = {}
+
+    def recorded(name: str, decode: Callable[[], List[List[int]]]) -> Callable[[], None]:
+        def run() -> None:
+            outputs[name] = decode()
+        return run
 
     engines: Dict[Optional[float], DepthBatchingEngine] = {t: DepthBatchingEngine(model, BATCH, t) for t in THRESHOLDS}
     runs = {"transformers (untied)": lambda: transformers_in_batches(hf, requests, lengths, BATCH)}
     for threshold in THRESHOLDS:
-        runs[f"engine {threshold}"] = lambda t=threshold: engines[t].generate(requests, new_tokens)
-        runs[f"plain {threshold}"] = lambda t=threshold: generate_in_batches(model, requests, new_tokens, BATCH,
-                                                                              exit_threshold=t)
+        runs[f"engine {threshold}"] = recorded(f"engine {threshold}",
+                                               lambda t=threshold: engines[t].generate(requests, new_tokens))
+        runs[f"plain {threshold}"] = recorded(f"plain {threshold}", lambda t=threshold: generate_in_batches(
+            model, requests, new_tokens, BATCH, exit_threshold=t))
     seconds = median_seconds(runs, context.device, min_run_time=budget.timing_s)
+    reference = outputs["plain None"]  # full depth
     rows, points = [], {"engine": [], "plain": []}
     for threshold in THRESHOLDS:
-        engine_out = engines[threshold].generate(requests, new_tokens)
         loops = engines[threshold].stats.mean_exit_loops
-        for how, out in (("engine", engine_out), ("plain", generate_in_batches(model, requests, new_tokens, BATCH,
-                                                                              exit_threshold=threshold))):
+        for how in ("engine", "plain"):
             rate = count * new_tokens / seconds[f"{how} {threshold}"]
-            share = agreement(out, reference, requests)
+            share = agreement(outputs[f"{how} {threshold}"], reference, requests)
             points[how].append((share, rate))
             rows.append([how, "none" if threshold is None else threshold, f"{loops:.2f}" if how == "engine" else "",
                          share, rate, seconds["transformers (untied)"] / seconds[f"{how} {threshold}"]])
