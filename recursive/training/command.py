@@ -16,7 +16,7 @@ from ..modeling import RecursiveForCausalLM
 from ..pretrained import CONFIG_NAME
 from ..serialization import read_config
 from .checkpoint import resolve_checkpoint
-from .corpus import CORPUS_VOCAB_SIZE, encode, synthetic_corpus
+from .corpus import CORPUS_VOCAB_SIZE
 from .data import TokenFile, TokenStream, default_cache_dir, is_token_file, split_documents, tokenize_files
 from .distributed import barrier, init_from_environment, shutdown
 from .plots import plot_metrics, require_matplotlib
@@ -88,10 +88,10 @@ INTERRUPT_DIR = "train-interrupted"  # where Ctrl-C saves a run that has no --sa
 
 
 def _train_data(args, tokenizer, model, world):
-    """(train stream, held-out stream or None, tokenizer) of ``--data`` (rank 0 tokenises, the others wait)."""
+    """(train stream, held-out stream or None, tokenizer) of ``--data`` (rank 0 tokenises, the others wait);
+    no ``--data``: (None, None, tokenizer), and ``train`` reads its synthetic corpus."""
     if not args.data:
-        corpus = encode(synthetic_corpus(seed=args.seed))
-        return TokenStream.of_tensor(corpus), None, tokenizer
+        return None, None, tokenizer
     token_files = [path for path in args.data if os.path.isfile(path) and is_token_file(path)]
     if token_files and len(args.data) > 1:
         raise ValueError(f"data: a token file ({token_files[0]!r}) must be the only --data")
