@@ -66,17 +66,25 @@ def resolve_checkpoint(path: str) -> str:
     return found[-1]
 
 
-def gathered_model_state(model: nn.Module) -> dict:
-    """The whole model's state on the CPU, by unwrapped parameter name (a collective under FSDP2: every rank
-    calls it, rank 0 gets the tensors, the others an empty dict)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def save_model(directory: str, model: nn.Module, world: World, tokenizer: Optional[Tokenizer] = None) -> None:
+    """The (wrapped) model as ``save_pretrained`` writes it, with ``tokenizer``, into ``directory``: the whole
+    state gathered on the CPU (a collective under FSDP2: every rank calls this), written by rank 0."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.is_main:
+        unwrapped(model).save_pretrained(directory, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
 
 def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                     world: World, tokenizer: Optional[Tokenizer] = None, keep: int = 0) -> str:
     """Write ``checkpoint-<step>`` into ``directory`` (every rank calls it; rank 0 writes) and remove the
     oldest beyond ``keep`` (0: keep all). ``state``: the trainer's JSON-able state. Returns the folder."""
-    model_state = gathered_model_state(model)
+    final = os.path.join(directory, checkpoint_name(step))
+    partial = os.path.join(directory, f".{checkpoint_name(step)}.partial")
+    if world.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    save_model(partial, model, world, tokenizer)
     optimizer_state = get_optimizer_state_dict(model, optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = _rng_state()
@@ -85,13 +93,7 @@ def save_checkpoint(directory: str, step: int, model: nn.Module, optimizer: torc
         torch.distributed.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    final = os.path.join(directory, checkpoint_name(step))
     if world.is_main:
-        partial = os.path.join(directory, f".{checkpoint_name(step)}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        unwrapped(model).save_pretrained(partial, state_dict=model_state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
         torch.save(optimizer_state, os.path.join(partial, OPTIMIZER_FILE))
         torch.save(rngs, os.path.join(partial, RNG_FILE))
         with open(os.path.join(partial, STATE_FILE), "w") as f:

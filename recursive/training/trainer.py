@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..losses import exit_loss
 from ..modeling import RecursiveForCausalLM
 from ..progress import Progress
-from .checkpoint import gathered_model_state, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, save_model
 from .corpus import encode, synthetic_corpus
 from .data import TokenStream, WindowSampler, eval_windows
 from .distributed import World, all_sum, any_rank, current_world, unwrapped, wrap
@@ -295,11 +295,7 @@ def train(
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = (tokens - start_tokens) / result.seconds if result.seconds > 0 else 0.0
     if save_dir and not result.interrupted:
-        final = gathered_model_state(wrapped)
-        if world.is_main:
-            unwrapped(wrapped).save_pretrained(save_dir, state_dict=final)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(save_dir)
+        save_model(save_dir, wrapped, world, tokenizer)
     return result
 
 
