@@ -17,14 +17,21 @@ from recursive_benchmarks import runner as benchmarks
 from recursive_kernels import backends
 
 from .config import LORA_TARGETS, RecursiveConfig
-from .convert import CONVERTIBLE_SHARING, INIT_SCHEMES, SUPPORTED_MODEL_TYPES, convert_hf, export_hf
+from .convert import (CONVERTIBLE_SHARING, INIT_SCHEMES, LORA_INITS, SUPPORTED_MODEL_TYPES, convert_hf, export_hf,
+                      load_hf)
 from .generation import DepthBatchingEngine, calibrate_exit_threshold, generate_in_batches
 from .generation.validation import check_int
 from .modeling import RecursiveForCausalLM
 from .progress import Progress
 from .reproduce import EXPERIMENTS, run_experiments
 from .training.command import add_train_arguments
+from .training.corpus import stdlib_sources
+from .training.data import calibration_windows
 from .training.tokenizers import check_vocabulary, load_tokenizer
+
+
+# Activation-aware conversion's default calibration: this many tokens in windows of this length.
+CALIBRATION_TOKENS, CALIBRATION_WINDOW = 4096, 256
 
 
 def _version(module: str) -> str:
@@ -60,21 +67,25 @@ def info(args) -> None:
 def convert(args) -> None:
     if importlib.util.find_spec("transformers") is None:
         sys.exit("python -m recursive convert needs transformers: pip install transformers")
-    from transformers import AutoModelForCausalLM
-
     targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else LORA_TARGETS
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    hf_model = AutoModelForCausalLM.from_pretrained(args.checkpoint, local_files_only=True, torch_dtype=dtype)
-    model = convert_hf(hf_model, args.num_blocks, args.sharing, args.init, args.lora_rank, targets,
-                       svd_init=not args.no_svd_init, lora_alpha=args.lora_alpha,
-                       progress=False if args.no_progress else None)
-    model.save_pretrained(args.output)
-    kept = ""
-    tokenizer_dir = args.tokenizer or args.checkpoint
+    lora_init = "zero" if args.no_svd_init else args.lora_init
     try:
-        tokenizer = load_tokenizer(tokenizer_dir)
+        hf_model = load_hf(args.checkpoint, None if args.dtype == "auto" else getattr(torch, args.dtype))
+        tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        calibration = None
+        if lora_init == "activation" and args.lora_rank:
+            if tokenizer is None:
+                sys.exit("error: tokenizer: --lora-init activation reads calibration text, which needs the model's "
+                         "tokenizer (--tokenizer)")
+            calibration = calibration_windows(args.calibration or stdlib_sources(), tokenizer, args.calibration_tokens,
+                                              CALIBRATION_WINDOW)
+        model = convert_hf(hf_model, args.num_blocks, args.sharing, args.init, args.lora_rank, targets, lora_init,
+                           calibration=calibration, fold_norms=not args.no_fold_norms, lora_alpha=args.lora_alpha,
+                           progress=False if args.no_progress else None)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
+    model.save_pretrained(args.output)
+    kept = ""
     if tokenizer is not None:
         check_vocabulary(tokenizer, model.config.vocab_size, "tokenizer")
         tokenizer.save_pretrained(args.output)
@@ -242,20 +253,30 @@ def main(argv=None) -> None:
     p.set_defaults(func=benchmarks.main)
     add_train_arguments(sub.add_parser("train", help="train or uptrain a model on text files or a token file (or the built-in synthetic corpus); under torchrun on every process"))
     add_generate_arguments(sub.add_parser("generate", help="generate from text or token-id prompts (plain batches or the engine)"))
-    p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint")
-    p.add_argument("checkpoint", help="directory of the Hugging Face checkpoint (read with local_files_only)")
+    p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint or GGUF file")
+    p.add_argument("checkpoint", help="a Hugging Face checkpoint folder (read with local_files_only) or a GGUF file")
     p.add_argument("output", help="directory to write the recursive model to")
-    p.add_argument("--num-blocks", type=int, required=True, help="unique blocks B")
+    p.add_argument("--num-blocks", type=int, help="unique blocks B (default: one per layer)")
     p.add_argument("--sharing", default="cycle", choices=CONVERTIBLE_SHARING)
     p.add_argument("--init", default="stepwise", choices=INIT_SCHEMES, help="how blocks take the original layers")
     p.add_argument("--lora-rank", type=int, default=0, help="per-layer LoRA rank (0: none)")
     p.add_argument("--lora-targets", help="comma-separated LoRA targets (default: q,k,v,o,gate,up,down)")
     p.add_argument("--lora-alpha", type=float, default=RecursiveConfig.lora_alpha, help="LoRA alpha")
-    p.add_argument("--no-svd-init", action="store_true", help="PEFT's LoRA init instead of the SVD of the residuals")
+    p.add_argument("--lora-init", default="svd", choices=LORA_INITS,
+                   help="svd: the residuals' best rank-r approximation; activation: the best one for the inputs each "
+                        "layer sees on calibration text; zero: PEFT's init (default: svd)")
+    p.add_argument("--no-svd-init", action="store_true", help=argparse.SUPPRESS)  # deprecated: --lora-init zero
+    p.add_argument("--calibration", nargs="+", metavar="PATH",
+                   help="text files or folders for --lora-init activation (default: the Python standard library's "
+                        "sources)")
+    p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
+                   help=f"calibration tokens for --lora-init activation (default: {CALIBRATION_TOKENS})")
+    p.add_argument("--no-fold-norms", action="store_true",
+                   help="keep each block's norm gains instead of folding every layer's into its projections")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64", "bfloat16", "float16"),
                    help="dtype to load the checkpoint in (auto: its own)")
-    p.add_argument("--tokenizer", metavar="DIR", help="the tokenizer to keep beside the model (default: the checkpoint's own, "
-                                                     "when it has one)")
+    p.add_argument("--tokenizer", metavar="DIR", help="the tokenizer to keep beside the model (default: the checkpoint's "
+                                                     "own, when it has one; a GGUF file carries one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=convert)
     p = sub.add_parser("reproduce", help="rerun the seed papers' claims at small scale on the standard library's sources "

@@ -126,8 +126,24 @@ def test_one_block_per_layer_reproduces_the_model(family, sharing):
         assert error < TIGHT, f"{family} {sharing} mask={attention_mask is not None}: {error:.3g}"
 
 
+# The norm whose gain each projection reads, folded into it by convert_hf.
+NORM_OF = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
+           "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
+           "mlp.up_proj": "post_attention_layernorm"}
+
+
+def folded_weight(hf, layer: int, path: str) -> Tensor:
+    """The projection's weight times the gain of the norm it reads (``1 + w`` for Gemma), written out here."""
+    hf_layer = hf.model.layers[layer]
+    weight = hf_layer.get_submodule(path).weight
+    if path not in NORM_OF:
+        return weight
+    gain = hf_layer.get_submodule(NORM_OF[path]).weight
+    return weight * (gain + 1 if FAMILIES[hf.config.model_type]["unit_offset"] else gain)
+
+
 def check_full_rank_adapters(hf, model) -> None:
-    """Every layer's effective weight ``W_b + s B_l A_l`` on every target equals its original weight."""
+    """Every layer's effective weight ``W_b + s B_l A_l`` on every target equals its original (folded) weight."""
     config = model.config
     for layer in range(config.num_layers):
         block = model.model.blocks[config.block_of_layer(layer)]
@@ -137,7 +153,7 @@ def check_full_rank_adapters(hf, model) -> None:
             projection = block.get_submodule(path)
             assert projection.rank == min(projection.weight.shape)  # 10**6 clamped
             effective = projection.weight + projection.scaling * projection.lora_b[adapter] @ projection.lora_a[adapter]
-            original = hf.model.layers[layer].get_submodule(path).weight
+            original = folded_weight(hf, layer, path)
             assert torch.allclose(effective, original, rtol=0, atol=1e-12), (layer, path)
 
 
@@ -161,13 +177,27 @@ def test_fewer_blocks_with_full_rank_svd_reproduce_the_model(family, init, shari
         assert error < TIGHT, f"mask={attention_mask is not None}: {error:.3g}"
 
 
-def test_different_norms_are_not_carried_by_lora():
-    """The documented limit: with per-layer norms, full-rank LoRA reproduces the weights, not the model."""
-    hf = make_hf("llama", 4)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_norms_make_full_rank_exact_whatever_the_norms(family):
+    """Per-layer norm gains (randomised in every layer): folded into the projections, full rank reproduces the
+    model; without the fold the blocks' norms replace the layers' own, which no LoRA on a projection undoes."""
+    hf = make_hf(family, 4)
+    if family == "qwen2":  # the layers' q/k/v biases are shared too: make them alike, as the exactness needs
+        with torch.no_grad():
+            for layer in hf.model.layers[1:]:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    getattr(layer.self_attn, name).bias.copy_(getattr(hf.model.layers[0].self_attn, name).bias)
+    input_ids, mask = inputs()
+    expected = reference_logits(hf, input_ids, mask)
     model = convert_hf(hf, 2, lora_rank=10**6)
     check_full_rank_adapters(hf, model)
-    input_ids, _ = inputs()
-    assert relative_error(logits(model, input_ids), reference_logits(hf, input_ids)) > 1e-3
+    unit = 0.0 if FAMILIES[family]["unit_offset"] else 1.0
+    for block in model.model.blocks:
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            assert torch.equal(block.get_submodule(norm).weight, torch.full_like(block.get_submodule(norm).weight, unit))
+    assert relative_error(logits(model, input_ids, mask), expected, mask) < TIGHT
+    unfolded = convert_hf(hf, 2, lora_rank=10**6, fold_norms=False)
+    assert relative_error(logits(unfolded, input_ids, mask), expected, mask) > 1e-3
 
 
 def relate_layers_(hf_model) -> None:
@@ -219,7 +249,7 @@ SOURCES = {
 @pytest.mark.parametrize("init, sharing, num_layers, num_blocks", SOURCES)
 def test_init_schemes_take_the_right_layers(init, sharing, num_layers, num_blocks):
     hf = make_hf("qwen2", num_layers)  # q/k/v biases
-    model = convert_hf(hf, num_blocks, sharing, init, lora_rank=4, svd_init=False)
+    model = convert_hf(hf, num_blocks, sharing, init, lora_rank=4, lora_init="zero", fold_norms=False)
     expected_linspace = torch.linspace(0, num_layers - 1, num_blocks, dtype=DTYPE).round().long().tolist()
     if init == "stepwise":
         assert [s[0] for s in SOURCES[init, sharing, num_layers, num_blocks]] == expected_linspace
@@ -280,6 +310,12 @@ BAD_ARGUMENTS = [
     (dict(num_blocks=2, lora_rank=2, lora_targets=()), "lora_targets"),
     (dict(num_blocks=2, lora_rank=2, lora_targets=("q", "q")), "lora_targets"),
     (dict(num_blocks=2, svd_init="yes"), "svd_init"),
+    (dict(num_blocks=2, lora_rank=2, lora_init="random"), "lora_init"),
+    (dict(num_blocks=2, fold_norms=1), "fold_norms"),
+    (dict(num_blocks=2, lora_rank=2, lora_init="activation"), "calibration"),
+    (dict(num_blocks=2, lora_rank=2, calibration=torch.zeros(1, 4, dtype=torch.long)), "calibration"),
+    (dict(num_blocks=2, lora_rank=2, lora_init="activation", calibration=torch.zeros(1, 4)), "calibration"),
+    (dict(num_blocks=2, lora_rank=2, lora_init="activation", calibration=torch.full((1, 4), VOCAB)), "calibration"),
 ]
 
 
@@ -304,7 +340,7 @@ UNSUPPORTED = {
 
 @pytest.mark.parametrize("case", UNSUPPORTED)
 def test_unsupported_models_raise(case):
-    with pytest.raises(ValueError, match="^hf_model"):
+    with pytest.raises(ValueError, match="^model_or_path"):
         convert_hf(UNSUPPORTED[case](), 2)
 
 
@@ -312,16 +348,24 @@ def test_unsupported_models_raise(case):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_inverts_conversion(family):
-    """Fewer blocks with full-rank SVD LoRA, exported: the original's parameters, its class and its logits."""
+    """Fewer blocks with full-rank SVD LoRA, exported: the original's parameters (its norm gains folded into the
+    projections they feed, the norms unit gains), its class and its logits."""
     hf = make_hf(family, 4, uniform=True)
     model = convert_hf(hf, 2, "cycle", lora_rank=10**6, lora_alpha=3.0)
     exported = export_hf(model, "mistral" if family == "mistral" else None)
     assert type(exported) is type(hf) and not exported.training
     theirs = dict(exported.named_parameters())
+    unit = 0.0 if FAMILIES[family]["unit_offset"] else 1.0
     for name, parameter in hf.named_parameters():
+        layer, _, path = name.removeprefix("model.layers.").partition(".")
+        if path.removesuffix(".weight") in NORM_OF:
+            parameter = folded_weight(hf, int(layer), path.removesuffix(".weight"))
+        elif path in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            parameter = torch.full_like(parameter, unit)
         assert torch.allclose(theirs[name], parameter, rtol=0, atol=1e-12), name
     input_ids, mask = inputs()
-    assert relative_error(reference_logits(exported, input_ids, mask), logits(model, input_ids, mask), mask) < TIGHT
+    expected = reference_logits(hf, input_ids, mask)
+    assert relative_error(reference_logits(exported, input_ids, mask), expected, mask) < TIGHT
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -402,3 +446,36 @@ def test_progress_bar_only_when_asked_or_large(capsys):
     assert capsys.readouterr().err == ""
     convert_hf(hf, 2, lora_rank=2, progress=True)
     assert "[6/6] adapters of layer 3" in capsys.readouterr().err
+
+
+def test_svd_init_is_a_deprecated_spelling_of_lora_init():
+    hf = make_hf("llama", 4)
+    with pytest.warns(DeprecationWarning, match="lora_init"):
+        zero = convert_hf(hf, 2, lora_rank=2, svd_init=False)
+    assert not any(p.any() for name, p in zero.named_parameters() if name.endswith("lora_b"))
+
+
+def test_calibration_in_several_passes_equals_one_pass():
+    """Layer groups bounded by memory: a pass per layer gives the covariances of one pass over all layers; the
+    first layer's attention input is the embeddings, normalised without the gain."""
+    from recursive.calibration import INPUTS, input_covariances
+
+    hf = make_hf("llama", 4)
+    ids = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    together = dict(input_covariances(hf, ids, EPS))
+    apart = dict(input_covariances(hf, ids, EPS, memory_bytes=1))
+    assert list(together) == list(apart) == [0, 1, 2, 3]
+    for layer in together:
+        assert set(together[layer]) == set(INPUTS)
+        for name in INPUTS:
+            assert torch.allclose(together[layer][name], apart[layer][name], rtol=1e-12, atol=0)
+    x = hf.model.embed_tokens.weight[ids].reshape(-1, hf.config.hidden_size).detach()
+    x = x / torch.sqrt(x.square().mean(-1, keepdim=True) + EPS)
+    assert torch.allclose(together[0]["attention"], x.T @ x / len(x), rtol=1e-10, atol=1e-14)
+
+
+def test_activation_aware_full_rank_is_exact():
+    hf = make_hf("llama", 4, uniform=True)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    model = convert_hf(hf, 2, lora_rank=10**6, lora_init="activation", calibration=ids)
+    check_full_rank_adapters(hf, model)

@@ -23,11 +23,11 @@ def variants(context: Context) -> List[Dict[str, object]]:
     """The conversions compared: label, init scheme, LoRA rank (0: none; the budget's intermediate size: full
     rank, clamped to each projection's), SVD init."""
     full = context.budget.intermediate_size
-    rows = [dict(label=f"vanilla, {init}", init=init, rank=0, svd=True) for init in ("stepwise", "average", "lower")]
+    rows = [dict(label=f"vanilla, {init}", init=init, rank=0, lora_init="svd") for init in ("stepwise", "average", "lower")]
     for rank in (8, 32, full):
-        rows.append(dict(label=f"relaxed r={'full' if rank == full else rank}, SVD", init="stepwise", rank=rank, svd=True))
+        rows.append(dict(label=f"relaxed r={'full' if rank == full else rank}, SVD", init="stepwise", rank=rank, lora_init="svd"))
     for rank in (8, 32):
-        rows.append(dict(label=f"relaxed r={rank}, zero init", init="stepwise", rank=rank, svd=False))
+        rows.append(dict(label=f"relaxed r={rank}, zero init", init="stepwise", rank=rank, lora_init="zero"))
     return rows
 
 
@@ -54,7 +54,7 @@ def run(context: Context) -> Report:
         label = variant["label"]
         after[label] = []
         for seed in budget.seeds:
-            model = convert_hf(hf, NUM_BLOCKS, "cycle", variant["init"], variant["rank"], svd_init=variant["svd"],
+            model = convert_hf(hf, NUM_BLOCKS, "cycle", variant["init"], variant["rank"], lora_init=variant["lora_init"],
                                progress=False).to(context.device)
             if seed == budget.seeds[0]:
                 at_conversion[label] = context.held_out_loss(model)

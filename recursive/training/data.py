@@ -97,6 +97,26 @@ def split_document(text: str, size: int = DOCUMENT_BYTES) -> List[str]:
     return pieces
 
 
+def calibration_windows(paths: Sequence[str], tokenizer: Tokenizer, num_tokens: int, seq_len: int) -> Tensor:
+    """(N, seq_len) int64 token ids, N = ceil(num_tokens / seq_len): the middle window of files spread evenly over
+    the UTF-8 text files that ``paths`` name (:func:`find_files`), skipping files shorter than a window; what
+    activation-aware conversion calibrates on. Raises ValueError naming ``calibration`` when the files hold fewer
+    windows than asked for."""
+    files = [path for path, _ in find_files(paths)]
+    wanted = -(-num_tokens // seq_len)
+    windows: List[Tensor] = []
+    for index in np.unique(np.linspace(0, len(files) - 1, min(len(files), 4 * wanted)).round().astype(np.int64)):
+        text = read_text(files[int(index)])
+        ids = tokenizer.encode(text) if text else []
+        if len(ids) >= seq_len:
+            start = (len(ids) - seq_len) // 2
+            windows.append(torch.tensor(ids[start:start + seq_len], dtype=torch.int64))
+        if len(windows) == wanted:
+            return torch.stack(windows)
+    raise ValueError(f"calibration: {len(files)} file(s) hold {len(windows)} window(s) of {seq_len} tokens, "
+                     f"{wanted} wanted for {num_tokens} tokens")
+
+
 @dataclass
 class TokenFile:
     """A token file opened read-only: ``tokens`` (memory-mapped numpy array), ``offsets`` ((documents + 1,)

@@ -45,26 +45,33 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer (``transformers.AutoTokenizer``, local files only) read from ``directory``."""
+    """A Hugging Face tokenizer (``transformers.AutoTokenizer``, local files only) read from ``directory``, or
+    from the GGUF file ``gguf_file`` in it (which needs the ``gguf`` package)."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, gguf_file: Optional[str] = None) -> None:
+        where = os.path.join(directory, gguf_file) if gguf_file else directory
         if importlib.util.find_spec("transformers") is None:
-            raise ValueError(f"tokenizer: {directory!r} holds a Hugging Face tokenizer, which needs transformers "
+            raise ValueError(f"tokenizer: {where!r} holds a Hugging Face tokenizer, which needs transformers "
                              "(pip install transformers)")
         from transformers import AutoTokenizer
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            options = dict(gguf_file=gguf_file) if gguf_file else dict(local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(directory, **options)
         except Exception as exc:  # transformers raises many kinds for a broken tokenizer folder
-            raise ValueError(f"tokenizer: cannot load the tokenizer in {directory!r} ({type(exc).__name__}: {exc})") from None
-        self.directory = directory
+            raise ValueError(f"tokenizer: cannot load the tokenizer in {where!r} ({type(exc).__name__}: {exc})") \
+                from None
+        self.directory = where
         self.vocab_size = len(self.tokenizer)
         self.eos_token_id = self.tokenizer.eos_token_id
         digest = hashlib.sha256()
-        for name in sorted(os.listdir(directory)):
-            if name.startswith("tokenizer") or name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
-                with open(os.path.join(directory, name), "rb") as f:
-                    digest.update(name.encode() + b"\0" + f.read())
+        if gguf_file:  # the tokenizer as its fast backend serialises it: the GGUF file is mostly weights
+            digest.update(self.tokenizer.backend_tokenizer.to_str().encode())
+        else:
+            for name in sorted(os.listdir(directory)):
+                if name.startswith("tokenizer") or name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+                    with open(os.path.join(directory, name), "rb") as f:
+                        digest.update(name.encode() + b"\0" + f.read())
         self.fingerprint = f"hf-{digest.hexdigest()[:16]}"
 
     def encode(self, text: str) -> List[int]:
@@ -84,10 +91,12 @@ Tokenizer = Union[ByteTokenizer, HFTokenizer]
 
 
 def load_tokenizer(directory: str) -> Optional[Tokenizer]:
-    """The tokenizer saved in ``directory`` (a model directory or a tokenizer's own), or None when it holds
-    none."""
+    """The tokenizer saved in ``directory`` (a model directory or a tokenizer's own, or a GGUF file, which
+    carries its tokenizer), or None when it holds none."""
+    if os.path.isfile(directory) and directory.lower().endswith(".gguf"):
+        return HFTokenizer(os.path.dirname(os.path.abspath(directory)), os.path.basename(directory))
     if not os.path.isdir(directory):
-        raise ValueError(f"tokenizer: {directory!r} is not a directory")
+        raise ValueError(f"tokenizer: {directory!r} is neither a directory nor a GGUF file")
     if any(os.path.isfile(os.path.join(directory, name)) for name in HF_TOKENIZER_FILES):
         return HFTokenizer(directory)
     if os.path.isfile(os.path.join(directory, BYTES_TOKENIZER_FILE)):
