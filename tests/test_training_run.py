@@ -3,6 +3,7 @@ gradient accumulation, checkpoints, metrics, plots, the errors for bad input, an
 Hugging Face model with its tokenizer to generated text."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -103,6 +104,26 @@ def test_checkpoints_rotate_and_are_model_folders(tmp_path):
         for name, value in parameters(model).items():
             assert torch.equal(value, loaded.get_parameter(name)), name
         assert (folder / "bytes_tokenizer.json").exists()
+
+
+def test_resume_with_more_steps_extends_the_run(tmp_path, capsys):
+    """A run of 4 steps resumed with 7: 3 more steps, each at the learning rate of a cosine decay re-planned over 7
+    steps (the warm-up of 1 step kept), said once; fewer steps than the checkpoint has done are refused."""
+    data = stdlib_bytes()
+    args = TrainingArguments(steps=4, batch_size=2, seq_len=16, lr=1e-3, warmup_steps=1)
+    train(byte_model(), args, data, save_dir=str(tmp_path), progress=False)
+    capsys.readouterr()
+    longer = TrainingArguments(steps=7, batch_size=2, seq_len=16, lr=1e-3)  # its own warm-up would be 1 as well
+    result = train(byte_model(), longer, data, save_dir=str(tmp_path), resume_from=str(tmp_path),
+                   metrics_path=str(tmp_path / "metrics.jsonl"), progress=False)
+    assert result.step == 7 and len(result.losses) == 3
+    assert capsys.readouterr().err.count("re-planned over 7 steps") == 1
+    rates = [row["lr"] for row in read_rows(tmp_path / "metrics.jsonl")]
+    # after one warm-up step, 0.5 (1 + cos(pi (step - 1) / 6)) for steps 4, 5, 6 (0-based)
+    assert rates == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 6)) for step in (4, 5, 6)])
+    with pytest.raises(ValueError, match="^steps: .* at step 7"):
+        train(byte_model(), TrainingArguments(steps=5, batch_size=2, seq_len=16, lr=1e-3), data,
+              resume_from=str(tmp_path), progress=False)
 
 
 def test_resume_refuses_what_would_not_continue_the_run(tmp_path):

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from recursive_kernels.lowrank_linear import check_index_values
 
 from ..config import FEED_FORWARD_TARGETS
+from ..factorization import truncated_svd
 from ..losses import load_balancing_loss
 from .functional import activation, compute_dtype
 from .linear import AdapterIndex, LowRankLinear, target_ranks
@@ -150,7 +151,7 @@ class MoLFeedForward(_GatedProjections):
         ``dW = sum_i pbar_i * s * B_i A_i`` with ``pbar`` the mean routing weight (gate, 0 when not
         chosen) of each expert over the ``calibration`` inputs (*, hidden), refactored to rank ``rank``
         (default: the experts' rank; clamped to the projection's size, where it is exact) by a truncated
-        SVD, ``dW ~ U_r S_r V_r^T``: ``A = V_r^T``, ``B = U_r S_r / s``.
+        SVD (:func:`recursive.factorization.truncated_svd`), ``dW ~ U_r S_r V_r^T``: ``A = V_r^T``, ``B = U_r S_r / s``.
 
         Returns:
             A :class:`GatedFeedForward` with one adapter (call it without ``adapter_index``) sharing this
@@ -173,10 +174,9 @@ class MoLFeedForward(_GatedProjections):
                 delta = mixture.scaling * torch.einsum(
                     "e,enr,erk->nk", mean_routing.to(compute), mixture.lora_b.to(compute), mixture.lora_a.to(compute)
                 )
-                u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-                r = single.rank
-                single.lora_a.copy_(vh[:r][None])
-                single.lora_b.copy_((u[:, :r] * s[:r] / single.scaling)[None])
+                left, right = truncated_svd(delta, single.rank)
+                single.lora_a.copy_(right[None])
+                single.lora_b.copy_((left / single.scaling)[None])
             setattr(merged, name, single)
         return merged
 

@@ -7,7 +7,8 @@ name and renamed into place (an interrupted write never leaves a half checkpoint
   with the tokenizer beside it when the run has one;
 - ``optimizer.pt``: the optimizer's state keyed by parameter name, whole (``torch.distributed.checkpoint``'s
   full state dict: DDP's and FSDP2's load it on any world size); read with ``torch.load(weights_only=True)``;
-- ``trainer_state.json``: step, tokens seen, the scheduler and the sampler, the arguments a resume must share;
+- ``trainer_state.json``: step, tokens seen, the sampler, the arguments a resume must share (the learning rate is
+  a function of the step and the arguments);
 - ``rng_state.pt``: each rank's random number generators (torch, CUDA, Python).
 """
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ SCHEDULES = ("cosine", "linear")
 
 
 # What a resumed run must share with the checkpoint for its steps to be the ones the first run would have taken.
-RESUME_FIELDS = ("steps", "batch_size", "seq_len", "lr", "warmup_steps", "schedule", "weight_decay",
+# ``steps`` may differ: the run is extended (or shortened) and its schedule re-planned over the new total.
+RESUME_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "schedule", "weight_decay",
                  "max_grad_norm", "exit_loss_weight", "seed")
 
 
@@ -46,7 +48,9 @@ class TrainingArguments:
     """What a run does (the command line's ``train`` options).
 
     Args:
-        steps: optimizer steps in all (a resumed run continues to the same total).
+        steps: optimizer steps in all. A resumed run continues to this total: the checkpoint's own, or another
+            one, which extends the run and re-plans the learning rate's decay over it (the warm-up stays the
+            checkpoint's).
         batch_size: windows per optimizer step over every rank and accumulation step (the global batch); a
             multiple of the world size times ``grad_accum``.
         seq_len: tokens per window.
@@ -233,18 +237,24 @@ def train(
         {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
     ], lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, args.steps, args.warmup_steps, args.schedule))
     result = TrainingResult()
     tokens = 0
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, wrapped, optimizer, world)
         theirs = state["arguments"]
+        if args.steps != theirs["steps"]:
+            if args.steps <= state["step"]:
+                raise ValueError(f"steps: {checkpoint!r} is at step {state['step']} already; ask for more steps")
+            # The warm-up is behind (or part of) the checkpoint: only the decay is re-planned.
+            args = dataclasses.replace(args, warmup_steps=theirs["warmup_steps"])
+            if world.is_main:
+                print(f"resume: the run goes on from step {state['step']} to {args.steps} (it was planned for "
+                      f"{theirs['steps']}); the learning rate's {args.schedule} decay is re-planned over {args.steps} "
+                      f"steps", file=sys.stderr)
         differ = [f"--{name.replace('_', '-')} {theirs.get(name)} there, {getattr(args, name)} here"
                   for name in RESUME_FIELDS if theirs.get(name) != getattr(args, name)]
         if differ:
             raise ValueError(f"resume: {checkpoint!r} was trained with other settings ({'; '.join(differ)})")
-        scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         result.step, tokens = state["step"], state["tokens"]
     metrics = _Metrics(metrics_path, world, result.step)
@@ -253,8 +263,8 @@ def train(
         raise ValueError(f"eval_data: {len(held_out)} tokens hold no window of seq_len={args.seq_len}")
 
     def state() -> dict:
-        return {"step": result.step, "tokens": tokens, "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(), "arguments": dataclasses.asdict(args)}
+        return {"step": result.step, "tokens": tokens, "sampler": sampler.state_dict(),
+                "arguments": dataclasses.asdict(args)}
 
     def save(directory: str) -> None:
         result.checkpoint = save_checkpoint(directory, result.step, wrapped, optimizer, state(), world, tokenizer,
@@ -266,9 +276,11 @@ def train(
     with bar, _StopRequest() as stop:
         while result.step < args.steps:
             starts = sampler.next_starts(args.batch_size)
-            lr = scheduler.get_last_lr()[0]
+            # the learning rate is a function of the step alone, so a resumed or extended run needs no saved state
+            lr = args.lr * learning_rate_factor(result.step, args.steps, args.warmup_steps, args.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             loss = _step(wrapped, optimizer, sampler, starts, args, micro, world)
-            scheduler.step()
             result.step += 1
             tokens += args.batch_size * args.seq_len
             result.losses.append(loss)
