@@ -10,7 +10,8 @@ import pytest
 from recursive.__main__ import main as cli
 from recursive.reproduce import EXPERIMENTS, Budget, run_experiments
 from recursive.reproduce.common import verdict
-from recursive.reproduce import relaxed
+from recursive import smollm2
+from recursive.reproduce import pretrained, relaxed
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,15 +23,24 @@ TINY = Budget("tiny", hidden_size=32, intermediate_size=64, num_heads=2, num_kv_
 VERDICTS = ("held", "did not hold", "mixed")
 
 
-def test_every_experiment_writes_its_report(tmp_path):
+# SmolLM2's first 3 layers as 1 block looped 3 times (and 3 blocks), one step per model.
+TINY_PRETRAINED = pretrained.Setting(layers=3, blocks=1, wide_blocks=3, rank=2, second_rank=4, files=6, seq_len=16,
+                                     batch_size=2, steps=1, exit_steps=1, adapter_lr=1e-3, full_lr=1e-4, eval_windows=2,
+                                     calibration_tokens=32, requests=2, new_tokens=(2, 3), timing_s=0.01)
+
+
+def test_every_experiment_writes_its_report(tmp_path, monkeypatch):
     pytest.importorskip("transformers")  # the conversion experiments go through the Hugging Face export
-    reports = run_experiments(out=str(tmp_path), budget=TINY, progress=False)
-    assert [report.name for report in reports] == list(EXPERIMENTS)
+    monkeypatch.setattr(pretrained, "QUICK", TINY_PRETRAINED)
+    names = [name for name in EXPERIMENTS if name != pretrained.NAME or smollm2.gguf_path() is not None]
+    reports = run_experiments(names, out=str(tmp_path), budget=TINY, progress=False)
+    assert [report.name for report in reports] == names
     summary = (tmp_path / "summary.md").read_text()
     for report in reports:
         assert report.claims and all(claim.verdict in VERDICTS for claim in report.claims), report.name
         text = (tmp_path / f"{report.name}.md").read_text()
-        assert text.startswith(f"# {report.title}") and "Wall time" in text and "sha256" in text
+        assert text.startswith(f"# {report.title}") and "Wall time" in text
+        assert ("SmolLM2's tokens" if report.name == pretrained.NAME else "sha256") in text
         assert re.search(r"^\| .* \| \*\*(held|did not hold|mixed)\*\* \|", text, re.MULTILINE)
         assert f"]({report.name}.md)" in summary
         if importlib.util.find_spec("matplotlib"):
@@ -70,3 +80,28 @@ def test_relaxed_claims_follow_their_criteria():
     mixed = relaxed.claims(losses(**{"relaxed r=8, zero init": 1.1201}), conversion)
     assert mixed[2].verdict == "mixed"  # one rank within the noise
 
+
+
+def test_pretrained_claims_follow_their_criteria():
+    """The criteria of the pretrained experiment on made-up losses and serving points, each verdict reached."""
+    setting = pretrained.FULL
+    inits = {"svd, unfolded": 3.30, "svd": 3.20, "activation": 3.10, "zero": 3.25}
+    after = {"original, fine-tuned": 2.30, "vanilla 10x3": 3.50, **{f"10x3 r=64, {k}": v for k, v in inits.items()},
+             "10x3 r=128, activation": 3.00, "15x2 r=64, activation": 2.90}
+    conversion = {**{label: 14.0 for label in after}, "10x3 r=64, svd, unfolded": 16.0, "10x3 r=64, svd": 15.0,
+                  "10x3 r=64, activation": 13.0}
+    exact = {True: 2.4455, False: 13.1}
+    points = {"engine": [(1.0, 100.0), (0.97, 140.0), (0.90, 180.0)], "plain": [(1.0, 90.0), (0.97, 95.0), (0.9, 99.0)]}
+
+    def verdicts(after=after, conversion=conversion, exact=exact, points=points, hf_rate=100.0):
+        return [c.verdict for c in pretrained.claims(after, conversion, exact, 2.4455, points, hf_rate, setting,
+                                                     "activation")]
+
+    assert verdicts() == ["held"] * 7
+    assert verdicts(exact={True: 2.46, False: 13.1})[0] == "did not hold"
+    assert verdicts(after={**after, "vanilla 10x3": 3.25})[1] == "did not hold"  # zero and unfolded above it
+    assert verdicts(after={**after, "10x3 r=64, zero": 3.21})[2] == "mixed"  # within the margin
+    assert verdicts(conversion={**conversion, "10x3 r=64, svd": 16.5})[3] == "did not hold"
+    assert verdicts(after={**after, "15x2 r=64, activation": 3.2})[5] == "did not hold"
+    assert verdicts(hf_rate=110.0)[6] == "did not hold"  # 140 / 110 < 1.3
+    assert verdicts(points={**points, "engine": [(1.0, 100.0), (0.94, 200.0)]})[6] == "did not hold"  # not kept

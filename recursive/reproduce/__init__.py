@@ -11,11 +11,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import early_exit, hrm, mixture_of_loras, modulation, recursions, relaxed
+from . import early_exit, hrm, mixture_of_loras, modulation, pretrained, recursions, relaxed
 from .common import FULL, QUICK, Budget, Context, Report, log, machine, stdlib_corpus
 
 
-EXPERIMENTS = {module.NAME: module for module in (relaxed, mixture_of_loras, recursions, modulation, hrm, early_exit)}
+EXPERIMENTS = {module.NAME: module for module in (relaxed, mixture_of_loras, recursions, modulation, hrm, early_exit,
+                                                  pretrained)}
 
 
 def run_experiments(names: Optional[Sequence[str]] = None, quick: bool = False, out: str = "reproduce",

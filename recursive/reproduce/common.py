@@ -123,15 +123,23 @@ class Report:
     figure: Optional[Callable[[str], None]] = None  # draws the PNG at the path it is given
     notes: List[str] = field(default_factory=list)
     seconds: float = 0.0
+    # An experiment with a model and text of its own describes them here (sizes, steps, seeds; the text) instead
+    # of the run's budget and corpus.
+    budget: Optional[str] = None
+    corpus: Optional[str] = None
 
     def table(self, caption: str, headers: Sequence[str], rows: List[Sequence[object]]) -> None:
         self.tables.append((caption, headers, rows))
 
+    @staticmethod
+    def _budget(context: "Context") -> str:
+        return (f"{describe_budget(context.budget)}; seeds {', '.join(map(str, context.budget.seeds))}, fixed before "
+                "the results")
+
     def markdown(self, context: "Context", figure_name: Optional[str]) -> str:
         lines = [f"# {self.title}", "", self.setup, "",
-                 f"Machine: {machine()}. Budget: {context.budget.name} ({describe_budget(context.budget)}); seeds "
-                 f"{', '.join(map(str, context.budget.seeds))}, fixed before the results. Wall time: "
-                 f"{self.seconds / 60:.1f} min. Corpus: {context.corpus.describe()}.", ""]
+                 f"Machine: {machine()}. Budget: {context.budget.name} ({self.budget or self._budget(context)}). "
+                 f"Wall time: {self.seconds / 60:.1f} min. Corpus: {self.corpus or context.corpus.describe()}.", ""]
         for caption, headers, rows in self.tables:
             lines += [caption, "", "| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
             lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]

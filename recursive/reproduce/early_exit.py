@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib.util
 import random
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..convert import convert_hf, export_hf
 from ..generation import DepthBatchingEngine, generate_in_batches
+from ..training import TokenStream
 from ..training.plots import figure
 from .common import Claim, Context, Report, verdict
 
@@ -26,10 +27,9 @@ BATCH = 8
 AGREEMENT = 0.95  # the paper's "kept quality": greedy output equal to full depth's on this share of tokens
 
 
-def prompts(context: Context, count: int, seed: int = 0) -> List[List[int]]:
-    """``count`` held-out windows of 16-48 bytes."""
+def prompts(stream: TokenStream, count: int, seed: int = 0) -> List[List[int]]:
+    """``count`` windows of 16-48 tokens of ``stream`` (held-out text)."""
     rng = random.Random(seed)
-    stream = context.corpus.held_out
     out = []
     for _ in range(count):
         length = rng.randint(16, 48)
@@ -49,9 +49,6 @@ def agreement(outputs: List[List[int]], reference: List[List[int]], prompts_: Li
 def run(context: Context) -> Report:
     if importlib.util.find_spec("transformers") is None:
         raise ValueError("reproduce early_exit: needs transformers (the conversion and the reference point)")
-    from recursive_benchmarks.bench_generation import transformers_in_batches
-    from recursive_benchmarks.common import median_seconds
-
     budget = context.budget
     count, new_tokens = budget.requests, budget.new_tokens
     report = Report(NAME, "Continuous depth-wise batching with early exit: throughput against agreement",
@@ -68,9 +65,30 @@ def run(context: Context) -> Report:
     context.train(model, budget.train_steps, exit_loss_weight=1.0)
     model.eval()
     hf = hf.to(context.device).eval()
-    requests = prompts(context, count)
-    lengths = [new_tokens] * count
+    requests = prompts(context.corpus.held_out, count)
+    rows, points, hf_rate = serving_curve(model, hf, requests, [new_tokens] * count, THRESHOLDS, context.device,
+                                          budget.timing_s)
+    report.seconds = time.perf_counter() - start
+    report.table("Decoding throughput and agreement with full depth:", SERVING_COLUMNS, rows)
+    report.claims = claims(points, hf_rate)
+    report.figure = lambda path: _plot(path, points, hf_rate)
+    return report
 
+
+SERVING_COLUMNS = ["method", "exit threshold", "loops per token", "agreement", "new tokens/s", "vs transformers"]
+
+
+def serving_curve(model, hf, requests: List[List[int]], lengths: List[int], thresholds: Sequence[Optional[float]],
+                  device, timing_s: float) -> Tuple[List[list], Dict[str, List[tuple]], float]:
+    """Greedy decoding of ``requests`` (``lengths`` new tokens each) by ``model`` through the engine and plain
+    batching at each exit threshold (the first None: full depth, the reference of agreement), and by the
+    transformers model ``hf`` in batches, timed in interleaved rounds: (table rows in
+    :data:`SERVING_COLUMNS`, ``{"engine"|"plain": [(agreement, tokens/s)]}`` per threshold, transformers'
+    tokens/s)."""
+    from recursive_benchmarks.bench_generation import transformers_in_batches
+    from recursive_benchmarks.common import median_seconds
+
+    hf.generation_config.eos_token_id = None  # every request runs to its length, as with the other methods
     # Greedy decoding gives the same tokens every round: the timed runs keep their last output, and each
     # engine's stats are those of its last run.
     outputs: Dict[str, List[List[int]]] = {}
@@ -80,33 +98,28 @@ def run(context: Context) -> Report:
             outputs[name] = decode()
         return run
 
-    engines: Dict[Optional[float], DepthBatchingEngine] = {t: DepthBatchingEngine(model, BATCH, t) for t in THRESHOLDS}
-    runs = {"transformers (untied)": lambda: transformers_in_batches(hf, requests, lengths, BATCH)}
-    for threshold in THRESHOLDS:
+    engines = {t: DepthBatchingEngine(model, BATCH, t) for t in thresholds}
+    runs = {"transformers": lambda: transformers_in_batches(hf, requests, lengths, BATCH)}
+    for threshold in thresholds:
         runs[f"engine {threshold}"] = recorded(f"engine {threshold}",
-                                               lambda t=threshold: engines[t].generate(requests, new_tokens))
+                                               lambda t=threshold: engines[t].generate(requests, lengths))
         runs[f"plain {threshold}"] = recorded(f"plain {threshold}", lambda t=threshold: generate_in_batches(
-            model, requests, new_tokens, BATCH, exit_threshold=t))
-    seconds = median_seconds(runs, context.device, min_run_time=budget.timing_s)
-    reference = outputs["plain None"]  # full depth
+            model, requests, lengths, BATCH, exit_threshold=t))
+    seconds = median_seconds(runs, device, min_run_time=timing_s)
+    reference = outputs[f"plain {thresholds[0]}"]  # full depth
+    tokens = sum(lengths)
     rows, points = [], {"engine": [], "plain": []}
-    for threshold in THRESHOLDS:
+    for threshold in thresholds:
         loops = engines[threshold].stats.mean_exit_loops
         for how in ("engine", "plain"):
-            rate = count * new_tokens / seconds[f"{how} {threshold}"]
+            rate = tokens / seconds[f"{how} {threshold}"]
             share = agreement(outputs[f"{how} {threshold}"], reference, requests)
             points[how].append((share, rate))
             rows.append([how, "none" if threshold is None else threshold, f"{loops:.2f}" if how == "engine" else "",
-                         share, rate, seconds["transformers (untied)"] / seconds[f"{how} {threshold}"]])
-    hf_rate = count * new_tokens / seconds["transformers (untied)"]
-    rows.append(["transformers, untied original", "", "", "", hf_rate, 1.0])
-    report.seconds = time.perf_counter() - start
-    report.table("Decoding throughput and agreement with full depth:",
-                 ["method", "exit threshold", "loops per token (of 3)", "agreement", "new tokens/s", "vs transformers"],
-                 rows)
-    report.claims = claims(points, hf_rate)
-    report.figure = lambda path: _plot(path, points, hf_rate)
-    return report
+                         share, rate, seconds["transformers"] / seconds[f"{how} {threshold}"]])
+    hf_rate = tokens / seconds["transformers"]
+    rows.append(["transformers, the original", "", "", "", hf_rate, 1.0])
+    return rows, points, hf_rate
 
 
 def claims(points: Dict[str, List[tuple]], hf_rate: float) -> List[Claim]:

@@ -49,7 +49,7 @@ def run(context: Context) -> Report:
     runs = {name: context.from_scratch(config, steps[name]) for name, config in configs.items()}
     losses = {name: run.losses for name, run in runs.items()}
     models = {name: run.model for name, run in runs.items()}
-    requests, new_tokens = prompts(context, budget.requests), budget.new_tokens
+    requests, new_tokens = prompts(context.corpus.held_out, budget.requests), budget.new_tokens
     seconds = median_seconds({name: (lambda m=model: generate_in_batches(m, requests, new_tokens, 8))
                               for name, model in models.items()}, context.device, min_run_time=budget.timing_s / 2)
     report.seconds = time.perf_counter() - start

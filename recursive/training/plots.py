@@ -21,18 +21,20 @@ def read_metrics(path: str) -> List[dict]:
 
 
 @contextlib.contextmanager
-def figure(path: str, size: Tuple[float, float] = (6.4, 4.0)) -> Iterator[object]:
-    """One set of axes to draw on, saved as a PNG at ``path`` (with a light grid) when the block ends."""
+def figure(path: str, size: Tuple[float, float] = (6.4, 4.0), columns: int = 1) -> Iterator[object]:
+    """One set of axes to draw on (a tuple of ``columns`` side by side when more than one), saved as a PNG at
+    ``path`` (with a light grid) when the block ends."""
     require_matplotlib("plot")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot as plt
 
-    drawing, axes = plt.subplots(figsize=size, dpi=120)
+    drawing, axes = plt.subplots(1, columns, figsize=size, dpi=120)
     try:
-        yield axes
-        axes.grid(alpha=0.3)
+        yield axes if columns == 1 else tuple(axes)
+        for each in axes.flat if columns > 1 else (axes,):
+            each.grid(alpha=0.3)
         drawing.tight_layout()
         drawing.savefig(path)
     finally:
