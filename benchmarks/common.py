@@ -128,23 +128,26 @@ def write_json(path: str, payload: Dict[str, object]) -> None:
 
 
 class Steps:
-    """A benchmark's share of the run's one progress bar. Each step weighs the seconds it is expected to take
-    (so that the time left holds across benchmarks) and counts as done once the next one starts or ``close()``
-    is called. ``Steps(None)`` shows nothing."""
+    """A benchmark's share of the run's one progress bar: ``units`` steps planned, each weighing the seconds it is
+    expected to take (so that the time left holds across benchmarks). A step counts as done once the next one
+    starts; ``close()`` completes the share, also the planned units no step took (a compile the plan counted
+    apart, a case a compile pass skipped), so that the bar ends at 100%. ``Steps(None)`` shows nothing."""
 
-    def __init__(self, bar: Optional[Progress], name: str = "", seconds: float = 1.0) -> None:
-        self.bar, self.name, self.seconds = bar, name, seconds
+    def __init__(self, bar: Optional[Progress], name: str = "", seconds: float = 1.0, units: float = 0.0) -> None:
+        self.bar, self.name, self.seconds, self.units = bar, name, seconds, units
         self._running = 0.0
+        self._used = 0.0
 
     def step(self, label: str, count: int = 1) -> None:
         """A step of ``count`` units (``count`` times the expected seconds) starts."""
         if self.bar is not None:
             self.bar.step(f"{self.name} {label}", self._running)
             self._running = count * self.seconds
+            self._used += count
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.step(f"{self.name} done", self._running)
+            self.bar.step(f"{self.name} done", self._running + max(0.0, self.units - self._used) * self.seconds)
             self._running = 0.0
 
 

@@ -4,20 +4,21 @@ Each benchmark module offers ``default_cases(device, full)``, ``steps(...)`` and
 progress steps its run takes and roughly how long each takes on a 2-core CPU: the bar's time left),
 ``run(..., progress=Steps)`` (the result: machine, dtype and table rows) and ``render_result(result)`` (the
 table, its sizes and a legend). By default each runs a representative selection (about 2 minutes in all on a
-2-core CPU); ``--full`` runs every case.
+2-core CPU) and ``pretrained`` (SmolLM2-135M at real size) is left out; ``--full`` runs every case of every
+benchmark, ``--only model`` adds ``pretrained`` when SmolLM2 is installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from recursive.progress import Progress, format_duration
 
-from . import bench_circuit_attention, bench_generation, bench_lowrank_linear, bench_model
+from . import bench_circuit_attention, bench_generation, bench_lowrank_linear, bench_model, bench_pretrained
 from .common import Steps, resolve, write_json
 
 BENCHMARKS = {
@@ -25,7 +26,11 @@ BENCHMARKS = {
     "circuit_attention": bench_circuit_attention,
     "model": bench_model,
     "generation": bench_generation,
+    "pretrained": bench_pretrained,
 }
+# Run only when asked for by name or by --full: SmolLM2 at real size takes minutes. Asking for ``model`` asks for it
+# too when SmolLM2 is installed (the whole-model figures at real size).
+ON_REQUEST = ("pretrained",)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -42,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generation: first train the recursive model this many steps (with the exit loss)")
     parser.add_argument("--exit-threshold", type=float,
                         help="generation: a fixed exit threshold (default: 0.9 after training, else calibrated)")
+
+
+def selected(only: Optional[List[str]], full: bool) -> List[str]:
+    """The benchmarks a run runs, in order: ``only`` (with ``pretrained`` after ``model`` when SmolLM2 is
+    installed), else all but :data:`ON_REQUEST` (all with ``full``)."""
+    if not only:
+        return [name for name in BENCHMARKS if full or name not in ON_REQUEST]
+    names = list(dict.fromkeys(only))
+    if "model" in names and "pretrained" not in names and bench_pretrained.available():
+        names.insert(names.index("model") + 1, "pretrained")
+    return names
 
 
 def _plans(names: List[str], device: torch.device, full: bool) -> Dict[str, dict]:
@@ -71,7 +87,7 @@ def _plans(names: List[str], device: torch.device, full: bool) -> Dict[str, dict
 def main(args: argparse.Namespace) -> Dict[str, object]:
     device, dtype = resolve(torch.device(args.device) if args.device else None,
                             getattr(torch, args.dtype) if args.dtype else None)
-    names = args.only or list(BENCHMARKS)
+    names = selected(args.only, args.full)
     plans = _plans(names, device, args.full)
     expected = sum(plan["steps"] * BENCHMARKS[name].STEP_SECONDS for name, plan in plans.items())
     if device.type == "cpu":
@@ -81,7 +97,7 @@ def main(args: argparse.Namespace) -> Dict[str, object]:
     with Progress(expected, enabled=not args.no_progress) as bar:
         for name, plan in plans.items():
             module = BENCHMARKS[name]
-            steps = Steps(bar, name, module.STEP_SECONDS)
+            steps = Steps(bar, name, module.STEP_SECONDS, plan["steps"])
             extra = _options(name, args)
             results[name] = module.run(device=device, dtype=dtype, progress=steps, **plan["kwargs"], **extra)
             steps.close()

@@ -19,13 +19,24 @@ if __name__ == "kernels":
     _path = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _checkout]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
     if _spec is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (the folder kernels/ of this checkout is recursive-kernels' source, "
-            "imported as recursive_kernels)", name="kernels")
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module  # what `import kernels` returns once this file has run
-    _spec.loader.exec_module(_module)
+        # Hugging Face's is not installed. Raising here would break transformers, whose availability probe imports
+        # a `kernels` that it finds without metadata; a module with neither __file__ nor __version__ is what that
+        # probe reads as "not installed" (a namespace package shadowing the name). Any use says why.
+        del __file__
+
+        def __getattr__(name):
+            raise AttributeError(f"module 'kernels' has no attribute {name!r}: Hugging Face's kernels is not installed "
+                                 "(the folder kernels/ of this checkout is recursive-kernels' source, imported as "
+                                 "recursive_kernels)")
+    else:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module  # what `import kernels` returns once this file has run
+        _spec.loader.exec_module(_module)
 else:
+    from ._shadow import free_the_name_kernels
+
+    free_the_name_kernels()
+
     from .backends import BackendUnavailableError
     from .circuit_attention import circuit_attention, circuit_attention_varlen
     from .lowrank_linear import lowrank_linear

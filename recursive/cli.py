@@ -16,6 +16,7 @@ import recursive_kernels
 from recursive_benchmarks import runner as benchmarks
 from recursive_kernels import backends
 
+from . import smollm2
 from .config import LORA_TARGETS, RecursiveConfig
 from .convert import (CONVERTIBLE_SHARING, INIT_SCHEMES, LORA_INITS, SUPPORTED_MODEL_TYPES, convert_hf, export_hf,
                       load_hf)
@@ -70,8 +71,9 @@ def convert(args) -> None:
     targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else LORA_TARGETS
     lora_init = "zero" if args.no_svd_init else args.lora_init
     try:
-        hf_model = load_hf(args.checkpoint, None if args.dtype == "auto" else getattr(torch, args.dtype))
-        tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        checkpoint = smollm2.require_gguf_path() if args.checkpoint == "smollm2" else args.checkpoint
+        hf_model = load_hf(checkpoint, None if args.dtype == "auto" else getattr(torch, args.dtype))
+        tokenizer = load_tokenizer(args.tokenizer or checkpoint)
         calibration = None
         if lora_init == "activation" and args.lora_rank:
             if tokenizer is None:
@@ -254,7 +256,8 @@ def main(argv=None) -> None:
     add_train_arguments(sub.add_parser("train", help="train or uptrain a model on text files or a token file (or the built-in synthetic corpus); under torchrun on every process"))
     add_generate_arguments(sub.add_parser("generate", help="generate from text or token-id prompts (plain batches or the engine)"))
     p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint or GGUF file")
-    p.add_argument("checkpoint", help="a Hugging Face checkpoint folder (read with local_files_only) or a GGUF file")
+    p.add_argument("checkpoint", help="a Hugging Face checkpoint folder (read with local_files_only), a GGUF file, or "
+                                      f"smollm2: the installed SmolLM2-135M-Instruct ({smollm2.INSTALL})")
     p.add_argument("output", help="directory to write the recursive model to")
     p.add_argument("--num-blocks", type=int, help="unique blocks B (default: one per layer)")
     p.add_argument("--sharing", default="cycle", choices=CONVERTIBLE_SHARING)

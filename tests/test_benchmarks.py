@@ -127,3 +127,29 @@ def test_lowrank_linear_benchmark_times_the_peers(quick_timing):
     assert all(0 < err < 1e-5 for err in errors.values()), errors
     for row in result["rows"]:
         assert row["peer"] in peers and row["vs peer"] > 0
+
+
+def test_a_benchmarks_share_of_the_bar_ends_complete():
+    """Planned units that no step took (a compile counted apart) are completed at close: the bar ends at 100%."""
+    from recursive.progress import Progress
+
+    bar = Progress(2 * 5.0 + 3.0, enabled=False)
+    first, second = common.Steps(bar, "a", 2.0, units=5), common.Steps(bar, "b", 1.0, units=3)
+    first.step("case", count=2)
+    first.step("case")
+    first.close()
+    assert bar.done == 10.0
+    for _ in range(3):
+        second.step("case")
+    second.close()
+    assert bar.done == bar.total
+
+
+def test_the_real_model_benchmark_runs_on_request():
+    from recursive_benchmarks import bench_pretrained, runner
+
+    assert "pretrained" not in runner.selected(None, full=False)
+    assert runner.selected(None, full=True)[-1] == "pretrained"
+    asked = runner.selected(["model"], full=False)
+    assert asked == (["model", "pretrained"] if bench_pretrained.available() else ["model"])
+    assert runner.selected(["generation", "generation"], full=False) == ["generation"]

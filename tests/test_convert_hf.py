@@ -479,3 +479,18 @@ def test_activation_aware_full_rank_is_exact():
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
     model = convert_hf(hf, 2, lora_rank=10**6, lora_init="activation", calibration=ids)
     check_full_rank_adapters(hf, model)
+
+
+def test_a_path_that_holds_no_model_is_named(tmp_path):
+    (tmp_path / "notes.gguf.txt").write_text("not a model")
+    for path in (tmp_path / "missing", tmp_path, tmp_path / "notes.gguf.txt"):
+        with pytest.raises(ValueError, match="^model_or_path: .*neither a checkpoint folder"):
+            convert_hf(str(path), 2)
+
+
+def test_a_checkpoint_folder_converts_as_its_model(tmp_path):
+    hf = make_hf("llama", 4)
+    hf.save_pretrained(tmp_path)
+    input_ids, _ = inputs()
+    expected = logits(convert_hf(hf, 2, lora_rank=3), input_ids)
+    assert torch.equal(logits(convert_hf(tmp_path, 2, lora_rank=3), input_ids), expected)

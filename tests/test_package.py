@@ -45,14 +45,15 @@ def test_source_folder_imported_as_kernels_hands_the_name_on(tmp_path):
     code = "import sys; sys.path[:0] = sys.argv[1:]; import kernels; print(kernels.NAME)"
     proc = _python("-c", code, str(ROOT), str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "foreign", proc.stderr
-    # no other `kernels` anywhere (-S: no site-packages): a clear error, and the name is left free
-    code = ("import sys; sys.path[:0] = [sys.argv[1]]\ntry:\n    import kernels\nexcept ModuleNotFoundError as e:\n"
-            "    print(e.name, 'kernels' in sys.modules, e)")
+    # no other `kernels` anywhere (-S: no site-packages): a module that says so at any use (what transformers'
+    # availability probe reads as "not installed": no __file__, no __version__)
+    code = ("import sys; sys.path[:0] = [sys.argv[1]]\nimport kernels\nprint(getattr(kernels, '__file__', None))\n"
+            "kernels.get_kernel")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = _python("-S", "-c", code, str(ROOT), cwd=elsewhere)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("kernels False ") and "recursive_kernels" in proc.stdout, proc.stdout
+    assert proc.stdout.strip() == "None", proc.stderr
+    assert "AttributeError" in proc.stderr and "recursive_kernels" in proc.stderr, proc.stderr
 
 
 def test_info_lists_versions_and_every_backend():
@@ -128,3 +129,45 @@ def test_a_failed_cpp_build_still_installs(tmp_path):
 
     pip_install("-e", str(source))
     _installed_without_cpp(python, source, tmp_path)
+
+
+def _site_without_hub_kernels(tmp_path: Path) -> Path:
+    """A folder of links to this interpreter's site-packages without Hugging Face's ``kernels`` and without this
+    package's install, plus this checkout's folders under the package's import names: the packages of an
+    environment where ``kernels`` is not installed (read with ``python -S``, no ``.pth`` hook)."""
+    site_folder = tmp_path / "site"
+    site_folder.mkdir()
+    for outer in map(Path, site.getsitepackages()):
+        for entry in outer.iterdir() if outer.is_dir() else ():
+            name = entry.name
+            hidden = (name == "kernels" or name.startswith("kernels-") or name in OURS or name.endswith(".pth")
+                      or name.startswith(("recursive_kernels-", "recursive_kernels.", "__editable__")))
+            if not hidden and not (site_folder / name).exists():
+                (site_folder / name).symlink_to(entry)
+    (site_folder / "recursive_kernels").symlink_to(ROOT / "kernels")
+    (site_folder / "recursive_benchmarks").symlink_to(ROOT / "benchmarks")
+    return site_folder
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+@pytest.mark.parametrize("first", ["recursive", "transformers"])
+def test_checkout_root_without_hub_kernels_imports_transformers(first, tmp_path):
+    """From the checkout's root, where the folder kernels/ is findable as ``kernels``, and Hugging Face's is not
+    installed: transformers imports its models (its probe for ``kernels`` says "not installed") whichever comes
+    first, and ``import kernels`` says "not installed" too."""
+    site_folder = _site_without_hub_kernels(tmp_path)
+    imports = ["import recursive", "from transformers import LlamaConfig"]
+    code = "\n".join([f"import sys; sys.path.insert(1, {str(site_folder)!r})",
+                      *(imports if first == "recursive" else imports[::-1]),
+                      "from transformers.utils import is_kernels_available",
+                      "print(LlamaConfig.model_type, is_kernels_available())",
+                      "import kernels",
+                      "print(getattr(kernels, '__file__', None))",
+                      "kernels.get_kernel"])
+    proc = _python("-S", "-c", code, cwd=ROOT, timeout=300)
+    lines = proc.stdout.split()
+    assert lines[:2] == ["llama", "False"], proc.stderr
+    if first == "recursive":  # the name is marked absent: no module
+        assert proc.returncode == 1 and "ModuleNotFoundError: import of kernels halted" in proc.stderr, proc.stderr
+    else:  # transformers found the folder first: a module that says what it is at any use
+        assert lines[2] == "None" and "Hugging Face's kernels is not installed" in proc.stderr, proc.stderr

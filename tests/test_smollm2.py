@@ -108,12 +108,38 @@ def test_save_load_and_export_back_to_transformers(original, tmp_path):
 
 
 def test_convert_command_reads_the_gguf_file_and_keeps_its_tokenizer(original, tmp_path, capsys):
+    """``convert smollm2`` (the installed GGUF file) with an activation-aware start on calibration text, then
+    ``generate`` from text through the tokenizer the conversion kept."""
+    from recursive.cli import CALIBRATION_WINDOW
+
     hf, _, tokenizer, text = original
-    cli_main(["convert", smollm2.gguf_path(), str(tmp_path), "--num-blocks", str(NUM_BLOCKS), "--lora-rank", "8",
-              "--no-progress"])
+    cli_main(["convert", "smollm2", str(tmp_path), "--num-blocks", str(NUM_BLOCKS), "--lora-rank", "8",
+              "--lora-init", "activation", "--calibration-tokens", "512", "--no-progress"])
     assert "30 layers -> 10 blocks" in capsys.readouterr().out
     model = RecursiveForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(logits(model, text), logits(convert_hf(hf, NUM_BLOCKS, lora_rank=8), text))
+    calibration = calibration_windows(stdlib_sources(), tokenizer, 512, CALIBRATION_WINDOW)
+    expected = convert_hf(hf, NUM_BLOCKS, lora_rank=8, lora_init="activation", calibration=calibration)
+    assert torch.equal(logits(model, text), logits(expected, text))
     cli_main(["generate", "--model", str(tmp_path), "--prompt-text", "def add(a, b):", "--max-new-tokens", "4",
               "--no-progress"])
     assert "def add(a, b):" in capsys.readouterr().out
+
+
+def test_pretrained_benchmark_times_every_model_and_work(original, monkeypatch):
+    """The real-model benchmark at tiny sizes (the model is the module's): a row per model and work, transformers'
+    rows at 1, the untied model's FLOP bound 1 and the relaxed model's below 1 (its LoRA adds FLOPs)."""
+    from recursive_benchmarks import bench_pretrained, common
+
+    hf, _, tokenizer, _ = original
+    monkeypatch.setattr(bench_pretrained.smollm2, "load", lambda dtype: (hf, tokenizer))
+    for name, value in (("BATCH", 1), ("SEQ_LEN", 8), ("REQUESTS", 2), ("SLOTS", 2), ("LENGTHS", (2, 3)),
+                        ("RELAXED_RANK", 4)):
+        monkeypatch.setattr(bench_pretrained, name, value)
+    monkeypatch.setattr(common, "CPU_ROUNDS", 1)
+    rows = bench_pretrained.run(torch.device("cpu"), torch.float32)["rows"]
+    found = {(row["model"], row["work"]): row for row in rows}
+    assert set(found) == {(model, work) for model in ("untied", "relaxed", "transformers")
+                          for work in ("fwd", "fwd+bwd", "decode")} | {("untied", "engine"), ("relaxed", "engine")}
+    assert all(row["vs transformers"] == 1.0 for (model, _), row in found.items() if model == "transformers")
+    assert all(row["ms"] > 0 and row["vs transformers"] > 0 for row in rows)
+    assert found["untied", "fwd"]["bound"] == 1.0 and found["relaxed", "fwd+bwd"]["bound"] < 1.0
