@@ -46,6 +46,8 @@ BATCH, SEQ_LEN = 2, 128
 REQUESTS, SLOTS, LENGTHS = 16, 8, (16, 48)
 RELAXED_BLOCKS, RELAXED_RANK = 10, 64
 STEP_SECONDS = 12.0  # a unit's rough time on a 2-core CPU, for the run's time left
+# Units of each part (loading and converting, then each kind of work): decode times 5 ways of decoding 16 requests.
+UNITS = {"load": 2, "fwd": 1, "fwd+bwd": 1, "decode": 25}
 
 
 def available() -> bool:
@@ -58,8 +60,8 @@ def default_cases(device: torch.device, full: bool = False) -> List[str]:
 
 
 def steps(cases: List[str]) -> int:
-    """Progress units of ``run``: loading and converting, then one per kind of work (decode with the engine)."""
-    return 1 + len(cases)
+    """Progress units of ``run``: loading and converting, then each kind of work (decode with the engine)."""
+    return UNITS["load"] + sum(UNITS[kind] for kind in cases)
 
 
 def _requests(tokenizer) -> Tuple[List[List[int]], List[int]]:
@@ -105,7 +107,7 @@ def run(
     if not available():
         return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "rows": [],
                 "notes": [f"no rows: SmolLM2 is not installed ({smollm2.INSTALL})"]}
-    progress.step("loading and converting SmolLM2")
+    progress.step("loading and converting SmolLM2", count=UNITS["load"])
     original, tokenizer = smollm2.load(dtype)
     original = original.to(device)
     original.generation_config.eos_token_id = None  # every request runs to its length, as ours do
@@ -119,7 +121,7 @@ def run(
              for name, model in models.items()}
     rows = []
     for kind in cases:
-        progress.step(kind)
+        progress.step(kind, count=UNITS[kind])
         backward = kind == "fwd+bwd"
         for model in (original, *models.values()):
             model.train(backward)

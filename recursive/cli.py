@@ -32,7 +32,7 @@ from .training.tokenizers import check_vocabulary, load_tokenizer
 
 
 # Activation-aware conversion's default calibration: this many tokens in windows of this length.
-CALIBRATION_TOKENS, CALIBRATION_WINDOW = 4096, 256
+CALIBRATION_TOKENS, CALIBRATION_WINDOW = 1024, 256
 
 
 def _version(module: str) -> str:

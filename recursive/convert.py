@@ -102,10 +102,11 @@ def convert_hf(
       like the model's are enough);
     - ``"zero"``: PEFT's init (A Kaiming-uniform, B zero: ``W_eff(l) = W_b``, the vanilla model at first).
 
-    Measured on SmolLM2-135M, 10 blocks x 3 loops, r=64 (``python -m recursive reproduce pretrained``):
-    the folded SVD start is below the vanilla model's loss where the unfolded one was above it, and
-    activation-aware starts lower still; after adapters-only uptraining the differences shrink (see that
-    experiment's table for the figures that chose these defaults).
+    The defaults follow ``python -m recursive reproduce pretrained`` (SmolLM2-135M, 10 blocks x 3 loops, rank 64,
+    held-out nats per token on the standard library's sources; original 2.47): folding makes full rank exact
+    (2.47, against 16.19 unfolded) and starts and ends the rank-64 SVD lower (17.87 and 5.40 after 40 adapter
+    steps, against 18.46 and 5.55); ``"svd"`` ended lowest, ``"activation"`` started far lower (12.91) but ended
+    at 5.44, and ``"zero"`` (13.95 at the start, the vanilla model) at 7.38.
 
     Ranks above ``min(in_features, out_features)`` of a projection are clamped to it. At full rank with every
     projection a target, the converted model computes the original function (to the rounding of the SVD)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
-
-import torch
+from typing import Dict, List, Tuple
 
 from .. import smollm2
 from ..convert import convert_hf
@@ -134,7 +132,8 @@ def run(context: Context) -> Report:
     report = Report(
         NAME, "Relaxed Recursive Transformers on a real pretrained model: SmolLM2-135M",
         f"SmolLM2-135M-Instruct ({setting.layers} layers) converted to {setting.blocks} shared blocks x {loops} loops "
-        f"(cycle sharing, stepwise init) with a rank-{setting.rank} depth LoRA on all 7 projections, started four ways: "
+        f"(cycle sharing, stepwise init) with a rank-{setting.rank} depth LoRA on all 7 projections, started four "
+        "ways: "
         "the plain SVD of each layer's residual without and with the norm gains folded first, activation-aware (the "
         f"residual's best approximation for the inputs each layer sees on {len(experiment.calibration.view(-1)):,} "
         "calibration tokens, norms folded), and zero (the vanilla model plus a trainable LoRA). Each is uptrained "
@@ -166,8 +165,8 @@ def run(context: Context) -> Report:
     measure(f"vanilla {shape}", experiment.convert(setting.blocks, 0, "svd"), adapters_only=False)
     models = {}
     for init in INITS:
-        models[init] = measure(f"{shape} r={setting.rank}, {init}", experiment.convert(setting.blocks, setting.rank, init),
-                               adapters_only=True)
+        models[init] = measure(f"{shape} r={setting.rank}, {init}",
+                               experiment.convert(setting.blocks, setting.rank, init), adapters_only=True)
     best = min(INITS, key=lambda init: after[f"{shape} r={setting.rank}, {init}"])
     measure(f"{shape} r={setting.second_rank}, {best}", experiment.convert(setting.blocks, setting.second_rank, best),
             adapters_only=True)
@@ -251,7 +250,8 @@ def claims(after: Dict[str, float], at_conversion: Dict[str, float], exact: Dict
               f"some threshold gives >= {AGREEMENT:.0%} agreement with full depth at >= {GOAL}x transformers' tokens/s",
               verdict(fastest is not None and fastest[1] >= GOAL * hf_rate),
               (f"fastest at >= {AGREEMENT:.0%}: {fastest[0]:.1%} at {fastest[1] / hf_rate:.2f}x" if fastest else
-               f"no threshold reaches {AGREEMENT:.0%}") + f"; without exit: engine {points['engine'][0][1] / hf_rate:.2f}x, "
+               f"no threshold reaches {AGREEMENT:.0%}")
+              + f"; without exit: engine {points['engine'][0][1] / hf_rate:.2f}x, "
               f"plain {points['plain'][0][1] / hf_rate:.2f}x"),
     ]
 
