@@ -3,7 +3,7 @@
 Each benchmark module offers ``default_cases(device, full)``, ``steps(...)`` and ``STEP_SECONDS`` (how many
 progress steps its run takes and roughly how long each takes on a 2-core CPU: the bar's time left),
 ``run(..., progress=Steps)`` (the result: machine, dtype and table rows) and ``render_result(result)`` (the
-table, its sizes and a legend). By default each runs a representative selection (about 2 minutes in all on a
+table, its sizes and a legend). By default each runs a representative selection (about 1.5 minutes in all on a
 2-core CPU) and ``pretrained`` (SmolLM2-135M at real size) is left out; ``--full`` runs every case of every
 benchmark, ``--only model`` adds ``pretrained`` when SmolLM2 is installed.
 """
