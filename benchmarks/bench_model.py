@@ -111,10 +111,15 @@ def peer_available() -> bool:
 
 
 def _callable(model, case: Case, backward: bool, device: torch.device) -> Callable[[], object]:
-    """A forward without autograd, or a training step's forward and backward (the optimizer aside), of ``model``
-    (ours or transformers': both take ``labels`` and shift them inside)."""
     input_ids = torch.randint(0, case.config.vocab_size, (case.batch_size, case.seq_len),
                               generator=torch.Generator().manual_seed(0)).to(device)
+    return forward_or_step(model, input_ids, backward)
+
+
+def forward_or_step(model, input_ids: torch.Tensor, backward: bool) -> Callable[[], object]:
+    """A forward of ``input_ids`` without autograd (eval mode), or a training step's forward and backward of the
+    loss (train mode; the optimizer aside), of ``model`` (ours or transformers': both take ``labels`` and shift
+    them inside)."""
     if not backward:
         model.eval()
 

@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .bench_model import forward_or_step
 from .common import Column, Steps, machine_description, median_seconds, render, resolve, speedup
 from recursive import DepthBatchingEngine, convert_hf, smollm2
 from recursive.flops import forward_flops, training_step_flops
@@ -77,16 +78,8 @@ def _work(kind: str, model, inputs, peer: bool = False) -> Callable[[], object]:
     from .bench_generation import transformers_in_batches
 
     input_ids, prompts, lengths = inputs
-    if kind == "fwd":
-        def forward():
-            with torch.no_grad():
-                return model(input_ids).logits
-        return forward
-    if kind == "fwd+bwd":
-        def step():
-            model.zero_grad(set_to_none=True)
-            model(input_ids, labels=input_ids).loss.backward()
-        return step
+    if kind in ("fwd", "fwd+bwd"):
+        return forward_or_step(model, input_ids, kind == "fwd+bwd")
     if kind == "decode":
         if peer:
             return lambda: transformers_in_batches(model, prompts, lengths, SLOTS)
@@ -124,7 +117,7 @@ def run(
         progress.step(kind, count=UNITS[kind])
         backward = kind == "fwd+bwd"
         for model in (original, *models.values()):
-            model.train(backward)
+            model.train(False)  # forward_or_step sets the mode of the forward and the training step
             model.requires_grad_(backward)
         runs = {(name, kind): _work(kind, model, inputs) for name, model in models.items()}
         runs[PEER, kind] = _work(kind, original, inputs, peer=True)
