@@ -267,8 +267,8 @@ def _validate(q, k, v, q_c, k_c, v_c, scale, packed: bool):
         _check_dims("v_c", v_c, (*k.shape[:-1], None), ("total_k Hkv Rv" if packed else "B Hkv Sk Rv"))
     if scale is None:
         return 1.0 / math.sqrt(D) if D else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: expected a Python number or None, got {type(scale).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite Python number or None, got {scale!r}")
     return float(scale)
 
 

@@ -33,6 +33,7 @@ Backend interface. Every backend module provides two functions over the normalis
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -231,8 +232,8 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
         _mismatch("weight", weight, x)
     if bias is not None and (bias.dtype is not dtype or bias.device != device):
         _mismatch("bias", bias, x)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise ValueError(f"scaling: expected a Python number, got {type(scaling).__name__}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite Python number, got {scaling!r}")
 
     lead = shape[:-1]
     if (lora_a is None) != (lora_b is None):

@@ -142,6 +142,8 @@ def _dense_args():
         (lambda a: a.update(v=a["v"].float()), "v"),  # dtypes
         (lambda a: a.update(q_c=a["q_c"].to("meta")), "q_c"),  # devices
         (lambda a: a.update(q=a["q"][0]), "q"),
+        (lambda a: a.update(scale=float("nan")), "scale"),
+        (lambda a: a.update(scale="0.5"), "scale"),
     ],
 )
 def test_bad_input_raises_value_error_naming_argument(change, argument):

@@ -312,6 +312,8 @@ def _good():
         (lambda a: a.update(gates=a["gates"].long()), "gates"),
         (lambda a: a.update(indices=1), "gates"),  # gates without a tensor of indices
         (lambda a: a.update(scaling="2"), "scaling"),
+        (lambda a: a.update(scaling=float("nan")), "scaling"),
+        (lambda a: a.update(scaling=float("inf")), "scaling"),
         (lambda a: a.update(x=a["x"].long()), "x"),
         (lambda a: a.update(lora_a=None, lora_b=None, gates=None), "indices"),
         (lambda a: a.update(lora_a=None, lora_b=None, indices=None), "gates"),
