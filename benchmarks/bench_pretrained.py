@@ -41,7 +41,6 @@ from recursive.training import stdlib_sources
 from recursive.training.data import calibration_windows
 
 PEER = "transformers"
-MODELS = ("untied", "relaxed")
 WORK = ("fwd", "fwd+bwd", "decode")  # decode: batched generate and the engine, timed in the same rounds
 BATCH, SEQ_LEN = 2, 128
 REQUESTS, SLOTS, LENGTHS = 16, 8, (16, 48)
@@ -110,8 +109,10 @@ def run(
                               generator=torch.Generator().manual_seed(0)).to(device)
     prompts, lengths = _requests(tokenizer)
     inputs = (input_ids, prompts, lengths)
+    # (forward, training step) FLOPs per model, indexed by ``backward``
     flops = {name: (forward_flops(model.config, BATCH, SEQ_LEN), training_step_flops(model.config, BATCH, SEQ_LEN))
              for name, model in models.items()}
+    flops[PEER] = flops["untied"]  # the untied model computes the original's function, FLOP for FLOP
     rows = []
     for kind in cases:
         progress.step(kind, count=UNITS[kind])
@@ -127,9 +128,8 @@ def run(
         tokens = BATCH * SEQ_LEN if kind in ("fwd", "fwd+bwd") else sum(lengths)
         peer = seconds[PEER, kind]
         for (name, work), time in seconds.items():
-            count = flops[name][1 if backward else 0] if name != PEER else flops["untied"][1 if backward else 0]
             rows.append({"model": name, "work": work, "ms": time * 1e3, "tokens/s": tokens / time,
-                         "vs transformers": peer / time, "bound": flops["untied"][1 if backward else 0] / count})
+                         "vs transformers": peer / time, "bound": flops[PEER][backward] / flops[name][backward]})
     return {
         "machine": machine_description(device),
         "dtype": str(dtype).replace("torch.", ""),

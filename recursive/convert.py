@@ -161,9 +161,8 @@ def convert_hf(
         raise ValueError(f"lora_rank: expected an int >= 0 or a mapping from target to rank, got {lora_rank!r}")
     ranks = dict(lora_rank) if isinstance(lora_rank, Mapping) else lora_rank
     relaxed = any(ranks.values()) if isinstance(ranks, dict) else ranks != 0
-    architecture = _architecture(hf_model, layers)
     config = RecursiveConfig(
-        **architecture, num_layers=num_layers, num_blocks=num_blocks, sharing=sharing,
+        **_architecture(hf_model, layers), num_layers=num_layers, num_blocks=num_blocks, sharing=sharing,
         relaxation="depth_lora" if relaxed else "none", lora_rank=ranks if relaxed else 0, lora_alpha=lora_alpha,
         lora_targets=lora_targets if relaxed else None,
     )
@@ -294,7 +293,8 @@ def _rope_theta(hf_config) -> float:
         raise ValueError(f"model_or_path: RoPE scaling of type {rope_type!r} is not supported (only the default RoPE)")
     partial = parameters.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
     if partial != 1.0:
-        raise ValueError(f"model_or_path: partial rotary embeddings (partial_rotary_factor={partial}) are not supported")
+        raise ValueError(f"model_or_path: partial rotary embeddings (partial_rotary_factor={partial}) are not "
+                         "supported")
     return float(parameters["rope_theta"])
 
 
@@ -310,8 +310,8 @@ def _check_sliding_window(hf_config) -> None:
     limit = getattr(hf_config, "max_position_embeddings", None)
     if window is not None and (limit is None or window < limit):
         raise ValueError(
-            f"model_or_path: sliding-window attention (sliding_window={window} < max_position_embeddings={limit}) is not "
-            f"supported; full attention equals it on sequences of at most {window} tokens: set "
+            f"model_or_path: sliding-window attention (sliding_window={window} < max_position_embeddings={limit}) is "
+            f"not supported; full attention equals it on sequences of at most {window} tokens: set "
             f"config.sliding_window = None on the model to convert with full attention"
         )
 
@@ -359,7 +359,8 @@ def _source_layers(config: RecursiveConfig, init: str) -> List[List[int]]:
 
 def _copy(target: Tensor, source: Tensor, name: str) -> None:
     if target.shape != source.shape:
-        raise ValueError(f"model_or_path: {name} has shape {tuple(source.shape)}, its config implies {tuple(target.shape)}")
+        raise ValueError(f"model_or_path: {name} has shape {tuple(source.shape)}, its config implies "
+                         f"{tuple(target.shape)}")
     target.copy_(source)
 
 
@@ -369,8 +370,8 @@ def _copy_outer(model: RecursiveForCausalLM, hf_model: nn.Module) -> None:
     ours = {name: p for name, p in model.named_parameters() if not name.startswith("model.blocks.")}
     theirs = {name: p for name, p in hf_model.named_parameters() if not name.startswith("model.layers.")}
     if set(ours) != set(theirs):
-        raise ValueError(f"model_or_path: parameters outside the decoder layers {sorted(theirs)} do not match a recursive "
-                         f"model's {sorted(ours)}")
+        raise ValueError(f"model_or_path: parameters outside the decoder layers {sorted(theirs)} do not match a "
+                         f"recursive model's {sorted(ours)}")
     for name, parameter in ours.items():
         _copy(parameter, theirs[name], name)
 

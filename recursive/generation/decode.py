@@ -79,8 +79,8 @@ class GenerationMixin:
         cached = config.kv_cacheable
         out = self.model(input_ids, attention_mask, use_cache=cached)
         # The last real token of each row (the last column with left padding): the LM head there only, as the
-        # prompt's other positions predict nothing (a 49152-token head over every prompt token cost SmolLM2-135M
-        # about 4% of a batch's decoding time).
+        # prompt's other positions predict nothing (with SmolLM2-135M's 49152-token head over every prompt token,
+        # a profile of 8 requests showed our matrix products 6% above transformers' for the same calls).
         last = (attention_mask.long() * torch.arange(S, device=input_ids.device)).argmax(1)
         logits = self.lm_head(out.last_hidden_state[torch.arange(B, device=input_ids.device), last])
         past = out.past_key_values
