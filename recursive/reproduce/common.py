@@ -23,6 +23,7 @@ from ..training import ByteTokenizer, TokenStream, TrainingArguments, split_docu
 from ..training.data import eval_windows
 from ..training.distributed import World
 from ..training.plots import figure
+from ..training.tokenizers import Tokenizer
 from ..training.trainer import evaluate
 
 
@@ -65,22 +66,26 @@ FULL = Budget("full", hidden_size=128, intermediate_size=352, num_heads=4, num_k
 
 @dataclass
 class Corpus:
-    """The training and held-out streams of the standard library's sources as bytes, and what identifies them."""
+    """The training and held-out streams of the standard library's sources in ``unit`` (bytes, or a tokenizer's
+    tokens), and what identifies them."""
 
     train: TokenStream
     held_out: TokenStream
     files: int
     num_bytes: int
     sha256: str
+    unit: str = "bytes"
 
     def describe(self) -> str:
         return (f"the Python {platform.python_version()} standard library's *.py sources ({self.files} files, "
-                f"{self.num_bytes:,} bytes, sha256 {self.sha256[:16]}), as bytes; {len(self.train):,} training and "
-                f"{len(self.held_out):,} held-out tokens ({EVAL_FRACTION:.0%} of the documents)")
+                f"{self.num_bytes:,} bytes, sha256 {self.sha256[:16]}), as {self.unit}; {len(self.train):,} training "
+                f"and {len(self.held_out):,} held-out tokens ({EVAL_FRACTION:.0%} of the documents)")
 
 
-def stdlib_corpus(cache_dir: str, limit: int = 0) -> Corpus:
-    """The corpus of the first ``limit`` (0: all) standard-library sources, tokenised into ``cache_dir``."""
+def stdlib_corpus(cache_dir: str, limit: int = 0, tokenizer: Optional[Tokenizer] = None,
+                  unit: str = "bytes") -> Corpus:
+    """The corpus of the first ``limit`` (0: all) standard-library sources, tokenised into ``cache_dir`` by
+    ``tokenizer`` (default: bytes), whose tokens ``unit`` names."""
     paths = stdlib_sources(limit)
     digest, size = hashlib.sha256(), 0
     for path in paths:
@@ -88,10 +93,18 @@ def stdlib_corpus(cache_dir: str, limit: int = 0) -> Corpus:
             data = f.read()
         digest.update(data)
         size += len(data)
-    token_file = tokenize_files(paths, ByteTokenizer(), cache_dir, progress=False)
+    token_file = tokenize_files(paths, tokenizer or ByteTokenizer(), cache_dir, progress=False)
     train_docs, held_out_docs = split_documents(token_file.num_documents, EVAL_FRACTION)
     return Corpus(TokenStream.of_documents(token_file, train_docs), TokenStream.of_documents(token_file, held_out_docs),
-                  len(paths), size, digest.hexdigest())
+                  len(paths), size, digest.hexdigest(), unit)
+
+
+def held_out_loss(model: RecursiveForCausalLM, stream: TokenStream, starts: List[int], batch_size: int, seq_len: int,
+                  device: torch.device) -> float:
+    """Mean next-token loss (nats per token) over the windows of ``stream`` at ``starts``, ``batch_size`` at a
+    time."""
+    args = TrainingArguments(steps=1, batch_size=batch_size, seq_len=seq_len)
+    return evaluate(model, stream, starts, args, batch_size, World(device=device))
 
 
 @dataclass
@@ -223,8 +236,8 @@ class Context:
 
     def held_out_loss(self, model: RecursiveForCausalLM) -> float:
         """Mean next-token loss (nats per byte) over the run's fixed held-out windows."""
-        args = TrainingArguments(steps=1, batch_size=self.budget.batch_size, seq_len=self.budget.seq_len)
-        return evaluate(model, self.corpus.held_out, self._eval_starts, args, self.budget.batch_size, World(device=self.device))
+        return held_out_loss(model, self.corpus.held_out, self._eval_starts, self.budget.batch_size,
+                             self.budget.seq_len, self.device)
 
     def pretrained_untied(self) -> Tuple[RecursiveForCausalLM, float]:
         """(a copy of the untied model pretrained for ``budget.pretrain_steps``, the seconds that took), trained

@@ -20,12 +20,10 @@ from typing import Dict, List, Tuple
 from .. import smollm2
 from ..convert import convert_hf
 from ..modeling import RecursiveForCausalLM
-from ..training import TrainingArguments, split_documents, stdlib_sources, tokenize_files, train
-from ..training.data import TokenStream, eval_windows
-from ..training.distributed import World
+from ..training import TrainingArguments, train
+from ..training.data import eval_windows
 from ..training.plots import figure
-from ..training.trainer import evaluate
-from .common import EVAL_FRACTION, FULL as FULL_BUDGET, Claim, Context, Report, log, verdict
+from .common import FULL as FULL_BUDGET, Claim, Context, Report, held_out_loss, log, stdlib_corpus, verdict
 from .early_exit import AGREEMENT, SERVING_COLUMNS, prompts, serving_curve
 
 
@@ -84,18 +82,12 @@ class _Run:
             if getattr(hf.config, "layer_types", None):
                 hf.config.layer_types = hf.config.layer_types[:setting.layers]
         self.hf = hf.to(context.device)
-        paths = stdlib_sources(setting.files)
-        token_file = tokenize_files(paths, self.tokenizer, os.path.join(context.out, "token-cache"), progress=False)
-        train_docs, held_out_docs = split_documents(token_file.num_documents, EVAL_FRACTION)
-        self.train_stream = TokenStream.of_documents(token_file, train_docs)
-        self.held_out = TokenStream.of_documents(token_file, held_out_docs)
-        self.eval_starts = eval_windows(self.held_out, setting.seq_len, setting.eval_windows)
-        calibration_starts = eval_windows(self.train_stream, setting.seq_len,
+        self.corpus = stdlib_corpus(os.path.join(context.out, "token-cache"), setting.files, self.tokenizer,
+                                    "SmolLM2's tokens")
+        self.eval_starts = eval_windows(self.corpus.held_out, setting.seq_len, setting.eval_windows)
+        calibration_starts = eval_windows(self.corpus.train, setting.seq_len,
                                           -(-setting.calibration_tokens // setting.seq_len))
-        self.calibration = self.train_stream.windows(calibration_starts, setting.seq_len)
-        self.corpus = (f"the first {len(paths)} of the Python standard library's *.py sources in SmolLM2's tokens: "
-                       f"{len(self.train_stream):,} training and {len(self.held_out):,} held-out tokens "
-                       f"({EVAL_FRACTION:.0%} of the documents)")
+        self.calibration = self.corpus.train.windows(calibration_starts, setting.seq_len)
 
     def convert(self, blocks: int, rank: int, init: str) -> RecursiveForCausalLM:
         lora_init = init.split(",")[0]
@@ -105,9 +97,8 @@ class _Run:
 
     def loss(self, model: RecursiveForCausalLM) -> float:
         """Mean next-token loss (nats per token) over the fixed held-out windows."""
-        args = TrainingArguments(steps=1, batch_size=self.setting.batch_size, seq_len=self.setting.seq_len)
-        return evaluate(model, self.held_out, self.eval_starts, args, self.setting.batch_size,
-                        World(device=self.context.device))
+        return held_out_loss(model, self.corpus.held_out, self.eval_starts, self.setting.batch_size,
+                             self.setting.seq_len, self.context.device)
 
     def uptrain(self, model: RecursiveForCausalLM, adapters_only: bool, steps: int,
                 exit_loss_weight: float = 0.0) -> float:
@@ -118,7 +109,7 @@ class _Run:
         args = TrainingArguments(steps=steps, batch_size=setting.batch_size, seq_len=setting.seq_len,
                                  lr=setting.adapter_lr if adapters_only else setting.full_lr,
                                  exit_loss_weight=exit_loss_weight)
-        train(model, args, self.train_stream, progress=self.context.progress)
+        train(model, args, self.corpus.train, progress=self.context.progress)
         return self.loss(model.eval())
 
 
@@ -145,7 +136,7 @@ def run(context: Context) -> Report:
         budget=(f"{setting.batch_size} x {setting.seq_len} tokens per step, {setting.steps} steps per model, "
                 f"{setting.eval_windows} held-out windows; one seed (0), fixed before the results; a difference under "
                 f"{MARGIN} nats is called mixed"),
-        corpus=experiment.corpus)
+        corpus=experiment.corpus.describe())
 
     at_conversion: Dict[str, float] = {}
     after: Dict[str, float] = {}
@@ -178,7 +169,7 @@ def run(context: Context) -> Report:
     served = models[best]
     exit_loss = experiment.uptrain(served, adapters_only=True, steps=setting.exit_steps, exit_loss_weight=1.0)
     low, high = setting.new_tokens
-    requests = prompts(experiment.held_out, setting.requests)
+    requests = prompts(experiment.corpus.held_out, setting.requests)
     lengths = [low + (i * 7) % (high - low + 1) for i in range(setting.requests)]
     rows, points, hf_rate = serving_curve(served, experiment.hf, requests, lengths, THRESHOLDS, context.device,
                                           setting.timing_s)
