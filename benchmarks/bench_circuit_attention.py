@@ -28,9 +28,21 @@ import torch
 import torch.nn.functional as F
 
 import recursive_kernels
+
 from .common import (
-    MODE, REL_ERR, TIME_MS, Column, Steps, available_backends, compiled_lazily, machine_description, render, resolve,
-    seeded_like, speedup, time_cases,
+    MODE,
+    REL_ERR,
+    TIME_MS,
+    Column,
+    Steps,
+    available_backends,
+    compiled_lazily,
+    machine_description,
+    render,
+    resolve,
+    seeded_like,
+    speedup,
+    time_cases,
 )
 
 MODES = ("fwd", "fwd+bwd")
@@ -198,8 +210,8 @@ COLUMNS = [
                        "concatenated onto the head dims, then sdpa; compiled: eager under torch.compile; "
                        "cpp/torch/triton/cuda: recursive_kernels.circuit_attention on that backend"),
     TIME_MS,
-    Column("TFLOP/s", ".4f", "useful FLOPs (with the corrections; sdpa: without) / time, FlashAttention's count (causal "
-                             "halves it, backward 2.5x forward); the GPU target compares it with sdpa's"),
+    Column("TFLOP/s", ".4f", "useful FLOPs (with the corrections; sdpa: without) / time, FlashAttention's count "
+                             "(causal halves it, backward 2.5x forward); the GPU target compares it with sdpa's"),
     Column("vs sdpa", ".2f", speedup("sdpa") + "; it does less work, so below 1"),
     Column("vs eager", ".2f", speedup("eager")),
     Column("peer", "", "the faster of eager and compiled (compiled where it was timed)"),

@@ -11,8 +11,8 @@ One set of requests (seeded random prompts and output lengths) is generated gree
   tokens' depths spread over the loops).
 
 Tokens/s counts the requested new tokens over the wall time of the whole run (prefill included).
-``vs plain``: the plain recursive run's time over this one's (above 1 is faster). ``exit loops``: the loops an engine-decoded
-token ran on average, of the model's loops (mor: the recursions the decoded tokens ran, read off one
+``vs plain``: the plain recursive run's time over this one's (above 1 is faster). ``exit loops``: the loops an
+engine-decoded token ran on average, of the model's loops (mor: the recursions the decoded tokens ran, read off one
 forward of each output). ``agree``: the fraction of new tokens equal to those of
 full-depth decoding at the same position (1.0 without early exit).
 
@@ -40,10 +40,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import Column, Steps, machine_description, render, resolve, speedup
 from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM, export_hf
 from recursive.generation import calibrate_exit_threshold, generate_in_batches
 from recursive.training import TrainingArguments, encode, synthetic_corpus, train
+
+from .common import Column, Steps, machine_description, render, resolve, speedup
 
 PEER = "transformers"  # the untied model exported to Hugging Face transformers, its own batched generate
 METHODS = ("plain", "plain+exit", "untied", PEER, "engine", "engine+exit", "mor", "mor engine")
@@ -100,8 +101,8 @@ def make_models(workload: Workload, device: torch.device, dtype: torch.dtype, tr
                 parameter.normal_(0.0, 0.02)
     untied = RecursiveForCausalLM(RecursiveConfig(num_blocks=workload.num_layers, **common))
     if train_steps:
-        train(recursive.to(device), TrainingArguments(steps=train_steps, exit_loss_weight=1.0, bf16=device.type == "cuda"),
-              progress=False)
+        train(recursive.to(device),
+              TrainingArguments(steps=train_steps, exit_loss_weight=1.0, bf16=device.type == "cuda"), progress=False)
     return tuple(model.to(device, dtype).eval() for model in (recursive, untied, mor))
 
 
@@ -135,7 +136,8 @@ def transformers_in_batches(model, prompts: List[List[int]], lengths: List[int],
     return outputs
 
 
-def _runner(method: str, models, prompts, lengths, workload: Workload, threshold: float) -> Callable[[], List[List[int]]]:
+def _runner(method: str, models, prompts, lengths, workload: Workload,
+            threshold: float) -> Callable[[], List[List[int]]]:
     recursive, untied, mor = models
     exit_threshold = threshold if method.endswith("+exit") else None
     if method == PEER:
@@ -143,7 +145,8 @@ def _runner(method: str, models, prompts, lengths, workload: Workload, threshold
         peer.generation_config.eos_token_id = None  # every request runs to its length, as with the other methods
         return lambda: transformers_in_batches(peer, prompts, lengths, workload.max_batch_size)
     if "engine" in method:
-        engine = DepthBatchingEngine(mor if method == "mor engine" else recursive, workload.max_batch_size, exit_threshold)
+        engine = DepthBatchingEngine(mor if method == "mor engine" else recursive, workload.max_batch_size,
+                                     exit_threshold)
         runner = lambda: engine.generate(prompts, lengths)  # noqa: E731
         runner.engine = engine
         return runner
@@ -230,9 +233,9 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
         row["vs plain"] = row["tokens/s"] / rows[0]["tokens/s"]
         row["vs transformers"] = row["tokens/s"] / peer["tokens/s"] if peer else None
     loops = workload.num_layers // workload.num_blocks
-    return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""), "workload": workload.label,
-            "loops": loops, "train_steps": train_steps, "exit_threshold": threshold, "new_tokens": new_tokens,
-            "rows": rows, "notes": notes}
+    return {"machine": machine_description(device), "dtype": str(dtype).replace("torch.", ""),
+            "workload": workload.label, "loops": loops, "train_steps": train_steps, "exit_threshold": threshold,
+            "new_tokens": new_tokens, "rows": rows, "notes": notes}
 
 
 COLUMNS = [

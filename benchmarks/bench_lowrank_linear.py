@@ -26,9 +26,21 @@ import torch
 import torch.nn.functional as F
 
 import recursive_kernels
+
 from .common import (
-    MODE, REL_ERR, TIME_MS, Column, Steps, available_backends, compiled_lazily, machine_description, render, resolve,
-    seeded_like, speedup, time_cases,
+    MODE,
+    REL_ERR,
+    TIME_MS,
+    Column,
+    Steps,
+    available_backends,
+    compiled_lazily,
+    machine_description,
+    render,
+    resolve,
+    seeded_like,
+    speedup,
+    time_cases,
 )
 
 FORMS = ("one-adapter", "per-row", "top-2")
@@ -292,9 +304,9 @@ COLUMNS = [
     Column("E", "d", "adapters (experts) stacked"),
     MODE,
     Column("impl", "", "base: the shared matmul alone (F.linear, no adapter), the floor; the peers: eager (base, then "
-                       "per adapter gather, two matmuls, scatter-add), compiled (every adapter's low-rank product masked "
-                       "to each row's, under torch.compile), peft (PEFT's mixed-batch LoRA, adapter_names, inference); "
-                       "cpp/torch/triton/cuda: recursive_kernels.lowrank_linear on that backend"),
+                       "per adapter gather, two matmuls, scatter-add), compiled (every adapter's low-rank product "
+                       "masked to each row's, under torch.compile), peft (PEFT's mixed-batch LoRA, adapter_names, "
+                       "inference); cpp/torch/triton/cuda: recursive_kernels.lowrank_linear on that backend"),
     TIME_MS,
     Column("GFLOP/s", ".1f", "useful FLOPs (base + low-rank; base: its own) / time"),
     Column("vs base", ".2f", speedup("base") + "; the fused op aims at 1"),

@@ -32,9 +32,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import Column, Steps, machine_description, median_seconds, render, resolve, speedup
 from recursive import RecursiveConfig, RecursiveForCausalLM, export_hf
 from recursive.flops import forward_flops, training_step_flops
+
+from .common import Column, Steps, machine_description, median_seconds, render, resolve, speedup
 
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("auto", "torch")  # auto: the fused backend each op selects on this device
@@ -192,11 +193,13 @@ def run(
                     "tokens/s": case.batch_size * case.seq_len / seconds,
                     "GFLOP/s": case.flops(mode == "fwd+bwd") / seconds / 1e9,
                     "vs torch": times[case.variant, "torch"] / seconds if "torch" in impls else None,
-                    "vs untied": times["untied", impl] / seconds if impl != PEER and ("untied", impl) in times else None,
+                    "vs untied": (times["untied", impl] / seconds
+                                  if impl != PEER and ("untied", impl) in times else None),
                     "vs transformers": times["untied", PEER] / seconds if peer else None,
                 }
             )
-    notes = [] if peer_available() else [f"no {PEER} rows: transformers is not installed (pip install 'recursive-kernels[bench]')"]
+    notes = [] if peer_available() else [f"no {PEER} rows: transformers is not installed "
+                                         "(pip install 'recursive-kernels[bench]')"]
     return {
         "machine": machine_description(device),
         "dtype": str(dtype).replace("torch.", ""),

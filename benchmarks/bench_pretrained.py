@@ -32,13 +32,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .bench_model import forward_or_step
-from .common import Column, Steps, machine_description, median_seconds, render, resolve, speedup
 from recursive import DepthBatchingEngine, convert_hf, smollm2
 from recursive.flops import forward_flops, training_step_flops
 from recursive.generation import generate_in_batches
 from recursive.training import stdlib_sources
 from recursive.training.data import calibration_windows
+
+from .bench_model import forward_or_step
+from .common import Column, Steps, machine_description, median_seconds, render, resolve, speedup
 
 PEER = "transformers"
 WORK = ("fwd", "fwd+bwd", "decode")  # decode: batched generate and the engine, timed in the same rounds

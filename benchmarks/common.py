@@ -27,7 +27,6 @@ import torch
 
 from recursive.progress import Progress
 
-
 CPU_ROUNDS = 5
 WARM_ENV = "RECURSIVE_KERNELS_BENCH_WARM"
 
@@ -46,7 +45,8 @@ def warm_shard() -> Optional[Tuple[int, int]]:
     return i, n
 
 
-def median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, min_run_time: float = 0.2) -> Dict[str, float]:
+def median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device,
+                   min_run_time: float = 0.2) -> Dict[str, float]:
     """The median time of each of ``fns`` (name -> callable), timed in turns on the CPU; NaN in a compile
     pass, which runs each once."""
     if warm_shard():
@@ -70,7 +70,8 @@ def median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, m
         fn()  # warm-up: one-time set-up stays out of the numbers
         if time.perf_counter() - start >= min_run_time / CPU_ROUNDS:
             slow.add(name)
-    timers = {name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in fns.items()}
+    timers = {name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+              for name, fn in fns.items()}
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(CPU_ROUNDS):
         for name, timer in timers.items():
@@ -86,7 +87,8 @@ def median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, m
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+            f"(torch {torch.__version__})")
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ comparison table shows the engine against plain batching and the untied model.
 import pytest
 import torch
 
+from recursive.generation import calibrate_exit_threshold
+
 from .bench_generation import METHODS, _runner, default_workload, make_models, make_requests
 from .common import resolve, run_benchmark
-from recursive.generation import calibrate_exit_threshold
 
 DEVICE, DTYPE = resolve(None, None)
 WORKLOAD = default_workload(DEVICE)

@@ -147,7 +147,8 @@ def _missing_reason(op: str, backend: str) -> Optional[str]:
             implementation(where, 0), implementation(where, 1)
             _missing_cache[key] = None
         except (ImportError, AttributeError) as exc:
-            _missing_cache[key] = f"{op} is not in {where[0]} ({exc}); rebuild with `pip install --no-build-isolation -e .`"
+            _missing_cache[key] = (f"{op} is not in {where[0]} ({exc}); "
+                                   "rebuild with `pip install --no-build-isolation -e .`")
     return _missing_cache[key]
 
 

@@ -150,7 +150,8 @@ def _(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
     return [torch.empty_like(t) if t is not None else q.new_empty(0) for t in (q, k, v, q_c, k_c, v_c)]
 
 
-_NUM_INPUTS = 13  # of the op: q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q/k, causal, scale, backend
+# of the op: q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q/k, causal, scale, backend
+_NUM_INPUTS = 13
 
 
 def _save(ctx, inputs, out, out_c, lse):
@@ -244,7 +245,8 @@ def _validate(q, k, v, q_c, k_c, v_c, scale, packed: bool):
         raise ValueError(f"q: expected a floating dtype, got {q.dtype}")
     rank = 3 if packed else 4
     if q.dim() != rank:
-        raise ValueError(f"q: expected {rank} dims ({'total_q, H, D' if packed else 'B, H, Sq, D'}), got {tuple(q.shape)}")
+        raise ValueError(f"q: expected {rank} dims ({'total_q, H, D' if packed else 'B, H, Sq, D'}), "
+                         f"got {tuple(q.shape)}")
     _check_like("k", k, q)
     _check_like("v", v, q)
     D, H = q.shape[-1], q.shape[1]  # the heads are dim 1 in both layouts
@@ -256,7 +258,8 @@ def _validate(q, k, v, q_c, k_c, v_c, scale, packed: bool):
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"k: its {Hkv} key/value heads must divide the {H} query heads of q (grouped-query attention)")
     if (q_c is None) != (k_c is None):
-        raise ValueError(f"{'k_c' if q_c is not None else 'q_c'}: q_c and k_c are the two factors of the logit correction; give both or neither")
+        raise ValueError(f"{'k_c' if q_c is not None else 'q_c'}: q_c and k_c are the two factors of the logit "
+                         "correction; give both or neither")
     if q_c is not None:
         _check_like("q_c", q_c, q)
         _check_like("k_c", k_c, q)
@@ -335,7 +338,8 @@ def _check_cu_seqlens(
         return  # reading the offsets would need a host synchronisation
     bounds = cu.tolist()
     if bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(f"{name}: must start at 0 and end at {total} (the packed length), got {bounds[0]}..{bounds[-1]}")
+        raise ValueError(f"{name}: must start at 0 and end at {total} (the packed length), "
+                         f"got {bounds[0]}..{bounds[-1]}")
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     if any(n < 0 for n in lengths):
         raise ValueError(f"{name}: offsets must be non-decreasing")

@@ -84,7 +84,8 @@ def _lowrank_linear_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """Returns ``y`` (M, N) and ``u = x @ A_e^T`` (M, k, r) in the accumulator dtype, kept for backward."""
-    return tuple(backends.implementation(_IMPLS[backend], 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter))
+    return tuple(backends.implementation(_IMPLS[backend], 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling,
+                                                             adapter))
 
 
 @_lowrank_linear_op.register_fake
@@ -113,7 +114,8 @@ def _lowrank_linear_backward_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (x, weight, bias, lora_a, lora_b, gates); an empty tensor where ``needs`` is False."""
-    return tuple(_backend_backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, list(needs), backend))
+    return tuple(_backend_backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, list(needs),
+                                   backend))
 
 
 @_lowrank_linear_backward_op.register_fake
@@ -171,7 +173,8 @@ _lowrank_linear_op.register_autograd(
 
 
 def _backend_backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs, backend):
-    return backends.implementation(_IMPLS[backend], 1)(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs)
+    return backends.implementation(_IMPLS[backend], 1)(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling,
+                                                       adapter, u, needs)
 
 
 class _LowRankLinearFunction(torch.autograd.Function):
@@ -180,7 +183,8 @@ class _LowRankLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend):
-        y, u = backends.implementation(_IMPLS[backend], 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter)
+        y, u = backends.implementation(_IMPLS[backend], 0)(x, weight, bias, lora_a, lora_b, indices, gates, scaling,
+                                                           adapter)
         _save(ctx, (x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend), u)
         return y
 
@@ -252,7 +256,8 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
         raise ValueError(f"lora_a: expected shape (E, r, K={K}), got {tuple(a_shape)}")
     E, r = a_shape[0], a_shape[1]
     if lora_b.shape != (E, N, r):
-        raise ValueError(f"lora_b: expected shape (E={E}, N={N}, r={r}) to match lora_a and weight, got {tuple(lora_b.shape)}")
+        raise ValueError(f"lora_b: expected shape (E={E}, N={N}, r={r}) to match lora_a and weight, "
+                         f"got {tuple(lora_b.shape)}")
     if lora_a.dtype is not dtype or lora_a.device != device:
         _mismatch("lora_a", lora_a, x)
     if lora_b.dtype is not dtype or lora_b.device != device:
@@ -286,7 +291,8 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
             )
         if gates is not None:
             if not isinstance(gates, Tensor) or gates.shape != indices.shape:
-                raise ValueError(f"gates: expected shape {tuple(indices.shape)} (like indices), got {tuple(getattr(gates, 'shape', ()))}")
+                raise ValueError(f"gates: expected shape {tuple(indices.shape)} (like indices), "
+                                 f"got {tuple(getattr(gates, 'shape', ()))}")
             if not gates.dtype.is_floating_point:
                 raise ValueError(f"gates: expected a floating dtype, got {gates.dtype}")
             if gates.device != device:

@@ -28,8 +28,8 @@ FlashAttention-2. The softmax statistics depend on the input dtype:
 
 * float16 / bfloat16: fp32 statistics, exp2 with log2(e) applied to S - m, lse float32.
 * float32 (EXACT): the statistics (row max m, row sum l, exp, lse, Delta, P and dS before rounding)
-  are float64 and Delta is rowsum(P * dP), so that recomputing P from lse in the backward loses nothing next to the float32 eager
-  softmax (in float32, exp(S - lse) would cost eps * |lse| per element). The exp is a float64
+  are float64 and Delta is rowsum(P * dP), so that recomputing P from lse in the backward loses nothing next to the
+  float32 eager softmax (in float32, exp(S - lse) would cost eps * |lse| per element). The exp is a float64
   polynomial (``_exp_f64``) built from basic arithmetic, which every Triton version lowers; lse is
   float64.
 
@@ -66,8 +66,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma,
-                            tuning_space)
+from .triton_common import INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma, tuning_space
 
 MAX_HEAD_DIM = 256
 
@@ -157,10 +156,10 @@ def _softmax_exp(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _log_f64(l):
-    """log of float64 l >= 1: float32 log refined by one Newton step on exp(y) = l (error ~1e-14)."""
-    y = tl.log(l.to(tl.float32)).to(tl.float64)
-    return y + l * _exp_f64(-y) - 1.0
+def _log_f64(x):
+    """log of float64 x >= 1: float32 log refined by one Newton step on exp(y) = x (error ~1e-14)."""
+    y = tl.log(x.to(tl.float32)).to(tl.float64)
+    return y + x * _exp_f64(-y) - 1.0
 
 
 @triton.jit
@@ -581,7 +580,7 @@ class _Geometry:
         self.varlen = cu_seqlens_q is not None
         if self.varlen:
             total_q, self.H, self.D = q.shape
-            total_k, self.Hkv = k.shape[0], k.shape[1]
+            self.Hkv = k.shape[1]
             self.B = cu_seqlens_q.numel() - 1
             self.Sq, self.Sk = int(max_seqlen_q), int(max_seqlen_k)
             self.q_rows = (0, 1, self.H)
@@ -630,7 +629,10 @@ def _forward(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         lse.fill_(float("-inf"))
         return out, out_c, lse
     none = q  # stands for an absent tensor; never read
-    grid = lambda meta: (triton.cdiv(g.Sq, meta["BLOCK_M"]), g.B * g.H)
+
+    def grid(meta):
+        return (triton.cdiv(g.Sq, meta["BLOCK_M"]), g.B * g.H)
+
     _fwd_kernel[grid](
         q, k, v, q_c if g.has_c else none, k_c if g.has_c else none, v_c if g.has_vc else none,
         out, out_c if g.has_vc else none, lse, g.cu_q, g.cu_k,

@@ -76,8 +76,8 @@ Autotuning: a handful of configurations per kernel, keyed on power-of-two bucket
 ``RECURSIVE_KERNELS_TRITON_AUTOTUNE=0`` keeps one default configuration per kernel.
 Under ``TRITON_INTERPRET=1`` (CPU tensors) each kernel has one fixed small configuration (nothing is
 benchmarked), ``tl.dot`` runs in float64 and rounds once (``triton_common.mma``: the interpreter
-multiplies the raw bits of bfloat16 operands, triton issue 11584) and the final float32 -> bfloat16 store is rounded to nearest
-even by hand (the interpreter truncates that conversion; the GPU rounds it). No host synchronisation
+multiplies the raw bits of bfloat16 operands, triton issue 11584) and the final float32 -> bfloat16 store is rounded to
+nearest even by hand (the interpreter truncates that conversion; the GPU rounds it). No host synchronisation
 anywhere (the grids are static upper bounds), nothing is launched when M = 0. Only long-standing
 Triton APIs are used (tl.dot / load / store / atomic_add / cumsum, triton.autotune): Triton 3.6 and 3.9.
 
@@ -98,9 +98,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma,
-                            tuning_space)
-
+from .triton_common import INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma, tuning_space
 
 # ----------------------------------------------------------------------------------------------------
 # autotuning spaces (a single small configuration under the interpreter, where every config would run)
@@ -453,7 +451,10 @@ def _launch_linear(x, w, bias, y, lora=0, a=None, b=None, u=None, idx=None, gate
         sb = b.stride()
         su = (u.stride(1), u.stride(2))
         assert u.is_contiguous() and idx.is_contiguous() and (gates is None or gates.is_contiguous())
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
     _linear_kernel[grid](
         x, w, dummy if bias is None else bias, dummy if a is None else a, dummy if b is None else b,
         dummy if u is None else u, dummy if idx is None else idx, dummy if gates is None else gates, y,
@@ -495,9 +496,11 @@ def _launch_shrink(x, a, u, order, seg, slots):
     sorted_ = order is not None
     assert u.is_contiguous()
     if sorted_:
-        grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]) + E,)
+        def grid(meta):
+            return (triton.cdiv(NA, meta["BLOCK_M"]) + E,)
     else:
-        grid = lambda meta: (triton.cdiv(NA, meta["BLOCK_M"]),)
+        def grid(meta):
+            return (triton.cdiv(NA, meta["BLOCK_M"]),)
     _seg_shrink_kernel[grid](
         x, a, u, order if sorted_ else u, seg if sorted_ else u,
         NA, K, R, E, slots, bucket(NA),
@@ -520,9 +523,11 @@ def _launch_outer(vec, mat, gates, out, order, seg, slots, scaling):
     sorted_ = order is not None
     assert vec.is_contiguous() and (gates is None or gates.is_contiguous())
     if sorted_:
-        grid = lambda meta: (triton.cdiv(NA, meta["ROWS"]) + E, triton.cdiv(Q, meta["BLOCK_Q"]))
+        def grid(meta):
+            return (triton.cdiv(NA, meta["ROWS"]) + E, triton.cdiv(Q, meta["BLOCK_Q"]))
     else:
-        grid = lambda meta: (triton.cdiv(NA, meta["ROWS"]), triton.cdiv(Q, meta["BLOCK_Q"]))
+        def grid(meta):
+            return (triton.cdiv(NA, meta["ROWS"]), triton.cdiv(Q, meta["BLOCK_Q"]))
     _seg_outer_kernel[grid](
         vec, mat, vec if gates is None else gates, out, order if sorted_ else vec, seg if sorted_ else vec,
         NA, Q, R, E, slots, bucket(NA),

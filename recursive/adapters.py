@@ -15,7 +15,6 @@ from torch import Tensor
 from .nn import LowRankLinear
 from .serialization import read_config, read_weights
 
-
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
@@ -81,7 +80,7 @@ class AdapterMixin:
         ours = self.config.to_dict()
         differ = sorted(name for name in ours if name != "backend" and saved[name] != ours[name])
         if differ:
-            raise ValueError(f"directory: the adapter was saved for another config; fields that differ: "
+            raise ValueError("directory: the adapter was saved for another config; fields that differ: "
                              + ", ".join(f"{name} ({saved[name]!r} there, {ours[name]!r} here)" for name in differ))
         adapters = self.adapter_state_dict()
         state = read_weights(weights_path)

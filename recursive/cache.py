@@ -109,13 +109,15 @@ class VarlenPacking:
                    max_seqlen_k=longest, query_mask=torch.arange(width, device=device) < lengths_d[:, None])
 
     @classmethod
-    def from_attention_mask(cls, attention_mask: Tensor, query_length: int, *, queries_real: bool = False) -> "VarlenPacking":
+    def from_attention_mask(cls, attention_mask: Tensor, query_length: int, *,
+                            queries_real: bool = False) -> "VarlenPacking":
         """``attention_mask`` (B, Sk) covers the cached and the new tokens; the queries are its last
         ``query_length`` columns. ``queries_real``: the caller knows they are all real tokens (a decoding
         step's new tokens), so that the packing says so (``every_query``) without reading the mask back."""
         if attention_mask.dim() != 2 or not 0 <= query_length <= attention_mask.shape[1]:
             raise ValueError(
-                f"attention_mask: expected (B, Sk) with Sk >= the {query_length} queries, got {tuple(attention_mask.shape)}"
+                f"attention_mask: expected (B, Sk) with Sk >= the {query_length} queries, "
+                f"got {tuple(attention_mask.shape)}"
             )
         keys = attention_mask.bool()
         queries = keys[:, keys.shape[1] - query_length:]

@@ -19,7 +19,6 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-
 INPUTS = ("attention", "o", "mlp", "down")
 # The input each projection reads.
 INPUT_OF_TARGET = {"q": "attention", "k": "attention", "v": "attention", "o": "o",

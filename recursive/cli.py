@@ -12,14 +12,22 @@ import time
 from typing import List
 
 import torch
+
 import recursive_kernels
 from recursive_benchmarks import runner as benchmarks
 from recursive_kernels import backends
 
 from . import smollm2
 from .config import LORA_TARGETS, RecursiveConfig
-from .convert import (CONVERTIBLE_SHARING, INIT_SCHEMES, LORA_INITS, SUPPORTED_MODEL_TYPES, convert_hf, export_hf,
-                      load_hf)
+from .convert import (
+    CONVERTIBLE_SHARING,
+    INIT_SCHEMES,
+    LORA_INITS,
+    SUPPORTED_MODEL_TYPES,
+    convert_hf,
+    export_hf,
+    load_hf,
+)
 from .generation import DepthBatchingEngine, calibrate_exit_threshold, generate_in_batches
 from .generation.validation import check_int
 from .modeling import RecursiveForCausalLM
@@ -29,7 +37,6 @@ from .training.command import add_train_arguments
 from .training.corpus import stdlib_sources
 from .training.data import calibration_windows
 from .training.tokenizers import check_vocabulary, load_tokenizer
-
 
 # Activation-aware conversion's default calibration: this many tokens in windows of this length.
 CALIBRATION_TOKENS, CALIBRATION_WINDOW = 1024, 256
@@ -141,8 +148,8 @@ def add_generate_arguments(parser) -> None:
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="a prompt as comma-separated token ids (repeatable)")
     prompts.add_argument("--prompt-text", action="append",
-                         help="a prompt as text (repeatable), encoded and the output decoded by the tokenizer saved with "
-                              "--model (or --tokenizer)")
+                         help="a prompt as text (repeatable), encoded and the output decoded by the tokenizer saved "
+                              "with --model (or --tokenizer)")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder for --prompt-text (default: --model's)")
     parser.add_argument("--num-prompts", type=int, default=16, help="random prompts when no --prompt is given")
     parser.add_argument("--prompt-len", type=int, default=16, help="length of the random prompts")
@@ -184,7 +191,8 @@ def generate_command(args) -> None:
         if args.model:
             model = RecursiveForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
         else:
-            model = RecursiveForCausalLM(default_generate_config()).to(device=device, dtype=dtype or torch.float32).eval()
+            model = RecursiveForCausalLM(default_generate_config())
+            model = model.to(device=device, dtype=dtype or torch.float32).eval()
         if args.adapter:
             model.load_adapter(args.adapter)
         tokenizer = None
@@ -192,8 +200,8 @@ def generate_command(args) -> None:
             folder = args.tokenizer or args.model
             tokenizer = load_tokenizer(folder) if folder else None
             if tokenizer is None:
-                raise ValueError(f"prompt-text: {folder or 'the random model'!r} has no tokenizer (pass --tokenizer DIR, "
-                                 "or token ids with --prompt)")
+                raise ValueError(f"prompt-text: {folder or 'the random model'!r} has no tokenizer "
+                                 "(pass --tokenizer DIR, or token ids with --prompt)")
             check_vocabulary(tokenizer, model.config.vocab_size, "tokenizer")
             prompts = [tokenizer.encode(text) for text in args.prompt_text]
             if not all(prompts):
@@ -204,7 +212,8 @@ def generate_command(args) -> None:
             check_int("--num-prompts", args.num_prompts, 1)
             check_int("--prompt-len", args.prompt_len, 1)
             prompts = torch.randint(model.config.vocab_size, (args.num_prompts, args.prompt_len)).tolist()
-        eos_token_id = args.eos_token_id if args.eos_token_id is not None or tokenizer is None else tokenizer.eos_token_id
+        eos_token_id = (args.eos_token_id if args.eos_token_id is not None or tokenizer is None
+                        else tokenizer.eos_token_id)
         exit_threshold = args.exit_threshold
         if args.exit_fraction is not None:
             width = min(map(len, prompts))
@@ -236,7 +245,8 @@ def generate_command(args) -> None:
                 print(f"[{i}] {','.join(map(str, prompt))} -> {','.join(map(str, tokens[len(prompt):]))}")
     new_tokens = sum(len(tokens) - len(prompt) for prompt, tokens in zip(prompts, outputs))
     how = "engine" if args.engine else "plain batches"
-    line = f"{new_tokens} new tokens for {len(prompts)} prompts in {seconds:.2f} s ({how}): {new_tokens / seconds:.1f} tokens/s"
+    line = (f"{new_tokens} new tokens for {len(prompts)} prompts in {seconds:.2f} s ({how}): "
+            f"{new_tokens / seconds:.1f} tokens/s")
     if exit_threshold is not None:
         line += f", exit threshold {exit_threshold:.4g}"
     if args.engine:
@@ -253,8 +263,10 @@ def main(argv=None) -> None:
                                      "--full: every case)")
     benchmarks.add_arguments(p)
     p.set_defaults(func=benchmarks.main)
-    add_train_arguments(sub.add_parser("train", help="train or uptrain a model on text files or a token file (or the built-in synthetic corpus); under torchrun on every process"))
-    add_generate_arguments(sub.add_parser("generate", help="generate from text or token-id prompts (plain batches or the engine)"))
+    add_train_arguments(sub.add_parser("train", help="train or uptrain a model on text files or a token file (or the "
+                                                     "built-in synthetic corpus); under torchrun on every process"))
+    add_generate_arguments(sub.add_parser("generate", help="generate from text or token-id prompts (plain batches or "
+                                                           "the engine)"))
     p = sub.add_parser("convert", help="convert a local Hugging Face Llama/Mistral/Qwen2/Gemma checkpoint or GGUF file")
     p.add_argument("checkpoint", help="a Hugging Face checkpoint folder (read with local_files_only), a GGUF file, or "
                                       f"smollm2: the installed SmolLM2-135M-Instruct ({smollm2.INSTALL})")
@@ -278,14 +290,16 @@ def main(argv=None) -> None:
                    help="keep each block's norm gains instead of folding every layer's into its projections")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float64", "bfloat16", "float16"),
                    help="dtype to load the checkpoint in (auto: its own)")
-    p.add_argument("--tokenizer", metavar="DIR", help="the tokenizer to keep beside the model (default: the checkpoint's "
-                                                     "own, when it has one; a GGUF file carries one)")
+    p.add_argument("--tokenizer", metavar="DIR", help="the tokenizer to keep beside the model (default: the "
+                                                     "checkpoint's own, when it has one; a GGUF file carries one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=convert)
-    p = sub.add_parser("reproduce", help="rerun the seed papers' claims at small scale on the standard library's sources "
-                                         "(tables, plots and verdicts)")
-    p.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help=f"any of {', '.join(EXPERIMENTS)} (default: all)")
-    p.add_argument("--quick", action="store_true", help="small models and budgets: every experiment in minutes (a smoke run)")
+    p = sub.add_parser("reproduce", help="rerun the seed papers' claims at small scale on the standard library's "
+                                         "sources (tables, plots and verdicts)")
+    p.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
+                   help=f"any of {', '.join(EXPERIMENTS)} (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="small models and budgets: every experiment in minutes (a smoke run)")
     p.add_argument("--out", default="reproduce", help="folder for the tables, plots and summary (default: ./reproduce)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

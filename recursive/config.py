@@ -174,14 +174,16 @@ class RecursiveConfig:
     backend: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_layers", "num_blocks"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_layers",
+                     "num_blocks"):
             _check_positive_int(name, getattr(self, name))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         _check_positive_int("num_key_value_heads", self.num_key_value_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
-                f"num_key_value_heads: {self.num_key_value_heads} must divide num_attention_heads ({self.num_attention_heads})"
+                f"num_key_value_heads: {self.num_key_value_heads} must divide num_attention_heads "
+                f"({self.num_attention_heads})"
             )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
@@ -205,12 +207,14 @@ class RecursiveConfig:
         _check_choice("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
         self._resolve_lora()
         if not isinstance(self.start_index, int) or not 0 <= self.start_index <= self.num_layers:
-            raise ValueError(f"start_index: expected an int in [0, num_layers={self.num_layers}], got {self.start_index!r}")
+            raise ValueError(f"start_index: expected an int in [0, num_layers={self.num_layers}], "
+                             f"got {self.start_index!r}")
         _check_positive_int("circuit_rank", self.circuit_rank, allow_zero=True)
         _check_positive_int("num_experts", self.num_experts)
         _check_positive_int("num_experts_per_tok", self.num_experts_per_tok)
         if self.num_experts_per_tok > self.num_experts:
-            raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok} exceeds num_experts ({self.num_experts})")
+            raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok} exceeds num_experts "
+                             f"({self.num_experts})")
         if self.embedding_size is not None:
             _check_positive_int("embedding_size", self.embedding_size)
         _check_positive_int("num_labels", self.num_labels)
@@ -271,7 +275,8 @@ class RecursiveConfig:
             isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in self.mor_capacities
         ) or any(b > a for a, b in zip(self.mor_capacities, self.mor_capacities[1:])):
             raise ValueError(
-                f"mor_capacities: expected {n} non-increasing fractions in (0, 1], one per recursion, got {self.mor_capacities!r}"
+                f"mor_capacities: expected {n} non-increasing fractions in (0, 1], one per recursion, "
+                f"got {self.mor_capacities!r}"
             )
 
     def _resolve_lora(self) -> None:
@@ -323,7 +328,8 @@ class RecursiveConfig:
         untied models run their stack as a single loop. Early exit leaves at loop boundaries."""
         plan = [self.block_of_layer(layer) for layer in range(self.num_layers)]
         L = self.num_layers
-        return next(p for p in range(1, L + 1) if L % p == 0 and all(plan[l] == plan[l % p] for l in range(L)))
+        return next(p for p in range(1, L + 1)
+                    if L % p == 0 and all(plan[layer] == plan[layer % p] for layer in range(L)))
 
     def check_loop_boundaries(self, name: str) -> None:
         """Raise ValueError naming ``name`` unless the model runs a plain stack of layers (not hierarchical

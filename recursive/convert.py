@@ -475,12 +475,14 @@ def export_hf(model: RecursiveForCausalLM, model_type: Optional[str] = None) -> 
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     gemma = model_type == "gemma"
-    if gemma_like != gemma or (gemma and (not config.norm_unit_offset or config.embed_scale != config.hidden_size ** 0.5)):
+    if gemma_like != gemma or (gemma and (not config.norm_unit_offset
+                                          or config.embed_scale != config.hidden_size ** 0.5)):
         raise ValueError(f"model: norm_unit_offset={config.norm_unit_offset} and embed_scale={config.embed_scale} are "
                          f"{'not ' if gemma else ''}Gemma's (unit-offset norms and sqrt(hidden_size)); model_type "
                          f"{model_type!r} cannot carry them")
     if config.qkv_bias and model_type != "qwen2":
-        raise ValueError(f"model: q/k/v biases (qkv_bias) have no place in a {model_type} model; use model_type 'qwen2'")
+        raise ValueError(f"model: q/k/v biases (qkv_bias) have no place in a {model_type} model; "
+                         "use model_type 'qwen2'")
     model = model.merge_and_untie()  # also checks that the model has a plain-stack counterpart
     options = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -495,7 +497,8 @@ def export_hf(model: RecursiveForCausalLM, model_type: Optional[str] = None) -> 
         options.update(sliding_window=None, use_sliding_window=False)
     hf_config = transformers.AutoConfig.for_model(model_type, **options)
     parameter = next(model.parameters())
-    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).to(device=parameter.device, dtype=parameter.dtype)
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config).to(device=parameter.device,
+                                                                          dtype=parameter.dtype)
     layers = _decoder_layers(hf_model)
     # The options went through transformers' own config handling, which differs between versions: check.
     if _activation_name(layers[0].mlp.act_fn) != config.hidden_act or _rope_theta(hf_model.config) != config.rope_theta:

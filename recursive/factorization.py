@@ -12,7 +12,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-
 # A rank at most this fraction of min(m, n) is found by a randomised SVD; above it, the full SVD costs little
 # more and is exact (full rank must reproduce the matrix to its rounding).
 RANDOMISED_MAX_FRACTION = 0.25

@@ -291,7 +291,8 @@ def _check_config(config: RecursiveConfig, model_type: str) -> None:
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
     if model_type == "causal_lm" and config.embedding_size is not None:
-        raise ValueError("config: embedding_size (factorised embeddings) is an encoder option; use model_type='encoder'")
+        raise ValueError("config: embedding_size (factorised embeddings) is an encoder option; "
+                         "use model_type='encoder'")
 
 
 def _check_int(name: str, value, low: int) -> None:

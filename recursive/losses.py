@@ -11,7 +11,6 @@ from torch import Tensor
 
 from .config import RecursiveConfig
 
-
 IGNORE_INDEX = -100
 
 
@@ -77,6 +76,7 @@ def exit_loss(model, hidden_states: Sequence[Tensor], labels: Tensor) -> Tensor:
         raise ValueError(f"hidden_states: expected {config.num_layers + 1} tensors (the forward's "
                          f"output_hidden_states), got {len(hidden_states)}")
     if not isinstance(labels, Tensor) or tuple(labels.shape) != tuple(hidden_states[0].shape[:2]):
-        raise ValueError(f"labels: expected shape {tuple(hidden_states[0].shape[:2])}, got {getattr(labels, 'shape', labels)!r}")
+        raise ValueError(f"labels: expected shape {tuple(hidden_states[0].shape[:2])}, "
+                         f"got {getattr(labels, 'shape', labels)!r}")
     boundaries = range(period, config.num_layers, period)  # hidden_states[l] is layer l - 1's output
     return torch.stack([next_token_loss(model.logits_at(hidden_states[b]), labels) for b in boundaries]).mean()

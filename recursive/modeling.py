@@ -153,13 +153,15 @@ class RecursiveModel(nn.Module):
                 loss of early exit at loop boundaries, :func:`recursive.losses.exit_loss`).
         """
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-            raise ValueError(f"input_ids: expected an int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
+            raise ValueError("input_ids: expected an int tensor (B, S), "
+                             f"got {getattr(input_ids, 'shape', input_ids)!r}")
         B, S = input_ids.shape
         past_length = 0
         if past_key_values is not None:
             if len(past_key_values) != self.config.num_layers:
                 raise ValueError(
-                    f"past_key_values: expected one entry per effective layer ({self.config.num_layers}), got {len(past_key_values)}"
+                    f"past_key_values: expected one entry per effective layer ({self.config.num_layers}), "
+                    f"got {len(past_key_values)}"
                 )
             past_length = self._past_length(past_key_values)
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past_length + S):
@@ -174,7 +176,8 @@ class RecursiveModel(nn.Module):
         mor = self.config.mor_routing is not None
         cached = past_key_values is not None or use_cache
         if mor and (output_hidden_states or (cached and not self.config.kv_cacheable)):
-            name = "output_hidden_states" if output_hidden_states else "past_key_values" if past_key_values is not None else "use_cache"
+            name = ("output_hidden_states" if output_hidden_states
+                    else "past_key_values" if past_key_values is not None else "use_cache")
             raise ValueError(f"{name}: a Mixture-of-Recursions model runs its recursions on token subsets; it has no "
                              f"per-layer hidden states, and a KV cache only with causal routing (token choice, or "
                              f"expert choice with mor_threshold_routing)")
@@ -215,7 +218,8 @@ class RecursiveModel(nn.Module):
 
         recursion_loss = recursion_depths = None
         if mor:
-            real = packing.query_mask if packing is not None else torch.ones(B, S, dtype=torch.bool, device=hidden.device)
+            real = (packing.query_mask if packing is not None
+                    else torch.ones(B, S, dtype=torch.bool, device=hidden.device))
             hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(
                 hidden, real, position_ids, run_cached, run_block, past_key_values, presents if cached else None)
         elif self.config.sharing == "hierarchical":
@@ -225,7 +229,8 @@ class RecursiveModel(nn.Module):
                 hidden = run(layer, hidden)
         return RecursiveModelOutput(
             last_hidden_state=self.norm(hidden),
-            past_key_values=tuple(presents.get(layer) for layer in range(self.config.num_layers)) if use_cache else None,
+            past_key_values=(tuple(presents.get(layer) for layer in range(self.config.num_layers))
+                             if use_cache else None),
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             recursion_loss=recursion_loss,
@@ -255,7 +260,8 @@ class RecursiveModel(nn.Module):
         return lengths.pop()
 
     @staticmethod
-    def _default_position_ids(batch: int, length: int, past_length: int, attention_mask: Optional[Tensor], device) -> Tensor:
+    def _default_position_ids(batch: int, length: int, past_length: int, attention_mask: Optional[Tensor],
+                              device) -> Tensor:
         if attention_mask is None:
             return torch.arange(past_length, past_length + length, device=device).expand(batch, length)
         positions = attention_mask.long().cumsum(-1) - 1
@@ -333,9 +339,11 @@ class RecursiveModel(nn.Module):
                 elif config.mor_threshold_routing:
                     selected = selected & (logits >= 0)  # sigmoid >= 1/2
                 else:
-                    kept_counts = [min(active, config.mor_tokens_kept(r, n)) for active, n in zip(kept_counts, real_counts)]
+                    kept_counts = [min(active, config.mor_tokens_kept(r, n))
+                                   for active, n in zip(kept_counts, real_counts)]
                     kept = ints_to_device(hidden.device, kept_counts)[0]
-                    rank = logits.masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+                    rank = (logits.masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True)
+                            .argsort(dim=1))
                     selected = selected & (rank < kept[:, None])
                 router_losses.append(masked_mean(F.binary_cross_entropy_with_logits(
                     logits, selected.to(logits.dtype), reduction="none"), scored))
@@ -395,12 +403,14 @@ class RecursiveModel(nn.Module):
             return t.gather(1, order.view(B, n, *[1] * (t.dim() - 2)).expand(B, n, *t.shape[2:]))
 
         h = take(hidden)
-        position_embeddings = rotary_embedding(take(position_ids), self.config.head_dim, self.config.rope_theta, h.dtype)
+        position_embeddings = rotary_embedding(take(position_ids), self.config.head_dim, self.config.rope_theta,
+                                               h.dtype)
         # The compact tokens follow the cached ones, each row's in order, so causal attention over the
         # row's real columns is exact (holes and compact rows past a row's count are masked out).
         if known_counts is not None and past is None:
             key_mask = compact
-            packing = None if all(c == n for c in known_counts) else VarlenPacking.from_lengths(known_counts, n, hidden.device)
+            packing = (None if all(c == n for c in known_counts)
+                       else VarlenPacking.from_lengths(known_counts, n, hidden.device))
         else:
             key_mask = compact if past is None or past[0] is None else torch.cat((past[0].token_mask, compact), 1)
             packing = None if bool(key_mask.all()) else VarlenPacking.from_attention_mask(key_mask, n)
@@ -408,7 +418,8 @@ class RecursiveModel(nn.Module):
         key_values = []
         out = h
         for i, layer in enumerate(layers):
-            shared = None if first is None else SharedKeyValue(first.key_values[i], first.order.shape[1], rows, first.packing)
+            shared = (None if first is None
+                      else SharedKeyValue(first.key_values[i], first.order.shape[1], rows, first.packing))
             past_key_value = None if past is None or past[i] is None else past[i].key_value
             out, present = run_block(layer, out, position_embeddings, packing, past_key_value=past_key_value,
                                      use_cache=keep or past is not None, shared_key_value=shared)
@@ -446,7 +457,8 @@ class RecursiveForCausalLM(GenerationMixin, RecursivePreTrainedModel):
     def __init__(self, config: RecursiveConfig) -> None:
         super().__init__(config)
         if config.embedding_size is not None:
-            raise ValueError("config: embedding_size (factorised embeddings) is an encoder option; use RecursiveEncoder")
+            raise ValueError("config: embedding_size (factorised embeddings) is an encoder option; "
+                             "use RecursiveEncoder")
         self.model = RecursiveModel(config, causal=True)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._tie_and_init()
@@ -475,7 +487,8 @@ class RecursiveForCausalLM(GenerationMixin, RecursivePreTrainedModel):
         loss = None
         if labels is not None:
             if tuple(labels.shape) != tuple(input_ids.shape):
-                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(labels.shape)}")
+                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, "
+                                 f"got {tuple(labels.shape)}")
             loss = with_router_losses(next_token_loss(logits, labels), out, self.config)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values,
                               hidden_states=out.hidden_states, recursion_loss=out.recursion_loss,
@@ -557,10 +570,13 @@ class RecursiveEncoder(RecursivePreTrainedModel):
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         if self.config.encoder_head == "mlm":
             if tuple(labels.shape) != tuple(logits.shape[:-1]):
-                raise ValueError(f"labels: expected shape {tuple(logits.shape[:-1])} like input_ids, got {tuple(labels.shape)}")
-            return F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+                raise ValueError(f"labels: expected shape {tuple(logits.shape[:-1])} like input_ids, "
+                                 f"got {tuple(labels.shape)}")
+            return F.cross_entropy(upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
         if tuple(labels.shape) != (logits.shape[0],):
-            raise ValueError(f"labels: expected shape ({logits.shape[0]},), one per sequence, got {tuple(labels.shape)}")
+            raise ValueError(f"labels: expected shape ({logits.shape[0]},), one per sequence, "
+                             f"got {tuple(labels.shape)}")
         if self.config.num_labels == 1:
             return F.mse_loss(upcast(logits).squeeze(-1), labels.to(upcast(logits).dtype))
         return F.cross_entropy(upcast(logits), labels)

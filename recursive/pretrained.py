@@ -15,7 +15,6 @@ from .config import RecursiveConfig
 from .nn import LowRankLinear
 from .serialization import read_config, read_weights
 
-
 CONFIG_NAME = "config.json"
 
 

@@ -30,7 +30,8 @@ def read_config(path: str, argument: str = "directory") -> RecursiveConfig:
         raise ValueError(f"{argument}: {path!r} is not a valid config ({exc})") from None
 
 
-def read_weights(path: str, device: Optional[torch.device] = None, argument: str = "directory") -> Dict[str, torch.Tensor]:
+def read_weights(path: str, device: Optional[torch.device] = None,
+                 argument: str = "directory") -> Dict[str, torch.Tensor]:
     """The tensors of the safetensors file ``path`` on ``device`` (default CPU); a truncated or damaged file
     raises ValueError naming ``argument`` and the file."""
     try:

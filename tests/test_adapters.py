@@ -101,7 +101,8 @@ def test_saved_adapter_loads_into_the_base_model(tmp_path, options):
 def test_load_adapter_rejects_another_config_and_missing_files(tmp_path):
     make_model(**RELAXATIONS["depth_lora"]).save_adapter(str(tmp_path / "adapter"))
     with pytest.raises(ValueError, match=r"lora_rank .*start_index"):
-        make_model(**{**RELAXATIONS["depth_lora"], "lora_rank": 2, "start_index": 1}).load_adapter(str(tmp_path / "adapter"))
+        make_model(**{**RELAXATIONS["depth_lora"], "lora_rank": 2, "start_index": 1}).load_adapter(
+            str(tmp_path / "adapter"))
     with pytest.raises(ValueError, match="adapter_model.safetensors"):
         (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
         make_model(**RELAXATIONS["depth_lora"]).load_adapter(str(tmp_path / "adapter"))
@@ -138,7 +139,8 @@ def test_merge_and_untie_computes_the_same_model(cls, relaxation):
     assert untied.config.relaxation == "none" and untied.adapter_state_dict() == {}
     assert dataclasses.replace(untied.config, num_blocks=model.config.num_blocks, sharing=model.config.sharing,
                                relaxation=model.config.relaxation, lora_rank=model.config.lora_rank,
-                               lora_targets=model.config.lora_targets, start_index=model.config.start_index) == model.config
+                               lora_targets=model.config.lora_targets,
+                               start_index=model.config.start_index) == model.config
     assert all(p.dtype == torch.float64 for p in untied.parameters())
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, :3] = 0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recursive_benchmarks import bench_circuit_attention, bench_lowrank_linear, bench_model, common
 from recursive import RecursiveConfig
+from recursive_benchmarks import bench_circuit_attention, bench_lowrank_linear, bench_model, common
 
 
 def test_relative_error_over_tensor_sequences():
@@ -77,7 +77,8 @@ def test_model_benchmark_times_every_variant_against_the_untied_model(quick_timi
                          for impl in bench_model.IMPLS if mode == "fwd+bwd" or case.variant != "relaxed ckpt"} | peer
     assert all(rows[key]["vs transformers"] == 1.0 for key in peer)
     assert all(row["vs untied"] > 0 and row["GFLOP/s"] > 0 for key, row in rows.items() if key not in peer)
-    assert all(rows["untied", mode, impl]["vs untied"] == 1.0 for mode in bench_model.MODES for impl in bench_model.IMPLS)
+    assert all(rows["untied", mode, impl]["vs untied"] == 1.0
+               for mode in bench_model.MODES for impl in bench_model.IMPLS)
     mor, relaxed = (cases[bench_model.VARIANTS.index(v)] for v in ("mor", "relaxed"))
     assert mor.flops(backward=False) < relaxed.flops(backward=False)  # the later loops run on fewer tokens
     assert bench_model.build_model(cases[bench_model.VARIANTS.index("relaxed ckpt")], "auto", torch.device("cpu"),

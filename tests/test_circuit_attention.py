@@ -29,7 +29,8 @@ def rand(gen, *shape, dtype=F64, scale=1.0):
 
 def make(seed=0, B=2, H=4, Hkv=2, Sq=5, Sk=7, D=8, R=3, Rv=2, dtype=F64):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = rand(gen, B, H, Sq, D, dtype=dtype), rand(gen, B, Hkv, Sk, D, dtype=dtype), rand(gen, B, Hkv, Sk, D, dtype=dtype)
+    q, k, v = (rand(gen, B, H, Sq, D, dtype=dtype), rand(gen, B, Hkv, Sk, D, dtype=dtype),
+               rand(gen, B, Hkv, Sk, D, dtype=dtype))
     q_c = rand(gen, B, H, Sq, R, dtype=dtype) if R is not None else None
     k_c = rand(gen, B, Hkv, Sk, R, dtype=dtype) if R is not None else None
     v_c = rand(gen, B, Hkv, Sk, Rv, dtype=dtype) if Rv is not None else None
@@ -118,7 +119,8 @@ def test_varlen_matches_dense_per_sequence():
     assert out.shape == (tq, H, D) and out_c.shape == (tq, H, Rv)
     for b in range(3):
         rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
-        dense = [t[r].transpose(0, 1).unsqueeze(0) for t, r in ((q, rq), (k, rk), (v, rk), (q_c, rq), (k_c, rk), (v_c, rk))]
+        dense = [t[r].transpose(0, 1).unsqueeze(0)
+                 for t, r in ((q, rq), (k, rk), (v, rk), (q_c, rq), (k_c, rk), (v_c, rk))]
         o, oc = recursive_kernels.circuit_attention(*dense, causal=True)
         torch.testing.assert_close(out[rq], o[0].transpose(0, 1))
         torch.testing.assert_close(out_c[rq], oc[0].transpose(0, 1))
@@ -211,7 +213,8 @@ CASES = [
 
 def _results(call, tensors, device, dtype, seed):
     """Outputs and the gradients of every given tensor of ``call(*leaves)`` -> (out, out_c)."""
-    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_(True) if t is not None else None for t in tensors]
+    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_(True) if t is not None else None
+              for t in tensors]
     out, out_c = call(*leaves)
     outs = [out] + ([out_c] if out_c is not None else [])
     gen = torch.Generator().manual_seed(seed + 1)

@@ -194,7 +194,8 @@ def test_folded_norms_make_full_rank_exact_whatever_the_norms(family):
     unit = 0.0 if FAMILIES[family]["unit_offset"] else 1.0
     for block in model.model.blocks:
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            assert torch.equal(block.get_submodule(norm).weight, torch.full_like(block.get_submodule(norm).weight, unit))
+            assert torch.equal(block.get_submodule(norm).weight,
+                               torch.full_like(block.get_submodule(norm).weight, unit))
     assert relative_error(logits(model, input_ids, mask), expected, mask) < TIGHT
     unfolded = convert_hf(hf, 2, lora_rank=10**6, fold_norms=False)
     assert relative_error(logits(unfolded, input_ids, mask), expected, mask) > 1e-3

@@ -305,8 +305,8 @@ def _reference_results(inp, dtype):
                           (torch.float32 if name == "gates" else dtype))
         leaves[name] = t.requires_grad_(True)
     indices = None if inp["indices"] is None else inp["indices"].to(device)
-    y = lowrank_linear_ref(leaves["x"], leaves["weight"], leaves.get("bias"), leaves.get("lora_a"), leaves.get("lora_b"),
-                  indices, leaves.get("gates"), inp["scaling"], inp["adapter"])
+    y = lowrank_linear_ref(leaves["x"], leaves["weight"], leaves.get("bias"), leaves.get("lora_a"),
+                           leaves.get("lora_b"), indices, leaves.get("gates"), inp["scaling"], inp["adapter"])
     grad_y = inp["grad_y"].detach().to(device=device, dtype=y.dtype)
     names = list(leaves)
     grads = torch.autograd.grad(y, [leaves[n] for n in names], grad_y, allow_unused=True)
@@ -338,7 +338,7 @@ def check_case(mod, case, dtype, device, seed=0):
     x, weight, bias = inp["x"], inp["weight"], inp["bias"]
     lora_a, lora_b, indices, gates = inp["lora_a"], inp["lora_b"], inp["indices"], inp["gates"]
     scaling, adapter, grad_y = inp["scaling"], inp["adapter"], inp["grad_y"]
-    M, N = x.shape[0], weight.shape[0]
+    M = x.shape[0]
     has_lora = lora_a is not None
 
     y, u = mod.lowrank_linear_forward(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter)

@@ -66,7 +66,8 @@ def test_padded_batch_counts_attention_over_real_tokens(relaxation):
         dict(num_key_value_heads=4),  # multi-head
         dict(num_key_value_heads=1),  # multi-query
         dict(head_dim=6, qkv_bias=True),  # head_dim not hidden / heads, biases (Qwen2, Gemma)
-        dict(lora_rank={"q": 2, "v": 5, "gate": 1, "down": 40}, lora_targets=("q", "v", "gate", "down")),  # rank 40 clamps
+        # rank 40 clamps
+        dict(lora_rank={"q": 2, "v": 5, "gate": 1, "down": 40}, lora_targets=("q", "v", "gate", "down")),
         dict(start_index=0, tie_word_embeddings=True),
         dict(start_index=4),  # no layer relaxed
     ],
@@ -97,7 +98,8 @@ RECURRENCE = {
     "expert_middle_cycle": dict(mor_routing="expert_choice", sharing="middle_cycle", num_layers=8, num_blocks=4,
                                 mor_capacities=(1.0, 0.6, 0.3)),
     "token_choice": dict(mor_routing="token_choice", num_layers=6, mor_z_loss_coef=0.1),
-    "expert_kv_sharing": dict(mor_routing="expert_choice", num_layers=6, mor_kv_sharing=True, mor_capacities=(0.8, 0.5, 0.2)),
+    "expert_kv_sharing": dict(mor_routing="expert_choice", num_layers=6, mor_kv_sharing=True,
+                              mor_capacities=(0.8, 0.5, 0.2)),
     "token_kv_sharing": dict(mor_routing="token_choice", num_layers=6, mor_kv_sharing=True),
     "expert_threshold": dict(mor_routing="expert_choice", num_layers=6, mor_threshold_routing=True),
 }
@@ -121,7 +123,8 @@ def test_recurrence_flops_match_flop_counter(variant):
             extra["recursion_tokens"] = [(depths > r).sum(1).tolist() for r in range(len(config.recursions()[1]))]
         assert forward_flops(config, 3, SEQ, lengths=lengths, **extra) == counter.get_total_flops()
     assert parameter_counts(config) == parameters_by_role(model)
-    if config.mor_routing == "expert_choice" and not config.mor_threshold_routing:  # fewer tokens run the later recursions
+    # fewer tokens run the later recursions
+    if config.mor_routing == "expert_choice" and not config.mor_threshold_routing:
         assert forward_flops(config, 3, SEQ) < forward_flops(dataclasses.replace(
             config, mor_routing=None, mor_capacities=None, mor_kv_sharing=False), 3, SEQ)
 
@@ -142,13 +145,15 @@ def test_encoder_flops_and_parameters(overrides):
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[1, 4:] = 0
     assert forward_flops(config, BATCH, SEQ, model_type="encoder") == counted(model, inputs(config))
-    assert forward_flops(config, BATCH, SEQ, lengths=[SEQ, 4], model_type="encoder") == counted(model, inputs(config), mask)
+    assert (forward_flops(config, BATCH, SEQ, lengths=[SEQ, 4], model_type="encoder")
+            == counted(model, inputs(config), mask))
     assert parameter_counts(config, "encoder") == parameters_by_role(model)
 
 
 @pytest.mark.parametrize(
     "relaxation, sharing",
-    [("none", "cycle"), ("depth_lora", "middle_cycle"), ("qkov_lora", "sequence"), ("circuit", "cycle"), ("mol", "cycle")],
+    [("none", "cycle"), ("depth_lora", "middle_cycle"), ("qkov_lora", "sequence"), ("circuit", "cycle"),
+     ("mol", "cycle")],
 )
 def test_training_step_flops_match_forward_and_backward(relaxation, sharing):
     config = tiny_config(relaxation, sharing)
@@ -236,9 +241,10 @@ def test_bad_arguments_raise_value_error_naming_them():
         with pytest.raises(ValueError, match=name):
             training_step_flops(**arguments)
     token_choice = dataclasses.replace(config, mor_routing="token_choice")
-    for bad_config, recursion_tokens in ((token_choice, None), (token_choice, [[SEQ, SEQ]]), (token_choice, [[SEQ + 1, 0]] * 2),
-                                         (config, [[SEQ, SEQ]] * 2), (dataclasses.replace(token_choice, mor_routing="expert_choice"),
-                                                                      [[SEQ, SEQ]] * 2)):
+    for bad_config, recursion_tokens in ((token_choice, None), (token_choice, [[SEQ, SEQ]]),
+                                         (token_choice, [[SEQ + 1, 0]] * 2), (config, [[SEQ, SEQ]] * 2),
+                                         (dataclasses.replace(token_choice, mor_routing="expert_choice"),
+                                          [[SEQ, SEQ]] * 2)):
         with pytest.raises(ValueError, match="recursion_tokens"):
             forward_flops(bad_config, BATCH, SEQ, recursion_tokens=recursion_tokens)
     with pytest.raises(ValueError, match="model_type"):

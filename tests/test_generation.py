@@ -59,7 +59,8 @@ def greedy_by_recompute(model, prompt: List[int], max_new_tokens: int) -> List[i
 
 
 @torch.no_grad()
-def early_exit_reference(model, prompt: List[int], max_new_tokens: int, threshold: float) -> Tuple[List[int], List[float]]:
+def early_exit_reference(model, prompt: List[int], max_new_tokens: int,
+                         threshold: float) -> Tuple[List[int], List[float]]:
     """One request, one token at a time, one layer at a time: the tokens and every boundary's top probability.
 
     The prompt runs full depth. A decoded token stops at the first loop boundary (every ``num_blocks``
@@ -205,7 +206,8 @@ def test_block_key_value_equals_the_cache_forward_appends():
     model = model_for("circuit")
     config = model.config
     hidden = torch.randn(3, 2, config.hidden_size, dtype=torch.float64)
-    position_embeddings = rotary_embedding(torch.tensor([[4, 5]] * 3), config.head_dim, config.rope_theta, torch.float64)
+    position_embeddings = rotary_embedding(torch.tensor([[4, 5]] * 3), config.head_dim, config.rope_theta,
+                                           torch.float64)
     block = model.model.blocks[1]
     for depth in (1, 5, torch.tensor([1, 3, 5])):  # 1: no circuit factors (before start_index)
         expected = block(hidden, depth, position_embeddings, use_cache=True)[1]

@@ -155,7 +155,8 @@ def check_against_reference(shape: Shape, backend: str, device: torch.device, dt
     else:
         eager_y, eager_g = run(cast(inputs64, dtype, device), "torch", grad_out.to(device))
         half_ulp = torch.finfo(dtype).eps / 2
-    pairs = [("y", y, eager_y, y64, abs_y)] + [(n, g.get(n), eager_g.get(n), g64.get(n), abs_g.get(n)) for n in GRAD_NAMES]
+    pairs = [("y", y, eager_y, y64, abs_y)] + [(n, g.get(n), eager_g.get(n), g64.get(n), abs_g.get(n))
+                                               for n in GRAD_NAMES]
     for name, ours, eager, ref, terms in pairs:
         if ref is None:
             assert ours is None, f"{name}: gradient given where the reference has none"
@@ -216,7 +217,8 @@ def test_float64_matches_reference(backend, device):
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[1]], ids=str)
 @pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.float64))
 def test_gradcheck_float64(shape, backend, device):
-    small = Shape(min(shape.M, 4), min(shape.K, 5), min(shape.N, 6), min(shape.E, 3), min(shape.r, 2), shape.k, shape.form)
+    small = Shape(min(shape.M, 4), min(shape.K, 5), min(shape.N, 6), min(shape.E, 3), min(shape.r, 2), shape.k,
+                  shape.form)
     inputs = make_inputs(small, torch.float64, device, seed=7)
     names = [n for n in GRAD_NAMES if isinstance(inputs[n], torch.Tensor)]
     tensors = [inputs[n].detach().clone().requires_grad_(True) for n in names]
@@ -260,7 +262,8 @@ def test_per_row_equals_single_adapter_calls(backend, device):
     together = recursive_kernels.lowrank_linear(**{**inputs, "indices": idx}, backend=backend)
     for depth in range(4):
         rows = idx == depth
-        alone = recursive_kernels.lowrank_linear(**{**inputs, "x": inputs["x"][rows], "indices": depth}, backend=backend)
+        alone = recursive_kernels.lowrank_linear(**{**inputs, "x": inputs["x"][rows], "indices": depth},
+                                                 backend=backend)
         torch.testing.assert_close(together[rows], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -341,7 +344,8 @@ def test_trusted_indices_skip_the_host_read(monkeypatch):
     """check_indices=False gives the same result without reading the indices on the host."""
     import importlib
 
-    op_module = importlib.import_module("recursive_kernels.lowrank_linear")  # the package exports a function of that name
+    # the package exports a function of that name
+    op_module = importlib.import_module("recursive_kernels.lowrank_linear")
     args = _good()
     expected = recursive_kernels.lowrank_linear(**args, backend="torch")
 
@@ -450,7 +454,8 @@ def test_autocast_runs_in_the_autocast_dtype(backend, device):
     indices = torch.randint(-1, 3, (9, 2), generator=gen).to(device)
     gates = torch.rand(9, 2, generator=gen).to(device)
     params = [t.requires_grad_() for t in (x, weight, bias, lora_a, lora_b, gates)]
-    low = [t.detach().bfloat16().requires_grad_() if t is not gates else gates.detach().requires_grad_() for t in params]
+    low = [t.detach().bfloat16().requires_grad_() if t is not gates else gates.detach().requires_grad_()
+           for t in params]
     grad = torch.randn(9, 12, generator=gen).to(device)
 
     with torch.autocast(device.type, dtype=torch.bfloat16):

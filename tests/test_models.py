@@ -35,6 +35,7 @@ from tests.helpers import (
     tiny_config,
 )
 
+
 def ref_backbone(model, input_ids: Tensor, causal: bool, attention_mask: Optional[Tensor] = None):
     """The unrolled backbone. Returns the final hidden states, the mean MoL loss (or None), the copies of
     the non-block parameters ``{name: tensor}`` and each layer's ``(block, {name: tensor}, adapter)`` copies."""
@@ -127,7 +128,8 @@ def test_left_padded_batch_equals_unpadded_samples(relaxation):
         batch_logits = [out.logits]
         for t in range(steps.shape[1]):
             attention_mask = torch.cat((attention_mask, torch.ones(2, 1, dtype=attention_mask.dtype)), dim=1)
-            out = model(steps[:, t:t + 1], attention_mask=attention_mask, past_key_values=out.past_key_values, use_cache=True)
+            out = model(steps[:, t:t + 1], attention_mask=attention_mask, past_key_values=out.past_key_values,
+                        use_cache=True)
             batch_logits.append(out.logits)
         batch_logits = torch.cat(batch_logits, dim=1)
         for row, prompt in enumerate(prompts):
@@ -205,7 +207,8 @@ def test_save_load_round_trip(tmp_path, cls, relaxation):
 # Config.
 
 def test_config_json_round_trip_and_resolution():
-    config = tiny_config(relaxation="depth_lora", lora_rank={"q": 2, "v": 4}, lora_targets=["q", "v"], num_key_value_heads=None)
+    config = tiny_config(relaxation="depth_lora", lora_rank={"q": 2, "v": 4}, lora_targets=["q", "v"],
+                         num_key_value_heads=None)
     assert config.num_key_value_heads == 4 and config.head_dim == 8 and config.lora_targets == ("q", "v")
     assert config.lora_rank_of("v") == 4 and config.lora_rank_of("o") == 0
     restored = RecursiveConfig.from_json_string(config.to_json_string())
@@ -262,7 +265,8 @@ def encoder(**kwargs) -> RecursiveEncoder:
 def test_encoder_mlm_head_matches_reference():
     model = encoder(relaxation="depth_lora")
     config = model.config
-    assert model.model.embed_tokens.weight.shape == (VOCAB, 16) and model.decoder.weight is model.model.embed_tokens.weight
+    assert (model.model.embed_tokens.weight.shape == (VOCAB, 16)
+            and model.decoder.weight is model.model.embed_tokens.weight)
     input_ids = torch.randint(0, VOCAB, (2, 6))
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     labels = torch.full((2, 6), -100)
@@ -307,7 +311,8 @@ def test_encoder_sequence_classification_head(pooling):
     weight = attention_mask[..., None].to(DTYPE)
     pooled = (hidden * weight).sum(1) / weight.sum(1) if pooling == "mean" else hidden[:, 0]
     config = model.config
-    head = ref_rms_norm(ref_activation("gelu", model.head_dense(pooled)), model.head_norm.weight, config.rms_norm_eps, False)
+    head = ref_rms_norm(ref_activation("gelu", model.head_dense(pooled)), model.head_norm.weight, config.rms_norm_eps,
+                        False)
     torch.testing.assert_close(out.logits, model.classifier(head), **TOL)
     with pytest.raises(ValueError, match="labels"):
         model(input_ids, labels=labels[:2])

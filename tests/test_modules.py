@@ -152,7 +152,8 @@ def test_rotary_embedding_is_rotate_half():
     cos, sin = rotary_embedding(positions, 8, 500.0, DTYPE)
     assert cos.shape == (2, 3, 8) and cos.dtype == DTYPE
     rotate_half = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
-    torch.testing.assert_close(x * cos[:, :, None] + rotate_half * sin[:, :, None], ref_rope(x, positions, 500.0), **TOL)
+    torch.testing.assert_close(x * cos[:, :, None] + rotate_half * sin[:, :, None], ref_rope(x, positions, 500.0),
+                               **TOL)
 
 
 # CircuitAttention.
@@ -289,14 +290,16 @@ def test_varlen_packing_layout():
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_pytorch_tanh"])
 def test_gated_feed_forward(act):
     torch.manual_seed(6)
-    mlp = randomize_(GatedFeedForward(12, 20, act, num_adapters=3, lora_rank={"gate": 2, "down": 3}, lora_alpha=2.0, dtype=DTYPE))
+    mlp = randomize_(GatedFeedForward(12, 20, act, num_adapters=3, lora_rank={"gate": 2, "down": 3}, lora_alpha=2.0,
+                                      dtype=DTYPE))
     assert mlp.up_proj.lora_a is None and mlp.gate_proj.lora_a.shape == (3, 2, 12)
     x = torch.randn(2, 4, 12, dtype=DTYPE)
     params = dict(mlp.named_parameters())
     for adapter in (-1, 0, 2):
         torch.testing.assert_close(mlp(x, adapter), ref_feed_forward(x, params, adapter, act, 2.0), **TOL)
     rows = torch.tensor([[0, 1, -1, 2], [2, 2, 0, -1]])
-    expected = torch.stack([torch.stack([ref_feed_forward(x[b, t], params, int(rows[b, t]), act, 2.0) for t in range(4)])
+    expected = torch.stack([torch.stack([ref_feed_forward(x[b, t], params, int(rows[b, t]), act, 2.0)
+                                         for t in range(4)])
                             for b in range(2)])
     torch.testing.assert_close(mlp(x, rows), expected, **TOL)
     with pytest.raises(ValueError, match="hidden_act"):
@@ -438,7 +441,8 @@ def test_block_checks_per_row_indices_once_per_module(monkeypatch):
     import recursive.nn.attention
     import recursive.nn.feed_forward
 
-    op_module = importlib.import_module("recursive_kernels.lowrank_linear")  # the package exports a function of that name
+    # the package exports a function of that name
+    op_module = importlib.import_module("recursive_kernels.lowrank_linear")
     calls = {"op": 0, "module": 0, "depth": 0}
     checked = op_module.check_index_values
 

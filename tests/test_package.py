@@ -97,7 +97,8 @@ def _installed_without_cpp(python: str, site_folder: Path, tmp_path: Path, env=N
     """The installed package (run from outside any checkout) imports, names why cpp is missing, and its
     benchmark harness and command line run."""
     code = ("import sys, runpy, recursive, recursive_kernels, recursive_benchmarks.runner; "
-            "from recursive_kernels import backends; print(recursive_kernels.__file__); print(backends.report()['cpp']); "
+            "from recursive_kernels import backends; print(recursive_kernels.__file__); "
+            "print(backends.report()['cpp']); "
             "sys.argv[1:] = ['info']; runpy.run_module('recursive', run_name='__main__')")
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, **(env or {})})

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recursive_kernels import backends
-from recursive_kernels.backends import BACKENDS
 from recursive import DepthBatchingEngine, RecursiveEncoder
 from recursive.cache import LayerKV, RecursionKV
+from recursive_kernels import backends
+from recursive_kernels.backends import BACKENDS
 from tests.helpers import (
     HIERARCHICAL,
     MIXTURE_OF_RECURSIONS,
@@ -40,6 +40,7 @@ from tests.helpers import (
     synchronisations_per_step,
     tiny_config,
 )
+
 
 def lm_loss(model, top, hidden: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
     config = model.config
@@ -91,11 +92,13 @@ def test_hierarchical_matches_unrolled_reference(variant, padded):
     out.loss.backward()
     hidden, top, layers = ref_hierarchical(model, input_ids, attention_mask, model.config.hrm_one_step_gradient)
     logits, loss = lm_loss(model, top, hidden, labels)
-    check_against_reference(model, out, logits, loss, top, layers, None if attention_mask is None else attention_mask.bool())
+    check_against_reference(model, out, logits, loss, top, layers,
+                            None if attention_mask is None else attention_mask.bool())
 
 
 def test_one_step_gradient_reaches_only_the_last_two_modules():
-    full, one_step = (make_model(seed=23, **dict(HIERARCHICAL["two_blocks"], hrm_one_step_gradient=flag)) for flag in (False, True))
+    full, one_step = (make_model(seed=23, **dict(HIERARCHICAL["two_blocks"], hrm_one_step_gradient=flag))
+                      for flag in (False, True))
     input_ids = torch.randint(0, VOCAB, (2, 5))
     for model in (full, one_step):
         model(input_ids, labels=input_ids).loss.backward()
@@ -139,7 +142,8 @@ def ref_block_over_shared_keys(h: Tensor, params: Dict[str, Tensor], adapter: in
     (1, n0, hidden) to the same layer, that layer's parameters and adapter, its positions (1, n0)), causal
     by position or not. h (1, n, hidden), positions (1, n)."""
     norm = {"eps": config.rms_norm_eps, "unit_offset": config.norm_unit_offset}
-    heads, kv_heads, D, alpha = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.lora_alpha
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    D, alpha = config.head_dim, config.lora_alpha
     h0, params0, adapter0, positions0 = first
     x = ref_rms_norm(h, params["input_layernorm.weight"], **norm)
     x0 = ref_rms_norm(h0, params0["input_layernorm.weight"], **norm)
@@ -147,7 +151,8 @@ def ref_block_over_shared_keys(h: Tensor, params: Dict[str, Tensor], adapter: in
     n, n0 = h.shape[1], h0.shape[1]
     q = ref_rope(ref_linear(x, sub(params, "self_attn."), "q_proj", adapter, alpha).view(1, n, heads, D), positions,
                  config.rope_theta).transpose(1, 2)
-    k = ref_rope(ref_linear(x0, attn0, "k_proj", adapter0, alpha).view(1, n0, kv_heads, D), positions0, config.rope_theta)
+    k = ref_rope(ref_linear(x0, attn0, "k_proj", adapter0, alpha).view(1, n0, kv_heads, D), positions0,
+                 config.rope_theta)
     v = ref_linear(x0, attn0, "v_proj", adapter0, alpha).view(1, n0, kv_heads, D)
     group = heads // kv_heads
     k, v = k.transpose(1, 2).repeat_interleave(group, 1), v.transpose(1, 2).repeat_interleave(group, 1)
@@ -204,7 +209,8 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor, 
                 active = [sorted(sorted(active[b], key=lambda t: -logits[b, t].item())[:kept[b]]) for b in range(B)]
             targets = torch.cat([torch.tensor([float(t in active[b]) for t in scored[b].tolist()], dtype=h.dtype)
                                  for b in range(B)])
-            router_terms.append(F.binary_cross_entropy(torch.cat([logits[b, scored[b]] for b in range(B)]).sigmoid(), targets))
+            router_terms.append(F.binary_cross_entropy(torch.cat([logits[b, scored[b]] for b in range(B)]).sigmoid(),
+                                                       targets))
             gates = alpha * logits.sigmoid()
         else:
             active = [[t for t in real[b] if chosen[b, t] >= r] for b in range(B)]
@@ -219,14 +225,15 @@ def ref_mixture_of_recursions(model, input_ids: Tensor, attention_mask: Tensor, 
             for j, layer in enumerate(recursion_layers):
                 if config.mor_kv_sharing and r > 0:
                     _, params, adapter = layers[layer]
-                    out = ref_block_over_shared_keys(out, params, adapter, config, positions[b, index][None], first[b][j],
-                                                     causal)
+                    out = ref_block_over_shared_keys(out, params, adapter, config, positions[b, index][None],
+                                                     first[b][j], causal)
                     continue
                 if config.mor_kv_sharing:
                     first[b].append((out, layers[layer][1], layers[layer][2], positions[b, index][None]))
                 out = run(layer, out, positions[b, index][None], None)
             g = gates[b, index][None, :, None]
-            gated = torch.ones_like(g, dtype=torch.bool) if config.mor_routing == "expert_choice" else (chosen[b, index] == r)[None, :, None]
+            gated = (torch.ones_like(g, dtype=torch.bool) if config.mor_routing == "expert_choice"
+                     else (chosen[b, index] == r)[None, :, None])
             new = torch.where(gated, chosen_rows + g * (out - chosen_rows), out)
             rows.append(h[b].index_put((index,), new[0]))
             depths[b, index] += 1
@@ -276,7 +283,8 @@ def test_encoder_mixture_of_recursions_matches_reference(variant):
 
 
 def test_expert_choice_keeps_its_capacities():
-    model = make_model(seed=33, mor_routing="expert_choice", num_layers=8, num_blocks=2, mor_capacities=(1.0, 0.5, 0.5, 0.2))
+    model = make_model(seed=33, mor_routing="expert_choice", num_layers=8, num_blocks=2,
+                       mor_capacities=(1.0, 0.5, 0.5, 0.2))
     lengths = [10, 7, 1]
     input_ids = torch.randint(0, VOCAB, (3, 10))
     attention_mask = (torch.arange(10) < torch.tensor(lengths)[:, None]).long()

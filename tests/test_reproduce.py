@@ -7,12 +7,10 @@ import re
 
 import pytest
 
-from recursive.__main__ import main as cli
-from recursive.reproduce import EXPERIMENTS, Budget, run_experiments
-from recursive.reproduce.common import verdict
 from recursive import smollm2
-from recursive.reproduce import pretrained, relaxed
-
+from recursive.__main__ import main as cli
+from recursive.reproduce import EXPERIMENTS, Budget, pretrained, relaxed, run_experiments
+from recursive.reproduce.common import verdict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

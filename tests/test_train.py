@@ -19,7 +19,6 @@ from recursive.training import (
     unigram_entropy,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -66,8 +65,8 @@ RECURRENCES = {
 @pytest.mark.parametrize("recurrence", list(RECURRENCES))
 def test_loss_falls_below_unigram_entropy(recurrence):
     corpus = encode(synthetic_corpus(1 << 15))
-    losses = train(tiny_model(**RECURRENCES[recurrence]), TrainingArguments(steps=80, batch_size=8, seq_len=32, lr=1e-2),
-                   corpus, progress=False).losses
+    losses = train(tiny_model(**RECURRENCES[recurrence]),
+                   TrainingArguments(steps=80, batch_size=8, seq_len=32, lr=1e-2), corpus, progress=False).losses
     assert len(losses) == 80 and all(math.isfinite(loss) for loss in losses)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert losses[0] == pytest.approx(math.log(CORPUS_VOCAB_SIZE), abs=0.1)  # starts near uniform
@@ -77,8 +76,8 @@ def test_loss_falls_below_unigram_entropy(recurrence):
 
 @pytest.mark.parametrize("recurrence", list(RECURRENCES))
 def test_bf16_autocast_trains(recurrence):
-    losses = train(tiny_model(**RECURRENCES[recurrence]), TrainingArguments(steps=3, batch_size=2, seq_len=16, bf16=True),
-                   progress=False).losses
+    losses = train(tiny_model(**RECURRENCES[recurrence]),
+                   TrainingArguments(steps=3, batch_size=2, seq_len=16, bf16=True), progress=False).losses
     assert all(math.isfinite(loss) for loss in losses)
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import save_hf_tokenizer
 from recursive.training import (
     ByteTokenizer,
     TokenFile,
@@ -20,6 +19,7 @@ from recursive.training import (
     write_token_file,
 )
 from recursive.training.data import eval_windows, find_files, split_document
+from tests.helpers import save_hf_tokenizer
 
 
 def test_token_file_round_trip_and_damage(tmp_path):

@@ -17,7 +17,6 @@ from recursive import RecursiveForCausalLM
 from recursive.training import stdlib_sources
 from tests.helpers import make_model
 
-
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo")
 
@@ -85,9 +84,9 @@ def test_two_processes_match_one_and_resume_in_one(kind, single_process, tmp_pat
 def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
     """Ctrl-C at a terminal reaches torchrun and its workers (one process group): the ranks stop at the same
     step, rank 0 writes the checkpoint, and one process resumes it to the end."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "recursive",
-               "train", "--steps", "300", "--batch-size", "8", "--seq-len", "32", "--save", str(tmp_path / "run"),
-               "--no-progress"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "recursive", "train", "--steps", "300", "--batch-size", "8", "--seq-len", "32", "--save",
+               str(tmp_path / "run"), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if os.path.exists("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -97,7 +96,8 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read() if run.poll() is not None else ""
+            assert run.poll() is None and time.monotonic() < deadline, (
+                run.stdout.read() if run.poll() is not None else "")
             time.sleep(0.05)
         os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         out, _ = run.communicate(timeout=TIMEOUT_S)

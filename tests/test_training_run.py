@@ -28,7 +28,6 @@ from recursive.training import (
 )
 from tests.helpers import make_hf, make_model, save_hf_tokenizer, tiny_config
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -65,8 +64,8 @@ def test_resume_continues_exactly(tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # as if a run stopped after step 6 had written rows 4-6
     resumed_model = byte_model(seed=1)
     resumed = train(resumed_model, args, data, held_out, save_dir=str(tmp_path / "b"),
-                    resume_from=str(tmp_path / "b" / "checkpoint-3"), metrics_path=str(tmp_path / "b" / "metrics.jsonl"),
-                    progress=False)
+                    resume_from=str(tmp_path / "b" / "checkpoint-3"),
+                    metrics_path=str(tmp_path / "b" / "metrics.jsonl"), progress=False)
     assert resumed.losses == straight.losses[3:] and resumed.step == 6
     assert resumed.eval_losses == [e for e in straight.eval_losses if e[0] > 3]
     for name, value in parameters(straight_model).items():
@@ -221,7 +220,8 @@ def test_cli_rejects_bad_data_before_training(tmp_path, capsys):
     for argv, message in [
         (["--data", str(tmp_path / "missing*.txt")], "data: .*matches no file"),
         (["--model", str(small), "--data", token_file, "--eval-fraction", "0"], "data: holds token id 200"),
-        (["--model", str(small), "--tokenizer", str(tokenizer), "--data", token_file], "tokenizer: .*produces ids up to 299"),
+        (["--model", str(small), "--tokenizer", str(tokenizer), "--data", token_file],
+         "tokenizer: .*produces ids up to 299"),
         (["--data", token_file, stdlib_sources(limit=1)[0]], "data: a token file .* must be the only"),
         (["--data", token_file, "--eval-fraction", "0.2", "--seq-len", "512"], "seq_len: 512 is longer"),
         (["--resume", str(tmp_path)], "resume: .*neither a checkpoint"),

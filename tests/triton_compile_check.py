@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("triton_compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")

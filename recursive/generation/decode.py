@@ -8,10 +8,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..progress import Progress
-
 from ..cache import VarlenPacking
 from ..nn import rotary_embedding, rotary_rows
+from ..progress import Progress
 from .early_exit import decode_step
 from .sampling import next_tokens
 from .validation import check_exit_threshold, check_ids, check_int, check_sampling, check_token
@@ -56,8 +55,10 @@ class GenerationMixin:
         sequence at each step.
         """
         config = self.config
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids: expected an int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
+        if (not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
+                or input_ids.dtype == torch.bool):
+            raise ValueError("input_ids: expected an int tensor (B, S), "
+                             f"got {getattr(input_ids, 'shape', input_ids)!r}")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids: expected at least one row and one token, got shape {tuple(input_ids.shape)}")
         check_ids("input_ids", input_ids, config.vocab_size)
@@ -69,7 +70,8 @@ class GenerationMixin:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif tuple(attention_mask.shape) != (B, S) or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError(f"attention_mask: expected ({B}, {S}) of 0 and 1 like input_ids, got {tuple(attention_mask.shape)}")
+            raise ValueError(f"attention_mask: expected ({B}, {S}) of 0 and 1 like input_ids, "
+                             f"got {tuple(attention_mask.shape)}")
         if not bool(attention_mask.any(1).all()):
             raise ValueError("attention_mask: every row needs at least one real token (an empty prompt)")
         if max_new_tokens == 0:
@@ -143,7 +145,8 @@ def generate_in_batches(
         width = max(map(len, batch))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        out = model.generate(ids, max(batch_counts), mask, eos_token_id=eos_token_id, progress=progress, **generate_kwargs)
+        out = model.generate(ids, max(batch_counts), mask, eos_token_id=eos_token_id, progress=progress,
+                             **generate_kwargs)
         for prompt, count, row in zip(batch, batch_counts, out.tolist()):
             new = row[width:width + count]
             if eos_token_id in new:

@@ -8,7 +8,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-
 from ..cache import LayerKV, VarlenPacking
 from ..nn import rotary_embedding
 from .validation import check_ids
@@ -33,7 +32,8 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
     period = config.loop_length()
     config.check_loop_boundaries("model")
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids: expected a non-empty int tensor (B, S), got {getattr(input_ids, 'shape', input_ids)!r}")
+        raise ValueError("input_ids: expected a non-empty int tensor (B, S), "
+                         f"got {getattr(input_ids, 'shape', input_ids)!r}")
     check_ids("input_ids", input_ids, config.vocab_size)
     backbone = model.model
     B, S = input_ids.shape

@@ -8,7 +8,6 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 from torch import Tensor
 
 from ..progress import Progress
-
 from .decode import GenerationMixin
 from .engine_run import EngineRun, EngineStats, Request
 from .recursion_run import RecursionEngineRun
@@ -77,7 +76,8 @@ class DepthBatchingEngine:
             raise ValueError(f"prompts: expected a list of token id lists, got {type(prompts).__name__}")
         if isinstance(max_new_tokens, Sequence):
             if len(max_new_tokens) != len(prompts):
-                raise ValueError(f"max_new_tokens: expected one count per prompt ({len(prompts)}), got {len(max_new_tokens)}")
+                raise ValueError(f"max_new_tokens: expected one count per prompt ({len(prompts)}), "
+                                 f"got {len(max_new_tokens)}")
             counts = list(max_new_tokens)
         else:
             counts = [max_new_tokens] * len(prompts)

@@ -12,10 +12,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..progress import Progress
-
 from ..cache import LayerKV, VarlenPacking, ints_to_device
 from ..nn import rotary_embedding, rotary_rows
+from ..progress import Progress
 from .early_exit import top_probability
 
 
@@ -174,8 +173,9 @@ class EngineRun:
             every_query=True,
         )
 
-    def _run_block(self, layer: int, hidden: Tensor, depth: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor],
-                   packing: VarlenPacking, store_rows: Tensor, shift: int) -> Tensor:
+    def _run_block(self, layer: int, hidden: Tensor, depth: Union[int, Tensor],
+                   position_embeddings: Tuple[Tensor, Tensor], packing: VarlenPacking, store_rows: Tensor,
+                   shift: int) -> Tensor:
         """The block of effective ``layer`` on ``hidden`` (rows, 1, hidden) at ``depth`` (an int, or one
         per row), ``shift`` rows on in the flattened caches: each row writes its new keys at ``store_rows +
         shift`` and reads the keys of ``packing`` shifted so."""
@@ -286,7 +286,8 @@ class EngineRun:
         if not slots:
             return
         engine = self.engine
-        pairs = [(row, slot, loop) for row, slot in zip(rows, slots) for loop in range(self.loop[slot] + 1, engine.num_loops)]
+        pairs = [(row, slot, loop) for row, slot in zip(rows, slots)
+                 for loop in range(self.loop[slot] + 1, engine.num_loops)]
         first_layers = [loop * engine.loop_length for _, _, loop in pairs]
         rows_d, first_layers_d, first_rows_d = self._to_device(
             [row for row, _, _ in pairs], first_layers,

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..progress import Progress
-
 from ..cache import RecursionKV
 from ..losses import upcast
 from ..nn import rotary_rows
+from ..progress import Progress
 from .engine_run import EngineRun, Request, key_offsets
 
 
@@ -116,8 +115,8 @@ class RecursionEngineRun(EngineRun):
         if starting:
             start = hidden[starting_d]
             if self.before:
-                start = self._plain_layers(self.before, start, [busy[i] for i in starting], [positions[i] for i in starting],
-                                           (cos[starting_d], sin[starting_d]))
+                start = self._plain_layers(self.before, start, [busy[i] for i in starting],
+                                           [positions[i] for i in starting], (cos[starting_d], sin[starting_d]))
                 hidden = hidden.index_copy(0, starting_d, start)
             self._route_start(start[:, 0], slots[starting_d])
 
@@ -144,8 +143,8 @@ class RecursionEngineRun(EngineRun):
             done_d = self._to_device(done)[0]
             finished = hidden[done_d]
             if self.after:
-                finished = self._plain_layers(self.after, finished, [busy[i] for i in done], [positions[i] for i in done],
-                                              (cos[done_d], sin[done_d]))
+                finished = self._plain_layers(self.after, finished, [busy[i] for i in done],
+                                              [positions[i] for i in done], (cos[done_d], sin[done_d]))
             tokens_d = self.pick(self.model.logits_at(finished[:, 0]))
             self.hidden[slots[done_d]] = backbone.embed(tokens_d[:, None])
             tokens = tokens_d.tolist()

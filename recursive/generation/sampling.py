@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 
-
 def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
     """logits (B, V) with every entry below the row's ``top_k``-th largest set to -inf (ties with it
     stay, as in Hugging Face)."""

@@ -16,7 +16,8 @@ def check_int(name: str, value: object, low: int) -> int:
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature < float("inf"):
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not 0.0 < temperature < float("inf")):
         raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
     if top_k is not None:
         check_int("top_k", top_k, 1)
@@ -31,14 +32,16 @@ def check_token(name: str, token: Optional[int], vocab_size: int) -> None:
 
 def check_ids(name: str, ids: Tensor, vocab_size: int) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), "
+                         f"got {int(ids.min())}..{int(ids.max())}")
 
 
 def check_exit_threshold(exit_threshold: Optional[float], config: RecursiveConfig) -> Optional[float]:
     """The threshold to apply, or None when early exit is off (None or 1.0)."""
     if exit_threshold is None:
         return None
-    if isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float)) or not 0.0 < exit_threshold <= 1.0:
+    if (isinstance(exit_threshold, bool) or not isinstance(exit_threshold, (int, float))
+            or not 0.0 < exit_threshold <= 1.0):
         raise ValueError(f"exit_threshold: expected None or a probability in (0, 1], got {exit_threshold!r}")
     if exit_threshold == 1.0:
         return None

@@ -131,7 +131,8 @@ class CircuitAttention(nn.Module):
         nn.init.uniform_(self.qk_v, -bound, bound)
         nn.init.uniform_(self.ov_c, -bound, bound)
 
-    def _check_index(self, adapter_index: AdapterIndex, batch: int, length: int, check_values: bool) -> Union[int, Tensor]:
+    def _check_index(self, adapter_index: AdapterIndex, batch: int, length: int,
+                     check_values: bool) -> Union[int, Tensor]:
         """An int in [-1, E), or an int64 tensor (B, S) (its values read on the host when ``check_values``)."""
         if adapter_index is None:
             return -1
@@ -139,12 +140,14 @@ class CircuitAttention(nn.Module):
             if not -1 <= adapter_index < self.num_depths:
                 raise IndexError(f"adapter_index: {adapter_index} is outside [-1, {self.num_depths})")
             return adapter_index
-        if not isinstance(adapter_index, Tensor) or adapter_index.dtype.is_floating_point or adapter_index.dtype == torch.bool:
+        if (not isinstance(adapter_index, Tensor) or adapter_index.dtype.is_floating_point
+                or adapter_index.dtype == torch.bool):
             raise ValueError(f"adapter_index: expected None, an int or an integer tensor, got {adapter_index!r}")
         if tuple(adapter_index.shape) == (batch,):
             adapter_index = adapter_index[:, None].expand(batch, length)
         elif tuple(adapter_index.shape) != (batch, length):
-            raise ValueError(f"adapter_index: expected shape ({batch},) or ({batch}, {length}), got {tuple(adapter_index.shape)}")
+            raise ValueError(f"adapter_index: expected shape ({batch},) or ({batch}, {length}), "
+                             f"got {tuple(adapter_index.shape)}")
         if check_values:  # once; the projections trust it
             check_index_values(adapter_index, self.num_depths, "adapter_index")
         return adapter_index.long()
@@ -205,13 +208,16 @@ class CircuitAttention(nn.Module):
         appends them to the cache, without attending: for tokens whose keys and values a layer needs
         although they do not run it (early exit). Arguments as :meth:`forward`."""
         B, S, _ = hidden_states.shape
-        return self._key_value(hidden_states, position_embeddings, self._check_index(adapter_index, B, S, check_indices))
+        return self._key_value(hidden_states, position_embeddings,
+                               self._check_index(adapter_index, B, S, check_indices))
 
-    def _key_value(self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], index: Union[int, Tensor]) -> LayerKV:
+    def _key_value(self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor],
+                   index: Union[int, Tensor]) -> LayerKV:
         """:meth:`key_value` with a checked index; ``key_c``/``value_c`` are None when the circuit is off."""
         B, S, _ = hidden_states.shape
         Hkv, D = self.num_key_value_heads, self.head_dim
-        k = apply_rotary(self.k_proj(hidden_states, index, check_indices=False).view(B, S, Hkv, D), *position_embeddings)
+        k = apply_rotary(self.k_proj(hidden_states, index, check_indices=False).view(B, S, Hkv, D),
+                         *position_embeddings)
         v = self.v_proj(hidden_states, index, check_indices=False).view(B, S, Hkv, D)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # the cache layout (B, Hkv, S, D)
         if self.qk_u is None or (isinstance(index, int) and index == -1):

@@ -7,7 +7,6 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-
 from ..cache import LayerKV, SharedKeyValue, VarlenPacking
 from ..config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, RecursiveConfig
 from .attention import CircuitAttention
@@ -159,7 +158,8 @@ class RecursiveBlock(nn.Module):
         return self.self_attn.key_value(self.input_layernorm(hidden_states), position_embeddings, index,
                                         check_indices=False)
 
-    def _token_adapter_index(self, depth: Union[int, Tensor], hidden_states: Tensor, check_depth: bool) -> Union[int, Tensor]:
+    def _token_adapter_index(self, depth: Union[int, Tensor], hidden_states: Tensor,
+                             check_depth: bool) -> Union[int, Tensor]:
         """:meth:`adapter_index`, with a depth per sequence (B,) repeated over its tokens (B, S)."""
         index = self.adapter_index(depth, check_depth)
         if isinstance(index, Tensor) and index.dim() == 1:

@@ -29,7 +29,8 @@ class _GatedProjections(nn.Module):
         self.num_adapters = num_adapters
         self.hidden_act, self.act = hidden_act, activation(hidden_act)
         ranks = target_ranks(lora_rank, FEED_FORWARD_TARGETS)
-        options = {"num_adapters": num_adapters, "alpha": lora_alpha, "backend": backend, "device": device, "dtype": dtype}
+        options = {"num_adapters": num_adapters, "alpha": lora_alpha, "backend": backend, "device": device,
+                   "dtype": dtype}
         self.gate_proj = LowRankLinear(hidden_size, intermediate_size, False, rank=ranks["gate"], **options)
         self.up_proj = LowRankLinear(hidden_size, intermediate_size, False, rank=ranks["up"], **options)
         self.down_proj = LowRankLinear(intermediate_size, hidden_size, False, rank=ranks["down"], **options)
@@ -157,7 +158,8 @@ class MoLFeedForward(_GatedProjections):
             A :class:`GatedFeedForward` with one adapter (call it without ``adapter_index``) sharing this
             module's base weights; it may replace this module in a :class:`RecursiveBlock`.
         """
-        if not isinstance(calibration, Tensor) or calibration.shape[-1:] != (self.hidden_size,) or calibration.numel() == 0:
+        if (not isinstance(calibration, Tensor) or calibration.shape[-1:] != (self.hidden_size,)
+                or calibration.numel() == 0):
             raise ValueError(f"calibration: expected a non-empty tensor (*, hidden={self.hidden_size}), "
                              f"got {getattr(calibration, 'shape', type(calibration).__name__)}")
         gates, experts, probs = self.route(calibration)

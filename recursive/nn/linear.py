@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 import recursive_kernels
 
-
 AdapterIndex = Union[None, int, Tensor]
 
 
@@ -84,8 +83,10 @@ class LowRankLinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / self.rank if self.rank else 0.0
         if self.rank:
-            self.lora_a = nn.Parameter(torch.empty(num_adapters, self.rank, self.in_features, device=device, dtype=dtype))
-            self.lora_b = nn.Parameter(torch.empty(num_adapters, self.out_features, self.rank, device=device, dtype=dtype))
+            self.lora_a = nn.Parameter(torch.empty(num_adapters, self.rank, self.in_features, device=device,
+                                                   dtype=dtype))
+            self.lora_b = nn.Parameter(torch.empty(num_adapters, self.out_features, self.rank, device=device,
+                                                   dtype=dtype))
         else:
             self.register_parameter("lora_a", None)
             self.register_parameter("lora_b", None)

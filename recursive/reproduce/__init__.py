@@ -14,13 +14,13 @@ import torch
 from . import early_exit, hrm, mixture_of_loras, modulation, pretrained, recursions, relaxed
 from .common import FULL, QUICK, Budget, Context, Report, log, machine, stdlib_corpus
 
-
 EXPERIMENTS = {module.NAME: module for module in (relaxed, mixture_of_loras, recursions, modulation, hrm, early_exit,
                                                   pretrained)}
 
 
 def run_experiments(names: Optional[Sequence[str]] = None, quick: bool = False, out: str = "reproduce",
-                    device: Optional[str] = None, progress: bool = True, budget: Optional[Budget] = None) -> List[Report]:
+                    device: Optional[str] = None, progress: bool = True,
+                    budget: Optional[Budget] = None) -> List[Report]:
     """Run the experiments ``names`` (default: all, in order) and write ``<name>.md``, ``<name>.png`` and
     ``summary.md`` into ``out``; returns the reports. ``budget``: sizes and steps (default: ``QUICK`` with
     ``quick``, else ``FULL``)."""
@@ -63,7 +63,8 @@ def _summary(reports: List[Report], context: Context) -> str:
              f"Machine: {machine()}. Budget: {context.budget.name}. Corpus: {context.corpus.describe()}.", "",
              "| experiment | claim | verdict | evidence |", "| --- | --- | --- | --- |"]
     for report in reports:
-        lines += [f"| [{report.name}]({report.name}.md) | {c.claim} | **{c.verdict}** | {c.evidence} |" for c in report.claims]
+        lines += [f"| [{report.name}]({report.name}.md) | {c.claim} | **{c.verdict}** | {c.evidence} |"
+                  for c in report.claims]
     return "\n".join(lines) + "\n"
 
 

@@ -19,13 +19,20 @@ import torch
 
 from ..config import RecursiveConfig
 from ..modeling import RecursiveForCausalLM
-from ..training import ByteTokenizer, TokenStream, TrainingArguments, split_documents, stdlib_sources, tokenize_files, train
+from ..training import (
+    ByteTokenizer,
+    TokenStream,
+    TrainingArguments,
+    split_documents,
+    stdlib_sources,
+    tokenize_files,
+    train,
+)
 from ..training.data import eval_windows
 from ..training.distributed import World
 from ..training.plots import figure
 from ..training.tokenizers import Tokenizer
 from ..training.trainer import evaluate
-
 
 EVAL_FRACTION = 0.05
 
@@ -266,13 +273,14 @@ def shared_start(context: "Context") -> RecursiveForCausalLM:
 def with_adapters(base: RecursiveForCausalLM, **relaxation) -> RecursiveForCausalLM:
     """A model of ``base``'s weights with the fresh adapters of ``relaxation`` (config fields), which change
     nothing until trained, and only the adapters trainable."""
-    config = RecursiveConfig.from_dict({**base.config.to_dict(), "lora_targets": None, **relaxation})  # None: its default
+    config = RecursiveConfig.from_dict({**base.config.to_dict(), "lora_targets": None,  # None: its default
+                                        **relaxation})
     model = RecursiveForCausalLM(config).to(next(base.parameters()).device)
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     adapters = set(model.adapter_state_dict())
     if unexpected or set(missing) - adapters:
-        raise RuntimeError(f"with_adapters: {relaxation} does not extend the base (missing {sorted(set(missing) - adapters)}, "
-                           f"unexpected {sorted(unexpected)})")
+        raise RuntimeError(f"with_adapters: {relaxation} does not extend the base "
+                           f"(missing {sorted(set(missing) - adapters)}, unexpected {sorted(unexpected)})")
     model.mark_only_adapters_trainable()
     return model
 

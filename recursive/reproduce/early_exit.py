@@ -17,7 +17,6 @@ from ..training import TokenStream
 from ..training.plots import figure
 from .common import Claim, Context, Report, verdict
 
-
 NAME = "early_exit"
 
 THRESHOLDS = (None, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6)
@@ -53,8 +52,8 @@ def run(context: Context) -> Report:
     count, new_tokens = budget.requests, budget.new_tokens
     report = Report(NAME, "Continuous depth-wise batching with early exit: throughput against agreement",
                     f"The pretrained untied model converted to 2 shared blocks looped 3 times with a rank-8 SVD depth "
-                    f"LoRA and uptrained {budget.train_steps} steps with the exit loss (weight 1: the LM head's loss at "
-                    f"each loop boundary). {count} held-out prompts of 16-48 bytes, {new_tokens} new bytes each, "
+                    f"LoRA and uptrained {budget.train_steps} steps with the exit loss (weight 1: the LM head's loss "
+                    f"at each loop boundary). {count} held-out prompts of 16-48 bytes, {new_tokens} new bytes each, "
                     f"greedy, {BATCH} rows per batch (or engine slots); a token leaves at a loop boundary when its top "
                     "probability reaches the threshold. Agreement: share of new tokens equal to full-depth greedy "
                     "decoding's at the same position. Times are medians of interleaved rounds.")

@@ -10,7 +10,6 @@ from typing import Dict, List
 from ..training.plots import figure
 from .common import Claim, Context, Report, mean, spread, verdict
 
-
 NAME = "hrm"
 
 
@@ -30,7 +29,8 @@ def run(context: Context) -> Report:
     curves = {name: run.curve for name, run in runs.items()}
     parameters = {name: sum(p.numel() for p in context.fresh(config).parameters()) for name, config in configs.items()}
     report.seconds = time.perf_counter() - start
-    report.table("Held-out loss after the same steps:", ["model", "parameters", "held-out loss (mean)", "spread over seeds"],
+    report.table("Held-out loss after the same steps:",
+                 ["model", "parameters", "held-out loss (mean)", "spread over seeds"],
                  [[name, f"{parameters[name]:,}", mean(v), spread(v)] for name, v in losses.items()])
     ut, hrm = (mean(v) for v in losses.values())
     noise = max([spread(v) for v in losses.values()] + [0.002])

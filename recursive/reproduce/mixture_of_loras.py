@@ -14,7 +14,6 @@ import torch
 
 from .common import Claim, Context, Report, bar_plot, mean, shared_start, spread, trainable, verdict, with_adapters
 
-
 NAME = "mol"
 
 FEED_FORWARD = ("gate", "up", "down")
@@ -32,7 +31,8 @@ def merged(model, context: Context, rank=None):
     weights averaged over the feed-forward inputs of a batch of held-out windows at every depth."""
     copy = deepcopy(model)
     inputs: Dict[int, List[torch.Tensor]] = {}
-    hooks = [block.mlp.register_forward_pre_hook(lambda module, args, b=b: inputs.setdefault(b, []).append(args[0].detach()))
+    hooks = [block.mlp.register_forward_pre_hook(
+                 lambda module, args, b=b: inputs.setdefault(b, []).append(args[0].detach()))
              for b, block in enumerate(copy.model.blocks)]
     length = context.budget.seq_len
     windows = context.corpus.held_out.windows([i * length for i in range(context.budget.batch_size)], length)
@@ -48,11 +48,12 @@ def merged(model, context: Context, rank=None):
 def run(context: Context) -> Report:
     budget = context.budget
     report = Report(NAME, "Mixture of LoRAs against a LoRA per depth, and merging the experts",
-                    f"The frozen shared model (the pretrained {budget.num_layers}-layer model converted to 2 blocks x 3 "
-                    f"loops, no relaxation); only the adapters train, {budget.train_steps} steps. Per-depth LoRA: rank 8 "
-                    "on gate, up and down at each of the 6 depths. Mixture: 4 LoRA experts of rank 6 on the same "
-                    "projections in each of the 2 blocks, top-2 per token by a router. Merged: each block's experts "
-                    "summed with their mean routing weights into one adapter (rank 6, the experts' rank, or 24, exact).")
+                    f"The frozen shared model (the pretrained {budget.num_layers}-layer model converted to 2 blocks "
+                    f"x 3 loops, no relaxation); only the adapters train, {budget.train_steps} steps. Per-depth LoRA: "
+                    "rank 8 on gate, up and down at each of the 6 depths. Mixture: 4 LoRA experts of rank 6 on the "
+                    "same projections in each of the 2 blocks, top-2 per token by a router. Merged: each block's "
+                    "experts summed with their mean routing weights into one adapter (rank 6, the experts' rank, or "
+                    "24, exact).")
     start = time.perf_counter()
     base = shared_start(context)
     losses: Dict[str, List[float]] = {"shared, no adapters": [context.held_out_loss(base)] * len(budget.seeds)}

@@ -10,7 +10,6 @@ from typing import Dict, List
 
 from .common import Claim, Context, Report, bar_plot, mean, shared_start, spread, trainable, verdict, with_adapters
 
-
 NAME = "modulation"
 
 CIRCUIT_RANK = 8
@@ -29,10 +28,10 @@ def run(context: Context) -> Report:
         variants[f"circuit R={CIRCUIT_RANK}, start index {start_index}"] = dict(
             relaxation="circuit", circuit_rank=CIRCUIT_RANK, start_index=start_index)
     report = Report(NAME, "Depth as modulation: the QK/OV circuit against QKOV-LoRA",
-                    f"The frozen shared model (the pretrained {budget.num_layers}-layer model converted to 2 blocks x 3 "
-                    f"loops, no relaxation); only the per-depth adapters train, {budget.train_steps} steps. QKOV-LoRA's "
-                    f"rank ({qkov_rank}) is chosen to match the circuit's trainable parameters at rank {CIRCUIT_RANK}; "
-                    f"a start index s leaves layers 0..s-1 unmodulated.")
+                    f"The frozen shared model (the pretrained {budget.num_layers}-layer model converted to 2 blocks "
+                    f"x 3 loops, no relaxation); only the per-depth adapters train, {budget.train_steps} steps. "
+                    f"QKOV-LoRA's rank ({qkov_rank}) is chosen to match the circuit's trainable parameters at rank "
+                    f"{CIRCUIT_RANK}; a start index s leaves layers 0..s-1 unmodulated.")
     start = time.perf_counter()
     losses: Dict[str, List[float]] = {"shared, no adapters": [context.held_out_loss(base)] * len(budget.seeds)}
     counts = {"shared, no adapters": 0}
@@ -51,7 +50,8 @@ def run(context: Context) -> Report:
     gains = {s: loss["shared, no adapters"] - loss[f"circuit R={CIRCUIT_RANK}, start index {s}"] for s in START_INDICES}
     report.claims = [
         Claim("The QK/OV circuit modulates depth as well as QKOV-LoRA at matched trainable parameters",
-              "the circuit's held-out loss at most the seeds' spread above QKOV-LoRA's", verdict(circuit <= qkov + noise),
+              "the circuit's held-out loss at most the seeds' spread above QKOV-LoRA's",
+              verdict(circuit <= qkov + noise),
               f"circuit {circuit:.4f} ({counts[f'circuit R={CIRCUIT_RANK}, start index 0']:,} parameters), QKOV-LoRA "
               f"{qkov:.4f} ({counts[f'QKOV-LoRA r={qkov_rank}']:,})"),
         Claim("A later Start Index keeps most of the gain", "the circuit from start index 2 keeps >= 50% of the "

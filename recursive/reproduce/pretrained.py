@@ -23,9 +23,9 @@ from ..modeling import RecursiveForCausalLM
 from ..training import TrainingArguments, train
 from ..training.data import eval_windows
 from ..training.plots import figure
-from .common import FULL as FULL_BUDGET, Claim, Context, Report, held_out_loss, log, stdlib_corpus, verdict
+from .common import FULL as FULL_BUDGET
+from .common import Claim, Context, Report, held_out_loss, log, stdlib_corpus, verdict
 from .early_exit import AGREEMENT, SERVING_COLUMNS, prompts, serving_curve
-
 
 NAME = "pretrained"
 

@@ -14,7 +14,6 @@ from ..training.plots import figure
 from .common import Claim, Context, Report, mean, spread, verdict
 from .early_exit import prompts
 
-
 NAME = "mor"
 
 ROUTINGS = (None, "expert_choice", "token_choice")
@@ -43,8 +42,8 @@ def run(context: Context) -> Report:
                     f"each model gets the training FLOPs of {budget.pretrain_steps} vanilla steps "
                     f"({flops / 1e12:.2f} TFLOP; token choice counted with balanced routing). Expert choice keeps "
                     "1, 2/3 and 1/3 of each sequence's tokens at the three recursions; token choice assigns each "
-                    f"token a depth. Decode: {budget.requests} held-out prompts, {budget.new_tokens} new bytes each, batches of "
-                    "8, greedy.")
+                    f"token a depth. Decode: {budget.requests} held-out prompts, {budget.new_tokens} new bytes each, "
+                    "batches of 8, greedy.")
     start = time.perf_counter()
     runs = {name: context.from_scratch(config, steps[name]) for name, config in configs.items()}
     losses = {name: run.losses for name, run in runs.items()}
@@ -56,7 +55,8 @@ def run(context: Context) -> Report:
     rows = [[name, steps[name], f"{step_flops(context, configs[name]) / 1e9:.1f}", mean(values), spread(values),
              len(requests) * new_tokens / seconds[name]] for name, values in losses.items()]
     report.table("Held-out loss at equal training FLOPs, and decode throughput:",
-                 ["model", "steps", "GFLOP per step", "held-out loss (mean)", "spread over seeds", "decode tokens/s"], rows)
+                 ["model", "steps", "GFLOP per step", "held-out loss (mean)", "spread over seeds", "decode tokens/s"],
+                 rows)
     noise = max([spread(v) for v in losses.values()] + [0.002])
     loss = {name: mean(v) for name, v in losses.items()}
     best = min(("expert_choice", "token_choice"), key=lambda name: loss[name])
@@ -64,7 +64,8 @@ def run(context: Context) -> Report:
     report.claims = [
         Claim("Mixture-of-Recursions buys quality per training FLOP",
               "a MoR model's held-out loss below the vanilla recursive model's at equal training FLOPs, by more than "
-              "the seeds' spread", verdict(loss[best] < loss["vanilla"], clear=abs(loss[best] - loss["vanilla"]) > noise),
+              "the seeds' spread",
+              verdict(loss[best] < loss["vanilla"], clear=abs(loss[best] - loss["vanilla"]) > noise),
               f"vanilla {loss['vanilla']:.4f}, expert choice {loss['expert_choice']:.4f}, token choice "
               f"{loss['token_choice']:.4f}"),
         Claim("Mixture-of-Recursions decodes faster", "a MoR model's greedy decode tokens/s above the vanilla model's",

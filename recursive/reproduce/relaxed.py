@@ -13,7 +13,6 @@ from ..convert import convert_hf, export_hf
 from ..training.plots import figure
 from .common import Claim, Context, Report, mean, spread, verdict
 
-
 NAME = "relaxed"
 
 NUM_BLOCKS = 2
@@ -23,9 +22,11 @@ def variants(context: Context) -> List[Dict[str, object]]:
     """The conversions compared: label, init scheme, LoRA rank (0: none; the budget's intermediate size: full
     rank, clamped to each projection's), SVD init."""
     full = context.budget.intermediate_size
-    rows = [dict(label=f"vanilla, {init}", init=init, rank=0, lora_init="svd") for init in ("stepwise", "average", "lower")]
+    rows = [dict(label=f"vanilla, {init}", init=init, rank=0, lora_init="svd")
+            for init in ("stepwise", "average", "lower")]
     for rank in (8, 32, full):
-        rows.append(dict(label=f"relaxed r={'full' if rank == full else rank}, SVD", init="stepwise", rank=rank, lora_init="svd"))
+        rows.append(dict(label=f"relaxed r={'full' if rank == full else rank}, SVD", init="stepwise", rank=rank,
+                         lora_init="svd"))
     for rank in (8, 32):
         rows.append(dict(label=f"relaxed r={rank}, zero init", init="stepwise", rank=rank, lora_init="zero"))
     return rows
@@ -36,10 +37,10 @@ def run(context: Context) -> Report:
         raise ValueError("reproduce relaxed: needs transformers (the conversion goes through the Hugging Face export)")
     budget = context.budget
     report = Report(NAME, "Relaxed Recursive Transformers: sharing, relaxing and uptraining a pretrained model",
-                    f"An untied {budget.num_layers}-layer model pretrained on the corpus, converted to {NUM_BLOCKS} shared "
-                    f"blocks (cycle sharing, {budget.num_layers // NUM_BLOCKS} loops) by `convert_hf`, then each variant "
-                    f"and the untied model trained {budget.train_steps} more steps (all parameters, AdamW, the same "
-                    "window order per seed). Losses are held-out next-byte losses in nats.")
+                    f"An untied {budget.num_layers}-layer model pretrained on the corpus, converted to {NUM_BLOCKS} "
+                    f"shared blocks (cycle sharing, {budget.num_layers // NUM_BLOCKS} loops) by `convert_hf`, then "
+                    f"each variant and the untied model trained {budget.train_steps} more steps (all parameters, "
+                    "AdamW, the same window order per seed). Losses are held-out next-byte losses in nats.")
     start = time.perf_counter()
     untied, pretrain_seconds = context.pretrained_untied()
     hf = export_hf(untied).float()
@@ -54,8 +55,8 @@ def run(context: Context) -> Report:
         label = variant["label"]
         after[label] = []
         for seed in budget.seeds:
-            model = convert_hf(hf, NUM_BLOCKS, "cycle", variant["init"], variant["rank"], lora_init=variant["lora_init"],
-                               progress=False).to(context.device)
+            model = convert_hf(hf, NUM_BLOCKS, "cycle", variant["init"], variant["rank"],
+                               lora_init=variant["lora_init"], progress=False).to(context.device)
             if seed == budget.seeds[0]:
                 at_conversion[label] = context.held_out_loss(model)
                 trainable[label] = sum(p.numel() for p in model.parameters())
@@ -66,7 +67,8 @@ def run(context: Context) -> Report:
     rows = [[label, f"{trainable[label]:,}", at_conversion[label], mean(losses), spread(losses)]
             for label, losses in after.items()]
     report.table(f"Held-out loss (pretraining: {budget.pretrain_steps} steps, {pretrain_seconds / 60:.1f} min):",
-                 ["model", "parameters", "at conversion", f"after {budget.train_steps} steps (mean)", "spread over seeds"],
+                 ["model", "parameters", "at conversion", f"after {budget.train_steps} steps (mean)",
+                  "spread over seeds"],
                  rows)
     report.claims = claims(after, at_conversion)
     report.figure = lambda path: _plot(path, at_conversion, after)
@@ -84,14 +86,16 @@ def claims(after: Dict[str, List[float]], at_conversion: Dict[str, float]) -> Li
     svd_margin = [loss[f"relaxed r={r}, zero init"] - loss[f"relaxed r={r}, SVD"] for r in (8, 32)]
     best_init = min(loss[f"vanilla, {init}"] for init in ("stepwise", "average", "lower"))
     return [
-        Claim("Sharing the layers loses quality", "after the same steps, vanilla (stepwise) above the untied model by more "
-              "than the seeds' spread", verdict(gap > noise), f"vanilla {loss['vanilla, stepwise']:.4f} vs untied "
-              f"{loss['untied']:.4f} (at conversion {at_conversion['vanilla, stepwise']:.4f} vs {at_conversion['untied']:.4f})"),
-        Claim("Relaxation recovers most of the gap, more with rank", "the full-rank relaxed model recovers >= 50% of the "
-              "vanilla-untied gap, and the loss falls from r=8 to r=32 to full (within the spread)",
+        Claim("Sharing the layers loses quality", "after the same steps, vanilla (stepwise) above the untied model by "
+              "more than the seeds' spread", verdict(gap > noise), f"vanilla {loss['vanilla, stepwise']:.4f} vs untied "
+              f"{loss['untied']:.4f} (at conversion {at_conversion['vanilla, stepwise']:.4f} "
+              f"vs {at_conversion['untied']:.4f})"),
+        Claim("Relaxation recovers most of the gap, more with rank", "the full-rank relaxed model recovers >= 50% of "
+              "the vanilla-untied gap, and the loss falls from r=8 to r=32 to full (within the spread)",
               verdict(recovered["full"] >= 0.5 and monotone, clear=(recovered["full"] >= 0.5) == monotone),
               "recovered: " + ", ".join(f"r={rank} {value:.0%}" for rank, value in recovered.items())),
-        Claim("SVD init beats zero init", "SVD-initialised LoRA below zero-initialised at r=8 and r=32 after the same steps",
+        Claim("SVD init beats zero init",
+              "SVD-initialised LoRA below zero-initialised at r=8 and r=32 after the same steps",
               verdict(all(m > 0 for m in svd_margin), clear=all(abs(m) > noise for m in svd_margin)),
               f"zero - SVD: r=8 {svd_margin[0]:+.4f}, r=32 {svd_margin[1]:+.4f} (noise {noise:.4f})"),
         Claim("Stepwise is a good default init", "vanilla stepwise within the spread of the best of stepwise, average, "

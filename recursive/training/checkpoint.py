@@ -36,7 +36,6 @@ from ..serialization import read_config, read_weights
 from .distributed import World, barrier, unwrapped
 from .tokenizers import Tokenizer
 
-
 OPTIMIZER_FILE, STATE_FILE, RNG_FILE = "optimizer.pt", "trainer_state.json", "rng_state.pt"
 
 

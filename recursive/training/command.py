@@ -39,7 +39,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainingArguments()
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group()
-    source.add_argument("--config", help="a JSON RecursiveConfig to build the model from (default: a small built-in one)")
+    source.add_argument("--config",
+                        help="a JSON RecursiveConfig to build the model from (default: a small built-in one)")
     source.add_argument("--model", help="a model folder (save_pretrained, convert) to train further")
     model.add_argument("--adapters-only", action="store_true",
                        help="freeze the base model and train the adapters (LoRA, circuit factors, routers) only")
@@ -47,7 +48,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="recompute each layer in the backward instead of keeping its activations")
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="PATH",
-                      help="text files, folders, glob patterns, or one token file (default: the built-in synthetic corpus)")
+                      help="text files, folders, glob patterns, or one token file (default: the built-in "
+                           "synthetic corpus)")
     data.add_argument("--tokenizer", metavar="DIR",
                       help="tokenizer folder, or 'bytes' (default: the one saved with --model; bytes for a new model)")
     data.add_argument("--eval-fraction", type=float, default=0.05,
@@ -58,7 +60,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, default=defaults.batch_size,
                      help="windows per optimizer step, over every process and accumulation step")
     run.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    run.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per step on each process")
+    run.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
+                     help="micro-batches per step on each process")
     run.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     run.add_argument("--warmup-steps", type=int, help="default: a tenth of --steps")
     run.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
@@ -67,14 +70,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     run.add_argument("--exit-loss-weight", type=float, default=defaults.exit_loss_weight,
                      help="weight of the LM head's loss at the loop boundaries (trains for early exit)")
-    run.add_argument("--seed", type=int, default=defaults.seed, help="seeds the init, the synthetic corpus and the batches")
+    run.add_argument("--seed", type=int, default=defaults.seed,
+                     help="seeds the init, the synthetic corpus and the batches")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     run.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun: cuda:LOCAL_RANK)")
     out = parser.add_argument_group("evaluation and output")
-    out.add_argument("--eval-every", type=int, default=defaults.eval_every, help="held-out loss every N steps (0: at the end)")
+    out.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                     help="held-out loss every N steps (0: at the end)")
     out.add_argument("--eval-windows", type=int, default=defaults.eval_windows, help="held-out windows per evaluation")
     out.add_argument("--save", metavar="DIR", help="checkpoints and the final model (with its tokenizer) go here")
-    out.add_argument("--save-every", type=int, default=defaults.save_every, help="a checkpoint every N steps (0: at the end)")
+    out.add_argument("--save-every", type=int, default=defaults.save_every,
+                     help="a checkpoint every N steps (0: at the end)")
     out.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="newest N kept (0: all)")
     out.add_argument("--resume", metavar="DIR", help="a checkpoint, or a --save folder (its newest), to continue from")
     out.add_argument("--metrics", metavar="FILE", help="JSON lines per step (default: DIR/metrics.jsonl with --save)")
@@ -107,8 +113,8 @@ def _train_data(args, tokenizer, model, world):
         if tokenizer is None:
             if (args.model or args.resume) and model.config.vocab_size != ByteTokenizer.vocab_size:
                 raise ValueError(f"tokenizer: {args.resume or args.model!r} holds no tokenizer, and its vocabulary of "
-                                 f"{model.config.vocab_size} is not bytes' {ByteTokenizer.vocab_size}: pass --tokenizer "
-                                 "DIR (or --tokenizer bytes to train on bytes anyway)")
+                                 f"{model.config.vocab_size} is not bytes' {ByteTokenizer.vocab_size}: pass "
+                                 "--tokenizer DIR (or --tokenizer bytes to train on bytes anyway)")
             tokenizer = ByteTokenizer()
         if world.is_main:
             token_file = tokenize_files(args.data, tokenizer, args.cache_dir, progress=not args.no_progress)
@@ -137,12 +143,14 @@ def _model_and_tokenizer(args, device):
         if next(model.parameters()).dtype not in (torch.float32, torch.float64):
             model = model.float()  # trains in float32 (--bf16: autocast), whatever dtype it was saved in
         if args.resume and (args.model or args.config):
-            wanted = read_config(os.path.join(args.model, CONFIG_NAME), "model") if args.model else read_config(args.config, "config")
+            wanted = (read_config(os.path.join(args.model, CONFIG_NAME), "model") if args.model
+                      else read_config(args.config, "config"))
             if wanted != model.config:
                 raise ValueError(f"resume: {args.resume!r} holds a model of another config than "
                                  f"{'--model' if args.model else '--config'}")
     else:
-        vocab_size = tokenizer.vocab_size if tokenizer else (ByteTokenizer.vocab_size if args.data else CORPUS_VOCAB_SIZE)
+        vocab_size = (tokenizer.vocab_size if tokenizer
+                      else (ByteTokenizer.vocab_size if args.data else CORPUS_VOCAB_SIZE))
         config = read_config(args.config, "config") if args.config else default_train_config(vocab_size)
         model = RecursiveForCausalLM(config).to(device)
     if tokenizer is not None:
@@ -203,8 +211,9 @@ def _train(args: argparse.Namespace, world) -> TrainingResult:
     window = min(10, len(result.losses))
     if window:
         say(f"loss: first {sum(result.losses[:window]) / window:.3f}, last {sum(result.losses[-window:]) / window:.3f} "
-            f"(means of {window} steps)" + (f"; held-out {result.eval_losses[-1][1]:.3f} (perplexity "
-                                             f"{math.exp(result.eval_losses[-1][1]):.2f})" if result.eval_losses else ""))
+            f"(means of {window} steps)"
+            + (f"; held-out {result.eval_losses[-1][1]:.3f} (perplexity {math.exp(result.eval_losses[-1][1]):.2f})"
+               if result.eval_losses else ""))
     say(f"{result.tokens_per_second:,.0f} tokens/s over {result.seconds:.1f} s on {world.size} process(es)")
     if args.save:
         say(f"saved to {args.save} (checkpoint {result.checkpoint})")

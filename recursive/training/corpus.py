@@ -21,7 +21,6 @@ from typing import List
 import torch
 from torch import Tensor
 
-
 CORPUS_VOCAB_SIZE = 128  # bytes of ASCII text
 
 
@@ -100,7 +99,8 @@ def stdlib_sources(limit: int = 0) -> List[str]:
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "test", "tests", "idlelib", "__pycache__")
+        subfolders[:] = sorted(d for d in subfolders
+                               if d not in ("site-packages", "test", "tests", "idlelib", "__pycache__")
                                and not d.startswith("."))
         paths += [os.path.join(folder, name) for name in sorted(files) if name.endswith(".py")]
     kept = []

@@ -32,7 +32,6 @@ from torch import Tensor
 from ..progress import Progress
 from .tokenizers import Tokenizer
 
-
 MAGIC, VERSION = b"RKTOKENS", 1
 
 
@@ -46,7 +45,8 @@ SPLIT_SEED = "held-out"  # the split never depends on the training seed: runs wi
 
 
 def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "recursive-kernels", "tokens")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "recursive-kernels",
+                        "tokens")
 
 
 def find_files(paths: Sequence[str]) -> List[Tuple[str, bool]]:

@@ -68,7 +68,8 @@ def wrap(model: nn.Module, world: World, fsdp: bool) -> nn.Module:
     if not world.distributed:
         return model
     if not fsdp:
-        return nn.parallel.DistributedDataParallel(model, device_ids=[world.device] if world.device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(model,
+                                                   device_ids=[world.device] if world.device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -48,7 +48,8 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> None:
         axes.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=1, alpha=0.8, label="training loss")
         evaluated = [r for r in rows if "eval_loss" in r]
         if evaluated:
-            axes.plot([r["tokens"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="held-out loss")
+            axes.plot([r["tokens"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-",
+                      label="held-out loss")
         axes.set_xlabel("tokens seen")
         axes.set_ylabel("next-token loss (nats)")
         axes.set_title(textwrap.fill(title or metrics_path, 90), fontsize=8)

@@ -15,7 +15,6 @@ import json
 import os
 from typing import List, Optional, Union
 
-
 BYTES_TOKENIZER_FILE = "bytes_tokenizer.json"
 
 

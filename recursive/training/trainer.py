@@ -33,7 +33,6 @@ from .data import TokenStream, WindowSampler, eval_windows
 from .distributed import World, all_sum, any_rank, current_world, unwrapped, wrap
 from .tokenizers import Tokenizer
 
-
 SCHEDULES = ("cosine", "linear")
 
 
