@@ -3,6 +3,7 @@ format (``config.json`` plus safetensors, never pickle) and activation checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Dict, Optional, Tuple, Type, TypeVar
 
@@ -72,14 +73,16 @@ class RecursivePreTrainedModel(AdapterMixin, nn.Module):
         save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls: Type[Model], directory: str, device=None, dtype: Optional[torch.dtype] = None) -> Model:
+    def from_pretrained(cls: Type[Model], directory: str, device=None, dtype: Optional[torch.dtype] = None,
+                        backend: Optional[str] = None) -> Model:
         """Load a model written by :meth:`save_pretrained`, in the checkpoint's dtype unless ``dtype`` is
-        given, on ``device`` (default CPU), in eval mode."""
+        given, on ``device`` (default CPU), with the kernels ``backend`` (default: chosen per call), in eval
+        mode."""
         config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
         for path in (config_path, weights_path):
             if not os.path.isfile(path):
                 raise ValueError(f"directory: {directory!r} holds no {os.path.basename(path)}")
-        config = read_config(config_path)
+        config = dataclasses.replace(read_config(config_path), backend=backend)
         state = read_weights(weights_path, device)
         if dtype is None:
             dtype = next(t.dtype for t in state.values() if t.is_floating_point())

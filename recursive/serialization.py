@@ -4,7 +4,7 @@ ValueError that names the argument, the file and what is wrong with it instead o
 from __future__ import annotations
 
 import json
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from .config import RecursiveConfig
 
 
-def read_config(path: str, argument: str = "directory") -> RecursiveConfig:
-    """The config in the JSON file ``path``; a missing, malformed or invalid one raises ValueError naming
-    ``argument`` and the file."""
+def read_json(path: str, argument: str = "directory") -> Dict[str, Any]:
+    """The JSON object in the file ``path``; a missing or malformed file, or one that holds no object, raises
+    ValueError naming ``argument`` and the file."""
     try:
         with open(path) as f:
             values = json.load(f)
@@ -24,6 +24,13 @@ def read_config(path: str, argument: str = "directory") -> RecursiveConfig:
         raise ValueError(f"{argument}: {path!r} is not valid JSON ({exc})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{argument}: {path!r} holds a {type(values).__name__}, not a config object")
+    return values
+
+
+def read_config(path: str, argument: str = "directory") -> RecursiveConfig:
+    """The config in the JSON file ``path``; a missing, malformed or invalid one raises ValueError naming
+    ``argument`` and the file."""
+    values = read_json(path, argument)
     try:
         return RecursiveConfig.from_dict(values)
     except (TypeError, ValueError) as exc:

@@ -7,12 +7,14 @@ Float64, seeded, tiny sizes (the models of tests/helpers.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from recursive import RecursiveConfig, RecursiveEncoder, RecursiveForCausalLM
 from recursive.__main__ import main as cli
+from recursive.adapters import ADAPTER_FIELDS
 from recursive.nn import LowRankLinear
 from recursive.training import CORPUS_VOCAB_SIZE, TrainingArguments, train
 from tests.helpers import RELAXATIONS, VOCAB, make_model
@@ -108,6 +110,58 @@ def test_load_adapter_rejects_another_config_and_missing_files(tmp_path):
         make_model(**RELAXATIONS["depth_lora"]).load_adapter(str(tmp_path / "adapter"))
     with pytest.raises(ValueError, match="adapter_config.json"):
         make_model(**RELAXATIONS["depth_lora"]).load_adapter(str(tmp_path / "empty"))
+
+
+def test_adapter_config_holds_the_adapter_and_its_base_only(tmp_path):
+    model = make_model(**{**RELAXATIONS["depth_lora"], "backend": "torch"})
+    model.save_adapter(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved) == {"base", *ADAPTER_FIELDS}
+    assert saved["relaxation"] == "depth_lora" and saved["lora_rank"]["q"] == 4
+    assert saved["base"]["hidden_size"] == model.config.hidden_size and saved["base"]["sharing"] == "sequence"
+    assert not {"backend", "initializer_range"} & set(saved["base"])  # runtime and initialisation: not the base
+    assert not set(ADAPTER_FIELDS) & set(saved["base"])
+    model.save_pretrained(str(tmp_path / "model"))
+    assert "backend" not in json.loads((tmp_path / "model" / "config.json").read_text())
+    assert RecursiveForCausalLM.from_pretrained(str(tmp_path / "model"), backend="cpp").config.backend == "cpp"
+
+
+@pytest.mark.parametrize("relaxation", ["depth_lora", "circuit", "mol"])
+def test_with_adapter_adds_the_adapter_to_a_base_without_one(tmp_path, relaxation):
+    tuned = make_model(seed=3, **RELAXATIONS[relaxation])
+    with torch.no_grad():
+        for parameter in tuned.adapter_state_dict().values():
+            parameter.normal_(0.0, 0.1)
+    tuned.save_adapter(str(tmp_path))
+    plain = {**RELAXATIONS[relaxation], "relaxation": "none", "lora_targets": None, "lora_rank": 0}
+    base = make_model(seed=5, **plain)
+    with torch.no_grad():  # the tuned model's base weights, no adapters
+        base.load_state_dict({name: t for name, t in tuned.state_dict().items() if name in base.state_dict()})
+    with pytest.raises(ValueError, match="relaxation .*with_adapter|with_adapter.*relaxation"):
+        base.load_adapter(str(tmp_path))
+    before = base(ids()).logits
+    adapted = base.with_adapter(str(tmp_path))
+    assert adapted.config.relaxation == relaxation and adapted is not base
+    torch.testing.assert_close(adapted(ids()).logits, tuned(ids()).logits, rtol=0, atol=0)
+    torch.testing.assert_close(base(ids()).logits, before, rtol=0, atol=0)  # the base is unchanged
+    with pytest.raises(ValueError, match=r"another base architecture; fields that differ: .*hidden_size \(32 there"):
+        make_model(**{**plain, "hidden_size": 48}).with_adapter(str(tmp_path))
+
+
+def test_an_adapter_saved_with_the_whole_model_config_still_loads(tmp_path):
+    """Folders written before adapters had their own config hold the whole model config."""
+    tuned = make_model(seed=0, **RELAXATIONS["circuit"])
+    with torch.no_grad():
+        for parameter in tuned.adapter_state_dict().values():
+            parameter.normal_(0.0, 0.1)
+    tuned.save_adapter(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({**tuned.config.to_dict(), "backend": None}, indent=2))  # the old format
+    other = make_model(seed=0, **RELAXATIONS["circuit"])
+    other.load_adapter(str(tmp_path))
+    torch.testing.assert_close(other(ids()).logits, tuned(ids()).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        make_model(**{**RELAXATIONS["circuit"], "num_layers": 8}).load_adapter(str(tmp_path))
 
 
 def test_merged_weight_is_the_weight_plus_its_lora():

@@ -117,8 +117,8 @@ def load_checkpoint(checkpoint: str, model: nn.Module, optimizer: torch.optim.Op
     and ``optimizer`` on every rank; returns the trainer state. Raises ValueError naming ``resume`` when the
     checkpoint's model is not ``model``'s."""
     config = read_config(os.path.join(checkpoint, CONFIG_NAME), "resume")
-    if config != unwrapped(model).config:
-        ours, theirs = unwrapped(model).config.to_dict(), config.to_dict()
+    ours, theirs = unwrapped(model).config.to_dict(), config.to_dict()
+    if ours != theirs:
         differ = sorted(key for key in ours if ours[key] != theirs.get(key))
         raise ValueError(f"resume: {checkpoint!r} holds a model of another config (differs in {differ})")
     weights = read_weights(os.path.join(checkpoint, WEIGHTS_NAME), argument="resume")
