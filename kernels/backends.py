@@ -200,6 +200,25 @@ def implementation(where: Tuple[str, ...], which: int) -> Callable:
     return function
 
 
+def dispatch(custom_op: Callable, function: type, impls: Dict[str, Tuple[str, ...]], args: Tuple,
+             differentiable: Sequence[Optional[torch.Tensor]], outputs: int) -> Tuple:
+    """Run an op on ``args`` (their last: the backend's name) the way the call needs: through its ``torch.library``
+    custom op under ``torch.compile``, through its ``torch.autograd.Function`` when autograd records a call on
+    ``differentiable``, else straight through the backend's forward (no autograd bookkeeping). Returns the op's
+    first ``outputs`` outputs, those its ``autograd.Function`` returns."""
+    if torch.compiler.is_compiling():
+        return custom_op(*args)[:outputs]
+    if records_graph(*differentiable):
+        result = function.apply(*args)
+        return result if isinstance(result, tuple) else (result,)
+    return implementation(impls[args[-1]], 0)(*args[:-1])[:outputs]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums, norms, softmaxes and low-rank intermediates accumulate in: float32 at least (float64 stays)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def records_graph(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether autograd would record a call on ``tensors``; when not (inference, ``torch.no_grad``), the ops
     call their backend directly, skipping ``autograd.Function``'s bookkeeping (a sizeable share of a small

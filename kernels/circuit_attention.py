@@ -203,12 +203,8 @@ def _run_fused(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     v_c_in = None if v_c is None or zero_rank_v else v_c.contiguous()
     args = (q, k, v, q_c, k_c, v_c_in, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
             bool(causal), scale, backend)
-    if torch.compiler.is_compiling():  # torch.compile sees the registered custom op
-        out, out_c, _ = _circuit_attention_op(*args)
-    elif backends.records_graph(q, k, v, q_c, k_c, v_c_in):
-        out, out_c = _CircuitAttentionFunction.apply(*args)
-    else:
-        out, out_c, _ = backends.implementation(_IMPLS[backend], 0)(*args[:-1])
+    out, out_c = backends.dispatch(_circuit_attention_op, _CircuitAttentionFunction, _IMPLS, args,
+                                   (q, k, v, q_c, k_c, v_c_in), outputs=2)
     if v_c is None:
         return out, None
     return out, (q.new_zeros(*q.shape[:-1], 0) if zero_rank_v else out_c)

@@ -66,10 +66,6 @@ backends.register_op(
 )
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("recursive_kernels::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(
     x: Tensor,
@@ -91,7 +87,7 @@ def _lowrank_linear_op(
 @_lowrank_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, backend):
     y = x.new_empty(x.shape[0], weight.shape[0])
-    acc = _accumulator_dtype(x.dtype)
+    acc = backends.accumulation_dtype(x.dtype)
     if lora_a is None:
         return y, x.new_empty(0, dtype=acc)
     slots = 1 if indices is None else indices.shape[1]
@@ -297,7 +293,7 @@ def _normalise(x, weight, bias, lora_a, lora_b, indices, gates, scaling, check_i
                 raise ValueError(f"gates: expected a floating dtype, got {gates.dtype}")
             if gates.device != device:
                 raise ValueError(f"gates: expected a tensor on {device} (like x), got {gates.device}")
-            gates = gates.reshape(M, slots).to(_accumulator_dtype(dtype)).contiguous()
+            gates = gates.reshape(M, slots).to(backends.accumulation_dtype(dtype)).contiguous()
         if check_indices:
             check_index_values(indices, E)
         if indices.dtype != torch.int64:
@@ -372,11 +368,8 @@ def lowrank_linear(
     scaling = float(scaling)
     if chosen == "torch":
         y = lowrank_linear_ref(x2d, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter)
-    elif torch.compiler.is_compiling():  # torch.compile sees the registered custom op
-        y, _ = _lowrank_linear_op(x2d, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, chosen)
-    elif backends.records_graph(x2d, weight, bias, lora_a, lora_b, gates):
-        y = _LowRankLinearFunction.apply(x2d, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, chosen)
     else:
-        y, _ = backends.implementation(_IMPLS[chosen], 0)(x2d, weight, bias, lora_a, lora_b, indices, gates, scaling,
-                                                          adapter)
+        y, = backends.dispatch(_lowrank_linear_op, _LowRankLinearFunction, _IMPLS,
+                               (x2d, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter, chosen),
+                               (x2d, weight, bias, lora_a, lora_b, gates), outputs=1)
     return y if len(lead) == 1 else y.reshape(*lead, y.shape[1])

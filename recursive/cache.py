@@ -1,5 +1,6 @@
 """What attention reads besides its queries: key/value caches and the packing of padded batches.
 
+- :class:`KVCache`: what attention extends and reads, which :class:`LayerKV` and the engine's slot caches implement.
 - :class:`LayerKV`: one effective layer's cached keys and values (and the QK/OV circuit's).
 - :class:`RecursionKV`: a Mixture-of-Recursions recursion's cache (the tokens that ran it only).
 - :class:`SharedKeyValue`: another layer's keys for a layer to attend over (Mixture-of-Recursions' KV sharing).
@@ -11,20 +12,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-class LayerKV(NamedTuple):
-    """One effective layer's cached keys and values, after RoPE: ``key``, ``value`` (B, Hkv, S, D);
-    with the QK/OV circuit also ``key_c`` (B, Hkv, S, R) and ``value_c`` (B, Hkv, S, R), else None.
+class KVCache(Protocol):
+    """One effective layer's cache as attention sees it: ``append(new)`` stores ``new``, the keys and values of
+    the layer's new tokens (a :class:`LayerKV`), and returns the :class:`LayerKV` that attention reads, new
+    tokens included. :class:`LayerKV` (a tensor per field, extended by concatenation) and
+    :class:`recursive.generation.engine_run.SlotCache` (written in place into preallocated slots) implement it."""
 
-    Attention extends a cache through :meth:`append`. Other caches (such as the slot caches of
-    :class:`recursive.DepthBatchingEngine`) may stand in for it: anything whose ``append(new)`` stores
-    ``new`` and returns the :class:`LayerKV` that attention reads.
+    def append(self, new: "LayerKV") -> "LayerKV": ...
+
+
+class LayerKV(NamedTuple):
+    """One effective layer's cached keys and values, after RoPE, token-major: ``key``, ``value`` (B, S, Hkv, D);
+    with the QK/OV circuit also ``key_c`` (B, S, Hkv, R) and ``value_c`` (B, S, Hkv, R), else None. (Token-major
+    as the varlen kernels and the engine's slot caches read keys: a row's keys are consecutive rows.)
+
+    Attention extends a cache through :meth:`append` (the :class:`KVCache` interface).
     """
 
     key: Tensor
@@ -33,17 +42,17 @@ class LayerKV(NamedTuple):
     value_c: Optional[Tensor] = None
 
     def append(self, new: "LayerKV") -> "LayerKV":
-        """This cache followed by ``new`` (B, Hkv, S', .) along the sequence, as a new LayerKV."""
+        """This cache followed by ``new`` (B, S', Hkv, .) along the sequence, as a new LayerKV."""
         if (self.key_c is None) != (new.key_c is None):
             raise ValueError("past_key_value: cached with and used without the QK/OV circuit, or the reverse")
-        return LayerKV(*(None if p is None else torch.cat((p, n), dim=2) for p, n in zip(self, new)))
+        return LayerKV(*(None if p is None else torch.cat((p, n), dim=1) for p, n in zip(self, new)))
 
 
 class SharedKeyValue(NamedTuple):
     """Another layer's keys and values for a layer to attend over instead of its own (Mixture-of-
     Recursions' KV sharing: later recursions reuse the first one's).
 
-    ``key_value``: that layer's :class:`LayerKV` (B, Hkv, Sk, .); ``query_length``: that layer's
+    ``key_value``: that layer's :class:`LayerKV` (B, Sk, Hkv, .); ``query_length``: that layer's
     queries were the last ``query_length`` of those keys (all of them without a cache); ``query_rows``:
     (B, Sq) int64, the row of each query among those ``query_length`` (its token's place; unique per
     sequence); ``packing``: that layer's :class:`VarlenPacking` (None: no padding). Attention scatters
@@ -145,7 +154,7 @@ class RecursionKV(NamedTuple):
     """The cache of one layer of a Mixture-of-Recursions recursion (recursion-wise caching): the keys
     and values of the tokens that ran the recursion, and only those.
 
-    ``key_value``: a :class:`recursive.cache.LayerKV` (B, Hkv, C, .) whose columns are shared by the
+    ``key_value``: a :class:`recursive.cache.LayerKV` (B, C, Hkv, .) whose columns are shared by the
     batch: each step appends as many as the row with the most tokens in the recursion needs, and each
     row's tokens lie in their order among its columns; ``token_mask``: (B, C) bool, the columns that
     hold one of the row's tokens (the others are never attended to); ``length``: the sequence length

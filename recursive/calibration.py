@@ -19,6 +19,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from recursive_kernels.backends import accumulation_dtype
+
 INPUTS = ("attention", "o", "mlp", "down")
 # The input each projection reads.
 INPUT_OF_TARGET = {"q": "attention", "k": "attention", "v": "attention", "o": "o",
@@ -101,7 +103,7 @@ def _collect(hf_model: nn.Module, layers: List[nn.Module], group: range, calibra
     def accumulate(layer: int, name: str, x: Tensor, normalise: bool) -> None:
         # a batch's products in float32 (or float64 for a float64 model), which is 4x faster than float64 on a
         # CPU and exact enough for a covariance that is damped anyway; the sum over batches in float64
-        x = x.reshape(-1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
+        x = x.reshape(-1, x.shape[-1]).to(accumulation_dtype(x.dtype))
         if normalise:  # RMSNorm without its gain, as every supported family computes it
             x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
         update = (x.T @ x).to(torch.float64) / tokens

@@ -18,6 +18,7 @@ from recursive_benchmarks import runner as benchmarks
 from recursive_kernels import backends
 
 from . import smollm2
+from .checks import check_int
 from .config import LORA_TARGETS, RecursiveConfig
 from .convert import (
     CONVERTIBLE_SHARING,
@@ -29,7 +30,6 @@ from .convert import (
     load_hf,
 )
 from .generation import DepthBatchingEngine, calibrate_exit_threshold, generate_in_batches
-from .generation.validation import check_int
 from .modeling import RecursiveForCausalLM
 from .progress import Progress
 from .reproduce import EXPERIMENTS, run_experiments

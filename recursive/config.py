@@ -57,6 +57,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from recursive_kernels.backends import BACKENDS
 
+from .checks import check_choice, check_int
+
 SHARING_SCHEMES = ("cycle", "sequence", "middle_cycle", "hierarchical")
 MOR_ROUTINGS = ("expert_choice", "token_choice")
 RELAXATIONS = ("none", "depth_lora", "qkov_lora", "circuit", "mol")
@@ -176,10 +178,10 @@ class RecursiveConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_layers",
                      "num_blocks"):
-            _check_positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        _check_positive_int("num_key_value_heads", self.num_key_value_heads)
+        check_int("num_key_value_heads", self.num_key_value_heads, 1)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_key_value_heads: {self.num_key_value_heads} must divide num_attention_heads "
@@ -192,34 +194,34 @@ class RecursiveConfig:
                     f"({self.num_attention_heads}); give head_dim"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        _check_positive_int("head_dim", self.head_dim)
+        check_int("head_dim", self.head_dim, 1)
         if self.head_dim % 2:
             raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
-        _check_choice("sharing", self.sharing, SHARING_SCHEMES)
-        _check_positive_int("hrm_period", self.hrm_period)
+        check_choice("sharing", self.sharing, SHARING_SCHEMES)
+        check_int("hrm_period", self.hrm_period, 1)
         if not isinstance(self.hrm_one_step_gradient, bool):
             raise ValueError(f"hrm_one_step_gradient: expected a bool, got {self.hrm_one_step_gradient!r}")
         self._check_sharing()
         self._resolve_mor()
-        _check_choice("relaxation", self.relaxation, RELAXATIONS)
-        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
-        _check_choice("encoder_head", self.encoder_head, ENCODER_HEADS)
-        _check_choice("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
+        check_choice("relaxation", self.relaxation, RELAXATIONS)
+        check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        check_choice("encoder_head", self.encoder_head, ENCODER_HEADS)
+        check_choice("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
         self._resolve_lora()
         if not isinstance(self.start_index, int) or not 0 <= self.start_index <= self.num_layers:
             raise ValueError(f"start_index: expected an int in [0, num_layers={self.num_layers}], "
                              f"got {self.start_index!r}")
-        _check_positive_int("circuit_rank", self.circuit_rank, allow_zero=True)
-        _check_positive_int("num_experts", self.num_experts)
-        _check_positive_int("num_experts_per_tok", self.num_experts_per_tok)
+        check_int("circuit_rank", self.circuit_rank, 0)
+        check_int("num_experts", self.num_experts, 1)
+        check_int("num_experts_per_tok", self.num_experts_per_tok, 1)
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok} exceeds num_experts "
                              f"({self.num_experts})")
         if self.embedding_size is not None:
-            _check_positive_int("embedding_size", self.embedding_size)
-        _check_positive_int("num_labels", self.num_labels)
+            check_int("embedding_size", self.embedding_size, 1)
+        check_int("num_labels", self.num_labels, 1)
         if self.backend is not None:
-            _check_choice("backend", self.backend, BACKENDS)
+            check_choice("backend", self.backend, BACKENDS)
 
     def _check_sharing(self) -> None:
         L, B = self.num_layers, self.num_blocks
@@ -251,7 +253,7 @@ class RecursiveConfig:
         if self.mor_kv_sharing and self.relaxation == "circuit":
             raise ValueError("mor_kv_sharing: the QK/OV circuit's key corrections belong to their own depth; "
                              "they cannot be shared across recursions")
-        _check_choice("mor_routing", self.mor_routing, MOR_ROUTINGS)
+        check_choice("mor_routing", self.mor_routing, MOR_ROUTINGS)
         if self.sharing not in ("cycle", "middle_cycle") and self.num_blocks > 1:
             raise ValueError(
                 f"mor_routing: Mixture-of-Recursions routes tokens over the loops of cycle or middle_cycle sharing "
@@ -293,12 +295,12 @@ class RecursiveConfig:
             for target, rank in self.lora_rank.items():
                 if target not in self.lora_targets:
                     raise ValueError(f"lora_rank: {target!r} is not in lora_targets {self.lora_targets}")
-                _check_positive_int(f"lora_rank[{target!r}]", rank, allow_zero=True)
+                check_int(f"lora_rank[{target!r}]", rank, 0)
             missing = [t for t in self.lora_targets if t not in self.lora_rank]
             if missing:
                 raise ValueError(f"lora_rank: no rank for the targets {missing}")
         else:
-            _check_positive_int("lora_rank", self.lora_rank, allow_zero=True)
+            check_int("lora_rank", self.lora_rank, 0)
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
             raise ValueError(f"lora_alpha: expected a number, got {self.lora_alpha!r}")
 
@@ -405,7 +407,11 @@ class RecursiveConfig:
     # JSON.
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The fields that describe the model, as saved in ``config.json``: all but ``backend``, a runtime choice
+        (a saved model runs on the backend its loader picks; ``from_pretrained(..., backend=)``)."""
+        values = asdict(self)
+        del values["backend"]
+        return values
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "RecursiveConfig":
@@ -421,14 +427,3 @@ class RecursiveConfig:
     @classmethod
     def from_json_string(cls, text: str) -> "RecursiveConfig":
         return cls.from_dict(json.loads(text))
-
-
-def _check_positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: Tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")

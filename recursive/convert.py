@@ -24,6 +24,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from recursive_kernels.backends import accumulation_dtype
+
 from .calibration import INPUT_OF_TARGET, check_calibration, input_covariances
 from .config import ACTIVATIONS, LORA_TARGETS, SHARING_SCHEMES, RecursiveConfig
 from .factorization import input_whitening, weighted_truncated_svd
@@ -384,7 +386,7 @@ def _layer_parameters(layer: nn.Module, fold: bool, unit_offset: bool) -> Dict[s
         return parameters
     for norm in dict.fromkeys(NORM_OF_TARGET.values()):
         weight = parameters[f"{norm}.weight"]
-        compute = torch.promote_types(weight.dtype, torch.float32)
+        compute = accumulation_dtype(weight.dtype)
         gain = weight.to(compute) + 1 if unit_offset else weight.to(compute)
         parameters[f"{norm}.weight"] = torch.zeros_like(weight) if unit_offset else torch.ones_like(weight)
         for target in (t for t, fed_by in NORM_OF_TARGET.items() if fed_by == norm):
@@ -407,7 +409,7 @@ def _initialise_block(block: nn.Module, sources: List[Dict[str, Tensor]]) -> Non
     for name, parameter in shared.items():
         values = [carried[name] for carried in sources]
         if len(values) > 1:
-            compute = torch.promote_types(parameter.dtype, torch.float32)
+            compute = accumulation_dtype(parameter.dtype)
             values = [torch.stack([v.to(compute) for v in values]).mean(0)]
         _copy(parameter, values[0], name)
 
@@ -422,7 +424,7 @@ def _initialise_adapters(model: RecursiveForCausalLM, layer: int, original: Dict
         projection: LowRankLinear = block.get_submodule(TARGET_MODULES[target])
         if projection.lora_a is None:  # rank 0 in a mapping
             continue
-        compute = torch.promote_types(projection.weight.dtype, torch.float32)
+        compute = accumulation_dtype(projection.weight.dtype)
         residual = original[f"{TARGET_MODULES[target]}.weight"].to(compute) - projection.weight.to(compute)
         if not residual.any():  # the block's own layer: PEFT's init (B = 0) is exact and leaves A trainable
             continue

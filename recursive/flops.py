@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .checks import check_int
 from .config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, RecursiveConfig
 
 MODEL_TYPES = ("causal_lm", "encoder")
@@ -94,8 +95,8 @@ def forward_flops(
         The count, an int.
     """
     _check_config(config, model_type)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seq_len", seq_len, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("seq_len", seq_len, 1)
     if lengths is None:
         lengths = [seq_len] * batch_size
     else:
@@ -293,8 +294,3 @@ def _check_config(config: RecursiveConfig, model_type: str) -> None:
     if model_type == "causal_lm" and config.embedding_size is not None:
         raise ValueError("config: embedding_size (factorised embeddings) is an encoder option; "
                          "use model_type='encoder'")
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")

@@ -9,14 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from recursive_kernels.backends import accumulation_dtype
+
 from .config import RecursiveConfig
 
 IGNORE_INDEX = -100
 
 
 def upcast(logits: Tensor) -> Tensor:
-    """Losses and routing are computed in float32 at least."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    """Losses and routing are computed in float32 at least (:func:`recursive_kernels.backends.accumulation_dtype`)."""
+    return logits.to(accumulation_dtype(logits.dtype))
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

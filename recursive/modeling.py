@@ -12,7 +12,7 @@ runs. Default positions count real tokens only (``cumsum(attention_mask) - 1``),
 gets the positions it would have alone.
 
 Cache: ``past_key_values`` is a tuple with one :class:`recursive.cache.LayerKV` per effective layer
-(keys and values after RoPE, (B, Hkv, S_past, D), plus the circuit's ``key_c``/``value_c``); a forward
+(keys and values after RoPE, token-major (B, S_past, Hkv, D), plus the circuit's ``key_c``/``value_c``); a forward
 with ``use_cache=True`` returns it extended by the new tokens. A Mixture-of-Recursions model caches
 recursion-wise: a recursion's layers hold a :class:`recursive.cache.RecursionKV` with the keys of the tokens that ran
 it only (with KV sharing the later recursions hold None: they read the first one's).
@@ -21,17 +21,19 @@ it only (with KV sharing the later recursions hold None: they read the first one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from .cache import LayerKV, PastKeyValues, RecursionKV, SharedKeyValue, VarlenPacking, ints_to_device
+from .cache import KVCache, LayerKV, PastKeyValues, RecursionKV, SharedKeyValue, VarlenPacking
 from .config import RecursiveConfig
 from .generation import GenerationMixin
-from .losses import IGNORE_INDEX, masked_mean, next_token_loss, upcast, with_router_losses
+from .loops import LayerInputs, LayerStep, loop_shape
+from .losses import IGNORE_INDEX, next_token_loss, upcast, with_router_losses
+from .mixture_of_recursions import mixture_of_recursions
 from .nn import RecursiveBlock, RMSNorm, activation, rotary_embedding
 from .pretrained import RecursivePreTrainedModel
 
@@ -54,6 +56,18 @@ class RecursiveModelOutput:
     hidden_states: Optional[Tuple[Tensor, ...]] = None
     recursion_loss: Optional[Tensor] = None
     recursion_depths: Optional[Tensor] = None
+
+
+class LayersOutput(NamedTuple):
+    """What :meth:`RecursiveModel.run_layers` returns: ``hidden`` (B, S, hidden), the output state after the
+    steps; ``presents``: each step's extended cache (None unless ``use_cache``; keys only: the extended
+    caches, or the new keys and values without a cache); ``aux_losses``: the MoL losses; ``outputs``: each
+    step's output (with ``output_hidden_states``)."""
+
+    hidden: Tensor
+    presents: List[Optional[LayerKV]]
+    aux_losses: List[Tensor]
+    outputs: List[Tensor]
 
 
 @dataclass
@@ -95,12 +109,16 @@ class RecursiveModel(nn.Module):
     ``mor_router`` (recursions <- hidden, Mixture-of-Recursions only), ``norm``. ``causal`` picks
     decoder (True) or encoder (False) attention.
 
-    ``hierarchical`` sharing runs the HRM data flow and ``mor_routing`` the Mixture-of-Recursions one
-    (:mod:`recursive.config`). A Mixture-of-Recursions forward has no ``output_hidden_states`` (its
-    recursions run on token subsets) and a cache only when ``config.kv_cacheable`` (causal routing):
-    the layers before and after the recursions cache every token (:class:`recursive.cache.LayerKV`), a
-    recursion's layers the tokens that ran it (:class:`recursive.cache.RecursionKV`); with KV sharing the later
-    recursions' entries are None, as they read the first's.
+    One method runs effective layers, :meth:`run_layers`, reading the model's :attr:`shape`
+    (:func:`recursive.loops.loop_shape`: the order of blocks, which state each layer updates and what mixes into
+    it (the HRM data flow of ``hierarchical`` sharing), and where a loop ends for early exit); the forward,
+    decoding, the engines and exit calibration all call it, and the Mixture-of-Recursions flow
+    (:mod:`recursive.mixture_of_recursions`) is written on it. A Mixture-of-Recursions forward has no
+    ``output_hidden_states`` (its recursions run on token subsets) and a cache only when ``config.kv_cacheable``
+    (causal routing): the layers before and after the recursions cache every token
+    (:class:`recursive.cache.LayerKV`), a recursion's layers the tokens that ran it
+    (:class:`recursive.cache.RecursionKV`); with KV sharing the later recursions' entries are None, as they read
+    the first's.
     """
 
     adapter_parameters = ("mor_router.weight",)
@@ -116,7 +134,7 @@ class RecursiveModel(nn.Module):
             self.register_module("embed_proj", None)
         self.blocks = nn.ModuleList(RecursiveBlock(config, b, causal) for b in range(config.num_blocks))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
-        self.block_of_layer = tuple(config.block_of_layer(layer) for layer in range(config.num_layers))
+        self.shape = loop_shape(config)  # the order of blocks and how states flow: what run_layers reads
         self.gradient_checkpointing = False  # RecursivePreTrainedModel.gradient_checkpointing_enable
         if config.mor_routing is not None:
             # Row r scores recursion r (expert choice); all rows together assign depths (token choice).
@@ -187,62 +205,118 @@ class RecursiveModel(nn.Module):
         packing = None
         if attention_mask is not None and not bool(attention_mask.all()):
             packing = VarlenPacking.from_attention_mask(attention_mask, S)
-        presents, aux_losses, hidden_states = {}, [], [hidden]  # presents: effective layer -> its cache
+        return self.run(hidden, position_ids, LayerInputs(position_embeddings, packing), past_key_values, use_cache,
+                        output_hidden_states)
 
-        def run_block(layer: int, hidden: Tensor, position_embeddings, packing: Optional[VarlenPacking],
-                      **options) -> Tuple[Tensor, Optional[LayerKV]]:
-            block = self.blocks[self.block_of_layer[layer]]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # The whole block again (no early stop): the fused ops recompute whole anyway, and
-                # recursive.flops.training_step_flops counts it so, on every backend.
-                with set_checkpoint_early_stop(False):
-                    hidden, present, aux_loss = checkpoint(block, hidden, layer, position_embeddings, packing,
-                                                           use_reentrant=False, **options)
-            else:
-                hidden, present, aux_loss = block(hidden, layer, position_embeddings, packing, **options)
-            if aux_loss is not None:
-                aux_losses.append(aux_loss)
-            return hidden, present
-
-        def run_cached(layer: int, hidden: Tensor) -> Tuple[Tensor, Optional[LayerKV]]:
-            """Effective layer ``layer`` on the whole batch, with its cache; also returns the extended cache."""
-            past = None if past_key_values is None else past_key_values[layer]
-            hidden, present = run_block(layer, hidden, position_embeddings, packing, past_key_value=past,
-                                        use_cache=cached)
-            presents[layer] = present
-            hidden_states.append(hidden)
-            return hidden, present
-
-        def run(layer: int, hidden: Tensor) -> Tensor:
-            return run_cached(layer, hidden)[0]
-
-        recursion_loss = recursion_depths = None
-        if mor:
-            real = (packing.query_mask if packing is not None
+    def run(
+        self, hidden: Tensor, position_ids: Tensor, inputs: LayerInputs,
+        past_key_values: Optional[PastKeyValues] = None, use_cache: bool = False, output_hidden_states: bool = False,
+    ) -> RecursiveModelOutput:
+        """:meth:`forward` from the embeddings ``hidden`` (B, S, hidden) on: the model's data flow over its
+        effective layers, then the final norm. ``inputs``: the rows' :class:`recursive.loops.LayerInputs`;
+        ``position_ids`` (B, S) (a Mixture-of-Recursions model's recursions take their tokens' RoPE rows);
+        the rest as :meth:`forward`, whose checks it trusts (decoding calls it directly)."""
+        cached = past_key_values is not None or use_cache
+        recursion_loss = recursion_depths = hidden_states = None
+        if self.config.mor_routing is not None:
+            B, S = hidden.shape[:2]
+            real = (inputs.packing.query_mask if inputs.packing is not None
                     else torch.ones(B, S, dtype=torch.bool, device=hidden.device))
-            hidden, recursion_loss, recursion_depths = self._mixture_of_recursions(
-                hidden, real, position_ids, run_cached, run_block, past_key_values, presents if cached else None)
-        elif self.config.sharing == "hierarchical":
-            hidden = self.hierarchical(hidden, run)
+            out = mixture_of_recursions(self, hidden, real, position_ids, inputs, past_key_values, cached)
+            hidden, aux_losses, recursion_loss, recursion_depths = out.hidden, out.aux_losses, out.loss, out.depths
+            presents = tuple(out.presents.get(layer) for layer in range(self.config.num_layers))
         else:
-            for layer in range(self.config.num_layers):
-                hidden = run(layer, hidden)
+            run = self.run_layers(hidden, self.shape.steps, inputs, past_key_values, use_cache=cached,
+                                  output_hidden_states=output_hidden_states)
+            if output_hidden_states:
+                hidden_states = (hidden, *run.outputs)
+            hidden, presents, aux_losses = run.hidden, tuple(run.presents), run.aux_losses
         return RecursiveModelOutput(
             last_hidden_state=self.norm(hidden),
-            past_key_values=(tuple(presents.get(layer) for layer in range(self.config.num_layers))
-                             if use_cache else None),
+            past_key_values=presents if use_cache else None,
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            hidden_states=hidden_states,
             recursion_loss=recursion_loss,
             recursion_depths=recursion_depths,
         )
+
+    def run_layers(
+        self,
+        hidden: Tensor,
+        steps: Sequence[LayerStep],
+        inputs: LayerInputs,
+        caches: Optional[Sequence[Optional[KVCache]]] = None,
+        *,
+        use_cache: bool = False,
+        shared: Optional[Sequence[SharedKeyValue]] = None,
+        active: Optional[Tensor] = None,
+        keys_only: bool = False,
+        output_hidden_states: bool = False,
+    ) -> LayersOutput:
+        """Run ``steps`` (of :attr:`shape`, :class:`recursive.loops.LayerStep`) on ``hidden`` (B, S, hidden): the
+        one loop over effective layers, which the forward, decoding, the engines and exit calibration all run.
+
+        The states of :attr:`shape` start from ``hidden`` (HRM's fast and slow states from zero); each step adds
+        its ``adds`` into its state and runs its block there at depth ``step.layer + inputs.depth_shift``.
+
+        Args:
+            hidden: (B, S, hidden), the rows' input.
+            steps: consecutive steps of the model's shape (a loop, a recursion, or all).
+            inputs: the rows' RoPE, packing and depth shift (:class:`recursive.loops.LayerInputs`).
+            caches: one :class:`recursive.cache.KVCache` (or None) per step, extended by the step's new keys.
+            use_cache: return each step's extended cache (:attr:`LayersOutput.presents`).
+            shared: per step, the keys and values it attends over instead of its own (Mixture-of-Recursions'
+                KV sharing: :class:`recursive.cache.SharedKeyValue`).
+            active: (B,) bool: rows that run; the others keep their state (tokens that left early), from which
+                the steps still compute their keys and values.
+            keys_only: only extend ``caches`` with the keys and values of ``hidden`` at each step, running no
+                block (the layers a token that left skips).
+            output_hidden_states: also return each step's output.
+        """
+        states = [hidden] + [torch.zeros_like(hidden)] * (self.shape.num_states - 1)
+        presents, aux_losses, outputs = [], [], []
+        recording = torch.is_grad_enabled()
+        for i, step in enumerate(steps):
+            block = self.blocks[step.block]
+            indices = block.adapter_index(step.layer + inputs.depth_shift, inputs.check_indices)
+            past = None if caches is None else caches[i]
+            if keys_only:
+                new = block.key_value(states[step.state], indices, inputs.position_embeddings, check_indices=False)
+                presents.append(new if past is None else past.append(new))
+                continue
+            with torch.set_grad_enabled(recording and step.records):
+                h = states[step.state]
+                for source in step.adds:
+                    h = h + states[source]
+                out, present, aux_loss = self._run_block(block, h, indices, inputs, past, use_cache,
+                                                         None if shared is None else shared[i])
+            if active is not None:
+                out = torch.where(active[:, None, None], out, h)
+            states[step.state] = out
+            presents.append(present)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
+            if output_hidden_states:
+                outputs.append(out)
+        return LayersOutput(states[self.shape.output_state], presents, aux_losses, outputs)
+
+    def _run_block(self, block: RecursiveBlock, hidden: Tensor, indices, inputs: LayerInputs, past: Optional[KVCache],
+                   use_cache: bool, shared: Optional[SharedKeyValue]):
+        options = {"check_indices": False, "shared_key_value": shared}
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The whole block again (no early stop): the fused ops recompute whole anyway, and
+            # recursive.flops.training_step_flops counts it so, on every backend.
+            with set_checkpoint_early_stop(False):
+                return checkpoint(block, hidden, indices, inputs.position_embeddings, inputs.packing, past, use_cache,
+                                  use_reentrant=False, **options)
+        return block(hidden, indices, inputs.position_embeddings, inputs.packing, past, use_cache, **options)
 
     def _past_length(self, past_key_values: PastKeyValues) -> int:
         """The sequence length a cache covers (Mixture-of-Recursions: after checking that each entry is
         of its layer's kind, as the module docstring has it)."""
         config = self.config
         if config.mor_routing is None:
-            return past_key_values[0].key.shape[2]
+            return past_key_values[0].key.shape[1]
         recursions = config.recursions()[1]
         kinds = {layer: RecursionKV for recursion in recursions for layer in recursion}
         if config.mor_kv_sharing:
@@ -254,7 +328,7 @@ class RecursiveModel(nn.Module):
                 expected = "None" if kind is type(None) else kind.__name__
                 raise ValueError(f"past_key_values: entry {layer} must be {expected}, got {type(entry).__name__}")
             if entry is not None:
-                lengths.add(entry.length if kind is RecursionKV else entry.key.shape[2])
+                lengths.add(entry.length if kind is RecursionKV else entry.key.shape[1])
         if len(lengths) != 1:
             raise ValueError(f"past_key_values: the entries cover different sequence lengths {sorted(lengths)}")
         return lengths.pop()
@@ -266,184 +340,6 @@ class RecursiveModel(nn.Module):
             return torch.arange(past_length, past_length + length, device=device).expand(batch, length)
         positions = attention_mask.long().cumsum(-1) - 1
         return positions[:, past_length:].clamp(min=0)  # padding gets position 0; it is never attended to
-
-    def hierarchical(self, x: Tensor, run: Callable[[int, Tensor], Tensor]) -> Tensor:
-        """HRM: the fast state ``z_L <- f_L(z_L + z_H + x)`` at each fast step, the slow state
-        ``z_H <- f_H(z_H + z_L)`` after every ``hrm_period`` of them, both from zero; returns ``z_H``.
-        ``run(layer, h)`` runs effective layer ``layer`` on ``h``."""
-        config = self.config
-        module = config.num_blocks // 2
-        fast_layers = config.hrm_period * module
-        recording = torch.is_grad_enabled()
-        # One-step gradient: only the last fast and the last slow module application record.
-        first_recorded = config.num_layers - 2 * module if config.hrm_one_step_gradient else 0
-        fast = slow = torch.zeros_like(x)
-        for layer in range(config.num_layers):
-            position = layer % config.hrm_cycle_length
-            with torch.set_grad_enabled(recording and layer >= first_recorded):
-                if position < fast_layers:
-                    if position % module == 0:
-                        fast = fast + slow + x
-                    fast = run(layer, fast)
-                else:
-                    if position == fast_layers:
-                        slow = slow + fast
-                    slow = run(layer, slow)
-        return slow
-
-    def _mixture_of_recursions(
-        self, hidden: Tensor, real: Tensor, position_ids: Tensor,
-        run_cached: Callable[[int, Tensor], Tuple[Tensor, Optional[LayerKV]]],
-        run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]], past_key_values: Optional[PastKeyValues],
-        presents: Optional[Dict[int, Optional[RecursionKV]]],
-    ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Mixture-of-Recursions over ``hidden`` (B, S, hidden) with real tokens ``real`` (B, S) bool.
-
-        The layers before and after the recursions run on every token (``run_cached(layer, h) -> (h,
-        cache)``); each recursion runs its layers on its selected tokens only, gathered in order into a
-        compact batch (``run_block(layer, h, position_embeddings, packing, **block_options) -> (h,
-        present)``). With a cache (``presents``, filled here with the recursions' layers' caches) each
-        recursion's layers attend over their :class:`recursive.cache.RecursionKV` of the earlier tokens
-        (``past_key_values``) too. Returns the hidden states, the weighted router losses and the
-        recursions each token ran.
-        """
-        config = self.config
-        before, recursions, after = config.recursions()
-        for layer in before:
-            hidden = run_cached(layer, hidden)[0]
-        alpha = config.mor_router_alpha
-        depths = torch.zeros(real.shape, dtype=torch.int64, device=hidden.device)
-        selected = real
-        # Top-k expert choice keeps counts the host knows (after one read of the real tokens' counts), so its
-        # steps read nothing back from the device.
-        kept_counts = real_counts = None
-        if config.mor_routing == "expert_choice" and not config.mor_threshold_routing:
-            kept_counts = real_counts = real.sum(1).tolist()
-        z_losses, router_losses = [], []
-        balance_loss = first = None  # first: the first recursion's layout and keys (KV sharing)
-        if config.mor_routing == "token_choice":
-            logits = upcast(self.mor_router(hidden))  # (B, S, N)
-            probs = logits.softmax(-1)
-            chosen = probs.argmax(-1)  # the last recursion each token runs
-            gate = alpha * probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-            used = masked_mean(F.one_hot(chosen, len(recursions)).to(probs.dtype), real)
-            balance_loss = len(recursions) * (used * masked_mean(probs, real)).sum()
-            z_losses.append(masked_mean(logits.logsumexp(-1).square(), real))
-        for r, layers in enumerate(recursions):
-            if config.mor_routing == "expert_choice":
-                logits = upcast(F.linear(hidden, self.mor_router.weight[r:r + 1]).squeeze(-1))  # (B, S)
-                scored = selected
-                z_losses.append(masked_mean(logits.square(), scored))  # the z-loss of a single logit
-                if config.mor_capacities[r] == 1.0:
-                    pass  # every active token stays
-                elif config.mor_threshold_routing:
-                    selected = selected & (logits >= 0)  # sigmoid >= 1/2
-                else:
-                    kept_counts = [min(active, config.mor_tokens_kept(r, n))
-                                   for active, n in zip(kept_counts, real_counts)]
-                    kept = ints_to_device(hidden.device, kept_counts)[0]
-                    rank = (logits.masked_fill(~selected, float("-inf")).argsort(dim=1, descending=True, stable=True)
-                            .argsort(dim=1))
-                    selected = selected & (rank < kept[:, None])
-                router_losses.append(masked_mean(F.binary_cross_entropy_with_logits(
-                    logits, selected.to(logits.dtype), reduction="none"), scored))
-                gate, gated = alpha * logits.sigmoid(), selected
-            else:
-                selected, gated = real & (chosen >= r), chosen == r
-            depths = depths + selected
-            # With KV sharing the later recursions read the first one's keys and have no cache.
-            own_cache = presents is not None and (r == 0 or not config.mor_kv_sharing)
-            past = None
-            if own_cache:
-                past = [None if past_key_values is None else past_key_values[layer] for layer in layers]
-            hidden, first, caches = self._recursion_step(hidden, layers, selected, gate, gated, position_ids, run_block,
-                                                         first, past, kept_counts)
-            if own_cache:
-                presents.update(zip(layers, caches))
-        for layer in after:
-            hidden = run_cached(layer, hidden)[0]
-        loss = config.mor_z_loss_coef * torch.stack(z_losses).nan_to_num().mean()
-        if balance_loss is not None:
-            loss = loss + config.mor_balance_loss_coef * balance_loss.nan_to_num()
-        if router_losses:
-            loss = loss + config.mor_router_loss_coef * torch.stack(router_losses).nan_to_num().mean()
-        return hidden, loss, depths
-
-    def _recursion_step(
-        self, hidden: Tensor, layers, selected: Tensor, gate: Tensor, gated: Tensor, position_ids: Tensor,
-        run_block: Callable[..., Tuple[Tensor, Optional[LayerKV]]], first: Optional["_FirstRecursion"],
-        past: Optional[List[Optional[RecursionKV]]], known_counts: Optional[List[int]] = None,
-    ) -> Tuple[Tensor, Optional["_FirstRecursion"], Optional[List[RecursionKV]]]:
-        """One recursion on the ``selected`` (B, S) tokens: ``h + gate * (F(h) - h)`` where ``gated``,
-        ``F(h)`` elsewhere among them; the other tokens keep ``hidden``. With KV sharing, the first
-        recursion returns its layout and keys (``first``) and the later ones attend over them. ``past``:
-        with a cache, each layer's cache of the earlier tokens (None: there are none), which this step
-        extends and returns. ``known_counts``: the selected tokens of each row when the host knows them
-        (no cache), which spares the step's reads of the device."""
-        B, S, width = hidden.shape
-        counts = selected.sum(1)
-        if known_counts is not None:
-            n = max(known_counts, default=0)
-        else:
-            n = int(counts.max()) if B else 0
-        if n == 0 and (past is None or past[0] is not None):
-            caches = None if past is None else [entry._replace(length=entry.length + S) for entry in past]
-            return hidden, first, caches
-        # (Below, n may be 0: the first step of a cache still creates it, empty.)
-        # The selected tokens of each row first, in their order (a stable sort of "not selected"); with
-        # KV sharing, placed by their rows in the first recursion's layout.
-        if first is None:
-            order = (~selected).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
-        else:
-            rows = (~selected.gather(1, first.order)).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
-            order = first.order.gather(1, rows)
-        compact = torch.arange(n, device=hidden.device) < counts[:, None]
-
-        def take(t: Tensor) -> Tensor:
-            return t.gather(1, order.view(B, n, *[1] * (t.dim() - 2)).expand(B, n, *t.shape[2:]))
-
-        h = take(hidden)
-        position_embeddings = rotary_embedding(take(position_ids), self.config.head_dim, self.config.rope_theta,
-                                               h.dtype)
-        # The compact tokens follow the cached ones, each row's in order, so causal attention over the
-        # row's real columns is exact (holes and compact rows past a row's count are masked out).
-        if known_counts is not None and past is None:
-            key_mask = compact
-            packing = (None if all(c == n for c in known_counts)
-                       else VarlenPacking.from_lengths(known_counts, n, hidden.device))
-        else:
-            key_mask = compact if past is None or past[0] is None else torch.cat((past[0].token_mask, compact), 1)
-            packing = None if bool(key_mask.all()) else VarlenPacking.from_attention_mask(key_mask, n)
-        keep = self.config.mor_kv_sharing and first is None
-        key_values = []
-        out = h
-        for i, layer in enumerate(layers):
-            shared = (None if first is None
-                      else SharedKeyValue(first.key_values[i], first.order.shape[1], rows, first.packing))
-            past_key_value = None if past is None or past[i] is None else past[i].key_value
-            out, present = run_block(layer, out, position_embeddings, packing, past_key_value=past_key_value,
-                                     use_cache=keep or past is not None, shared_key_value=shared)
-            key_values.append(present)
-        g = take(gate).unsqueeze(-1).to(h.dtype)
-        out = torch.where(take(gated).unsqueeze(-1), h + g * (out - h), out)
-        out = torch.where(compact.unsqueeze(-1), out, h)  # compact rows past a row's count hold unselected tokens
-        if keep:
-            first = _FirstRecursion(order, packing, key_values)
-        caches = None
-        if past is not None:
-            length = (0 if past[0] is None else past[0].length) + S
-            caches = [RecursionKV(key_value, key_mask, length) for key_value in key_values]
-        return hidden.scatter(1, order.unsqueeze(-1).expand(B, n, width), out), first, caches
-
-
-class _FirstRecursion(NamedTuple):
-    """The first recursion's layout (``order`` (B, n): the token of each row; ``packing``: its
-    :class:`VarlenPacking`) and each of its layers' keys and values (with a cache, the cached ones
-    too), which the later recursions share."""
-
-    order: Tensor
-    packing: Optional[VarlenPacking]
-    key_values: List[LayerKV]
 
 
 class RecursiveForCausalLM(GenerationMixin, RecursivePreTrainedModel):

@@ -79,7 +79,8 @@ def early_exit_reference(model, prompt: List[int], max_new_tokens: int,
         logits = None
         for layer in range(config.num_layers):
             block = backbone.blocks[config.block_of_layer(layer)]
-            new_hidden, cache[layer], _ = block(hidden, layer, position_embeddings, None, cache[layer], use_cache=True)
+            new_hidden, cache[layer], _ = block(hidden, block.adapter_index(layer), position_embeddings, None,
+                                                cache[layer], use_cache=True)
             if logits is not None:
                 continue  # exited: the block ran on the exit state for its keys and values only
             hidden = new_hidden
@@ -210,8 +211,8 @@ def test_block_key_value_equals_the_cache_forward_appends():
                                            torch.float64)
     block = model.model.blocks[1]
     for depth in (1, 5, torch.tensor([1, 3, 5])):  # 1: no circuit factors (before start_index)
-        expected = block(hidden, depth, position_embeddings, use_cache=True)[1]
-        got = block.key_value(hidden, depth, position_embeddings)
+        expected = block(hidden, block.adapter_index(depth), position_embeddings, use_cache=True)[1]
+        got = block.key_value(hidden, block.adapter_index(depth), position_embeddings)
         for e, g in zip(expected, got):
             assert (e is None) == (g is None)
             if e is not None:
@@ -472,7 +473,7 @@ def test_calibrated_threshold_splits_the_first_boundary():
     positions = torch.arange(9).expand(4, 9)
     config = model.config
     with torch.no_grad():
-        hidden = model.model.blocks[0](model.model.embed(ids), 0, rotary_embedding(
+        hidden = model.model.blocks[0](model.model.embed(ids), -1, rotary_embedding(
             positions, config.head_dim, config.rope_theta, torch.float64))[0]
         top = model.lm_head(model.model.norm(hidden)).softmax(-1).amax(-1)
     leaving = float((top >= threshold).double().mean())

@@ -165,9 +165,9 @@ def make_attention(causal=True, **kwargs) -> CircuitAttention:
     return randomize_(CircuitAttention(16, 4, **options))
 
 
-def run_attention(attn, x, adapter_index, positions, **kwargs):
+def run_attention(attn, x, indices, positions, **kwargs):
     cos_sin = rotary_embedding(positions, attn.head_dim, 10000.0, x.dtype)
-    return attn(x, cos_sin, adapter_index, **kwargs)
+    return attn(x, cos_sin, indices, **kwargs)
 
 
 def ref_of(attn: CircuitAttention, x, adapter, positions, key_mask=None):
@@ -211,9 +211,9 @@ def test_circuit_attention_per_row_depths_equal_per_sample():
         torch.testing.assert_close(out[row:row + 1], alone, **TOL)
     per_token = depths[:, None].expand(4, 5)
     torch.testing.assert_close(run_attention(attn, x, per_token, positions)[0], out, **TOL)
-    with pytest.raises(IndexError, match="adapter_index"):
+    with pytest.raises(IndexError, match="indices"):
         run_attention(attn, x, 3, positions)
-    with pytest.raises(ValueError, match="adapter_index"):
+    with pytest.raises(ValueError, match="indices"):
         run_attention(attn, x, torch.zeros(3, dtype=torch.long), positions)
 
 
@@ -225,13 +225,13 @@ def test_circuit_attention_cache_equals_full_recompute(adapter):
     positions = positions_of(2, 6)
     full, _ = run_attention(attn, x, adapter, positions)
     out, cache = run_attention(attn, x[:, :3], adapter, positions[:, :3], use_cache=True)
-    assert cache.key.shape == (2, 2, 3, 6) and (cache.key_c is None) == (adapter == -1)
+    assert cache.key.shape == (2, 3, 2, 6) and (cache.key_c is None) == (adapter == -1)
     pieces = [out]
     for start, stop in ((3, 5), (5, 6)):  # a two-token chunk, then one token
         out, cache = run_attention(attn, x[:, start:stop], adapter, positions[:, start:stop],
                                    past_key_value=cache, use_cache=True)
         pieces.append(out)
-    assert cache.value.shape == (2, 2, 6, 6)
+    assert cache.value.shape == (2, 6, 2, 6)  # token-major (B, S, Hkv, D)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, **TOL)
 
 
@@ -246,10 +246,10 @@ def test_circuit_attention_cache_mismatch_raises():
 
 
 def test_layer_kv_append_extends_along_the_sequence():
-    past = LayerKV(*(torch.randn(2, 1, 3, d) for d in (4, 4, 2, 2)))
+    past = LayerKV(*(torch.randn(2, 3, 1, d) for d in (4, 4, 2, 2)))  # (B, S, Hkv, .)
     new = LayerKV(*(torch.randn(2, 1, 1, d) for d in (4, 4, 2, 2)))
     for joined, p, n in zip(past.append(new), past, new):
-        torch.testing.assert_close(joined, torch.cat((p, n), dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(joined, torch.cat((p, n), dim=1), rtol=0, atol=0)
     assert LayerKV(past.key, past.value).append(LayerKV(new.key, new.value)).key_c is None
 
 
@@ -420,22 +420,28 @@ def test_block_per_row_depths_equal_per_depth_calls(relaxation):
     x = torch.randn(3, 4, 16, dtype=DTYPE)
     cos_sin = rotary_embedding(positions_of(3, 4), 4, 10000.0, DTYPE)
     depths = torch.tensor([5, 1, 3])
-    out, _, aux = block(x, depths, cos_sin)
+    indices = block.adapter_index(depths)
+    assert indices.tolist() == [1, -1, 0]
+    out, _, aux = block(x, indices, cos_sin)
     assert aux is None
     for row, depth in enumerate(depths.tolist()):
-        alone, _, _ = block(x[row:row + 1], depth, tuple(t[row:row + 1] for t in cos_sin))
+        alone, _, _ = block(x[row:row + 1], block.adapter_index(depth), tuple(t[row:row + 1] for t in cos_sin))
         torch.testing.assert_close(out[row:row + 1], alone, **TOL)
     with pytest.raises(ValueError, match="depth"):
-        block(x, 6, cos_sin)
+        block.adapter_index(6)
     with pytest.raises(ValueError, match="depth"):
-        block(x, torch.tensor([0, -1, 2]), cos_sin)
+        block.adapter_index(torch.tensor([0, -1, 2]))
+    with pytest.raises(IndexError, match="indices"):
+        block(x, 2, cos_sin)  # two adapters
+    with pytest.raises(IndexError, match="indices"):
+        block(x, torch.tensor([0, 2, 1]), cos_sin)
 
 
 def test_block_checks_per_row_indices_once_per_module(monkeypatch):
-    """A block with per-row depths reads them on the host once (a host synchronisation on the GPU), and with
-    check_depth=False not at all; its attention and MLP trust the adapter indices derived from them and read
-    nothing, and called on their own they read their indices once, not once per projection: bad values
-    still raise."""
+    """Mapping per-row depths to a block's adapter indices reads them on the host once (a host synchronisation
+    on the GPU), and a block with per-row indices reads them once (in its attention; its MLP and the
+    projections trust them); with check_indices=False neither reads. Its attention and MLP called on their
+    own read their indices once, not once per projection: bad values still raise."""
     import importlib
 
     import recursive.nn.attention
@@ -460,21 +466,24 @@ def test_block_checks_per_row_indices_once_per_module(monkeypatch):
     x = torch.randn(3, 4, 16, dtype=DTYPE)
     cos_sin = rotary_embedding(positions_of(3, 4), 4, 10000.0, DTYPE)
     depth = torch.tensor([5, 1, 3])
-    out, _, _ = block(x, depth, cos_sin)
+    indices = block.adapter_index(depth)
     assert calls == {"op": 0, "module": 0, "depth": 1}
-    trusted, _, _ = block(x, depth, cos_sin, check_depth=False)
-    block.key_value(x, depth, cos_sin, check_depth=False)
-    assert calls == {"op": 0, "module": 0, "depth": 1} and torch.equal(trusted, out)
+    assert torch.equal(block.adapter_index(depth, check_indices=False), indices)
+    out, _, _ = block(x, indices, cos_sin)
+    assert calls == {"op": 0, "module": 1, "depth": 2}  # check_index_values reads through aminmax
+    trusted, _, _ = block(x, indices, cos_sin, check_indices=False)
+    block.key_value(x, indices, cos_sin, check_indices=False)
+    assert calls == {"op": 0, "module": 1, "depth": 2} and torch.equal(trusted, out)
     block.self_attn(x, cos_sin, torch.tensor([0, 1, 0]))
     block.mlp(x, torch.tensor([[0, 1, 1, 0]] * 3))
-    assert calls == {"op": 0, "module": 2, "depth": 3}  # check_index_values reads through aminmax
-    with pytest.raises(IndexError, match="adapter_index"):
+    assert calls == {"op": 0, "module": 3, "depth": 4}
+    with pytest.raises(IndexError, match="indices"):
         block.self_attn(x, cos_sin, torch.tensor([0, 2, 1]))  # 2 depths: 2 is out of range
     with pytest.raises(IndexError, match="indices"):
         block.mlp(x, torch.tensor([[0, 1, 2, 0]] * 3))
     mixture = randomize_(RecursiveBlock(block_config("mol", num_blocks=1), block_index=0).to(DTYPE))
     calls.update(op=0, module=0, depth=0)
-    mixture(x, 2, cos_sin)  # the router's top-k experts are in range by construction: no host read
+    mixture(x, -1, cos_sin)  # the router's top-k experts are in range by construction: no host read
     assert calls == {"op": 0, "module": 0, "depth": 0}
 
 
@@ -483,8 +492,8 @@ def test_block_with_merged_mixture():
     block = randomize_(RecursiveBlock(block_config("mol", num_blocks=1), block_index=0).to(DTYPE))
     x = torch.randn(2, 5, 16, dtype=DTYPE)
     cos_sin = rotary_embedding(positions_of(2, 5), 4, 10000.0, DTYPE)
-    out, _, aux = block(x, 3, cos_sin)
+    out, _, aux = block(x, -1, cos_sin)
     assert aux.shape == () and out.shape == x.shape
     block.mlp = block.mlp.merge_experts(torch.randn(32, 16, dtype=DTYPE))
-    merged, _, aux = block(x, 3, cos_sin)
+    merged, _, aux = block(x, -1, cos_sin)
     assert aux is None and merged.shape == x.shape and not torch.allclose(merged, out)

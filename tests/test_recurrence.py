@@ -345,7 +345,7 @@ def test_causal_routing_decodes_with_a_recursion_wise_cache(variant):
     torch.testing.assert_close(logits[real], full.logits[real], **TOL)
     before, recursions, after = config.recursions()
     for layer in before + after:
-        assert isinstance(out.past_key_values[layer], LayerKV) and out.past_key_values[layer].key.shape[2] == 9
+        assert isinstance(out.past_key_values[layer], LayerKV) and out.past_key_values[layer].key.shape[1] == 9
     for r, layers in enumerate(recursions):
         for layer in layers:
             cache = out.past_key_values[layer]
@@ -354,7 +354,7 @@ def test_causal_routing_decodes_with_a_recursion_wise_cache(variant):
                 continue
             assert isinstance(cache, RecursionKV) and cache.length == 9
             key = cache.key_value.key
-            assert tuple(cache.token_mask.shape) == (key.shape[0], key.shape[2])
+            assert tuple(cache.token_mask.shape) == (key.shape[0], key.shape[1])
             assert torch.equal(cache.token_mask.sum(1), (full.recursion_depths > r).sum(1))
 
 
@@ -389,7 +389,7 @@ def test_recursion_wise_cache_of_recursions_no_token_reaches():
         logits, out = decode_in_pieces(model, input_ids, attention_mask)
     assert torch.equal(full.recursion_depths, torch.ones_like(input_ids))
     torch.testing.assert_close(logits, full.logits, **TOL)
-    assert [cache.key_value.key.shape[2] for cache in out.past_key_values] == [9, 0, 0]
+    assert [cache.key_value.key.shape[1] for cache in out.past_key_values] == [9, 0, 0]
     with pytest.raises(ValueError, match="past_key_values: entry 1 must be RecursionKV"):
         model(input_ids[:, :1], past_key_values=(out.past_key_values[0],) + (out.past_key_values[0].key_value,) * 2)
 

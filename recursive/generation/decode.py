@@ -9,16 +9,17 @@ import torch
 from torch import Tensor
 
 from ..cache import VarlenPacking
+from ..checks import check_ids, check_int, check_token
 from ..nn import rotary_embedding, rotary_rows
 from ..progress import Progress
 from .early_exit import decode_step
 from .sampling import next_tokens
-from .validation import check_exit_threshold, check_ids, check_int, check_sampling, check_token
+from .validation import check_exit_threshold, check_sampling
 
 
 class GenerationMixin:
     """``generate`` for a causal LM of the family (as Hugging Face models get theirs): the model is ``self``, with
-    ``config``, ``model`` (the backbone: ``embed``, ``blocks``, ``block_of_layer``) and :meth:`logits_at` (the LM
+    ``config``, ``model`` (the backbone: ``embed``, ``run``, ``run_layers``, ``shape``) and :meth:`logits_at` (the LM
     head at any depth)."""
 
     @torch.no_grad()
@@ -88,7 +89,7 @@ class GenerationMixin:
         past = out.past_key_values
         positions = attention_mask.long().sum(1)
         padded = not bool(attention_mask.all())  # the new columns are real tokens: decided once
-        # RoPE of every position a row can reach, once (the stacks decode_step runs take their rows of it)
+        # RoPE of every position a row can reach, once (decode_step takes its rows of it)
         rotary_table = rotary_embedding(torch.arange(S + max_new_tokens, device=input_ids.device)[None],
                                         config.head_dim, config.rope_theta, self.model.embed_tokens.weight.dtype)
         sequence = input_ids
@@ -109,14 +110,10 @@ class GenerationMixin:
             if not cached:
                 sequence = torch.cat((sequence, tokens[:, None].to(sequence.dtype)), dim=1)
                 logits = self.lm_head(self.model(sequence, attention_mask).last_hidden_state[:, -1])
-            elif config.sharing == "hierarchical" or config.mor_routing is not None:  # their own data flow
-                out = self(tokens[:, None], attention_mask=attention_mask if padded else None,
-                            position_ids=positions[:, None], past_key_values=past, use_cache=True)
-                logits, past = out.logits[:, -1], out.past_key_values
             else:
                 packing = VarlenPacking.from_attention_mask(attention_mask, 1, queries_real=True) if padded else None
-                logits, past = decode_step(self, tokens, rotary_rows(rotary_table, positions), packing, past,
-                                           exit_threshold)
+                logits, past = decode_step(self, tokens, positions, rotary_rows(rotary_table, positions), packing,
+                                           past, exit_threshold)
             positions = positions + 1
         return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
 

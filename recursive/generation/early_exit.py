@@ -1,5 +1,5 @@
 """Early exit at loop boundaries (the package docstring of :mod:`recursive.generation`): the confidence
-test, its calibration on untrained models, and the KV-cached decoding step that applies it."""
+test, its calibration on untrained models, and the KV-cached decoding step (every model's) that applies it."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..cache import LayerKV, VarlenPacking
+from ..cache import PastKeyValues, VarlenPacking
+from ..checks import check_ids
+from ..loops import LayerInputs
+from ..losses import upcast
 from ..nn import rotary_embedding
-from .validation import check_ids
 
 
 def top_probability(logits: Tensor) -> Tensor:
     """(*, vocab) -> (*,), the largest softmax probability, in float32 at least."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1).amax(-1)
+    return upcast(logits).softmax(-1).amax(-1)
 
 
 @torch.no_grad()
@@ -40,47 +42,51 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
     positions = torch.arange(S, device=input_ids.device).expand(B, S)
     hidden = backbone.embed(input_ids)
     position_embeddings = rotary_embedding(positions, config.head_dim, config.rope_theta, hidden.dtype)
-    for layer in range(period):
-        hidden = backbone.blocks[backbone.block_of_layer[layer]](hidden, layer, position_embeddings)[0]
+    hidden = backbone.run_layers(hidden, backbone.shape.steps[:period], LayerInputs(position_embeddings)).hidden
     top = top_probability(model.logits_at(hidden)).flatten()
     return float(top.double().quantile(1.0 - exit_fraction))
 
 
 def decode_step(
-    model, tokens: Tensor, position_embeddings: Tuple[Tensor, Tensor], packing: Optional[VarlenPacking],
-    past: Tuple[LayerKV, ...], exit_threshold: Optional[float],
-) -> Tuple[Tensor, Tuple[LayerKV, ...]]:
-    """One new token per row through the stack, leaving at loop boundaries with ``exit_threshold``.
+    model, tokens: Tensor, positions: Tensor, position_embeddings: Tuple[Tensor, Tensor],
+    packing: Optional[VarlenPacking], past: PastKeyValues, exit_threshold: Optional[float],
+) -> Tuple[Tensor, PastKeyValues]:
+    """One new token per row through the model, leaving at loop boundaries with ``exit_threshold``: the decoding
+    step of :meth:`GenerationMixin.generate` for every kind of model (its cache's own kind: plain, HRM,
+    Mixture-of-Recursions).
 
-    A row that left keeps its exit hidden state, so the blocks it still runs (for rows that did not
-    leave) give the keys and values of that state; once every row has left, the remaining layers only
-    project keys and values. tokens (B,), position_embeddings (cos, sin) each (B, 1, head_dim) of the tokens'
+    With early exit (a plain stack, whose shape marks its loop boundaries) the loops run one at a time: a row
+    that left keeps its exit hidden state, so the blocks it still runs (for rows that did not leave) give the
+    keys and values of that state; once every row has left, the remaining layers only project keys and
+    values. tokens (B,), positions (B,), position_embeddings (cos, sin) each (B, 1, head_dim) of the tokens'
     positions -> logits (B, vocab) and the extended cache.
     """
-    backbone, config = model.model, model.config
+    backbone = model.model
     hidden = backbone.embed(tokens[:, None])
-    period = config.loop_length()
-    running = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    inputs = LayerInputs(position_embeddings, packing)
+    if exit_threshold is None:
+        out = backbone.run(hidden, positions[:, None], inputs, past, use_cache=True)
+        return model.lm_head(out.last_hidden_state[:, -1]), out.past_key_values
+    steps = backbone.shape.steps
+    ends = [i + 1 for i, step in enumerate(steps) if step.exit_after] + [len(steps)]
+    running: Optional[Tensor] = None  # None: every row (before the first boundary)
     exit_logits: Optional[Tensor] = None
     all_left = False
-    presents = []
-    for layer, block_index in enumerate(backbone.block_of_layer):
-        block = backbone.blocks[block_index]
-        if all_left:
-            presents.append(past[layer].append(block.key_value(hidden, layer, position_embeddings)))
+    presents, start = [], 0
+    for end in ends:
+        run = backbone.run_layers(hidden, steps[start:end], inputs, past[start:end], use_cache=True, active=running,
+                                  keys_only=all_left)
+        presents.extend(run.presents)
+        hidden, start = run.hidden, end
+        if all_left or end == len(steps):
             continue
-        new_hidden, present, _ = block(hidden, layer, position_embeddings, packing, past[layer], use_cache=True)
-        presents.append(present)
-        if exit_threshold is None:
-            hidden = new_hidden
-            continue
-        hidden = torch.where(running[:, None, None], new_hidden, hidden)
-        if (layer + 1) % period == 0 and layer + 1 < config.num_layers:
-            logits = model.logits_at(hidden[:, -1])
-            leaving = running & (top_probability(logits) >= exit_threshold)
-            exit_logits = logits if exit_logits is None else torch.where(leaving[:, None], logits, exit_logits)
-            running = running & ~leaving
-            all_left = not bool(running.any())
+        logits = model.logits_at(hidden[:, -1])
+        leaving = top_probability(logits) >= exit_threshold
+        if running is not None:
+            leaving = leaving & running
+        exit_logits = logits if exit_logits is None else torch.where(leaving[:, None], logits, exit_logits)
+        running = ~leaving if running is None else running & ~leaving
+        all_left = not bool(running.any())
     if all_left:
         return exit_logits, tuple(presents)
     logits = model.logits_at(hidden[:, -1])

@@ -7,12 +7,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
+from ..checks import check_int, check_token
 from ..progress import Progress
 from .decode import GenerationMixin
 from .engine_run import EngineRun, EngineStats, Request
 from .recursion_run import RecursionEngineRun
 from .sampling import next_tokens
-from .validation import check_exit_threshold, check_int, check_sampling, check_token
+from .validation import check_exit_threshold, check_sampling
 
 
 class DepthBatchingEngine:
@@ -63,10 +64,8 @@ class DepthBatchingEngine:
         if config.mor_routing is not None:  # a loop is a recursion
             recursions = config.recursions()[1]
             self.loop_length, self.num_loops = len(recursions[0]), len(recursions)
-        elif config.sharing == "hierarchical":  # one loop: its states flow through the whole stack
-            self.loop_length, self.num_loops = config.num_layers, 1
-        else:
-            self.loop_length = config.loop_length()
+        else:  # a loop of the model's shape (HRM: its whole stack, through which its states flow)
+            self.loop_length = model.model.shape.loop_length
             self.num_loops = config.num_layers // self.loop_length
         self.stats = EngineStats(num_loops=self.num_loops)
 

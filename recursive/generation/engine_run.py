@@ -5,14 +5,15 @@ instead of taking a forward of its own."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import accumulate
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..cache import LayerKV, VarlenPacking, ints_to_device
+from ..loops import LayerInputs, LayerStep
 from ..nn import rotary_embedding, rotary_rows
 from ..progress import Progress
 from .early_exit import top_probability
@@ -173,21 +174,13 @@ class EngineRun:
             every_query=True,
         )
 
-    def _run_block(self, layer: int, hidden: Tensor, depth: Union[int, Tensor],
-                   position_embeddings: Tuple[Tensor, Tensor], packing: VarlenPacking, store_rows: Tensor,
-                   shift: int) -> Tensor:
-        """The block of effective ``layer`` on ``hidden`` (rows, 1, hidden) at ``depth`` (an int, or one
-        per row), ``shift`` rows on in the flattened caches: each row writes its new keys at ``store_rows +
-        shift`` and reads the keys of ``packing`` shifted so."""
-        return self.backbone.blocks[self.backbone.block_of_layer[layer]](
-            hidden, depth, position_embeddings, replace(packing, key_rows=packing.key_rows + shift),
-            SlotCache(self, store_rows + shift), check_depth=False)[0]
-
-    def _store(self, rows: Tensor, new: LayerKV) -> None:
-        """Write the newest keys and values of ``new`` (the last of its sequence) at flattened cache ``rows``."""
-        for cache, tensor in zip(self.caches(), new):
-            if tensor is not None:
-                cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor[:, :, -1])
+    def _run_layers(self, hidden: Tensor, steps: Sequence[LayerStep], inputs: LayerInputs, store_rows: Tensor,
+                    keys_only: bool = False) -> Tensor:
+        """Consecutive effective-layer ``steps`` on the rows ``hidden`` (rows, 1, hidden): at step j each row writes
+        its new keys at ``store_rows`` of the flattened caches shifted j layers on, and reads the keys of
+        ``inputs.packing`` (built for the first step's layer) shifted so (:class:`SlotCache`)."""
+        caches = [SlotCache(self, store_rows, j * self.layer_stride) for j in range(len(steps))]
+        return self.backbone.run_layers(hidden, steps, inputs, caches, keys_only=keys_only).hidden
 
     def _step(self) -> None:
         """Advance every in-flight token by one loop; finish, exit and restart tokens.
@@ -198,7 +191,7 @@ class EngineRun:
         step's indices come from the host's bookkeeping in one copy to the device, and the one read back is
         the new tokens (with which rows left early): at most one host synchronisation per step on a GPU.
         """
-        engine, config, backbone = self.engine, self.config, self.backbone
+        engine, backbone = self.engine, self.backbone
         busy = [slot for slot, request in enumerate(self.slot_request) if request is not None]
         row_slots = [slot for slot in busy for _ in range(self.in_flight[slot])]
         positions = [self.length[slot] + j for slot in busy for j in range(self.in_flight[slot])]
@@ -226,19 +219,10 @@ class EngineRun:
         # Rows all at one loop (as without early exit, where tokens finish together) share one depth: an int,
         # which the blocks serve as one adapter for every row, with no per-row indices to build and check.
         one_loop = len({self.loop[slot] for slot in busy}) == 1
-        store_rows_d = first_rows_d + positions_d
-
-        def run_offset(offset: int, hidden: Tensor) -> Tensor:
-            # the same block at this offset of every loop
-            depth = first_layers[0] + offset if one_loop else first_layers_d + offset
-            return self._run_block(offset, hidden, depth, position_embeddings, packing, store_rows_d,
-                                   offset * self.layer_stride)
-
-        if config.sharing == "hierarchical":  # one loop of every layer, in the HRM data flow
-            hidden = backbone.hierarchical(hidden, run_offset)
-        else:
-            for offset in range(engine.loop_length):
-                hidden = run_offset(offset, hidden)
+        inputs = LayerInputs(position_embeddings, packing, first_layers[0] if one_loop else first_layers_d,
+                             check_indices=False)
+        # the first loop's steps, each row at its own loop (an HRM model's one loop: its whole stack)
+        hidden = self._run_layers(hidden, backbone.shape.steps[:engine.loop_length], inputs, first_rows_d + positions_d)
 
         self.hidden[hidden_rows_d] = hidden
         done, tokens = finishing, []
@@ -293,25 +277,30 @@ class EngineRun:
             [row for row, _, _ in pairs], first_layers,
             [self._flat_row(layer, slot) + self.length[slot] for (_, slot, _), layer in zip(pairs, first_layers)])
         cos, sin = position_embeddings
-        for offset in range(engine.loop_length):
-            block_index = self.backbone.block_of_layer[offset]
-            new = self.backbone.blocks[block_index].key_value(hidden[rows_d], first_layers_d + offset,
-                                                              (cos[rows_d], sin[rows_d]), check_depth=False)
-            self._store(first_rows_d + offset * self.layer_stride, new)
+        inputs = LayerInputs((cos[rows_d], sin[rows_d]), None, first_layers_d, check_indices=False)
+        self._run_layers(hidden[rows_d], self.backbone.shape.steps[:engine.loop_length], inputs, first_rows_d,
+                         keys_only=True)
 
 
 class SlotCache:
-    """One engine step's cache at one block offset, for :meth:`recursive.nn.CircuitAttention.forward`:
-    ``append`` writes the rows' new keys and values at flattened cache ``rows`` and returns the whole
-    flattened caches, (1, Hkv, L * slots * T, .) views, from which the step's packing picks each row's keys."""
+    """One engine step's cache at one layer (a :class:`recursive.cache.KVCache`): the slot caches flattened to
+    (L * slots * T, Hkv, .) rows, from row ``start`` on (the first of the layer the step's packing was built
+    for, ``start`` rows before this one). ``append`` writes the rows' new keys and values at ``rows`` of them
+    and returns them all, as (1, rows, Hkv, .) views, from which the step's packing picks each row's keys."""
 
-    def __init__(self, run: EngineRun, rows: Tensor) -> None:
-        self.run, self.rows = run, rows
+    def __init__(self, run: EngineRun, rows: Tensor, start: int) -> None:
+        self.run, self.rows, self.start = run, rows, start
 
     def append(self, new: LayerKV) -> LayerKV:
-        self.run._store(self.rows, new)
-        return LayerKV(*(None if tensor is None else cache.view(1, -1, *cache.shape[3:]).transpose(1, 2)
-                         for cache, tensor in zip(self.run.caches(), new)))
+        views = []
+        for cache, tensor in zip(self.run.caches(), new):
+            if tensor is None:
+                views.append(None)
+                continue
+            flat = cache.view(-1, *cache.shape[3:])[self.start:]
+            flat.index_copy_(0, self.rows, tensor[:, -1])  # the newest keys: the last of their sequence
+            views.append(flat.unsqueeze(0))
+        return LayerKV(*views)
 
 
 def key_offsets(key_counts: Sequence[int]) -> List[int]:

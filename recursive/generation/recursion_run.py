@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from recursive_kernels.backends import accumulation_dtype
+
 from ..cache import RecursionKV
+from ..loops import LayerInputs
 from ..losses import upcast
 from ..nn import rotary_rows
 from ..progress import Progress
@@ -45,7 +48,7 @@ class RecursionEngineRun(EngineRun):
         self.count = [[0] * len(self.recursions) for _ in range(slots)]
         self.threshold = config.mor_routing == "expert_choice"
         router = self.backbone.mor_router.weight
-        route_dtype = torch.promote_types(router.dtype, torch.float32)
+        route_dtype = accumulation_dtype(router.dtype)
         # Per slot, on the device: token choice: the token's last recursion and its gate; threshold
         # routing: the router logit of the recursion the token runs next.
         self.chosen = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -79,19 +82,19 @@ class RecursionEngineRun(EngineRun):
 
     def _store_prompt_layer(self, layer: int, present, slot_index: Tensor, slots: List[int], width: int) -> None:
         """One layer of the prefill's cache into ``slots``: a recursion's :class:`RecursionKV` (each row's tokens,
-        its True columns, to consecutive positions of its slot), a plain layer's :class:`LayerKV` (B, Hkv,
-        width, .), or None (a later recursion under KV sharing)."""
+        its True columns, to consecutive positions of its slot), a plain layer's :class:`LayerKV` (B, width,
+        Hkv, .), or None (a later recursion under KV sharing)."""
         if isinstance(present, RecursionKV):
             mask = present.token_mask
             first_rows = self._to_device([self._flat_row(layer, slot) for slot in slots])[0]
             rows = (first_rows[:, None] + mask.long().cumsum(1) - 1)[mask]
             for cache, tensor in zip(self.caches(), present.key_value):
                 if tensor is not None:
-                    cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor.transpose(1, 2)[mask])
+                    cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor[mask])
         elif present is not None:
             for cache, tensor in zip(self.caches(), present):
                 if tensor is not None:
-                    cache[layer, slot_index, :width] = tensor.transpose(1, 2)
+                    cache[layer, slot_index, :width] = tensor
 
     def _step(self) -> None:
         config, backbone = self.config, self.backbone
@@ -122,10 +125,9 @@ class RecursionEngineRun(EngineRun):
 
         # This step's recursion, each row at its own (its layers are consecutive: offset o is layer first + o).
         packing = self._row_packing(read_rows_d, key_counts, offsets)
-        out = hidden
-        for offset, layer in enumerate(self.recursions[0]):
-            out = self._run_block(layer, out, own_layers_d + offset, (cos, sin), packing, store_rows_d,
-                                  offset * self.layer_stride)
+        first = self.recursions[0]
+        inputs = LayerInputs((cos, sin), packing, own_layers_d - first[0], check_indices=False)
+        out = self._run_layers(hidden, [backbone.shape.steps[layer] for layer in first], inputs, store_rows_d)
         ran, gate, gated = self._routing(slots, recursion_d)
         g = gate[:, None, None].to(hidden.dtype)
         out = torch.where(gated[:, None, None], hidden + g * (out - hidden), out)
@@ -167,10 +169,8 @@ class RecursionEngineRun(EngineRun):
         first_rows_d, store_rows_d, offsets = self._to_device(
             first_rows, [row + position for row, position in zip(first_rows, positions)], key_offsets(key_counts))
         packing = self._row_packing(first_rows_d, key_counts, offsets)
-        for j, layer in enumerate(layers):
-            hidden = self._run_block(layer, hidden, layer, position_embeddings, packing, store_rows_d,
-                                     j * self.layer_stride)
-        return hidden
+        steps = [self.backbone.shape.steps[layer] for layer in layers]
+        return self._run_layers(hidden, steps, LayerInputs(position_embeddings, packing), store_rows_d)
 
     def _route_start(self, hidden: Tensor, slots: Tensor) -> None:
         """Routing of the tokens that start (``hidden`` (rows, hidden), after the layers before the

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..losses import upcast
+
 
 def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
     """logits (B, V) with every entry below the row's ``top_k``-th largest set to -inf (ties with it
@@ -36,7 +38,7 @@ def next_tokens(
     float32 at least, from torch's global generator (seed it with ``torch.manual_seed``)."""
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logits = upcast(logits) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:

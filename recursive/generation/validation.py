@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor
-
+from ..checks import check_int
 from ..config import RecursiveConfig
-
-
-def check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
@@ -23,17 +16,6 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
         check_int("top_k", top_k, 1)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
-
-
-def check_token(name: str, token: Optional[int], vocab_size: int) -> None:
-    if token is not None and (isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size):
-        raise ValueError(f"{name}: expected None or a token id in [0, {vocab_size}), got {token!r}")
-
-
-def check_ids(name: str, ids: Tensor, vocab_size: int) -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), "
-                         f"got {int(ids.min())}..{int(ids.max())}")
 
 
 def check_exit_threshold(exit_threshold: Optional[float], config: RecursiveConfig) -> Optional[float]:
@@ -47,3 +29,4 @@ def check_exit_threshold(exit_threshold: Optional[float], config: RecursiveConfi
         return None
     config.check_loop_boundaries("exit_threshold")
     return float(exit_threshold)
+

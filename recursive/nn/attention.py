@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import recursive_kernels
 from recursive_kernels.lowrank_linear import check_index_values
 
-from ..cache import LayerKV, SharedKeyValue, VarlenPacking
+from ..cache import KVCache, LayerKV, SharedKeyValue, VarlenPacking
 from ..config import ATTENTION_TARGETS
 from .functional import apply_rotary
 from .linear import AdapterIndex, LowRankLinear, target_ranks
@@ -38,7 +38,7 @@ def _depth_projection(x: Tensor, factors: Tensor, index: Union[int, Tensor]) -> 
 class CircuitAttention(nn.Module):
     """Multi-head attention with RoPE, grouped-query heads and per-depth low-rank modulation.
 
-    Per-depth parameters (``num_depths`` sets, selected by ``adapter_index``):
+    Per-depth parameters (``num_depths`` sets, selected by ``indices``):
 
     - QKOV-LoRA: LoRA adapters on q_proj, k_proj, v_proj, o_proj (:class:`LowRankLinear`).
     - The QK/OV circuit, rank R per depth and head:
@@ -131,34 +131,34 @@ class CircuitAttention(nn.Module):
         nn.init.uniform_(self.qk_v, -bound, bound)
         nn.init.uniform_(self.ov_c, -bound, bound)
 
-    def _check_index(self, adapter_index: AdapterIndex, batch: int, length: int,
+    def _check_index(self, indices: AdapterIndex, batch: int, length: int,
                      check_values: bool) -> Union[int, Tensor]:
         """An int in [-1, E), or an int64 tensor (B, S) (its values read on the host when ``check_values``)."""
-        if adapter_index is None:
+        if indices is None:
             return -1
-        if isinstance(adapter_index, int) and not isinstance(adapter_index, bool):
-            if not -1 <= adapter_index < self.num_depths:
-                raise IndexError(f"adapter_index: {adapter_index} is outside [-1, {self.num_depths})")
-            return adapter_index
-        if (not isinstance(adapter_index, Tensor) or adapter_index.dtype.is_floating_point
-                or adapter_index.dtype == torch.bool):
-            raise ValueError(f"adapter_index: expected None, an int or an integer tensor, got {adapter_index!r}")
-        if tuple(adapter_index.shape) == (batch,):
-            adapter_index = adapter_index[:, None].expand(batch, length)
-        elif tuple(adapter_index.shape) != (batch, length):
-            raise ValueError(f"adapter_index: expected shape ({batch},) or ({batch}, {length}), "
-                             f"got {tuple(adapter_index.shape)}")
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            if not -1 <= indices < self.num_depths:
+                raise IndexError(f"indices: {indices} is outside [-1, {self.num_depths})")
+            return indices
+        if (not isinstance(indices, Tensor) or indices.dtype.is_floating_point
+                or indices.dtype == torch.bool):
+            raise ValueError(f"indices: expected None, an int or an integer tensor, got {indices!r}")
+        if tuple(indices.shape) == (batch,):
+            indices = indices[:, None].expand(batch, length)
+        elif tuple(indices.shape) != (batch, length):
+            raise ValueError(f"indices: expected shape ({batch},) or ({batch}, {length}), "
+                             f"got {tuple(indices.shape)}")
         if check_values:  # once; the projections trust it
-            check_index_values(adapter_index, self.num_depths, "adapter_index")
-        return adapter_index.long()
+            check_index_values(indices, self.num_depths, "indices")
+        return indices.long()
 
     def forward(
         self,
         hidden_states: Tensor,
         position_embeddings: Tuple[Tensor, Tensor],
-        adapter_index: AdapterIndex = None,
+        indices: AdapterIndex = None,
         packing: Optional[VarlenPacking] = None,
-        past_key_value: Optional[LayerKV] = None,
+        past_key_value: Optional[KVCache] = None,
         use_cache: bool = False,
         *,
         check_indices: bool = True,
@@ -167,13 +167,13 @@ class CircuitAttention(nn.Module):
         """Args:
             hidden_states: (B, S, hidden).
             position_embeddings: ``(cos, sin)``, each (B, S, head_dim), from :func:`rotary_embedding`.
-            adapter_index: which per-depth parameters to use: None or -1 (none: the shared attention
+            indices: which per-depth parameters to use: None or -1 (none: the shared attention
                 unmodified), an int in [0, E), or an int tensor (B,) or (B, S) (per row; -1: none).
             packing: the real tokens of a padded batch (:class:`VarlenPacking`); None: no padding.
-            past_key_value: this layer's cache from earlier steps (a :class:`LayerKV`, or another cache
-                with its ``append``); the new keys follow it.
+            past_key_value: this layer's cache from earlier steps (a :class:`recursive.cache.KVCache`: a
+                :class:`LayerKV`, or the engine's slot cache); the new keys follow it.
             use_cache: also return the cache extended by this step.
-            check_indices: False trusts a tensor ``adapter_index`` to lie in [-1, E) (no host read of its
+            check_indices: False trusts a tensor ``indices`` to lie in [-1, E) (no host read of its
                 values, which is a synchronisation on the GPU), as :func:`recursive_kernels.lowrank_linear`'s.
             shared_key_value: attend over these keys and values (:class:`SharedKeyValue`) instead of
                 projecting this layer's own; ``packing`` then describes nothing here (the shared
@@ -185,7 +185,7 @@ class CircuitAttention(nn.Module):
         """
         B, S, _ = hidden_states.shape
         H, D = self.num_heads, self.head_dim
-        index = self._check_index(adapter_index, B, S, check_indices)
+        index = self._check_index(indices, B, S, check_indices)
         q = apply_rotary(self.q_proj(hidden_states, index, check_indices=False).view(B, S, H, D), *position_embeddings)
         if shared_key_value is not None:
             return self._attend_shared(q, shared_key_value, index, past_key_value, use_cache), None
@@ -201,7 +201,7 @@ class CircuitAttention(nn.Module):
         return self.o_proj(out.reshape(B, S, H * D), index, check_indices=False), present
 
     def key_value(
-        self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], adapter_index: AdapterIndex = None,
+        self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], indices: AdapterIndex = None,
         *, check_indices: bool = True,
     ) -> LayerKV:
         """The keys and values of ``hidden_states`` (B, S, hidden) in the cache layout, as :meth:`forward`
@@ -209,7 +209,7 @@ class CircuitAttention(nn.Module):
         although they do not run it (early exit). Arguments as :meth:`forward`."""
         B, S, _ = hidden_states.shape
         return self._key_value(hidden_states, position_embeddings,
-                               self._check_index(adapter_index, B, S, check_indices))
+                               self._check_index(indices, B, S, check_indices))
 
     def _key_value(self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor],
                    index: Union[int, Tensor]) -> LayerKV:
@@ -219,30 +219,27 @@ class CircuitAttention(nn.Module):
         k = apply_rotary(self.k_proj(hidden_states, index, check_indices=False).view(B, S, Hkv, D),
                          *position_embeddings)
         v = self.v_proj(hidden_states, index, check_indices=False).view(B, S, Hkv, D)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # the cache layout (B, Hkv, S, D)
         if self.qk_u is None or (isinstance(index, int) and index == -1):
             return LayerKV(k, v)
-        k_c = _depth_projection(hidden_states, self.qk_v, index).transpose(1, 2)
-        v_c = _depth_projection(hidden_states, self.ov_c, index).transpose(1, 2)
-        return LayerKV(k, v, k_c, v_c)
+        return LayerKV(k, v, _depth_projection(hidden_states, self.qk_v, index),
+                       _depth_projection(hidden_states, self.ov_c, index))
 
     def _attend(self, q, k, v, q_c, k_c, v_c, packing: Optional[VarlenPacking]) -> Tuple[Tensor, Optional[Tensor]]:
-        """q (B, S, H, D), q_c (B, S, H, R), k, v, k_c, v_c (B, Hkv, Sk, .) -> out (B, S, H, D),
-        out_c (B, S, H, R) or None."""
-        if packing is None:
+        """q (B, S, H, D), q_c (B, S, H, R), k, v, k_c, v_c (B, Sk, Hkv, .) (token-major, the cache layout) ->
+        out (B, S, H, D), out_c (B, S, H, R) or None."""
+        if packing is None:  # the dense op takes heads first
             out, out_c = recursive_kernels.circuit_attention(
-                q.transpose(1, 2), k, v, None if q_c is None else q_c.transpose(1, 2), k_c, v_c,
+                *(None if t is None else t.transpose(1, 2) for t in (q, k, v, q_c, k_c, v_c)),
                 causal=self.causal, backend=self.backend,
             )
             return out.transpose(1, 2), None if out_c is None else out_c.transpose(1, 2)
         B, S = q.shape[:2]
 
         def packed(t: Optional[Tensor], rows: Tensor, keys: bool) -> Optional[Tensor]:
+            """(B, S, heads, d) -> (total, heads, d), the rows of ``packing``."""
             if t is None:
                 return None
-            if keys:  # (B, Hkv, Sk, d) -> (B * Sk, Hkv, d)
-                t = t.transpose(1, 2)
-            elif packing.every_query:
+            if not keys and packing.every_query:
                 return t.reshape(-1, *t.shape[2:])
             return t.reshape(-1, *t.shape[2:]).index_select(0, rows)
 

@@ -1,4 +1,4 @@
-"""``RMSNorm`` and ``RecursiveBlock``: one shared pre-norm block, called with the effective layer it runs as."""
+"""``RMSNorm`` and ``RecursiveBlock``: one shared pre-norm block, called with the adapter of the depth it runs at."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..cache import LayerKV, SharedKeyValue, VarlenPacking
+from recursive_kernels.backends import accumulation_dtype
+
+from ..cache import KVCache, LayerKV, SharedKeyValue, VarlenPacking
 from ..config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, RecursiveConfig
 from .attention import CircuitAttention
 from .feed_forward import GatedFeedForward, MoLFeedForward
-from .functional import compute_dtype
 
 
 class RMSNorm(nn.Module):
@@ -30,7 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(*, hidden) -> (*, hidden)."""
-        compute = compute_dtype(x.dtype)
+        compute = accumulation_dtype(x.dtype)
         h = x.to(compute)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
@@ -42,13 +43,14 @@ class RMSNorm(nn.Module):
 
 
 class RecursiveBlock(nn.Module):
-    """One shared pre-norm transformer block, called with the effective layer it runs as.
+    """One shared pre-norm transformer block, called with the adapter of the depth it runs at (``indices``).
 
     ``x + attn(norm(x))``, then ``+ mlp(norm(.))``; attention is :class:`CircuitAttention`, the MLP a
     :class:`GatedFeedForward` or, for relaxation "mol", a :class:`MoLFeedForward`. The block of
     ``block_index`` holds per-depth parameters for its own effective layers from ``start_index`` on
     (``config.depth_layers_of_block``): adapter ``i`` belongs to the i-th of them, so its LoRA
-    tensors have E = that many adapters. Any other layer runs the shared weights unmodified.
+    tensors have E = that many adapters (:meth:`adapter_index` maps effective layers to them). Any other layer
+    runs the shared weights unmodified (index -1).
 
     Parameter names follow Hugging Face's decoder layer (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
     ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``) so converted checkpoints map by name.
@@ -92,17 +94,17 @@ class RecursiveBlock(nn.Module):
         # Whether the MLP's adapters are per depth; a merged mixture (one adapter) is called without an index.
         self._per_depth_mlp = config.relaxation == "depth_lora" and any(feed_forward_ranks.values())
 
-    def adapter_index(self, depth: Union[int, Tensor], check_values: bool = True) -> Union[int, Tensor]:
-        """This block's adapter for effective layer ``depth`` (an int, or an int tensor of any shape):
-        -1 where the layer has no per-depth parameters here. A tensor's values are read on the host to
-        check them only when ``check_values``."""
+    def adapter_index(self, depth: Union[int, Tensor], check_indices: bool = True) -> Union[int, Tensor]:
+        """This block's adapter for effective layer ``depth`` (an int, or an int tensor of any shape): -1 where
+        the layer has no per-depth parameters here; the ``indices`` :meth:`forward` takes. A tensor's values
+        are read on the host to check them only when ``check_indices``."""
         if isinstance(depth, int) and not isinstance(depth, bool):
             if not 0 <= depth < self.num_layers:
                 raise ValueError(f"depth: expected an effective layer in [0, {self.num_layers}), got {depth}")
             return self._adapter_of_layer[depth]
         if not isinstance(depth, Tensor) or depth.dtype.is_floating_point or depth.dtype == torch.bool:
             raise ValueError(f"depth: expected an int or an integer tensor, got {depth!r}")
-        if check_values and depth.numel() and not torch.compiler.is_compiling():
+        if check_indices and depth.numel() and not torch.compiler.is_compiling():
             low, high = (int(t) for t in torch.aminmax(depth))
             if low < 0 or high >= self.num_layers:
                 raise ValueError(f"depth: values must be effective layers in [0, {self.num_layers}), got {low}..{high}")
@@ -111,23 +113,23 @@ class RecursiveBlock(nn.Module):
     def forward(
         self,
         hidden_states: Tensor,
-        depth: Union[int, Tensor],
+        indices: Union[int, Tensor],
         position_embeddings: Tuple[Tensor, Tensor],
         packing: Optional[VarlenPacking] = None,
-        past_key_value: Optional[LayerKV] = None,
+        past_key_value: Optional[KVCache] = None,
         use_cache: bool = False,
         *,
-        check_depth: bool = True,
+        check_indices: bool = True,
         shared_key_value: Optional[SharedKeyValue] = None,
     ) -> Tuple[Tensor, Optional[LayerKV], Optional[Tensor]]:
         """Args:
             hidden_states: (B, S, hidden).
-            depth: the effective layer: an int for the whole batch, or an int tensor (B,) or (B, S) of
-                layers per row (tokens at different depths in one batch).
+            indices: the per-depth adapter of this block to run with (:meth:`adapter_index` of the effective
+                layer): an int for the whole batch (-1: none, the shared weights alone), or an int tensor (B,)
+                or (B, S) per row (tokens at different depths in one batch).
             position_embeddings, packing, past_key_value, use_cache: as :meth:`CircuitAttention.forward`.
-            check_depth: False trusts a tensor ``depth`` to hold effective layers (no host read of its
-                values, a synchronisation on the GPU; :class:`recursive.DepthBatchingEngine` builds its
-                depths). The adapter indices derived from the depths are never read again.
+            check_indices: False trusts a tensor ``indices`` to lie in [-1, E) (no host read of its values, a
+                synchronisation on the GPU), as every op and module of the package takes it.
             shared_key_value: the attention attends over these instead of its own keys and values
                 (:meth:`CircuitAttention.forward`).
 
@@ -135,10 +137,10 @@ class RecursiveBlock(nn.Module):
             ``(hidden_states, present, aux_loss)``: (B, S, hidden), the extended cache (None unless
             ``use_cache``) and the MoL load-balancing loss (None without a mixture).
         """
-        index = self._token_adapter_index(depth, hidden_states, check_depth)
+        indices = self._per_token(indices, hidden_states)
         attn_out, present = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, index, packing, past_key_value, use_cache,
-            check_indices=False, shared_key_value=shared_key_value,
+            self.input_layernorm(hidden_states), position_embeddings, indices, packing, past_key_value, use_cache,
+            check_indices=check_indices, shared_key_value=shared_key_value,
         )
         hidden_states = hidden_states + attn_out
         normed = self.post_attention_layernorm(hidden_states)
@@ -146,25 +148,23 @@ class RecursiveBlock(nn.Module):
         if isinstance(self.mlp, MoLFeedForward):
             mlp_out, aux_loss = self.mlp(normed, None if packing is None else packing.query_mask)
         else:
-            mlp_out = self.mlp(normed, index if self._per_depth_mlp else None, check_indices=False)
+            mlp_out = self.mlp(normed, indices if self._per_depth_mlp else None, check_indices=False)
         return hidden_states + mlp_out, present, aux_loss
 
-    def key_value(self, hidden_states: Tensor, depth: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor],
-                  *, check_depth: bool = True) -> LayerKV:
-        """The keys and values this block appends to the cache of effective layer ``depth`` for
-        ``hidden_states`` (B, S, hidden), without running it (tokens that left at an earlier depth);
-        ``depth``, ``position_embeddings`` and ``check_depth`` as :meth:`forward`."""
-        index = self._token_adapter_index(depth, hidden_states, check_depth)
-        return self.self_attn.key_value(self.input_layernorm(hidden_states), position_embeddings, index,
-                                        check_indices=False)
+    def key_value(self, hidden_states: Tensor, indices: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor],
+                  *, check_indices: bool = True) -> LayerKV:
+        """The keys and values this block appends to a cache for ``hidden_states`` (B, S, hidden) with adapter
+        ``indices``, without running it (tokens that left at an earlier depth); the arguments as
+        :meth:`forward`."""
+        return self.self_attn.key_value(self.input_layernorm(hidden_states), position_embeddings,
+                                        self._per_token(indices, hidden_states), check_indices=check_indices)
 
-    def _token_adapter_index(self, depth: Union[int, Tensor], hidden_states: Tensor,
-                             check_depth: bool) -> Union[int, Tensor]:
-        """:meth:`adapter_index`, with a depth per sequence (B,) repeated over its tokens (B, S)."""
-        index = self.adapter_index(depth, check_depth)
-        if isinstance(index, Tensor) and index.dim() == 1:
-            index = index[:, None].expand(hidden_states.shape[:2])
-        return index
+    @staticmethod
+    def _per_token(indices: Union[int, Tensor], hidden_states: Tensor) -> Union[int, Tensor]:
+        """An index per sequence (B,) repeated over its tokens (B, S)."""
+        if isinstance(indices, Tensor) and indices.dim() == 1:
+            return indices[:, None].expand(hidden_states.shape[:2])
+        return indices
 
     def extra_repr(self) -> str:
         return f"block_index={self.block_index}"

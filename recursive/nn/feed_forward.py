@@ -8,12 +8,13 @@ from typing import Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from recursive_kernels.backends import accumulation_dtype
 from recursive_kernels.lowrank_linear import check_index_values
 
 from ..config import FEED_FORWARD_TARGETS
 from ..factorization import truncated_svd
 from ..losses import load_balancing_loss
-from .functional import activation, compute_dtype
+from .functional import activation
 from .linear import AdapterIndex, LowRankLinear, target_ranks
 
 
@@ -74,10 +75,9 @@ class GatedFeedForward(_GatedProjections):
         super().__init__(hidden_size, intermediate_size, hidden_act, num_adapters, lora_rank, lora_alpha, backend,
                          device, dtype)
 
-    def forward(self, x: Tensor, adapter_index: AdapterIndex = None, *, check_indices: bool = True) -> Tensor:
-        """x (*, hidden) -> (*, hidden); ``adapter_index`` and ``check_indices`` as :meth:`LowRankLinear.forward`'s
-        ``indices`` and ``check_indices``."""
-        return self._gated(x, adapter_index, None, check_indices)
+    def forward(self, x: Tensor, indices: AdapterIndex = None, *, check_indices: bool = True) -> Tensor:
+        """x (*, hidden) -> (*, hidden); ``indices`` and ``check_indices`` as :meth:`LowRankLinear.forward`'s."""
+        return self._gated(x, indices, None, check_indices)
 
 
 class MoLFeedForward(_GatedProjections):
@@ -128,7 +128,7 @@ class MoLFeedForward(_GatedProjections):
     def route(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """x (*, hidden) -> ``(gates, experts, probs)``: the top-k probabilities (*, k) (differentiable),
         their experts (*, k) int64 and all router probabilities (*, E), in float32 (float64 for float64)."""
-        probs = torch.softmax(self.router(x).to(compute_dtype(x.dtype)), dim=-1)
+        probs = torch.softmax(self.router(x).to(accumulation_dtype(x.dtype)), dim=-1)
         gates, experts = probs.topk(self.top_k, dim=-1)
         return gates, experts, probs
 
@@ -155,7 +155,7 @@ class MoLFeedForward(_GatedProjections):
         SVD (:func:`recursive.factorization.truncated_svd`), ``dW ~ U_r S_r V_r^T``: ``A = V_r^T``, ``B = U_r S_r / s``.
 
         Returns:
-            A :class:`GatedFeedForward` with one adapter (call it without ``adapter_index``) sharing this
+            A :class:`GatedFeedForward` with one adapter (call it without ``indices``) sharing this
             module's base weights; it may replace this module in a :class:`RecursiveBlock`.
         """
         if (not isinstance(calibration, Tensor) or calibration.shape[-1:] != (self.hidden_size,)
@@ -172,7 +172,7 @@ class MoLFeedForward(_GatedProjections):
             target_rank = mixture.rank if rank is None else rank
             single = LowRankLinear.from_linear(mixture, 1, target_rank, self.lora_alpha, backend=self.backend)
             if single.lora_a is not None and mixture.lora_a is not None:
-                compute = torch.promote_types(mixture.weight.dtype, torch.float32)
+                compute = accumulation_dtype(mixture.weight.dtype)
                 delta = mixture.scaling * torch.einsum(
                     "e,enr,erk->nk", mean_routing.to(compute), mixture.lora_b.to(compute), mixture.lora_a.to(compute)
                 )

@@ -1,5 +1,4 @@
-"""Stateless pieces the modules share: activations by their Hugging Face names, the compute dtype of norms and
-rotary tables, and RoPE."""
+"""Stateless pieces the modules share: activations by their Hugging Face names, and RoPE."""
 
 from __future__ import annotations
 
@@ -8,6 +7,8 @@ from typing import Callable, Mapping, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from recursive_kernels.backends import accumulation_dtype
 
 _ACTIVATIONS: Mapping[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -23,18 +24,13 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     return _ACTIVATIONS[name]
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Norms, rotary tables and router probabilities run in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def rotary_embedding(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """RoPE tables for ``position_ids`` (B, S): ``(cos, sin)``, each (B, S, head_dim) in ``dtype``.
 
     Hugging Face Llama's convention: frequencies ``theta ** (-2i / head_dim)``, the table repeated over
     both halves of the head (rotate-half), computed in float32 (float64 for float64).
     """
-    compute = compute_dtype(dtype)
+    compute = accumulation_dtype(dtype)
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).to(compute) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
     freqs = position_ids.to(compute)[..., None] * inv_freq

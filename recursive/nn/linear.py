@@ -9,6 +9,9 @@ import torch
 from torch import Tensor, nn
 
 import recursive_kernels
+from recursive_kernels.backends import accumulation_dtype
+
+from ..checks import check_int
 
 AdapterIndex = Union[None, int, Tensor]
 
@@ -64,8 +67,7 @@ class LowRankLinear(nn.Module):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("num_adapters", num_adapters), ("rank", rank)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+            check_int(name, value, 0)
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
@@ -132,7 +134,7 @@ class LowRankLinear(nn.Module):
             return self.weight
         if not 0 <= adapter < self.num_adapters:
             raise IndexError(f"adapter: {adapter} is outside [-1, {self.num_adapters})")
-        compute = torch.promote_types(self.weight.dtype, torch.float32)
+        compute = accumulation_dtype(self.weight.dtype)
         delta = self.lora_b[adapter].to(compute) @ self.lora_a[adapter].to(compute)
         return (self.weight.to(compute) + self.scaling * delta).to(self.weight.dtype)
 
