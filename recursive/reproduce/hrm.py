@@ -12,12 +12,16 @@ from .common import Claim, Context, Report, mean, spread, verdict
 
 NAME = "hrm"
 
+UNIVERSAL = "Universal Transformer (2 blocks x 3 loops)"
+
+HRM = "HRM-LM (fast x2, slow, twice)"
+
 
 def run(context: Context) -> Report:
     budget = context.budget
     configs = {
-        "Universal Transformer (2 blocks x 3 loops)": context.config(num_blocks=2, sharing="cycle"),
-        "HRM-LM (fast x2, slow, twice)": context.config(num_blocks=2, sharing="hierarchical", hrm_period=2),
+        UNIVERSAL: context.config(num_blocks=2, sharing="cycle"),
+        HRM: context.config(num_blocks=2, sharing="hierarchical", hrm_period=2),
     }
     report = Report(NAME, "HRM-LM against a parameter-matched Universal Transformer",
                     f"Both models: {budget.num_layers} block calls over 2 blocks of hidden {budget.hidden_size} (the "
@@ -32,13 +36,18 @@ def run(context: Context) -> Report:
     report.table("Held-out loss after the same steps:",
                  ["model", "parameters", "held-out loss (mean)", "spread over seeds"],
                  [[name, f"{parameters[name]:,}", mean(v), spread(v)] for name, v in losses.items()])
-    ut, hrm = (mean(v) for v in losses.values())
-    noise = max([spread(v) for v in losses.values()] + [0.002])
-    report.claims = [Claim("HRM-LM beats a parameter-matched Universal Transformer at the same budget",
-                           "HRM-LM's held-out loss below the Universal Transformer's by more than the seeds' spread",
-                           verdict(hrm < ut, clear=abs(hrm - ut) > noise), f"HRM-LM {hrm:.4f}, UT {ut:.4f}")]
+    report.claims = claims(losses)
     report.figure = lambda path: _plot(path, curves)
     return report
+
+
+def claims(losses: Dict[str, List[float]]) -> List[Claim]:
+    """The claim decided on the held-out losses over the seeds of :data:`UNIVERSAL` and :data:`HRM`."""
+    ut, hrm = mean(losses[UNIVERSAL]), mean(losses[HRM])
+    noise = max([spread(v) for v in losses.values()] + [0.002])
+    return [Claim("HRM-LM beats a parameter-matched Universal Transformer at the same budget",
+                  "HRM-LM's held-out loss below the Universal Transformer's by more than the seeds' spread",
+                  verdict(hrm < ut, clear=abs(hrm - ut) > noise), f"HRM-LM {hrm:.4f}, UT {ut:.4f}")]
 
 
 def _plot(path: str, curves: Dict[str, List[float]]) -> None:

@@ -72,10 +72,18 @@ def run(context: Context) -> Report:
     report.seconds = time.perf_counter() - start
     report.table("Held-out loss:", ["model", "trained parameters", "held-out loss (mean)", "spread over seeds"],
                  [[name, f"{counts[name]:,}", mean(v), spread(v)] for name, v in losses.items()])
+    report.claims = claims(losses)
+    report.figure = lambda path: bar_plot(path, {name: mean(v) for name, v in losses.items()})
+    return report
+
+
+def claims(losses: Dict[str, List[float]]) -> List[Claim]:
+    """The claims decided on the held-out losses over the seeds of the shared model without adapters, the
+    per-depth LoRA, the mixture and the mixture merged at ranks 6 and 24."""
     loss = {name: mean(v) for name, v in losses.items()}
     noise = max([spread(v) for v in losses.values()] + [0.002])
     lost = {rank: loss[f"mixture merged, rank {rank}"] - loss["mixture of LoRAs"] for rank in (6, 24)}
-    report.claims = [
+    return [
         Claim("A mixture of LoRA experts beats a LoRA per depth at matched trainable parameters",
               "the mixture's held-out loss below the per-depth LoRA's by more than the seeds' spread",
               verdict(loss["mixture of LoRAs"] < loss["LoRA per depth"],
@@ -86,6 +94,3 @@ def run(context: Context) -> Report:
               f"{MERGE_MARGIN} nats of the mixture", verdict(lost[6] <= MERGE_MARGIN),
               f"merged - mixture: rank 6 {lost[6]:+.4f}, rank 24 {lost[24]:+.4f}"),
     ]
-    report.figure = lambda path: bar_plot(path, loss)
-    return report
-

@@ -44,11 +44,19 @@ def run(context: Context) -> Report:
     report.seconds = time.perf_counter() - start
     report.table("Held-out loss:", ["model", "trained parameters", "held-out loss (mean)", "spread over seeds"],
                  [[name, f"{counts[name]:,}", mean(v), spread(v)] for name, v in losses.items()])
+    report.claims = claims(losses, counts, qkov_rank)
+    report.figure = lambda path: bar_plot(path, {name: mean(v) for name, v in losses.items()})
+    return report
+
+
+def claims(losses: Dict[str, List[float]], counts: Dict[str, int], qkov_rank: int) -> List[Claim]:
+    """The claims decided on the held-out losses over the seeds and the trained parameter counts of the shared
+    model without adapters, QKOV-LoRA at ``qkov_rank`` and the circuit at each start index."""
     loss = {name: mean(v) for name, v in losses.items()}
     noise = max([spread(v) for v in losses.values()] + [0.002])
     qkov, circuit = loss[f"QKOV-LoRA r={qkov_rank}"], loss[f"circuit R={CIRCUIT_RANK}, start index 0"]
     gains = {s: loss["shared, no adapters"] - loss[f"circuit R={CIRCUIT_RANK}, start index {s}"] for s in START_INDICES}
-    report.claims = [
+    return [
         Claim("The QK/OV circuit modulates depth as well as QKOV-LoRA at matched trainable parameters",
               "the circuit's held-out loss at most the seeds' spread above QKOV-LoRA's",
               verdict(circuit <= qkov + noise),
@@ -58,6 +66,3 @@ def run(context: Context) -> Report:
               "start-index-0 circuit's gain over no adapters", verdict(gains[2] >= 0.5 * gains[0]),
               ", ".join(f"start {s}: gain {g:.4f}" for s, g in gains.items())),
     ]
-    report.figure = lambda path: bar_plot(path, loss)
-    return report
-

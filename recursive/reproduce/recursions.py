@@ -6,7 +6,7 @@ compared on held-out loss and greedy decode throughput."""
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, List
 
 from ..flops import training_step_flops
 from ..generation import generate_in_batches
@@ -52,16 +52,24 @@ def run(context: Context) -> Report:
     seconds = median_seconds({name: (lambda m=model: generate_in_batches(m, requests, new_tokens, 8))
                               for name, model in models.items()}, context.device, min_run_time=budget.timing_s / 2)
     report.seconds = time.perf_counter() - start
+    rate = {name: len(requests) * new_tokens / s for name, s in seconds.items()}
     rows = [[name, steps[name], f"{step_flops(context, configs[name]) / 1e9:.1f}", mean(values), spread(values),
-             len(requests) * new_tokens / seconds[name]] for name, values in losses.items()]
+             rate[name]] for name, values in losses.items()]
     report.table("Held-out loss at equal training FLOPs, and decode throughput:",
                  ["model", "steps", "GFLOP per step", "held-out loss (mean)", "spread over seeds", "decode tokens/s"],
                  rows)
+    report.claims = claims(losses, rate)
+    report.figure = lambda path: _plot(path, {name: mean(v) for name, v in losses.items()}, rate)
+    return report
+
+
+def claims(losses: Dict[str, List[float]], rate: Dict[str, float]) -> List[Claim]:
+    """The claims decided on the held-out losses over the seeds and the decode tokens/s of the vanilla, expert
+    choice and token choice models."""
     noise = max([spread(v) for v in losses.values()] + [0.002])
     loss = {name: mean(v) for name, v in losses.items()}
     best = min(("expert_choice", "token_choice"), key=lambda name: loss[name])
-    rate = {name: len(requests) * new_tokens / s for name, s in seconds.items()}
-    report.claims = [
+    return [
         Claim("Mixture-of-Recursions buys quality per training FLOP",
               "a MoR model's held-out loss below the vanilla recursive model's at equal training FLOPs, by more than "
               "the seeds' spread",
@@ -72,8 +80,6 @@ def run(context: Context) -> Report:
               verdict(max(rate["expert_choice"], rate["token_choice"]) > rate["vanilla"]),
               ", ".join(f"{name} {value:,.0f} tok/s" for name, value in rate.items())),
     ]
-    report.figure = lambda path: _plot(path, loss, rate)
-    return report
 
 
 def _plot(path: str, loss: Dict[str, float], rate: Dict[str, float]) -> None:
