@@ -320,7 +320,7 @@ def circuit_attention(
 
 
 def _check_cu_seqlens(
-    name: str, cu: Tensor, total: int, max_seqlen: int, max_name: str, q: Tensor, check_offsets: bool
+    name: str, cu: Tensor, total: int, max_seqlen: int, max_name: str, q: Tensor, check_indices: bool
 ) -> None:
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{name}: expected a 1-D integer tensor of batch + 1 offsets")
@@ -330,7 +330,7 @@ def _check_cu_seqlens(
         raise ValueError(f"{name}: expected a tensor on {q.device} (like q), got {cu.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise ValueError(f"{max_name}: expected a Python int, got {type(max_seqlen).__name__}")
-    if not check_offsets or torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not check_indices or torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # reading the offsets would need a host synchronisation
     bounds = cu.tolist()
     if bounds[0] != 0 or bounds[-1] != total:
@@ -358,7 +358,7 @@ def circuit_attention_varlen(
     causal: bool = False,
     scale: Optional[float] = None,
     backend: Optional[str] = None,
-    check_offsets: bool = True,
+    check_indices: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Packed variable-length :func:`circuit_attention` (routed token subsets, mixed batches).
 
@@ -367,8 +367,9 @@ def circuit_attention_varlen(
     ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of k, v (int32 or int64 offsets, B + 1 of them). Empty
     sequences are allowed. Returns (total_q, H, D) and (total_q, H, Rv) (None without v_c).
 
-    ``check_offsets=False`` skips reading the offsets on the host to check their values (one host
-    synchronisation per call on the GPU); only for offsets that are right by construction, such as those of
+    ``check_indices=False`` skips reading the offsets (the indices of the sequences' rows) on the host to check
+    their values (one host synchronisation per call on the GPU), the flag every op and module of the package
+    takes; only for offsets that are right by construction, such as those of
     :class:`recursive.cache.VarlenPacking`. Their dtype, shape and device are always checked. Under
     ``torch.autocast`` the six inputs run in the autocast dtype, as in :func:`circuit_attention`.
     """
@@ -380,11 +381,11 @@ def circuit_attention_varlen(
         with torch.autocast(q.device.type, enabled=False):  # the backends' own ATen calls stay as written
             return circuit_attention_varlen(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_c, k_c, v_c, causal=causal,
-                scale=scale, backend=backend, check_offsets=check_offsets,
+                scale=scale, backend=backend, check_indices=check_indices,
             )
     scale = _validate(q, k, v, q_c, k_c, v_c, scale, packed=True)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q, check_offsets)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q, check_offsets)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q, check_indices)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q, check_indices)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_k: expected {cu_seqlens_q.numel()} offsets like cu_seqlens_q, got {cu_seqlens_k.numel()}"

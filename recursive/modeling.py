@@ -160,6 +160,8 @@ class RecursiveModel(nn.Module):
         past_key_values: Optional[PastKeyValues] = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        *,
+        check_indices: bool = True,
     ) -> RecursiveModelOutput:
         """Args:
             input_ids: (B, S) int64.
@@ -169,8 +171,11 @@ class RecursiveModel(nn.Module):
             use_cache: return the extended cache.
             output_hidden_states: also return the embeddings and every layer's output (e.g. for the
                 loss of early exit at loop boundaries, :func:`recursive.losses.exit_loss`).
+            check_indices: False trusts ``input_ids`` to lie in the vocabulary (their range is read on the host
+                with the mask's in one read, a synchronisation on the GPU): for ids right by construction.
         """
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        if (not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point
+                or input_ids.dtype == torch.bool):
             raise ValueError("input_ids: expected an int tensor (B, S), "
                              f"got {getattr(input_ids, 'shape', input_ids)!r}")
         B, S = input_ids.shape
@@ -200,11 +205,10 @@ class RecursiveModel(nn.Module):
                              f"per-layer hidden states, and a KV cache only with causal routing (token choice, or "
                              f"expert choice with mor_threshold_routing)")
 
+        padded = self._read_inputs(input_ids, attention_mask, check_indices)
         hidden = self.embed(input_ids)
         position_embeddings = rotary_embedding(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
-        packing = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            packing = VarlenPacking.from_attention_mask(attention_mask, S)
+        packing = VarlenPacking.from_attention_mask(attention_mask, S) if padded else None
         return self.run(hidden, position_ids, LayerInputs(position_embeddings, packing), past_key_values, use_cache,
                         output_hidden_states)
 
@@ -311,6 +315,24 @@ class RecursiveModel(nn.Module):
                                   use_reentrant=False, **options)
         return block(hidden, indices, inputs.position_embeddings, inputs.packing, past, use_cache, **options)
 
+    def _read_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor], check_indices: bool) -> bool:
+        """Whether ``attention_mask`` pads (it has a zero), and with ``check_indices`` that ``input_ids`` lie in the
+        vocabulary: one host read for both."""
+        reads = []
+        if check_indices and input_ids.numel():
+            reads.extend(torch.aminmax(input_ids))
+        if attention_mask is not None:
+            reads.append(~attention_mask.bool().all())
+        if not reads:
+            return False
+        values = torch.stack([read.long() for read in reads]).tolist()
+        if check_indices and input_ids.numel():
+            low, high = values[:2]
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                                 f"got {low}..{high}")
+        return attention_mask is not None and bool(values[-1])
+
     def _past_length(self, past_key_values: PastKeyValues) -> int:
         """The sequence length a cache covers (Mixture-of-Recursions: after checking that each entry is
         of its layer's kind, as the module docstring has it)."""
@@ -371,14 +393,18 @@ class RecursiveForCausalLM(GenerationMixin, RecursivePreTrainedModel):
         past_key_values: Optional[PastKeyValues] = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        *,
+        check_indices: bool = True,
     ) -> CausalLMOutput:
         """Args:
             input_ids: (B, S).
             attention_mask: (B, S_past + S) of 1 and 0, or None.
             labels: (B, S) token ids (-100: ignored); the loss predicts ``labels[:, t + 1]`` from position t.
-            position_ids, past_key_values, use_cache, output_hidden_states: as :meth:`RecursiveModel.forward`.
+            position_ids, past_key_values, use_cache, output_hidden_states, check_indices: as
+                :meth:`RecursiveModel.forward`.
         """
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states)
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states,
+                         check_indices=check_indices)
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
@@ -435,14 +461,17 @@ class RecursiveEncoder(RecursivePreTrainedModel):
         attention_mask: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
+        *,
+        check_indices: bool = True,
     ) -> EncoderOutput:
         """Args:
             input_ids: (B, S).
             attention_mask: (B, S) of 1 and 0, or None.
             labels: "mlm": (B, S) token ids, -100 where not masked; classification: (B,).
             position_ids: (B, S); default as :meth:`RecursiveModel.forward`.
+            check_indices: as :meth:`RecursiveModel.forward`.
         """
-        out = self.model(input_ids, attention_mask, position_ids)
+        out = self.model(input_ids, attention_mask, position_ids, check_indices=check_indices)
         hidden = out.last_hidden_state
         if self.config.encoder_head == "mlm":
             logits = self.decoder(self.head_norm(self.head_act(self.head_dense(hidden))))

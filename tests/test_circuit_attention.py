@@ -192,7 +192,7 @@ def test_varlen_trusted_offsets_skip_the_host_read(monkeypatch, backend, device)
         raise AssertionError("the offsets were read on the host")
 
     monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
-    out, _ = recursive_kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, check_offsets=False,
+    out, _ = recursive_kernels.circuit_attention_varlen(q, k, v, cu_q, cu_k, 5, 7, causal=True, check_indices=False,
                                               backend=backend)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     with pytest.raises(AssertionError, match="read on the host"):

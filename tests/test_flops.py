@@ -10,20 +10,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from recursive import RecursiveConfig, RecursiveEncoder, RecursiveForCausalLM
 from recursive.config import RELAXATIONS
 from recursive.flops import ParameterCounts, forward_flops, parameter_counts, training_step_flops
+from tests.helpers import tiny_config
 
 BATCH, SEQ = 2, 7
 SHARING = {"cycle": (4, 2), "sequence": (4, 2), "middle_cycle": (5, 3)}  # scheme -> (num_layers, num_blocks)
 
 
-def tiny_config(relaxation="depth_lora", sharing="cycle", **overrides) -> RecursiveConfig:
+def flops_config(relaxation="depth_lora", sharing="cycle", **overrides) -> RecursiveConfig:
+    """The shared tiny config (tests/helpers.py) with ``sharing``'s layers and blocks, on the torch backend (the
+    one FlopCounterMode sees through)."""
     num_layers, num_blocks = SHARING[sharing]
-    values = dict(
-        vocab_size=61, hidden_size=32, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
-        num_layers=num_layers, num_blocks=num_blocks, sharing=sharing, relaxation=relaxation, lora_rank=3,
-        circuit_rank=2, num_experts=4, num_experts_per_tok=4, start_index=1, backend="torch",
-    )
-    values.update(overrides)
-    return RecursiveConfig(**values)
+    return tiny_config(**{"vocab_size": 61, "intermediate_size": 40, "num_layers": num_layers, "num_blocks": num_blocks,
+                          "sharing": sharing, "relaxation": relaxation, "circuit_rank": 2, "num_experts_per_tok": 4,
+                          "start_index": 1, "backend": "torch", **overrides})
 
 
 def counted(model, input_ids, attention_mask=None, labels=None, backward=False) -> int:
@@ -42,14 +41,14 @@ def inputs(config, batch=BATCH, seq=SEQ):
 @pytest.mark.parametrize("sharing", list(SHARING))
 @pytest.mark.parametrize("relaxation", RELAXATIONS)
 def test_forward_flops_match_flop_counter(relaxation, sharing):
-    config = tiny_config(relaxation, sharing)
+    config = flops_config(relaxation, sharing)
     model = RecursiveForCausalLM(config)
     assert forward_flops(config, BATCH, SEQ) == counted(model, inputs(config))
 
 
 @pytest.mark.parametrize("relaxation", RELAXATIONS)
 def test_padded_batch_counts_attention_over_real_tokens(relaxation):
-    config = tiny_config(relaxation)
+    config = flops_config(relaxation)
     model = RecursiveForCausalLM(config)
     mask = torch.ones(3, SEQ, dtype=torch.long)
     mask[0, :3] = 0  # left padding
@@ -74,7 +73,7 @@ def test_padded_batch_counts_attention_over_real_tokens(relaxation):
     ids=["mha", "mqa", "head_dim-bias", "rank-dict-clamped", "tied-start0", "start-at-end"],
 )
 def test_forward_flops_variants(overrides):
-    config = tiny_config("depth_lora", **overrides)
+    config = flops_config("depth_lora", **overrides)
     model = RecursiveForCausalLM(config)
     assert forward_flops(config, BATCH, SEQ) == counted(model, inputs(config))
 
@@ -83,11 +82,11 @@ def test_mixture_counts_routed_experts():
     """The count is the routed cost (top-k experts per token), linear in k; when every expert is chosen
     the torch reference (which evaluates all experts) is counted exactly."""
     def flops(top_k):
-        return forward_flops(tiny_config("mol", num_experts_per_tok=top_k), BATCH, SEQ)
+        return forward_flops(flops_config("mol", num_experts_per_tok=top_k), BATCH, SEQ)
 
     per_expert = flops(2) - flops(1)
     assert per_expert > 0 and flops(4) - flops(2) == 2 * per_expert
-    config = tiny_config("mol", num_experts_per_tok=2)
+    config = flops_config("mol", num_experts_per_tok=2)
     # The reference's dense evaluation costs as much as routing to all four experts.
     assert counted(RecursiveForCausalLM(config), inputs(config)) == flops(4) == flops(2) + 2 * per_expert
 
@@ -108,7 +107,7 @@ RECURRENCE = {
 @pytest.mark.parametrize("variant", list(RECURRENCE))
 def test_recurrence_flops_match_flop_counter(variant):
     """Hierarchical recurrence and Mixture-of-Recursions (each recursion on its routed tokens only)."""
-    config = dataclasses.replace(tiny_config(), **RECURRENCE[variant])
+    config = dataclasses.replace(flops_config(), **RECURRENCE[variant])
     model = RecursiveForCausalLM(config)
     mask = torch.ones(3, SEQ, dtype=torch.long)
     mask[0, :3] = 0
@@ -140,7 +139,7 @@ def test_recurrence_flops_match_flop_counter(variant):
     ids=["mlm-factorised", "mlm-tied-mol", "classification", "regression-cls"],
 )
 def test_encoder_flops_and_parameters(overrides):
-    config = tiny_config(**{"relaxation": "depth_lora", **overrides})
+    config = flops_config(**{"relaxation": "depth_lora", **overrides})
     model = RecursiveEncoder(config)
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[1, 4:] = 0
@@ -156,7 +155,7 @@ def test_encoder_flops_and_parameters(overrides):
      ("mol", "cycle")],
 )
 def test_training_step_flops_match_forward_and_backward(relaxation, sharing):
-    config = tiny_config(relaxation, sharing)
+    config = flops_config(relaxation, sharing)
     model = RecursiveForCausalLM(config)
     ids = inputs(config)
     assert training_step_flops(config, BATCH, SEQ) == counted(model, ids, labels=ids, backward=True)
@@ -172,7 +171,7 @@ def test_training_step_flops_match_forward_and_backward(relaxation, sharing):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_training_step_flops_with_one_step_gradient_and_checkpointing(variant, overrides, checkpointing):
     """The recomputed forward of checkpointed layers, and HRM's layers that run without autograd."""
-    config = dataclasses.replace(tiny_config("circuit" if variant == "circuit" else "depth_lora"), **overrides)
+    config = dataclasses.replace(flops_config("circuit" if variant == "circuit" else "depth_lora"), **overrides)
     model = RecursiveForCausalLM(config).train()
     if checkpointing:
         model.gradient_checkpointing_enable()
@@ -187,7 +186,7 @@ def test_training_step_flops_with_one_step_gradient_and_checkpointing(variant, o
 
 def test_frozen_weights_cost_less_in_flop_counter():
     """FlopCounterMode skips a frozen weight's gradient matmul; training_step_flops counts all trainable."""
-    config = tiny_config("depth_lora")
+    config = flops_config("depth_lora")
     model = RecursiveForCausalLM(config)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
@@ -217,7 +216,7 @@ def parameters_by_role(model) -> ParameterCounts:
 @pytest.mark.parametrize("relaxation", RELAXATIONS)
 def test_parameter_counts_match_model(relaxation, sharing):
     for overrides in (dict(), dict(tie_word_embeddings=True, qkv_bias=True, start_index=0)):
-        config = tiny_config(relaxation, sharing, **overrides)
+        config = flops_config(relaxation, sharing, **overrides)
         model = RecursiveForCausalLM(config)
         counts = parameter_counts(config)
         assert counts == parameters_by_role(model)
@@ -226,7 +225,7 @@ def test_parameter_counts_match_model(relaxation, sharing):
 
 
 def test_bad_arguments_raise_value_error_naming_them():
-    config = tiny_config()
+    config = flops_config()
     for kwargs, name in [
         (dict(config=None), "config"),
         (dict(batch_size=0), "batch_size"),
@@ -250,4 +249,4 @@ def test_bad_arguments_raise_value_error_naming_them():
     with pytest.raises(ValueError, match="model_type"):
         parameter_counts(config, "seq2seq")
     with pytest.raises(ValueError, match="config"):
-        parameter_counts(tiny_config(embedding_size=16))  # factorised embeddings: an encoder option
+        parameter_counts(flops_config(embedding_size=16))  # factorised embeddings: an encoder option

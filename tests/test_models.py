@@ -168,6 +168,34 @@ def test_loss_follows_hugging_face_conventions():
         model(input_ids.double())
 
 
+@pytest.mark.parametrize("cls", [RecursiveForCausalLM, RecursiveEncoder])
+def test_token_ids_outside_the_vocabulary_name_input_ids(cls, monkeypatch):
+    model = make_model(cls, hidden_act="gelu") if cls is RecursiveEncoder else make_model()
+    input_ids = torch.randint(0, VOCAB, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    for bad, shown in ((VOCAB, f"0..{VOCAB}"), (-1, "-1..")):
+        wrong = input_ids.clone()
+        wrong[1, 3] = bad
+        wrong[0, 0] = 0
+        for attention_mask in (None, mask):
+            with pytest.raises(ValueError, match=rf"input_ids: token ids must lie in \[0, vocab_size={VOCAB}\), "
+                                                 rf"got {shown}"):
+                model(wrong, attention_mask)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(input_ids.bool())
+    # One host read serves the range and the mask; check_indices=False reads only the mask.
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    expected = model(input_ids, mask).logits
+    assert reads == [(3,)]
+    torch.testing.assert_close(model(input_ids, mask, check_indices=False).logits, expected, rtol=0, atol=0)
+    assert reads == [(3,), (1,)]
+    model(input_ids, check_indices=False)
+    assert reads == [(3,), (1,)]
+
+
 def test_init_is_seeded():
     first, second = make_model(seed=11, relaxation="circuit"), make_model(seed=11, relaxation="circuit")
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):

@@ -256,7 +256,7 @@ class CircuitAttention(nn.Module):
             packing.cu_seqlens_q, packing.cu_seqlens_k, packing.max_seqlen_q, packing.max_seqlen_k,
             packed(q_c, packing.query_rows, False), packed(k_c, packing.key_rows, True),
             packed(v_c, packing.key_rows, True), causal=self.causal, backend=self.backend,
-            check_offsets=False,  # built by VarlenPacking: no host synchronisation per layer
+            check_indices=False,  # built by VarlenPacking: no host synchronisation per layer
         )
         return unpacked(out), unpacked(out_c)
 
