@@ -240,12 +240,12 @@ def time_cases(cases, modes, impls, prepare, device, steps: Optional[Steps] = No
         yield case, mode, median_seconds({impl: make(impl) for impl in names}, device), errors
 
 
-def run_benchmark(benchmark, fn, device: torch.device) -> None:
-    """pytest-benchmark on ``fn``, synchronising after each call on the GPU."""
+def run_benchmark(benchmark, fn, device: torch.device):
+    """pytest-benchmark on ``fn``, synchronising after each call on the GPU; ``fn``'s result, for the test to check."""
     if device.type == "cuda":
         def synced():
-            fn()
+            result = fn()
             torch.cuda.synchronize()
-        benchmark(synced)
-    else:
-        benchmark(fn)
+            return result
+        return benchmark(synced)
+    return benchmark(fn)
