@@ -8,7 +8,7 @@ from .corpus import CORPUS_VOCAB_SIZE, encode, stdlib_sources, synthetic_corpus,
 from .data import TokenFile, TokenStream, WindowSampler, split_documents, tokenize_files, write_token_file
 from .distributed import World, init_from_environment
 from .tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
-from .trainer import SCHEDULES, TrainingArguments, TrainingResult, learning_rate_factor, train
+from .trainer import SCHEDULES, Trainer, TrainingArguments, TrainingResult, learning_rate_factor, train
 
 __all__ = [
     "CORPUS_VOCAB_SIZE",
@@ -17,6 +17,7 @@ __all__ = [
     "HFTokenizer",
     "TokenFile",
     "TokenStream",
+    "Trainer",
     "TrainingArguments",
     "TrainingResult",
     "WindowSampler",

@@ -1,6 +1,7 @@
-"""The training loop: AdamW with warm-up and decay, gradient accumulation, bfloat16 autocast, held-out
-evaluation, a metrics file, checkpoints that resume exactly, a clean stop on Ctrl-C, and data parallelism
-(DDP or FSDP2) under torchrun, where each rank reads its own rows of every global batch.
+"""The training loop (:class:`Trainer`; :func:`train` runs one to its end): AdamW with warm-up and decay,
+gradient accumulation, bfloat16 autocast, held-out evaluation, a metrics file, checkpoints that resume exactly,
+a clean stop on Ctrl-C, and data parallelism (DDP or FSDP2) under torchrun, where each rank reads its own rows
+of every global batch.
 
 A run on N processes with gradient accumulation A computes the same steps as one process with the same
 global batch (``batch_size`` windows per optimizer step): each rank's micro-batch loss is a mean over equal
@@ -24,6 +25,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_choice, check_int, is_number
 from ..losses import exit_loss
 from ..modeling import RecursiveForCausalLM
 from ..progress import Progress
@@ -89,31 +91,21 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("eval_every", "save_every", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), 0)
+            check_int(name, getattr(self, name), 0)
         if self.warmup_steps is None:
             self.warmup_steps = max(1, self.steps // 10)
-        _check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("warmup_steps", self.warmup_steps, 0)
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps: expected at most steps={self.steps}, got {self.warmup_steps}")
         for name in ("lr", "max_grad_norm"):
-            if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
+            if not is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
         for name in ("weight_decay", "exit_loss_weight"):
-            if not _is_number(getattr(self, name)) or not getattr(self, name) >= 0:
+            if not is_number(getattr(self, name)) or not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        check_choice("schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
@@ -175,21 +167,11 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def train(
-    model: RecursiveForCausalLM,
-    args: Optional[TrainingArguments] = None,
-    data: Optional[Data] = None,
-    eval_data: Optional[Data] = None,
-    *,
-    save_dir: Optional[str] = None,
-    resume_from: Optional[str] = None,
-    metrics_path: Optional[str] = None,
-    tokenizer: Optional[Tokenizer] = None,
-    interrupt_dir: Optional[str] = None,
-    progress: bool = True,
-) -> TrainingResult:
-    """Train ``model`` in place; on several processes (an initialised ``torch.distributed`` process group) as
-    one data-parallel run.
+class Trainer:
+    """One training run of ``model`` in place; on several processes (an initialised ``torch.distributed`` process
+    group) one data-parallel run. The constructor checks the model, arguments and data, wraps the model (DDP or
+    FSDP2), builds the optimizer and resumes from ``resume_from``; :meth:`fit` runs the loop to ``args.steps``,
+    and :meth:`train_step`, :meth:`evaluate` and :meth:`save` are its parts, for a loop of one's own.
 
     Args:
         model: a causal LM on the device to train on, in float32 (or float64), the same on every rank.
@@ -205,48 +187,80 @@ def train(
         tokenizer: saved beside every checkpoint and the final model.
         interrupt_dir: where a Ctrl-C checkpoint goes when there is no ``save_dir``.
         progress: a progress bar on rank 0.
-    """
-    if not isinstance(model, RecursiveForCausalLM):
-        raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
-    args = args or TrainingArguments()
-    if not isinstance(args, TrainingArguments):
-        raise ValueError(f"args: expected TrainingArguments, got {type(args).__name__}")
-    stream = _stream(data, "data") or TokenStream.of_tensor(encode(synthetic_corpus(seed=args.seed)))
-    held_out = _stream(eval_data, "eval_data")
-    vocab_size = model.config.vocab_size
-    for name, s in (("data", stream), ("eval_data", held_out)):
-        beyond = s.token_beyond(vocab_size) if s is not None else None
-        if beyond is not None:
-            raise ValueError(f"{name}: holds token id {beyond}, outside the model's vocabulary of {vocab_size}")
-    device = next(model.parameters()).device
-    world = current_world(device)
-    per_step = world.size * args.grad_accum
-    if args.batch_size % per_step:
-        raise ValueError(f"batch_size: {args.batch_size} windows do not split into {world.size} process(es) x "
-                         f"{args.grad_accum} accumulation step(s)")
-    micro = args.batch_size // per_step
-    sampler = WindowSampler(stream, args.seq_len, args.seed)
-    checkpoint = resolve_checkpoint(resume_from) if resume_from else None
 
-    wrapped = wrap(model, world, args.fsdp)
-    named = [(n, p) for n, p in unwrapped(wrapped).named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("model: has no trainable parameter")
-    optimizer = torch.optim.AdamW([
-        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
-    ], lr=args.lr)
-    result = TrainingResult()
-    tokens = 0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, wrapped, optimizer, world)
+    Attributes:
+        step, tokens: optimizer steps done and tokens trained on, in all (a resumed run counts the checkpoint's).
+        args: the run's arguments (a longer run resumed: with the checkpoint's warm-up).
+        model: the model as trained: DDP- or FSDP2-wrapped on several processes, else ``model`` itself.
+        optimizer: AdamW, with weight decay on the matrices only.
+    """
+
+    def __init__(
+        self,
+        model: RecursiveForCausalLM,
+        args: Optional[TrainingArguments] = None,
+        data: Optional[Data] = None,
+        eval_data: Optional[Data] = None,
+        *,
+        save_dir: Optional[str] = None,
+        resume_from: Optional[str] = None,
+        metrics_path: Optional[str] = None,
+        tokenizer: Optional[Tokenizer] = None,
+        interrupt_dir: Optional[str] = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, RecursiveForCausalLM):
+            raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
+        args = args or TrainingArguments()
+        if not isinstance(args, TrainingArguments):
+            raise ValueError(f"args: expected TrainingArguments, got {type(args).__name__}")
+        stream = _stream(data, "data") or TokenStream.of_tensor(encode(synthetic_corpus(seed=args.seed)))
+        held_out = _stream(eval_data, "eval_data")
+        vocab_size = model.config.vocab_size
+        for name, s in (("data", stream), ("eval_data", held_out)):
+            beyond = s.token_beyond(vocab_size) if s is not None else None
+            if beyond is not None:
+                raise ValueError(f"{name}: holds token id {beyond}, outside the model's vocabulary of {vocab_size}")
+        world = current_world(next(model.parameters()).device)
+        per_step = world.size * args.grad_accum
+        if args.batch_size % per_step:
+            raise ValueError(f"batch_size: {args.batch_size} windows do not split into {world.size} process(es) x "
+                             f"{args.grad_accum} accumulation step(s)")
+        self.world, self.micro = world, args.batch_size // per_step
+        self.sampler = WindowSampler(stream, args.seq_len, args.seed)
+        checkpoint = resolve_checkpoint(resume_from) if resume_from else None
+
+        self.model = wrap(model, world, args.fsdp)
+        named = [(n, p) for n, p in unwrapped(self.model).named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model: has no trainable parameter")
+        self.optimizer = torch.optim.AdamW([
+            {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+        ], lr=args.lr)
+        self.step = self.tokens = 0
+        if checkpoint is not None:
+            args = self._resume(checkpoint, args)
+        self.args = args
+        self.metrics = _Metrics(metrics_path, world, self.step)
+        self.held_out = held_out
+        self.eval_starts = eval_windows(held_out, args.seq_len, args.eval_windows) if held_out is not None else []
+        if held_out is not None and not self.eval_starts:
+            raise ValueError(f"eval_data: {len(held_out)} tokens hold no window of seq_len={args.seq_len}")
+        self.save_dir, self.interrupt_dir, self.tokenizer, self.progress = save_dir, interrupt_dir, tokenizer, progress
+        self.model.train()
+
+    def _resume(self, checkpoint: str, args: TrainingArguments) -> TrainingArguments:
+        """Load ``checkpoint`` into the model, optimizer, sampler, step and tokens; returns the arguments to go on
+        with (``args``, or a longer run's with the checkpoint's warm-up)."""
+        state = load_checkpoint(checkpoint, self.model, self.optimizer, self.world)
         theirs = state["arguments"]
         if args.steps != theirs["steps"]:
             if args.steps <= state["step"]:
                 raise ValueError(f"steps: {checkpoint!r} is at step {state['step']} already; ask for more steps")
             # The warm-up is behind (or part of) the checkpoint: only the decay is re-planned.
             args = dataclasses.replace(args, warmup_steps=theirs["warmup_steps"])
-            if world.is_main:
+            if self.world.is_main:
                 print(f"resume: the run goes on from step {state['step']} to {args.steps} (it was planned for "
                       f"{theirs['steps']}); the learning rate's {args.schedule} decay is re-planned over {args.steps} "
                       f"steps", file=sys.stderr)
@@ -254,60 +268,106 @@ def train(
                   for name in RESUME_FIELDS if theirs.get(name) != getattr(args, name)]
         if differ:
             raise ValueError(f"resume: {checkpoint!r} was trained with other settings ({'; '.join(differ)})")
-        sampler.load_state_dict(state["sampler"])
-        result.step, tokens = state["step"], state["tokens"]
-    metrics = _Metrics(metrics_path, world, result.step)
-    windows = eval_windows(held_out, args.seq_len, args.eval_windows) if held_out is not None else []
-    if held_out is not None and not windows:
-        raise ValueError(f"eval_data: {len(held_out)} tokens hold no window of seq_len={args.seq_len}")
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        return args
 
-    def state() -> dict:
-        return {"step": result.step, "tokens": tokens, "sampler": sampler.state_dict(),
-                "arguments": dataclasses.asdict(args)}
+    def learning_rate(self) -> float:
+        """The learning rate of the next step: a function of the step alone, so a resumed or extended run needs
+        no saved state for it."""
+        args = self.args
+        return args.lr * learning_rate_factor(self.step, args.steps, args.warmup_steps, args.schedule)
 
-    def save(directory: str) -> None:
-        result.checkpoint = save_checkpoint(directory, result.step, wrapped, optimizer, state(), world, tokenizer,
-                                            args.keep_checkpoints)
+    def train_step(self) -> float:
+        """One optimizer step on the next global batch at :meth:`learning_rate`; returns its mean loss over every
+        rank (and advances ``step`` and ``tokens``)."""
+        if self.step >= self.args.steps:
+            raise ValueError(f"steps: the run has done its {self.args.steps} steps")
+        starts = self.sampler.next_starts(self.args.batch_size)
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = _step(self.model, self.optimizer, self.sampler, starts, self.args, self.micro, self.world)
+        self.step += 1
+        self.tokens += self.args.batch_size * self.args.seq_len
+        return loss
 
-    wrapped.train()
-    start, start_tokens = time.perf_counter(), tokens
-    bar = Progress(args.steps - result.step, progress and world.is_main, unit="step")
-    with bar, _StopRequest() as stop:
-        while result.step < args.steps:
-            starts = sampler.next_starts(args.batch_size)
-            # the learning rate is a function of the step alone, so a resumed or extended run needs no saved state
-            lr = args.lr * learning_rate_factor(result.step, args.steps, args.warmup_steps, args.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = _step(wrapped, optimizer, sampler, starts, args, micro, world)
-            result.step += 1
-            tokens += args.batch_size * args.seq_len
-            result.losses.append(loss)
-            elapsed = time.perf_counter() - start
-            row = {"step": result.step, "tokens": tokens, "loss": loss, "lr": lr,
-                   "tokens_per_s": (tokens - start_tokens) / elapsed, "elapsed_s": elapsed}
-            last = result.step == args.steps
-            label = f"loss {loss:.3f}"
-            if windows and (last or (args.eval_every and result.step % args.eval_every == 0)):
-                eval_loss = evaluate(wrapped, held_out, windows, args, micro, world)
-                result.eval_losses.append((result.step, eval_loss))
-                row.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 80.0)))
-            if result.eval_losses:
-                label += f"  eval {result.eval_losses[-1][1]:.3f}"
-            metrics.write(row)
-            bar.step(f"{label}  {row['tokens_per_s']:,.0f} tok/s")
-            if save_dir and (last or (args.save_every and result.step % args.save_every == 0)):
-                save(save_dir)
-            if not last and any_rank(stop.requested, world):
-                result.interrupted = True
-                if save_dir or interrupt_dir:
-                    save(save_dir or interrupt_dir)
-                break
-    result.seconds = time.perf_counter() - start
-    result.tokens_per_second = (tokens - start_tokens) / result.seconds if result.seconds > 0 else 0.0
-    if save_dir and not result.interrupted:
-        save_model(save_dir, wrapped, world, tokenizer)
-    return result
+    def evaluate(self) -> float:
+        """The mean next-token loss over the held-out windows (``eval_data``'s, at most ``args.eval_windows``)."""
+        if self.held_out is None:
+            raise ValueError("eval_data: none was given, so there is nothing to evaluate on")
+        return evaluate(self.model, self.held_out, self.eval_starts, self.args, self.micro, self.world)
+
+    def state_dict(self) -> dict:
+        """The trainer's state a checkpoint keeps beside the weights and the optimizer's: step, tokens seen, the
+        sampler's position and the arguments (JSON-able)."""
+        return {"step": self.step, "tokens": self.tokens, "sampler": self.sampler.state_dict(),
+                "arguments": dataclasses.asdict(self.args)}
+
+    def save(self, directory: str) -> str:
+        """Write the checkpoint of this step into ``directory`` (every rank calls it; the newest
+        ``args.keep_checkpoints`` are kept); returns its folder."""
+        return save_checkpoint(directory, self.step, self.model, self.optimizer, self.state_dict(), self.world,
+                               self.tokenizer, self.args.keep_checkpoints)
+
+    def fit(self) -> TrainingResult:
+        """Train to ``args.steps``: a progress bar, held-out evaluation every ``args.eval_every`` steps and at the
+        end, a metrics row per step, checkpoints every ``args.save_every`` steps and at the end, a checkpoint and
+        a clean stop on Ctrl-C (or SIGTERM), and the final model in ``save_dir``."""
+        args, world = self.args, self.world
+        result = TrainingResult(step=self.step)
+        start, start_tokens = time.perf_counter(), self.tokens
+        bar = Progress(args.steps - self.step, self.progress and world.is_main, unit="step")
+        with bar, _StopRequest() as stop:
+            while self.step < args.steps:
+                lr = self.learning_rate()
+                loss = self.train_step()
+                result.step = self.step
+                result.losses.append(loss)
+                elapsed = time.perf_counter() - start
+                row = {"step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
+                       "tokens_per_s": (self.tokens - start_tokens) / elapsed, "elapsed_s": elapsed}
+                last = self.step == args.steps
+                label = f"loss {loss:.3f}"
+                if self.held_out is not None and (last or (args.eval_every and self.step % args.eval_every == 0)):
+                    eval_loss = self.evaluate()
+                    result.eval_losses.append((self.step, eval_loss))
+                    row.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 80.0)))
+                if result.eval_losses:
+                    label += f"  eval {result.eval_losses[-1][1]:.3f}"
+                self.metrics.write(row)
+                bar.step(f"{label}  {row['tokens_per_s']:,.0f} tok/s")
+                if self.save_dir and (last or (args.save_every and self.step % args.save_every == 0)):
+                    result.checkpoint = self.save(self.save_dir)
+                if not last and any_rank(stop.requested, world):
+                    result.interrupted = True
+                    if self.save_dir or self.interrupt_dir:
+                        result.checkpoint = self.save(self.save_dir or self.interrupt_dir)
+                    break
+        result.seconds = time.perf_counter() - start
+        result.tokens_per_second = (self.tokens - start_tokens) / result.seconds if result.seconds > 0 else 0.0
+        if self.save_dir and not result.interrupted:
+            save_model(self.save_dir, self.model, world, self.tokenizer)
+        return result
+
+
+def train(
+    model: RecursiveForCausalLM,
+    args: Optional[TrainingArguments] = None,
+    data: Optional[Data] = None,
+    eval_data: Optional[Data] = None,
+    *,
+    save_dir: Optional[str] = None,
+    resume_from: Optional[str] = None,
+    metrics_path: Optional[str] = None,
+    tokenizer: Optional[Tokenizer] = None,
+    interrupt_dir: Optional[str] = None,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train ``model`` in place: :meth:`Trainer.fit` of a :class:`Trainer` of these arguments (documented there)."""
+    return Trainer(model, args, data, eval_data, save_dir=save_dir, resume_from=resume_from,
+                   metrics_path=metrics_path, tokenizer=tokenizer, interrupt_dir=interrupt_dir,
+                   progress=progress).fit()
 
 
 def _accumulation(model: nn.Module, last: bool):
