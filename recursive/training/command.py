@@ -5,9 +5,12 @@ summarises and saves."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
+import typing
+from typing import Any, Dict
 
 import torch
 
@@ -21,7 +24,7 @@ from .data import TokenFile, TokenStream, default_cache_dir, is_token_file, spli
 from .distributed import barrier, init_from_environment, shutdown
 from .plots import plot_metrics, require_matplotlib
 from .tokenizers import ByteTokenizer, check_vocabulary, load_tokenizer
-from .trainer import SCHEDULES, TrainingArguments, TrainingResult, train
+from .trainer import TrainingArguments, TrainingResult, train
 
 
 def default_train_config(vocab_size: int = CORPUS_VOCAB_SIZE) -> RecursiveConfig:
@@ -35,8 +38,8 @@ def default_train_config(vocab_size: int = CORPUS_VOCAB_SIZE) -> RecursiveConfig
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``python -m recursive train``."""
-    defaults = TrainingArguments()
+    """The options of ``python -m recursive train``: one per :class:`TrainingArguments` field, and those of the
+    model, the data and the output."""
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group()
     source.add_argument("--config",
@@ -55,39 +58,41 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--eval-fraction", type=float, default=0.05,
                       help="share of the documents (files, or 64 KiB pieces of them) held out for evaluation")
     data.add_argument("--cache-dir", help=f"where tokenised text is kept (default: {default_cache_dir()})")
-    run = parser.add_argument_group("optimisation")
-    run.add_argument("--steps", type=int, default=defaults.steps)
-    run.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                     help="windows per optimizer step, over every process and accumulation step")
-    run.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    run.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
-                     help="micro-batches per step on each process")
-    run.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    run.add_argument("--warmup-steps", type=int, help="default: a tenth of --steps")
-    run.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
-    run.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    run.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
-    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    run.add_argument("--exit-loss-weight", type=float, default=defaults.exit_loss_weight,
-                     help="weight of the LM head's loss at the loop boundaries (trains for early exit)")
-    run.add_argument("--seed", type=int, default=defaults.seed,
-                     help="seeds the init, the synthetic corpus and the batches")
-    run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
-    run.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun: cuda:LOCAL_RANK)")
-    out = parser.add_argument_group("evaluation and output")
-    out.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                     help="held-out loss every N steps (0: at the end)")
-    out.add_argument("--eval-windows", type=int, default=defaults.eval_windows, help="held-out windows per evaluation")
+    groups = _add_training_options(parser)
+    groups["optimisation"].add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun: "
+                                                         "cuda:LOCAL_RANK)")
+    out = groups["evaluation and output"]
     out.add_argument("--save", metavar="DIR", help="checkpoints and the final model (with its tokenizer) go here")
-    out.add_argument("--save-every", type=int, default=defaults.save_every,
-                     help="a checkpoint every N steps (0: at the end)")
-    out.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints, help="newest N kept (0: all)")
     out.add_argument("--resume", metavar="DIR", help="a checkpoint, or a --save folder (its newest), to continue from")
     out.add_argument("--metrics", metavar="FILE", help="JSON lines per step (default: DIR/metrics.jsonl with --save)")
     out.add_argument("--plot", metavar="PNG", help="the loss curves as a PNG at the end (needs matplotlib)")
     out.add_argument("--save-adapter", metavar="DIR", help="save the adapters alone here at the end (save_adapter)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=train_command)
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """A flag per :class:`TrainingArguments` field (``--batch-size`` of ``batch_size``) with the field's type,
+    default, help and argument group (a bool field: ``store_true``); returns the argument groups by name."""
+    groups = {}
+    types = typing.get_type_hints(TrainingArguments)
+    for option in dataclasses.fields(TrainingArguments):
+        group_name = option.metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        flag = "--" + option.name.replace("_", "-")
+        if types[option.name] is bool:
+            groups[group_name].add_argument(flag, action="store_true", default=option.default,
+                                            help=option.metadata["help"])
+        else:
+            groups[group_name].add_argument(flag, type=_value_type(types[option.name]), default=option.default,
+                                            choices=option.metadata.get("choices"), help=option.metadata["help"])
+    return groups
+
+
+def _value_type(hint: Any) -> type:
+    """The type an option parses its value to: ``int`` of ``int`` and of ``Optional[int]``."""
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
 
 
 INTERRUPT_DIR = "train-interrupted"  # where Ctrl-C saves a run that has no --save
@@ -179,12 +184,8 @@ def _train(args: argparse.Namespace, world) -> TrainingResult:
     if args.save_adapter and args.fsdp and world.distributed:
         raise ValueError("save-adapter: the adapters of an FSDP2-sharded model are not gathered here: save the whole "
                          "model with --save (save_adapter on the loaded model gives the adapters)")
-    training_args = TrainingArguments(
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
-        schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        grad_accum=args.grad_accum, bf16=args.bf16, exit_loss_weight=args.exit_loss_weight, seed=args.seed,
-        eval_every=args.eval_every, eval_windows=args.eval_windows, save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints, fsdp=args.fsdp)
+    training_args = TrainingArguments(**{option.name: getattr(args, option.name)
+                                         for option in dataclasses.fields(TrainingArguments)})
     torch.manual_seed(args.seed)
     model, tokenizer = _model_and_tokenizer(args, world.device)
     data, held_out, tokenizer = _train_data(args, tokenizer, model, world)

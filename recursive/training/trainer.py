@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,50 +44,48 @@ RESUME_FIELDS = ("batch_size", "seq_len", "lr", "warmup_steps", "schedule", "wei
                  "max_grad_norm", "exit_loss_weight", "seed")
 
 
+def _option(default: Any, help: str, group: str = "optimisation", **argparse_options: Any) -> Any:
+    """A :class:`TrainingArguments` field whose ``train`` option has this help, sits in this argument group and
+    takes these further ``argparse`` options (``choices``)."""
+    return field(default=default, metadata={"help": help, "group": group, **argparse_options})
+
+
 @dataclass
 class TrainingArguments:
-    """What a run does (the command line's ``train`` options).
+    """What a run does: its length and batches, the optimizer and its schedule, evaluation and checkpoints.
 
-    Args:
-        steps: optimizer steps in all. A resumed run continues to this total: the checkpoint's own, or another
-            one, which extends the run and re-plans the learning rate's decay over it (the warm-up stays the
-            checkpoint's).
-        batch_size: windows per optimizer step over every rank and accumulation step (the global batch); a
-            multiple of the world size times ``grad_accum``.
-        seq_len: tokens per window.
-        lr: AdamW's peak learning rate; warmup_steps: linear warm-up (default a tenth of ``steps``), then a
-            cosine or linear ``schedule`` to 0 at ``steps``.
-        weight_decay: AdamW's, on matrices only (not on norms and biases).
-        max_grad_norm: gradients are clipped to this total norm.
-        grad_accum: micro-batches per optimizer step on each rank.
-        bf16: run the forward under ``torch.autocast`` to bfloat16 (the parameters stay float32).
-        exit_loss_weight: adds this times :func:`recursive.losses.exit_loss` (the LM head's loss at the loop
-            boundaries, which teaches early exit) to the loss; 0: the final loss only.
-        seed: seeds the window sampler (and the synthetic corpus when no data is given).
-        eval_every: held-out loss every this many steps (0: at the end only, when there is held-out data).
-        eval_windows: at most this many held-out windows per evaluation, spread over the held-out text.
-        save_every: a checkpoint every this many steps (0: at the end only), when there is a save folder.
-        keep_checkpoints: the newest this many checkpoints are kept (0: all).
-        fsdp: shard with FSDP2 instead of replicating with DDP (several processes only).
+    Each field is the ``train`` command's option of its name (``batch_size``: ``--batch-size``), with its default;
+    its help (``python -m recursive train --help``, or the field's ``metadata["help"]``) documents it.
     """
 
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 64
-    lr: float = 3e-3
-    warmup_steps: Optional[int] = None
-    schedule: str = "cosine"
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    grad_accum: int = 1
-    bf16: bool = False
-    exit_loss_weight: float = 0.0
-    seed: int = 0
-    eval_every: int = 0
-    eval_windows: int = 64
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    fsdp: bool = False
+    steps: int = _option(300, "optimizer steps in all; a resumed run goes on to this total: the checkpoint's own, or "
+                              "another one, which extends the run and re-plans the learning rate's decay over it (the "
+                              "warm-up stays the checkpoint's)")
+    batch_size: int = _option(16, "windows per optimizer step, over every process and accumulation step (the global "
+                                  "batch): a multiple of the number of processes times --grad-accum")
+    seq_len: int = _option(64, "tokens per window")
+    lr: float = _option(3e-3, "AdamW's peak learning rate")
+    warmup_steps: Optional[int] = _option(None, "steps of linear warm-up to --lr, then the --schedule decay to 0 at "
+                                                "--steps (default: a tenth of --steps)")
+    schedule: str = _option("cosine", "the learning rate's decay after the warm-up, to 0 at --steps",
+                            choices=SCHEDULES)
+    weight_decay: float = _option(0.01, "AdamW's weight decay, on matrices only (not on norms and biases)")
+    max_grad_norm: float = _option(1.0, "gradients are clipped to this total norm")
+    grad_accum: int = _option(1, "micro-batches per optimizer step on each process")
+    bf16: bool = _option(False, "run the forward under bfloat16 autocast (the parameters stay float32)")
+    exit_loss_weight: float = _option(0.0, "weight of the LM head's loss at the loop boundaries "
+                                           "(recursive.losses.exit_loss, which trains for early exit) added to the "
+                                           "loss; 0: the final loss only")
+    seed: int = _option(0, "seeds the batches and the synthetic corpus (and, in the train command, the model's init)")
+    eval_every: int = _option(0, "held-out loss every N steps (0: at the end only), when there is held-out data",
+                              group="evaluation and output")
+    eval_windows: int = _option(64, "at most this many held-out windows per evaluation, spread over the held-out "
+                                    "text", group="evaluation and output")
+    save_every: int = _option(0, "a checkpoint every N steps (0: at the end only), when there is a save folder "
+                                 "(--save)", group="evaluation and output")
+    keep_checkpoints: int = _option(2, "the newest N checkpoints are kept (0: all)", group="evaluation and output")
+    fsdp: bool = _option(False, "under torchrun: shard with FSDP2 instead of replicating with DDP (several "
+                                "processes only)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_windows"):
