@@ -110,7 +110,7 @@ def test_save_load_and_export_back_to_transformers(original, tmp_path):
 def test_convert_command_reads_the_gguf_file_and_keeps_its_tokenizer(original, tmp_path, capsys):
     """``convert smollm2`` (the installed GGUF file) with an activation-aware start on calibration text, then
     ``generate`` from text through the tokenizer the conversion kept."""
-    from recursive.cli import CALIBRATION_WINDOW
+    from recursive.convert_command import CALIBRATION_WINDOW
 
     hf, _, tokenizer, text = original
     cli_main(["convert", "smollm2", str(tmp_path), "--num-blocks", str(NUM_BLOCKS), "--lora-rank", "8",
