@@ -8,11 +8,14 @@
   reference runs on (:func:`copies`) and the checks of a model against that reference;
 * tiny float64 Hugging Face models of the families the converter takes (:func:`make_hf`; ``transformers``
   is imported only when one is built: the tests that build them skip without it);
-* checks of the generation engines: every request completes, synchronisations per engine step.
+* checks of the generation engines: every request completes, synchronisations per engine step;
+* training runs: an untrained float32 model for the synthetic corpus (:func:`corpus_model`), the rows of a
+  metrics file (:func:`read_rows`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -396,3 +399,24 @@ def save_hf_tokenizer(directory: str, vocab_size: int = 300, eos: bool = True) -
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>" if eos else None).save_pretrained(directory)
+
+
+# Training runs.
+
+
+def corpus_model(seed: int = 0, **kwargs) -> RecursiveForCausalLM:
+    """An untrained float32 model of :func:`tiny_config` for the synthetic corpus's byte ids, seeded and initialised
+    as ``RecursiveForCausalLM`` does (not perturbed): 2 layers over one block with depth LoRA (``kwargs``
+    override)."""
+    from recursive.training import CORPUS_VOCAB_SIZE
+
+    options = dict(vocab_size=CORPUS_VOCAB_SIZE, intermediate_size=64, num_attention_heads=2, num_layers=2,
+                   num_blocks=1, relaxation="depth_lora", lora_rank=4, lora_alpha=RecursiveConfig.lora_alpha)
+    torch.manual_seed(seed)
+    return RecursiveForCausalLM(tiny_config(**{**options, **kwargs}))
+
+
+def read_rows(path) -> List[dict]:
+    """The rows of a metrics file (JSON lines)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]

@@ -1,6 +1,8 @@
-"""recursive.training's data: token files, text files tokenised into them (bytes or a Hugging Face tokenizer,
-cached), the held-out split by document, the stream over some documents, and the seeded window sampler."""
+"""recursive.training's data: the corpora every machine has (the synthetic language, its unigram entropy), token
+files, text files tokenised into them (bytes or a Hugging Face tokenizer, cached), the held-out split by document,
+the stream over some documents, and the seeded window sampler."""
 
+import math
 import os
 
 import numpy as np
@@ -8,18 +10,38 @@ import pytest
 import torch
 
 from recursive.training import (
+    CORPUS_VOCAB_SIZE,
     ByteTokenizer,
     TokenFile,
     TokenStream,
     WindowSampler,
+    encode,
     load_tokenizer,
     split_documents,
     stdlib_sources,
+    synthetic_corpus,
     tokenize_files,
+    unigram_entropy,
     write_token_file,
 )
 from recursive.training.data import eval_windows, find_files, split_document
 from tests.helpers import save_hf_tokenizer
+
+
+def test_corpus_is_deterministic_ascii_with_agreement():
+    text = synthetic_corpus(5000, seed=3)
+    assert len(text) >= 5000 and text == synthetic_corpus(5000, seed=3) and text != synthetic_corpus(5000, seed=4)
+    tokens = encode(text)
+    assert tokens.dtype == torch.int64 and int(tokens.max()) < CORPUS_VOCAB_SIZE
+    assert bytes(tokens.tolist()).decode("ascii") == text
+    corpus = synthetic_corpus(seed=0)
+    assert " cats see " in corpus and " cat sees " in corpus
+    assert " cats sees " not in corpus and " cat see " not in corpus  # verbs agree with their subjects
+
+
+def test_unigram_entropy_of_uniform_and_constant_tokens():
+    assert unigram_entropy(torch.arange(8).repeat(5)) == pytest.approx(math.log(8))
+    assert unigram_entropy(torch.full((10,), 3)) == 0.0
 
 
 def test_token_file_round_trip_and_damage(tmp_path):
