@@ -93,6 +93,8 @@ class VarlenPacking:
         query_mask: (B, Sq) bool, True at real queries.
         every_query: every query is real (``query_rows`` is ``0 .. B * Sq - 1``): attention then takes the
             queries as they are, with no gather and no scatter back.
+        every_key: every key is real (``key_rows`` is ``0 .. B * Sk - 1``): attention reads the token-major keys
+            in place, with no gather.
     """
 
     query_rows: Tensor
@@ -103,6 +105,19 @@ class VarlenPacking:
     max_seqlen_k: int
     query_mask: Tensor
     every_query: bool = False
+    every_key: bool = False
+
+    @classmethod
+    def uniform(cls, batch: int, query_length: int, key_length: int, device) -> "VarlenPacking":
+        """No padding: every row's ``query_length`` queries are the last of its ``key_length`` keys. Decoding takes
+        this packing over a cache instead of the dense op, which reads keys head-major and would copy the
+        token-major cache into that layout at every layer."""
+        rows = torch.arange(batch + 1, device=device, dtype=torch.int32)
+        return cls(query_rows=torch.arange(batch * query_length, device=device),
+                   key_rows=torch.arange(batch * key_length, device=device), cu_seqlens_q=rows * query_length,
+                   cu_seqlens_k=rows * key_length, max_seqlen_q=query_length, max_seqlen_k=key_length,
+                   query_mask=torch.ones(batch, query_length, dtype=torch.bool, device=device), every_query=True,
+                   every_key=True)
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], width: int, device) -> "VarlenPacking":

@@ -111,7 +111,8 @@ class GenerationMixin:
                 sequence = torch.cat((sequence, tokens[:, None].to(sequence.dtype)), dim=1)
                 logits = self.lm_head(self.model(sequence, attention_mask).last_hidden_state[:, -1])
             else:
-                packing = VarlenPacking.from_attention_mask(attention_mask, 1, queries_real=True) if padded else None
+                packing = (VarlenPacking.from_attention_mask(attention_mask, 1, queries_real=True) if padded
+                           else VarlenPacking.uniform(B, 1, S + step + 1, input_ids.device))
                 logits, past = decode_step(self, tokens, positions, rotary_rows(rotary_table, positions), packing,
                                            past, exit_threshold)
             positions = positions + 1

@@ -239,7 +239,7 @@ class CircuitAttention(nn.Module):
             """(B, S, heads, d) -> (total, heads, d), the rows of ``packing``."""
             if t is None:
                 return None
-            if not keys and packing.every_query:
+            if packing.every_key if keys else packing.every_query:
                 return t.reshape(-1, *t.shape[2:])
             return t.reshape(-1, *t.shape[2:]).index_select(0, rows)
 

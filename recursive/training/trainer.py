@@ -387,7 +387,9 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: WindowSam
         input_ids = sampler.read(starts[first:first + micro]).to(device, non_blocking=True)
         with _accumulation(model, a == args.grad_accum - 1):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                out = model(input_ids, labels=input_ids, output_hidden_states=args.exit_loss_weight > 0)
+                # the data's token ids were checked against the vocabulary once, at the start
+                out = model(input_ids, labels=input_ids, output_hidden_states=args.exit_loss_weight > 0,
+                            check_indices=False)
                 loss = out.loss
                 if args.exit_loss_weight > 0:
                     loss = loss + args.exit_loss_weight * exit_loss(unwrapped(model), out.hidden_states, input_ids)
@@ -404,7 +406,8 @@ def evaluate(model: nn.Module, stream: TokenStream, starts: List[int], args: Tra
              world: World) -> float:
     """The mean next-token loss over the windows at ``starts`` of ``stream``, the ranks sharing them. Every rank
     runs the same number of forwards (FSDP2 gathers weights in each): a rank out of windows reruns the first
-    with weight 0."""
+    with weight 0. The stream's token ids are trusted to lie in the vocabulary (a Trainer checks its data
+    once)."""
     mine = starts[world.rank::world.size]
     rounds = math.ceil(math.ceil(len(starts) / world.size) / micro)
     forward = unwrapped(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -416,7 +419,7 @@ def evaluate(model: nn.Module, stream: TokenStream, starts: List[int], args: Tra
             rows, weight = starts[:1], 0.0
         input_ids = stream.windows(rows, args.seq_len).to(world.device)
         with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = forward(input_ids, labels=input_ids).loss
+            loss = forward(input_ids, labels=input_ids, check_indices=False).loss
         count = len(rows) * (args.seq_len - 1) * weight
         sums += torch.stack([loss.double() * count, torch.tensor(count, dtype=torch.float64, device=world.device)])
     model.train()
