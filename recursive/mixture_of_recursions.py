@@ -4,7 +4,7 @@ each recursion runs its layers on the tokens its routing selects, gathered in or
 
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ class RecursionsOutput(NamedTuple):
     token ran."""
 
     hidden: Tensor
-    presents: Dict[int, Optional[object]]
+    presents: Dict[int, Optional[Union[LayerKV, RecursionKV]]]
     aux_losses: List[Tensor]
     loss: Tensor
     depths: Tensor
@@ -49,7 +49,7 @@ def mixture_of_recursions(
     :class:`recursive.cache.RecursionKV` of the earlier tokens (``past_key_values``) too."""
     config, steps = backbone.config, backbone.shape.steps
     before, recursions, after = config.recursions()
-    presents: Dict[int, Optional[object]] = {}
+    presents: Dict[int, Optional[Union[LayerKV, RecursionKV]]] = {}
     aux_losses: List[Tensor] = []
 
     def every_token(layers: Sequence[int], hidden: Tensor) -> Tensor:
@@ -121,14 +121,13 @@ def _recursion_step(
     backbone, hidden: Tensor, layers: Sequence[int], selected: Tensor, gate: Tensor, gated: Tensor,
     position_ids: Tensor, first: Optional[_FirstRecursion], past: Optional[List[Optional[RecursionKV]]],
     known_counts: Optional[List[int]], aux_losses: List[Tensor],
-):
+) -> Tuple[Tensor, Optional[_FirstRecursion], Optional[List[RecursionKV]]]:
     """One recursion on the ``selected`` (B, S) tokens: ``h + gate * (F(h) - h)`` where ``gated``, ``F(h)``
     elsewhere among them; the other tokens keep ``hidden``. With KV sharing, the first recursion returns its
     layout and keys (``first``) and the later ones attend over them. ``past``: with a cache, each layer's
     cache of the earlier tokens (None: there are none), which this step extends and returns.
     ``known_counts``: the selected tokens of each row when the host knows them (no cache), which spares the
-    step's reads of the device. The layers' MoL losses are appended to ``aux_losses``. Returns ``(hidden,
-    first, caches)``."""
+    step's reads of the device. The layers' MoL losses are appended to ``aux_losses``."""
     config = backbone.config
     B, S, width = hidden.shape
     counts = selected.sum(1)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from recursive import RecursiveConfig, RecursiveEncoder, RecursiveForCausalLM
+from recursive.loops import FAST, INPUT, SLOW, loop_shape
 from tests.helpers import (
     DTYPE,
     RELAXATIONS,
@@ -258,6 +259,27 @@ def test_sharing_schemes(sharing, layers, blocks, expected):
     config = tiny_config(sharing=sharing, num_layers=layers, num_blocks=blocks)
     assert [config.block_of_layer(layer) for layer in range(layers)] == expected
     assert config.layers_of_block(1) == [layer for layer, b in enumerate(expected) if b == 1]
+    shape = loop_shape(config)
+    assert [(step.layer, step.block) for step in shape.steps] == list(enumerate(expected))
+
+
+def test_loop_shape_is_the_data_flow():
+    """What run_layers reads: a plain stack's one state and its loop boundaries (not after the last layer); HRM's
+    fast and slow states, what mixes into each, and the one-step gradient's recorded layers."""
+    plain = loop_shape(tiny_config(num_layers=6, num_blocks=2))
+    assert (plain.num_states, plain.output_state, plain.loop_length) == (1, INPUT, 2)
+    assert [step.exit_after for step in plain.steps] == [False, True, False, True, False, False]
+    assert all(step.state == INPUT and not step.adds and step.records for step in plain.steps)
+    assert not any(step.exit_after for step in loop_shape(tiny_config(num_layers=6, num_blocks=6)).steps)
+    assert not any(step.exit_after for step in loop_shape(tiny_config(mor_routing="token_choice")).steps)
+    hrm = loop_shape(tiny_config(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_period=2))
+    assert (hrm.num_states, hrm.output_state, hrm.loop_length) == (3, SLOW, 6)
+    # z_L <- f_L(z_L + z_H + x) twice, then z_H <- f_H(z_H + z_L), per cycle of three layers
+    assert [(step.state, step.adds) for step in hrm.steps] == [
+        (FAST, (SLOW, INPUT)), (FAST, (SLOW, INPUT)), (SLOW, (FAST,))] * 2
+    assert all(step.records and not step.exit_after for step in hrm.steps)
+    one_step = loop_shape(tiny_config(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_one_step_gradient=True))
+    assert [step.records for step in one_step.steps] == [False, False, False, False, True, True]
 
 
 @pytest.mark.parametrize("bad, field", [
