@@ -77,11 +77,16 @@ class AdapterConfig:
         """Raise ValueError naming ``argument`` and the fields that differ unless ``config``'s architecture is
         this adapter's base."""
         ours = AdapterConfig.of(config).base
-        differ = sorted(name for name in set(ours) | set(self.base) if ours.get(name) != self.base.get(name))
+        differ = _differences(self.base, ours)
         if differ:
             raise ValueError(f"{argument}: the adapter was trained on another base architecture; fields that differ: "
-                             + ", ".join(f"{name} ({self.base.get(name)!r} there, {ours.get(name)!r} here)"
-                                         for name in differ))
+                             + differ)
+
+
+def _differences(theirs: Dict[str, Any], ours: Dict[str, Any]) -> str:
+    """The fields whose values differ, as ``name (theirs there, ours here)``, comma-separated ('' when none)."""
+    names = sorted(name for name in set(theirs) | set(ours) if theirs.get(name) != ours.get(name))
+    return ", ".join(f"{name} ({theirs.get(name)!r} there, {ours.get(name)!r} here)" for name in names)
 
 
 class AdapterMixin:
@@ -136,12 +141,10 @@ class AdapterMixin:
         :meth:`with_adapter` gives one that does); ValueError names the fields that differ."""
         adapter = self._read_adapter_config(directory)
         ours = AdapterConfig.of(self.config).settings
-        differ = sorted(name for name in ours if adapter.settings[name] != ours[name])
+        differ = _differences(adapter.settings, ours)
         if differ:
             raise ValueError("directory: the adapter's settings are not this model's (with_adapter builds a model "
-                             "with them); fields that differ: "
-                             + ", ".join(f"{name} ({adapter.settings[name]!r} there, {ours[name]!r} here)"
-                                         for name in differ))
+                             "with them); fields that differ: " + differ)
         adapters = self.adapter_state_dict()
         state = read_weights(os.path.join(directory, ADAPTER_WEIGHTS_NAME))
         if set(state) != set(adapters):

@@ -38,6 +38,10 @@ def check_ids(name: str, ids: Tensor, vocab_size: int) -> None:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"{name}: expected integer token ids, got dtype {ids.dtype}")
     if ids.numel():
-        low, high = torch.stack(torch.aminmax(ids)).tolist()
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), got {low}..{high}")
+        check_id_range(name, *torch.stack(torch.aminmax(ids)).tolist(), vocab_size)
+
+
+def check_id_range(name: str, low: int, high: int, vocab_size: int) -> None:
+    """Token ids whose range, read on the host, is ``low..high`` lie in [0, vocab_size)."""
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name}: token ids must lie in [0, vocab_size={vocab_size}), got {low}..{high}")

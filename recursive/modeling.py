@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from .cache import KVCache, LayerKV, PastKeyValues, RecursionKV, SharedKeyValue, VarlenPacking
+from .checks import check_id_range
 from .config import RecursiveConfig
 from .generation import GenerationMixin
 from .loops import LayerInputs, LayerStep, loop_shape
@@ -327,10 +328,7 @@ class RecursiveModel(nn.Module):
             return False
         values = torch.stack([read.long() for read in reads]).tolist()
         if check_indices and input_ids.numel():
-            low, high = values[:2]
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
-                                 f"got {low}..{high}")
+            check_id_range("input_ids", *values[:2], self.config.vocab_size)
         return attention_mask is not None and bool(values[-1])
 
     def _past_length(self, past_key_values: PastKeyValues) -> int:
