@@ -4,8 +4,8 @@
   ``MoLFeedForward``, ``RecursiveBlock``).
 - ``recursive.RecursiveConfig``, ``recursive.RecursiveForCausalLM``, ``recursive.RecursiveEncoder``: the
   model family, saved and loaded as ``config.json`` plus safetensors.
-- ``recursive.convert_hf``: a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM as a recursive model;
-  ``recursive.export_hf``: back, merged and untied.
+- ``recursive.convert_hf``: a Hugging Face Llama, Mistral, Qwen2 or Gemma causal LM as a recursive model, or a
+  published looped model (HRM-Text) with its loops (``recursive.looped``); ``recursive.export_hf``: back.
 - ``RecursiveForCausalLM.generate`` and ``recursive.DepthBatchingEngine``: generation with early exit and
   continuous depth-wise batching (``recursive.generation``).
 - ``recursive.flops``: FLOP counts (forward, training step) and parameter counts from a config.
@@ -13,7 +13,7 @@
   (``python -m recursive train``).
 """
 
-from . import flops, nn, training
+from . import flops, looped, nn, training
 from .config import RecursiveConfig
 from .convert import convert_hf, export_hf
 from .generation import DepthBatchingEngine
@@ -40,6 +40,7 @@ __all__ = [
     "convert_hf",
     "export_hf",
     "flops",
+    "looped",
     "nn",
     "training",
 ]

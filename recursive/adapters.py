@@ -63,8 +63,8 @@ class AdapterConfig:
         unknown = sorted(set(values) - set(ADAPTER_FIELDS))
         if unknown or not isinstance(base, dict):
             raise ValueError(f"directory: {path!r} is not a valid adapter config (unknown settings {unknown})")
-        defaults = cls.of(RecursiveConfig()).settings  # settings added after it was saved keep their defaults
-        return cls({**defaults, **values}, base)
+        defaults = cls.of(RecursiveConfig())  # fields added after it was saved keep their defaults
+        return cls({**defaults.settings, **values}, {**defaults.base, **base})
 
     def to_json_string(self) -> str:
         return json.dumps({"base": self.base, **self.settings}, indent=2, sort_keys=True) + "\n"

@@ -4,13 +4,14 @@
 - :class:`LayerKV`: one effective layer's cached keys and values (and the QK/OV circuit's).
 - :class:`RecursionKV`: a Mixture-of-Recursions recursion's cache (the tokens that ran it only).
 - :class:`SharedKeyValue`: another layer's keys for a layer to attend over (Mixture-of-Recursions' KV sharing).
-- :class:`VarlenPacking`: where the real tokens of a padded batch are, for the varlen attention kernels.
+- :class:`VarlenPacking`: where the real tokens of a padded batch are, for the varlen attention kernels;
+  :class:`PrefixSplit`: a prefix LM's attention as two such calls.
 - :func:`ints_to_device`: host integer lists to the device in one copy that does not wait for queued work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
@@ -95,6 +96,8 @@ class VarlenPacking:
             queries as they are, with no gather and no scatter back.
         every_key: every key is real (``key_rows`` is ``0 .. B * Sk - 1``): attention reads the token-major keys
             in place, with no gather.
+        prefix: a prefix LM's first forward (:meth:`prefix_lm`): how attention splits into a causal and a
+            bidirectional call (:class:`PrefixSplit`); None: attention as the layer's own (causal or not).
     """
 
     query_rows: Tensor
@@ -106,6 +109,7 @@ class VarlenPacking:
     query_mask: Tensor
     every_query: bool = False
     every_key: bool = False
+    prefix: Optional["PrefixSplit"] = None
 
     @classmethod
     def uniform(cls, batch: int, query_length: int, key_length: int, device) -> "VarlenPacking":
@@ -144,7 +148,34 @@ class VarlenPacking:
                 f"got {tuple(attention_mask.shape)}"
             )
         keys = attention_mask.bool()
-        queries = keys[:, keys.shape[1] - query_length:]
+        return cls._from_masks(keys[:, keys.shape[1] - query_length:], keys, every_query=queries_real)
+
+    @classmethod
+    def prefix_lm(cls, attention_mask: Optional[Tensor], token_type_ids: Tensor) -> "VarlenPacking":
+        """A prefix LM's first forward (no cache): the tokens of type 1 in ``token_type_ids`` (B, S), one contiguous
+        span of each row's real tokens (``attention_mask`` (B, S), None: all real), attend to each other both ways
+        (and to the tokens before them); the others attend causally. ``prefix`` splits attention into three calls
+        (:class:`PrefixSplit`)."""
+        real = (torch.ones_like(token_type_ids, dtype=torch.bool) if attention_mask is None
+                else attention_mask.bool())
+        if attention_mask is not None and attention_mask.shape != token_type_ids.shape:
+            raise ValueError(f"token_type_ids: expected the shape of the attention mask {tuple(attention_mask.shape)} "
+                             f"(no cache), got {tuple(token_type_ids.shape)}")
+        span = (token_type_ids == 1) & real
+        started = span.long().cumsum(1) > 0
+        after = real & started & ~span
+        if bool((span & (after.long().cumsum(1) > 0)).any()):
+            raise ValueError("token_type_ids: the tokens of type 1 (attended both ways) must be one contiguous span of "
+                             "each row's real tokens; a row has type 1 again after a token of type 0")
+        before = real & ~started
+        split = PrefixSplit(before=cls._from_masks(before, before), span=cls._from_masks(span, real & ~after),
+                            after=cls._from_masks(after, real))
+        return replace(cls._from_masks(real, real), prefix=split)
+
+    @classmethod
+    def _from_masks(cls, queries: Tensor, keys: Tensor, every_query: bool = False) -> "VarlenPacking":
+        """The packing of the queries where ``queries`` (B, Sq) is True over the keys where ``keys`` (B, Sk) is:
+        each row's queries are its last real keys' queries."""
 
         def offsets(mask: Tensor) -> Tuple[Tensor, int]:
             lengths = mask.sum(1)
@@ -161,8 +192,19 @@ class VarlenPacking:
             max_seqlen_q=max_q,
             max_seqlen_k=max_k,
             query_mask=queries,
-            every_query=queries_real,
+            every_query=every_query,
         )
+
+
+class PrefixSplit(NamedTuple):
+    """A prefix LM's attention (:meth:`VarlenPacking.prefix_lm`) as three varlen calls over disjoint queries (a
+    varlen call aligns a row's queries with its last keys, so each causal one is causal): ``before``, the tokens
+    before the bidirectional span over each other, causally; ``span``, the span's tokens over themselves and the
+    tokens before them, not causally; ``after``, the tokens after the span over every real token, causally."""
+
+    before: VarlenPacking
+    span: VarlenPacking
+    after: VarlenPacking
 
 
 class RecursionKV(NamedTuple):

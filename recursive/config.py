@@ -12,7 +12,10 @@ block ``block_of_layer(l)``:
   ``(T + 1) * B / 2`` effective layers. The data flow differs from a plain stack: the fast state is
   updated ``z_L <- f_L(z_L + z_H + x)`` (x the embeddings), the slow one ``z_H <- f_H(z_H + z_L)``, both
   starting at zero, and the output reads ``z_H``. Its parameter-matched Universal Transformer baseline
-  loops one block (``"cycle"``, B = 1).
+  loops one block (``"cycle"``, B = 1). ``hrm_flow="hrm_text"`` is Sapient's HRM-Text instead: the slow
+  state starts at the embeddings and the fast one at a stored vector ``z_L_init`` (``RecursiveModel.fast_init``),
+  the fast update adds the slow state only (``z_L <- f_L(z_L + z_H)``), each module application ends with the
+  norm (``RecursiveModel.norm``), and the output is the slow state as the last one left it (no further norm).
 
 ``relaxation`` gives depth back some freedom:
 
@@ -57,9 +60,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from recursive_kernels.backends import BACKENDS
 
-from .checks import check_choice, check_int
+from .checks import check_choice, check_int, is_number
 
 SHARING_SCHEMES = ("cycle", "sequence", "middle_cycle", "hierarchical")
+HRM_FLOWS = ("hrm_lm", "hrm_text")
+BLOCK_NORMS = ("pre", "pre_and_output", "pre_and_residual")
 MOR_ROUTINGS = ("expert_choice", "token_choice")
 RELAXATIONS = ("none", "depth_lora", "qkov_lora", "circuit", "mol")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
@@ -94,6 +99,10 @@ class RecursiveConfig:
         hrm_period: ``hierarchical``: fast-module steps per slow-module step (T).
         hrm_one_step_gradient: ``hierarchical``: when autograd records, every step but the last fast
             and the last slow module runs without gradient (HRM's one-step gradient approximation).
+        hrm_flow: ``hierarchical``: ``"hrm_lm"`` or ``"hrm_text"`` (the module docstring).
+        hrm_fast_grad_cycles: ``hierarchical``: HRM-Text's ``L_bp_cycles``: cycle c records the gradient of
+            its last ``n_c`` fast module applications only (the earlier ones run without gradient; the slow
+            module always records); the list is left-padded with 1s to one entry per cycle. None: all record.
         mor_routing: None, ``"expert_choice"`` or ``"token_choice"`` (Mixture-of-Recursions; the
             module docstring). Needs recursions: ``cycle`` or ``middle_cycle`` sharing, or one block.
         mor_capacities: ``expert_choice``: the fraction of each sequence's tokens kept at each recursion,
@@ -119,9 +128,24 @@ class RecursiveConfig:
             "mol"); the load-balancing loss enters the training loss with this coefficient.
         hidden_act: ``"silu"`` (SwiGLU), ``"gelu"`` or ``"gelu_pytorch_tanh"`` (GeGLU; Gemma's is tanh).
         rms_norm_eps: RMSNorm epsilon.
+        norm_weight: the RMSNorms have a gain (False: weightless norms, HRM-Text).
+        block_norms: where a block norms: ``"pre"`` (Llama: ``x + f(norm(x))``), ``"pre_and_output"`` (Ouro's
+            sandwich: ``x + norm_2(f(norm(x)))``) or ``"pre_and_residual"`` (Huginn: ``norm_2(x + f(norm(x)))``),
+            for attention and MLP alike; the second norms are ``input_layernorm_2`` and ``post_attention_layernorm_2``.
+        loop_norm: the model's norm ends every loop, and its output is the next loop's input (Ouro); the last
+            loop's is the output (no further norm).
+        exit_gate: Ouro's learned exit gate, ``lambda_t = sigmoid(exit_gate(h_t))`` on each loop's output ``h_t``
+            (after its norm): the exit distribution ``p_t = lambda_t prod_{s<t} (1 - lambda_s)`` (the last loop
+            takes the rest). With labels the causal LM then trains on Ouro's objective, the expected loss over
+            ``p`` minus ``exit_entropy_coef`` times its entropy. Needs a plain stack of several loops.
+        exit_entropy_coef: the entropy regulariser's weight (beta) in that objective.
         norm_unit_offset: RMSNorm scales by ``1 + weight`` (Gemma) instead of ``weight``.
         rope_theta: RoPE base (rotate-half convention, as Hugging Face Llama).
         qkv_bias: biases on the q, k and v projections (Qwen2).
+        attention_output_gate: the attention output is gated per channel, ``sigmoid(gate_proj(x)) * attn``,
+            before ``o_proj`` (HRM-Text).
+        prefix_lm: a first forward may take ``token_type_ids``: the tokens of type 1, one contiguous span of
+            each row's real tokens, attend to each other both ways, the rest causally (HRM-Text's prefix LM).
         tie_word_embeddings: the output projection shares the input embedding matrix.
         embed_scale: the embeddings are multiplied by this (Gemma: ``sqrt(hidden_size)``).
         embedding_size: factorised embeddings (ALBERT): tokens embed to this width, then a projection
@@ -144,6 +168,8 @@ class RecursiveConfig:
     sharing: str = "cycle"
     hrm_period: int = 2
     hrm_one_step_gradient: bool = False
+    hrm_flow: str = "hrm_lm"
+    hrm_fast_grad_cycles: Optional[Tuple[int, ...]] = None
     mor_routing: Optional[str] = None
     mor_capacities: Optional[Tuple[float, ...]] = None
     mor_router_alpha: float = 1.0
@@ -164,8 +190,15 @@ class RecursiveConfig:
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     norm_unit_offset: bool = False
+    norm_weight: bool = True
+    block_norms: str = "pre"
+    loop_norm: bool = False
+    exit_gate: bool = False
+    exit_entropy_coef: float = 0.05
     rope_theta: float = 10000.0
     qkv_bias: bool = False
+    attention_output_gate: bool = False
+    prefix_lm: bool = False
     tie_word_embeddings: bool = False
     embed_scale: float = 1.0
     embedding_size: Optional[int] = None
@@ -199,9 +232,13 @@ class RecursiveConfig:
             raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
         check_choice("sharing", self.sharing, SHARING_SCHEMES)
         check_int("hrm_period", self.hrm_period, 1)
-        if not isinstance(self.hrm_one_step_gradient, bool):
-            raise ValueError(f"hrm_one_step_gradient: expected a bool, got {self.hrm_one_step_gradient!r}")
+        for name in ("hrm_one_step_gradient", "norm_weight", "attention_output_gate", "prefix_lm", "loop_norm",
+                     "exit_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         self._check_sharing()
+        self._check_hierarchical()
+        check_choice("block_norms", self.block_norms, BLOCK_NORMS)
         self._resolve_mor()
         check_choice("relaxation", self.relaxation, RELAXATIONS)
         check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
@@ -220,6 +257,7 @@ class RecursiveConfig:
         if self.embedding_size is not None:
             check_int("embedding_size", self.embedding_size, 1)
         check_int("num_labels", self.num_labels, 1)
+        self._check_loops()
         if self.backend is not None:
             check_choice("backend", self.backend, BACKENDS)
 
@@ -240,6 +278,47 @@ class RecursiveConfig:
                 )
         elif L % B:
             raise ValueError(f"num_blocks: num_layers ({L}) must be a multiple of num_blocks ({B})")
+
+    def _check_hierarchical(self) -> None:
+        check_choice("hrm_flow", self.hrm_flow, HRM_FLOWS)
+        hierarchical = self.sharing == "hierarchical"
+        if not hierarchical:
+            for name in ("hrm_one_step_gradient", "hrm_fast_grad_cycles"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: given without sharing='hierarchical'")
+            if self.hrm_flow != "hrm_lm":
+                raise ValueError(f"hrm_flow: {self.hrm_flow!r} needs sharing='hierarchical'")
+        if self.norm_unit_offset and not self.norm_weight:
+            raise ValueError("norm_unit_offset: a weightless norm (norm_weight=False) has no gain to offset")
+        if self.hrm_fast_grad_cycles is None:
+            return
+        self.hrm_fast_grad_cycles = tuple(self.hrm_fast_grad_cycles)
+        cycles = self.num_layers // self.hrm_cycle_length
+        if self.hrm_one_step_gradient:
+            raise ValueError("hrm_fast_grad_cycles: choose it or hrm_one_step_gradient, not both")
+        if len(self.hrm_fast_grad_cycles) > cycles or any(
+                isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.hrm_period
+                for n in self.hrm_fast_grad_cycles):
+            raise ValueError(f"hrm_fast_grad_cycles: expected at most {cycles} counts (one per cycle) in "
+                             f"[0, hrm_period={self.hrm_period}], got {self.hrm_fast_grad_cycles!r}")
+
+    def _check_loops(self) -> None:
+        if self.loop_norm and (self.sharing == "hierarchical" or self.mor_routing is not None):
+            raise ValueError("loop_norm: the norm after every loop belongs to a plain stack of loops, not to "
+                             "hierarchical sharing or a Mixture-of-Recursions")
+        if self.exit_gate:
+            self.check_loop_boundaries("exit_gate")
+        if not is_number(self.exit_entropy_coef) or self.exit_entropy_coef < 0:
+            raise ValueError(f"exit_entropy_coef: expected a finite number >= 0, got {self.exit_entropy_coef!r}")
+
+    def fast_grad_applications(self) -> Tuple[int, ...]:
+        """``hierarchical``: per cycle, how many of its last fast module applications record the gradient
+        (``hrm_fast_grad_cycles`` left-padded with 1s; all of them when it is None)."""
+        cycles = self.num_layers // self.hrm_cycle_length
+        if self.hrm_fast_grad_cycles is None:
+            return (self.hrm_period,) * cycles
+        given = self.hrm_fast_grad_cycles
+        return (1,) * (cycles - len(given)) + given
 
     def _resolve_mor(self) -> None:
         for name in ("mor_kv_sharing", "mor_threshold_routing"):

@@ -29,11 +29,14 @@ from recursive_kernels.backends import accumulation_dtype
 from .calibration import INPUT_OF_TARGET, check_calibration, input_covariances
 from .config import ACTIVATIONS, LORA_TARGETS, SHARING_SCHEMES, RecursiveConfig
 from .factorization import input_whitening, weighted_truncated_svd
+from .looped import convert_looped, hrm_text, looped_model_type
 from .modeling import RecursiveForCausalLM
 from .nn import LowRankLinear, activation
 from .progress import Progress
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
+# What export_hf writes: the plain stacks it unrolls, and HRM-Text (a loop transformers runs itself).
+EXPORT_MODEL_TYPES = SUPPORTED_MODEL_TYPES + (hrm_text.MODEL_TYPE,)
 INIT_SCHEMES = ("stepwise", "average", "lower", "upper")
 LORA_INITS = ("svd", "activation", "zero")
 # Hierarchical sharing changes the data flow (the fast and slow states), so no init reproduces the original.
@@ -69,6 +72,10 @@ def convert_hf(
     """A :class:`recursive.RecursiveForCausalLM` with ``num_blocks`` shared blocks run over the L layers of a
     Hugging Face causal LM (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
     ``GemmaForCausalLM``), on the device and in the dtype of that model, in its train/eval mode.
+
+    A published looped model (a model or folder whose ``model_type`` is one of
+    :data:`recursive.looped.LOOPED_MODEL_TYPES`: HRM-Text) converts as it is, its loops kept
+    (:func:`recursive.looped.convert_looped`); the tying and adapter arguments do not apply to it.
 
     ``model_or_path`` is the model itself, a checkpoint folder (``config.json`` and weights, read with
     ``local_files_only``) or a GGUF file (dequantised by transformers; needs the ``gguf`` package), loaded in
@@ -139,6 +146,16 @@ def convert_hf(
             parameters a recursive block has no place for) or a path that holds no model, or naming the
             argument that is invalid.
     """
+    looped = looped_model_type(model_or_path)
+    if looped is not None:
+        given = [name for name, value, default in (
+            ("num_blocks", num_blocks, None), ("sharing", sharing, "cycle"), ("init", init, "stepwise"),
+            ("lora_rank", lora_rank, 0), ("lora_init", lora_init, "svd"), ("calibration", calibration, None),
+            ("svd_init", svd_init, None)) if value is not default and value != default]
+        if given:
+            raise ValueError(f"{given[0]}: {looped} is a looped model already; it converts as it is (no ties, no "
+                             f"adapters: relax or train it afterwards)")
+        return convert_looped(model_or_path, dtype)
     if svd_init is not None:
         if not isinstance(svd_init, bool):
             raise ValueError(f"svd_init: expected a bool, got {svd_init!r}")
@@ -178,7 +195,7 @@ def convert_hf(
                          f"{lora_init!r}, relaxed: {relaxed})")
 
     reference = hf_model.get_input_embeddings().weight
-    model = _empty_model(config, reference.dtype, reference.device)
+    model = RecursiveForCausalLM.empty(config, reference.dtype, reference.device)
     sources = _source_layers(config, init)
     if progress is None:
         progress = sum(p.numel() for p in hf_model.parameters()) >= PROGRESS_MIN_PARAMETERS
@@ -329,24 +346,6 @@ def _activation_name(act_fn: nn.Module) -> str:
     raise ValueError(f"model_or_path: the MLP activation {type(act_fn).__name__} is none of {ACTIVATIONS}")
 
 
-def _empty_model(config: RecursiveConfig, dtype: torch.dtype, device: torch.device) -> RecursiveForCausalLM:
-    """The model with uninitialised parameters in ``dtype`` on ``device``: built on the meta device, so a
-    large model is neither randomly initialised nor held in float32 on the way (the conversion writes
-    every parameter)."""
-    with torch.device("meta"):
-        model = RecursiveForCausalLM(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.tie_weights()  # to_empty gave the tied parameters separate storage
-    for name, buffer in model.named_buffers():
-        # The only buffers are the blocks' layer -> adapter tables, which to_empty left uninitialised.
-        module_name, _, attribute = name.rpartition(".")
-        block = model.get_submodule(module_name)
-        if attribute != "adapter_of_layer":
-            raise RuntimeError(f"convert_hf: no rule to initialise the buffer {name}")
-        buffer.copy_(torch.tensor([block.adapter_index(layer) for layer in range(config.num_layers)]))
-    return model
-
-
 def _source_layers(config: RecursiveConfig, init: str) -> List[List[int]]:
     """The original layers each block takes its parameters from (their mean when several)."""
     L, B = config.num_layers, config.num_blocks
@@ -455,8 +454,9 @@ def export_hf(model: RecursiveForCausalLM, model_type: Optional[str] = None) -> 
     Args:
         model: a :class:`RecursiveForCausalLM` that :meth:`~RecursiveForCausalLM.merge_and_untie` serves
             (relaxation "none", "depth_lora" or "qkov_lora"; not HRM or Mixture-of-Recursions).
-        model_type: "llama", "mistral", "qwen2" or "gemma"; default: read off the architecture (Gemma's
-            unit-offset norms and embedding scale, else Qwen2 for q/k/v biases, else Llama).
+        model_type: "llama", "mistral", "qwen2", "gemma" or "hrm_text"; default: read off the architecture
+            (HRM-Text's flow, else Gemma's unit-offset norms and embedding scale, else Qwen2 for q/k/v biases, else
+            Llama).
 
     Returns:
         A ``transformers`` ``*ForCausalLM`` in ``model``'s dtype and on its device, in eval mode; its
@@ -471,11 +471,13 @@ def export_hf(model: RecursiveForCausalLM, model_type: Optional[str] = None) -> 
     if not isinstance(model, RecursiveForCausalLM):
         raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
     config = model.config
+    if model_type == hrm_text.MODEL_TYPE or (model_type is None and config.hrm_flow == "hrm_text"):
+        return hrm_text.to_hf(model)
     gemma_like = config.norm_unit_offset or config.embed_scale != 1.0
     if model_type is None:
         model_type = "gemma" if gemma_like else "qwen2" if config.qkv_bias else "llama"
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type: expected one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    if model_type not in EXPORT_MODEL_TYPES:
+        raise ValueError(f"model_type: expected one of {EXPORT_MODEL_TYPES}, got {model_type!r}")
     gemma = model_type == "gemma"
     if gemma_like != gemma or (gemma and (not config.norm_unit_offset
                                           or config.embed_scale != config.hidden_size ** 0.5)):

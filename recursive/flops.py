@@ -21,7 +21,8 @@ The routers add one matmul over every position: (hidden, 1) per recursion for ex
 (hidden, N) once for token choice. With ``mor_kv_sharing`` the later recursions project no keys or
 values, and their queries, spread over the first recursion's tokens, attend in that recursion's layout
 (its selected tokens squared per sequence). Hierarchical (HRM) sharing adds only additions to a plain stack of its
-effective layers.
+effective layers. HRM-Text's attention output gate is one more projection (hidden -> heads * head_dim) per layer; Ouro's
+exit gate one (hidden -> 1) per loop, and its training objective reads the LM head after every loop.
 
 The fused backends (cpp, triton, cuda) run their own kernels, which FlopCounterMode sees only in part
 (the cpp backend's base matmuls go through aten and are counted; its attention and low-rank loops, and
@@ -40,6 +41,7 @@ from typing import Optional, Sequence
 
 from .checks import check_int
 from .config import ATTENTION_TARGETS, FEED_FORWARD_TARGETS, RecursiveConfig
+from .loops import loop_shape
 
 MODEL_TYPES = ("causal_lm", "encoder")
 
@@ -138,8 +140,9 @@ def training_step_flops(
 ) -> int:
     """FLOPs of a forward and backward pass with every parameter trainable: three times
     :func:`forward_flops` (the backward computes an input and a weight gradient per matmul, each as
-    costly as the forward matmul), except that HRM's one-step gradient (``hrm_one_step_gradient``) runs
-    the layers before its last fast and slow steps forward only. ``gradient_checkpointing``
+    costly as the forward matmul), except that the layers HRM's gradient routing leaves unrecorded
+    (``hrm_one_step_gradient``, ``hrm_fast_grad_cycles``) run forward only, and that Ouro's objective (``exit_gate``)
+    reads the LM head after every loop. ``gradient_checkpointing``
     (:meth:`recursive.RecursivePreTrainedModel.gradient_checkpointing_enable`): the backward also runs the
     forward of every block call that autograd records once more. Other arguments as :func:`forward_flops`."""
     if not isinstance(gradient_checkpointing, bool):
@@ -151,10 +154,12 @@ def training_step_flops(
     if config.mor_routing is not None:
         blocks -= 2 * tokens * config.hidden_size * len(config.recursions()[1])  # the routers
     unrecorded = 0
-    if config.sharing == "hierarchical" and config.hrm_one_step_gradient:
+    if config.sharing == "hierarchical":
         score_entries = sum(n * n for n in lengths) if lengths is not None else batch_size * seq_len * seq_len
-        first_recorded = config.num_layers - config.num_blocks  # the last fast and slow module applications
-        unrecorded = sum(_layer_flops(config, layer, tokens, score_entries) for layer in range(first_recorded))
+        unrecorded = sum(_layer_flops(config, step.layer, tokens, score_entries)
+                         for step in loop_shape(config).steps if not step.records)
+    if config.exit_gate and model_type == "causal_lm":  # the LM head of every loop but the last, too
+        forward += (config.num_layers // config.loop_length() - 1) * 2 * tokens * config.hidden_size * config.vocab_size
     recomputed = blocks - unrecorded if gradient_checkpointing else 0
     return 3 * forward - 2 * unrecorded + recomputed
 
@@ -174,7 +179,10 @@ def parameter_counts(config: RecursiveConfig, model_type: str = "causal_lm") -> 
     shared = adapter = 0
     for block in range(config.num_blocks):
         num_adapters = config.num_experts if config.relaxation == "mol" else len(config.depth_layers_of_block(block))
-        shared += 2 * hidden  # the two norms
+        shared += _norms_per_block(config) * hidden if config.norm_weight else 0
+        if config.attention_output_gate:
+            gate_width = config.num_attention_heads * config.head_dim
+            shared += hidden * gate_width + (gate_width if config.qkv_bias else 0)
         for target, (fan_in, fan_out) in _projection_shapes(config).items():
             shared += fan_in * fan_out + (fan_out if config.qkv_bias and target in ("q", "k", "v") else 0)
             rank = _lora_rank(config, target, fan_in, fan_out) if num_adapters else 0
@@ -187,7 +195,8 @@ def parameter_counts(config: RecursiveConfig, model_type: str = "causal_lm") -> 
     if config.mor_routing is not None:
         adapter += len(config.recursions()[1]) * hidden  # the recursions' router
 
-    head = hidden  # the final norm
+    head = hidden if config.norm_weight else 0  # the final norm
+    head += hidden + 1 if config.exit_gate else 0
     if model_type == "causal_lm":
         head += 0 if config.tie_word_embeddings else vocab * hidden
     elif config.encoder_head == "mlm":
@@ -211,6 +220,11 @@ def _projection_shapes(config: RecursiveConfig):
         "q": (hidden, q_width), "k": (hidden, kv_width), "v": (hidden, kv_width), "o": (q_width, hidden),
         "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden),
     }
+
+
+def _norms_per_block(config: RecursiveConfig) -> int:
+    """Two norms, one before each sublayer; four with a second norm per sublayer (``block_norms``)."""
+    return 2 if config.block_norms == "pre" else 4
 
 
 def _lora_rank(config: RecursiveConfig, target: str, fan_in: int, fan_out: int) -> int:
@@ -241,6 +255,8 @@ def _layer_flops(config: RecursiveConfig, layer: int, tokens: int, score_entries
             flops += slots * 2 * rows * _lora_rank(config, target, fan_in, fan_out) * (fan_in + fan_out)
     if mol:
         flops += 2 * tokens * hidden * config.num_experts  # the router
+    if config.attention_output_gate:
+        flops += 2 * tokens * hidden * heads * head_dim
     score_width = head_dim  # the contraction width of QK^T (and of PV: value width)
     value_width = head_dim
     if config.relaxation == "circuit" and relaxed:
@@ -254,10 +270,12 @@ def _layer_flops(config: RecursiveConfig, layer: int, tokens: int, score_entries
 
 
 def _outside_blocks_flops(config: RecursiveConfig, batch_size: int, tokens: int, model_type: str) -> int:
-    """The factorised embedding's projection and the output head."""
+    """The factorised embedding's projection, Ouro's exit gate and the output head."""
     hidden, vocab = config.hidden_size, config.vocab_size
     width = config.embedding_size or hidden
     flops = 2 * tokens * width * hidden if config.embedding_size is not None else 0
+    if config.exit_gate:
+        flops += 2 * tokens * hidden * (config.num_layers // config.loop_length())
     if model_type == "causal_lm":
         return flops + 2 * tokens * hidden * vocab
     if config.encoder_head == "mlm":

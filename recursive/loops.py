@@ -2,9 +2,11 @@
 
 Each effective layer is a :class:`LayerStep`: the block it runs, the state it updates, the states added into that
 state before it runs (where HRM's fast and slow states mix), whether autograd records it (HRM's one-step
-gradient) and whether a loop ends after it where a decoded token may leave (early exit). A plain stack has
-one state, the hidden states, starting at the embeddings; the hierarchical (HRM) flow has three: the input
-embeddings, the fast state and the slow state, both starting at zero, and its output is the slow state.
+gradient), whether the model's norm follows it (HRM-Text's module ends) and whether a loop ends after it where a
+decoded token may leave (early exit). A plain stack has one state, the hidden states, starting at the embeddings;
+the hierarchical flow of HRM-LM has three: the input embeddings, the fast state and the slow state, both starting
+at zero, and its output is the slow state; HRM-Text's has two: the slow state, which starts at the embeddings
+(``INPUT``), and the fast one, which starts at the model's ``fast_init``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ INPUT, FAST, SLOW = 0, 1, 2
 
 class LayerStep(NamedTuple):
     """One effective layer: ``layer``, its ``block``, the ``state`` it updates (``INPUT`` in a plain stack),
-    the states added into it first, in order (``adds``), whether autograd records it (``records``) and
-    whether a token may leave after it (``exit_after``: a loop boundary of a plain stack, not the last)."""
+    the states added into it first, in order (``adds``), whether autograd records it (``records``), whether
+    the model's norm follows it (``norm_after``) and whether a token may leave after it (``exit_after``: a
+    loop boundary of a plain stack, not the last)."""
 
     layer: int
     block: int
@@ -31,6 +34,7 @@ class LayerStep(NamedTuple):
     adds: Tuple[int, ...] = ()
     records: bool = True
     exit_after: bool = False
+    norm_after: bool = False
 
 
 class LoopShape(NamedTuple):
@@ -43,6 +47,12 @@ class LoopShape(NamedTuple):
     num_states: int
     output_state: int
     loop_length: int
+
+    @property
+    def ends_normed(self) -> bool:
+        """Whether the last step leaves the output normed, so that no final norm follows (HRM-Text); a shape that norms
+        after its last step norms after every loop's last."""
+        return self.steps[-1].norm_after
 
 
 class LayerInputs(NamedTuple):
@@ -67,21 +77,35 @@ def loop_shape(config: RecursiveConfig) -> LoopShape:
     recursions on token subsets, each a run of its layers' steps: :meth:`RecursiveConfig.recursions`)."""
     L = config.num_layers
     if config.sharing == "hierarchical":
-        module = config.num_blocks // 2
-        fast_layers = config.hrm_period * module
-        # One-step gradient: only the last fast and the last slow module application record.
-        first_recorded = L - 2 * module if config.hrm_one_step_gradient else 0
-        steps = []
-        for layer in range(L):
-            position = layer % config.hrm_cycle_length
-            if position < fast_layers:  # z_L <- f_L(z_L + z_H + x) at the start of each fast module application
-                state, adds = FAST, ((SLOW, INPUT) if position % module == 0 else ())
-            else:  # z_H <- f_H(z_H + z_L)
-                state, adds = SLOW, ((FAST,) if position == fast_layers else ())
-            steps.append(LayerStep(layer, config.block_of_layer(layer), state, adds, layer >= first_recorded))
-        return LoopShape(tuple(steps), 3, SLOW, L)
+        return _hierarchical_shape(config)
     period = config.loop_length()
     exits = config.mor_routing is None
     steps = tuple(LayerStep(layer, config.block_of_layer(layer), exit_after=exits and (layer + 1) % period == 0
-                            and layer + 1 < L) for layer in range(L))
+                            and layer + 1 < L, norm_after=config.loop_norm and (layer + 1) % period == 0)
+                  for layer in range(L))
     return LoopShape(steps, 1, INPUT, period)
+
+
+def _hierarchical_shape(config: RecursiveConfig) -> LoopShape:
+    """HRM's cycles: ``hrm_period`` fast module applications, then one slow; the data flow of ``config.hrm_flow``
+    (the module docstring), the gradient of ``hrm_one_step_gradient`` or ``hrm_fast_grad_cycles``."""
+    L, module, period = config.num_layers, config.num_blocks // 2, config.hrm_period
+    fast_layers = period * module
+    text = config.hrm_flow == "hrm_text"
+    slow, fast_adds = (INPUT, (INPUT,)) if text else (SLOW, (SLOW, INPUT))
+    # One-step gradient: only the last fast and the last slow module application record.
+    first_recorded = L - 2 * module if config.hrm_one_step_gradient else 0
+    recorded_fast = config.fast_grad_applications()
+    steps = []
+    for layer in range(L):
+        cycle, position = divmod(layer, config.hrm_cycle_length)
+        application, offset = divmod(position, module)
+        records = layer >= first_recorded
+        if position < fast_layers:  # z_L <- f_L(z_L + z_H (+ x)) at the start of each fast module application
+            state, adds = FAST, (fast_adds if offset == 0 else ())
+            records = records and application >= period - recorded_fast[cycle]
+        else:  # z_H <- f_H(z_H + z_L)
+            state, adds = slow, ((FAST,) if position == fast_layers else ())
+        steps.append(LayerStep(layer, config.block_of_layer(layer), state, adds, records,
+                               norm_after=text and offset == module - 1))
+    return LoopShape(tuple(steps), 2 if text else 3, slow, L)

@@ -1,5 +1,6 @@
 """The losses of the model family: next-token cross-entropy, the LM head's loss at loop boundaries (early
-exit), and the routers' load-balancing losses; with the float32-at-least and masked-mean helpers they share."""
+exit), Ouro's exit distribution and its objective, and the routers' load-balancing losses; with the
+float32-at-least and masked-mean helpers they share."""
 
 from __future__ import annotations
 
@@ -82,3 +83,34 @@ def exit_loss(model, hidden_states: Sequence[Tensor], labels: Tensor) -> Tensor:
                          f"got {getattr(labels, 'shape', labels)!r}")
     boundaries = range(period, config.num_layers, period)  # hidden_states[l] is layer l - 1's output
     return torch.stack([next_token_loss(model.logits_at(hidden_states[b]), labels) for b in boundaries]).mean()
+
+
+def exit_distribution(gate_logits: Tensor) -> Tensor:
+    """Ouro's exit distribution from its gate's logits (*, T), one per loop: ``lambda_t = sigmoid(g_t)``,
+    ``p_t = lambda_t prod_{s<t} (1 - lambda_s)`` for t < T - 1 and the rest, ``prod_{s<T-1} (1 - lambda_s)``, for
+    the last loop; (*, T), in float32 at least."""
+    lam = torch.sigmoid(upcast(gate_logits))
+    survive = torch.cumprod(1 - lam, -1)  # the probability of running past loop t
+    before = F.pad(survive[..., :-1], (1, 0), value=1.0)
+    return torch.cat((lam[..., :-1] * before[..., :-1], before[..., -1:]), -1)
+
+
+def exit_readout(exit_probabilities: Tensor, threshold: float) -> Tensor:
+    """Per token the first loop whose cumulative exit probability reaches ``threshold`` (the last loop when none
+    does): (B, S, T) -> (B, S) int64, Ouro's readout."""
+    reached = exit_probabilities.cumsum(-1) >= threshold
+    last = exit_probabilities.shape[-1] - 1
+    return torch.where(reached.any(-1), reached.int().argmax(-1), last)
+
+
+def expected_exit_loss(loop_logits: Sequence[Tensor], exit_probabilities: Tensor, labels: Tensor,
+                       entropy_coef: float) -> Tensor:
+    """Ouro's objective: per predicted token the next-token cross-entropy of each loop's logits (T tensors
+    (B, S, vocab)) weighted by the exit distribution (B, S, T), minus ``entropy_coef`` times the distribution's
+    entropy, averaged over the tokens whose label (``labels[:, t + 1]``, -100 ignored) counts."""
+    targets = labels[:, 1:]
+    losses = torch.stack([F.cross_entropy(upcast(logits[:, :-1]).transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                          reduction="none") for logits in loop_logits], -1)  # (B, S - 1, T)
+    p = exit_probabilities[:, :-1]
+    entropy = -(p * torch.log(p.clamp(min=torch.finfo(p.dtype).tiny))).sum(-1)
+    return masked_mean((p * losses).sum(-1) - entropy_coef * entropy, targets != IGNORE_INDEX)

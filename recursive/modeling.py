@@ -29,11 +29,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from .cache import KVCache, LayerKV, PastKeyValues, RecursionKV, SharedKeyValue, VarlenPacking
-from .checks import check_id_range
+from .checks import check_id_range, is_number
 from .config import RecursiveConfig
 from .generation import GenerationMixin
 from .loops import LayerInputs, LayerStep, loop_shape
-from .losses import IGNORE_INDEX, next_token_loss, upcast, with_router_losses
+from .losses import (
+    IGNORE_INDEX,
+    exit_distribution,
+    exit_readout,
+    expected_exit_loss,
+    next_token_loss,
+    upcast,
+    with_router_losses,
+)
 from .mixture_of_recursions import mixture_of_recursions
 from .nn import RecursiveBlock, RMSNorm, activation, rotary_embedding
 from .pretrained import RecursivePreTrainedModel
@@ -57,6 +65,8 @@ class RecursiveModelOutput:
     hidden_states: Optional[Tuple[Tensor, ...]] = None
     recursion_loss: Optional[Tensor] = None
     recursion_depths: Optional[Tensor] = None
+    loop_hidden_states: Optional[Tuple[Tensor, ...]] = None
+    exit_probabilities: Optional[Tensor] = None
 
 
 class LayersOutput(NamedTuple):
@@ -74,9 +84,11 @@ class LayersOutput(NamedTuple):
 @dataclass
 class CausalLMOutput:
     """``logits`` (B, S, vocab); ``loss``: next-token cross-entropy (plus ``router_aux_loss_coef *
-    aux_loss`` with MoL, plus ``recursion_loss`` with Mixture-of-Recursions) when labels are given;
-    ``aux_loss``, ``past_key_values``, ``hidden_states``, ``recursion_loss`` and ``recursion_depths`` as
-    :class:`RecursiveModelOutput`."""
+    aux_loss`` with MoL, plus ``recursion_loss`` with Mixture-of-Recursions; with Ouro's exit gate its objective,
+    :func:`recursive.losses.expected_exit_loss`) when labels are given; ``aux_loss``, ``past_key_values``,
+    ``hidden_states``, ``recursion_loss``, ``recursion_depths`` and ``exit_probabilities`` as
+    :class:`RecursiveModelOutput`; ``exit_loops`` (B, S) int64: with an exit gate and an ``exit_threshold``, the
+    loop (0-based) whose logits each token reads."""
 
     logits: Tensor
     loss: Optional[Tensor] = None
@@ -85,6 +97,8 @@ class CausalLMOutput:
     hidden_states: Optional[Tuple[Tensor, ...]] = None
     recursion_loss: Optional[Tensor] = None
     recursion_depths: Optional[Tensor] = None
+    exit_probabilities: Optional[Tensor] = None
+    exit_loops: Optional[Tensor] = None
 
 
 @dataclass
@@ -134,7 +148,15 @@ class RecursiveModel(nn.Module):
         else:
             self.register_module("embed_proj", None)
         self.blocks = nn.ModuleList(RecursiveBlock(config, b, causal) for b in range(config.num_blocks))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset, config.norm_weight)
+        if config.exit_gate:  # Ouro's: one logit per token and loop
+            self.exit_gate = nn.Linear(config.hidden_size, 1)
+        else:
+            self.register_module("exit_gate", None)
+        if config.hrm_flow == "hrm_text":  # where the fast state starts (HRM-Text's z_L_init; zeros unless loaded)
+            self.register_buffer("fast_init", torch.zeros(config.hidden_size))
+        else:
+            self.register_buffer("fast_init", None)
         self.shape = loop_shape(config)  # the order of blocks and how states flow: what run_layers reads
         self.gradient_checkpointing = False  # RecursivePreTrainedModel.gradient_checkpointing_enable
         if config.mor_routing is not None:
@@ -162,6 +184,7 @@ class RecursiveModel(nn.Module):
         use_cache: bool = False,
         output_hidden_states: bool = False,
         *,
+        token_type_ids: Optional[Tensor] = None,
         check_indices: bool = True,
     ) -> RecursiveModelOutput:
         """Args:
@@ -172,6 +195,8 @@ class RecursiveModel(nn.Module):
             use_cache: return the extended cache.
             output_hidden_states: also return the embeddings and every layer's output (e.g. for the
                 loss of early exit at loop boundaries, :func:`recursive.losses.exit_loss`).
+            token_type_ids: (B, S) of 0 and 1, a prefix LM's first forward (``config.prefix_lm``, no cache): each
+                row's tokens of type 1, one contiguous span, attend to each other both ways, the rest causally.
             check_indices: False trusts ``input_ids`` to lie in the vocabulary (their range is read on the host
                 with the mask's in one read, a synchronisation on the GPU): for ids right by construction.
         """
@@ -209,7 +234,11 @@ class RecursiveModel(nn.Module):
         padded = self._read_inputs(input_ids, attention_mask, check_indices)
         hidden = self.embed(input_ids)
         position_embeddings = rotary_embedding(position_ids, self.config.head_dim, self.config.rope_theta, hidden.dtype)
-        packing = VarlenPacking.from_attention_mask(attention_mask, S) if padded else None
+        if token_type_ids is not None:
+            self._check_prefix(token_type_ids, B, S, past_key_values)
+            packing = VarlenPacking.prefix_lm(attention_mask, token_type_ids)
+        else:
+            packing = VarlenPacking.from_attention_mask(attention_mask, S) if padded else None
         return self.run(hidden, position_ids, LayerInputs(position_embeddings, packing), past_key_values, use_cache,
                         output_hidden_states)
 
@@ -222,7 +251,7 @@ class RecursiveModel(nn.Module):
         ``position_ids`` (B, S) (a Mixture-of-Recursions model's recursions take their tokens' RoPE rows);
         the rest as :meth:`forward`, whose checks it trusts (decoding calls it directly)."""
         cached = past_key_values is not None or use_cache
-        recursion_loss = recursion_depths = hidden_states = None
+        recursion_loss = recursion_depths = hidden_states = loop_states = exit_probabilities = None
         if self.config.mor_routing is not None:
             B, S = hidden.shape[:2]
             real = (inputs.packing.query_mask if inputs.packing is not None
@@ -231,19 +260,31 @@ class RecursiveModel(nn.Module):
             hidden, aux_losses, recursion_loss, recursion_depths = out.hidden, out.aux_losses, out.loss, out.depths
             presents = tuple(out.presents.get(layer) for layer in range(self.config.num_layers))
         else:
+            gated = self.exit_gate is not None
             run = self.run_layers(hidden, self.shape.steps, inputs, past_key_values, use_cache=cached,
-                                  output_hidden_states=output_hidden_states)
+                                  output_hidden_states=output_hidden_states or gated)
             if output_hidden_states:
                 hidden_states = (hidden, *run.outputs)
+            if gated:
+                loop_states = tuple(self.final_norm(run.outputs[i]) for i, step in enumerate(self.shape.steps)
+                                    if step.exit_after or i + 1 == len(self.shape.steps))
+                exit_probabilities = exit_distribution(torch.cat([self.exit_gate(h) for h in loop_states], -1))
             hidden, presents, aux_losses = run.hidden, tuple(run.presents), run.aux_losses
         return RecursiveModelOutput(
-            last_hidden_state=self.norm(hidden),
+            last_hidden_state=self.final_norm(hidden),
             past_key_values=presents if use_cache else None,
             aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
             hidden_states=hidden_states,
             recursion_loss=recursion_loss,
             recursion_depths=recursion_depths,
+            loop_hidden_states=loop_states,
+            exit_probabilities=exit_probabilities,
         )
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        """The norm that ends a run (of all the layers, or of a loop where a token exits): :attr:`norm`, unless the
+        loop shape already normed the state at the end of each loop (HRM-Text's module ends)."""
+        return hidden if self.shape.ends_normed else self.norm(hidden)
 
     def run_layers(
         self,
@@ -261,8 +302,9 @@ class RecursiveModel(nn.Module):
         """Run ``steps`` (of :attr:`shape`, :class:`recursive.loops.LayerStep`) on ``hidden`` (B, S, hidden): the
         one loop over effective layers, which the forward, decoding, the engines and exit calibration all run.
 
-        The states of :attr:`shape` start from ``hidden`` (HRM's fast and slow states from zero); each step adds
-        its ``adds`` into its state and runs its block there at depth ``step.layer + inputs.depth_shift``.
+        The states of :attr:`shape` start from ``hidden`` (the others from zero, HRM-Text's fast state from
+        ``fast_init``); each step adds its ``adds`` into its state, runs its block there at depth
+        ``step.layer + inputs.depth_shift`` and, with ``norm_after``, the norm.
 
         Args:
             hidden: (B, S, hidden), the rows' input.
@@ -278,7 +320,9 @@ class RecursiveModel(nn.Module):
                 block (the layers a token that left skips).
             output_hidden_states: also return each step's output.
         """
-        states = [hidden] + [torch.zeros_like(hidden)] * (self.shape.num_states - 1)
+        start = (torch.zeros_like(hidden) if self.fast_init is None
+                 else self.fast_init.to(hidden.dtype).expand_as(hidden))
+        states = [hidden] + [start] * (self.shape.num_states - 1)
         presents, aux_losses, outputs = [], [], []
         recording = torch.is_grad_enabled()
         for i, step in enumerate(steps):
@@ -295,6 +339,8 @@ class RecursiveModel(nn.Module):
                     h = h + states[source]
                 out, present, aux_loss = self._run_block(block, h, indices, inputs, past, use_cache,
                                                          None if shared is None else shared[i])
+                if step.norm_after:
+                    out = self.norm(out)
             if active is not None:
                 out = torch.where(active[:, None, None], out, h)
             states[step.state] = out
@@ -315,6 +361,18 @@ class RecursiveModel(nn.Module):
                 return checkpoint(block, hidden, indices, inputs.position_embeddings, inputs.packing, past, use_cache,
                                   use_reentrant=False, **options)
         return block(hidden, indices, inputs.position_embeddings, inputs.packing, past, use_cache, **options)
+
+    def _check_prefix(self, token_type_ids: Tensor, batch: int, length: int,
+                      past_key_values: Optional[PastKeyValues]) -> None:
+        if not self.config.prefix_lm:
+            raise ValueError("token_type_ids: this model is no prefix LM (config.prefix_lm is False)")
+        if past_key_values is not None:
+            raise ValueError("token_type_ids: the prefix attends both ways in the first forward only (no "
+                             "past_key_values); later tokens are causal")
+        if (not isinstance(token_type_ids, Tensor) or tuple(token_type_ids.shape) != (batch, length)
+                or token_type_ids.dtype.is_floating_point):
+            raise ValueError(f"token_type_ids: expected an int tensor ({batch}, {length}) like input_ids, "
+                             f"got {getattr(token_type_ids, 'shape', token_type_ids)!r}")
 
     def _read_inputs(self, input_ids: Tensor, attention_mask: Optional[Tensor], check_indices: bool) -> bool:
         """Whether ``attention_mask`` pads (it has a zero), and with ``check_indices`` that ``input_ids`` lie in the
@@ -392,32 +450,56 @@ class RecursiveForCausalLM(GenerationMixin, RecursivePreTrainedModel):
         use_cache: bool = False,
         output_hidden_states: bool = False,
         *,
+        token_type_ids: Optional[Tensor] = None,
+        exit_threshold: Optional[float] = None,
         check_indices: bool = True,
     ) -> CausalLMOutput:
         """Args:
             input_ids: (B, S).
             attention_mask: (B, S_past + S) of 1 and 0, or None.
             labels: (B, S) token ids (-100: ignored); the loss predicts ``labels[:, t + 1]`` from position t.
-            position_ids, past_key_values, use_cache, output_hidden_states, check_indices: as
+            position_ids, past_key_values, use_cache, output_hidden_states, token_type_ids, check_indices: as
                 :meth:`RecursiveModel.forward`.
+            exit_threshold: with Ouro's exit gate, each token's logits are those of the first loop whose
+                cumulative exit probability reaches this (in (0, 1]; the last loop when none does): Ouro's
+                readout (every loop runs). None: the last loop's.
         """
+        gated = self.config.exit_gate
+        if exit_threshold is not None and (not gated or not is_number(exit_threshold)
+                                           or not 0 < exit_threshold <= 1):
+            raise ValueError(f"exit_threshold: expected a number in (0, 1] for a model with an exit gate "
+                             f"(config.exit_gate is {gated}), got {exit_threshold!r}")
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states,
-                         check_indices=check_indices)
-        logits = self.lm_head(out.last_hidden_state)
+                         token_type_ids=token_type_ids, check_indices=check_indices)
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(labels.shape)}")
+        # Ouro's objective reads every loop's logits; the last loop's are then the output's
+        loop_logits = [self.lm_head(h) for h in out.loop_hidden_states] if gated and labels is not None else None
+        exit_loops = None
+        if exit_threshold is not None:
+            exit_loops = exit_readout(out.exit_probabilities, exit_threshold)
+            states = torch.stack(out.loop_hidden_states, 2)  # (B, S, T, hidden)
+            read = states.gather(2, exit_loops[:, :, None, None].expand(-1, -1, 1, states.shape[-1])).squeeze(2)
+            logits = self.lm_head(read)
+        else:
+            logits = self.lm_head(out.last_hidden_state) if loop_logits is None else loop_logits[-1]
         loss = None
         if labels is not None:
-            if tuple(labels.shape) != tuple(input_ids.shape):
-                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, "
-                                 f"got {tuple(labels.shape)}")
-            loss = with_router_losses(next_token_loss(logits, labels), out, self.config)
+            if gated:
+                task_loss = expected_exit_loss(loop_logits, out.exit_probabilities, labels,
+                                               self.config.exit_entropy_coef)
+            else:
+                task_loss = next_token_loss(logits, labels)
+            loss = with_router_losses(task_loss, out, self.config)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=out.aux_loss, past_key_values=out.past_key_values,
                               hidden_states=out.hidden_states, recursion_loss=out.recursion_loss,
-                              recursion_depths=out.recursion_depths)
+                              recursion_depths=out.recursion_depths, exit_probabilities=out.exit_probabilities,
+                              exit_loops=exit_loops)
 
     def logits_at(self, hidden: Tensor) -> Tensor:
         """The LM head at any depth (early exit, the loss at loop boundaries): the final norm, then ``lm_head``;
         (*, hidden) -> (*, vocab)."""
-        return self.lm_head(self.model.norm(hidden))
+        return self.lm_head(self.model.final_norm(hidden))
 
 
 class RecursiveEncoder(RecursivePreTrainedModel):

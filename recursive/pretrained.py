@@ -13,7 +13,7 @@ from torch import nn
 
 from .adapters import AdapterMixin
 from .config import RecursiveConfig
-from .nn import LowRankLinear
+from .nn import LowRankLinear, RecursiveBlock
 from .serialization import read_config, read_weights
 
 CONFIG_NAME = "config.json"
@@ -49,6 +49,20 @@ class RecursivePreTrainedModel(AdapterMixin, nn.Module):
         for name, source in self.tied_weights():
             module_name, _, attribute = name.rpartition(".")
             setattr(self.get_submodule(module_name), attribute, self.get_parameter(source))
+
+    @classmethod
+    def empty(cls: Type[Model], config: RecursiveConfig, dtype: torch.dtype, device=None) -> Model:
+        """The model with uninitialised parameters and persistent buffers, in ``dtype`` on ``device``, for a loader
+        that writes all of them: built on the meta device, so a large model is neither randomly initialised nor
+        held in float32 on the way."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype=dtype).to_empty(device=device or "cpu")
+        model.tie_weights()  # to_empty gave the tied parameters separate storage
+        for module in model.modules():
+            if isinstance(module, RecursiveBlock):
+                module.reset_buffers()
+        return model
 
     def _tie_and_init(self) -> None:
         self.tie_weights()

@@ -101,6 +101,9 @@ RECURRENCE = {
                               mor_capacities=(0.8, 0.5, 0.2)),
     "token_kv_sharing": dict(mor_routing="token_choice", num_layers=6, mor_kv_sharing=True),
     "expert_threshold": dict(mor_routing="expert_choice", num_layers=6, mor_threshold_routing=True),
+    "hrm_text": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_flow="hrm_text", norm_weight=False,
+                     attention_output_gate=True),
+    "ouro": dict(num_layers=6, block_norms="pre_and_output", loop_norm=True, exit_gate=True),
 }
 
 
@@ -167,6 +170,8 @@ def test_training_step_flops_match_forward_and_backward(relaxation, sharing):
     ("one-step", dict(RECURRENCE["hierarchical"], hrm_one_step_gradient=True)),
     ("one-step 8", dict(RECURRENCE["hierarchical"], num_layers=12, num_blocks=4, hrm_one_step_gradient=True)),
     ("expert_kv_sharing", RECURRENCE["expert_kv_sharing"]),
+    ("hrm_text", dict(RECURRENCE["hrm_text"], hrm_fast_grad_cycles=(1,))),  # 1 of 2 fast steps records per cycle
+    ("ouro", RECURRENCE["ouro"]),  # the LM head after every loop
 ], ids=lambda v: v if isinstance(v, str) else "")
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_training_step_flops_with_one_step_gradient_and_checkpointing(variant, overrides, checkpointing):
@@ -215,7 +220,9 @@ def parameters_by_role(model) -> ParameterCounts:
 @pytest.mark.parametrize("sharing", list(SHARING))
 @pytest.mark.parametrize("relaxation", RELAXATIONS)
 def test_parameter_counts_match_model(relaxation, sharing):
-    for overrides in (dict(), dict(tie_word_embeddings=True, qkv_bias=True, start_index=0)):
+    for overrides in (dict(), dict(tie_word_embeddings=True, qkv_bias=True, start_index=0),
+                      dict(qkv_bias=True, attention_output_gate=True, block_norms="pre_and_residual"),
+                      dict(norm_weight=False, block_norms="pre_and_output")):
         config = flops_config(relaxation, sharing, **overrides)
         model = RecursiveForCausalLM(config)
         counts = parameter_counts(config)

@@ -35,6 +35,7 @@ class GenerationMixin:
         eos_token_id: Optional[int] = None,
         exit_threshold: Optional[float] = None,
         progress: Optional[Progress] = None,
+        token_type_ids: Optional[Tensor] = None,
     ) -> Tensor:
         """KV-cached generation, like Hugging Face's ``generate``: the prompt (B, S) followed by up to
         ``max_new_tokens`` new tokens, (B, S + T); generation stops early once every row has produced
@@ -51,6 +52,8 @@ class GenerationMixin:
                 :mod:`recursive.generation`); None or 1.0: off. A plain stack only: not with
                 hierarchical sharing or Mixture-of-Recursions.
             progress: a :class:`recursive.progress.Progress` advanced by the batch's new tokens at each step.
+            token_type_ids: (B, S), a prefix LM's prompt types (:meth:`recursive.RecursiveModel.forward`): the tokens
+                of type 1 attend to each other both ways in the prompt's forward; the new tokens are causal.
 
         A Mixture-of-Recursions model without a KV cache (``config.kv_cacheable``) recomputes the whole
         sequence at each step.
@@ -80,7 +83,8 @@ class GenerationMixin:
 
         # A Mixture-of-Recursions model without a cache (config.kv_cacheable) recomputes the sequence at each step.
         cached = config.kv_cacheable
-        out = self.model(input_ids, attention_mask, use_cache=cached, check_indices=False)  # checked above
+        out = self.model(input_ids, attention_mask, use_cache=cached, token_type_ids=token_type_ids,
+                         check_indices=False)  # checked above
         # The last real token of each row (the last column with left padding): the LM head there only, as the
         # prompt's other positions predict nothing (with SmolLM2-135M's 49152-token head over every prompt token,
         # a profile of 8 requests showed our matrix products 6% above transformers' for the same calls).
@@ -109,7 +113,10 @@ class GenerationMixin:
                 attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)
             if not cached:
                 sequence = torch.cat((sequence, tokens[:, None].to(sequence.dtype)), dim=1)
-                logits = self.lm_head(self.model(sequence, attention_mask).last_hidden_state[:, -1])
+                if token_type_ids is not None:  # the new tokens are causal
+                    token_type_ids = torch.cat((token_type_ids, token_type_ids.new_zeros(B, 1)), dim=1)
+                logits = self.lm_head(self.model(sequence, attention_mask, token_type_ids=token_type_ids)
+                                      .last_hidden_state[:, -1])
             else:
                 packing = (VarlenPacking.from_attention_mask(attention_mask, 1, queries_real=True) if padded
                            else VarlenPacking.uniform(B, 1, S + step + 1, input_ids.device))

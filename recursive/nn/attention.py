@@ -49,15 +49,20 @@ class CircuitAttention(nn.Module):
       formula is not published). The corrections carry no RoPE and no logit scale. U and D start at
       zero, V and C Kaiming-uniform, so fresh factors change nothing.
 
+    An output gate (HRM-Text, as Qwen3-Next's) scales the attention output per channel before ``o_proj``:
+    ``sigmoid(gate_proj(x)) * out``.
+
     Parameters: ``q_proj`` (H * D <- hidden), ``k_proj``, ``v_proj`` (Hkv * D <- hidden), ``o_proj``
-    (hidden <- H * D); with the circuit ``qk_u`` (E, H, R, hidden), ``qk_v`` (E, Hkv, R, hidden),
+    (hidden <- H * D), ``gate_proj`` (H * D <- hidden, with the output gate only); with the circuit
+    ``qk_u`` (E, H, R, hidden), ``qk_v`` (E, Hkv, R, hidden),
     ``ov_c`` (E, Hkv, R, hidden), ``ov_d`` (E, H, D, R).
 
     Args:
         hidden_size, num_heads: model width and query heads H.
         num_key_value_heads: Hkv (default H); must divide H.
         head_dim: D (default hidden_size // H).
-        qkv_bias: biases on q, k, v (Qwen2); o_proj has none.
+        qkv_bias: biases on q, k, v (Qwen2) and the output gate; o_proj has none.
+        output_gate: gate the output per channel (``gate_proj``).
         causal: causal (decoder) or bidirectional (encoder) attention.
         num_depths: E, the number of per-depth parameter sets.
         lora_rank: rank of the per-depth LoRA on every one of q, k, v, o, or a mapping from some of
@@ -77,6 +82,7 @@ class CircuitAttention(nn.Module):
         head_dim: Optional[int] = None,
         *,
         qkv_bias: bool = False,
+        output_gate: bool = False,
         causal: bool = True,
         num_depths: int = 0,
         lora_rank: Union[int, Mapping[str, int]] = 0,
@@ -110,6 +116,11 @@ class CircuitAttention(nn.Module):
         self.k_proj = projection("k", hidden_size, num_key_value_heads * head_dim, qkv_bias)
         self.v_proj = projection("v", hidden_size, num_key_value_heads * head_dim, qkv_bias)
         self.o_proj = projection("o", num_heads * head_dim, hidden_size, False)
+        if output_gate:
+            self.gate_proj = LowRankLinear(hidden_size, num_heads * head_dim, qkv_bias, num_adapters=0, rank=0,
+                                           backend=backend, **factory)
+        else:
+            self.register_module("gate_proj", None)
         if num_depths and circuit_rank:
             E, R, Hkv = num_depths, circuit_rank, num_key_value_heads
             self.qk_u = nn.Parameter(torch.empty(E, num_heads, R, hidden_size, **factory))
@@ -188,7 +199,7 @@ class CircuitAttention(nn.Module):
         index = self._check_index(indices, B, S, check_indices)
         q = apply_rotary(self.q_proj(hidden_states, index, check_indices=False).view(B, S, H, D), *position_embeddings)
         if shared_key_value is not None:
-            return self._attend_shared(q, shared_key_value, index, past_key_value, use_cache), None
+            return self._attend_shared(hidden_states, q, shared_key_value, index, past_key_value, use_cache), None
         k, v, k_c, v_c = self._key_value(hidden_states, position_embeddings, index)
         q_c = _depth_projection(hidden_states, self.qk_u, index) if k_c is not None else None
         if past_key_value is not None:
@@ -198,7 +209,15 @@ class CircuitAttention(nn.Module):
         out, out_c = self._attend(q, k, v, q_c, k_c, v_c, packing)  # (B, S, H, D), (B, S, H, R)
         if out_c is not None:
             out = out + self._ov_output(out_c, index)
-        return self.o_proj(out.reshape(B, S, H * D), index, check_indices=False), present
+        return self._output(hidden_states, out, index), present
+
+    def _output(self, hidden_states: Tensor, out: Tensor, index: Union[int, Tensor]) -> Tensor:
+        """The heads' outputs ``out`` (B, S, H, D), gated when the layer has the output gate, through ``o_proj``."""
+        B, S = out.shape[:2]
+        out = out.reshape(B, S, -1)
+        if self.gate_proj is not None:
+            out = torch.sigmoid(self.gate_proj(hidden_states)) * out
+        return self.o_proj(out, index, check_indices=False)
 
     def key_value(
         self, hidden_states: Tensor, position_embeddings: Tuple[Tensor, Tensor], indices: AdapterIndex = None,
@@ -224,15 +243,26 @@ class CircuitAttention(nn.Module):
         return LayerKV(k, v, _depth_projection(hidden_states, self.qk_v, index),
                        _depth_projection(hidden_states, self.ov_c, index))
 
-    def _attend(self, q, k, v, q_c, k_c, v_c, packing: Optional[VarlenPacking]) -> Tuple[Tensor, Optional[Tensor]]:
+    def _attend(self, q, k, v, q_c, k_c, v_c, packing: Optional[VarlenPacking],
+                causal: Optional[bool] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """q (B, S, H, D), q_c (B, S, H, R), k, v, k_c, v_c (B, Sk, Hkv, .) (token-major, the cache layout) ->
-        out (B, S, H, D), out_c (B, S, H, R) or None."""
+        out (B, S, H, D), out_c (B, S, H, R) or None. ``causal``: None, the layer's own."""
+        causal = self.causal if causal is None else causal
         if packing is None:  # the dense op takes heads first
             out, out_c = recursive_kernels.circuit_attention(
                 *(None if t is None else t.transpose(1, 2) for t in (q, k, v, q_c, k_c, v_c)),
-                causal=self.causal, backend=self.backend,
+                causal=causal, backend=self.backend,
             )
             return out.transpose(1, 2), None if out_c is None else out_c.transpose(1, 2)
+        if packing.prefix is not None:  # a prefix LM's first forward: calls over disjoint queries
+            split = packing.prefix
+            parts = [self._attend(q, k, v, q_c, k_c, v_c, part, part_causal)
+                     for part, part_causal in ((split.before, causal), (split.span, False), (split.after, causal))
+                     if part.max_seqlen_q]
+            out, out_c = parts[0]
+            for more, more_c in parts[1:]:
+                out, out_c = out + more, None if out_c is None else out_c + more_c
+            return out, out_c
         B, S = q.shape[:2]
 
         def packed(t: Optional[Tensor], rows: Tensor, keys: bool) -> Optional[Tensor]:
@@ -255,12 +285,12 @@ class CircuitAttention(nn.Module):
             packed(q, packing.query_rows, False), packed(k, packing.key_rows, True), packed(v, packing.key_rows, True),
             packing.cu_seqlens_q, packing.cu_seqlens_k, packing.max_seqlen_q, packing.max_seqlen_k,
             packed(q_c, packing.query_rows, False), packed(k_c, packing.key_rows, True),
-            packed(v_c, packing.key_rows, True), causal=self.causal, backend=self.backend,
+            packed(v_c, packing.key_rows, True), causal=causal, backend=self.backend,
             check_indices=False,  # built by VarlenPacking: no host synchronisation per layer
         )
         return unpacked(out), unpacked(out_c)
 
-    def _attend_shared(self, q: Tensor, shared: SharedKeyValue, index: Union[int, Tensor],
+    def _attend_shared(self, hidden_states: Tensor, q: Tensor, shared: SharedKeyValue, index: Union[int, Tensor],
                        past_key_value: Optional[LayerKV], use_cache: bool) -> Tensor:
         """:meth:`forward` over another layer's keys and values; q (B, S, H, D) -> (B, S, hidden)."""
         if past_key_value is not None or use_cache:
@@ -274,7 +304,7 @@ class CircuitAttention(nn.Module):
         rows = shared.query_rows[:, :, None, None].expand(B, S, H, D)
         spread = q.new_zeros(B, shared.query_length, H, D).scatter(1, rows, q)  # in that layer's query rows
         out, _ = self._attend(spread, key, value, None, None, None, shared.packing)
-        return self.o_proj(out.gather(1, rows).reshape(B, S, H * D), index, check_indices=False)
+        return self._output(hidden_states, out.gather(1, rows), index)
 
     def _ov_output(self, out_c: Tensor, index: Union[int, Tensor]) -> Tensor:
         """``out_c`` (B, S, H, R) through each head's D (D <- R) of the row's depth -> (B, S, H, D)."""
@@ -285,4 +315,5 @@ class CircuitAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_key_value_heads}, head_dim={self.head_dim}, "
-                f"causal={self.causal}, num_depths={self.num_depths}, circuit_rank={self.circuit_rank}")
+                f"causal={self.causal}, output_gate={self.gate_proj is not None}, num_depths={self.num_depths}, "
+                f"circuit_rank={self.circuit_rank}")

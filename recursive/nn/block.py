@@ -20,40 +20,49 @@ class RMSNorm(nn.Module):
 
     ``unit_offset=False`` (Llama): ``weight * normed``, weight initialised to ones, the product taken
     after casting back to the input dtype. ``unit_offset=True`` (Gemma): ``normed * (1 + weight)`` in the
-    compute dtype, weight initialised to zeros. Both as in Hugging Face, so converted weights match.
+    compute dtype, weight initialised to zeros. ``weight=False``: no gain, ``normed`` cast back (HRM-Text).
+    All as in Hugging Face, so converted weights match.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False, device=None, dtype=None) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False, weight: bool = True,
+                 device=None, dtype=None) -> None:
         super().__init__()
-        self.eps, self.unit_offset = eps, unit_offset
-        init = torch.zeros if unit_offset else torch.ones
-        self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
+        self.eps, self.unit_offset, self.hidden_size = eps, unit_offset, hidden_size
+        if weight:
+            init = torch.zeros if unit_offset else torch.ones
+            self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
 
     def forward(self, x: Tensor) -> Tensor:
         """(*, hidden) -> (*, hidden)."""
         compute = accumulation_dtype(x.dtype)
         h = x.to(compute)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:
+            return h.to(x.dtype)
         if self.unit_offset:
             return (h * (1.0 + self.weight.to(compute))).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, unit_offset={self.unit_offset}"
+        return f"{self.hidden_size}, eps={self.eps}, unit_offset={self.unit_offset}, weight={self.weight is not None}"
 
 
 class RecursiveBlock(nn.Module):
     """One shared pre-norm transformer block, called with the adapter of the depth it runs at (``indices``).
 
-    ``x + attn(norm(x))``, then ``+ mlp(norm(.))``; attention is :class:`CircuitAttention`, the MLP a
-    :class:`GatedFeedForward` or, for relaxation "mol", a :class:`MoLFeedForward`. The block of
+    ``x + attn(norm(x))``, then ``+ mlp(norm(.))`` (or with a second norm per sublayer: ``config.block_norms``);
+    attention is :class:`CircuitAttention`, the MLP a :class:`GatedFeedForward` or, for relaxation "mol", a
+    :class:`MoLFeedForward`. The block of
     ``block_index`` holds per-depth parameters for its own effective layers from ``start_index`` on
     (``config.depth_layers_of_block``): adapter ``i`` belongs to the i-th of them, so its LoRA
     tensors have E = that many adapters (:meth:`adapter_index` maps effective layers to them). Any other layer
     runs the shared weights unmodified (index -1).
 
     Parameter names follow Hugging Face's decoder layer (``input_layernorm``, ``self_attn.{q,k,v,o}_proj``,
-    ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``) so converted checkpoints map by name.
+    ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``; Ouro's ``input_layernorm_2`` and
+    ``post_attention_layernorm_2``) so converted checkpoints map by name.
     """
 
     def __init__(self, config: RecursiveConfig, block_index: int, causal: bool = True) -> None:
@@ -71,15 +80,23 @@ class RecursiveBlock(nn.Module):
         lora = config.relaxation in ("depth_lora", "qkov_lora")
         attention_ranks = {t: config.lora_rank_of(t) if lora else 0 for t in ATTENTION_TARGETS}
         feed_forward_ranks = {t: config.lora_rank_of(t) for t in FEED_FORWARD_TARGETS}
-        norm = {"eps": config.rms_norm_eps, "unit_offset": config.norm_unit_offset}
+        norm = {"eps": config.rms_norm_eps, "unit_offset": config.norm_unit_offset, "weight": config.norm_weight}
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.self_attn = CircuitAttention(
             config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-            qkv_bias=config.qkv_bias, causal=causal, num_depths=len(depth_layers), lora_rank=attention_ranks,
+            qkv_bias=config.qkv_bias, output_gate=config.attention_output_gate, causal=causal,
+            num_depths=len(depth_layers), lora_rank=attention_ranks,
             lora_alpha=config.lora_alpha, circuit_rank=config.circuit_rank if config.relaxation == "circuit" else 0,
             backend=config.backend,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+        self.block_norms = config.block_norms
+        if config.block_norms != "pre":  # the second norm of each sublayer (Ouro's and Huginn's names differ)
+            self.input_layernorm_2 = RMSNorm(config.hidden_size, **norm)
+            self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, **norm)
+        else:
+            self.register_module("input_layernorm_2", None)
+            self.register_module("post_attention_layernorm_2", None)
         if config.relaxation == "mol":
             self.mlp = MoLFeedForward(
                 config.hidden_size, config.intermediate_size, config.hidden_act, num_experts=config.num_experts,
@@ -93,6 +110,10 @@ class RecursiveBlock(nn.Module):
             )
         # Whether the MLP's adapters are per depth; a merged mixture (one adapter) is called without an index.
         self._per_depth_mlp = config.relaxation == "depth_lora" and any(feed_forward_ranks.values())
+
+    def reset_buffers(self) -> None:
+        """Rewrite the layer -> adapter table (after ``to_empty``, which leaves buffers uninitialised)."""
+        self.adapter_of_layer.copy_(torch.tensor(self._adapter_of_layer))
 
     def adapter_index(self, depth: Union[int, Tensor], check_indices: bool = True) -> Union[int, Tensor]:
         """This block's adapter for effective layer ``depth`` (an int, or an int tensor of any shape): -1 where
@@ -142,14 +163,22 @@ class RecursiveBlock(nn.Module):
             self.input_layernorm(hidden_states), position_embeddings, indices, packing, past_key_value, use_cache,
             check_indices=check_indices, shared_key_value=shared_key_value,
         )
-        hidden_states = hidden_states + attn_out
+        hidden_states = self._residual(hidden_states, attn_out, self.input_layernorm_2)
         normed = self.post_attention_layernorm(hidden_states)
         aux_loss = None
         if isinstance(self.mlp, MoLFeedForward):
             mlp_out, aux_loss = self.mlp(normed, None if packing is None else packing.query_mask)
         else:
             mlp_out = self.mlp(normed, indices if self._per_depth_mlp else None, check_indices=False)
-        return hidden_states + mlp_out, present, aux_loss
+        return self._residual(hidden_states, mlp_out, self.post_attention_layernorm_2), present, aux_loss
+
+    def _residual(self, hidden_states: Tensor, out: Tensor, second_norm: Optional[RMSNorm]) -> Tensor:
+        """A sublayer's output ``out`` added to its input by ``config.block_norms``."""
+        if self.block_norms == "pre_and_output":
+            return hidden_states + second_norm(out)
+        if self.block_norms == "pre_and_residual":
+            return second_norm(hidden_states + out)
+        return hidden_states + out
 
     def key_value(self, hidden_states: Tensor, indices: Union[int, Tensor], position_embeddings: Tuple[Tensor, Tensor],
                   *, check_indices: bool = True) -> LayerKV:
