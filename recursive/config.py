@@ -5,8 +5,9 @@ block ``block_of_layer(l)``:
 
 - ``"cycle"``: ``l mod B``;
 - ``"sequence"``: ``l // (L / B)``;
-- ``"middle_cycle"``: the first and the last layers own blocks 0 and B - 1, the middle L - 2 layers
-  cycle over blocks 1 .. B - 2;
+- ``"middle_cycle"``: the first P = ``prelude_layers`` layers own blocks 0 .. P - 1 and the last C =
+  ``coda_layers`` the blocks B - C .. B - 1; the middle L - P - C layers cycle over the blocks between (Huginn's
+  prelude, recurrent core and coda);
 - ``"hierarchical"`` (HRM-LM): blocks 0 .. B/2 - 1 form a fast module and blocks B/2 .. B - 1 a slow one;
   each cycle runs the fast module ``hrm_period`` (T) times, then the slow module once, so a cycle is
   ``(T + 1) * B / 2`` effective layers. The data flow differs from a plain stack: the fast state is
@@ -65,6 +66,7 @@ from .checks import check_choice, check_int, is_number
 SHARING_SCHEMES = ("cycle", "sequence", "middle_cycle", "hierarchical")
 HRM_FLOWS = ("hrm_lm", "hrm_text")
 BLOCK_NORMS = ("pre", "pre_and_output", "pre_and_residual")
+INJECTIONS = ("none", "linear")
 MOR_ROUTINGS = ("expert_choice", "token_choice")
 RELAXATIONS = ("none", "depth_lora", "qkov_lora", "circuit", "mol")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
@@ -93,9 +95,19 @@ class RecursiveConfig:
             attention when fewer).
         head_dim: per-head width; may differ from ``hidden_size / num_attention_heads`` (Gemma).
         num_layers: effective depth L.
-        num_blocks: unique blocks B; L must be a multiple of B (``middle_cycle``: L - 2 of B - 2;
+        num_blocks: unique blocks B; L must be a multiple of B (``middle_cycle``: L - P - C of B - P - C;
             ``hierarchical``: B even and L a multiple of the cycle ``(hrm_period + 1) * B / 2``).
         sharing: ``"cycle"``, ``"sequence"``, ``"middle_cycle"`` or ``"hierarchical"``.
+        prelude_layers, coda_layers: ``middle_cycle``: the layers before and after the cycled ones (P, C), each
+            with its own block.
+        injection: ``middle_cycle``: ``"none"`` (one residual stream through every layer) or ``"linear"`` (Huginn's
+            recurrent depth): the cycled layers run on a state of their own, which starts at zero or random
+            (``core_state_std``) and is ``adapter([state, e])`` before each pass (``e`` the prelude's output,
+            ``RecursiveModel.adapter`` a linear map from twice the width); after the last pass the model's norm, then
+            the coda on that state and the final norm (the same norm again).
+        core_state_std: ``injection="linear"``: the state starts as a truncated normal draw (std ``core_state_std``,
+            cut at 3 std) times ``embed_scale``, from torch's global generator, per forward and per decoded token
+            (Huginn's ``like-init``); 0: zeros.
         hrm_period: ``hierarchical``: fast-module steps per slow-module step (T).
         hrm_one_step_gradient: ``hierarchical``: when autograd records, every step but the last fast
             and the last slow module runs without gradient (HRM's one-step gradient approximation).
@@ -142,6 +154,7 @@ class RecursiveConfig:
         norm_unit_offset: RMSNorm scales by ``1 + weight`` (Gemma) instead of ``weight``.
         rope_theta: RoPE base (rotate-half convention, as Hugging Face Llama).
         qkv_bias: biases on the q, k and v projections (Qwen2).
+        qk_bias: biases on the q and k projections only (Huginn).
         attention_output_gate: the attention output is gated per channel, ``sigmoid(gate_proj(x)) * attn``,
             before ``o_proj`` (HRM-Text).
         prefix_lm: a first forward may take ``token_type_ids``: the tokens of type 1, one contiguous span of
@@ -166,6 +179,10 @@ class RecursiveConfig:
     num_layers: int = 8
     num_blocks: int = 1
     sharing: str = "cycle"
+    prelude_layers: int = 1
+    coda_layers: int = 1
+    injection: str = "none"
+    core_state_std: float = 0.0
     hrm_period: int = 2
     hrm_one_step_gradient: bool = False
     hrm_flow: str = "hrm_lm"
@@ -197,6 +214,7 @@ class RecursiveConfig:
     exit_entropy_coef: float = 0.05
     rope_theta: float = 10000.0
     qkv_bias: bool = False
+    qk_bias: bool = False
     attention_output_gate: bool = False
     prefix_lm: bool = False
     tie_word_embeddings: bool = False
@@ -233,7 +251,7 @@ class RecursiveConfig:
         check_choice("sharing", self.sharing, SHARING_SCHEMES)
         check_int("hrm_period", self.hrm_period, 1)
         for name in ("hrm_one_step_gradient", "norm_weight", "attention_output_gate", "prefix_lm", "loop_norm",
-                     "exit_gate"):
+                     "exit_gate", "qk_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         self._check_sharing()
@@ -257,17 +275,23 @@ class RecursiveConfig:
         if self.embedding_size is not None:
             check_int("embedding_size", self.embedding_size, 1)
         check_int("num_labels", self.num_labels, 1)
+        self._check_injection()
         self._check_loops()
         if self.backend is not None:
             check_choice("backend", self.backend, BACKENDS)
 
     def _check_sharing(self) -> None:
         L, B = self.num_layers, self.num_blocks
+        for name in ("prelude_layers", "coda_layers"):
+            check_int(name, getattr(self, name), 1)
+            if getattr(self, name) != 1 and self.sharing != "middle_cycle":
+                raise ValueError(f"{name}: only middle_cycle sharing has a prelude and a coda")
         if self.sharing == "middle_cycle":
-            if B < 3 or L < B or (L - 2) % (B - 2):
+            ends = self.prelude_layers + self.coda_layers
+            if B < ends + 1 or L < B or (L - ends) % (B - ends):
                 raise ValueError(
-                    f"num_blocks: middle_cycle needs 3 <= num_blocks <= num_layers and num_layers - 2 a multiple of "
-                    f"num_blocks - 2, got num_layers={L}, num_blocks={B}"
+                    f"num_blocks: middle_cycle needs prelude_layers + coda_layers < num_blocks <= num_layers and "
+                    f"num_layers - {ends} a multiple of num_blocks - {ends}, got num_layers={L}, num_blocks={B}"
                 )
         elif self.sharing == "hierarchical":
             if B % 2 or L % self.hrm_cycle_length:
@@ -301,6 +325,18 @@ class RecursiveConfig:
                 for n in self.hrm_fast_grad_cycles):
             raise ValueError(f"hrm_fast_grad_cycles: expected at most {cycles} counts (one per cycle) in "
                              f"[0, hrm_period={self.hrm_period}], got {self.hrm_fast_grad_cycles!r}")
+
+    def _check_injection(self) -> None:
+        check_choice("injection", self.injection, INJECTIONS)
+        if self.injection != "none" and (self.sharing != "middle_cycle" or self.mor_routing is not None):
+            raise ValueError("injection: the recurrent core's own state belongs to middle_cycle sharing (prelude, "
+                             "core, coda), without Mixture-of-Recursions")
+        if not is_number(self.core_state_std) or self.core_state_std < 0:
+            raise ValueError(f"core_state_std: expected a finite number >= 0, got {self.core_state_std!r}")
+        if self.core_state_std and self.injection == "none":
+            raise ValueError("core_state_std: only the recurrent core of injection='linear' has a state to start")
+        if self.qk_bias and self.qkv_bias:
+            raise ValueError("qk_bias: qkv_bias already gives q and k biases (and v's); choose one")
 
     def _check_loops(self) -> None:
         if self.loop_norm and (self.sharing == "hierarchical" or self.mor_routing is not None):
@@ -398,9 +434,12 @@ class RecursiveConfig:
             position, module = layer % self.hrm_cycle_length, B // 2
             fast_layers = self.hrm_period * module
             return position % module if position < fast_layers else module + position - fast_layers
-        if layer == 0 or layer == L - 1:
-            return 0 if layer == 0 else B - 1
-        return 1 + (layer - 1) % (B - 2)
+        prelude, coda = self.prelude_layers, self.coda_layers
+        if layer < prelude:
+            return layer
+        if layer >= L - coda:
+            return B - (L - layer)
+        return prelude + (layer - prelude) % (B - prelude - coda)
 
     def loop_length(self) -> int:
         """Effective layers per loop: the shortest period of the block pattern. With cycle sharing the
@@ -440,12 +479,17 @@ class RecursiveConfig:
     def recursions(self) -> Tuple[List[int], List[List[int]], List[int]]:
         """The loops over the shared blocks: ``(before, recursions, after)``, the effective layers run
         before the loops, the layers of each loop in order, and the layers after them. Cycle sharing:
-        N = L / B loops of B layers; middle-cycle: layer 0, (L - 2) / (B - 2) loops, layer L - 1; one
+        N = L / B loops of B layers; middle-cycle: the P prelude layers, (L - P - C) / (B - P - C) loops, the C coda
+        layers; one
         block: L loops of one layer; otherwise one loop of every layer."""
         L, B = self.num_layers, self.num_blocks
         if self.sharing == "middle_cycle":
-            width = B - 2
-            return [0], [list(range(1 + r * width, 1 + (r + 1) * width)) for r in range((L - 2) // width)], [L - 1]
+            prelude, coda = self.prelude_layers, self.coda_layers
+            width = B - prelude - coda
+            return (list(range(prelude)),
+                    [list(range(prelude + r * width, prelude + (r + 1) * width))
+                     for r in range((L - prelude - coda) // width)],
+                    list(range(L - coda, L)))
         if B == 1 or self.sharing == "cycle":
             return [], [list(range(r * B, (r + 1) * B)) for r in range(L // B)], []
         return [], [list(range(L))], []

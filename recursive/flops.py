@@ -22,7 +22,8 @@ The routers add one matmul over every position: (hidden, 1) per recursion for ex
 values, and their queries, spread over the first recursion's tokens, attend in that recursion's layout
 (its selected tokens squared per sequence). Hierarchical (HRM) sharing adds only additions to a plain stack of its
 effective layers. HRM-Text's attention output gate is one more projection (hidden -> heads * head_dim) per layer; Ouro's
-exit gate one (hidden -> 1) per loop, and its training objective reads the LM head after every loop.
+exit gate one (hidden -> 1) per loop, and its training objective reads the LM head after every loop; Huginn's adapter
+one (2 hidden -> hidden) per pass of the core.
 
 The fused backends (cpp, triton, cuda) run their own kernels, which FlopCounterMode sees only in part
 (the cpp backend's base matmuls go through aten and are counted; its attention and low-rank loops, and
@@ -53,10 +54,10 @@ class ParameterCounts:
     Attributes:
         embedding: the token embedding (and the factorised embedding's projection).
         shared: the blocks' base weights (projections, biases, norms): each block serves every
-            effective layer of its sharing scheme.
+            effective layer of its sharing scheme; and Huginn's adapter.
         adapter: the relaxation's parameters: per-depth LoRA, the QK/OV circuit factors, or the
             mixture's LoRA experts and router; and the Mixture-of-Recursions router.
-        head: the final norm and the output head (an untied LM head, or the encoder's head).
+        head: the final norm and the output head (an untied LM head, or the encoder's head); Ouro's exit gate.
     """
 
     embedding: int
@@ -113,7 +114,7 @@ def forward_flops(
         if recursion_tokens is not None:
             raise ValueError("recursion_tokens: only a token-choice Mixture-of-Recursions model takes them")
         total = sum(_layer_flops(config, layer, tokens, score_entries) for layer in range(config.num_layers))
-        return total + _outside_blocks_flops(config, batch_size, tokens, model_type)
+        return total + _injection_flops(config, tokens) + _outside_blocks_flops(config, batch_size, tokens, model_type)
     before, recursions, after = config.recursions()
     counts = _recursion_tokens(config, lengths, len(recursions), recursion_tokens)
     total = sum(_layer_flops(config, layer, tokens, score_entries) for layer in before + after)
@@ -150,7 +151,7 @@ def training_step_flops(
     forward = forward_flops(config, batch_size, seq_len, lengths=lengths, model_type=model_type,
                             recursion_tokens=recursion_tokens)
     tokens = batch_size * seq_len
-    blocks = forward - _outside_blocks_flops(config, batch_size, tokens, model_type)
+    blocks = forward - _outside_blocks_flops(config, batch_size, tokens, model_type) - _injection_flops(config, tokens)
     if config.mor_routing is not None:
         blocks -= 2 * tokens * config.hidden_size * len(config.recursions()[1])  # the routers
     unrecorded = 0
@@ -184,7 +185,8 @@ def parameter_counts(config: RecursiveConfig, model_type: str = "causal_lm") -> 
             gate_width = config.num_attention_heads * config.head_dim
             shared += hidden * gate_width + (gate_width if config.qkv_bias else 0)
         for target, (fan_in, fan_out) in _projection_shapes(config).items():
-            shared += fan_in * fan_out + (fan_out if config.qkv_bias and target in ("q", "k", "v") else 0)
+            biased = target in ("q", "k", "v") if config.qkv_bias else config.qk_bias and target in ("q", "k")
+            shared += fan_in * fan_out + (fan_out if biased else 0)
             rank = _lora_rank(config, target, fan_in, fan_out) if num_adapters else 0
             adapter += num_adapters * rank * (fan_in + fan_out)
         if config.relaxation == "circuit" and num_adapters:
@@ -194,6 +196,8 @@ def parameter_counts(config: RecursiveConfig, model_type: str = "causal_lm") -> 
             adapter += config.num_experts * hidden  # the router
     if config.mor_routing is not None:
         adapter += len(config.recursions()[1]) * hidden  # the recursions' router
+    if config.injection != "none":
+        shared += 2 * hidden * hidden  # Huginn's adapter
 
     head = hidden if config.norm_weight else 0  # the final norm
     head += hidden + 1 if config.exit_gate else 0
@@ -267,6 +271,13 @@ def _layer_flops(config: RecursiveConfig, layer: int, tokens: int, score_entries
         value_width += rank
     flops += 2 * heads * score_entries * (score_width + value_width)
     return flops
+
+
+def _injection_flops(config: RecursiveConfig, tokens: int) -> int:
+    """Huginn's adapter before each pass of the core: (2 hidden -> hidden)."""
+    if config.injection == "none":
+        return 0
+    return len(config.recursions()[1]) * 2 * tokens * 2 * config.hidden_size ** 2
 
 
 def _outside_blocks_flops(config: RecursiveConfig, batch_size: int, tokens: int, model_type: str) -> int:

@@ -6,7 +6,9 @@ gradient), whether the model's norm follows it (HRM-Text's module ends) and whet
 decoded token may leave (early exit). A plain stack has one state, the hidden states, starting at the embeddings;
 the hierarchical flow of HRM-LM has three: the input embeddings, the fast state and the slow state, both starting
 at zero, and its output is the slow state; HRM-Text's has two: the slow state, which starts at the embeddings
-(``INPUT``), and the fast one, which starts at the model's ``fast_init``.
+(``INPUT``), and the fast one, which starts at the model's ``fast_init``. Huginn's recurrent depth (``injection``) has
+two: the prelude runs on the embeddings, the core and the coda on a state of their own (``CORE``), which the model's
+adapter mixes with the prelude's output before each pass of the core (``inject``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from .config import RecursiveConfig
 
 # The states of a run: the plain stack's hidden states (which start as the input), HRM's fast and slow ones.
 INPUT, FAST, SLOW = 0, 1, 2
+CORE = 1  # Huginn's recurrent state
 
 
 class LayerStep(NamedTuple):
     """One effective layer: ``layer``, its ``block``, the ``state`` it updates (``INPUT`` in a plain stack),
     the states added into it first, in order (``adds``), whether autograd records it (``records``), whether
-    the model's norm follows it (``norm_after``) and whether a token may leave after it (``exit_after``: a
-    loop boundary of a plain stack, not the last)."""
+    the model's norm follows it (``norm_after``), whether a token may leave after it (``exit_after``: a
+    loop boundary of a plain stack, not the last) and whether the state is first ``adapter([state, INPUT])``
+    (``inject``: Huginn's core)."""
 
     layer: int
     block: int
@@ -35,6 +39,7 @@ class LayerStep(NamedTuple):
     records: bool = True
     exit_after: bool = False
     norm_after: bool = False
+    inject: bool = False
 
 
 class LoopShape(NamedTuple):
@@ -78,6 +83,8 @@ def loop_shape(config: RecursiveConfig) -> LoopShape:
     L = config.num_layers
     if config.sharing == "hierarchical":
         return _hierarchical_shape(config)
+    if config.injection != "none":
+        return _injected_core_shape(config)
     period = config.loop_length()
     exits = config.mor_routing is None
     steps = tuple(LayerStep(layer, config.block_of_layer(layer), exit_after=exits and (layer + 1) % period == 0
@@ -109,3 +116,17 @@ def _hierarchical_shape(config: RecursiveConfig) -> LoopShape:
         steps.append(LayerStep(layer, config.block_of_layer(layer), state, adds, records,
                                norm_after=text and offset == module - 1))
     return LoopShape(tuple(steps), 2 if text else 3, slow, L)
+
+
+def _injected_core_shape(config: RecursiveConfig) -> LoopShape:
+    """Huginn's prelude, core passes and coda (``config.injection``): the prelude on the input, each pass of the core
+    on the core state after the adapter's injection, the norm after the last pass, the coda on the core state. One
+    loop for :class:`recursive.DepthBatchingEngine` (the whole stack)."""
+    before, passes, after = config.recursions()
+    steps = [LayerStep(layer, config.block_of_layer(layer)) for layer in before]
+    for n, layers in enumerate(passes):
+        steps.extend(LayerStep(layer, config.block_of_layer(layer), CORE, inject=j == 0,
+                               norm_after=n + 1 == len(passes) and j + 1 == len(layers))
+                     for j, layer in enumerate(layers))
+    steps.extend(LayerStep(layer, config.block_of_layer(layer), CORE) for layer in after)
+    return LoopShape(tuple(steps), 2, CORE, config.num_layers)

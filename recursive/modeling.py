@@ -32,7 +32,7 @@ from .cache import KVCache, LayerKV, PastKeyValues, RecursionKV, SharedKeyValue,
 from .checks import check_id_range, is_number
 from .config import RecursiveConfig
 from .generation import GenerationMixin
-from .loops import LayerInputs, LayerStep, loop_shape
+from .loops import INPUT, LayerInputs, LayerStep, loop_shape
 from .losses import (
     IGNORE_INDEX,
     exit_distribution,
@@ -153,6 +153,10 @@ class RecursiveModel(nn.Module):
             self.exit_gate = nn.Linear(config.hidden_size, 1)
         else:
             self.register_module("exit_gate", None)
+        if config.injection == "linear":  # Huginn's: the core state and the prelude's output, to the core state
+            self.adapter = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        else:
+            self.register_module("adapter", None)
         if config.hrm_flow == "hrm_text":  # where the fast state starts (HRM-Text's z_L_init; zeros unless loaded)
             self.register_buffer("fast_init", torch.zeros(config.hidden_size))
         else:
@@ -303,8 +307,8 @@ class RecursiveModel(nn.Module):
         one loop over effective layers, which the forward, decoding, the engines and exit calibration all run.
 
         The states of :attr:`shape` start from ``hidden`` (the others from zero, HRM-Text's fast state from
-        ``fast_init``); each step adds its ``adds`` into its state, runs its block there at depth
-        ``step.layer + inputs.depth_shift`` and, with ``norm_after``, the norm.
+        ``fast_init``, Huginn's core state at random); each step injects (``inject``) or adds its ``adds`` into its
+        state, runs its block there at depth ``step.layer + inputs.depth_shift`` and, with ``norm_after``, the norm.
 
         Args:
             hidden: (B, S, hidden), the rows' input.
@@ -320,9 +324,7 @@ class RecursiveModel(nn.Module):
                 block (the layers a token that left skips).
             output_hidden_states: also return each step's output.
         """
-        start = (torch.zeros_like(hidden) if self.fast_init is None
-                 else self.fast_init.to(hidden.dtype).expand_as(hidden))
-        states = [hidden] + [start] * (self.shape.num_states - 1)
+        states = [hidden] + [self._initial_state(hidden)] * (self.shape.num_states - 1)
         presents, aux_losses, outputs = [], [], []
         recording = torch.is_grad_enabled()
         for i, step in enumerate(steps):
@@ -335,6 +337,8 @@ class RecursiveModel(nn.Module):
                 continue
             with torch.set_grad_enabled(recording and step.records):
                 h = states[step.state]
+                if step.inject:
+                    h = self.adapter(torch.cat((h, states[INPUT]), -1))
                 for source in step.adds:
                     h = h + states[source]
                 out, present, aux_loss = self._run_block(block, h, indices, inputs, past, use_cache,
@@ -350,6 +354,18 @@ class RecursiveModel(nn.Module):
             if output_hidden_states:
                 outputs.append(out)
         return LayersOutput(states[self.shape.output_state], presents, aux_losses, outputs)
+
+    def _initial_state(self, hidden: Tensor) -> Tensor:
+        """Where the states other than the input start: HRM-Text's ``fast_init``, Huginn's random core state
+        (``config.core_state_std``), else zeros; shaped like ``hidden``."""
+        if self.fast_init is not None:
+            return self.fast_init.to(hidden.dtype).expand_as(hidden)
+        std = self.config.core_state_std
+        if not std:
+            return torch.zeros_like(hidden)
+        state = torch.randn_like(hidden)  # drawn, then redrawn, as Huginn does: the same seed gives its state
+        nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std)
+        return state * self.config.embed_scale
 
     def _run_block(self, block: RecursiveBlock, hidden: Tensor, indices, inputs: LayerInputs, past: Optional[KVCache],
                    use_cache: bool, shared: Optional[SharedKeyValue]):
@@ -472,7 +488,8 @@ class RecursiveForCausalLM(GenerationMixin, RecursivePreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, output_hidden_states,
                          token_type_ids=token_type_ids, check_indices=check_indices)
         if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, got {tuple(labels.shape)}")
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids, "
+                             f"got {tuple(labels.shape)}")
         # Ouro's objective reads every loop's logits; the last loop's are then the output's
         loop_logits = [self.lm_head(h) for h in out.loop_hidden_states] if gated and labels is not None else None
         exit_loops = None

@@ -104,6 +104,8 @@ RECURRENCE = {
     "hrm_text": dict(sharing="hierarchical", num_layers=6, num_blocks=2, hrm_flow="hrm_text", norm_weight=False,
                      attention_output_gate=True),
     "ouro": dict(num_layers=6, block_norms="pre_and_output", loop_norm=True, exit_gate=True),
+    "huginn": dict(sharing="middle_cycle", num_layers=8, num_blocks=4, prelude_layers=1, coda_layers=1,
+                   injection="linear", core_state_std=0.02, block_norms="pre_and_residual", qk_bias=True),
 }
 
 
@@ -172,6 +174,7 @@ def test_training_step_flops_match_forward_and_backward(relaxation, sharing):
     ("expert_kv_sharing", RECURRENCE["expert_kv_sharing"]),
     ("hrm_text", dict(RECURRENCE["hrm_text"], hrm_fast_grad_cycles=(1,))),  # 1 of 2 fast steps records per cycle
     ("ouro", RECURRENCE["ouro"]),  # the LM head after every loop
+    ("huginn", RECURRENCE["huginn"]),
 ], ids=lambda v: v if isinstance(v, str) else "")
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_training_step_flops_with_one_step_gradient_and_checkpointing(variant, overrides, checkpointing):
@@ -209,7 +212,7 @@ def parameters_by_role(model) -> ParameterCounts:
             role = "embedding"
         elif name.endswith(adapter_names):
             role = "adapter"
-        elif name.startswith("model.blocks."):
+        elif name.startswith(("model.blocks.", "model.adapter.")):
             role = "shared"
         else:
             role = "head"

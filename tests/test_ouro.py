@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from recursive import RecursiveForCausalLM, convert_hf
+from recursive import DepthBatchingEngine, RecursiveForCausalLM, convert_hf
+from recursive.generation import GateExit
+from recursive.generation.exit_rules import resolve_exit_rule
 from recursive.looped import convert_looped
 from tests.helpers import make_model, ref_attention, ref_feed_forward, ref_rms_norm, sub
 
@@ -233,3 +235,42 @@ def test_exit_threshold_needs_the_gate(ouro):
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="exit_threshold"):
             ouro(inputs()[0], exit_threshold=bad)
+
+
+# Serving with Ouro's own exit rule.
+
+
+def test_the_gate_rule_decides_as_the_readout(ouro):
+    """A decoded token leaves at the first loop whose cumulative exit probability reaches the threshold (min_loops=1):
+    its logits are the full forward's readout there (the prompt and the token ran at full depth before it)."""
+    ids = inputs()[0]
+    first = ouro.generate(ids, 1)
+    for threshold in (0.3, 0.6):
+        with torch.no_grad():
+            readout = ouro(first, exit_threshold=threshold)
+        two = ouro.generate(ids, 2, exit_threshold=GateExit(threshold, min_loops=1))
+        assert torch.equal(two[:, -1], readout.logits[:, -1].argmax(-1))
+        if threshold == 0.3:  # the rows leave at different loops: the test sees where
+            assert len(readout.exit_loops[:, -1].unique()) > 1
+
+
+def test_the_engine_serves_ouro_with_its_gate(ouro):
+    ids, mask = inputs()
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    rule = GateExit(0.6, min_loops=1)
+    expected = [ouro.generate(torch.tensor([p]), 6, exit_threshold=rule)[0].tolist() for p in prompts]
+    engine = DepthBatchingEngine(ouro, max_batch_size=2, exit_threshold=rule)
+    assert engine.generate(prompts, 6) == expected
+    assert 1 <= engine.stats.mean_exit_loops < LOOPS  # some tokens left early
+    full = [ouro.generate(torch.tensor([p]), 6)[0].tolist() for p in prompts]
+    never = GateExit(0.6, min_loops=LOOPS)  # no boundary comes after LOOPS loops: nobody leaves
+    assert DepthBatchingEngine(ouro, 2, exit_threshold=never).generate(prompts, 6) == full
+
+
+def test_a_threshold_picks_the_models_own_rule(ouro):
+    assert repr(resolve_exit_rule(0.7, ouro.config)) == "GateExit(0.7, min_loops=2)"
+    assert repr(resolve_exit_rule(0.7, make_model().config)) == "ConfidenceExit(0.7)"
+    with pytest.raises(ValueError, match="exit_threshold: GateExit reads Ouro's exit gate"):
+        resolve_exit_rule(GateExit(0.7), make_model().config)
+    with pytest.raises(ValueError, match="min_loops"):
+        GateExit(0.5, min_loops=0)

@@ -13,8 +13,9 @@ from ..checks import check_ids, check_int, check_token
 from ..nn import rotary_embedding, rotary_rows
 from ..progress import Progress
 from .early_exit import decode_step
+from .exit_rules import ExitRule, resolve_exit_rule
 from .sampling import next_tokens
-from .validation import check_exit_threshold, check_sampling
+from .validation import check_sampling
 
 
 class GenerationMixin:
@@ -33,7 +34,7 @@ class GenerationMixin:
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         eos_token_id: Optional[int] = None,
-        exit_threshold: Optional[float] = None,
+        exit_threshold: Union[None, float, ExitRule] = None,
         progress: Optional[Progress] = None,
         token_type_ids: Optional[Tensor] = None,
     ) -> Tensor:
@@ -49,7 +50,8 @@ class GenerationMixin:
             temperature, top_k, top_p: the sampling distribution (:func:`recursive.generation.next_tokens`).
             eos_token_id: the end-of-sequence token, or None.
             exit_threshold: early exit at loop boundaries for decoded tokens (the package docstring of
-                :mod:`recursive.generation`); None or 1.0: off. A plain stack only: not with
+                :mod:`recursive.generation`): a threshold of the model's own rule, or an
+                :class:`recursive.generation.ExitRule`; None or 1.0: off. A plain stack only: not with
                 hierarchical sharing or Mixture-of-Recursions.
             progress: a :class:`recursive.progress.Progress` advanced by the batch's new tokens at each step.
             token_type_ids: (B, S), a prefix LM's prompt types (:meth:`recursive.RecursiveModel.forward`): the tokens
@@ -69,7 +71,7 @@ class GenerationMixin:
         check_int("max_new_tokens", max_new_tokens, 0)
         check_sampling(temperature, top_k, top_p)
         check_token("eos_token_id", eos_token_id, config.vocab_size)
-        exit_threshold = check_exit_threshold(exit_threshold, config)
+        exit_rule = resolve_exit_rule(exit_threshold, config)
         B, S = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -121,7 +123,7 @@ class GenerationMixin:
                 packing = (VarlenPacking.from_attention_mask(attention_mask, 1, queries_real=True) if padded
                            else VarlenPacking.uniform(B, 1, S + step + 1, input_ids.device))
                 logits, past = decode_step(self, tokens, positions, rotary_rows(rotary_table, positions), packing,
-                                           past, exit_threshold)
+                                           past, exit_rule)
             positions = positions + 1
         return torch.cat((input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)), dim=1)
 

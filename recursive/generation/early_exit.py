@@ -1,5 +1,5 @@
-"""Early exit at loop boundaries (the package docstring of :mod:`recursive.generation`): the confidence
-test, its calibration on untrained models, and the KV-cached decoding step (every model's) that applies it."""
+"""Early exit at loop boundaries (the package docstring of :mod:`recursive.generation`): the confidence threshold's
+calibration on untrained models, and the KV-cached decoding step (every model's) that applies an exit rule."""
 
 from __future__ import annotations
 
@@ -11,13 +11,8 @@ from torch import Tensor
 from ..cache import PastKeyValues, VarlenPacking
 from ..checks import check_ids
 from ..loops import LayerInputs
-from ..losses import upcast
 from ..nn import rotary_embedding
-
-
-def top_probability(logits: Tensor) -> Tensor:
-    """(*, vocab) -> (*,), the largest softmax probability, in float32 at least."""
-    return upcast(logits).softmax(-1).amax(-1)
+from .exit_rules import ExitRule, top_probability
 
 
 @torch.no_grad()
@@ -33,6 +28,9 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
         raise ValueError(f"exit_fraction: expected a number in (0, 1), got {exit_fraction!r}")
     period = config.loop_length()
     config.check_loop_boundaries("model")
+    if config.exit_gate:
+        raise ValueError("model: calibration finds a confidence threshold, and this model exits by its own gate "
+                         "(its exit probabilities are the threshold's scale): give exit_threshold instead")
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError("input_ids: expected a non-empty int tensor (B, S), "
                          f"got {getattr(input_ids, 'shape', input_ids)!r}")
@@ -49,10 +47,10 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
 
 def decode_step(
     model, tokens: Tensor, positions: Tensor, position_embeddings: Tuple[Tensor, Tensor],
-    packing: Optional[VarlenPacking], past: PastKeyValues, exit_threshold: Optional[float],
+    packing: Optional[VarlenPacking], past: PastKeyValues, exit_rule: Optional[ExitRule],
 ) -> Tuple[Tensor, PastKeyValues]:
-    """One new token per row through the model, leaving at loop boundaries with ``exit_threshold``: the decoding
-    step of :meth:`GenerationMixin.generate` for every kind of model (its cache's own kind: plain, HRM,
+    """One new token per row through the model, leaving at loop boundaries by ``exit_rule``: the decoding step of
+    :meth:`GenerationMixin.generate` for every kind of model (its cache's own kind: plain, HRM,
     Mixture-of-Recursions).
 
     With early exit (a plain stack, whose shape marks its loop boundaries) the loops run one at a time: a row
@@ -64,16 +62,17 @@ def decode_step(
     backbone = model.model
     hidden = backbone.embed(tokens[:, None])
     inputs = LayerInputs(position_embeddings, packing)
-    if exit_threshold is None:
+    if exit_rule is None:
         out = backbone.run(hidden, positions[:, None], inputs, past, use_cache=True)
         return model.lm_head(out.last_hidden_state[:, -1]), out.past_key_values
     steps = backbone.shape.steps
     ends = [i + 1 for i, step in enumerate(steps) if step.exit_after] + [len(steps)]
     running: Optional[Tensor] = None  # None: every row (before the first boundary)
     exit_logits: Optional[Tensor] = None
+    state = exit_rule.initial_state(len(tokens), model)
     all_left = False
     presents, start = [], 0
-    for end in ends:
+    for loop, end in enumerate(ends, 1):
         run = backbone.run_layers(hidden, steps[start:end], inputs, past[start:end], use_cache=True, active=running,
                                   keys_only=all_left)
         presents.extend(run.presents)
@@ -81,7 +80,7 @@ def decode_step(
         if all_left or end == len(steps):
             continue
         logits = model.logits_at(hidden[:, -1])
-        leaving = top_probability(logits) >= exit_threshold
+        leaving, state = exit_rule.decide(model, torch.full_like(tokens, loop), hidden[:, -1], logits, state)
         if running is not None:
             leaving = leaving & running
         exit_logits = logits if exit_logits is None else torch.where(leaving[:, None], logits, exit_logits)

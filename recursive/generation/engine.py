@@ -11,9 +11,10 @@ from ..checks import check_int, check_token
 from ..progress import Progress
 from .decode import GenerationMixin
 from .engine_run import EngineRun, EngineStats, Request
+from .exit_rules import ExitRule, resolve_exit_rule
 from .recursion_run import RecursionEngineRun
 from .sampling import next_tokens
-from .validation import check_exit_threshold, check_sampling
+from .validation import check_sampling
 
 
 class DepthBatchingEngine:
@@ -48,10 +49,11 @@ class DepthBatchingEngine:
     Args:
         model: a :class:`recursive.RecursiveForCausalLM`.
         max_batch_size: the number of slots (rows in flight).
-        exit_threshold: early exit at loop boundaries; None or 1.0: off.
+        exit_threshold: early exit at loop boundaries: a threshold of the model's own rule, or an
+            :class:`recursive.generation.ExitRule` (the rows' rule states are kept per slot); None or 1.0: off.
     """
 
-    def __init__(self, model, max_batch_size: int, exit_threshold: Optional[float] = None) -> None:
+    def __init__(self, model, max_batch_size: int, exit_threshold: Union[None, float, ExitRule] = None) -> None:
         if not isinstance(model, GenerationMixin):
             raise ValueError(f"model: expected a RecursiveForCausalLM, got {type(model).__name__}")
         config = model.config
@@ -60,7 +62,7 @@ class DepthBatchingEngine:
         if config.mor_routing is not None and not config.kv_cacheable:
             raise ValueError("model: depth-wise batching decodes token by token, and top-k expert choice routes by "
                              "the whole sequence; route with mor_threshold_routing (or token choice)")
-        self.exit_threshold = check_exit_threshold(exit_threshold, config)  # Mixture-of-Recursions: None or 1.0
+        self.exit_rule = resolve_exit_rule(exit_threshold, config)  # Mixture-of-Recursions: None or 1.0
         if config.mor_routing is not None:  # a loop is a recursion
             recursions = config.recursions()[1]
             self.loop_length, self.num_loops = len(recursions[0]), len(recursions)

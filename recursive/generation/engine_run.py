@@ -16,7 +16,6 @@ from ..cache import LayerKV, VarlenPacking, ints_to_device
 from ..loops import LayerInputs, LayerStep
 from ..nn import rotary_embedding, rotary_rows
 from ..progress import Progress
-from .early_exit import top_probability
 
 
 @dataclass
@@ -66,6 +65,8 @@ class EngineRun:
         self.waiting.reverse()  # popped from the end, in order
         self.stats = EngineStats(num_loops=engine.num_loops)
         self.exit_loops_sum = 0
+        if engine.exit_rule is not None:  # each slot's exit-rule state (of its decoding token)
+            self.exit_state = engine.exit_rule.initial_state(engine.max_batch_size, engine.model)
 
         slots = engine.max_batch_size
         capacity = max((len(r.tokens) + r.max_new_tokens for r in self.waiting), default=1)
@@ -203,7 +204,7 @@ class EngineRun:
         # The rows that give a token: each slot's last row once its tokens run their last loop; without
         # that, a decoding row may leave early (index into ``busy``: ``finishing`` and ``may_exit``).
         finishing = [i for i, slot in enumerate(busy) if self.loop[slot] + 1 == engine.num_loops]
-        may_exit = [] if engine.exit_threshold is None else [
+        may_exit = [] if engine.exit_rule is None else [
             i for i, slot in enumerate(busy) if not self.prefilling[slot] and self.loop[slot] + 1 < engine.num_loops]
         deciding = finishing + may_exit
         hidden_rows_d, positions_d, first_layers_d, first_rows_d, offsets, deciding_rows_d, deciding_slots_d = (
@@ -231,8 +232,7 @@ class EngineRun:
             logits = self.model.logits_at(decided)
             tokens_d = self.pick(logits)
             if may_exit:
-                leaving = top_probability(logits) >= engine.exit_threshold
-                leaving[: len(finishing)] = True  # finishing rows give a token anyway
+                leaving = self._exit_decisions(finishing, [busy[i] for i in may_exit], decided, logits)
                 self.hidden[deciding_slots_d] = torch.where(leaving[:, None, None], backbone.embed(tokens_d[:, None]),
                                                             decided[:, None])
                 all_tokens, left = torch.stack((tokens_d, leaving.long())).tolist()
@@ -261,6 +261,17 @@ class EngineRun:
             self.loop[slot] = 0
             if self._emit(self.slot_request[slot], token):
                 self.slot_request[slot] = None
+
+    def _exit_decisions(self, finishing: List[int], slots: List[int], decided: Tensor, logits: Tensor) -> Tensor:
+        """Which deciding rows leave (``finishing`` ones first: they give a token anyway; then the decoding rows of
+        ``slots``, by the engine's exit rule, whose states this updates): (rows,) bool."""
+        rule, rows = self.engine.exit_rule, len(finishing)
+        loops = [self.loop[slot] + 1 for slot in slots]  # the loops each has run, this one included
+        slots_d, fresh_d, loops_d = self._to_device(slots, [int(loop == 1) for loop in loops], loops)
+        state = torch.where(fresh_d.bool()[:, None], rule.initial_state(len(slots), self.model),
+                            self.exit_state[slots_d])  # a token's first boundary starts from the initial state
+        leaving, self.exit_state[slots_d] = rule.decide(self.model, loops_d, decided[rows:], logits[rows:], state)
+        return torch.cat((torch.ones(rows, dtype=torch.bool, device=self.device), leaving))
 
     def _store_deeper(self, slots: List[int], rows: List[int], hidden: Tensor,
                       position_embeddings: Tuple[Tensor, Tensor]) -> None:

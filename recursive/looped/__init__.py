@@ -1,5 +1,5 @@
-"""The published looped language models as recursive models: HRM-Text (Sapient) and Ouro (ByteDance Seed), their
-checkpoints read as they are.
+"""The published looped language models as recursive models: HRM-Text (Sapient), Ouro (ByteDance Seed) and
+Huginn-0125 (seal-rg), their checkpoints read as they are.
 
 :func:`convert_looped` takes transformers' ``HrmTextForCausalLM`` (or any model with a Hugging Face config and a
 state dict) or a checkpoint folder (``config.json`` and safetensors, one file or an index of shards) whose
@@ -19,13 +19,14 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..modeling import RecursiveForCausalLM
 from ..serialization import read_json
-from . import hrm_text, ouro
+from . import hrm_text, huginn, ouro
 from .checkpoint import CheckpointTensors, read_checkpoint
 
 # model_type -> the family's module
-FAMILIES = {hrm_text.MODEL_TYPE: hrm_text, ouro.MODEL_TYPE: ouro}
+FAMILIES = {hrm_text.MODEL_TYPE: hrm_text, ouro.MODEL_TYPE: ouro, huginn.MODEL_TYPE: huginn}
 LOOPED_MODEL_TYPES = tuple(FAMILIES)
 
 
@@ -39,16 +40,20 @@ def looped_model_type(model_or_path: Union[nn.Module, str, os.PathLike]) -> Opti
     return model_type if model_type in FAMILIES else None
 
 
-def convert_looped(model_or_path: Union[nn.Module, str, os.PathLike],
-                   dtype: Optional[torch.dtype] = None) -> RecursiveForCausalLM:
+def convert_looped(model_or_path: Union[nn.Module, str, os.PathLike], dtype: Optional[torch.dtype] = None,
+                   num_loops: Optional[int] = None) -> RecursiveForCausalLM:
     """The :class:`recursive.RecursiveForCausalLM` of a published looped model (the module docstring), in ``dtype``
-    (default: the checkpoint's own), on the device of its tensors, in eval mode (a given model: in its mode).
+    (default: the checkpoint's own), on the device of its tensors, in eval mode (a given model: in its mode), its
+    recurrence run ``num_loops`` times (HRM-Text's H cycles, Ouro's ``total_ut_steps``, Huginn's core passes; default:
+    the checkpoint's own: ``H_cycles``, ``total_ut_steps``, ``mean_recurrence``).
 
     Raises ValueError naming ``model_or_path`` and the field or tensor at fault: an unsupported config field (rope
     scaling, say), a missing, misshapen or unknown tensor."""
     values, state = read_checkpoint(model_or_path, LOOPED_MODEL_TYPES)
     family = FAMILIES[values["model_type"]]
-    config = family.config_from_hf(values)
+    if num_loops is not None:
+        check_int("num_loops", num_loops, 1)
+    config = family.config_from_hf(values, num_loops)
     weights = family.weights_from_hf(values, CheckpointTensors(state))
     reference = next(iter(weights.values()))[1]
     model = RecursiveForCausalLM.empty(config, dtype or reference.dtype, reference.device)

@@ -10,7 +10,7 @@ the heads; ``L_bp_cycles`` is ``hrm_fast_grad_cycles`` and ``prefix_lm`` (``toke
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -25,9 +25,9 @@ _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 _STACKS = ("L_module", "H_module")
 
 
-def config_from_hf(values: Mapping[str, Any]) -> RecursiveConfig:
+def config_from_hf(values: Mapping[str, Any], num_loops: Optional[int] = None) -> RecursiveConfig:
     """The :class:`RecursiveConfig` of an ``hrm_text`` config dict (as ``HrmTextConfig.to_dict()`` or its
-    ``config.json``)."""
+    ``config.json``), with ``num_loops`` H cycles (default: its ``H_cycles``)."""
     for flag in ("attention_bias", "mlp_bias"):
         if values.get(flag):
             raise ValueError(f"model_or_path: {flag}=True is not supported (no bias on o_proj or the MLP)")
@@ -37,6 +37,7 @@ def config_from_hf(values: Mapping[str, Any]) -> RecursiveConfig:
     if activation not in ACTIVATIONS:
         raise ValueError(f"model_or_path: hidden_act {activation!r} is none of {ACTIVATIONS}")
     h_cycles, l_cycles = config_value(values, "H_cycles", 2), config_value(values, "L_cycles", 3)
+    h_cycles = h_cycles if num_loops is None else num_loops
     # A config written before the split holds the per-stack count in num_hidden_layers (HrmTextConfig's rule).
     per_stack = values.get("num_layers_per_stack") or config_value(values, "num_hidden_layers")
     initializer_range = config_value(values, "initializer_range", 0.02)

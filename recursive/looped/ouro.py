@@ -9,7 +9,7 @@ residual add) are ``block_norms="pre_and_output"``; ``model.norm`` after every l
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from torch import Tensor
 
@@ -23,8 +23,9 @@ _LAYER_TENSORS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_at
                   "post_attention_layernorm_2.weight")
 
 
-def config_from_hf(values: Mapping[str, Any]) -> RecursiveConfig:
-    """The :class:`RecursiveConfig` of an ``ouro`` config dict (its ``config.json``)."""
+def config_from_hf(values: Mapping[str, Any], num_loops: Optional[int] = None) -> RecursiveConfig:
+    """The :class:`RecursiveConfig` of an ``ouro`` config dict (its ``config.json``), its layers run ``num_loops``
+    times (default: ``total_ut_steps``)."""
     layers = config_value(values, "num_hidden_layers")
     if values.get("use_sliding_window") or "sliding_attention" in (values.get("layer_types") or ()):
         raise ValueError("model_or_path: use_sliding_window / layer_types: sliding-window attention is not supported")
@@ -41,7 +42,8 @@ def config_from_hf(values: Mapping[str, Any]) -> RecursiveConfig:
         intermediate_size=config_value(values, "intermediate_size"), num_attention_heads=heads,
         num_key_value_heads=config_value(values, "num_key_value_heads", heads),
         head_dim=config_value(values, "head_dim", hidden // heads),
-        num_layers=layers * config_value(values, "total_ut_steps", 4), num_blocks=layers, sharing="cycle",
+        num_layers=layers * (config_value(values, "total_ut_steps", 4) if num_loops is None else num_loops),
+        num_blocks=layers, sharing="cycle",
         hidden_act=activation, rms_norm_eps=config_value(values, "rms_norm_eps", 1e-6),
         rope_theta=rope_theta(values, 10000.0), block_norms="pre_and_output", loop_norm=True, exit_gate=True,
         tie_word_embeddings=bool(config_value(values, "tie_word_embeddings", False)),

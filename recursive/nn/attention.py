@@ -4,7 +4,7 @@ attention pass."""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,8 @@ class CircuitAttention(nn.Module):
         hidden_size, num_heads: model width and query heads H.
         num_key_value_heads: Hkv (default H); must divide H.
         head_dim: D (default hidden_size // H).
-        qkv_bias: biases on q, k, v (Qwen2) and the output gate; o_proj has none.
+        qkv_bias: biases on q, k, v (Qwen2) and the output gate (True), or on the projections named (some of
+            "q", "k", "v"; Huginn's q and k); o_proj has none.
         output_gate: gate the output per channel (``gate_proj``).
         causal: causal (decoder) or bidirectional (encoder) attention.
         num_depths: E, the number of per-depth parameter sets.
@@ -81,7 +82,7 @@ class CircuitAttention(nn.Module):
         num_key_value_heads: Optional[int] = None,
         head_dim: Optional[int] = None,
         *,
-        qkv_bias: bool = False,
+        qkv_bias: Union[bool, Sequence[str]] = False,
         output_gate: bool = False,
         causal: bool = True,
         num_depths: int = 0,
@@ -112,12 +113,16 @@ class CircuitAttention(nn.Module):
             return LowRankLinear(fan_in, fan_out, bias, num_adapters=num_depths, rank=ranks[target], alpha=lora_alpha,
                                  backend=backend, **factory)
 
-        self.q_proj = projection("q", hidden_size, num_heads * head_dim, qkv_bias)
-        self.k_proj = projection("k", hidden_size, num_key_value_heads * head_dim, qkv_bias)
-        self.v_proj = projection("v", hidden_size, num_key_value_heads * head_dim, qkv_bias)
+        biased = ("q", "k", "v") if qkv_bias is True else tuple(qkv_bias or ())
+        unknown = sorted(set(biased) - {"q", "k", "v"})
+        if unknown:
+            raise ValueError(f"qkv_bias: expected a bool or some of 'q', 'k', 'v', got {unknown}")
+        self.q_proj = projection("q", hidden_size, num_heads * head_dim, "q" in biased)
+        self.k_proj = projection("k", hidden_size, num_key_value_heads * head_dim, "k" in biased)
+        self.v_proj = projection("v", hidden_size, num_key_value_heads * head_dim, "v" in biased)
         self.o_proj = projection("o", num_heads * head_dim, hidden_size, False)
         if output_gate:
-            self.gate_proj = LowRankLinear(hidden_size, num_heads * head_dim, qkv_bias, num_adapters=0, rank=0,
+            self.gate_proj = LowRankLinear(hidden_size, num_heads * head_dim, qkv_bias is True, num_adapters=0, rank=0,
                                            backend=backend, **factory)
         else:
             self.register_module("gate_proj", None)

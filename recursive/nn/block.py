@@ -84,7 +84,8 @@ class RecursiveBlock(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.self_attn = CircuitAttention(
             config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-            qkv_bias=config.qkv_bias, output_gate=config.attention_output_gate, causal=causal,
+            qkv_bias=config.qkv_bias or (("q", "k") if config.qk_bias else False),
+            output_gate=config.attention_output_gate, causal=causal,
             num_depths=len(depth_layers), lora_rank=attention_ranks,
             lora_alpha=config.lora_alpha, circuit_rank=config.circuit_rank if config.relaxation == "circuit" else 0,
             backend=config.backend,

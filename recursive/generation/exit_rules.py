@@ -1,0 +1,113 @@
+"""When a decoded token leaves at a loop boundary: :class:`ExitRule`, one interface for every model's own rule.
+
+A rule sees each decoding row at the end of each loop but the last: the loops it has run, its hidden state there
+(after the final norm's place: what the LM head reads), the LM head's logits, and a per-row state of its own that
+it carries from boundary to boundary within one token (the engine keeps it per slot). ``generate``, the engine and
+the command line take ``exit_threshold``: a number picks the model's own rule at that threshold
+(:func:`resolve_exit_rule`), an :class:`ExitRule` any rule.
+
+- :class:`ConfidenceExit`: the LM head's top probability reaches the threshold (CALM's softmax confidence).
+- :class:`GateExit`: Ouro's learned gate: the cumulative exit probability ``1 - prod_t (1 - lambda_t)`` reaches the
+  threshold after at least ``min_loops`` loops (vllm-rlt's rule; Ouro's readout without running the later loops).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from recursive_kernels.backends import accumulation_dtype
+
+from ..checks import check_int, is_number
+from ..config import RecursiveConfig
+from ..losses import upcast
+
+
+def top_probability(logits: Tensor) -> Tensor:
+    """(*, vocab) -> (*,), the largest softmax probability, in float32 at least."""
+    return upcast(logits).softmax(-1).amax(-1)
+
+
+class ExitRule:
+    """Whether each decoding row leaves at a loop boundary (the module docstring). ``threshold`` in (0, 1)."""
+
+    state_width = 0  # the per-row state's width
+
+    def __init__(self, threshold: float) -> None:
+        if not is_number(threshold) or not 0.0 < threshold < 1.0:
+            raise ValueError(f"exit_threshold: expected a number in (0, 1), got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def check(self, config: RecursiveConfig) -> None:
+        """Raise ValueError naming ``exit_threshold`` when ``config``'s model cannot follow this rule."""
+        config.check_loop_boundaries("exit_threshold")
+
+    def initial_state(self, rows: int, model) -> Tensor:
+        """The state of ``rows`` rows before their token's first loop: (rows, state_width), on the model's device in
+        its dtype, float32 at least."""
+        weight = model.lm_head.weight
+        return torch.zeros(rows, self.state_width, device=weight.device, dtype=accumulation_dtype(weight.dtype))
+
+    def decide(self, model, loops: Tensor, hidden: Tensor, logits: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """``loops`` (rows,) int64: the loops each row has run; ``hidden`` (rows, hidden): its state at this boundary;
+        ``logits`` (rows, vocab): the LM head's there; ``state`` (rows, state_width) -> (leave (rows,) bool, the new
+        state)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.threshold:g})"
+
+
+class ConfidenceExit(ExitRule):
+    """Leave when the LM head's top probability reaches ``threshold``."""
+
+    def decide(self, model, loops, hidden, logits, state):
+        return top_probability(logits) >= self.threshold, state
+
+
+class GateExit(ExitRule):
+    """Ouro's gate: ``remaining *= 1 - sigmoid(exit_gate(h))`` at each boundary (the state), and leave once at least
+    ``min_loops`` loops ran and ``1 - remaining`` reaches ``threshold``."""
+
+    state_width = 1
+
+    def __init__(self, threshold: float, min_loops: int = 2) -> None:
+        super().__init__(threshold)
+        self.min_loops = check_int("min_loops", min_loops, 1)
+
+    def check(self, config: RecursiveConfig) -> None:
+        super().check(config)
+        if not config.exit_gate:
+            raise ValueError("exit_threshold: GateExit reads Ouro's exit gate, and this model has none (exit_gate)")
+
+    def initial_state(self, rows: int, model) -> Tensor:
+        return super().initial_state(rows, model) + 1
+
+    def decide(self, model, loops, hidden, logits, state):
+        gate = model.model.exit_gate(model.model.final_norm(hidden))  # as the forward gates each loop's output
+        remaining = state * (1 - torch.sigmoid(upcast(gate)))
+        leave = (loops >= self.min_loops) & (1 - remaining[:, 0] >= self.threshold)
+        return leave, remaining
+
+    def __repr__(self) -> str:
+        return f"GateExit({self.threshold:g}, min_loops={self.min_loops})"
+
+
+def resolve_exit_rule(exit_threshold: Union[None, float, ExitRule], config: RecursiveConfig) -> Optional[ExitRule]:
+    """The rule to apply, or None when early exit is off (None or 1.0): a number is the model's own rule at that
+    threshold (Ouro's gate for a model with one, else the confidence rule), an :class:`ExitRule` itself."""
+    if exit_threshold is None:
+        return None
+    if isinstance(exit_threshold, ExitRule):
+        rule = exit_threshold
+    elif not is_number(exit_threshold) or not 0.0 < exit_threshold <= 1.0:
+        raise ValueError(f"exit_threshold: expected None, a probability in (0, 1] or an ExitRule, "
+                         f"got {exit_threshold!r}")
+    elif exit_threshold == 1.0:
+        return None
+    else:
+        rule = GateExit(exit_threshold) if config.exit_gate else ConfidenceExit(exit_threshold)
+    rule.check(config)
+    return rule

@@ -1,0 +1,218 @@
+"""Huginn-0125 loaded exactly: tiny checkpoints in Huginn's layout (config.json with ``model_type: huginn_raven``, its
+``transformer.*`` tensor names) against an independent float64 reference written here from the published math:
+prelude, random or zero core state, ``adapter([state, e])`` before each core pass, sandwich blocks that norm after
+each residual add, q/k biases before a RoPE on adjacent pairs, ``ln_f`` before and after the coda."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from recursive import DepthBatchingEngine, RecursiveForCausalLM
+from recursive.looped import convert_looped
+from tests.helpers import ref_rms_norm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, HIDDEN, HEADS, INTER, EPS, BASE = 97, 32, 4, 40, 1e-6, 50000.0
+HEAD_DIM = HIDDEN // HEADS
+PRELUDE, CORE, CODA, STEPS = 1, 2, 1, 3
+TIGHT = 1e-10
+
+
+def huginn_tensors(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.2, mean=0.0):
+        return mean + scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    tensors = {"transformer.wte.weight": rand(VOCAB, HIDDEN, scale=0.3),
+               "transformer.adapter.weight": rand(HIDDEN, 2 * HIDDEN, scale=0.15),
+               "transformer.ln_f.weight": rand(HIDDEN, mean=1.0), "freqs_cis": torch.zeros(1, 16, 1, HEAD_DIM // 2, 2)}
+    for stage, count in (("prelude", PRELUDE), ("core_block", CORE), ("coda", CODA)):
+        for i in range(count):
+            p = f"transformer.{stage}.{i}."
+            for norm in ("norm_1", "norm_2", "norm_3", "norm_4"):
+                tensors[p + norm + ".weight"] = rand(HIDDEN, mean=1.0)
+            tensors[p + "attn.Wqkv.weight"] = rand(3 * HIDDEN, HIDDEN)
+            tensors[p + "attn.qk_bias"] = rand(2, 1, HEADS, HEAD_DIM, scale=0.5)
+            tensors[p + "attn.proj.weight"] = rand(HIDDEN, HIDDEN)
+            tensors[p + "mlp.fc.weight"] = rand(2 * INTER, HIDDEN)
+            tensors[p + "mlp.proj.weight"] = rand(HIDDEN, INTER)
+    return tensors
+
+
+def huginn_config(**options):
+    values = {"model_type": "huginn_raven", "architectures": ["RavenForCausalLM"], "n_embd": HIDDEN,
+              "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "n_layers_in_prelude": PRELUDE,
+              "n_layers_in_recurrent_block": CORE, "n_layers_in_coda": CODA, "mean_recurrence": STEPS,
+              "intermediate_size": INTER, "vocab_size": VOCAB, "padded_vocab_size": VOCAB, "norm_eps": EPS,
+              "rope_base": BASE, "qk_bias": True, "bias": False, "tie_embeddings": True, "injection_type": "linear",
+              "state_init": "like-init", "block_class_name": "SandwichBlock", "norm_class_name": "RMSNorm_llama",
+              "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU"}
+    values.update(options)
+    return values
+
+
+def save_huginn(folder, tensors=None, **options):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(huginn_config(**options)))
+    save_file(huginn_tensors() if tensors is None else tensors, folder / "model.safetensors")
+    return folder
+
+
+def pairwise_rope(x, positions):
+    """x (B, S, heads, D): dims 2i and 2i + 1 rotate together by ``position * BASE ** (-2i / D)``."""
+    angles = positions[..., None].double() * BASE ** (-torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2)
+
+
+def sandwich_block(x, t, prefix, positions, key_mask):
+    B, S, _ = x.shape
+
+    def norm(h, name):
+        return ref_rms_norm(h, t[prefix + name + ".weight"], EPS, False)
+
+    q, k, v = (norm(x, "norm_1") @ t[prefix + "attn.Wqkv.weight"].T).split(HIDDEN, -1)
+    bias = t[prefix + "attn.qk_bias"]
+    q = pairwise_rope(q.view(B, S, HEADS, HEAD_DIM) + bias[0], positions).transpose(1, 2)
+    k = pairwise_rope(k.view(B, S, HEADS, HEAD_DIM) + bias[1], positions).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)
+    allowed = torch.ones(S, S, dtype=torch.bool).tril()
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, None, :]
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    attention = (probs @ v.view(B, S, HEADS, HEAD_DIM).transpose(1, 2)).transpose(1, 2).reshape(B, S, HIDDEN)
+    h = norm(x + attention @ t[prefix + "attn.proj.weight"].T, "norm_2")
+    gate, up = (norm(h, "norm_3") @ t[prefix + "mlp.fc.weight"].T).chunk(2, -1)
+    return norm(h + (F.silu(gate) * up) @ t[prefix + "mlp.proj.weight"].T, "norm_4")
+
+
+def reference(t, ids, state, steps=STEPS, mask=None):
+    """Huginn's forward from its core's initial ``state`` (B, S, hidden): the logits (B, S, V)."""
+    B, S = ids.shape
+    positions = torch.arange(S).expand(B, S) if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    e = t["transformer.wte.weight"][ids] * math.sqrt(HIDDEN)
+    for i in range(PRELUDE):
+        e = sandwich_block(e, t, f"transformer.prelude.{i}.", positions, mask)
+    x = state
+    for _ in range(steps):
+        x = torch.cat((x, e), -1) @ t["transformer.adapter.weight"].T
+        for i in range(CORE):
+            x = sandwich_block(x, t, f"transformer.core_block.{i}.", positions, mask)
+    x = ref_rms_norm(x, t["transformer.ln_f.weight"], EPS, False)
+    for i in range(CODA):
+        x = sandwich_block(x, t, f"transformer.coda.{i}.", positions, mask)
+    return ref_rms_norm(x, t["transformer.ln_f.weight"], EPS, False) @ t["transformer.wte.weight"].T
+
+
+def inputs():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    return ids, mask
+
+
+def relative_error(actual, expected, mask=None):
+    if mask is not None:
+        actual, expected = actual[mask.bool()], expected[mask.bool()]
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+@pytest.fixture
+def zero_state(tmp_path):
+    return convert_looped(save_huginn(tmp_path / "zero", state_init="zero"))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_logits_match_the_reference(zero_state, padded):
+    ids, mask = inputs()
+    mask = mask if padded else None
+    expected = reference(huginn_tensors(), ids, torch.zeros(*ids.shape, HIDDEN, dtype=torch.float64), mask=mask)
+    assert relative_error(logits(zero_state, ids, attention_mask=mask), expected, mask) < TIGHT
+
+
+def test_the_random_state_is_huginns_draw(tmp_path):
+    """like-init: a truncated normal (std sqrt(2 / (5 hidden)), cut at 3 std) times sqrt(hidden), drawn as Huginn
+    draws it (randn_like, then trunc_normal_ over it) from the seeded global generator."""
+    model = convert_looped(save_huginn(tmp_path / "random"))
+    ids = inputs()[0]
+    std = math.sqrt(2 / (5 * HIDDEN))
+    assert model.config.core_state_std == pytest.approx(std)
+    torch.manual_seed(7)
+    state = torch.randn(*ids.shape, HIDDEN, dtype=torch.float64)
+    torch.nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std)
+    expected = reference(huginn_tensors(), ids, state * math.sqrt(HIDDEN))
+    torch.manual_seed(7)
+    assert relative_error(logits(model, ids), expected) < TIGHT
+    assert relative_error(logits(model, ids), expected) > 1e-6  # another draw: the state matters
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_num_loops_sets_the_core_passes(tmp_path, steps):
+    model = convert_looped(save_huginn(tmp_path / "steps", state_init="zero"), num_loops=steps)
+    assert model.config.num_layers == PRELUDE + CODA + CORE * steps
+    ids = inputs()[0]
+    expected = reference(huginn_tensors(), ids, torch.zeros(*ids.shape, HIDDEN, dtype=torch.float64), steps=steps)
+    assert relative_error(logits(model, ids), expected) < TIGHT
+
+
+def test_cached_generation_and_the_engine_equal_recomputation(zero_state):
+    ids, mask = inputs()
+    generated = zero_state.generate(ids, 5, attention_mask=mask)
+    sequence, full_mask = ids, mask
+    for _ in range(5):
+        token = logits(zero_state, sequence, attention_mask=full_mask)[:, -1].argmax(-1)
+        sequence = torch.cat((sequence, token[:, None]), 1)
+        full_mask = torch.cat((full_mask, torch.ones_like(token)[:, None]), 1)
+    assert torch.equal(generated, sequence)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    expected = [row[-len(p) - 5:].tolist() for row, p in zip(sequence, prompts)]
+    assert DepthBatchingEngine(zero_state, max_batch_size=2).generate(prompts, 5) == expected
+
+
+def test_round_trip(zero_state, tmp_path):
+    ids = inputs()[0]
+    zero_state.save_pretrained(tmp_path / "saved")
+    again = RecursiveForCausalLM.from_pretrained(tmp_path / "saved")
+    assert torch.equal(logits(again, ids), logits(zero_state, ids))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(bias=True), "bias=True"),
+    (dict(test_time_noise=0.1), "test_time_noise"),
+    (dict(block_class_name="PreNormBlock"), "block_class_name"),
+    (dict(injection_type="add"), "injection_type"),
+    (dict(num_key_value_heads=2), "num_key_value_heads"),
+    (dict(state_init="normal"), "state_init"),
+])
+def test_unsupported_configs_are_named(tmp_path, options, message):
+    with pytest.raises(ValueError, match="model_or_path") as error:
+        convert_looped(save_huginn(tmp_path / "huginn", **options))
+    assert message in str(error.value)
+
+
+def test_missing_and_misshapen_tensors_are_named(tmp_path):
+    tensors = huginn_tensors()
+    del tensors["transformer.core_block.1.attn.qk_bias"]
+    with pytest.raises(ValueError, match="no tensor transformer.core_block.1.attn.qk_bias"):
+        convert_looped(save_huginn(tmp_path / "a", tensors))
+    tensors = huginn_tensors()
+    tensors["transformer.coda.0.mlp.fc.weight"] = torch.zeros(2 * INTER + 1, HIDDEN, dtype=torch.float64)
+    with pytest.raises(ValueError, match="transformer.coda.0.mlp.fc.weight has 81 rows"):
+        convert_looped(save_huginn(tmp_path / "b", tensors))
+    with pytest.raises(ValueError, match="num_loops"):
+        convert_looped(save_huginn(tmp_path / "c"), num_loops=0)
