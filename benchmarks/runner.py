@@ -18,7 +18,14 @@ import torch
 
 from recursive.progress import Progress, format_duration
 
-from . import bench_circuit_attention, bench_generation, bench_lowrank_linear, bench_model, bench_pretrained
+from . import (
+    bench_circuit_attention,
+    bench_generation,
+    bench_looped,
+    bench_lowrank_linear,
+    bench_model,
+    bench_pretrained,
+)
 from .common import Steps, resolve, write_json
 
 BENCHMARKS = {
@@ -26,6 +33,7 @@ BENCHMARKS = {
     "circuit_attention": bench_circuit_attention,
     "model": bench_model,
     "generation": bench_generation,
+    "looped": bench_looped,
     "pretrained": bench_pretrained,
 }
 # Run only when asked for by name or by --full: SmolLM2 at real size takes minutes. Asking for ``model`` asks for it

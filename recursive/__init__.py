@@ -17,15 +17,8 @@ from . import flops, looped, nn, training
 from .config import RecursiveConfig
 from .convert import convert_hf, export_hf
 from .generation import DepthBatchingEngine
-from .modeling import (
-    CausalLMOutput,
-    EncoderOutput,
-    RecursiveEncoder,
-    RecursiveForCausalLM,
-    RecursiveModel,
-    RecursiveModelOutput,
-    RecursivePreTrainedModel,
-)
+from .modeling import RecursiveEncoder, RecursiveForCausalLM, RecursiveModel, RecursivePreTrainedModel
+from .outputs import CausalLMOutput, EncoderOutput, RecursiveModelOutput
 
 __all__ = [
     "CausalLMOutput",

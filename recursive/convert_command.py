@@ -59,6 +59,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype to load the checkpoint in (auto: its own)")
     parser.add_argument("--tokenizer", metavar="DIR", help="the tokenizer to keep beside the model (default: the "
                                                           "checkpoint's own, when it has one; a GGUF file carries one)")
+    parser.add_argument("--num-loops", type=int, help="a looped model's recurrence: HRM-Text's H cycles, Ouro's "
+                        "total_ut_steps, Huginn's core passes (default: the checkpoint's own)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=convert_command)
 
@@ -84,12 +86,15 @@ def convert_command(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(args.tokenizer or checkpoint)
         looped = looped_model_type(checkpoint)
         if looped is not None:
-            model = convert_looped(checkpoint, dtype)
+            model = convert_looped(checkpoint, dtype, args.num_loops)
             _save(model, tokenizer, args)
             print(f"{looped}: {model.config.num_layers} effective layers over {model.config.num_blocks} blocks "
                   f"({model.config.sharing}), {sum(p.numel() for p in model.parameters()):,} parameters, "
                   f"written to {args.output}")
             return
+        if args.num_loops is not None:
+            sys.exit("error: --num-loops: only a looped model (model_type "
+                     f"{', '.join(LOOPED_MODEL_TYPES)}) has a recurrence to set")
         hf_model = load_hf(checkpoint, dtype)
         calibration = None
         if lora_init == "activation" and args.lora_rank:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM
+from recursive.__main__ import main as cli_main
 from recursive.looped import convert_looped
 from tests.helpers import ref_rms_norm
 
@@ -216,3 +217,10 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
         convert_looped(save_huginn(tmp_path / "b", tensors))
     with pytest.raises(ValueError, match="num_loops"):
         convert_looped(save_huginn(tmp_path / "c"), num_loops=0)
+
+
+def test_convert_command_sets_the_loops(tmp_path, capsys):
+    folder = save_huginn(tmp_path / "huginn")
+    cli_main(["convert", str(folder), str(tmp_path / "ours"), "--num-loops", "2", "--no-progress"])
+    assert f"huginn_raven: {PRELUDE + CODA + 2 * CORE} effective layers" in capsys.readouterr().out
+    assert RecursiveForCausalLM.from_pretrained(tmp_path / "ours").config.num_layers == PRELUDE + CODA + 2 * CORE
