@@ -453,13 +453,13 @@ class RecursiveConfig:
 
     def check_loop_boundaries(self, name: str) -> None:
         """Raise ValueError naming ``name`` unless the model runs a plain stack of layers (not hierarchical
-        sharing or a Mixture-of-Recursions, whose states flow otherwise) in more than one loop: what early exit
-        and the loss at loop boundaries need."""
+        sharing or a Mixture-of-Recursions, whose states flow otherwise) in more than one loop, or Huginn's recurrent
+        core in more than one pass: what early exit and the loss at loop boundaries need."""
         if self.sharing == "hierarchical" or self.mor_routing is not None:
             kind = ("hierarchical (HRM), whose fast and slow states flow differently" if self.sharing == "hierarchical"
                     else "a Mixture-of-Recursions, whose routers decide each token's depth")
             raise ValueError(f"{name}: early exit steps through a plain stack of layers; this model is {kind}")
-        if self.loop_length() == self.num_layers:
+        if self.loop_length() == self.num_layers and (self.injection == "none" or len(self.recursions()[1]) < 2):
             raise ValueError(
                 f"{name}: early exit happens at loop boundaries, and this model (sharing={self.sharing!r}, "
                 f"num_layers={self.num_layers}, num_blocks={self.num_blocks}) runs its layers as a single loop"

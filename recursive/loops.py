@@ -46,12 +46,14 @@ class LoopShape(NamedTuple):
     """``steps``: one :class:`LayerStep` per effective layer, in order; ``num_states``: the states they
     read and write (1, or 3 for HRM); ``output_state``: the one the run returns; ``loop_length``: the
     layers one step of :class:`recursive.DepthBatchingEngine` runs (a loop; HRM's whole stack, as its
-    states flow through all of it)."""
+    states flow through all of it); ``tail``: the last steps, which a token that leaves early runs too, after the
+    norm (Huginn's coda; none for a plain stack, whose last loop ends the layers)."""
 
     steps: Tuple[LayerStep, ...]
     num_states: int
     output_state: int
     loop_length: int
+    tail: int = 0
 
     @property
     def ends_normed(self) -> bool:
@@ -120,13 +122,15 @@ def _hierarchical_shape(config: RecursiveConfig) -> LoopShape:
 
 def _injected_core_shape(config: RecursiveConfig) -> LoopShape:
     """Huginn's prelude, core passes and coda (``config.injection``): the prelude on the input, each pass of the core
-    on the core state after the adapter's injection, the norm after the last pass, the coda on the core state. One
-    loop for :class:`recursive.DepthBatchingEngine` (the whole stack)."""
+    on the core state after the adapter's injection (a token may leave after each but the last), the norm after the
+    last pass, the coda on the core state (the tail). One loop for :class:`recursive.DepthBatchingEngine` (the whole
+    stack)."""
     before, passes, after = config.recursions()
     steps = [LayerStep(layer, config.block_of_layer(layer)) for layer in before]
     for n, layers in enumerate(passes):
+        last = n + 1 == len(passes)
         steps.extend(LayerStep(layer, config.block_of_layer(layer), CORE, inject=j == 0,
-                               norm_after=n + 1 == len(passes) and j + 1 == len(layers))
+                               exit_after=not last and j + 1 == len(layers), norm_after=last and j + 1 == len(layers))
                      for j, layer in enumerate(layers))
     steps.extend(LayerStep(layer, config.block_of_layer(layer), CORE) for layer in after)
-    return LoopShape(tuple(steps), 2, CORE, config.num_layers)
+    return LoopShape(tuple(steps), 2, CORE, config.num_layers, tail=len(after))

@@ -75,6 +75,9 @@ def exit_loss(model, hidden_states: Sequence[Tensor], labels: Tensor) -> Tensor:
     config = model.config
     period = config.loop_length()
     config.check_loop_boundaries("model")
+    if model.model.shape.tail:
+        raise ValueError("model: the loss at loop boundaries reads the LM head there, and this model's readout runs "
+                         "its coda after each pass (Huginn)")
     if len(hidden_states) != config.num_layers + 1:
         raise ValueError(f"hidden_states: expected {config.num_layers + 1} tensors (the forward's "
                          f"output_hidden_states), got {len(hidden_states)}")

@@ -234,6 +234,7 @@ class RecursiveModel(nn.Module):
         active: Optional[Tensor] = None,
         keys_only: bool = False,
         output_hidden_states: bool = False,
+        states: Optional[Sequence[Tensor]] = None,
     ) -> LayersOutput:
         """Run ``steps`` (of :attr:`shape`, :class:`recursive.loops.LayerStep`) on ``hidden`` (B, S, hidden): the
         one loop over effective layers, which the forward, decoding, the engines and exit calibration all run.
@@ -255,37 +256,41 @@ class RecursiveModel(nn.Module):
             keys_only: only extend ``caches`` with the keys and values of ``hidden`` at each step, running no
                 block (the layers a token that left skips).
             output_hidden_states: also return each step's output.
+            states: every state to start from (to go on from an earlier run's :attr:`LayersOutput.states`); then
+                ``hidden`` is not read.
         """
-        states = [hidden] + [self._initial_state(hidden)] * (self.shape.num_states - 1)
+        if states is None:
+            states = [hidden] + [self._initial_state(hidden)] * (self.shape.num_states - 1)
+        states = list(states)
         presents, aux_losses, outputs = [], [], []
         recording = torch.is_grad_enabled()
         for i, step in enumerate(steps):
             block = self.blocks[step.block]
             indices = block.adapter_index(step.layer + inputs.depth_shift, inputs.check_indices)
             past = None if caches is None else caches[i]
-            if keys_only:
-                new = block.key_value(states[step.state], indices, inputs.position_embeddings, check_indices=False)
-                presents.append(new if past is None else past.append(new))
-                continue
             with torch.set_grad_enabled(recording and step.records):
                 h = states[step.state]
                 if step.inject:
                     h = self.adapter(torch.cat((h, states[INPUT]), -1))
                 for source in step.adds:
                     h = h + states[source]
+                if keys_only:
+                    new = block.key_value(h, indices, inputs.position_embeddings, check_indices=False)
+                    presents.append(new if past is None else past.append(new))
+                    continue
                 out, present, aux_loss = self._run_block(block, h, indices, inputs, past, use_cache,
                                                          None if shared is None else shared[i])
                 if step.norm_after:
                     out = self.norm(out)
-            if active is not None:
-                out = torch.where(active[:, None, None], out, h)
+            if active is not None:  # the others keep their state
+                out = torch.where(active[:, None, None], out, states[step.state])
             states[step.state] = out
             presents.append(present)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
             if output_hidden_states:
                 outputs.append(out)
-        return LayersOutput(states[self.shape.output_state], presents, aux_losses, outputs)
+        return LayersOutput(states[self.shape.output_state], presents, aux_losses, outputs, states)
 
     def _initial_state(self, hidden: Tensor) -> Tensor:
         """Where the states other than the input start: HRM-Text's ``fast_init``, Huginn's random core state

@@ -37,12 +37,14 @@ class LayersOutput(NamedTuple):
     """What :meth:`RecursiveModel.run_layers` returns: ``hidden`` (B, S, hidden), the output state after the
     steps; ``presents``: each step's extended cache (None unless ``use_cache``; keys only: the extended
     caches, or the new keys and values without a cache); ``aux_losses``: the MoL losses; ``outputs``: each
-    step's output (with ``output_hidden_states``)."""
+    step's output (with ``output_hidden_states``); ``states``: every state after the steps (another run goes on from
+    them)."""
 
     hidden: Tensor
     presents: List[Optional[LayerKV]]
     aux_losses: List[Tensor]
     outputs: List[Tensor]
+    states: List[Tensor]
 
 
 @dataclass

@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM
 from recursive.__main__ import main as cli_main
+from recursive.generation.exit_rules import KLExit, resolve_exit_rule
 from recursive.looped import convert_looped
+from recursive.nn import rotary_embedding
 from tests.helpers import ref_rms_norm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,3 +226,76 @@ def test_convert_command_sets_the_loops(tmp_path, capsys):
     cli_main(["convert", str(folder), str(tmp_path / "ours"), "--num-loops", "2", "--no-progress"])
     assert f"huginn_raven: {PRELUDE + CODA + 2 * CORE} effective layers" in capsys.readouterr().out
     assert RecursiveForCausalLM.from_pretrained(tmp_path / "ours").config.num_layers == PRELUDE + CODA + 2 * CORE
+
+
+# Early exit by Huginn's KL criterion.
+
+
+@torch.no_grad()
+def readout(model, tokens, passes):
+    """The last token's next-token logits from a full forward without cache in which token i runs ``passes[i]`` core
+    passes and keeps its state after them (the exit strategy: later tokens attend over that state's keys); the coda
+    reads each token's state through the norm (the last pass's own norm for a token that ran them all)."""
+    config, backbone = model.config, model.model
+    steps = backbone.shape.steps
+    core_end = len(steps) - CODA
+    ends = [i + 1 for i, step in enumerate(steps) if step.exit_after] + [core_end]
+    ids = torch.tensor([tokens])
+    hidden = backbone.embed(ids)
+    pe = rotary_embedding(torch.arange(len(tokens))[None], config.head_dim, config.rope_theta, hidden.dtype)
+    limits = torch.tensor(passes)[None, :, None]
+    e, state = hidden, torch.zeros_like(hidden)
+    for i, step in enumerate(steps[:core_end]):
+        block = backbone.blocks[step.block]
+        if step.state == 0:  # the prelude
+            e = block(e, -1, pe)[0]
+            continue
+        n = sum(end <= i for end in ends)  # the pass this step belongs to
+        h = backbone.adapter(torch.cat((state, e), -1)) if step.inject else state
+        out = block(h, -1, pe)[0]
+        if step.norm_after:
+            out = backbone.norm(out)
+        state = torch.where(limits > n, out, state)
+    x = torch.where(limits == len(ends), state, backbone.norm(state))
+    for step in steps[core_end:]:
+        x = backbone.blocks[step.block](x, -1, pe)[0]
+    return model.lm_head(backbone.norm(x))[0, -1]
+
+
+def kl_exit_reference(model, prompt, new_tokens, threshold):
+    """One request, token by token: each decoded token runs pass after pass, and leaves at the first boundary where
+    KL(previous boundary's distribution || this one's) < threshold (uniform before the first); returns the tokens
+    and every divergence seen."""
+    passes = len(model.config.recursions()[1])
+    tokens, ran = list(prompt), [passes] * len(prompt)
+    logits, divergences = readout(model, tokens, ran), []
+    for _ in range(new_tokens - 1):
+        tokens.append(int(logits.argmax()))
+        previous = torch.full((VOCAB,), -math.log(VOCAB), dtype=torch.float64)
+        for n in range(1, passes + 1):
+            logits = readout(model, tokens, ran + [n])
+            if n == passes:
+                break
+            log_p = torch.log_softmax(logits, -1)
+            divergences.append(float((previous.exp() * (previous - log_p)).sum()))
+            previous = log_p
+            if divergences[-1] < threshold:
+                break
+        ran.append(n)
+    return tokens + [int(logits.argmax())], divergences
+
+
+def test_kl_exit_generate_matches_the_reference(tmp_path):
+    model = convert_looped(save_huginn(tmp_path / "huginn", state_init="zero"), num_loops=4)
+    prompts = [[5, 17, 3], [60, 2, 9, 41, 8], [33]]
+    divergences = [d for p in prompts for d in kl_exit_reference(model, p, 6, 0.0)[1]]
+    threshold = float(torch.tensor(divergences).median())  # some tokens leave early, some not
+    references = [kl_exit_reference(model, p, 6, threshold)[0] for p in prompts]
+    assert references != [kl_exit_reference(model, p, 6, 0.0)[0] for p in prompts]  # exits change tokens
+    ids = torch.tensor([[0] * (5 - len(p)) + p for p in prompts])
+    mask = (torch.arange(5) >= torch.tensor([5 - len(p) for p in prompts])[:, None]).long()
+    out = model.generate(ids, 6, attention_mask=mask, exit_threshold=KLExit(threshold))
+    assert [row[5 - len(p):].tolist() for row, p in zip(out, prompts)] == references
+    assert repr(resolve_exit_rule(1e-3, model.config)) == "KLExit(0.001)"  # a number: the model's own rule
+    with pytest.raises(ValueError, match="exit_threshold: the engine runs Huginn's prelude"):
+        DepthBatchingEngine(model, 2, exit_threshold=1e-3)

@@ -10,8 +10,9 @@ their stack as a single loop.
 
 Early exit (``exit_threshold``). At the end of every loop but the last, a decoded token leaves by an exit rule
 (:mod:`recursive.generation.exit_rules`): by default the model's own at that threshold, Ouro's gate for a model with
-one (its cumulative exit probability, after at least two loops), else the LM head's top probability there (final
-norm, ``lm_head``, softmax); its next-token logits are those at that boundary. Later tokens still attend to it at
+one (its cumulative exit probability, after at least two loops), Huginn's KL criterion for its recurrent core (read
+out through its coda), else the LM head's top probability there (final norm, ``lm_head``, softmax); its next-token
+logits are those at that boundary. Later tokens still attend to it at
 the deeper layers: each deeper layer takes its keys and values from the token's hidden state at exit, through that
 layer's own input norm and k/v projections with its depth's adapters
 (:meth:`recursive.nn.RecursiveBlock.key_value`). Prompts (prefill) always run the full depth; early
@@ -28,8 +29,8 @@ from .decode import GenerationMixin, generate_in_batches
 from .early_exit import calibrate_exit_threshold
 from .engine import DepthBatchingEngine
 from .engine_run import EngineStats
-from .exit_rules import ConfidenceExit, ExitRule, GateExit
+from .exit_rules import ConfidenceExit, ExitRule, GateExit, KLExit
 from .sampling import next_tokens, top_k_filter, top_p_filter
 
-__all__ = ["ConfidenceExit", "DepthBatchingEngine", "EngineStats", "ExitRule", "GateExit", "GenerationMixin",
+__all__ = ["ConfidenceExit", "DepthBatchingEngine", "EngineStats", "ExitRule", "GateExit", "GenerationMixin", "KLExit",
            "calibrate_exit_threshold", "generate_in_batches", "next_tokens", "top_k_filter", "top_p_filter"]

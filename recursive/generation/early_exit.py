@@ -28,9 +28,9 @@ def calibrate_exit_threshold(model, input_ids: Tensor, exit_fraction: float) -> 
         raise ValueError(f"exit_fraction: expected a number in (0, 1), got {exit_fraction!r}")
     period = config.loop_length()
     config.check_loop_boundaries("model")
-    if config.exit_gate:
-        raise ValueError("model: calibration finds a confidence threshold, and this model exits by its own gate "
-                         "(its exit probabilities are the threshold's scale): give exit_threshold instead")
+    if config.exit_gate or config.injection != "none":
+        raise ValueError("model: calibration finds a confidence threshold, and this model exits by its own rule "
+                         "(Ouro's gate, Huginn's KL criterion), whose scale the threshold is: give exit_threshold")
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError("input_ids: expected a non-empty int tensor (B, S), "
                          f"got {getattr(input_ids, 'shape', input_ids)!r}")
@@ -53,11 +53,12 @@ def decode_step(
     :meth:`GenerationMixin.generate` for every kind of model (its cache's own kind: plain, HRM,
     Mixture-of-Recursions).
 
-    With early exit (a plain stack, whose shape marks its loop boundaries) the loops run one at a time: a row
-    that left keeps its exit hidden state, so the blocks it still runs (for rows that did not leave) give the
-    keys and values of that state; once every row has left, the remaining layers only project keys and
-    values. tokens (B,), positions (B,), position_embeddings (cos, sin) each (B, 1, head_dim) of the tokens'
-    positions -> logits (B, vocab) and the extended cache.
+    With early exit (a shape that marks its loop boundaries) the loops run one at a time: a row that left keeps its
+    state, so the blocks it still runs (for rows that did not leave) give the keys and values of that state; once
+    every row has left, the remaining layers only project keys and values. A model with a tail (Huginn's coda) reads
+    each boundary out through it (:func:`boundary_logits`), and a row's tail keys are those of its exit. tokens (B,),
+    positions (B,), position_embeddings (cos, sin) each (B, 1, head_dim) of the tokens' positions -> logits
+    (B, vocab) and the extended cache.
     """
     backbone = model.model
     hidden = backbone.embed(tokens[:, None])
@@ -65,30 +66,61 @@ def decode_step(
     if exit_rule is None:
         out = backbone.run(hidden, positions[:, None], inputs, past, use_cache=True)
         return model.lm_head(out.last_hidden_state[:, -1]), out.past_key_values
-    steps = backbone.shape.steps
-    ends = [i + 1 for i, step in enumerate(steps) if step.exit_after] + [len(steps)]
+    shape = backbone.shape
+    core_end = len(shape.steps) - shape.tail
+    ends = [i + 1 for i, step in enumerate(shape.steps) if step.exit_after] + [core_end]
     running: Optional[Tensor] = None  # None: every row (before the first boundary)
-    exit_logits: Optional[Tensor] = None
-    state = exit_rule.initial_state(len(tokens), model)
-    all_left = False
-    presents, start = [], 0
+    exit_logits = exit_tail = None  # per row, at its exit
+    rule_state = exit_rule.initial_state(len(tokens), model)
+    states, all_left, presents, start = None, False, [], 0
     for loop, end in enumerate(ends, 1):
-        run = backbone.run_layers(hidden, steps[start:end], inputs, past[start:end], use_cache=True, active=running,
-                                  keys_only=all_left)
+        run = backbone.run_layers(hidden, shape.steps[start:end], inputs, past[start:end], use_cache=True,
+                                  active=running, keys_only=all_left, states=states)
         presents.extend(run.presents)
-        hidden, start = run.hidden, end
-        if all_left or end == len(steps):
+        states, start = run.states, end
+        if all_left or end == core_end:
             continue
-        logits = model.logits_at(hidden[:, -1])
-        leaving, state = exit_rule.decide(model, torch.full_like(tokens, loop), hidden[:, -1], logits, state)
+        logits, tail = boundary_logits(model, states, inputs, past[core_end:], normed=False)
+        leaving, rule_state = exit_rule.decide(model, torch.full_like(tokens, loop), states[shape.output_state][:, -1],
+                                               logits, rule_state)
         if running is not None:
             leaving = leaving & running
-        exit_logits = logits if exit_logits is None else torch.where(leaving[:, None], logits, exit_logits)
+        exit_logits = _rows(leaving, logits, exit_logits)
+        exit_tail = tail if exit_tail is None else [_rows(leaving, new, old) for new, old in zip(tail, exit_tail)]
         running = ~leaving if running is None else running & ~leaving
         all_left = not bool(running.any())
     if all_left:
-        return exit_logits, tuple(presents)
-    logits = model.logits_at(hidden[:, -1])
-    if exit_logits is not None:
-        logits = torch.where(running[:, None], logits, exit_logits)
-    return logits, tuple(presents)
+        logits, tail = exit_logits, exit_tail
+    else:
+        logits, tail = boundary_logits(model, states, inputs, past[core_end:], normed=True)
+        if exit_logits is not None:
+            logits = _rows(running, logits, exit_logits)
+            tail = tail if exit_tail is None else [_rows(running, new, old) for new, old in zip(tail, exit_tail)]
+    return logits, tuple(presents + list(tail or ()))
+
+
+def boundary_logits(model, states, inputs: LayerInputs, tail_past, normed: bool):
+    """The next-token logits (rows, vocab) of the rows' ``states`` at a loop boundary, and the tail's extended caches
+    (None without a tail): the final norm and the LM head, or for a model with a tail (Huginn) the norm (unless the
+    last core step ``normed`` it), the tail over ``tail_past`` and the final norm, then the LM head."""
+    backbone = model.model
+    shape = backbone.shape
+    hidden = states[shape.output_state]
+    if not shape.tail:
+        return model.logits_at(hidden[:, -1]), None
+    if not normed:
+        states = list(states)
+        states[shape.output_state] = backbone.norm(hidden)
+    run = backbone.run_layers(None, shape.steps[len(shape.steps) - shape.tail:], inputs, tail_past, use_cache=True,
+                              states=states)
+    return model.lm_head(backbone.final_norm(run.hidden[:, -1])), run.presents
+
+
+def _rows(chosen: Tensor, new, old):
+    """Per row (the first dim), ``new`` where ``chosen`` (rows,) else ``old`` (``new`` alone when ``old`` is None);
+    tensors, or the :class:`recursive.cache.LayerKV` of a layer."""
+    if old is None:
+        return new
+    if isinstance(new, Tensor):
+        return torch.where(chosen.view(-1, *[1] * (new.dim() - 1)), new, old)
+    return type(new)(*(None if n is None else _rows(chosen, n, o) for n, o in zip(new, old)))

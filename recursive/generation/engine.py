@@ -63,6 +63,9 @@ class DepthBatchingEngine:
             raise ValueError("model: depth-wise batching decodes token by token, and top-k expert choice routes by "
                              "the whole sequence; route with mor_threshold_routing (or token choice)")
         self.exit_rule = resolve_exit_rule(exit_threshold, config)  # Mixture-of-Recursions: None or 1.0
+        if self.exit_rule is not None and model.model.shape.tail:
+            raise ValueError("exit_threshold: the engine runs Huginn's prelude, core and coda as one step, so its "
+                             "tokens cannot leave between core passes here; generate() exits early")
         if config.mor_routing is not None:  # a loop is a recursion
             recursions = config.recursions()[1]
             self.loop_length, self.num_loops = len(recursions[0]), len(recursions)

@@ -9,10 +9,16 @@ the command line take ``exit_threshold``: a number picks the model's own rule at
 - :class:`ConfidenceExit`: the LM head's top probability reaches the threshold (CALM's softmax confidence).
 - :class:`GateExit`: Ouro's learned gate: the cumulative exit probability ``1 - prod_t (1 - lambda_t)`` reaches the
   threshold after at least ``min_loops`` loops (vllm-rlt's rule; Ouro's readout without running the later loops).
+- :class:`KLExit`: Huginn's ``kl`` criterion: the KL divergence of the previous boundary's next-token distribution
+  (uniform before the first) from this one's falls below the threshold.
+
+For Huginn a boundary's logits are its readout: the norm, the coda (over the cache) and the norm again, then the LM
+head, as Huginn checks its criteria.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -40,6 +46,10 @@ class ExitRule:
             raise ValueError(f"exit_threshold: expected a number in (0, 1), got {threshold!r}")
         self.threshold = float(threshold)
 
+    def width(self, model) -> int:
+        """The per-row state's width for ``model``."""
+        return self.state_width
+
     def check(self, config: RecursiveConfig) -> None:
         """Raise ValueError naming ``exit_threshold`` when ``config``'s model cannot follow this rule."""
         config.check_loop_boundaries("exit_threshold")
@@ -48,7 +58,7 @@ class ExitRule:
         """The state of ``rows`` rows before their token's first loop: (rows, state_width), on the model's device in
         its dtype, float32 at least."""
         weight = model.lm_head.weight
-        return torch.zeros(rows, self.state_width, device=weight.device, dtype=accumulation_dtype(weight.dtype))
+        return torch.zeros(rows, self.width(model), device=weight.device, dtype=accumulation_dtype(weight.dtype))
 
     def decide(self, model, loops: Tensor, hidden: Tensor, logits: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """``loops`` (rows,) int64: the loops each row has run; ``hidden`` (rows, hidden): its state at this boundary;
@@ -95,9 +105,32 @@ class GateExit(ExitRule):
         return f"GateExit({self.threshold:g}, min_loops={self.min_loops})"
 
 
+class KLExit(ExitRule):
+    """Huginn's ``kl`` criterion: leave when ``KL(p_prev || p)`` of the next-token distributions at the previous
+    boundary and this one falls below ``threshold`` (Huginn's default 1e-3); before the first boundary ``p_prev`` is
+    uniform. The state is ``log p_prev`` (a vocabulary's width)."""
+
+    def __init__(self, threshold: float) -> None:  # a divergence, not a probability: any positive number
+        if not is_number(threshold) or threshold <= 0:
+            raise ValueError(f"exit_threshold: expected a positive divergence, got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def width(self, model) -> int:
+        return model.config.vocab_size
+
+    def initial_state(self, rows: int, model) -> Tensor:
+        return super().initial_state(rows, model) - math.log(model.config.vocab_size)
+
+    def decide(self, model, loops, hidden, logits, state):
+        log_p = torch.log_softmax(upcast(logits), -1)
+        divergence = (state.exp() * (state - log_p)).sum(-1)
+        return divergence < self.threshold, log_p
+
+
 def resolve_exit_rule(exit_threshold: Union[None, float, ExitRule], config: RecursiveConfig) -> Optional[ExitRule]:
     """The rule to apply, or None when early exit is off (None or 1.0): a number is the model's own rule at that
-    threshold (Ouro's gate for a model with one, else the confidence rule), an :class:`ExitRule` itself."""
+    threshold (Ouro's gate for a model with one, Huginn's KL criterion for its recurrent core, else the confidence
+    rule), an :class:`ExitRule` itself."""
     if exit_threshold is None:
         return None
     if isinstance(exit_threshold, ExitRule):
@@ -108,6 +141,7 @@ def resolve_exit_rule(exit_threshold: Union[None, float, ExitRule], config: Recu
     elif exit_threshold == 1.0:
         return None
     else:
-        rule = GateExit(exit_threshold) if config.exit_gate else ConfidenceExit(exit_threshold)
+        rule = (GateExit(exit_threshold) if config.exit_gate else KLExit(exit_threshold)
+                if config.injection != "none" else ConfidenceExit(exit_threshold))
     rule.check(config)
     return rule
