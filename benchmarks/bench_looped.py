@@ -5,7 +5,8 @@ Each model has random weights in its own architecture at a tiny or a mid size (t
 
 - plain: ``RecursiveForCausalLM.generate`` on left-padded batches of ``max_batch_size`` requests in arrival order,
   each batch running until its longest request is done; +exit q: with the model's own exit rule at threshold q
-  (Ouro: its gate, ``GateExit(q)``, after at least two loops);
+  (Ouro: its gate, ``GateExit(q)``, after at least two loops; Huginn: ``KLExit`` at the q-quantile of the divergences
+  between its passes in full-depth decoding of the same requests, as random weights have no fixed scale);
 - engine: ``DepthBatchingEngine`` with as many slots (+exit q likewise);
 - transformers (HRM-Text): the same model in transformers (``HrmTextForCausalLM``, the weights ours were converted
   from), its own batched ``generate`` on the same batches.
@@ -30,14 +31,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM
-from recursive.generation import GateExit, generate_in_batches
+from recursive.generation import GateExit, KLExit, generate_in_batches
 from recursive.looped import convert_looped
 
 from .bench_generation import transformers_in_batches
 from .common import Column, Steps, machine_description, render, resolve, speedup
 
 MODELS = ("hrm_text", "ouro", "huginn")
-EXIT_THRESHOLDS = (0.6, 0.85)  # Ouro's gate, cumulative exit probability
+EXIT_THRESHOLDS = (0.6, 0.85)  # Ouro's gate (cumulative exit probability); Huginn: quantiles of its divergences
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,37 @@ def methods_of(case: Case) -> List[str]:
     methods = ["plain", "engine"]
     if case.model == "hrm_text":
         methods.append("transformers")
-    if case.model == "ouro":
+    if case.model != "hrm_text":
         methods += [f"{method}+exit {q}" for q in EXIT_THRESHOLDS for method in ("plain", "engine")]
     return methods
 
 
-def _runner(method: str, model, peer, prompts, lengths, case: Case) -> Callable[[], List[List[int]]]:
-    threshold = GateExit(float(method.split()[-1])) if "+exit" in method else None
+class _Divergences(KLExit):
+    """Huginn's KL rule that never fires and records every divergence it sees."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.seen: List[float] = []
+
+    def decide(self, model, loops, hidden, logits, state):
+        log_p = torch.log_softmax(logits.double(), -1)
+        self.seen += (state.exp() * (state - log_p)).sum(-1).tolist()
+        return torch.zeros_like(loops, dtype=torch.bool), log_p.to(state.dtype)
+
+
+def exit_rules(case: Case, model, prompts, lengths) -> Dict[float, object]:
+    """Each threshold's rule: Ouro's gate at it; for Huginn the KL rule at that quantile of the divergences between
+    passes in full-depth decoding of the requests."""
+    if case.model == "ouro":
+        return {q: GateExit(q) for q in EXIT_THRESHOLDS}
+    recorder = _Divergences()
+    generate_in_batches(model, prompts, lengths, case.max_batch_size, exit_threshold=recorder)
+    seen = torch.tensor(recorder.seen)
+    return {q: KLExit(float(seen.quantile(q))) for q in EXIT_THRESHOLDS}
+
+
+def _runner(method: str, model, peer, prompts, lengths, case: Case, rules) -> Callable[[], List[List[int]]]:
+    threshold = rules[float(method.split()[-1])] if "+exit" in method else None
     if method == "transformers":
         return lambda: transformers_in_batches(peer, prompts, lengths, case.max_batch_size)
     if method.startswith("engine"):
@@ -141,7 +166,8 @@ def _run_case(case: Case, device, dtype, repeats: int, progress: Steps) -> List[
     model, peer = make_model(case, device, dtype)
     prompts, lengths = make_requests(case)
     methods = methods_of(case)
-    runners = {method: _runner(method, model, peer, prompts, lengths, case) for method in methods}
+    rules = exit_rules(case, model, prompts, lengths) if case.model != "hrm_text" else {}
+    runners = {method: _runner(method, model, peer, prompts, lengths, case, rules) for method in methods}
     outputs = {}
     for method, runner in runners.items():
         progress.step(f"{case.model} {method} warm-up")
@@ -178,14 +204,14 @@ def _run_case(case: Case, device, dtype, repeats: int, progress: Steps) -> List[
 COLUMNS = [
     Column("case", "", "the model (random weights in its architecture), its width and the requests"),
     Column("method", "", "plain: generate on batches in arrival order; engine: DepthBatchingEngine; +exit q: with "
-                         "Ouro's gate at threshold q (after at least two loops); transformers: HRM-Text's own "
-                         "generate in transformers on the same batches"),
+                         "Ouro's gate at threshold q (after at least two loops), Huginn's KL rule at the q-quantile of "
+                         "its divergences; transformers: HRM-Text's own generate in transformers on the same batches"),
     Column("s", ".2f", "median wall time of the whole run (prefill included)"),
     Column("tokens/s", ".0f", "requested new tokens / time"),
     Column("vs plain", ".2f", speedup("plain")),
     Column("vs transformers", ".2f", speedup("transformers")),
     Column("exit loops", ".2f", "loops an engine-decoded token ran on average"),
-    Column("of loops", "", "the model's loops (HRM-Text, Huginn: their whole stack is one engine step)"),
+    Column("of loops", "", "the model's loops (Huginn: its core passes; HRM-Text: its whole stack is one engine step)"),
     Column("agree", ".3f", "fraction of new tokens equal to full-depth plain decoding's at the same position"),
 ]
 

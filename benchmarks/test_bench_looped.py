@@ -29,7 +29,7 @@ def test_looped_table(one_thread):
         if case.model == "hrm_text":
             assert math.isclose(mine["transformers"]["vs transformers"], 1.0)
             assert math.isclose(plain["vs transformers"], plain["tokens/s"] / mine["transformers"]["tokens/s"])
-        if case.model == "ouro":
+        if case.model != "hrm_text":  # Ouro: 4 loops; Huginn: 4 passes of its core
             assert engine["of loops"] == 4
             assert all(mine[f"engine+exit {q}"]["exit loops"] < 4 for q in EXIT_THRESHOLDS)
     assert "looped models' serving" in bench_looped.render_result(result)

@@ -260,7 +260,7 @@ class RecursiveModel(nn.Module):
                 ``hidden`` is not read.
         """
         if states is None:
-            states = [hidden] + [self._initial_state(hidden)] * (self.shape.num_states - 1)
+            states = [hidden] + [self.initial_state(hidden)] * (self.shape.num_states - 1)
         states = list(states)
         presents, aux_losses, outputs = [], [], []
         recording = torch.is_grad_enabled()
@@ -292,7 +292,7 @@ class RecursiveModel(nn.Module):
                 outputs.append(out)
         return LayersOutput(states[self.shape.output_state], presents, aux_losses, outputs, states)
 
-    def _initial_state(self, hidden: Tensor) -> Tensor:
+    def initial_state(self, hidden: Tensor) -> Tensor:
         """Where the states other than the input start: HRM-Text's ``fast_init``, Huginn's random core state
         (``config.core_state_std``), else zeros; shaped like ``hidden``."""
         if self.fast_init is not None:

@@ -297,5 +297,6 @@ def test_kl_exit_generate_matches_the_reference(tmp_path):
     out = model.generate(ids, 6, attention_mask=mask, exit_threshold=KLExit(threshold))
     assert [row[5 - len(p):].tolist() for row, p in zip(out, prompts)] == references
     assert repr(resolve_exit_rule(1e-3, model.config)) == "KLExit(0.001)"  # a number: the model's own rule
-    with pytest.raises(ValueError, match="exit_threshold: the engine runs Huginn's prelude"):
-        DepthBatchingEngine(model, 2, exit_threshold=1e-3)
+    engine = DepthBatchingEngine(model, 2, exit_threshold=KLExit(threshold))
+    assert engine.generate(prompts, 6) == references
+    assert 1 <= engine.stats.mean_exit_loops < engine.stats.num_loops == 4

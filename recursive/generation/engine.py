@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..checks import check_int, check_token
 from ..progress import Progress
+from .core_run import CoreEngineRun
 from .decode import GenerationMixin
 from .engine_run import EngineRun, EngineStats, Request
 from .exit_rules import ExitRule, resolve_exit_rule
@@ -39,8 +40,9 @@ class DepthBatchingEngine:
     A Mixture-of-Recursions model with causal routing is served with its loops as the recursions and
     its routers ending each token's run (:class:`RecursionEngineRun`; its prompts are prefilled by a
     forward of the model, whose routing takes the whole prompt); a hierarchical (HRM) model with its
-    whole stack as one loop (its fast and slow states within a step); outputs again equal to
-    ``generate``'s.
+    whole stack as one loop (its fast and slow states within a step); Huginn's recurrent depth with one pass of
+    its core per row and step (:class:`CoreEngineRun`: the prelude when a token starts, the coda when it leaves);
+    outputs again equal to ``generate``'s.
 
     Cache layout: per effective layer, keys and values for every slot, token-major (L, slots, T, Hkv, D)
     (plus the QK/OV circuit's (L, slots, T, Hkv, R)), T the longest request (prompt plus new tokens), so
@@ -63,10 +65,7 @@ class DepthBatchingEngine:
             raise ValueError("model: depth-wise batching decodes token by token, and top-k expert choice routes by "
                              "the whole sequence; route with mor_threshold_routing (or token choice)")
         self.exit_rule = resolve_exit_rule(exit_threshold, config)  # Mixture-of-Recursions: None or 1.0
-        if self.exit_rule is not None and model.model.shape.tail:
-            raise ValueError("exit_threshold: the engine runs Huginn's prelude, core and coda as one step, so its "
-                             "tokens cannot leave between core passes here; generate() exits early")
-        if config.mor_routing is not None:  # a loop is a recursion
+        if config.mor_routing is not None or config.injection != "none":  # a loop is a recursion, or a core pass
             recursions = config.recursions()[1]
             self.loop_length, self.num_loops = len(recursions[0]), len(recursions)
         else:  # a loop of the model's shape (HRM: its whole stack, through which its states flow)
@@ -142,7 +141,9 @@ class DepthBatchingEngine:
         requests = self._requests(prompts, max_new_tokens, eos_token_id)
         check_sampling(temperature, top_k, top_p)
         pick = partial(next_tokens, do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
-        run = (EngineRun if self.model.config.mor_routing is None else RecursionEngineRun)(
-            self, requests, eos_token_id, progress, pick)
+        config = self.model.config
+        kind = (RecursionEngineRun if config.mor_routing is not None else CoreEngineRun if config.injection != "none"
+                else EngineRun)
+        run = kind(self, requests, eos_token_id, progress, pick)
         self.stats = run.stats
         return run.run()

@@ -175,13 +175,45 @@ class EngineRun:
             every_query=True,
         )
 
-    def _run_layers(self, hidden: Tensor, steps: Sequence[LayerStep], inputs: LayerInputs, store_rows: Tensor,
-                    keys_only: bool = False) -> Tensor:
-        """Consecutive effective-layer ``steps`` on the rows ``hidden`` (rows, 1, hidden): at step j each row writes
-        its new keys at ``store_rows`` of the flattened caches shifted j layers on, and reads the keys of
-        ``inputs.packing`` (built for the first step's layer) shifted so (:class:`SlotCache`)."""
+    def _run_layers(self, hidden: Optional[Tensor], steps: Sequence[LayerStep], inputs: LayerInputs,
+                    store_rows: Tensor, keys_only: bool = False, states: Optional[Sequence[Tensor]] = None):
+        """Consecutive effective-layer ``steps`` on the rows ``hidden`` (rows, 1, hidden) (or their ``states``): at
+        step j each row writes its new keys at ``store_rows`` of the flattened caches shifted j layers on, and reads
+        the keys of ``inputs.packing`` (built for the first step's layer) shifted so (:class:`SlotCache`); the
+        :class:`recursive.outputs.LayersOutput`."""
         caches = [SlotCache(self, store_rows, j * self.layer_stride) for j in range(len(steps))]
-        return self.backbone.run_layers(hidden, steps, inputs, caches, keys_only=keys_only).hidden
+        return self.backbone.run_layers(hidden, steps, inputs, caches, keys_only=keys_only, states=states)
+
+    def _plain_layers(self, layers: List[int], hidden: Optional[Tensor], slots: List[int], positions: List[int],
+                      position_embeddings: Tuple[Tensor, Tensor], states: Optional[Sequence[Tensor]] = None):
+        """The consecutive effective ``layers`` that every token runs (before or after the loops) on ``hidden``
+        (rows, 1, hidden) (or their ``states``), the token of each of ``slots`` at its position."""
+        first_rows = [self._flat_row(layers[0], slot) for slot in slots]
+        key_counts = [position + 1 for position in positions]
+        first_rows_d, store_rows_d, offsets = self._to_device(
+            first_rows, [row + position for row, position in zip(first_rows, positions)], key_offsets(key_counts))
+        packing = self._row_packing(first_rows_d, key_counts, offsets)
+        steps = [self.backbone.shape.steps[layer] for layer in layers]
+        return self._run_layers(hidden, steps, LayerInputs(position_embeddings, packing), store_rows_d, states=states)
+
+    def _prefill(self, batch: List[Request], slots: List[int]) -> Tensor:
+        """Run the prompts of ``batch`` (right-padded into one batch) through the model, store their caches in
+        ``slots`` and return their first tokens (on the device); for runs that do not prefill in their steps."""
+        width = max(len(r.tokens) for r in batch)
+        ids, mask, lengths, slot_index = self._to_device(
+            [token for r in batch for token in r.tokens + [0] * (width - len(r.tokens))],
+            [int(i < len(r.tokens)) for r in batch for i in range(width)], [len(r.tokens) for r in batch], slots)
+        ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
+        out = self.model(ids, attention_mask=mask, use_cache=True)
+        self._store_prompt(out, slot_index, slots, width)
+        return self.pick(out.logits[torch.arange(len(batch), device=self.device), lengths - 1])
+
+    def _store_prompt(self, out, slot_index: Tensor, slots: List[int], width: int) -> None:
+        """The prefill's cache (one :class:`LayerKV` (B, width, Hkv, .) per layer) into ``slots``."""
+        for layer, present in enumerate(out.past_key_values):
+            for cache, tensor in zip(self.caches(), present):
+                if tensor is not None:
+                    cache[layer, slot_index, :width] = tensor
 
     def _step(self) -> None:
         """Advance every in-flight token by one loop; finish, exit and restart tokens.
@@ -223,7 +255,8 @@ class EngineRun:
         inputs = LayerInputs(position_embeddings, packing, first_layers[0] if one_loop else first_layers_d,
                              check_indices=False)
         # the first loop's steps, each row at its own loop (an HRM model's one loop: its whole stack)
-        hidden = self._run_layers(hidden, backbone.shape.steps[:engine.loop_length], inputs, first_rows_d + positions_d)
+        hidden = self._run_layers(hidden, backbone.shape.steps[:engine.loop_length], inputs,
+                                  first_rows_d + positions_d).hidden
 
         self.hidden[hidden_rows_d] = hidden
         done, tokens = finishing, []

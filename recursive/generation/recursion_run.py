@@ -57,44 +57,35 @@ class RecursionEngineRun(EngineRun):
             self.keeps_all = torch.tensor([c == 1.0 for c in config.mor_capacities], device=self.device)
 
     def _start(self, batch: List[Request], slots: List[int]) -> None:
-        """Run the prompts of ``batch`` (right-padded into one batch) through the model, whose routing takes
-        the whole prompt, store their caches in ``slots`` and emit their first tokens; requests done at
-        once leave their slot free."""
-        device = self.device
-        width = max(len(r.tokens) for r in batch)
-        ids, mask, lengths, slot_index = self._to_device(
-            [token for r in batch for token in r.tokens + [0] * (width - len(r.tokens))],
-            [int(i < len(r.tokens)) for r in batch for i in range(width)], [len(r.tokens) for r in batch], slots)
-        ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
-        out = self.model(ids, attention_mask=mask, use_cache=True)
-        counts = torch.stack([(out.recursion_depths > r).sum(1) for r in range(len(self.recursions))], 1)
-        for slot, slot_counts in zip(slots, counts.tolist()):
-            self.count[slot] = slot_counts
-        for layer, present in enumerate(out.past_key_values):
-            self._store_prompt_layer(layer, present, slot_index, slots, width)
-        first = self.pick(out.logits[torch.arange(len(batch), device=device), lengths - 1])
+        """Prefill the prompts of ``batch`` by a forward of the model, whose routing takes the whole prompt, and emit
+        their first tokens; requests done at once leave their slot free."""
+        first = self._prefill(batch, slots)
         for request, slot in zip(batch, slots):
             self.length[slot], self.loop[slot] = len(request.tokens), 0
-        self.hidden[slot_index] = self.backbone.embed(first[:, None])
+        self.hidden[self._to_device(slots)[0]] = self.backbone.embed(first[:, None])
         for request, slot, token in zip(batch, slots, first.tolist()):
             if not self._emit(request, token):
                 self.slot_request[slot] = request
 
-    def _store_prompt_layer(self, layer: int, present, slot_index: Tensor, slots: List[int], width: int) -> None:
-        """One layer of the prefill's cache into ``slots``: a recursion's :class:`RecursionKV` (each row's tokens,
-        its True columns, to consecutive positions of its slot), a plain layer's :class:`LayerKV` (B, width,
-        Hkv, .), or None (a later recursion under KV sharing)."""
-        if isinstance(present, RecursionKV):
-            mask = present.token_mask
-            first_rows = self._to_device([self._flat_row(layer, slot) for slot in slots])[0]
-            rows = (first_rows[:, None] + mask.long().cumsum(1) - 1)[mask]
-            for cache, tensor in zip(self.caches(), present.key_value):
-                if tensor is not None:
-                    cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor[mask])
-        elif present is not None:
-            for cache, tensor in zip(self.caches(), present):
-                if tensor is not None:
-                    cache[layer, slot_index, :width] = tensor
+    def _store_prompt(self, out, slot_index: Tensor, slots: List[int], width: int) -> None:
+        """The prefill's cache into ``slots``, and the tokens each ran per recursion: a recursion's
+        :class:`RecursionKV` (each row's tokens, its True columns, to consecutive positions of its slot), a plain
+        layer's :class:`LayerKV` (B, width, Hkv, .), or None (a later recursion under KV sharing)."""
+        counts = torch.stack([(out.recursion_depths > r).sum(1) for r in range(len(self.recursions))], 1)
+        for slot, slot_counts in zip(slots, counts.tolist()):
+            self.count[slot] = slot_counts
+        for layer, present in enumerate(out.past_key_values):
+            if isinstance(present, RecursionKV):
+                mask = present.token_mask
+                first_rows = self._to_device([self._flat_row(layer, slot) for slot in slots])[0]
+                rows = (first_rows[:, None] + mask.long().cumsum(1) - 1)[mask]
+                for cache, tensor in zip(self.caches(), present.key_value):
+                    if tensor is not None:
+                        cache.view(-1, *cache.shape[3:]).index_copy_(0, rows, tensor[mask])
+            elif present is not None:
+                for cache, tensor in zip(self.caches(), present):
+                    if tensor is not None:
+                        cache[layer, slot_index, :width] = tensor
 
     def _step(self) -> None:
         config, backbone = self.config, self.backbone
@@ -119,7 +110,7 @@ class RecursionEngineRun(EngineRun):
             start = hidden[starting_d]
             if self.before:
                 start = self._plain_layers(self.before, start, [busy[i] for i in starting],
-                                           [positions[i] for i in starting], (cos[starting_d], sin[starting_d]))
+                                           [positions[i] for i in starting], (cos[starting_d], sin[starting_d])).hidden
                 hidden = hidden.index_copy(0, starting_d, start)
             self._route_start(start[:, 0], slots[starting_d])
 
@@ -127,7 +118,7 @@ class RecursionEngineRun(EngineRun):
         packing = self._row_packing(read_rows_d, key_counts, offsets)
         first = self.recursions[0]
         inputs = LayerInputs((cos, sin), packing, own_layers_d - first[0], check_indices=False)
-        out = self._run_layers(hidden, [backbone.shape.steps[layer] for layer in first], inputs, store_rows_d)
+        out = self._run_layers(hidden, [backbone.shape.steps[layer] for layer in first], inputs, store_rows_d).hidden
         ran, gate, gated = self._routing(slots, recursion_d)
         g = gate[:, None, None].to(hidden.dtype)
         out = torch.where(gated[:, None, None], hidden + g * (out - hidden), out)
@@ -146,7 +137,7 @@ class RecursionEngineRun(EngineRun):
             finished = hidden[done_d]
             if self.after:
                 finished = self._plain_layers(self.after, finished, [busy[i] for i in done],
-                                              [positions[i] for i in done], (cos[done_d], sin[done_d]))
+                                              [positions[i] for i in done], (cos[done_d], sin[done_d])).hidden
             tokens_d = self.pick(self.model.logits_at(finished[:, 0]))
             self.hidden[slots[done_d]] = backbone.embed(tokens_d[:, None])
             tokens = tokens_d.tolist()
@@ -159,18 +150,6 @@ class RecursionEngineRun(EngineRun):
             self.loop[slot] = 0
             if self._emit(self.slot_request[slot], token):
                 self.slot_request[slot] = None
-
-    def _plain_layers(self, layers: List[int], hidden: Tensor, slots: List[int], positions: List[int],
-                      position_embeddings: Tuple[Tensor, Tensor]) -> Tensor:
-        """The consecutive effective ``layers`` (before or after the recursions, which every token runs) on
-        ``hidden`` (rows, 1, hidden), the token of each of ``slots`` at its position."""
-        first_rows = [self._flat_row(layers[0], slot) for slot in slots]
-        key_counts = [position + 1 for position in positions]
-        first_rows_d, store_rows_d, offsets = self._to_device(
-            first_rows, [row + position for row, position in zip(first_rows, positions)], key_offsets(key_counts))
-        packing = self._row_packing(first_rows_d, key_counts, offsets)
-        steps = [self.backbone.shape.steps[layer] for layer in layers]
-        return self._run_layers(hidden, steps, LayerInputs(position_embeddings, packing), store_rows_d)
 
     def _route_start(self, hidden: Tensor, slots: Tensor) -> None:
         """Routing of the tokens that start (``hidden`` (rows, hidden), after the layers before the
