@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from recursive_kernels.backends import BACKENDS
@@ -440,6 +440,24 @@ class RecursiveConfig:
         if layer >= L - coda:
             return B - (L - layer)
         return prelude + (layer - prelude) % (B - prelude - coda)
+
+    def with_num_loops(self, num_loops: int) -> "RecursiveConfig":
+        """This config with its loops run ``num_loops`` times (test-time depth): the passes over cycled blocks (the
+        middle ones of middle-cycle sharing; HRM's cycles). Only for a model without per-depth parameters (each
+        effective layer of a per-depth relaxation owns its own) and without Mixture-of-Recursions (its routers
+        score its recursions)."""
+        check_int("num_loops", num_loops, 1)
+        if self.per_depth or self.mor_routing is not None:
+            raise ValueError("num_loops: per-depth relaxations and Mixture-of-Recursions hold parameters per loop; "
+                             "their depth is fixed")
+        if self.sharing == "hierarchical":
+            grad = self.hrm_fast_grad_cycles  # aligned to the last cycles (HRM-Text pads it on the left)
+            return replace(self, num_layers=self.hrm_cycle_length * num_loops,
+                           hrm_fast_grad_cycles=None if grad is None else grad[-num_loops:])
+        if self.sharing == "sequence" and self.num_blocks > 1:
+            raise ValueError("num_loops: sequence sharing with several blocks runs its layers as one loop")
+        before, loops, after = self.recursions()
+        return replace(self, num_layers=len(before) + len(after) + len(loops[0]) * num_loops)
 
     def loop_length(self) -> int:
         """Effective layers per loop: the shortest period of the block pattern. With cycle sharing the

@@ -57,12 +57,28 @@ class RecursivePreTrainedModel(AdapterMixin, nn.Module):
         held in float32 on the way."""
         with torch.device("meta"):
             model = cls(config)
-        model = model.to(dtype=dtype).to_empty(device=device or "cpu")
+        device = torch.device(device or "cpu")
+        model = model.to(dtype=dtype).to_empty(device=device)
         model.tie_weights()  # to_empty gave the tied parameters separate storage
         for module in model.modules():
             if isinstance(module, RecursiveBlock):
-                module.reset_buffers()
+                module.reset_buffers(device)
         return model
+
+    def with_num_loops(self: Model, num_loops: int) -> Model:
+        """This model with its loops run ``num_loops`` times (:meth:`RecursiveConfig.with_num_loops`: Huginn's
+        ``num_steps``, Ouro's ``total_ut_steps``, HRM's cycles), sharing this model's parameters and buffers (no
+        copy), in its mode."""
+        config = self.config.with_num_loops(num_loops)
+        with torch.device("meta"):
+            model = type(self)(config)
+        model.load_state_dict(self.state_dict(), assign=True)
+        model.tie_weights()
+        device = next(self.parameters()).device
+        for module in model.modules():  # the per-layer tables are not in the state dict
+            if isinstance(module, RecursiveBlock):
+                module.reset_buffers(device)
+        return model.train(self.training)
 
     def _tie_and_init(self) -> None:
         self.tie_weights()

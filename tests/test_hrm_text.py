@@ -255,3 +255,19 @@ def test_config_checks(options, field):
     settings.update(options)
     with pytest.raises(ValueError, match=f"^{field}:"):
         RecursiveConfig(**settings)
+
+
+def test_more_cycles_on_a_loaded_model():
+    hf = make_hrm()
+    ours = convert_hf(hf).with_num_loops(3)
+    deeper = transformers.HrmTextForCausalLM(transformers.HrmTextConfig(**{
+        **{k: v for k, v in hf.config.to_dict().items() if k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                              "num_attention_heads", "head_dim", "L_cycles",
+                                                              "L_bp_cycles", "initializer_range")},
+        "num_hidden_layers": 2, "H_cycles": 3})).double().eval()
+    deeper.load_state_dict(hf.state_dict())
+    ids = inputs()[0]
+    expected = logits(deeper, ids)
+    float32_gap = relative_error(logits(copy.deepcopy(deeper).float(), ids).double(), expected)
+    assert relative_error(logits(ours, ids), expected) <= 2 * float32_gap
+    assert ours.config.num_layers == 18 and ours.config.fast_grad_applications() == (1, 1, 1)

@@ -300,3 +300,15 @@ def test_kl_exit_generate_matches_the_reference(tmp_path):
     engine = DepthBatchingEngine(model, 2, exit_threshold=KLExit(threshold))
     assert engine.generate(prompts, 6) == references
     assert 1 <= engine.stats.mean_exit_loops < engine.stats.num_loops == 4
+
+
+def test_with_num_loops_shares_the_weights(zero_state):
+    """Test-time depth on a loaded model: the same parameters (no copy), the reference at that many passes."""
+    ids = inputs()[0]
+    deeper = zero_state.with_num_loops(5)
+    assert deeper.config.num_layers == PRELUDE + CODA + CORE * 5
+    assert zero_state.config.num_layers == PRELUDE + CODA + CORE * STEPS
+    for ours, theirs in zip(deeper.parameters(), zero_state.parameters()):
+        assert ours.data_ptr() == theirs.data_ptr()
+    expected = reference(huginn_tensors(), ids, torch.zeros(*ids.shape, HIDDEN, dtype=torch.float64), steps=5)
+    assert relative_error(logits(deeper, ids), expected) < TIGHT

@@ -274,3 +274,15 @@ def test_a_threshold_picks_the_models_own_rule(ouro):
         resolve_exit_rule(GateExit(0.7), make_model().config)
     with pytest.raises(ValueError, match="min_loops"):
         GateExit(0.5, min_loops=0)
+
+
+def test_more_loops_on_a_loaded_model(ouro):
+    ids = inputs()[0]
+    deeper = ouro.with_num_loops(LOOPS + 2)
+    expected_logits, gates = reference(ouro_tensors(), ids, loops=LOOPS + 2)
+    with torch.no_grad():
+        out = deeper.model(ids)
+    assert relative_error(deeper.lm_head(out.last_hidden_state), expected_logits[-1]) < TIGHT
+    assert relative_error(out.exit_probabilities, reference_distribution(gates)) < TIGHT
+    with pytest.raises(ValueError, match="num_loops"):
+        make_model(relaxation="depth_lora").with_num_loops(3)

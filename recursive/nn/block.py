@@ -112,9 +112,11 @@ class RecursiveBlock(nn.Module):
         # Whether the MLP's adapters are per depth; a merged mixture (one adapter) is called without an index.
         self._per_depth_mlp = config.relaxation == "depth_lora" and any(feed_forward_ranks.values())
 
-    def reset_buffers(self) -> None:
-        """Rewrite the layer -> adapter table (after ``to_empty``, which leaves buffers uninitialised)."""
-        self.adapter_of_layer.copy_(torch.tensor(self._adapter_of_layer))
+    def reset_buffers(self, device=None) -> None:
+        """Write the layer -> adapter table anew on ``device`` (after ``to_empty``, which leaves buffers uninitialised,
+        or a build on the meta device)."""
+        self.register_buffer("adapter_of_layer", torch.tensor(self._adapter_of_layer, device=device),
+                             persistent=False)
 
     def adapter_index(self, depth: Union[int, Tensor], check_indices: bool = True) -> Union[int, Tensor]:
         """This block's adapter for effective layer ``depth`` (an int, or an int tensor of any shape): -1 where
