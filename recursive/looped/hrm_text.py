@@ -104,6 +104,8 @@ def to_hf(model: RecursiveForCausalLM) -> nn.Module:
     computes, in its dtype and on its device, in eval mode."""
     import transformers
 
+    if not hasattr(transformers, "HrmTextForCausalLM"):
+        raise ValueError(f"model: HRM-Text is native in transformers from 5.9; this is {transformers.__version__}")
     config = model.config
     hrm_text_like = (config.sharing == "hierarchical" and config.hrm_flow == "hrm_text" and not config.norm_weight
                      and config.attention_output_gate and config.num_key_value_heads == config.num_attention_heads
