@@ -218,8 +218,7 @@ class CircuitAttention(nn.Module):
 
     def _output(self, hidden_states: Tensor, out: Tensor, index: Union[int, Tensor]) -> Tensor:
         """The heads' outputs ``out`` (B, S, H, D), gated when the layer has the output gate, through ``o_proj``."""
-        B, S = out.shape[:2]
-        out = out.reshape(B, S, -1)
+        out = out.flatten(2)
         if self.gate_proj is not None:
             out = torch.sigmoid(self.gate_proj(hidden_states)) * out
         return self.o_proj(out, index, check_indices=False)
