@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM
 from recursive.__main__ import main as cli_main
+from recursive.generation import next_tokens
 from recursive.generation.exit_rules import KLExit, resolve_exit_rule
 from recursive.looped import convert_looped
 from recursive.nn import rotary_embedding
@@ -312,3 +313,15 @@ def test_with_num_loops_shares_the_weights(zero_state):
         assert ours.data_ptr() == theirs.data_ptr()
     expected = reference(huginn_tensors(), ids, torch.zeros(*ids.shape, HIDDEN, dtype=torch.float64), steps=5)
     assert relative_error(logits(deeper, ids), expected) < TIGHT
+
+
+def test_sampled_generation_equals_recomputation(zero_state):
+    ids = inputs()[0][:2, :6]
+    torch.manual_seed(3)
+    cached = zero_state.generate(ids, 5, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    sequence = ids
+    for _ in range(5):
+        drawn = next_tokens(logits(zero_state, sequence)[:, -1], do_sample=True, top_k=20)
+        sequence = torch.cat((sequence, drawn[:, None]), 1)
+    assert torch.equal(cached, sequence)

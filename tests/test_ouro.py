@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM, convert_hf
-from recursive.generation import GateExit
+from recursive.generation import GateExit, next_tokens
 from recursive.generation.exit_rules import resolve_exit_rule
 from recursive.looped import convert_looped
 from tests.helpers import make_model, ref_attention, ref_feed_forward, ref_rms_norm, sub
@@ -286,3 +286,16 @@ def test_more_loops_on_a_loaded_model(ouro):
     assert relative_error(out.exit_probabilities, reference_distribution(gates)) < TIGHT
     with pytest.raises(ValueError, match="num_loops"):
         make_model(relaxation="depth_lora").with_num_loops(3)
+
+
+def test_sampled_generation_equals_recomputation(ouro):
+    ids = inputs()[0][:2, :6]
+    torch.manual_seed(3)
+    cached = ouro.generate(ids, 5, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    sequence = ids
+    for _ in range(5):
+        with torch.no_grad():
+            drawn = next_tokens(ouro(sequence).logits[:, -1], do_sample=True, top_k=20)
+        sequence = torch.cat((sequence, drawn[:, None]), 1)
+    assert torch.equal(cached, sequence)
