@@ -160,7 +160,8 @@ def run_train(model_dir, save, processes, *extra):
                 "--standalone"] if processes > 1 else [sys.executable]
     command = [*launcher, "-m", "recursive", "train", "--model", str(model_dir), "--data", *stdlib_sources(limit=8),
                "--steps", "4", "--batch-size", "8", "--seq-len", "16", "--save-every", "2", "--keep-checkpoints", "0",
-               "--eval-every", "2", "--cache-dir", str(save) + "-cache", "--save", str(save), "--no-progress", *extra]
+               "--eval-every", "2", "--cache-dir", str(save) + "-cache", "--save", str(save), "--no-progress",
+               "--device", "cpu", *extra]  # on the CPU everywhere: a 1-GPU machine has no cuda:1 for rank 1
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if os.path.exists("/sys/class/net/lo"):  # every rank on this machine: loopback, whatever the host name resolves to
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -208,7 +209,7 @@ def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
     step, rank 0 writes the checkpoint, and one process resumes it to the end."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "recursive", "train", "--steps", "300", "--batch-size", "8", "--seq-len", "32", "--save",
-               str(tmp_path / "run"), "--no-progress"]
+               str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if os.path.exists("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
