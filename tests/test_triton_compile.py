@@ -40,8 +40,8 @@ def _environment(**extra):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves (tests/test_lowrank_linear.py, "
-                    "tests/test_circuit_attention.py); compiling them without launching is for machines without one")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves (tests/test_lowrank_linear.py,"
+                    " tests/test_circuit_attention.py); compiling them without launching is for machines without one")
 def test_every_kernel_compiles_for_sm90_in_its_default_configuration():
     missing = _nvidia_tools_missing()
     if missing:
