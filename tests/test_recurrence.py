@@ -20,6 +20,7 @@ from torch import Tensor
 
 from recursive import DepthBatchingEngine, RecursiveEncoder
 from recursive.cache import LayerKV, RecursionKV
+from recursive.generation.exit_rules import RouterExit
 from recursive_kernels import backends
 from recursive_kernels.backends import BACKENDS
 from tests.helpers import (
@@ -521,3 +522,12 @@ def test_recursion_plans():
 def test_config_rejects_bad_recurrence_values(bad, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**bad)
+
+
+def test_causal_routing_is_the_engines_exit_rule():
+    """The engine's recursion run follows the routing as an ExitRule (its decisions are checked against the
+    forward's by the engine tests above); it serves causal routing only."""
+    config = make_model(**MIXTURE_OF_RECURSIONS["token_cycle"]).config
+    assert repr(RouterExit(config, "cpu")) == "RouterExit(token_choice)"
+    with pytest.raises(ValueError, match="exit_threshold: RouterExit"):
+        RouterExit(config, "cpu").check(make_model().config)

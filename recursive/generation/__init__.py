@@ -22,15 +22,17 @@ loop raises ``ValueError``.
 
 Mixture-of-Recursions (causal routing, ``config.kv_cacheable``): ``generate`` decodes through the model's
 own forward and recursion-wise cache; :class:`DepthBatchingEngine` runs one recursion per row and step,
-and a token's routing, not its confidence, ends its run. Early exit is for plain stacks.
+and a token's routing (:class:`RouterExit`, the same interface as the other exit rules), not its confidence, ends
+its run.
 """
 
 from .decode import GenerationMixin, generate_in_batches
 from .early_exit import calibrate_exit_threshold
 from .engine import DepthBatchingEngine
 from .engine_run import EngineStats
-from .exit_rules import ConfidenceExit, ExitRule, GateExit, KLExit
+from .exit_rules import ConfidenceExit, ExitRule, GateExit, KLExit, RouterExit
 from .sampling import next_tokens, top_k_filter, top_p_filter
 
 __all__ = ["ConfidenceExit", "DepthBatchingEngine", "EngineStats", "ExitRule", "GateExit", "GenerationMixin", "KLExit",
-           "calibrate_exit_threshold", "generate_in_batches", "next_tokens", "top_k_filter", "top_p_filter"]
+           "RouterExit", "calibrate_exit_threshold", "generate_in_batches", "next_tokens", "top_k_filter",
+           "top_p_filter"]

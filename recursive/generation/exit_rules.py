@@ -11,6 +11,8 @@ the command line take ``exit_threshold``: a number picks the model's own rule at
   threshold after at least ``min_loops`` loops (vllm-rlt's rule; Ouro's readout without running the later loops).
 - :class:`KLExit`: Huginn's ``kl`` criterion: the KL divergence of the previous boundary's next-token distribution
   (uniform before the first) from this one's falls below the threshold.
+- :class:`RouterExit`: a Mixture-of-Recursions model's causal routing, which also gates each recursion's update: the
+  rule its engine run follows (no threshold: the routers decide).
 
 For Huginn a boundary's logits are its readout: the norm, the coda (over the cache) and the norm again, then the LM
 head, as Huginn checks its criteria.
@@ -22,6 +24,7 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from recursive_kernels.backends import accumulation_dtype
@@ -125,6 +128,61 @@ class KLExit(ExitRule):
         log_p = torch.log_softmax(upcast(logits), -1)
         divergence = (state.exp() * (state - log_p)).sum(-1)
         return divergence < self.threshold, log_p
+
+
+class RouterExit(ExitRule):
+    """A Mixture-of-Recursions model's causal routing (token choice, or expert choice with threshold routing) as the
+    rule that ends a token's run (:class:`recursive.generation.recursion_run.RecursionEngineRun` follows it):
+    :meth:`start` routes a token that begins (after the layers before the recursions), :meth:`gate` gives each
+    recursion's gate (the routing also scales the update, ``h + g (F(h) - h)``), :meth:`decide` whether the token
+    leaves after the recursion it ran, as the model's forward routes it. The state (rows, 2): threshold routing:
+    the router logit of the recursion the token runs next; token choice: its last recursion and that one's gate."""
+
+    state_width = 2
+
+    def __init__(self, config: RecursiveConfig, device) -> None:
+        self.threshold = None  # the routers decide
+        self.config, self.num_recursions = config, len(config.recursions()[1])
+        self.by_threshold = config.mor_routing == "expert_choice"
+        # threshold routing: recursions of capacity 1 keep every token
+        self.keeps_all = torch.tensor([c == 1.0 for c in config.mor_capacities or ()], device=device)
+
+    def check(self, config: RecursiveConfig) -> None:
+        if config.mor_routing is None or not config.kv_cacheable:
+            raise ValueError("exit_threshold: RouterExit follows a Mixture-of-Recursions model's causal routing")
+
+    def start(self, model, hidden: Tensor) -> Tensor:
+        """The state of tokens that begin, from ``hidden`` (rows, hidden) after the layers before the recursions."""
+        router = model.model.mor_router
+        if self.by_threshold:
+            logits = upcast(F.linear(hidden, router.weight[:1]))[:, 0]
+            return torch.stack((logits, torch.zeros_like(logits)), 1)
+        probs = upcast(router(hidden)).softmax(-1)
+        chosen = probs.argmax(-1)
+        gate = self.config.mor_router_alpha * probs.gather(-1, chosen[:, None])[:, 0]
+        return torch.stack((chosen.to(gate.dtype), gate), 1)
+
+    def gate(self, state: Tensor, recursion: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """For recursion ``recursion`` (rows,) of each row: whether it runs it (False only for a token that threshold
+        routing keeps out of the first), its gate, and whether the gate applies."""
+        if self.by_threshold:
+            ran = self.keeps_all[recursion] | (state[:, 0] >= 0)
+            return ran, self.config.mor_router_alpha * state[:, 0].sigmoid(), ran
+        return torch.ones_like(recursion, dtype=torch.bool), state[:, 1], state[:, 0].long() == recursion
+
+    def decide(self, model, loops, hidden, logits, state):
+        recursion = loops - 1
+        ran = self.gate(state, recursion)[0]
+        if not self.by_threshold:
+            return ~(ran & (recursion < state[:, 0].long())), state
+        following = loops.clamp(max=self.num_recursions - 1)
+        router = model.model.mor_router
+        next_logits = upcast(F.linear(hidden, router.weight)).gather(1, following[:, None])[:, 0]
+        goes_on = ran & (loops < self.num_recursions) & (self.keeps_all[following] | (next_logits >= 0))
+        return ~goes_on, torch.stack((next_logits, state[:, 1]), 1)
+
+    def __repr__(self) -> str:
+        return f"RouterExit({self.config.mor_routing})"
 
 
 def resolve_exit_rule(exit_threshold: Union[None, float, ExitRule], config: RecursiveConfig) -> Optional[ExitRule]:

@@ -6,17 +6,14 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from recursive_kernels.backends import accumulation_dtype
 
 from ..cache import RecursionKV
 from ..loops import LayerInputs
-from ..losses import upcast
 from ..nn import rotary_rows
 from ..progress import Progress
 from .engine_run import EngineRun, Request, key_offsets
+from .exit_rules import RouterExit
 
 
 class RecursionEngineRun(EngineRun):
@@ -27,7 +24,8 @@ class RecursionEngineRun(EngineRun):
     threshold routing: its first router's logit), runs one recursion per step (gated as in the
     model's forward), and once the routing ends it (token choice: at its depth; threshold routing: at a
     recursion whose router says no, decided on the step's output for the next one, or at the first)
-    runs the layers after the recursions and the LM head, which gives the request's next token. Rows
+    runs the layers after the recursions and the LM head, which gives the request's next token. The routing is the
+    run's exit rule (:class:`recursive.generation.exit_rules.RouterExit`). Rows
     that finish and the rows of a new request share the steps with the others.
 
     Recursion-wise cache: the layers of recursion r hold, per slot, the keys of the slot's tokens that
@@ -46,15 +44,8 @@ class RecursionEngineRun(EngineRun):
         self.before, self.recursions, self.after = config.recursions()
         slots = engine.max_batch_size
         self.count = [[0] * len(self.recursions) for _ in range(slots)]
-        self.threshold = config.mor_routing == "expert_choice"
-        router = self.backbone.mor_router.weight
-        route_dtype = accumulation_dtype(router.dtype)
-        # Per slot, on the device: token choice: the token's last recursion and its gate; threshold
-        # routing: the router logit of the recursion the token runs next.
-        self.chosen = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.route = torch.zeros(slots, dtype=route_dtype, device=self.device)
-        if self.threshold:
-            self.keeps_all = torch.tensor([c == 1.0 for c in config.mor_capacities], device=self.device)
+        self.rule = RouterExit(config, self.device)  # the routing: what ends a token's run, and its gates
+        self.route = self.rule.initial_state(slots, self.model)  # each slot's routing state
 
     def _start(self, batch: List[Request], slots: List[int]) -> None:
         """Prefill the prompts of ``batch`` by a forward of the model, whose routing takes the whole prompt, and emit
@@ -123,7 +114,7 @@ class RecursionEngineRun(EngineRun):
         g = gate[:, None, None].to(hidden.dtype)
         out = torch.where(gated[:, None, None], hidden + g * (out - hidden), out)
         hidden = torch.where(ran[:, None, None], out, hidden)
-        going_on = self._goes_on(hidden[:, 0], slots, recursion_d, ran)
+        going_on = self._goes_on(hidden[:, 0], slots, recursion_d)
         self.hidden[slots] = hidden
         ran_host, going_on_host = torch.stack((ran, going_on)).tolist()
 
@@ -154,30 +145,13 @@ class RecursionEngineRun(EngineRun):
     def _route_start(self, hidden: Tensor, slots: Tensor) -> None:
         """Routing of the tokens that start (``hidden`` (rows, hidden), after the layers before the
         recursions), as the model's forward does it."""
-        router = self.backbone.mor_router
-        if self.threshold:
-            self.route[slots] = upcast(F.linear(hidden, router.weight[:1]))[:, 0]
-            return
-        probs = upcast(router(hidden)).softmax(-1)
-        chosen = probs.argmax(-1)
-        self.chosen[slots] = chosen
-        self.route[slots] = self.config.mor_router_alpha * probs.gather(-1, chosen[:, None])[:, 0]
+        self.route[slots] = self.rule.start(self.model, hidden)
 
     def _routing(self, slots: Tensor, recursion: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """For this step's recursion of each row: whether it runs it (False only for a token that threshold
-        routing keeps out of the first), its gate, and whether the gate applies (rows,)."""
-        if self.threshold:
-            logits = self.route[slots]
-            ran = self.keeps_all[recursion] | (logits >= 0)
-            return ran, self.config.mor_router_alpha * logits.sigmoid(), ran
-        return torch.ones_like(recursion, dtype=torch.bool), self.route[slots], self.chosen[slots] == recursion
+        """For this step's recursion of each row: whether it runs it, its gate, and whether the gate applies (rows,)."""
+        return self.rule.gate(self.route[slots], recursion)
 
-    def _goes_on(self, hidden: Tensor, slots: Tensor, recursion: Tensor, ran: Tensor) -> Tensor:
-        """Whether each row's token runs the next recursion, from this step's output ``hidden`` (rows,
-        hidden); threshold routing keeps the next router's logit."""
-        if not self.threshold:
-            return ran & (recursion < self.chosen[slots])
-        following = (recursion + 1).clamp(max=len(self.recursions) - 1)
-        logits = upcast(F.linear(hidden, self.backbone.mor_router.weight)).gather(1, following[:, None])[:, 0]
-        self.route[slots] = logits
-        return ran & (recursion + 1 < len(self.recursions)) & (self.keeps_all[following] | (logits >= 0))
+    def _goes_on(self, hidden: Tensor, slots: Tensor, recursion: Tensor) -> Tensor:
+        """Whether each row's token runs the next recursion, from this step's output ``hidden`` (rows, hidden)."""
+        leaving, self.route[slots] = self.rule.decide(self.model, recursion + 1, hidden, None, self.route[slots])
+        return ~leaving
