@@ -573,8 +573,9 @@ def _backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapte
     device = x.device
     M, K = x.shape
     N = weight.shape[0]
-    # a distinct empty tensor per gradient that is not computed (outputs must not alias each other)
-    dx, dweight, dbias, dlora_a, dlora_b, dgates = (torch.empty(0, device=device) for _ in range(6))
+    # a distinct empty tensor per gradient that is not computed (outputs must not alias each other), in x's dtype as
+    # the op's fake (meta) implementation gives it: torch.compile checks the two agree
+    dx, dweight, dbias, dlora_a, dlora_b, dgates = (x.new_empty(0) for _ in range(6))
 
     if need_dw:  # the shared dense gradient: cuBLAS (fp32 accumulation), zeros when M = 0
         dweight = torch.matmul(grad_y.t(), x).to(weight.dtype).contiguous()
@@ -619,7 +620,7 @@ def _backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapte
         if need_dbB:
             dlora_b = torch.zeros(lora_b.shape, dtype=lora_b.dtype, device=device)
         if need_dg:
-            dgates = torch.zeros((0, slots), **f32)
+            dgates = torch.zeros((0, slots), dtype=gates.dtype, device=device)
         return dx, dweight, dbias, dlora_a, dlora_b, dgates
 
     order, seg = _segments(indices, E)
@@ -639,7 +640,7 @@ def _backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapte
         _launch_outer(u, grad_y, gates, buf.transpose(1, 2), order, seg, slots, scaling)
         dlora_b = buf.to(lora_b.dtype)
     if need_dg:
-        dgates = ((u * v).sum(-1) * scaling).masked_fill(indices < 0, 0.0).contiguous()
+        dgates = ((u * v).sum(-1) * scaling).masked_fill(indices < 0, 0.0).to(gates.dtype).contiguous()
     return dx, dweight, dbias, dlora_a, dlora_b, dgates
 
 

@@ -18,7 +18,7 @@ import torch
 
 import recursive_kernels
 from recursive_kernels import BackendUnavailableError, backends
-from recursive_kernels.lowrank_linear import _lowrank_linear_op
+from recursive_kernels.lowrank_linear import _lowrank_linear_backward_op, _lowrank_linear_op
 from tests.helpers import assert_error_rule, relative_error, serving_backends
 
 GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "gates")
@@ -229,6 +229,26 @@ def test_gradcheck_float64(shape, backend, device):
         return recursive_kernels.lowrank_linear(**args, backend=backend)
 
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.bfloat16))
+@pytest.mark.parametrize("needs", [(1, 0, 1, 0, 1, 1), (0, 1, 0, 1, 0, 0)], ids=["some", "others"])
+def test_backward_dtypes_match_the_fake_in_bfloat16(backend, device, needs):
+    """Each backend's backward gives every gradient, computed or an empty placeholder, in the dtype the op's fake
+    implementation gives (what torch.compile checks: a frozen weight in bf16 would break it otherwise); no rows, so
+    that no kernel runs where the Triton interpreter cannot take bf16 products."""
+    E, r, K, N, slots = 3, 2, 8, 6, 2
+    dtype = torch.bfloat16
+    x, grad_y = torch.zeros(0, K, dtype=dtype, device=device), torch.zeros(0, N, dtype=dtype, device=device)
+    weight = torch.randn(N, K, dtype=dtype, device=device)
+    lora_a, lora_b = (torch.randn(E, r, K, dtype=dtype, device=device),
+                      torch.randn(E, N, r, dtype=dtype, device=device))
+    indices = torch.zeros(0, slots, dtype=torch.long, device=device)
+    gates = torch.zeros(0, slots, dtype=dtype, device=device)
+    u = torch.zeros(0, slots, r, device=device)
+    grads = _lowrank_linear_backward_op(grad_y, x, weight, lora_a, lora_b, indices, gates, 1.0, -1, u, list(needs),
+                                        backend)
+    assert [g.dtype for g in grads] == [dtype] * 6  # x, weight, bias, factors and gates are all bf16 here
 
 
 @pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.float32))

@@ -156,8 +156,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
-  at::Tensor dx = empty_result(x), dweight = empty_result(x), dbias = empty_result(x);
-  at::Tensor dlora_a = empty_result(x), dlora_b = empty_result(x), dgates = empty_result(x);
+  // Gradients not computed: empty, in x's dtype as the op's fake (meta) implementation gives them.
+  at::Tensor dx = at::empty({0}, x.options()), dweight = at::empty({0}, x.options());
+  at::Tensor dbias = at::empty({0}, x.options()), dlora_a = at::empty({0}, x.options());
+  at::Tensor dlora_b = at::empty({0}, x.options()), dgates = at::empty({0}, x.options());
 
   // Shared weight and bias (cuBLAS / ATen reductions, fp32 accumulation inside).
   if (needs[0]) dx = at::mm(grad_y, weight).contiguous();
