@@ -570,6 +570,7 @@ def _forward(x, weight, bias, lora_a, lora_b, indices, gates, scaling, adapter):
 
 def _backward(grad_y, x, weight, lora_a, lora_b, indices, gates, scaling, adapter, u, needs):
     need_dx, need_dw, need_db, need_da, need_dbB, need_dg = (bool(n) for n in needs)
+    need_dg = need_dg and gates is not None  # no gates (all 1): no gradient, as the op's fake has it
     device = x.device
     M, K = x.shape
     N = weight.shape[0]
