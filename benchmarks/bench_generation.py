@@ -169,6 +169,33 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_runners(runners: Dict[str, Callable[[], List[List[int]]]], repeats: int, device: torch.device,
+                 progress: Steps, label: str = "") -> Tuple[Dict[str, List[List[int]]], Dict[str, float]]:
+    """Each runner's outputs (from a warm-up run) and its median wall time over ``repeats`` timed runs, the runners
+    taking turns so that a slow spell of the machine hits them all."""
+    outputs = {}
+    for method, runner in runners.items():
+        progress.step(f"{label}{method} warm-up")
+        outputs[method] = runner()
+    seconds = {method: [] for method in runners}
+    for _ in range(repeats):
+        for method, runner in runners.items():
+            progress.step(f"{label}{method}")
+            _synchronize(device)
+            start = time.perf_counter()
+            runner()
+            _synchronize(device)
+            seconds[method].append(time.perf_counter() - start)
+    return outputs, {method: statistics.median(times) for method, times in seconds.items()}
+
+
+def agreement(outputs: List[List[int]], reference: List[List[int]], prompts: List[List[int]]) -> float:
+    """The fraction of ``outputs``' new tokens equal to ``reference``'s at the same position."""
+    new_tokens = sum(len(r) - len(p) for r, p in zip(reference, prompts))
+    same = sum(a == b for o, r, p in zip(outputs, reference, prompts) for a, b in zip(o[len(p):], r[len(p):]))
+    return same / new_tokens
+
+
 def steps(methods=DEFAULT_METHODS, repeats: int = 3) -> int:
     """Progress steps of ``run``: a warm-up and ``repeats`` timed runs per method."""
     return len(available_methods(methods)) * (repeats + 1)
@@ -198,35 +225,20 @@ def run(device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = No
         threshold = calibrate_exit_threshold(models[0], calibration, exit_fraction)
     new_tokens = sum(lengths)
     runners = {method: _runner(method, models, prompts, lengths, workload, threshold) for method in methods}
-    outputs = {}
-    for method, runner in runners.items():
-        progress.step(f"{method} warm-up")
-        outputs[method] = runner()  # warm-up; also the outputs compared below
-    seconds = {method: [] for method in methods}
-    for _ in range(repeats):  # the methods take turns, so that a slow spell of the machine hits them all
-        for method, runner in runners.items():
-            progress.step(method)
-            _synchronize(device)
-            start = time.perf_counter()
-            runner()
-            _synchronize(device)
-            seconds[method].append(time.perf_counter() - start)
-    full_depth = [o[len(p):] for o, p in zip(outputs["plain"], prompts)]
+    outputs, medians = time_runners(runners, repeats, device, progress)
     rows = []
     for method in methods:
-        median = statistics.median(seconds[method])
-        new = [o[len(p):] for o, p in zip(outputs[method], prompts)]
-        same = sum(a == b for x, y in zip(new, full_depth) for a, b in zip(x, y))
         engine = getattr(runners[method], "engine", None)
         loops_run = engine.stats.mean_exit_loops if engine else None
         if method == "mor":
             loops_run = _mean_recursions(models[2], prompts, outputs[method])
         rows.append({
             "method": method,
-            "s": median,
-            "tokens/s": new_tokens / median,
+            "s": medians[method],
+            "tokens/s": new_tokens / medians[method],
             "exit loops": loops_run,
-            "agree": same / new_tokens if method in ("plain", "plain+exit", "engine", "engine+exit") else None,
+            "agree": (agreement(outputs[method], outputs["plain"], prompts)
+                      if method in ("plain", "plain+exit", "engine", "engine+exit") else None),
         })
     peer = next((row for row in rows if row["method"] == PEER), None)
     for row in rows:

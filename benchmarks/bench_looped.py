@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import importlib.util
 import random
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -34,7 +32,7 @@ from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM
 from recursive.generation import GateExit, KLExit, generate_in_batches
 from recursive.looped import convert_looped
 
-from .bench_generation import transformers_in_batches
+from .bench_generation import agreement, time_runners, transformers_in_batches
 from .common import Column, Steps, machine_description, render, resolve, speedup
 
 MODELS = ("hrm_text", "ouro", "huginn")
@@ -168,32 +166,16 @@ def _run_case(case: Case, device, dtype, repeats: int, progress: Steps) -> List[
     methods = methods_of(case)
     rules = exit_rules(case, model, prompts, lengths) if case.model != "hrm_text" else {}
     runners = {method: _runner(method, model, peer, prompts, lengths, case, rules) for method in methods}
-    outputs = {}
-    for method, runner in runners.items():
-        progress.step(f"{case.model} {method} warm-up")
-        outputs[method] = runner()
-    seconds = {method: [] for method in methods}
-    for _ in range(repeats):  # interleaved, so that a slow spell of the machine hits every method
-        for method, runner in runners.items():
-            progress.step(f"{case.model} {method}")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            runner()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds[method].append(time.perf_counter() - start)
+    outputs, medians = time_runners(runners, repeats, device, progress, f"{case.model} ")
     new_tokens = sum(lengths)
-    full = [o[len(p):] for o, p in zip(outputs["plain"], prompts)]
     rows = []
     for method in methods:
-        median = statistics.median(seconds[method])
-        new = [o[len(p):] for o, p in zip(outputs[method], prompts)]
         engine = getattr(runners[method], "engine", None)
-        rows.append({"case": case.label, "method": method, "s": median, "tokens/s": new_tokens / median,
+        rows.append({"case": case.label, "method": method, "s": medians[method],
+                     "tokens/s": new_tokens / medians[method],
                      "exit loops": engine.stats.mean_exit_loops if engine else None,
                      "of loops": engine.stats.num_loops if engine else None,
-                     "agree": sum(a == b for x, y in zip(new, full) for a, b in zip(x, y)) / new_tokens})
+                     "agree": agreement(outputs[method], outputs["plain"], prompts)})
     peer_row = next((row for row in rows if row["method"] == "transformers"), None)
     for row in rows:
         row["vs plain"] = row["tokens/s"] / rows[0]["tokens/s"]
