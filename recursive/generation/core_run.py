@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..loops import INPUT, LayerInputs
 from ..nn import rotary_rows
-from .engine_run import EngineRun, Request, key_offsets
+from .engine_run import EngineRun, key_offsets
 
 
 class CoreEngineRun(EngineRun):
@@ -32,17 +32,6 @@ class CoreEngineRun(EngineRun):
         self.before, passes, self.after = self.config.recursions()
         self.pass_steps = [self.backbone.shape.steps[layer] for layer in passes[0]]
         self.prelude = torch.zeros_like(self.hidden)  # each slot's e: the prelude's output for its token
-
-    def _start(self, batch: List[Request], slots: List[int]) -> None:
-        """Prefill the prompts of ``batch`` and emit their first tokens; requests done at once leave their slot
-        free."""
-        first = self._prefill(batch, slots)
-        for request, slot in zip(batch, slots):
-            self.length[slot], self.loop[slot] = len(request.tokens), 0
-        self.hidden[self._to_device(slots)[0]] = self.backbone.embed(first[:, None])
-        for request, slot, token in zip(batch, slots, first.tolist()):
-            if not self._emit(request, token):
-                self.slot_request[slot] = request
 
     def _step(self) -> None:
         engine, backbone = self.engine, self.backbone
@@ -93,17 +82,7 @@ class CoreEngineRun(EngineRun):
                 done_d = self._to_device([busy[i] for i in done], tokens)
                 self.hidden[done_d[0]] = backbone.embed(done_d[1][:, None])
 
-        self.stats.steps += 1
-        for slot in busy:
-            self.loop[slot] += 1
-        for i, token in zip(done, tokens):
-            slot = busy[i]
-            self.stats.decoded_tokens += 1
-            self.exit_loops_sum += self.loop[slot]
-            self.length[slot] += 1
-            self.loop[slot] = 0
-            if self._emit(self.slot_request[slot], token):
-                self.slot_request[slot] = None
+        self._finish_step(busy, done, tokens)
 
     def _readout(self, slots: List[int], positions: List[int], e: Tensor, state: Tensor,
                  position_embeddings: Tuple[Tensor, Tensor]) -> Tensor:

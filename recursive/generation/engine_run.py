@@ -135,7 +135,18 @@ class EngineRun:
             self._start(batch, free[: len(batch)])
 
     def _start(self, batch: List[Request], slots: List[int]) -> None:
-        """Put the prompts of ``batch`` in flight in ``slots``: their embeddings, at loop 0."""
+        """Put the prompts of ``batch`` in flight in ``slots``: their embeddings, at loop 0; a run that does not
+        prefill in its steps prefills them by a forward of the model and emits their first tokens (requests done at
+        once leave their slot free)."""
+        if not self.prefills_in_steps:
+            first = self._prefill(batch, slots)
+            for request, slot in zip(batch, slots):
+                self.length[slot], self.loop[slot] = len(request.tokens), 0
+            self.hidden[self._to_device(slots)[0]] = self.backbone.embed(first[:, None])
+            for request, slot, token in zip(batch, slots, first.tolist()):
+                if not self._emit(request, token):
+                    self.slot_request[slot] = request
+            return
         for request, slot in zip(batch, slots):
             self.slot_request[slot] = request
             self.length[slot], self.loop[slot] = 0, 0
@@ -279,6 +290,11 @@ class EngineRun:
                 self.hidden[deciding_slots_d] = backbone.embed(tokens_d[:, None])
                 tokens = tokens_d.tolist()
 
+        self._finish_step(busy, done, tokens)
+
+    def _finish_step(self, busy: List[int], done: List[int], tokens: List[int]) -> None:
+        """The step's bookkeeping: every busy slot ran one more loop; the rows ``done`` (indices into ``busy``) gave
+        ``tokens``, their slots' next tokens start at loop 0, and requests that are done free their slots."""
         self.stats.steps += 1
         for slot in busy:
             self.loop[slot] += 1

@@ -47,17 +47,6 @@ class RecursionEngineRun(EngineRun):
         self.rule = RouterExit(config, self.device)  # the routing: what ends a token's run, and its gates
         self.route = self.rule.initial_state(slots, self.model)  # each slot's routing state
 
-    def _start(self, batch: List[Request], slots: List[int]) -> None:
-        """Prefill the prompts of ``batch`` by a forward of the model, whose routing takes the whole prompt, and emit
-        their first tokens; requests done at once leave their slot free."""
-        first = self._prefill(batch, slots)
-        for request, slot in zip(batch, slots):
-            self.length[slot], self.loop[slot] = len(request.tokens), 0
-        self.hidden[self._to_device(slots)[0]] = self.backbone.embed(first[:, None])
-        for request, slot, token in zip(batch, slots, first.tolist()):
-            if not self._emit(request, token):
-                self.slot_request[slot] = request
-
     def _store_prompt(self, out, slot_index: Tensor, slots: List[int], width: int) -> None:
         """The prefill's cache into ``slots``, and the tokens each ran per recursion: a recursion's
         :class:`RecursionKV` (each row's tokens, its True columns, to consecutive positions of its slot), a plain
