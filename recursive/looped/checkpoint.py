@@ -4,7 +4,7 @@ conversion shares: every tensor used, plain RoPE, required config fields named w
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, Mapping, Tuple, Union
 
 from torch import Tensor, nn
 
@@ -17,12 +17,21 @@ class CheckpointTensors:
     def __init__(self, state: Mapping[str, Tensor]) -> None:
         self.state, self.used = state, set()
 
-    def take(self, name: str, transform: Callable[[Tensor], Tensor] = lambda t: t) -> Tuple[str, Tensor]:
-        """``(name, tensor)`` for the checkpoint's tensor ``name`` (through ``transform``)."""
+    def take(self, name: str) -> Tuple[str, Tensor]:
+        """``(name, tensor)`` for the checkpoint's tensor ``name``."""
         if name not in self.state:
             raise ValueError(f"model_or_path: the checkpoint has no tensor {name}")
         self.used.add(name)
-        return name, transform(self.state[name])
+        return name, self.state[name]
+
+    def lm_head(self, tied: bool) -> Dict[str, Tuple[str, Tensor]]:
+        """The untied LM head's weight (``lm_head.weight``); a tied model's, which a state dict may list beside the
+        embedding it shares, is read and left out."""
+        if not tied:
+            return {"lm_head.weight": self.take("lm_head.weight")}
+        if "lm_head.weight" in self.state:
+            self.take("lm_head.weight")
+        return {}
 
     def check_all_used(self, ignored: Tuple[str, ...] = ()) -> None:
         """Tensors the conversion did not read mean parts of the model it would drop: an error naming them (names

@@ -69,10 +69,7 @@ def weights_from_hf(values: Mapping[str, Any], tensors: CheckpointTensors) -> Di
     per_stack = values.get("num_layers_per_stack") or values["num_hidden_layers"]
     weights = {"model.embed_tokens.weight": tensors.take("model.embed_tokens.weight"),
                "model.fast_init": tensors.take("model.z_L_init")}
-    if not values.get("tie_word_embeddings", False):
-        weights["lm_head.weight"] = tensors.take("lm_head.weight")
-    elif "lm_head.weight" in tensors.state:  # a tied model's state dict lists the shared matrix twice
-        tensors.take("lm_head.weight")
+    weights.update(tensors.lm_head(tied=values.get("tie_word_embeddings", False)))
     for stack_index, stack in enumerate(_STACKS):
         for layer in range(per_stack):
             block = stack_index * per_stack + layer

@@ -77,10 +77,7 @@ def weights_from_hf(values: Mapping[str, Any], tensors: CheckpointTensors) -> Di
     weights = {"model.embed_tokens.weight": tensors.take("transformer.wte.weight"),
                "model.adapter.weight": tensors.take("transformer.adapter.weight"),
                "model.norm.weight": tensors.take("transformer.ln_f.weight")}
-    if not values.get("tie_embeddings", True):
-        weights["lm_head.weight"] = tensors.take("lm_head.weight")
-    elif "lm_head.weight" in tensors.state:  # Hugging Face stores both copies of the tied matrix
-        tensors.take("lm_head.weight")
+    weights.update(tensors.lm_head(tied=values.get("tie_embeddings", True)))
     stages = [("prelude", prelude), ("core_block", core), ("coda", coda)]
     block = 0
     for stage, count in stages:

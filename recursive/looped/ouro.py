@@ -56,10 +56,7 @@ def weights_from_hf(values: Mapping[str, Any], tensors: CheckpointTensors) -> Di
     weights = {name: tensors.take(name) for name in ("model.embed_tokens.weight", "model.norm.weight")}
     weights["model.exit_gate.weight"] = tensors.take("model.early_exit_gate.weight")
     weights["model.exit_gate.bias"] = tensors.take("model.early_exit_gate.bias")
-    if not values.get("tie_word_embeddings", False):
-        weights["lm_head.weight"] = tensors.take("lm_head.weight")
-    elif "lm_head.weight" in tensors.state:
-        tensors.take("lm_head.weight")
+    weights.update(tensors.lm_head(tied=values.get("tie_word_embeddings", False)))
     for layer in range(values["num_hidden_layers"]):
         for name in _LAYER_TENSORS:
             weights[f"model.blocks.{layer}.{name}"] = tensors.take(f"model.layers.{layer}.{name}")
