@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recursive import RecursiveConfig, RecursiveForCausalLM
+from recursive.generation import next_tokens
 from recursive_kernels import backends
 
 # Backends and the error rule.
@@ -64,6 +65,25 @@ def assert_error_rule(name: str, ours: Tensor, ref: Tensor, eager: Tensor, dtype
 
 
 # References, from the formulas.
+
+def max_relative_error(actual: Tensor, expected: Tensor, mask: Optional[Tensor] = None) -> float:
+    """The largest difference (at the real tokens of ``mask`` (B, S), when given) relative to the largest expected
+    value there."""
+    if mask is not None:
+        actual, expected = actual[mask.bool()], expected[mask.bool()]
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@torch.no_grad()
+def sampled_by_recompute(model, ids: Tensor, new_tokens: int, seed: int, **sampling) -> Tensor:
+    """``ids`` followed by ``new_tokens`` tokens, each drawn (``next_tokens`` with ``sampling``, after
+    ``torch.manual_seed(seed)``) from a full forward without cache: what cached sampled ``generate`` must equal."""
+    torch.manual_seed(seed)
+    for _ in range(new_tokens):
+        drawn = next_tokens(model(ids).logits[:, -1], do_sample=True, **sampling)
+        ids = torch.cat((ids, drawn[:, None]), 1)
+    return ids
+
 
 DTYPE = torch.float64
 TOL = {"rtol": 1e-9, "atol": 1e-10}

@@ -30,6 +30,7 @@ from tests.helpers import (
     VOCAB,
     hf_config,
     make_hf,
+    max_relative_error,
     ref_attention,
     ref_feed_forward,
     ref_rms_norm,
@@ -76,13 +77,6 @@ def inputs(seed: int = 1, batch: int = 3, length: int = 9):
     return input_ids, mask
 
 
-def relative_error(actual: Tensor, expected: Tensor, mask: Optional[Tensor] = None) -> float:
-    """Largest difference at the real tokens, relative to the largest expected logit there."""
-    if mask is not None:
-        actual, expected = actual[mask.bool()], expected[mask.bool()]
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 def logits(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
     with torch.no_grad():
         return model(input_ids, attention_mask=attention_mask).logits
@@ -105,10 +99,10 @@ def test_reference_is_the_hf_model(family):
         real_ids = input_ids[row:row + 1, mask[row].bool()]
         with torch.no_grad():
             out64, out32 = hf64(real_ids).logits, hf32(real_ids).logits
-        float32_gap = relative_error(out32.to(DTYPE), out64)
+        float32_gap = max_relative_error(out32.to(DTYPE), out64)
         assert float32_gap < 1e-4
-        assert relative_error(out64, reference_logits(hf64, real_ids)) <= 2 * float32_gap
-        assert relative_error(out64[0], padded[row, mask[row].bool()]) <= 2 * float32_gap
+        assert max_relative_error(out64, reference_logits(hf64, real_ids)) <= 2 * float32_gap
+        assert max_relative_error(out64[0], padded[row, mask[row].bool()]) <= 2 * float32_gap
 
 
 # Exactness.
@@ -122,7 +116,7 @@ def test_one_block_per_layer_reproduces_the_model(family, sharing):
     input_ids, mask = inputs()
     for attention_mask in (None, mask):
         expected = reference_logits(hf, input_ids, attention_mask)
-        error = relative_error(logits(model, input_ids, attention_mask), expected, attention_mask)
+        error = max_relative_error(logits(model, input_ids, attention_mask), expected, attention_mask)
         assert error < TIGHT, f"{family} {sharing} mask={attention_mask is not None}: {error:.3g}"
 
 
@@ -173,7 +167,7 @@ def test_fewer_blocks_with_full_rank_svd_reproduce_the_model(family, init, shari
     input_ids, mask = inputs()
     for attention_mask in (None, mask):
         expected = reference_logits(hf, input_ids, attention_mask)
-        error = relative_error(logits(model, input_ids, attention_mask), expected, attention_mask)
+        error = max_relative_error(logits(model, input_ids, attention_mask), expected, attention_mask)
         assert error < TIGHT, f"mask={attention_mask is not None}: {error:.3g}"
 
 
@@ -196,9 +190,9 @@ def test_folded_norms_make_full_rank_exact_whatever_the_norms(family):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             assert torch.equal(block.get_submodule(norm).weight,
                                torch.full_like(block.get_submodule(norm).weight, unit))
-    assert relative_error(logits(model, input_ids, mask), expected, mask) < TIGHT
+    assert max_relative_error(logits(model, input_ids, mask), expected, mask) < TIGHT
     unfolded = convert_hf(hf, 2, lora_rank=10**6, fold_norms=False)
-    assert relative_error(logits(unfolded, input_ids, mask), expected, mask) > 1e-3
+    assert max_relative_error(logits(unfolded, input_ids, mask), expected, mask) > 1e-3
 
 
 def relate_layers_(hf_model) -> None:
@@ -366,7 +360,7 @@ def test_export_inverts_conversion(family):
         assert torch.allclose(theirs[name], parameter, rtol=0, atol=1e-12), name
     input_ids, mask = inputs()
     expected = reference_logits(hf, input_ids, mask)
-    assert relative_error(reference_logits(exported, input_ids, mask), expected, mask) < TIGHT
+    assert max_relative_error(reference_logits(exported, input_ids, mask), expected, mask) < TIGHT
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -382,10 +376,10 @@ def test_export_computes_the_recursive_model(family):
     exported = export_hf(model, "mistral" if family == "mistral" else None)
     input_ids, mask = inputs()
     expected = logits(model, input_ids, mask)
-    assert relative_error(reference_logits(exported, input_ids, mask), expected, mask) < TIGHT
-    assert relative_error(logits(exported, input_ids[:1]), expected[:1]) < 1e-5
+    assert max_relative_error(reference_logits(exported, input_ids, mask), expected, mask) < TIGHT
+    assert max_relative_error(logits(exported, input_ids[:1]), expected[:1]) < 1e-5
     again = convert_hf(exported, 4)
-    assert relative_error(logits(again, input_ids, mask), expected, mask) < TIGHT
+    assert max_relative_error(logits(again, input_ids, mask), expected, mask) < TIGHT
 
 
 def test_export_rejects_what_hugging_face_cannot_hold():

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from recursive import DepthBatchingEngine, RecursiveConfig, RecursiveForCausalLM, convert_hf, export_hf
 from recursive.__main__ import main as cli_main
-from recursive.generation import next_tokens
 from recursive.looped import convert_looped
+from tests.helpers import max_relative_error, sampled_by_recompute
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "HrmTextForCausalLM"):
@@ -40,12 +40,6 @@ def make_hrm(seed: int = 0, **options):
     with torch.no_grad():
         hf.model.z_L_init.normal_()
     return hf
-
-
-def relative_error(actual, expected, mask=None) -> float:
-    if mask is not None:
-        actual, expected = actual[mask.bool()], expected[mask.bool()]
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def inputs(seed: int = 1):
@@ -74,11 +68,11 @@ def test_logits_match_transformers(case):
         case, {"token_type_ids": types, "attention_mask": mask})
     real = kwargs.get("attention_mask")
     expected = logits(hf, ids, **kwargs)
-    float32_gap = relative_error(logits(copy.deepcopy(hf).float(), ids, **kwargs).double(), expected, real)
+    float32_gap = max_relative_error(logits(copy.deepcopy(hf).float(), ids, **kwargs).double(), expected, real)
     assert float32_gap < 1e-4
-    assert relative_error(logits(ours, ids, **kwargs), expected, real) <= 2 * float32_gap
+    assert max_relative_error(logits(ours, ids, **kwargs), expected, real) <= 2 * float32_gap
     if case != "causal":  # the prefix changes the logits, so the comparison above sees the mask
-        assert relative_error(logits(ours, ids, attention_mask=real), expected, real) > 1e-3
+        assert max_relative_error(logits(ours, ids, attention_mask=real), expected, real) > 1e-3
 
 
 def test_config_and_layout():
@@ -111,12 +105,7 @@ def test_sampled_generation_equals_recomputation():
     ours, ids = convert_hf(make_hrm()), inputs()[0][:2, :6]
     torch.manual_seed(3)
     cached = ours.generate(ids, 5, do_sample=True, top_k=20)
-    torch.manual_seed(3)
-    sequence = ids
-    for _ in range(5):
-        drawn = next_tokens(logits(ours, sequence)[:, -1], do_sample=True, top_k=20)
-        sequence = torch.cat((sequence, drawn[:, None]), 1)
-    assert torch.equal(cached, sequence)
+    assert torch.equal(cached, sampled_by_recompute(ours, ids, 5, seed=3, top_k=20))
 
 
 def gradients(model, ids):
@@ -142,15 +131,15 @@ def test_gradients_follow_L_bp_cycles(bp_cycles):
     single = gradients(copy.deepcopy(hf).float(), ids)
     ours_grads = gradients(ours, ids)
     for name, theirs in names.items():
-        gap = relative_error(single[theirs].double(), expected[theirs])
+        gap = max_relative_error(single[theirs].double(), expected[theirs])
         assert gap < 1e-3, name
-        assert relative_error(ours_grads[name], expected[theirs]) <= 2 * gap + 1e-12, name
+        assert max_relative_error(ours_grads[name], expected[theirs]) <= 2 * gap + 1e-12, name
     # Every cycle recording every fast step would give other gradients: the test sees the routing.
     everything = RecursiveForCausalLM(dataclasses.replace(ours.config, hrm_fast_grad_cycles=None)).double()
     everything.load_state_dict(ours.state_dict())
     everything.train()
     block = "model.blocks.0.self_attn.q_proj.weight"  # each list drops a fast step somewhere ([2] pads to [1, 2])
-    assert relative_error(gradients(everything, ids)[block], expected[names[block]]) > 1e-3
+    assert max_relative_error(gradients(everything, ids)[block], expected[names[block]]) > 1e-3
 
 
 def test_checkpoint_folders_round_trip(tmp_path):
@@ -268,6 +257,6 @@ def test_more_cycles_on_a_loaded_model():
     deeper.load_state_dict(hf.state_dict())
     ids = inputs()[0]
     expected = logits(deeper, ids)
-    float32_gap = relative_error(logits(copy.deepcopy(deeper).float(), ids).double(), expected)
-    assert relative_error(logits(ours, ids), expected) <= 2 * float32_gap
+    float32_gap = max_relative_error(logits(copy.deepcopy(deeper).float(), ids).double(), expected)
+    assert max_relative_error(logits(ours, ids), expected) <= 2 * float32_gap
     assert ours.config.num_layers == 18 and ours.config.fast_grad_applications() == (1, 1, 1)

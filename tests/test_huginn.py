@@ -15,11 +15,10 @@ from safetensors.torch import save_file
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM
 from recursive.__main__ import main as cli_main
-from recursive.generation import next_tokens
 from recursive.generation.exit_rules import KLExit, resolve_exit_rule
 from recursive.looped import convert_looped
 from recursive.nn import rotary_embedding
-from tests.helpers import ref_rms_norm
+from tests.helpers import max_relative_error, ref_rms_norm, sampled_by_recompute
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,12 +124,6 @@ def inputs():
     return ids, mask
 
 
-def relative_error(actual, expected, mask=None):
-    if mask is not None:
-        actual, expected = actual[mask.bool()], expected[mask.bool()]
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 def logits(model, ids, **kwargs):
     with torch.no_grad():
         return model(ids, **kwargs).logits
@@ -146,7 +139,7 @@ def test_logits_match_the_reference(zero_state, padded):
     ids, mask = inputs()
     mask = mask if padded else None
     expected = reference(huginn_tensors(), ids, torch.zeros(*ids.shape, HIDDEN, dtype=torch.float64), mask=mask)
-    assert relative_error(logits(zero_state, ids, attention_mask=mask), expected, mask) < TIGHT
+    assert max_relative_error(logits(zero_state, ids, attention_mask=mask), expected, mask) < TIGHT
 
 
 def test_the_random_state_is_huginns_draw(tmp_path):
@@ -161,8 +154,8 @@ def test_the_random_state_is_huginns_draw(tmp_path):
     torch.nn.init.trunc_normal_(state, 0.0, std, -3 * std, 3 * std)
     expected = reference(huginn_tensors(), ids, state * math.sqrt(HIDDEN))
     torch.manual_seed(7)
-    assert relative_error(logits(model, ids), expected) < TIGHT
-    assert relative_error(logits(model, ids), expected) > 1e-6  # another draw: the state matters
+    assert max_relative_error(logits(model, ids), expected) < TIGHT
+    assert max_relative_error(logits(model, ids), expected) > 1e-6  # another draw: the state matters
 
 
 @pytest.mark.parametrize("steps", [1, 5])
@@ -171,7 +164,7 @@ def test_num_loops_sets_the_core_passes(tmp_path, steps):
     assert model.config.num_layers == PRELUDE + CODA + CORE * steps
     ids = inputs()[0]
     expected = reference(huginn_tensors(), ids, torch.zeros(*ids.shape, HIDDEN, dtype=torch.float64), steps=steps)
-    assert relative_error(logits(model, ids), expected) < TIGHT
+    assert max_relative_error(logits(model, ids), expected) < TIGHT
 
 
 def test_cached_generation_and_the_engine_equal_recomputation(zero_state):
@@ -312,16 +305,11 @@ def test_with_num_loops_shares_the_weights(zero_state):
     for ours, theirs in zip(deeper.parameters(), zero_state.parameters()):
         assert ours.data_ptr() == theirs.data_ptr()
     expected = reference(huginn_tensors(), ids, torch.zeros(*ids.shape, HIDDEN, dtype=torch.float64), steps=5)
-    assert relative_error(logits(deeper, ids), expected) < TIGHT
+    assert max_relative_error(logits(deeper, ids), expected) < TIGHT
 
 
 def test_sampled_generation_equals_recomputation(zero_state):
     ids = inputs()[0][:2, :6]
     torch.manual_seed(3)
     cached = zero_state.generate(ids, 5, do_sample=True, top_k=20)
-    torch.manual_seed(3)
-    sequence = ids
-    for _ in range(5):
-        drawn = next_tokens(logits(zero_state, sequence)[:, -1], do_sample=True, top_k=20)
-        sequence = torch.cat((sequence, drawn[:, None]), 1)
-    assert torch.equal(cached, sequence)
+    assert torch.equal(cached, sampled_by_recompute(zero_state, ids, 5, seed=3, top_k=20))

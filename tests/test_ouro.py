@@ -11,10 +11,18 @@ import torch
 from safetensors.torch import save_file
 
 from recursive import DepthBatchingEngine, RecursiveForCausalLM, convert_hf
-from recursive.generation import GateExit, next_tokens
+from recursive.generation import GateExit
 from recursive.generation.exit_rules import resolve_exit_rule
 from recursive.looped import convert_looped
-from tests.helpers import make_model, ref_attention, ref_feed_forward, ref_rms_norm, sub
+from tests.helpers import (
+    make_model,
+    max_relative_error,
+    ref_attention,
+    ref_feed_forward,
+    ref_rms_norm,
+    sampled_by_recompute,
+    sub,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,12 +111,6 @@ def inputs():
     return ids, mask
 
 
-def relative_error(actual, expected, mask=None):
-    if mask is not None:
-        actual, expected = actual[mask.bool()], expected[mask.bool()]
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 @pytest.fixture
 def ouro(tmp_path):
     return convert_looped(save_ouro(tmp_path / "ouro"))
@@ -124,11 +126,11 @@ def test_every_loop_and_the_exit_distribution_match_the_reference(ouro, padded):
         loop_logits = [ouro.lm_head(h) for h in out.loop_hidden_states]
     assert len(loop_logits) == LOOPS
     for ours, expected in zip(loop_logits, expected_logits):
-        assert relative_error(ours, expected, mask) < TIGHT
+        assert max_relative_error(ours, expected, mask) < TIGHT
     expected_p = reference_distribution(gates)
-    assert relative_error(out.exit_probabilities, expected_p, mask) < TIGHT
+    assert max_relative_error(out.exit_probabilities, expected_p, mask) < TIGHT
     assert torch.allclose(out.exit_probabilities.sum(-1), torch.ones(()).double())
-    assert relative_error(ouro(ids, attention_mask=mask).logits, expected_logits[-1], mask) < TIGHT
+    assert max_relative_error(ouro(ids, attention_mask=mask).logits, expected_logits[-1], mask) < TIGHT
 
 
 @pytest.mark.parametrize("threshold", [0.2, 0.5, 0.9, 1.0])
@@ -143,7 +145,7 @@ def test_readout_takes_the_first_loop_past_the_threshold(ouro, threshold):
             reached = [t for t in range(LOOPS) if cumulative[b, s, t] >= threshold]
             loop = reached[0] if reached else LOOPS - 1
             assert out.exit_loops[b, s] == loop
-            assert relative_error(out.logits[b, s], expected_logits[loop][b, s]) < TIGHT
+            assert max_relative_error(out.logits[b, s], expected_logits[loop][b, s]) < TIGHT
     if threshold == 0.5:  # the tokens do not all read one loop: the test sees the choice
         assert len(out.exit_loops.unique()) > 1
 
@@ -174,7 +176,7 @@ def test_objective_and_gradients_match_the_reference(ouro):
              "model.exit_gate.bias": "model.early_exit_gate.bias"}
     for name, parameter in ouro.named_parameters():
         theirs = names.get(name, name.replace("model.blocks.", "model.layers."))
-        assert relative_error(parameter.grad, tensors[theirs].grad) < 1e-9, name
+        assert max_relative_error(parameter.grad, tensors[theirs].grad) < 1e-9, name
 
 
 def test_cached_generation_equals_recomputation(ouro):
@@ -282,8 +284,8 @@ def test_more_loops_on_a_loaded_model(ouro):
     expected_logits, gates = reference(ouro_tensors(), ids, loops=LOOPS + 2)
     with torch.no_grad():
         out = deeper.model(ids)
-    assert relative_error(deeper.lm_head(out.last_hidden_state), expected_logits[-1]) < TIGHT
-    assert relative_error(out.exit_probabilities, reference_distribution(gates)) < TIGHT
+    assert max_relative_error(deeper.lm_head(out.last_hidden_state), expected_logits[-1]) < TIGHT
+    assert max_relative_error(out.exit_probabilities, reference_distribution(gates)) < TIGHT
     with pytest.raises(ValueError, match="num_loops"):
         make_model(relaxation="depth_lora").with_num_loops(3)
 
@@ -292,10 +294,4 @@ def test_sampled_generation_equals_recomputation(ouro):
     ids = inputs()[0][:2, :6]
     torch.manual_seed(3)
     cached = ouro.generate(ids, 5, do_sample=True, top_k=20)
-    torch.manual_seed(3)
-    sequence = ids
-    for _ in range(5):
-        with torch.no_grad():
-            drawn = next_tokens(ouro(sequence).logits[:, -1], do_sample=True, top_k=20)
-        sequence = torch.cat((sequence, drawn[:, None]), 1)
-    assert torch.equal(cached, sequence)
+    assert torch.equal(cached, sampled_by_recompute(ouro, ids, 5, seed=3, top_k=20))
