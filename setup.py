@@ -165,6 +165,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=[*PACKAGE_DIRS, *find_packages(include=["recursive", "recursive.*"])],
     package_dir=PACKAGE_DIRS,
+    package_data={"recursive_kernels": ["triton_tuning.json"]},  # stored autotuning choices, when a GPU run wrote some
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy>=1.24", "safetensors>=0.4", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={

@@ -4,11 +4,6 @@ GPU: ``triton.testing.do_bench`` medians (it clears the L2 cache between repetit
 ``torch.utils.benchmark`` blocked runs on all of torch's threads, the implementations of a case taking
 turns over several rounds, so that a slow spell of a shared machine hits all of them rather than one.
 Every figure is a median over repeats; ratios compare implementations timed in the same run.
-
-A compile pass (``RECURSIVE_KERNELS_BENCH_WARM=i/n``, what ``benchmarks/gpu_run.sh`` runs first): every
-implementation of every n-th timed case from the i-th runs once and nothing is timed or checked. Triton
-compiles a kernel's variants one after another on first use; n such processes fill its on-disk kernel cache
-in parallel, and the timed run then only loads them.
 """
 
 from __future__ import annotations
@@ -16,45 +11,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from recursive.progress import Progress
 
 CPU_ROUNDS = 5
-WARM_ENV = "RECURSIVE_KERNELS_BENCH_WARM"
-
-
-def warm_shard() -> Optional[Tuple[int, int]]:
-    """(i, n) in a compile pass, else None."""
-    value = os.environ.get(WARM_ENV)
-    if not value:
-        return None
-    try:
-        i, n = (int(part) for part in value.split("/"))
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise ValueError(f"{WARM_ENV}={value!r}: expected i/n with 0 <= i < n")
-    return i, n
 
 
 def median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device,
                    min_run_time: float = 0.2) -> Dict[str, float]:
-    """The median time of each of ``fns`` (name -> callable), timed in turns on the CPU; NaN in a compile
-    pass, which runs each once."""
-    if warm_shard():
-        for fn in fns.values():
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return {name: math.nan for name in fns}
+    """The median time of each of ``fns`` (name -> callable), timed in turns on the CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -219,25 +191,21 @@ def time_cases(cases, modes, impls, prepare, device, steps: Optional[Steps] = No
     the implementation name that gives the callable to time. Before timing, each of ``checked`` runs once
     and its result (outputs, or gradients with backward) is compared with the eager implementation run on
     the same draws in higher precision (float32 on the GPU, float64 on the CPU): a wrongly tuned kernel
-    shows here, and the eager row's own error is the yardstick. A compile pass yields only its shard's cases,
-    untimed (NaN) and unchecked."""
+    shows here, and the eager row's own error is the yardstick."""
     reference_dtype = torch.float32 if device.type == "cuda" else torch.float64
-    shard = warm_shard()
-    pairs = [(case, mode) for case in cases for mode in modes]
-    if shard:
-        pairs = pairs[shard[0]::shard[1]]
     steps = steps or Steps(None)
-    for case, mode in pairs:
-        backward = mode == "fwd+bwd"
-        names = impls(case, mode) if callable(impls) else impls
-        make = prepare(case, backward)
-        steps.step(f"{case.label} {mode}")
-        errors = {}
-        if checked and not shard:
-            reference = prepare(case, backward, reference_dtype)("eager")()
-            errors = {impl: relative_error(make(impl)(), reference) for impl in checked if impl in names}
-            del reference
-        yield case, mode, median_seconds({impl: make(impl) for impl in names}, device), errors
+    for case in cases:
+        for mode in modes:
+            backward = mode == "fwd+bwd"
+            names = impls(case, mode) if callable(impls) else impls
+            make = prepare(case, backward)
+            steps.step(f"{case.label} {mode}")
+            errors = {}
+            if checked:
+                reference = prepare(case, backward, reference_dtype)("eager")()
+                errors = {impl: relative_error(make(impl)(), reference) for impl in checked if impl in names}
+                del reference
+            yield case, mode, median_seconds({impl: make(impl) for impl in names}, device), errors
 
 
 def run_benchmark(benchmark, fn, device: torch.device):

@@ -1,96 +1,149 @@
 #!/usr/bin/env bash
-# Everything a session on a CUDA machine should produce, in as few commands as possible:
-#   benchmarks/gpu_run.sh OUT_DIR build   # editable install, building the CPU and CUDA extensions (several minutes)
-#   benchmarks/gpu_run.sh OUT_DIR tests   # the test suite on the GPU (Triton compiled, CUDA fallback built)
-#   benchmarks/gpu_run.sh OUT_DIR train   # a short bf16 training run on the standard library's sources (train.log)
-#   benchmarks/gpu_run.sh OUT_DIR bench   # every benchmark; bench.json and bench.txt in OUT_DIR
-#   benchmarks/gpu_run.sh OUT_DIR all     # the four in turn
-# Logs and results go to OUT_DIR; the last lines printed are a short summary. Commit the results under
-# benchmarks/results/ with the device named (info.txt holds it).
+# One time-boxed call on a CUDA machine (a lent GPU allows one 10-minute call): evidence first.
+#
+#   benchmarks/gpu_run.sh OUT_DIR          every step in order, each under its own cap (about 9 minutes)
+#   benchmarks/gpu_run.sh --plan           the steps, their caps and the total; runs nothing
+#   benchmarks/gpu_run.sh --cpu OUT_DIR    the same steps on this CPU, small (a dry run of the script)
+#
+# The Triton backend runs from the source folders, without any pip build: a temporary folder on PYTHONPATH
+# maps the import names (recursive_kernels -> kernels/, recursive_benchmarks -> benchmarks/). The CUDA extension
+# builds in a copy of the checkout, in the background at low priority, and is tested last if it finished.
+#
+# OUT_DIR receives at most 8 files, written as the steps end, so that a run cut short keeps what it did:
+#   summary.txt    one line per step as it ends (rc, seconds, result), after the machine's description
+#   tests.log      the Triton correctness tests (pytest -v -rfE)
+#   sweep.jsonl    the all-configuration sweep, one JSON record per (kernel, configuration, case)
+#   lowrank.json, attention.json, model.json    the benchmarks' results
+#   tuning.json    the autotuner's choices of the benchmark runs (copy to kernels/triton_tuning.json to keep)
+#   logs.tar.gz    every step's full log (rebuilt after each step)
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [build|tests|bench|all]}
-what=${2:-all}
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+# name:cap seconds:what it does. The order is the order of importance: a cut run loses the end.
+STEPS=(
+  "env:15:nvidia-smi, driver, CUDA, torch and Triton versions, the package's backends"
+  "correctness:90:Triton lowrank_linear and circuit_attention tests (smallest configurations, 8 workers)"
+  "sweep:90:every autotuning configuration of every Triton kernel at production shapes, fp16/bf16/fp32"
+  "lowrank:90:bench lowrank_linear (vs eager, compiled, PEFT)"
+  "attention:100:bench circuit_attention (S = 4096 and 1024, vs sdpa, eager and compiled)"
+  "model:75:bench model (relaxed and untied, fused vs torch)"
+  "engine:30:the engine's host-synchronisation counts (tests)"
+  "cuda:40:the CUDA extension's tests, if its background build finished"
+)
+
+plan() {
+  local total=0 line name cap what
+  for line in "${STEPS[@]}"; do
+    IFS=: read -r name cap what <<<"$line"
+    total=$((total + cap))
+    printf '%-12s %4d s  (by %4d s)  %s\n' "$name" "$cap" "$total" "$what"
+  done
+  echo "total: $total s"
+}
+
+cpu=0
+case "${1:-}" in
+  --plan) plan; exit 0 ;;
+  --cpu) cpu=1; shift ;;
+esac
+out=${1:?usage: benchmarks/gpu_run.sh [--plan | --cpu] OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+logs="$work/logs"
+mkdir -p "$logs" "$work/site"
+ln -s "$here/kernels" "$work/site/recursive_kernels"
+ln -s "$here/benchmarks" "$work/site/recursive_benchmarks"
+export PYTHONPATH="$work/site:$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+cd "$here"
+if ((cpu)); then
+  device=cpu
+  export TRITON_INTERPRET=1
+else
+  device=cuda
+fi
+# the benchmarks' autotuning choices are merged into one table as each process ends (kernels/triton_tuning.py)
+bench=(env RECURSIVE_KERNELS_TRITON_TUNING_OUT="$out/tuning.json" python3 -m recursive bench --device "$device"
+  --no-progress)
 
-step_build() {
-  # machine code for this GPU only (about half the nvcc time of setup.py's default sm_80 + sm_90)
-  local arch
-  arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  # (the machine has no network: nothing but this package is installed)
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} \
-    python3 -m pip install -v --no-build-isolation --no-deps --no-index -e . >"$out/build.log" 2>&1
-  local rc=$?
-  echo "build: rc $rc (log: build.log; left out: $(cat kernels/_build.json 2>/dev/null | tr -d '\n'))"
-  return $rc
+step_env() {
+  date -u
+  nvidia-smi || echo "nvidia-smi: not available"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
+  nvcc --version 2>/dev/null | tail -n 1
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__,
+'cuda', torch.version.cuda); print('triton', triton.__version__)"
+  python3 -m recursive info
 }
 
-step_tests() {
-  # one Triton configuration per kernel: no autotuning at each new shape (the benchmarks tune); with
-  # pytest-xdist, tests in several processes, so that Triton's first-use compiles run in parallel
-  local workers=${TEST_WORKERS:-8} parallel=() threads=()
-  if python3 -c "import xdist" 2>/dev/null; then
-    parallel=(-n "$workers")
-    threads=("OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))")
+step_correctness() {
+  local parallel=()
+  if python3 -c "import xdist" 2>/dev/null && ((!cpu)); then parallel=(-n 8); fi
+  # only the Triton rows: the cpp extension is not built here, the CUDA one comes last
+  RECURSIVE_KERNELS_TRITON_AUTOTUNE=0 python3 -m pytest tests/test_lowrank_linear.py tests/test_circuit_attention.py \
+    -k "triton" -v -rfE -p no:cacheprovider "${parallel[@]}" $(timeout_flag 60) 2>&1 | tee "$out/tests.log"
+}
+
+step_sweep() {
+  local size=()
+  if ((cpu)); then size=(--small --jobs 1); fi
+  python3 -m recursive_benchmarks.gpu_sweep --out "$out/sweep.jsonl" --seconds 80 "${size[@]}"
+}
+
+step_lowrank() { "${bench[@]}" --only lowrank_linear --json "$out/lowrank.json"; }
+step_attention() { "${bench[@]}" --only circuit_attention --json "$out/attention.json"; }
+step_model() { "${bench[@]}" --only model --json "$out/model.json"; }
+
+step_engine() {
+  python3 -m pytest tests/test_generation.py tests/test_recurrence.py -k "synchronises" -v -rfE -p no:cacheprovider \
+    $(timeout_flag 25)
+}
+
+step_cuda() {
+  if ! ls "$work/build/kernels"/_C_cuda*.so >/dev/null 2>&1; then
+    echo "not built in time (or failed): see cuda-build.log"
+    return 1
   fi
-  env "${threads[@]}" RECURSIVE_KERNELS_TRITON_AUTOTUNE=0 python3 -m pytest -q tests -p no:cacheprovider \
-    --durations=20 "${parallel[@]}" >"$out/tests.log" 2>&1
-  local rc=$?
-  echo "tests: rc $rc, $(tail -n 1 "$out/tests.log")"
-  return $rc
+  cp "$work/build/kernels"/_C_cuda*.so kernels/
+  python3 -m pytest tests/test_cuda_sources.py tests/test_lowrank_linear.py tests/test_circuit_attention.py \
+    -k "cuda" -v -rfE -p no:cacheprovider $(timeout_flag 30)
 }
 
-step_warm() {
-  # The compile pass (benchmarks/common.py): the kernel benchmarks' cases dealt out to WARM_JOBS processes
-  # and the model benchmark in one more, each running its cases once untimed, so that Triton compiles the
-  # variants the timed run will load from its cache in parallel instead of one after another.
-  local jobs=${WARM_JOBS:-12} i pid pids=() failed=0
-  for ((i = 0; i < jobs; i++)); do
-    RECURSIVE_KERNELS_BENCH_WARM="$i/$jobs" python3 -m recursive bench --no-progress \
-      --full --only lowrank_linear --only circuit_attention >"$out/warm.$i.log" 2>&1 &
-    pids+=($!)
-  done
-  RECURSIVE_KERNELS_BENCH_WARM=0/1 python3 -m recursive bench --full --no-progress --only model \
-    >"$out/warm.model.log" 2>&1 &
-  pids+=($!)
-  for pid in "${pids[@]}"; do
-    wait "$pid" || failed=$((failed + 1))
-  done
-  echo "warm: $failed of ${#pids[@]} compile processes failed (logs: warm.*.log)"
+timeout_flag() {  # pytest-timeout's per-test limit where it is installed
+  if python3 -c "import pytest_timeout" 2>/dev/null; then echo "--timeout=$1"; fi
 }
 
-step_bench() {
-  step_warm
-  python3 -m recursive bench --full --no-progress --json "$out/bench.json" >"$out/bench.txt" 2>&1
-  local rc=$?
-  echo "bench: rc $rc (tables: bench.txt)"
-  return $rc
+build_cuda() {  # in a copy, so that nothing here changes under the running steps
+  mkdir -p "$work/build"
+  cp -a setup.py setup.cfg README.md csrc kernels benchmarks recursive "$work/build/" && cd "$work/build" || return 1
+  arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=4 nice -n 19 python3 setup.py build_ext --inplace
 }
 
-step_train() {
-  # the README's training example on the GPU (nccl is not exercised: one GPU), in bf16 autocast
-  local stdlib
-  stdlib=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
-  timeout 300 python3 -m recursive train --data "$stdlib/*.py" --steps 300 --batch-size 32 --seq-len 128 \
-    --eval-every 100 --bf16 --save "$out/train-run" --cache-dir "$out/token-cache" --no-progress >"$out/train.log" 2>&1
-  local rc=$?
-  rm -rf "$out/token-cache" "$out/train-run"/checkpoint-*
-  echo "train: rc $rc, $(grep -E 'tokens/s' "$out/train.log" | tail -n 1)"
-  return $rc
-}
+pack_logs() { tar -czf "$out/logs.tar.gz" -C "$work" logs 2>/dev/null; }
 
-step_info() {
-  python3 -m recursive info >"$out/info.txt" 2>&1
-  grep -E "^(torch|triton|cuda) |^  (triton|cuda|cpp) " "$out/info.txt"
-}
-
-case "$what" in
-  build) step_build; step_info ;;
-  tests) step_info; step_tests ;;
-  train) step_info; step_train ;;
-  bench) step_info; step_bench ;;
-  all) step_build; step_info && step_tests; step_train; step_bench ;;
-  *) echo "unknown step: $what (build, tests, train, bench or all)" >&2; exit 2 ;;
-esac
+{
+  echo "gpu_run.sh on $(hostname) at $(date -u +%FT%TZ), device $device, commit $(git rev-parse --short HEAD 2>/dev/null)"
+  plan
+} >"$out/summary.txt"
+builder=
+if ((!cpu)); then
+  build_cuda >"$logs/cuda-build.log" 2>&1 &
+  builder=$!
+fi
+for line in "${STEPS[@]}"; do
+  IFS=: read -r name cap _ <<<"$line"
+  if ((cpu)) && [[ $name == cuda ]]; then continue; fi
+  start=$SECONDS
+  timeout -k 5 "$cap" bash -c "$(declare -f step_"$name" timeout_flag); $(declare -p cpu out work bench); step_$name" \
+    >"$logs/$name.log" 2>&1
+  rc=$?
+  result=$(grep -E "passed|failed|error|Error|records|rel err|not built" "$logs/$name.log" | tail -n 1)
+  ((rc == 124 || rc == 137)) && result="cut at its cap; $result"
+  printf '%-12s rc %-3s %4d s of %4d  %s\n' "$name" "$rc" $((SECONDS - start)) "$cap" "$result" | tee -a "$out/summary.txt"
+  if [[ $name == env ]]; then cat "$logs/env.log" >>"$out/summary.txt"; fi
+  pack_logs
+done
+if [[ -n $builder ]]; then kill "$builder" 2>/dev/null; fi
+pack_logs
+cat "$out/summary.txt"

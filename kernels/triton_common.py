@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import triton_tuning
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # RECURSIVE_KERNELS_TRITON_AUTOTUNE=0: every kernel runs one default configuration, its smallest tiles (they
 # fit the shared memory of every shape), so a first launch compiles one variant and times
@@ -54,8 +56,11 @@ def dot_precision(dtype: torch.dtype):
 
 
 def device_guard(x: Tensor):
-    """Launch on x's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Launch on x's GPU (Triton launches on the current device), its stored tuning choices loaded first."""
+    if not x.is_cuda:
+        return contextlib.nullcontext()
+    triton_tuning.load(x.device)
+    return torch.cuda.device(x.device)
 
 
 @triton.jit

@@ -1,13 +1,18 @@
-"""The benchmarks' harness: the correctness column (every timed implementation against eager in float64) and the
-compile pass."""
+"""The benchmarks' harness: the correctness column (every timed implementation against eager in float64), the GPU
+run's plan and its configuration sweep."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+import triton
 
 from recursive import RecursiveConfig
-from recursive_benchmarks import bench_circuit_attention, bench_lowrank_linear, bench_model, common
+from recursive_benchmarks import bench_circuit_attention, bench_lowrank_linear, bench_model, common, gpu_sweep
 
 
 def test_relative_error_over_tensor_sequences():
@@ -91,30 +96,6 @@ def test_model_benchmark_times_every_variant_against_the_untied_model(quick_timi
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
 
 
-def test_compile_pass_runs_its_shard_once_and_times_nothing(monkeypatch, one_thread):
-    cases = [bench_lowrank_linear.Case("top-2", 17, 64, 48), bench_lowrank_linear.Case("one-adapter", 5, 64, 48)]
-    calls = []
-
-    def counting_prepare(case, backward, inputs_dtype=None):
-        assert inputs_dtype is None, "a compile pass checks nothing"
-        return lambda impl: lambda: calls.append((case.label, backward, impl))
-
-    monkeypatch.setenv(common.WARM_ENV, "1/3")
-    yielded = list(common.time_cases(cases, ["fwd", "fwd+bwd"], ["base", "cpp"], counting_prepare,
-                                     torch.device("cpu"), checked=["cpp"]))
-    # of the (case, mode) pairs 0..3, shard 1/3 takes pair 1: the first case's fwd+bwd
-    assert [(case.label, mode) for case, mode, _, _ in yielded] == [(cases[0].label, "fwd+bwd")]
-    assert all(t != t for _, _, times, _ in yielded for t in times.values())  # NaN: nothing timed
-    assert calls == [(cases[0].label, True, "base"), (cases[0].label, True, "cpp")]
-
-
-@pytest.mark.parametrize("value", ["3/3", "1", "a/b", "-1/2"])
-def test_compile_pass_rejects_a_malformed_shard(monkeypatch, value):
-    monkeypatch.setenv(common.WARM_ENV, value)
-    with pytest.raises(ValueError, match=common.WARM_ENV):
-        common.warm_shard()
-
-
 @pytest.mark.slow
 def test_lowrank_linear_benchmark_times_the_peers(quick_timing):
     """Per-row adapters: torch.compile of the masked way and (when installed) PEFT's mixed batch are timed and
@@ -154,3 +135,78 @@ def test_the_real_model_benchmark_runs_on_request():
     asked = runner.selected(["model"], full=False)
     assert asked == (["model", "pretrained"] if bench_pretrained.available() else ["model"])
     assert runner.selected(["generation", "generation"], full=False) == ["generation"]
+
+
+def test_the_gpu_run_plan_fits_one_call_with_the_evidence_first():
+    """One lent GPU call runs 10 minutes at most: the plan stays under 9, and the correctness results and the
+    lowrank table come within its first 5 (a run cut short keeps them)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
+    plan = subprocess.run(["bash", str(script), "--plan"], capture_output=True, text=True, check=True)
+    lines = plan.stdout.splitlines()
+    steps = [line.split() for line in lines[:-1]]
+    names = [step[0] for step in steps]
+    assert names == ["env", "correctness", "sweep", "lowrank", "attention", "model", "engine", "cuda"]
+    caps = [int(step[1]) for step in steps]
+    assert lines[-1] == f"total: {sum(caps)} s" and sum(caps) < 9 * 60
+    assert sum(caps[:names.index("lowrank") + 1]) <= 5 * 60
+
+
+@pytest.fixture
+def autotuner_restored(monkeypatch):
+    """The sweep's forcer replaces Triton's Autotuner.run (in its own worker processes): put it back after."""
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setattr(Autotuner, "run", Autotuner.run)
+
+
+@pytest.fixture
+def sweep_cases():
+    return [gpu_sweep.LowrankCase("gathered", 9, 64, 48, 8, E=3, strided=True),
+            gpu_sweep.AttentionCase(1, 2, 1, 20, 24, 16, True, token_major=True)]
+
+
+def test_the_configuration_sweep_checks_every_kernel_it_launches(tmp_path, sweep_cases, autotuner_restored):
+    """Every autotuned kernel of both ops runs (under the interpreter: its one configuration) and meets the error
+    rule on strided, token-major and grouped-query inputs; records carry the kernel and the configuration."""
+    folder, out = str(tmp_path), str(tmp_path / "sweep.jsonl")
+    gpu_sweep.prepare_references(sweep_cases, torch.device("cpu"), folder)
+    saved = torch.load(tmp_path / "0-0.pt")
+    assert len(saved["reference"]) == 5 and all(e > 0 for e in saved["torch_errors"])  # y, dx, dA, dB, dgates
+    gpu_sweep.worker(1, 0, sweep_cases, folder, out, deadline=float("inf"))
+    records = [json.loads(line) for line in open(out)]
+    kernels = {name for _, name, _ in gpu_sweep.items()}
+    assert {r["kernel"] for r in records} == kernels
+    assert {r["dtype"] for r in records} == {"bfloat16", "float16", "float32"}
+    assert all(r["status"] == "ok" for r in records), [r for r in records if r["status"] != "ok"]
+    assert "sweep: " in gpu_sweep.summarise(out) and "ok" in gpu_sweep.summarise(out)
+
+
+def test_the_sweep_fails_an_unwritten_or_inaccurate_result(tmp_path, sweep_cases):
+    device = torch.device("cpu")
+    gpu_sweep.prepare_references(sweep_cases[:1], device, str(tmp_path))
+    saved = torch.load(tmp_path / "0-0.pt")
+    results = gpu_sweep.run_op(sweep_cases[0], gpu_sweep.draw(sweep_cases[0], seed=0), torch.bfloat16, device, "torch")
+    assert gpu_sweep.check(results, saved, device)["status"] == "ok"
+    results[1][3, 5] = float("nan")  # an element of dx nothing wrote
+    assert gpu_sweep.check(results, saved, device)["status"] == "fail"
+    results[1][3, 5] = 0.0
+    results[0] = results[0] * (1 + 1e-2)  # an error five times bfloat16's rounding
+    verdict = gpu_sweep.check(results, saved, device)
+    assert verdict["status"] == "fail" and verdict["worst_ratio"] > 2
+
+
+def test_the_sweep_forces_each_configuration_and_skips_pruned_ones(autotuner_restored):
+    """The forced kernel runs the configuration asked for, or none when its pruning drops it for the shape."""
+    from recursive_kernels import triton_lowrank_linear as tl_lowrank
+
+    forcer = gpu_sweep.ConfigForcer()
+    tuner = tl_lowrank._linear_kernel
+    forcer.target, forcer.launched = tuner, []
+    forcer.config = tuner.configs[0]
+    case = gpu_sweep.LowrankCase("single", 5, 64, 48, 8, E=2)
+    gpu_sweep.run_op(case, gpu_sweep.draw(case, seed=1), torch.float32, torch.device("cpu"), "triton")
+    assert forcer.launched  # forward and dx: the forced kernel ran
+    forcer.config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=1,
+                                  num_stages=1)  # not in the space: never among the pruned configurations
+    with pytest.raises(gpu_sweep.Pruned):
+        gpu_sweep.run_op(case, gpu_sweep.draw(case, seed=1), torch.float32, torch.device("cpu"), "triton")
