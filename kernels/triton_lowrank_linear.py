@@ -15,12 +15,15 @@ arbitrary strides, nothing is copied to make it contiguous):
     y        (M, N)       x's dtype, contiguous
     u        (M, k, r)    float32, u[t, j] = x[t] @ A[e[t, j]].T (unscaled, ungated; 0 for empty slots)
 
-Precision: fp32 accumulation everywhere. The big products (x @ W^T, the shrinks x @ A^T) take the
-operands in the input dtype: 16-bit operands go to the tensor cores, float32 operands use
-``input_precision="ieee"`` (float32-exact, not TF32). The small products with a float32 low-rank
-operand (the expand u @ B^T, the weight-gradient reductions v^T x and u^T grad_y) keep that operand in
-float32 and upcast the other one: ``input_precision="tf32x3"`` for 16-bit inputs (float32 accuracy on
-the tensor cores), "ieee" for float32. So a 16-bit result is rounded once, when it is stored.
+Precision: fp32 accumulation everywhere, and every dot on operands of the input dtype: 16-bit operands go
+to the tensor cores, float32 operands use ``input_precision="ieee"`` (float32-exact, not TF32). The
+low-rank vectors (u, v and the epilogue's Z, accumulated in fp32) are rounded to the input dtype once,
+as operands of the expand u @ B^T and of the weight-gradient reductions v^T x and u^T grad_y. Chosen by
+measurement against the error rule (at most twice the error of the same op run by PyTorch in that dtype):
+at M = 256, K = N = 4096, r = 64, 8 adapters top-2, scaling 0.5 and 4, emulated in float64, y's error was
+0.58-0.59x PyTorch's in bfloat16 and float16 with 16-bit operands against 0.43-0.54x with float32-accurate
+ones (tf32x3, about 6x the cost of a 16-bit MMA), dA's 0.69-0.70x against 0.50x; the GPU sweep
+(``benchmarks/gpu_sweep.py``) checks every configuration against the same rule.
 
 Kernels:
 
@@ -59,6 +62,11 @@ Kernels:
     assignments of one adapter for one Q tile (BLOCK_M at a time, ``tl.dot`` of (BLOCK_R, BLOCK_M) by
     (BLOCK_M, BLOCK_Q)), then ``tl.atomic_add``s its fp32 partial into an fp32 buffer (an adapter with more
     than ROWS assignments is split across programs for parallelism), cast to the factor's dtype at the end.
+    The order of those additions varies from run to run: dA and dB are reproducible to a few float32 ulps
+    of each sum (far below a 16-bit result's rounding; ``tests/test_lowrank_linear.py`` bounds it where
+    programs contend). Under ``torch.use_deterministic_algorithms(True)`` (SPLIT off) one program reduces
+    all of an adapter's assignments for its Q tile, in a fixed order: bitwise reproducible, with fewer
+    programs when few adapters are used (single-adapter mode: cdiv(Q, BLOCK_Q)).
 
 Backward (dx is the forward with the roles transposed, so the same kernels serve it):
     v[t, j] = grad_y[t] @ B[e]            the shrink of grad_y by B^T (r, N) per adapter
@@ -71,9 +79,11 @@ Backward (dx is the forward with the roles transposed, so the same kernels serve
               adapter's slice of a zero buffer).
     dgates  = s * <u[t, j], v[t, j]> (an elementwise torch reduction of the two (M, k, r) fp32 tensors).
 
-Autotuning: a handful of configurations per kernel, keyed on power-of-two buckets of the row count
-(so a varying number of tokens does not retune), N, K, the layout (unit K stride or not) and the mode;
-``RECURSIVE_KERNELS_TRITON_AUTOTUNE=0`` keeps one default configuration per kernel.
+Autotuning: a handful of configurations per kernel (for decode-sized M, narrow N tiles that spread a
+4096-wide output over every SM), keyed on power-of-two buckets of the row count (so a varying number of
+tokens does not retune), N, K, the layout (unit K stride or not) and the mode; the choices a GPU run stored
+(``triton_tuning.py``) are loaded at the first launch; ``RECURSIVE_KERNELS_TRITON_AUTOTUNE=0`` keeps one
+default configuration per kernel.
 Under ``TRITON_INTERPRET=1`` (CPU tensors) each kernel has one fixed small configuration (nothing is
 benchmarked), ``tl.dot`` runs in float64 and rounds once (``triton_common.mma``: the interpreter
 multiplies the raw bits of bfloat16 operands, triton issue 11584) and the final float32 -> bfloat16 store is rounded to
@@ -112,6 +122,10 @@ if INTERPRET:
 else:
     _LINEAR_CONFIGS = [
         config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),  # decode-sized M
+        # decode: narrower N tiles, so that N = 4096 makes 128 or 256 programs for an H100's 132 SMs (not 64), with
+        # longer K steps and deeper pipelines to keep each one's weight stream in flight
+        config(2, 5, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=8),
+        config(2, 4, BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, GROUP_M=8),
         config(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
         config(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
         config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
@@ -163,7 +177,7 @@ def _prune_linear(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _segment_tile(pid, seg_ptr, E, TILE: tl.constexpr, BLOCK_E: tl.constexpr):
+def _segment_tile(pid, seg_ptr, E, TILE, BLOCK_E: tl.constexpr):
     """Map tile ``pid`` to (adapter e, start, end) over sorted assignments whose adapter e occupies
     positions [seg[e], seg[e+1]); each segment is cut into cdiv(count, TILE) tiles. e >= E: no tile."""
     offs_e = tl.arange(0, BLOCK_E)
@@ -203,7 +217,7 @@ def _linear_kernel(
     scaling,
     LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATES: tl.constexpr, STORE_U: tl.constexpr,
     SLOTS: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREC: tl.constexpr, F32_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = x @ W^T (+ low-rank term) (+ bias), one (BLOCK_M, BLOCK_N) tile per program.
@@ -253,7 +267,7 @@ def _linear_kernel(
         # expand: acc += s * u @ B[n_tile]^T ; B (N, R) read as (BR, BN)
         bt = tl.load(b_ptr + offs_r[:, None] * stride_br + cols[None, :] * stride_bn,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = mma(acc_u * scaling, bt.to(tl.float32), acc, F32_PREC, UPCAST)
+        acc = mma(cast(acc_u * scaling, bt.dtype, UPCAST), bt, acc, PREC, UPCAST)
         if STORE_U:
             if pid_n == 0:
                 u_ptrs = u_ptr + rows[:, None] * stride_us + offs_r[None, :] * stride_ur
@@ -287,7 +301,7 @@ def _linear_kernel(
                 bt = tl.load(b_ptr + ce[:, None].to(tl.int64) * stride_be + cols[None, :] * stride_bn
                              + ci[:, None] * stride_br,
                              mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = mma(z * scaling, bt.to(tl.float32), acc, F32_PREC, UPCAST)
+                acc = mma(cast(z * scaling, bt.dtype, UPCAST), bt, acc, PREC, UPCAST)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
@@ -297,7 +311,7 @@ def _linear_kernel(
 
 
 @triton.jit
-def _assignment_tile(pid, seg_ptr, NA, E, TILE: tl.constexpr, BLOCK_E: tl.constexpr, SORTED: tl.constexpr):
+def _assignment_tile(pid, seg_ptr, NA, E, TILE, BLOCK_E: tl.constexpr, SORTED: tl.constexpr):
     """(adapter e, start, end) of tile ``pid`` of up to TILE assignments: a tile of adapter e's segment of the
     sorted assignments (see ``_segment_tile``; e >= E: no tile), or, unsorted (single-adapter mode), the
     assignments from pid * TILE of adapter 0."""
@@ -368,7 +382,7 @@ def _seg_shrink_kernel(
 
 @triton.autotune(
     configs=_OUTER_CONFIGS,
-    key=["ROWS_BUCKET", "Q", "stride_mq", "BLOCK_R", "SORTED", "HAS_GATES"],
+    key=["ROWS_BUCKET", "Q", "stride_mq", "BLOCK_R", "SORTED", "HAS_GATES", "SPLIT"],
     reset_to_zero=["out_ptr"],
 )
 @triton.jit
@@ -379,18 +393,20 @@ def _seg_outer_kernel(
     stride_mm, stride_mq,
     stride_oe, stride_or, stride_oq,
     scaling,
-    SORTED: tl.constexpr, HAS_GATES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
-    F32_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SORTED: tl.constexpr, HAS_GATES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_R: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """out[e] += s * sum_a g[a] * outer(vec[a], mat[a // SLOTS]) over up to ROWS assignments a of adapter e.
+    """out[e] += s * sum_a g[a] * outer(vec[a], mat[a // SLOTS]) over up to ROWS assignments a of adapter e
+    (SPLIT off: all of them).
 
     vec (NA, R) float32, mat (M, Q), g (NA,) float32, out (E, R, Q) float32 (atomically accumulated)."""
     pid_q = tl.program_id(1)
-    e, start, end = _assignment_tile(tl.program_id(0), seg_ptr, NA, E, ROWS, BLOCK_E, SORTED)
+    rows = ROWS if SPLIT else NA
+    e, start, end = _assignment_tile(tl.program_id(0), seg_ptr, NA, E, rows, BLOCK_E, SORTED)
     if e >= E:
         return
-    stop = tl.minimum(start + ROWS, end)
+    stop = tl.minimum(start + rows, end)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = offs_q < Q
     offs_r = tl.arange(0, BLOCK_R)
@@ -409,7 +425,7 @@ def _seg_outer_kernel(
             vt = vt * g[None, :]
         mt = tl.load(mat_ptr + row[:, None] * stride_mm + offs_q[None, :] * stride_mq,
                      mask=m_mask[:, None] & q_mask[None, :], other=0.0)                          # (BM, BQ)
-        acc = mma(vt, mt.to(tl.float32), acc, F32_PREC, UPCAST)
+        acc = mma(cast(vt, mt.dtype, UPCAST), mt, acc, PREC, UPCAST)
     out_ptrs = out_ptr + e * stride_oe + offs_r[:, None] * stride_or + offs_q[None, :] * stride_oq
     tl.atomic_add(out_ptrs, acc * scaling, mask=r_mask[:, None] & q_mask[None, :], sem="relaxed")
 
@@ -417,12 +433,6 @@ def _seg_outer_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-
-
-def _f32_prec(dtype: torch.dtype):
-    """input_precision of the dots with a float32 operand (the low-rank vectors u, v, Z; the other
-    operand upcast): float32 accuracy, on the tensor cores (3 TF32 passes) for 16-bit inputs."""
-    return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
 def _launch_linear(x, w, bias, y, lora=0, a=None, b=None, u=None, idx=None, gates=None, scaling=1.0):
@@ -468,7 +478,7 @@ def _launch_linear(x, w, bias, y, lora=0, a=None, b=None, u=None, idx=None, gate
         float(scaling),
         LORA=lora, HAS_BIAS=bias is not None, HAS_GATES=gates is not None,
         STORE_U=lora == 1 and u is not None, SLOTS=slots, BLOCK_R=block_width(R) if lora else 16,
-        PREC=dot_precision(x.dtype), F32_PREC=_f32_prec(x.dtype), UPCAST=INTERPRET,
+        PREC=dot_precision(x.dtype), UPCAST=INTERPRET,
     )
 
 
@@ -512,6 +522,16 @@ def _launch_shrink(x, a, u, order, seg, slots):
     )
 
 
+def outer_grid(NA: int, Q: int, E: int, split: bool):
+    """The grid of ``_seg_outer_kernel`` over NA assignments sorted into E segments (E = 0: unsorted): a tile
+    of up to ROWS assignments per program (split; E more for the segments' ragged ends), else one per
+    segment; times the Q tiles."""
+    def grid(meta):
+        tiles = triton.cdiv(NA, meta["ROWS"]) + E if split else max(E, 1)
+        return (tiles, triton.cdiv(Q, meta["BLOCK_Q"]))
+    return grid
+
+
 def _launch_outer(vec, mat, gates, out, order, seg, slots, scaling):
     """out[e] += s * sum over the assignments a of adapter e of g[a] * outer(vec[a], mat[a // slots]).
     vec (M, slots, R) float32 contiguous, mat (M, Q), out (E, R, Q) float32 (any strides)."""
@@ -521,22 +541,17 @@ def _launch_outer(vec, mat, gates, out, order, seg, slots, scaling):
     if NA == 0 or Q == 0:
         return
     sorted_ = order is not None
+    split = not torch.are_deterministic_algorithms_enabled()
     assert vec.is_contiguous() and (gates is None or gates.is_contiguous())
-    if sorted_:
-        def grid(meta):
-            return (triton.cdiv(NA, meta["ROWS"]) + E, triton.cdiv(Q, meta["BLOCK_Q"]))
-    else:
-        def grid(meta):
-            return (triton.cdiv(NA, meta["ROWS"]), triton.cdiv(Q, meta["BLOCK_Q"]))
-    _seg_outer_kernel[grid](
+    _seg_outer_kernel[outer_grid(NA, Q, E if sorted_ else 0, split)](
         vec, mat, vec if gates is None else gates, out, order if sorted_ else vec, seg if sorted_ else vec,
         NA, Q, R, E, slots, bucket(NA),
         vec.stride(1), vec.stride(2),
         mat.stride(0), mat.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         float(scaling),
-        SORTED=sorted_, HAS_GATES=gates is not None, BLOCK_E=triton.next_power_of_2(max(E, 1)),
-        BLOCK_R=block_width(R), F32_PREC=_f32_prec(mat.dtype), UPCAST=INTERPRET,
+        SORTED=sorted_, HAS_GATES=gates is not None, SPLIT=split, BLOCK_E=triton.next_power_of_2(max(E, 1)),
+        BLOCK_R=block_width(R), PREC=dot_precision(mat.dtype), UPCAST=INTERPRET,
     )
 
 

@@ -21,7 +21,7 @@ import atexit
 import importlib
 import json
 import os
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -54,8 +54,14 @@ def _read(path: str) -> Dict[str, dict]:
         return {}
 
 
-def _config(entry: dict) -> triton.Config:
-    return triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+def _in_space(tuner: Autotuner, entry: dict) -> Optional[triton.Config]:
+    """The configuration of the kernel's space that ``entry`` names (None: since dropped from the space). Matched
+    by value: triton.Config's equality depends on the order of its keywords, which the JSON file sorts."""
+    for config in tuner.configs:
+        if (config.kwargs == entry["kwargs"] and config.num_warps == entry["num_warps"]
+                and config.num_stages == entry["num_stages"]):
+            return config
+    return None
 
 
 def load(device: torch.device, path: str = TABLE) -> int:
@@ -67,8 +73,8 @@ def load(device: torch.device, path: str = TABLE) -> int:
     count = 0
     for name, tuner in _autotuners():
         for key, entry in kernels.get(name, []):
-            config = _config(entry)
-            if config in tuner.configs:  # a configuration since dropped from the space is stale
+            config = _in_space(tuner, entry)
+            if config is not None:
                 tuner.cache.setdefault(tuple(key), config)
                 count += 1
     return count

@@ -8,7 +8,9 @@ last bits of a result are noise for every method.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -417,10 +419,17 @@ def test_cpu_auto_order_prefers_cpp_when_built():
 
 # ------------------------------------------------------------- torch.library and torch.compile
 
-@pytest.mark.parametrize("backend,device", kernel_backends(torch.float32))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[8]], ids=str)
-def test_opcheck(shape, backend, device):
-    inputs = make_inputs(shape, torch.float32, device, seed=2)
+def test_opcheck(shape, dtype):
+    """The custom ops' schema, fake (meta) results, autograd registration and compiled dispatch, in float32 and
+    bfloat16 (the placeholders of gradients not computed must come in the fake's dtype)."""
+    for backend, device in (p.values for p in kernel_backends(dtype)):
+        _opcheck(shape, dtype, backend, device)
+
+
+def _opcheck(shape, dtype, backend, device):
+    inputs = make_inputs(shape, dtype, device, seed=2)
     from recursive_kernels.lowrank_linear import _normalise
 
     lead, x2d, bias, lora_a, lora_b, indices, gates, adapter = _normalise(
@@ -430,6 +439,101 @@ def test_opcheck(shape, backend, device):
     args = [t.requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (x2d.detach(), inputs["weight"], bias, lora_a, lora_b)]
     torch.library.opcheck(_lowrank_linear_op, (*args, indices, gates, 1.5, adapter, backend))
+
+
+# Many assignments of few adapters: the Triton backward's weight-gradient programs (ROWS = 32 assignments each under
+# the interpreter) contend for every element of dA and dB.
+CONTENDED = Shape(300, 40, 24, E=2, r=8, form="per-row")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_contended_weight_gradients_meet_the_error_rule(dtype, deterministic):
+    """dA and dB summed by many programs (atomically, in a varying order) or, under
+    torch.use_deterministic_algorithms, by one program per adapter and column tile, meet the error rule."""
+    for backend, device in (p.values for p in kernel_backends(dtype)):
+        with deterministic_algorithms(deterministic):
+            check_against_reference(CONTENDED, backend, device, dtype, seed=8)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in kernel_backends(torch.float32) if p.values[0] == "triton"])
+def test_atomic_weight_gradients_repeat_within_float32_ulps(backend, device):
+    """The documented tolerance of the atomically summed dA and dB: two runs differ by at most a few float32 ulps
+    of each element's summed magnitude (on a GPU the order of the additions varies; the interpreter is exact)."""
+    inputs = make_inputs(CONTENDED, torch.float32, device, seed=9)
+    grad_out = torch.randn(CONTENDED.M, CONTENDED.N, generator=torch.Generator().manual_seed(3)).to(device)
+    _, first = run(inputs, backend, grad_out)
+    _, second = run(inputs, backend, grad_out)
+    magnitude = {n: v.abs() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for n, v in inputs.items()}
+    _, terms = run(magnitude, "torch", grad_out.abs())
+    for name in ("lora_a", "lora_b"):
+        tolerance = 8 * torch.finfo(torch.float32).eps * terms[name]
+        assert ((first[name] - second[name]).abs() <= tolerance).all(), name
+
+
+NO_TRITON = backends.install_reason("triton")
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=str(NO_TRITON))
+def test_deterministic_algorithms_give_one_weight_gradient_program_per_adapter(monkeypatch):
+    """Under torch.use_deterministic_algorithms the weight-gradient reduction is not split across programs."""
+    from recursive_kernels import triton_lowrank_linear as module
+
+    meta = {"ROWS": 32, "BLOCK_Q": 16}
+    assert module.outer_grid(300, 40, 2, split=True)(meta) == (10 + 2, 3)
+    assert module.outer_grid(300, 40, 2, split=False)(meta) == (2, 3)
+    assert module.outer_grid(300, 40, 0, split=False)(meta) == (1, 3)  # single-adapter mode
+    splits = []
+    monkeypatch.setattr(module, "outer_grid", _recording(module.outer_grid, splits))
+    inputs = make_inputs(CONTENDED, torch.float32, torch.device("cpu"), seed=1)
+    grad_out = torch.randn(CONTENDED.M, CONTENDED.N)
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            run(inputs, "triton", grad_out)
+    assert splits == [True, True, False, False]  # dA and dB, then both again
+
+
+def _recording(function, calls):
+    def recorded(*args):
+        calls.append(args[-1])
+        return function(*args)
+    return recorded
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=str(NO_TRITON))
+def test_stored_tuning_choices_load_once_and_skip_stale_entries(tmp_path, monkeypatch):
+    """A GPU run's autotuning choices (triton_tuning.dump) go back into the autotuners' caches at the first launch
+    on a device of that model (triton_tuning.load); a configuration no longer in a kernel's space is ignored."""
+    from recursive_kernels import triton_lowrank_linear, triton_tuning
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A Test GPU")
+    monkeypatch.setattr(triton_tuning, "_loaded", set())
+    tuner = triton_lowrank_linear._seg_shrink_kernel
+    monkeypatch.setattr(tuner, "cache", {(16, 64, 1, 16, True, "torch.bfloat16"): tuner.configs[0]})
+    path = str(tmp_path / "tuning.json")
+    triton_tuning.dump(torch.device("cuda", 0), path)
+    table = json.load(open(path))
+    entries = table[triton_tuning.device_key(torch.device("cuda", 0))]["_seg_shrink_kernel"]
+    assert entries[0][0] == [16, 64, 1, 16, True, "torch.bfloat16"]
+    stale = {"kwargs": {"BLOCK_M": 999, "BLOCK_K": 16}, "num_warps": 1, "num_stages": 1}
+    entries.append([[32, 64, 1, 16, True, "torch.bfloat16"], stale])
+    json.dump(table, open(path, "w"))
+    tuner.cache = {}
+    assert triton_tuning.load(torch.device("cuda", 0), path) == 1
+    assert tuner.cache == {(16, 64, 1, 16, True, "torch.bfloat16"): tuner.configs[0]}
+    assert triton_tuning.load(torch.device("cuda", 0), path) == 0  # once per device
+    assert triton_tuning.load(torch.device("cpu"), path) == 0
 
 
 @pytest.mark.parametrize("backend,device", serving_backends("lowrank_linear", torch.float32))

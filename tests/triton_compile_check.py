@@ -119,7 +119,7 @@ class Recorder:
     def variant(self, name: str, dtypes: str, kwargs: Dict[str, object], kernel) -> Variant:
         meta = {"dtypes": dtypes,
                 **{k: v for k, v in kwargs.items()
-                   if k.isupper() and k not in ("PREC", "F32_PREC", "UPCAST") or k in ("num_warps", "num_stages")}}
+                   if k.isupper() and k not in ("PREC", "UPCAST") or k in ("num_warps", "num_stages")}}
         ptx = kernel.asm["ptx"]
         tensor_cores = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "-")
         registers, local_bytes = _cubin_resources(kernel.asm["cubin"])
