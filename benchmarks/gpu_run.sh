@@ -90,9 +90,9 @@ step_sweep() {
   python3 -m recursive_benchmarks.gpu_sweep --out "$out/sweep.jsonl" --seconds 80 "${size[@]}"
 }
 
-step_lowrank() { "${bench[@]}" --only lowrank_linear --json "$out/lowrank.json"; }
-step_attention() { "${bench[@]}" --only circuit_attention --json "$out/attention.json"; }
-step_model() { "${bench[@]}" --only model --json "$out/model.json"; }
+step_lowrank() { "${bench[@]}" --only lowrank_linear --json "$out/lowrank.json" && echo "result: lowrank.json"; }
+step_attention() { "${bench[@]}" --only circuit_attention --json "$out/attention.json" && echo "result: attention.json"; }
+step_model() { "${bench[@]}" --only model --json "$out/model.json" && echo "result: model.json"; }
 
 step_engine() {
   python3 -m pytest tests/test_generation.py tests/test_recurrence.py -k "synchronises" -v -rfE -p no:cacheprovider \
@@ -138,7 +138,9 @@ for line in "${STEPS[@]}"; do
   timeout -k 5 "$cap" bash -c "$(declare -f step_"$name" timeout_flag); $(declare -p cpu out work bench); step_$name" \
     >"$logs/$name.log" 2>&1
   rc=$?
-  result=$(grep -E "passed|failed|error|Error|records|rel err|not built" "$logs/$name.log" | tail -n 1)
+  # a step's result: its "result: " line, else pytest's or the sweep's last summary line
+  result=$(grep -E "^result: " "$logs/$name.log" | tail -n 1 | cut -c9-)
+  [[ -z $result ]] && result=$(grep -E "passed|failed|skipped|error|Error|^sweep: |not built" "$logs/$name.log" | tail -n 1)
   ((rc == 124 || rc == 137)) && result="cut at its cap; $result"
   printf '%-12s rc %-3s %4d s of %4d  %s\n' "$name" "$rc" $((SECONDS - start)) "$cap" "$result" | tee -a "$out/summary.txt"
   if [[ $name == env ]]; then cat "$logs/env.log" >>"$out/summary.txt"; fi
