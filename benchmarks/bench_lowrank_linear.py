@@ -44,6 +44,7 @@ from .common import (
 )
 
 FORMS = ("one-adapter", "per-row", "top-2")
+OPTIONAL = ("compiled", "peft")  # peers left out of a case where they fail to build or run
 PEERS = ("eager", "compiled", "peft")  # what a user would run instead
 COMPILED_FORMS = ("per-row",)  # timed under torch.compile by default (``--full``: per-row and top-2)
 NUM_ADAPTERS = 8
@@ -266,7 +267,8 @@ def run(
 
     rows = []
     checked = ["eager", "compiled", "peft", *backends]
-    for case, mode, times, errors in time_cases(cases, modes, impls_of, prepare, device, progress, checked):
+    for case, mode, times, errors in time_cases(cases, modes, impls_of, prepare, device, progress, checked,
+                                                           optional=OPTIONAL):
         backward = mode == "fwd+bwd"
         peer = min((impl for impl in PEERS if impl in times), key=times.get)
         for impl, seconds in times.items():

@@ -13,6 +13,7 @@ import logging
 import math
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -184,14 +185,16 @@ def relative_error(out, ref) -> float:
     return (diff / norm) ** 0.5 if norm else float(diff > 0)
 
 
-def time_cases(cases, modes, impls, prepare, device, steps: Optional[Steps] = None, checked=()):
+def time_cases(cases, modes, impls, prepare, device, steps: Optional[Steps] = None, checked=(), optional=()):
     """Yield (case, mode, {impl: median seconds}, {impl: relative error}). ``impls``: the implementations to
     time, or a function of (case, mode) that names them (a peer may serve some cases only). ``prepare(case, backward,
     dtype=None)`` builds the inputs once (in ``dtype``, default the benchmark's) and returns a function of
     the implementation name that gives the callable to time. Before timing, each of ``checked`` runs once
     and its result (outputs, or gradients with backward) is compared with the eager implementation run on
     the same draws in higher precision (float32 on the GPU, float64 on the CPU): a wrongly tuned kernel
-    shows here, and the eager row's own error is the yardstick."""
+    shows here, and the eager row's own error is the yardstick. An implementation of ``optional`` (a peer from
+    another package, or torch.compile) that fails to build or run is left out of the case, with a line on stderr
+    saying why, instead of ending the benchmark."""
     reference_dtype = torch.float32 if device.type == "cuda" else torch.float64
     steps = steps or Steps(None)
     for case in cases:
@@ -200,12 +203,22 @@ def time_cases(cases, modes, impls, prepare, device, steps: Optional[Steps] = No
             names = impls(case, mode) if callable(impls) else impls
             make = prepare(case, backward)
             steps.step(f"{case.label} {mode}")
+            names = [impl for impl in names if impl not in optional or _runs(impl, make, f"{case.label} {mode}")]
             errors = {}
             if checked:
                 reference = prepare(case, backward, reference_dtype)("eager")()
                 errors = {impl: relative_error(make(impl)(), reference) for impl in checked if impl in names}
                 del reference
             yield case, mode, median_seconds({impl: make(impl) for impl in names}, device), errors
+
+
+def _runs(impl: str, make: Callable[[str], Callable[[], object]], where: str) -> bool:
+    try:
+        make(impl)()
+    except Exception as error:  # a peer's failure (an import, a compile) is its own, not the benchmark's
+        print(f"{impl} left out of {where}: {type(error).__name__}: {str(error)[:200]}", file=sys.stderr)
+        return False
+    return True
 
 
 def run_benchmark(benchmark, fn, device: torch.device):

@@ -210,3 +210,23 @@ def test_the_sweep_forces_each_configuration_and_skips_pruned_ones(autotuner_res
                                   num_stages=1)  # not in the space: never among the pruned configurations
     with pytest.raises(gpu_sweep.Pruned):
         gpu_sweep.run_op(case, gpu_sweep.draw(case, seed=1), torch.float32, torch.device("cpu"), "triton")
+
+
+def test_a_failing_peer_is_left_out_of_its_case_not_the_benchmark(capsys, one_thread):
+    """A peer from another package (PEFT) or torch.compile that fails on a machine leaves its rows out, with the
+    reason on stderr; the package's own implementations are not optional."""
+    case = bench_lowrank_linear.Case("top-2", 5, 16, 8)
+
+    def prepare(case, backward, inputs_dtype=None):
+        def make(impl):
+            if impl == "peft":
+                raise ImportError("peft needs another transformers")
+            return lambda: torch.ones(2)
+        return make
+
+    (_, _, times, errors), = common.time_cases([case], ["fwd"], ["eager", "peft", "cpp"], prepare,
+                                               torch.device("cpu"), checked=["peft", "cpp"], optional=("peft",))
+    assert set(times) == {"eager", "cpp"} and set(errors) == {"cpp"}
+    assert "peft left out of top-2" in capsys.readouterr().err
+    with pytest.raises(ImportError):
+        next(common.time_cases([case], ["fwd"], ["eager", "peft"], prepare, torch.device("cpu")))
