@@ -149,6 +149,12 @@ inline void check_lowrank_linear_u(const char* where, const at::Tensor& u, const
 
 // ---- circuit_attention ----
 
+// Whether dense t (B, heads, S, width) is token-major: not contiguous, but a transpose(1, 2) view of a contiguous
+// (B, S, heads, width) tensor, the layout models and KV caches keep (the rule of is_token_major in
+// kernels/circuit_attention.py; a tensor that is both counts as contiguous). A side of the problem takes the
+// layout of its first tensor (q, k), and out and out_c come back in q's.
+inline bool is_token_major(const at::Tensor& t) { return !t.is_contiguous() && t.transpose(1, 2).is_contiguous(); }
+
 // Whether the call is packed (both cu_seqlens given) or dense (neither).
 inline bool check_packed(const char* where, const std::optional<at::Tensor>& cu_seqlens_q,
                          const std::optional<at::Tensor>& cu_seqlens_k) {

@@ -12,7 +12,9 @@
 //   Decoding, where the copy would cost as much as the attention, reads the parts where they lie.
 // * Layouts: dense (B, heads, S, width) and packed (total, heads, width) with cu_seqlens are one case: row
 //   (b, head, i) of any tensor of a side is row b * rb + head * rh + (start[b] + i) * rs of that tensor seen
-//   as (rows, width) (struct Rows). Grouped-query heads index their kv head (no repeat).
+//   as (rows, width) (struct Rows). A token-major dense side (the model's layout: each tensor a transpose(1, 2)
+//   view of a contiguous (B, S, heads, width) one) is read and written as that (B, S, heads, width) tensor, in
+//   place; its results go back as views of it. Grouped-query heads index their kv head (no repeat).
 // * Products: every matrix product is a call of gemm(), which goes to the BLAS that torch links (the one eager
 //   attention's products use) where torch exports it, else to a register-blocked micro-kernel. The blocks are
 //   sized for BLAS calls (hundreds of rows) so that a call's fixed cost is small.
@@ -534,10 +536,15 @@ inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at
 // Contiguous, in the accumulator dtype (a no-op for contiguous float / double).
 inline Tensor to_acc(const Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
 
+// A tensor of a dense side as the passes address it: a token-major side's as (B, S, heads, width), any other as
+// it is. Its own inverse: it turns the passes' results back into (B, heads, S, width) views.
+inline Tensor side_view(const Tensor& t, bool token_major) { return token_major ? t.transpose(1, 2) : t; }
+
 // Validated geometry of one call, with the per-sequence starts and lengths the Rows point into.
 struct Layout {
   int64_t B = 0, H = 0, Hkv = 0, D = 0, R = 0, Rv = 0, max_q = 0, max_k = 0, total_q = 0;
   bool packed = false;
+  bool q_token_major = false, k_token_major = false;  // dense sides only
   std::vector<int64_t> start_q, len_q, start_k, len_k;
   Rows qs{}, ks{}, stats{};
   std::vector<int64_t> lse_shape;
@@ -606,9 +613,12 @@ Layout check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std
     L.max_q = sizes.rows_q, L.max_k = sizes.rows_k;
     L.start_q.assign(L.B, 0), L.start_k.assign(L.B, 0);
     L.len_q.assign(L.B, L.max_q), L.len_k.assign(L.B, L.max_k);
-    L.qs = Rows{L.H * L.max_q, L.max_q, 1, L.start_q.data(), L.len_q.data()};
-    L.ks = Rows{L.Hkv * L.max_k, L.max_k, 1, L.start_k.data(), L.len_k.data()};
-    L.stats = L.qs;
+    L.q_token_major = is_token_major(q), L.k_token_major = is_token_major(k);
+    L.qs = L.q_token_major ? Rows{L.max_q * L.H, 1, L.H, L.start_q.data(), L.len_q.data()}
+                           : Rows{L.H * L.max_q, L.max_q, 1, L.start_q.data(), L.len_q.data()};
+    L.ks = L.k_token_major ? Rows{L.max_k * L.Hkv, 1, L.Hkv, L.start_k.data(), L.len_k.data()}
+                           : Rows{L.Hkv * L.max_k, L.max_k, 1, L.start_k.data(), L.len_k.data()};
+    L.stats = Rows{L.H * L.max_q, L.max_q, 1, L.start_q.data(), L.len_q.data()};  // lse (B, H, Sq) either way
     L.lse_shape = {L.B, L.H, L.max_q};
   }
   return L;
@@ -620,17 +630,18 @@ Layout check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std
 // width D + R then replaces a D-wide and an R-wide one (which runs at a fraction of the speed). Decoding (few
 // query rows against a long cache) reads the parts where they lie.
 struct Operand {
-  Tensor main, corr;     // contiguous, in the accumulator dtype; corr undefined when joined or absent
+  Tensor main, corr;     // contiguous side views (side_view), in the accumulator dtype; corr undefined when
+                         // joined or absent
   int64_t D = 0, R = 0;  // the widths the passes see
 };
 
 inline Operand operand(const Tensor& x, const std::optional<Tensor>& correction, int64_t width, bool join,
-                       double x_scale = 1.0) {
+                       bool token_major, double x_scale = 1.0) {
   Operand o;
-  o.main = to_acc(x);
+  o.main = to_acc(side_view(x, token_major));
   if (x_scale != 1.0) o.main = o.main * x_scale;
-  if (width > 0 && join) o.main = at::cat({o.main, to_acc(*correction)}, -1);
-  if (width > 0 && !join) o.corr = to_acc(*correction);
+  if (width > 0 && join) o.main = at::cat({o.main, to_acc(side_view(*correction, token_major))}, -1);
+  if (width > 0 && !join) o.corr = to_acc(side_view(*correction, token_major));
   o.D = o.main.size(-1), o.R = o.corr.defined() ? o.corr.size(-1) : 0;
   return o;
 }
@@ -641,12 +652,14 @@ inline Operand like(const Operand& o, bool zeroed) {
   return {make(o.main), o.corr.defined() ? make(o.corr) : Tensor(), o.D, o.R};
 }
 
-// A result's (width D, correction) pair, split where it was joined; an empty correction where there is none.
-inline std::pair<Tensor, Tensor> unjoin(const Operand& o, int64_t D) {
-  if (o.corr.defined()) return {o.main, o.corr};
+// A result's (width D, correction) pair in its side's layout, split where it was joined; an empty correction where
+// there is none.
+inline std::pair<Tensor, Tensor> unjoin(const Operand& o, int64_t D, bool token_major) {
+  if (o.corr.defined()) return {side_view(o.main, token_major), side_view(o.corr, token_major)};
   const int64_t rest = o.main.size(-1) - D;
-  if (rest == 0) return {o.main, at::empty({0}, o.main.options())};
-  return {o.main.narrow(-1, 0, D).contiguous(), o.main.narrow(-1, D, rest).contiguous()};
+  if (rest == 0) return {side_view(o.main, token_major), at::empty({0}, o.main.options())};
+  return {side_view(o.main.narrow(-1, 0, D).contiguous(), token_major),
+          side_view(o.main.narrow(-1, D, rest).contiguous(), token_major)};
 }
 
 // q, k and v as the passes take them (q scaled; parts joined from kJoinRows query rows, see Operand).
@@ -659,7 +672,8 @@ inline Sides sides(const Layout& L, const Tensor& q, const Tensor& k, const Tens
                    const std::optional<Tensor>& q_c, const std::optional<Tensor>& k_c,
                    const std::optional<Tensor>& v_c, double scale) {
   const bool join = L.max_q >= kJoinRows;
-  return {join, operand(q, q_c, L.R, join, scale), operand(k, k_c, L.R, join), operand(v, v_c, L.Rv, join)};
+  return {join, operand(q, q_c, L.R, join, L.q_token_major, scale), operand(k, k_c, L.R, join, L.k_token_major),
+          operand(v, v_c, L.Rv, join, L.k_token_major)};
 }
 
 template <typename P>
@@ -713,7 +727,7 @@ std::tuple<Tensor, Tensor, Tensor> circuit_attention_forward(
   const auto adt = acc_dtype(dt);
   const Sides in = sides(L, q, k, v, q_c, k_c, v_c, scale);
   const Operand &qo = in.q, &ko = in.k, &vo = in.v;
-  auto shape = q.sizes().vec();
+  auto shape = side_view(q, L.q_token_major).sizes().vec();
   Operand out;
   shape.back() = vo.D;
   out.main = at::empty(shape, q.options().dtype(adt)), out.D = vo.D;
@@ -731,7 +745,7 @@ std::tuple<Tensor, Tensor, Tensor> circuit_attention_forward(
                      [&](int64_t b, int64_t e) { run_on_isa<ForwardPass>(isa, g, o, b, e); });
   };
   if (adt == at::kDouble) run(double{}); else run(float{});
-  auto [o, oc] = unjoin(out, L.D);
+  auto [o, oc] = unjoin(out, L.D, L.q_token_major);
   if (dt != adt) {
     o = o.to(dt), oc = oc.to(dt);
     lse = lse.to(at::kFloat);  // 16-bit inputs: float32 statistics, as on every backend
@@ -761,7 +775,8 @@ std::vector<Tensor> circuit_attention_backward(
   (void)out, (void)out_c;  // Delta is rowsum(P * dP), recomputed (see the design notes)
   const Sides in = sides(L, q, k, v, q_c, k_c, v_c, scale);
   const Operand &qo = in.q, &ko = in.k, &vo = in.v;
-  const Operand go = operand(grad_out, L.Rv ? std::optional<Tensor>(grad_out_c) : std::nullopt, L.Rv, in.join);
+  const Operand go = operand(grad_out, L.Rv ? std::optional<Tensor>(grad_out_c) : std::nullopt, L.Rv, in.join,
+                             L.q_token_major);
   const Tensor lse_d = lse.to(at::kDouble).contiguous();
   Tensor delta = at::empty(L.lse_shape, q.options().dtype(at::kDouble));
   // Every dq row is written by one item; both backwards add into dk / dv (a key no query sees keeps zeros).
@@ -787,9 +802,9 @@ std::vector<Tensor> circuit_attention_backward(
                      [&](int64_t b, int64_t e) { run_on_isa<BackwardKeyPass>(isa, g, w, b, e); });
   };
   if (adt == at::kDouble) run(double{}); else run(float{});
-  auto [dq_main, dqc] = unjoin(dq, L.D);
-  auto [dk_main, dkc] = unjoin(dk, L.D);
-  auto [dv_main, dvc] = unjoin(dv, L.D);
+  auto [dq_main, dqc] = unjoin(dq, L.D, L.q_token_major);
+  auto [dk_main, dkc] = unjoin(dk, L.D, L.k_token_major);
+  auto [dv_main, dvc] = unjoin(dv, L.D, L.k_token_major);
   dq_main = dq_main * scale;  // back through the scaling of q
   const auto fin = [&](const Tensor& t) { return dt == adt ? t : t.to(dt); };
   return {fin(dq_main), fin(dk_main), fin(dv_main), fin(dqc), fin(dkc), fin(dvc)};

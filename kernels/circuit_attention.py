@@ -9,8 +9,8 @@ backends into autograd (eager: a ``torch.autograd.Function``; ``torch.compile``:
 custom ops with fake implementations). The references (``kernels/reference.py``) are the ``torch``
 backend. The dense and the packed variable-length forms share one backend interface.
 
-Backend interface. Every backend module provides, over contiguous inputs (q_c/k_c None or of rank
-R >= 1, v_c None or of rank Rv >= 1, head dim D >= 1):
+Backend interface. Every backend module provides, over normalised inputs (q_c/k_c None or of rank
+R >= 1, v_c None or of rank Rv >= 1, head dim D >= 1; layouts below):
 
 ``forward(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)``
     -> ``(out, out_c, lse)``. Dense (cu_seqlens None): q (B, H, Sq, D), k and v (B, Hkv, Sk, D),
@@ -27,6 +27,13 @@ max_seqlen_q, max_seqlen_k, causal, scale)`` -> ``(dq, dk, dv, dq_c, dk_c, dv_c)
     out_c), dS = P * (dP - Delta), dq = scale dS k, dq_c = dS k_c, dk = scale dS^T q, dk_c = dS^T q_c,
     dv = P^T dO, dv_c = P^T dOc, the key/value gradients summed over the query heads of their group; an
     empty tensor for an absent correction.
+
+Layouts. Packed tensors are contiguous. A dense call has two sides, each in one layout: the query side (q,
+q_c, and out, out_c, grad_out, grad_out_c, dq, dq_c) in q's, the key side (k, v, k_c, v_c and their
+gradients) in k's. A side is head-major (its tensors contiguous) or token-major (each tensor a (B, heads, S,
+width) view of a contiguous (B, S, heads, width) one, ``t.transpose(1, 2).is_contiguous()``: the layout
+models and KV caches keep, which FlashAttention takes; see ``is_token_major``). The backends read both in
+place, return out and out_c in q's layout and each gradient in its input's; lse is always contiguous.
 """
 
 from __future__ import annotations
@@ -83,6 +90,27 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def is_token_major(t: Tensor) -> bool:
+    """Whether dense ``t`` (B, heads, S, width) is token-major: not contiguous itself, but a view of a contiguous
+    (B, S, heads, width) tensor. One that is both (a single head or row) counts as contiguous."""
+    return not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
+
+
+def in_layout(t: Tensor, token_major: bool) -> Tensor:
+    """``t`` in its side's layout, token-major or contiguous; copied only when it is not in it already."""
+    if not token_major:
+        return t.contiguous()
+    return t if t.transpose(1, 2).is_contiguous() else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def empty_in_layout(like: Tensor, width: int, token_major: bool) -> Tensor:
+    """An uninitialised tensor shaped like ``like`` but ``width`` wide, token-major or contiguous."""
+    if token_major:
+        B, heads, S = like.shape[:3]
+        return like.new_empty(B, S, heads, width).transpose(1, 2)
+    return like.new_empty(*like.shape[:-1], width)
+
+
 @torch.library.custom_op("recursive_kernels::circuit_attention", mutates_args=())
 def _circuit_attention_op(
     q: Tensor,
@@ -106,9 +134,11 @@ def _circuit_attention_op(
 
 @_circuit_attention_op.register_fake
 def _(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
-    out_c = q.new_empty(0) if v_c is None else q.new_empty(*q.shape[:-1], v_c.shape[-1])
+    token_major = cu_seqlens_q is None and is_token_major(q)  # out and out_c come back in q's layout
+    out_c = q.new_empty(0) if v_c is None else empty_in_layout(q, v_c.shape[-1], token_major)
     lse_shape = q.shape[:-1] if cu_seqlens_q is None else (q.shape[1], q.shape[0])
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), out_c, q.new_empty(lse_shape, dtype=stats_dtype(q.dtype))
+    return (empty_in_layout(q, v.shape[-1], token_major), out_c,
+            q.new_empty(lse_shape, dtype=stats_dtype(q.dtype)))
 
 
 def _backend_backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
@@ -162,7 +192,11 @@ def _save(ctx, inputs, out, out_c, lse):
 
 def _grads(ctx, grad_out, grad_out_c, backward):
     q, k, v, q_c, k_c, v_c, out, out_c, lse, cu_q, cu_k = ctx.saved_tensors
-    grads = backward(grad_out.contiguous(), grad_out_c.contiguous(), q, k, v, q_c, k_c, v_c, out, out_c, lse,
+    token_major = cu_q is None and is_token_major(q)  # the query side's layout, which grad_out takes
+    grad_out = in_layout(grad_out, token_major)
+    # Without v_c, grad_out_c is the empty out_c's (0,)-shaped gradient: no layout to take.
+    grad_out_c = grad_out_c.contiguous() if v_c is None else in_layout(grad_out_c, token_major)
+    grads = backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
                      cu_q, cu_k, *ctx.max_seqlens, ctx.causal, ctx.scale, ctx.backend)
     present = (True, True, True, q_c is not None, k_c is not None, v_c is not None)
     return (*(g if p else None for g, p in zip(grads, present)), *(None,) * (_NUM_INPUTS - 6))
@@ -194,13 +228,19 @@ class _CircuitAttentionFunction(torch.autograd.Function):
 
 
 def _run_fused(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
-    """Normalise for the backend interface (contiguous, rank-0 corrections dropped) and run ``backend``."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """Normalise for the backend interface (each side in its main tensor's layout, read in place when it is
+    token-major or contiguous; rank-0 corrections dropped) and run ``backend``."""
+    dense = cu_seqlens_q is None
+    queries_token_major = dense and is_token_major(q)
+    keys_token_major = dense and is_token_major(k)
+    q = in_layout(q, queries_token_major)
+    k, v = in_layout(k, keys_token_major), in_layout(v, keys_token_major)
     if q_c is not None and q_c.shape[-1] == 0:  # a rank-0 logit correction adds nothing
         q_c = k_c = None
-    q_c, k_c = (None if t is None else t.contiguous() for t in (q_c, k_c))
+    if q_c is not None:
+        q_c, k_c = in_layout(q_c, queries_token_major), in_layout(k_c, keys_token_major)
     zero_rank_v = v_c is not None and v_c.shape[-1] == 0
-    v_c_in = None if v_c is None or zero_rank_v else v_c.contiguous()
+    v_c_in = None if v_c is None or zero_rank_v else in_layout(v_c, keys_token_major)
     args = (q, k, v, q_c, k_c, v_c_in, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
             bool(causal), scale, backend)
     out, out_c = backends.dispatch(_circuit_attention_op, _CircuitAttentionFunction, _IMPLS, args,
@@ -285,6 +325,10 @@ def circuit_attention(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Attention with merged QK (logit) and OV (value) low-rank corrections.
 
+    Layouts: a tensor is read in place when it is contiguous or token-major, ``t.transpose(1, 2)`` of a
+    contiguous (B, S, heads, width) tensor (the layout models and KV caches keep, FlashAttention's). The query
+    side (q, q_c) takes q's layout and the key side (k, v, k_c, v_c) k's; a tensor in another one is copied.
+
     Args:
         q: (B, H, Sq, D).
         k, v: (B, Hkv, Sk, D), H a multiple of Hkv (grouped-query attention).
@@ -296,7 +340,9 @@ def circuit_attention(
         backend: as for every op (see ``recursive_kernels.backends``).
 
     Returns:
-        ``(out, out_c)``: (B, H, Sq, D) and (B, H, Sq, Rv), ``out_c`` None when ``v_c`` is None.
+        ``(out, out_c)``: (B, H, Sq, D) and (B, H, Sq, Rv), ``out_c`` None when ``v_c`` is None; in q's layout
+        on the fused backends (for a token-major q, ``out.transpose(1, 2)`` is contiguous), and each gradient
+        in its side's. The ``torch`` reference's layouts are its matmuls'.
 
     Raises:
         ValueError: mismatched shapes, ranks, dtypes or devices (the message names the argument).

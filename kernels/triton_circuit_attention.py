@@ -6,7 +6,7 @@
 masking is bottom-right aligned per sequence: query i sees key j iff j <= i + (Sk - Sq). A row that sees
 no key gets out = 0, out_c = 0, lse = -inf and zero gradients (never NaN).
 
-Layouts (the backend interface of ``kernels/circuit_attention.py``; every tensor contiguous):
+Layouts (the backend interface of ``kernels/circuit_attention.py``; dense sides head-major or token-major):
 
     dense                                 packed (varlen, cu_seqlens int32 (B + 1,))
     q      (B, H, Sq, D)                  (total_q, H, D)
@@ -19,8 +19,9 @@ Layouts (the backend interface of ``kernels/circuit_attention.py``; every tensor
 One set of kernels serves both: a row (b, head, i) of any tensor of a side (query side: q, q_c, out,
 out_c and their gradients; key side: k, v, k_c, v_c and theirs) is row number
 ``b * row_b + head * row_h + (start_b + i) * row_s`` of that tensor seen as (rows, width), with
-dense (row_b, row_h, row_s) = (heads * S, S, 1), start_b = 0 and packed (0, 1, heads),
-start_b = cu_seqlens[b]. Grids cover the longest sequence; programs past their sequence's end exit.
+(row_b, row_h, row_s) = (heads * S, S, 1) for a head-major dense side, (S * heads, 1, heads) for a
+token-major one (start_b = 0) and (0, 1, heads) packed, start_b = cu_seqlens[b]. Grids cover the longest
+sequence; programs past their sequence's end exit.
 
 Precision. Dots accumulate in fp32 (16-bit operands on tensor cores; float32 operands exact,
 ``input_precision="ieee"``, not TF32). P and dS are rounded to the input dtype before their dots, as in
@@ -33,13 +34,13 @@ FlashAttention-2. The softmax statistics depend on the input dtype:
   polynomial (``_exp_f64``) built from basic arithmetic, which every Triton version lowers; lse is
   float64.
 
-Kernels: ``_fwd_kernel`` (grid: query blocks x B*H) keeps m, l, acc (BLOCK_M, BLOCK_D) and acc_c
+Kernels: ``_fwd_kernel`` (programs: B*H x query blocks) keeps m, l, acc (BLOCK_M, BLOCK_D) and acc_c
 (BLOCK_M, BLOCK_RV) in registers and loops over the key blocks the query block sees, in two phases:
 blocks every row sees in full (no masks) and blocks crossing the causal diagonal or the sequence end
-(masked). ``_bwd_dq_kernel`` (grid: query blocks x B*H) loops over the key blocks its queries see; for
+(masked). ``_bwd_dq_kernel`` (programs: B*H x query blocks) loops over the key blocks its queries see; for
 float32 it first sweeps them to compute Delta = rowsum(P * dP) in float64 (see its docstring), for
 16-bit inputs ``_bwd_preprocess_kernel`` computes FlashAttention's Delta = rowsum(dO * O) + rowsum(dOc *
-Oc) beforehand. ``_bwd_dkdv_kernel`` (grid: key blocks x B*Hkv, launched after the dq kernel) holds one
+Oc) beforehand. ``_bwd_dkdv_kernel`` (programs: B*Hkv x key blocks, launched after the dq kernel) holds one
 key block and its four gradient accumulators and loops over the H // Hkv query heads of its group and
 the query blocks that see it, so the group sum needs no atomics.
 
@@ -51,7 +52,8 @@ interpreter multiplies the raw bits of bfloat16 operands) and float32 -> bfloat1
 nearest even by hand (the interpreter truncates them). No host synchronisation.
 
 Limitations: float64 is not served (cpp and torch are); D <= 256; R and Rv live in register tiles of
-their padded sizes, so ranks above 64 work but spill.
+their padded sizes, so ranks above 64 work but spill. Grids are one axis of B * heads * blocks programs
+(``_grid``, ``_program``): CUDA allows 2^31 - 1 there (65535 on the others, which B * H exceeds).
 
 One file, longer than the others: the forward, dq and dk/dv kernels share the query- and key-block set-up
 defined here, and their launchers follow them, as Liger-Kernel keeps an op.
@@ -66,6 +68,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .circuit_attention import empty_in_layout, in_layout, is_token_major
 from .triton_common import INTERPRET, block_width, bucket, cast, config, device_guard, dot_precision, mma, tuning_space
 
 MAX_HEAD_DIM = 256
@@ -185,15 +188,23 @@ def _seq(cu_ptr, b, SEQ, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program(SEQ, BLOCK: tl.constexpr):
+    """(batch x head, block of BLOCK rows) of this program in a grid of ``_grid``: a head's blocks are adjacent,
+    so the programs that read its keys and values run together."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(SEQ, BLOCK)
+    return pid // blocks, pid % blocks
+
+
+@triton.jit
 def _query_block(cu_q_ptr, cu_k_ptr, H, GROUP, SEQ_Q, SEQ_K, D, R, RV, q_rb, q_rh, q_rs, k_rb, k_rh, k_rs,
                  VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RV: tl.constexpr,
                  BLOCK_M: tl.constexpr):
-    """The query block of a forward or dq program (grid axis 0: blocks of BLOCK_M query rows, axis 1: batch x
-    head): its batch b and head h, the sequence's query start and lengths, the block's first row m0 (the
+    """The query block of a forward or dq program (``_program``: batch x head, block of BLOCK_M query rows):
+    its batch b and head h, the sequence's query start and lengths, the block's first row m0 (the
     program has nothing to do when m0 >= Sq), the row and width offsets with their masks, the rows of the
     block's queries and the first key row of its kv head."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, pid_m = _program(SEQ_Q, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -337,8 +348,7 @@ def _bwd_preprocess_kernel(
     HAS_VC: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """16-bit inputs: Delta = rowsum(dO * O) + rowsum(dOc * Oc) in fp32, laid out like lse."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, pid_m = _program(SEQ_Q, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     q_start, Sq = _seq(cu_q_ptr, b, SEQ_Q, VARLEN)
@@ -383,8 +393,7 @@ def _bwd_dkdv_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dk, dv, dk_c, dv_c of one key block of one kv head, summed over the query heads of its group."""
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    pid_bhk, pid_n = _program(SEQ_K, BLOCK_N)
     b = (pid_bhk // HKV).to(tl.int64)
     hk = (pid_bhk % HKV).to(tl.int64)
     q_start, Sq = _seq(cu_q_ptr, b, SEQ_Q, VARLEN)
@@ -578,6 +587,8 @@ class _Geometry:
 
     def __init__(self, q, k, q_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
         self.varlen = cu_seqlens_q is not None
+        self.queries_token_major = not self.varlen and is_token_major(q)
+        self.keys_token_major = not self.varlen and is_token_major(k)
         if self.varlen:
             total_q, self.H, self.D = q.shape
             self.Hkv = k.shape[1]
@@ -590,8 +601,8 @@ class _Geometry:
         else:
             self.B, self.H, self.Sq, self.D = q.shape
             self.Hkv, self.Sk = k.shape[1], k.shape[2]
-            self.q_rows = (self.H * self.Sq, self.Sq, 1)
-            self.k_rows = (self.Hkv * self.Sk, self.Sk, 1)
+            self.q_rows = _dense_rows(self.H, self.Sq, self.queries_token_major)
+            self.k_rows = _dense_rows(self.Hkv, self.Sk, self.keys_token_major)
             self.lse_shape, self.lse_strides = (self.B, self.H, self.Sq), (self.H * self.Sq, self.Sq)
             self.cu_q = self.cu_k = q  # never read
         self.has_c, self.has_vc = q_c is not None, v_c is not None
@@ -612,28 +623,39 @@ class _Geometry:
         return (*self.q_rows, *self.k_rows, *self.lse_strides)
 
 
-def _check(q, k, v, q_c, k_c, v_c):
+def _dense_rows(heads, S, token_major):
+    """(row_b, row_h, row_s) of a dense side (see the module docstring)."""
+    return (S * heads, 1, heads) if token_major else (heads * S, S, 1)
+
+
+def _grid(heads, rows, block):
+    """The launch grid of ``heads`` (batch x heads) sequences of ``rows`` rows in blocks of ``block``: one axis,
+    read by ``_program``."""
+    return (heads * triton.cdiv(rows, block),)
+
+
+def _check(g, q, k, v, q_c, k_c, v_c):
+    """The inputs are of one supported dtype and each side in its layout (contiguous, or token-major)."""
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), "triton: float32 / float16 / bfloat16"
-    for t in (q, k, v, q_c, k_c, v_c):
-        assert t is None or (t.is_contiguous() and t.dtype == q.dtype), "triton: contiguous inputs of one dtype"
+    for side, token_major in (((q, q_c), g.queries_token_major), ((k, v, k_c, v_c), g.keys_token_major)):
+        for t in side:
+            assert t is None or (t.dtype == q.dtype and in_layout(t, token_major) is t), (
+                "triton: inputs of one dtype, each side contiguous or token-major")
     assert (q_c is None) == (k_c is None) and 1 <= q.shape[-1] <= MAX_HEAD_DIM
 
 
 def _forward(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-    _check(q, k, v, q_c, k_c, v_c)
     g = _Geometry(q, k, q_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    out = torch.empty(q.shape[:-1] + (g.D,), dtype=q.dtype, device=q.device)
-    out_c = torch.empty(q.shape[:-1] + (g.RV,), dtype=q.dtype, device=q.device) if g.has_vc else q.new_empty(0)
+    _check(g, q, k, v, q_c, k_c, v_c)
+    out = empty_in_layout(q, g.D, g.queries_token_major)
+    out_c = empty_in_layout(q, g.RV, g.queries_token_major) if g.has_vc else q.new_empty(0)
     lse = torch.empty(g.lse_shape, dtype=g.stat_dtype, device=q.device)
     if out.numel() == 0 or g.Sq == 0:
         lse.fill_(float("-inf"))
         return out, out_c, lse
     none = q  # stands for an absent tensor; never read
 
-    def grid(meta):
-        return (triton.cdiv(g.Sq, meta["BLOCK_M"]), g.B * g.H)
-
-    _fwd_kernel[grid](
+    _fwd_kernel[lambda meta: _grid(g.B * g.H, g.Sq, meta["BLOCK_M"])](
         q, k, v, q_c if g.has_c else none, k_c if g.has_c else none, v_c if g.has_vc else none,
         out, out_c if g.has_vc else none, lse, g.cu_q, g.cu_k,
         g.H, g.H // g.Hkv, *g.sizes(), *g.strides(), float(scale), bucket(g.Sq), bucket(g.Sk), **g.flags,
@@ -643,10 +665,10 @@ def _forward(q, k, v, q_c, k_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 def _backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
-    _check(q, k, v, q_c, k_c, v_c)
     g = _Geometry(q, k, q_c, v_c, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    grad_out = grad_out.contiguous()
-    grad_out_c = grad_out_c.contiguous() if g.has_vc else None
+    _check(g, q, k, v, q_c, k_c, v_c)
+    grad_out = in_layout(grad_out, g.queries_token_major)  # addressed by q's rows
+    grad_out_c = in_layout(grad_out_c, g.queries_token_major) if g.has_vc else None
     # Every row of every gradient is written by some program, but with no query or no key nothing runs.
     degenerate = q.numel() == 0 or k.numel() == 0 or g.Sq == 0 or g.Sk == 0
     new = torch.zeros_like if degenerate else torch.empty_like
@@ -661,7 +683,7 @@ def _backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
     delta = torch.empty(g.lse_shape, dtype=g.stat_dtype, device=q.device)
     if not g.exact:  # 16-bit: FlashAttention's Delta = rowsum(dO * O); float32: the dq kernel computes it
         pre_m = 16 if INTERPRET else 64
-        _bwd_preprocess_kernel[(triton.cdiv(g.Sq, pre_m), g.B * g.H)](
+        _bwd_preprocess_kernel[_grid(g.B * g.H, g.Sq, pre_m)](
             out, grad_out, out_c if g.has_vc else none, grad_out_c if g.has_vc else none, delta, g.cu_q,
             g.H, g.Sq, g.D, g.RV, *g.q_rows, *g.lse_strides,
             HAS_VC=g.has_vc, VARLEN=g.varlen, BLOCK_D=g.flags["BLOCK_D"], BLOCK_RV=g.flags["BLOCK_RV"], BLOCK_M=pre_m,
@@ -669,11 +691,11 @@ def _backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,
     inputs = (q, k, v, q_c if g.has_c else none, k_c if g.has_c else none, v_c if g.has_vc else none,
               grad_out, grad_out_c if g.has_vc else none, lse, delta)
     tail = (*g.sizes(), *g.strides(), float(scale), bucket(g.Sq), bucket(g.Sk))
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(g.Sq, meta["BLOCK_M"]), g.B * g.H)](
+    _bwd_dq_kernel[lambda meta: _grid(g.B * g.H, g.Sq, meta["BLOCK_M"])](
         *inputs, dq, dq_c if g.has_c else none, g.cu_q, g.cu_k,
         g.H, g.H // g.Hkv, *tail, **g.flags,
     )
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(g.Sk, meta["BLOCK_N"]), g.B * g.Hkv)](
+    _bwd_dkdv_kernel[lambda meta: _grid(g.B * g.Hkv, g.Sk, meta["BLOCK_N"])](
         *inputs, dk, dv, dk_c if g.has_c else none, dv_c if g.has_vc else none, g.cu_q, g.cu_k,
         g.H, g.Hkv, g.H // g.Hkv, *tail, **g.flags,
     )
@@ -701,7 +723,7 @@ def backward(
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
     causal: bool, scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dq_c, dk_c, dv_c), each contiguous in its input's dtype (``empty(0)`` for an absent
+    """(dq, dk, dv, dq_c, dk_c, dv_c), each in its input's dtype and layout (``empty(0)`` for an absent
     correction); key-side gradients summed over the query heads of each group."""
     with device_guard(q):
         return _backward(grad_out, grad_out_c, q, k, v, q_c, k_c, v_c, out, out_c, lse,

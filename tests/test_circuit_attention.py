@@ -11,6 +11,7 @@ an ulp (FlashAttention's rule); gradcheck, opcheck and torch.compile; input chec
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 
 import pytest
@@ -303,6 +304,112 @@ def test_large_logits_stay_finite_on_fused_backends():
                 (q, k, v, q_c, k_c, v_c), backend, device, dtype)
 
 
+def arranged(t, layout):
+    """``t`` (B, heads, S, width) with its values laid out ``layout``: "head" (contiguous), "token" (token-major: a
+    transpose(1, 2) view of a contiguous (B, S, heads, width) tensor, as models pass it) or "strided" (every
+    other row of a longer token-major tensor: neither)."""
+    if layout == "head":
+        return t.contiguous()
+    tokens = t.transpose(1, 2)
+    if layout == "token":
+        return tokens.contiguous().transpose(1, 2)
+    wide = tokens.repeat_interleave(2, 1)
+    return wide[:, ::2].transpose(1, 2)
+
+
+# The layouts of (q, k, v, q_c, k_c, v_c): each side (q, q_c; k, v, k_c, v_c) takes its first tensor's, and a
+# tensor in another one is copied into it.
+LAYOUTS = {
+    "token-major": ("token",) * 6,
+    "queries token-major": ("token", "head", "head", "token", "head", "head"),
+    "keys token-major": ("head", "token", "token", "head", "token", "token"),
+    "q_c head-major": ("token", "token", "token", "head", "token", "token"),
+    "v_c strided": ("token", "token", "token", "token", "token", "strided"),
+    "q strided": ("strided", "token", "token", "token", "token", "token"),
+}
+
+
+def side_layouts(layouts):
+    """The layout each of the six tensors is read in: its side's, contiguous where the side's first is neither."""
+    queries, keys = ("token" if layouts[i] == "token" else "head" for i in (0, 1))
+    return (queries, keys, keys, queries, keys, keys)
+
+
+@pytest.mark.parametrize("layouts", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backend_error_at_most_twice_eager_in_every_layout(layouts, dtype):
+    tensors64 = make(seed=9, B=2, H=4, Hkv=2, Sq=17, Sk=20, D=16, R=4, Rv=3)
+    for backend, device in (p.values for p in kernel_backends(dtype)):
+        assert_error_at_most_twice_eager(
+            lambda *t, backend: recursive_kernels.circuit_attention(
+                *(arranged(x, layout) for x, layout in zip(t, layouts)), causal=True, backend=backend),
+            tensors64, backend, device, dtype)
+
+
+@pytest.mark.parametrize("layouts", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.float32, head_dim=8))
+def test_results_come_back_in_their_sides_layouts(backend, device, layouts):
+    """out and out_c in q's layout (for a token-major q, ``out.transpose(1, 2)`` is contiguous: the module's
+    flatten is free), each gradient in its side's: its input's, for an input in its side's layout."""
+    leaves = [arranged(t.detach().float().to(device), layout).requires_grad_()
+              for t, layout in zip(make(seed=10, Sq=6, Sk=9), layouts)]
+    out, out_c = recursive_kernels.circuit_attention(*leaves, causal=True, backend=backend)
+    query_side = side_layouts(layouts)[0]
+    assert out.stride() == arranged(out.detach(), query_side).stride()
+    assert out_c.stride() == arranged(out_c.detach(), query_side).stride()
+    grads = torch.autograd.grad((out, out_c), leaves, (arranged(torch.ones_like(out), "token"), torch.ones_like(out_c)))
+    for name, grad, layout in zip(("q", "k", "v", "q_c", "k_c", "v_c"), grads, side_layouts(layouts)):
+        assert grad.stride() == arranged(grad, layout).stride(), name
+
+
+def test_cpp_reads_token_major_float32_in_place():
+    """Token-major float32 inputs, and token-major gradients of the outputs, reach the cpp passes as they lie: no
+    clone or copy of any of them, forward or backward (only the results are allocated)."""
+    if "cpp" not in [p.values[0] for p in kernel_backends(torch.float32)]:
+        pytest.skip("the cpp extension is not built")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    copying = {torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy}
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in copying:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    leaves = [arranged(t.detach().float(), "token").requires_grad_() for t in make(seed=11, Sq=9, Sk=11)]
+    with Copies() as copies:
+        out, out_c = recursive_kernels.circuit_attention(*leaves, causal=True, backend="cpp")
+        torch.autograd.grad((out, out_c), leaves, (arranged(torch.ones_like(out), "token"),
+                                                   arranged(torch.ones_like(out_c), "token")))
+    assert copies.seen == []
+
+
+@pytest.mark.parametrize("layouts", [LAYOUTS["q_c head-major"], LAYOUTS["v_c strided"]], ids=["q_c", "v_c"])
+def test_cpp_called_directly_reads_each_side_in_its_first_tensors_layout(layouts):
+    """Called without the Python layer, the cpp backend copies a tensor in another layout than its side's into
+    it, as the op does: the same results as from normalised inputs."""
+    if "cpp" not in [p.values[0] for p in kernel_backends(torch.float32)]:
+        pytest.skip("the cpp extension is not built")
+    from recursive_kernels import _C
+
+    tensors = [t.detach().float() for t in make(seed=12, Sq=70, Sk=75)]  # joined operands from 64 query rows
+    given = [arranged(t, layout) for t, layout in zip(tensors, layouts)]
+    normalised = [arranged(t, layout) for t, layout in zip(tensors, side_layouts(layouts))]
+    out, out_c, lse = _C.circuit_attention_forward(*given, None, None, 70, 75, True, 0.3)
+    expected = _C.circuit_attention_forward(*normalised, None, None, 70, 75, True, 0.3)
+    torch.testing.assert_close((out, out_c, lse), expected, rtol=0, atol=0)
+    grad_out, grad_out_c = torch.ones_like(out), arranged(torch.ones_like(out_c), "head")
+    grads = _C.circuit_attention_backward(grad_out, grad_out_c, *given, out, out_c, lse, None, None, 70, 75, True, 0.3)
+    expected = _C.circuit_attention_backward(grad_out, grad_out_c, *normalised, out, out_c, lse, None, None, 70, 75,
+                                             True, 0.3)
+    torch.testing.assert_close(grads, expected, rtol=0, atol=0)
+
+
 def test_gradcheck_float64_on_the_cpp_backend():
     if "cpp" not in [p.values[0] for p in kernel_backends(F64)]:
         pytest.skip("the cpp extension is not built")
@@ -334,6 +441,11 @@ def test_both_cpp_backward_paths(path, products, monkeypatch):
             assert_error_at_most_twice_eager(
                 lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=causal, backend=backend),
                 tensors64, "cpp", "cpu", dtype)
+    for Sq, Sk in ((150, 130), (1, 17)):  # token-major, as models pass it: joined operands, and decoding
+        assert_error_at_most_twice_eager(
+            lambda *t, backend: recursive_kernels.circuit_attention(
+                *(arranged(x, "token") for x in t), causal=True, backend=backend),
+            make(seed=5, B=2, H=4, Hkv=2, Sq=Sq, Sk=Sk, D=16, R=4, Rv=4), "cpp", "cpu", torch.float32)
     lengths_q, lengths_k = [3, 0, 1, 70, 2], [5, 4, 19, 90, 0]
     packed, cu_q, cu_k = _varlen_inputs(lengths_q, lengths_k)
     assert_error_at_most_twice_eager(
@@ -352,24 +464,43 @@ def _fused_cpu_backend():
     return "cpp" if "cpp" in served else served[0]
 
 
-def test_opcheck_custom_op():
+# The custom op sees the backend interface's layouts: each side contiguous or token-major.
+OPCHECK_LAYOUTS = {name: LAYOUTS[name] for name in ("token-major", "queries token-major")}
+
+
+@pytest.mark.parametrize("layouts", [("head",) * 6, *OPCHECK_LAYOUTS.values()], ids=["head-major", *OPCHECK_LAYOUTS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.bfloat16, head_dim=8))  # they serve float32 too
+def test_opcheck_custom_op(backend, device, dtype, layouts):
+    """The fake's results (strides included: out and out_c in q's layout, gradients in their inputs') match
+    what the backend returns, in each dtype."""
     from recursive_kernels.circuit_attention import _circuit_attention_op
 
-    backend = _fused_cpu_backend()
-    q, k, v, q_c, k_c, v_c = (t.detach().float().requires_grad_(True) for t in make(seed=4, Sq=9, Sk=11))
+    q, k, v, q_c, k_c, v_c = (arranged(t.detach().to(device, dtype), layout).requires_grad_(True)
+                              for t, layout in zip(make(seed=4, Sq=9, Sk=11), layouts))
     torch.library.opcheck(_circuit_attention_op, (q, k, v, q_c, k_c, v_c, None, None, 9, 11, True, 0.3, backend))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.bfloat16, op="circuit_attention_varlen"))
+def test_opcheck_custom_op_packed(backend, device, dtype):
+    from recursive_kernels.circuit_attention import _circuit_attention_op
+
     packed, cu_q, cu_k = _varlen_inputs([2, 4], [3, 5])
-    packed = [t.detach().float().requires_grad_(True) for t in packed]
-    torch.library.opcheck(_circuit_attention_op, (*packed, cu_q, cu_k, 4, 5, False, 0.25, backend))
+    packed = [t.detach().to(device, dtype).requires_grad_(True) for t in packed]
+    torch.library.opcheck(_circuit_attention_op, (*packed, cu_q.to(device), cu_k.to(device), 4, 5, False, 0.25,
+                                                  backend))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("layout", ["head", "token"])
+def test_torch_compile_fullgraph_matches_eager(layout):
     backend = _fused_cpu_backend()
-    tensors = [t.detach().float() for t in make(seed=6, Sq=9, Sk=9)]
+    tensors = [arranged(t.detach().float(), layout) for t in make(seed=6, Sq=9, Sk=9)]
 
     def loss(*t):
         out, out_c = recursive_kernels.circuit_attention(*t, causal=True, backend=backend)
-        return (out * out).sum() + out_c.sum()
+        heads = out.transpose(1, 2).flatten(2)  # as the module reads it: a view only if out has the fake's strides
+        return (heads * heads).sum() + out_c.sum()
 
     eager_leaves = [t.clone().requires_grad_(True) for t in tensors]
     compiled_leaves = [t.clone().requires_grad_(True) for t in tensors]
@@ -378,6 +509,31 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled_loss, eager_loss)
     for a, b in zip(torch.autograd.grad(compiled_loss, compiled_leaves), torch.autograd.grad(eager_loss, eager_leaves)):
         torch.testing.assert_close(a, b)
+
+
+def test_triton_launch_grids_stay_within_cuda_limits(monkeypatch):
+    """At B * H = 70000 every Triton launch's grid keeps axes 1 and 2 within CUDA's 65535 and axis 0 within
+    2^31 - 1, and covers every (sequence, head, block) (B * H on axis 1 failed to launch past 65535)."""
+    pytest.importorskip("triton")
+    T = importlib.import_module("recursive_kernels.triton_circuit_attention")
+    grids = {}
+
+    def recorder(name):
+        def run(*args, grid, warmup, **kwargs):  # launches nothing: only the grid is wanted
+            grids[name] = grid({**kwargs, "BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid
+        return run
+
+    for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        monkeypatch.setattr(getattr(T, name), "run", recorder(name))
+    B, H, S = 7000, 10, 40  # bfloat16: the 16-bit backward runs the preprocess kernel too
+    q, k, v = (torch.zeros(B, H, S, 1, dtype=torch.bfloat16) for _ in range(3))
+    out, out_c, lse = T.forward(q, k, v, None, None, None, None, None, S, S, True, 1.0)
+    T.backward(out, out_c, q, k, v, None, None, None, out, out_c, lse, None, None, S, S, True, 1.0)
+    assert sorted(grids) == ["_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_preprocess_kernel", "_fwd_kernel"]
+    for name, grid in grids.items():
+        assert grid[0] <= 2**31 - 1 and all(axis <= 65535 for axis in grid[1:]), (name, grid)
+        block = 64 if name == "_bwd_preprocess_kernel" and not T.INTERPRET else 16
+        assert math.prod(grid) == B * H * -(-S // block), (name, grid)
 
 
 def test_registry_explains_what_a_backend_cannot_serve():

@@ -185,7 +185,7 @@ def _lowrank_cases() -> Dict[str, Callable[[], None]]:
 def _attention_cases() -> Dict[str, Callable[[], None]]:
     from recursive_kernels import triton_circuit_attention as T
 
-    def run(dtype, D, R, RV, causal, varlen, S=1024):
+    def run(dtype, D, R, RV, causal, varlen, S=1024, token_major=False):
         g = torch.Generator().manual_seed(0)
         B, H, Hkv = 2, 4, 2
 
@@ -202,9 +202,12 @@ def _attention_cases() -> Dict[str, Callable[[], None]]:
             v_c = rand(total, Hkv, RV) if RV else None
             offsets = (cu, cu, S, S)
         else:
-            q, k, v = rand(B, H, S, D), rand(B, Hkv, S, D), rand(B, Hkv, S, D)
-            q_c, k_c = (rand(B, H, S, R), rand(B, Hkv, S, R)) if R else (None, None)
-            v_c = rand(B, Hkv, S, RV) if RV else None
+            def dense(heads, width):  # token-major: a (B, S, heads, width) tensor seen as models pass it
+                return rand(B, S, heads, width).transpose(1, 2) if token_major else rand(B, heads, S, width)
+
+            q, k, v = dense(H, D), dense(Hkv, D), dense(Hkv, D)
+            q_c, k_c = (dense(H, R), dense(Hkv, R)) if R else (None, None)
+            v_c = dense(Hkv, RV) if RV else None
             offsets = (None, None, S, S)
         out, out_c, lse = T.forward(q, k, v, q_c, k_c, v_c, *offsets, causal, D ** -0.5)
         T.backward(torch.randn_like(out), torch.randn_like(out_c) if RV else out_c, q, k, v, q_c, k_c, v_c,
@@ -217,6 +220,8 @@ def _attention_cases() -> Dict[str, Callable[[], None]]:
             for causal in (False, True):
                 cases[f"circuit_attention {name} D={D} R=Rv=16 causal={causal}"] = (
                     lambda d=dtype, hd=D, c=causal: run(d, hd, 16, 16, c, varlen=False))
+        cases[f"circuit_attention {name} D=128 R=Rv=16 causal=True token-major"] = (
+            lambda d=dtype: run(d, 128, 16, 16, True, varlen=False, token_major=True))
         cases[f"circuit_attention {name} D=128 plain"] = lambda d=dtype: run(d, 128, 0, 0, False, varlen=False)
         cases[f"circuit_attention {name} D=80 R=64 Rv=0 varlen causal"] = (
             lambda d=dtype: run(d, 80, 64, 0, True, varlen=True))

@@ -1,8 +1,10 @@
 // circuit_attention, CUDA backend (dense and packed varlen): the host side of the backend interface in
 // kernels/circuit_attention.py. It validates the inputs, allocates the results (and the backward's Delta
 // scratch) and runs the kernels of circuit_attention_kernels.cu, which read every operand in place through
-// its strides (the dense and the packed layouts differ only in the strides passed and in cu_seqlens). lse is
-// float64 for float32 inputs and float32 for 16-bit inputs.
+// its strides (the dense and the packed layouts differ only in the strides passed and in cu_seqlens; a
+// token-major dense side is read as it lies): only a tensor whose last dim is strided is copied. out and out_c
+// are allocated in q's layout, each gradient in its input's. lse is float64 for float32 inputs and float32 for
+// 16-bit inputs.
 #include "ops_cuda.h"
 
 #include <ATen/ATen.h>
@@ -31,7 +33,7 @@ constexpr const char* kWhere = "";  // the messages open with the argument's nam
 // with widths R (q_c, k_c) and Rv (v_c).
 enum class Layout { kDense, kPacked };
 
-// The validated inputs of one call: every tensor contiguous, an absent correction undefined.
+// The validated inputs of one call: every tensor's last dim contiguous, an absent correction undefined.
 struct AttentionArgs {
   Layout layout = Layout::kDense;
   at::Tensor q, k, v, q_c, k_c, v_c;
@@ -49,6 +51,9 @@ void check_cu_seqlens(const at::Tensor& cu, const at::Tensor& q, const char* nam
               cu.sizes());
 }
 
+// The tensor itself when its last dim is contiguous (the kernels take any other strides), else a contiguous copy.
+at::Tensor unit_stride_rows(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 // Validates the inputs of either layout: q a CUDA tensor of a supported dtype, then the checks of checks.h and
 // the packed layout's offsets. cu_seqlens_q / cu_seqlens_k and the max lengths are used by the packed layout
 // only.
@@ -65,14 +70,14 @@ AttentionArgs check_inputs(Layout layout, const at::Tensor& q, const at::Tensor&
 
   AttentionArgs args;
   args.layout = layout;
-  args.q = q.contiguous();
-  args.k = k.contiguous();
-  args.v = v.contiguous();
+  args.q = unit_stride_rows(q);
+  args.k = unit_stride_rows(k);
+  args.v = unit_stride_rows(v);
   if (q_c.has_value()) {
-    args.q_c = q_c->contiguous();
-    args.k_c = k_c->contiguous();
+    args.q_c = unit_stride_rows(*q_c);
+    args.k_c = unit_stride_rows(*k_c);
   }
-  if (v_c.has_value()) args.v_c = v_c->contiguous();
+  if (v_c.has_value()) args.v_c = unit_stride_rows(*v_c);
 
   rk::CircuitAttentionShape& shape = args.shape;
   if (packed) {
@@ -131,6 +136,12 @@ std::vector<int64_t> query_sizes(const AttentionArgs& a, int64_t width) {
   return sizes;
 }
 
+// A result of the query side (out, out_c) `width` wide, in q's layout: token-major or contiguous.
+at::Tensor query_result(const AttentionArgs& a, int64_t width) {
+  if (a.layout == Layout::kPacked || !is_token_major(a.q)) return at::empty(query_sizes(a, width), a.q.options());
+  return at::empty({a.q.size(0), a.q.size(2), a.q.size(1), width}, a.q.options()).transpose(1, 2);
+}
+
 rk::CircuitAttentionTensors tensors_of(const AttentionArgs& a, const at::Tensor& out, const at::Tensor& out_c,
                                        const at::Tensor& lse) {
   rk::CircuitAttentionTensors ts;
@@ -152,9 +163,8 @@ void check_attention_launch(cudaError_t status, const char* what) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const AttentionArgs& a) {
   const at::Tensor& q = a.q;
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor out_c =
-      a.v_c.defined() ? at::empty(query_sizes(a, a.shape.rank_v), q.options()) : at::empty({0}, q.options());
+  at::Tensor out = query_result(a, a.shape.head_dim);
+  at::Tensor out_c = a.v_c.defined() ? query_result(a, a.shape.rank_v) : at::empty({0}, q.options());
   at::Tensor lse = at::empty(stats_sizes(a), q.options().dtype(stats_dtype(q)));
 
   const c10::cuda::CUDAGuard guard(q.device());
@@ -185,8 +195,8 @@ std::vector<at::Tensor> attention_backward(const AttentionArgs& a, const at::Ten
     check_like(grad_out_c_in, q, kWhere, "grad_out_c", "q");
     TORCH_CHECK(grad_out_c_in.sizes() == out_c_in.sizes(), "grad_out_c: expected shape ", out_c_in.sizes(),
                 " (like out_c), got ", grad_out_c_in.sizes());
-    out_c = out_c_in.contiguous();
-    grad_out_c = grad_out_c_in.contiguous();
+    out_c = unit_stride_rows(out_c_in);
+    grad_out_c = unit_stride_rows(grad_out_c_in);
   }
   check_device_like(lse_in, q, kWhere, "lse", "q");
   TORCH_CHECK(lse_in.scalar_type() == stats_dtype(q), "lse: expected dtype ", stats_dtype(q), " for ",
@@ -194,10 +204,11 @@ std::vector<at::Tensor> attention_backward(const AttentionArgs& a, const at::Ten
   const std::vector<int64_t> lse_sizes = stats_sizes(a);
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(lse_sizes), "lse: expected shape ", lse_sizes, ", got ",
               lse_in.sizes());
-  const at::Tensor out = out_in.contiguous(), grad_out = grad_out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor out = unit_stride_rows(out_in), grad_out = unit_stride_rows(grad_out_in);
+  const at::Tensor lse = lse_in.contiguous();
 
-  auto gradient_like = [&q](const at::Tensor& t) {
-    return t.defined() ? at::empty(t.sizes(), t.options()) : at::empty({0}, q.options());
+  auto gradient_like = [&q](const at::Tensor& t) {  // in t's layout (as the op's fake: empty_like)
+    return t.defined() ? at::empty_like(t) : at::empty({0}, q.options());
   };
   std::vector<at::Tensor> grads = {gradient_like(a.q),   gradient_like(a.k),   gradient_like(a.v),
                                    gradient_like(a.q_c), gradient_like(a.k_c), gradient_like(a.v_c)};

@@ -28,7 +28,8 @@ namespace cuda_backend {
 
 // One operand. Element (b, h, row, c) lies at data + b * batch_stride + h * head_stride + row * row_stride + c
 // (strides in ELEMENTS, the last dim contiguous), where row counts from the first row of sequence b:
-//   dense  (B, heads, S, width):  strides (s0, s1, s2); sequence b starts at row 0;
+//   dense  (B, heads, S, width):  strides (s0, s1, s2) (head-major, token-major or other); sequence b starts
+//                                 at row 0;
 //   packed (total, heads, width): strides (0, s1, s0); sequence b starts at row cu_seqlens[b].
 // The statistics use the same description with width 1: dense lse (B, H, Sq): (s0, s1, s2); packed lse
 // (H, total_q): (0, s0, s1). data == nullptr marks an absent operand (its width must be 0).

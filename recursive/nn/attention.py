@@ -252,7 +252,7 @@ class CircuitAttention(nn.Module):
         """q (B, S, H, D), q_c (B, S, H, R), k, v, k_c, v_c (B, Sk, Hkv, .) (token-major, the cache layout) ->
         out (B, S, H, D), out_c (B, S, H, R) or None. ``causal``: None, the layer's own."""
         causal = self.causal if causal is None else causal
-        if packing is None:  # the dense op takes heads first
+        if packing is None:  # (B, H, S, D) views of the token-major tensors: read in place, out comes back token-major
             out, out_c = recursive_kernels.circuit_attention(
                 *(None if t is None else t.transpose(1, 2) for t in (q, k, v, q_c, k_c, v_c)),
                 causal=causal, backend=self.backend,
