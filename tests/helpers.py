@@ -44,6 +44,12 @@ def serving_backends(op: str, dtype: torch.dtype, **inputs):
     return pairs
 
 
+def per_backend(dtypes, pairs_of):
+    """pytest params ``(dtype, backend, device)``: each dtype with each (backend, device) pair that ``pairs_of(dtype)``
+    returns (as :func:`serving_backends` does), so that a test's id names its backend (``-k triton`` selects it)."""
+    return [pytest.param(dtype, *p.values, id=f"{dtype}-{p.id}") for dtype in dtypes for p in pairs_of(dtype)]
+
+
 def relative_error(ours: Tensor, ref: Tensor) -> float:
     """``||ours - ref|| / ||ref||`` (Frobenius norms, float64 on the CPU; a zero ``ref`` counts as 1e-30)."""
     ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import recursive_kernels
-from tests.helpers import assert_error_rule, serving_backends
+from tests.helpers import assert_error_rule, per_backend, serving_backends
 
 F64 = torch.float64
 
@@ -235,17 +235,20 @@ def assert_error_at_most_twice_eager(call, tensors64, backend, device, dtype, se
     return ours
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backend_error_at_most_twice_eager(case, dtype):
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case,dtype,backend,device", [
+    pytest.param(case, *p.values, id=f"{case}-{p.id}")
+    for case in CASES for p in per_backend(DTYPES, lambda dtype, D=case[5]: kernel_backends(dtype, D))])
+def test_backend_error_at_most_twice_eager(case, dtype, backend, device):
     B, H, Hkv, Sq, Sk, D, R, Rv, causal = case
     tensors64 = make(seed=5, B=B, H=H, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D, R=R, Rv=Rv)
-    for backend, device in (p.values for p in kernel_backends(dtype, D)):
-        out = assert_error_at_most_twice_eager(
-            lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=causal, backend=backend),
-            tensors64, backend, device, dtype)[0]
-        if causal and Sq > Sk:  # queries before the first key see nothing: zeros
-            assert torch.all(out[:, :, : Sq - Sk] == 0)
+    out = assert_error_at_most_twice_eager(
+        lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=causal, backend=backend),
+        tensors64, backend, device, dtype)[0]
+    if causal and Sq > Sk:  # queries before the first key see nothing: zeros
+        assert torch.all(out[:, :, : Sq - Sk] == 0)
 
 
 def _varlen_inputs(lengths_q, lengths_k, H=4, Hkv=2, D=24, R=5, Rv=3, seed=7):
@@ -260,27 +263,27 @@ def _varlen_inputs(lengths_q, lengths_k, H=4, Hkv=2, D=24, R=5, Rv=3, seed=7):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_varlen_backends_error_at_most_twice_eager(causal, dtype):
+@pytest.mark.parametrize("dtype,backend,device",
+                         per_backend(DTYPES, lambda dtype: kernel_backends(dtype, op="circuit_attention_varlen")))
+def test_varlen_backends_error_at_most_twice_eager(causal, dtype, backend, device):
     """A mixed batch: an empty sequence, one with no keys, decode rows (1 query, many keys), Sq > Sk."""
     lengths_q, lengths_k = [3, 0, 1, 20, 2], [5, 4, 19, 9, 0]
     tensors64, cu_q, cu_k = _varlen_inputs(lengths_q, lengths_k)
-    for backend, device in (p.values for p in kernel_backends(dtype, op="circuit_attention_varlen")):
-        cq, ck = cu_q.to(device), cu_k.to(device)
-        out = assert_error_at_most_twice_eager(
-            lambda q, k, v, q_c, k_c, v_c, backend: recursive_kernels.circuit_attention_varlen(
-                q, k, v, cq, ck, max(lengths_q), max(lengths_k), q_c, k_c, v_c, causal=causal, backend=backend),
-            tensors64, backend, device, dtype)[0]
-        assert torch.all(out[cu_q[4]:] == 0), "queries of a sequence without keys get zeros"
+    cq, ck = cu_q.to(device), cu_k.to(device)
+    out = assert_error_at_most_twice_eager(
+        lambda q, k, v, q_c, k_c, v_c, backend: recursive_kernels.circuit_attention_varlen(
+            q, k, v, cq, ck, max(lengths_q), max(lengths_k), q_c, k_c, v_c, causal=causal, backend=backend),
+        tensors64, backend, device, dtype)[0]
+    assert torch.all(out[cu_q[4]:] == 0), "queries of a sequence without keys get zeros"
 
 
-def test_varlen_without_corrections_on_fused_backends():
+@pytest.mark.parametrize("backend,device", kernel_backends(torch.float32, op="circuit_attention_varlen"))
+def test_varlen_without_corrections_on_fused_backends(backend, device):
     tensors64, cu_q, cu_k = _varlen_inputs([7, 1], [7, 12], R=0, Rv=0)
-    for backend, device in (p.values for p in kernel_backends(torch.float32, op="circuit_attention_varlen")):
-        assert_error_at_most_twice_eager(
-            lambda q, k, v, q_c, k_c, v_c, backend: recursive_kernels.circuit_attention_varlen(
-                q, k, v, cu_q.to(device), cu_k.to(device), 7, 12, causal=True, backend=backend),
-            tensors64, backend, device, torch.float32)
+    assert_error_at_most_twice_eager(
+        lambda q, k, v, q_c, k_c, v_c, backend: recursive_kernels.circuit_attention_varlen(
+            q, k, v, cu_q.to(device), cu_k.to(device), 7, 12, causal=True, backend=backend),
+        tensors64, backend, device, torch.float32)
 
 
 @pytest.mark.parametrize("S", [1, 17, 113, 1023])
@@ -293,15 +296,14 @@ def test_long_sequences_on_the_cpp_backend(S):
         tensors64, "cpp", "cpu", torch.float32)
 
 
-def test_large_logits_stay_finite_on_fused_backends():
+@pytest.mark.parametrize("dtype,backend,device", per_backend(DTYPES, kernel_backends))
+def test_large_logits_stay_finite_on_fused_backends(dtype, backend, device):
     q, k, v, q_c, k_c, v_c = make(seed=2, Sq=33, Sk=33, D=16)
     with torch.no_grad():
         q.mul_(5), k.mul_(3), q_c.mul_(5)
-    for dtype in (torch.float32, torch.bfloat16):
-        for backend, device in (p.values for p in kernel_backends(dtype)):
-            assert_error_at_most_twice_eager(
-                lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=True, backend=backend),
-                (q, k, v, q_c, k_c, v_c), backend, device, dtype)
+    assert_error_at_most_twice_eager(
+        lambda *t, backend: recursive_kernels.circuit_attention(*t, causal=True, backend=backend),
+        (q, k, v, q_c, k_c, v_c), backend, device, dtype)
 
 
 def arranged(t, layout):
@@ -336,14 +338,13 @@ def side_layouts(layouts):
 
 
 @pytest.mark.parametrize("layouts", list(LAYOUTS.values()), ids=list(LAYOUTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backend_error_at_most_twice_eager_in_every_layout(layouts, dtype):
+@pytest.mark.parametrize("dtype,backend,device", per_backend(DTYPES, kernel_backends))
+def test_backend_error_at_most_twice_eager_in_every_layout(layouts, dtype, backend, device):
     tensors64 = make(seed=9, B=2, H=4, Hkv=2, Sq=17, Sk=20, D=16, R=4, Rv=3)
-    for backend, device in (p.values for p in kernel_backends(dtype)):
-        assert_error_at_most_twice_eager(
-            lambda *t, backend: recursive_kernels.circuit_attention(
-                *(arranged(x, layout) for x, layout in zip(t, layouts)), causal=True, backend=backend),
-            tensors64, backend, device, dtype)
+    assert_error_at_most_twice_eager(
+        lambda *t, backend: recursive_kernels.circuit_attention(
+            *(arranged(x, layout) for x, layout in zip(t, layouts)), causal=True, backend=backend),
+        tensors64, backend, device, dtype)
 
 
 @pytest.mark.parametrize("layouts", list(LAYOUTS.values()), ids=list(LAYOUTS))

@@ -21,7 +21,7 @@ import torch
 import recursive_kernels
 from recursive_kernels import BackendUnavailableError, backends
 from recursive_kernels.lowrank_linear import _lowrank_linear_backward_op, _lowrank_linear_op
-from tests.helpers import assert_error_rule, relative_error, serving_backends
+from tests.helpers import assert_error_rule, per_backend, relative_error, serving_backends
 
 GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "gates")
 
@@ -419,16 +419,11 @@ def test_cpu_auto_order_prefers_cpp_when_built():
 
 # ------------------------------------------------------------- torch.library and torch.compile
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,backend,device", per_backend((torch.float32, torch.bfloat16), kernel_backends))
 @pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4], SHAPES[8]], ids=str)
-def test_opcheck(shape, dtype):
+def test_opcheck(shape, dtype, backend, device):
     """The custom ops' schema, fake (meta) results, autograd registration and compiled dispatch, in float32 and
     bfloat16 (the placeholders of gradients not computed must come in the fake's dtype)."""
-    for backend, device in (p.values for p in kernel_backends(dtype)):
-        _opcheck(shape, dtype, backend, device)
-
-
-def _opcheck(shape, dtype, backend, device):
     inputs = make_inputs(shape, dtype, device, seed=2)
     from recursive_kernels.lowrank_linear import _normalise
 
@@ -446,14 +441,13 @@ def _opcheck(shape, dtype, backend, device):
 CONTENDED = Shape(300, 40, 24, E=2, r=8, form="per-row")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype,backend,device", per_backend((torch.float32, torch.bfloat16), kernel_backends))
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_contended_weight_gradients_meet_the_error_rule(dtype, deterministic):
+def test_contended_weight_gradients_meet_the_error_rule(dtype, backend, device, deterministic):
     """dA and dB summed by many programs (atomically, in a varying order) or, under
     torch.use_deterministic_algorithms, by one program per adapter and column tile, meet the error rule."""
-    for backend, device in (p.values for p in kernel_backends(dtype)):
-        with deterministic_algorithms(deterministic):
-            check_against_reference(CONTENDED, backend, device, dtype, seed=8)
+    with deterministic_algorithms(deterministic):
+        check_against_reference(CONTENDED, backend, device, dtype, seed=8)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in kernel_backends(torch.float32) if p.values[0] == "triton"])
