@@ -99,6 +99,42 @@ def test_greedy_generation_and_the_engine_match_transformers():
         assert output == hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0].tolist()
 
 
+def test_the_engine_serves_the_prefix_mask_as_transformers_generates():
+    """Prompts with a bidirectional span (at the start, in the middle, none, the whole prompt) ride in the engine's
+    steps, each span token attending up to the span's end: every output equals transformers' generate with those
+    token_type_ids."""
+    hf, ids = make_hrm(), inputs()[0][1]
+    ours = convert_hf(hf)
+    prompts = [ids.tolist(), ids[3:].tolist(), ids[:5].tolist(), ids[:4].tolist()]
+    types = [[1] * 4 + [0] * 6, [0, 0, 1, 1, 1, 0, 0], None, [1] * 4]
+    outputs = DepthBatchingEngine(ours, max_batch_size=2).generate(prompts, 5, token_type_ids=types)
+    for prompt, kinds, output in zip(prompts, types, outputs):
+        kwargs = {} if kinds is None else {"token_type_ids": torch.tensor([kinds])}
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, **kwargs)[0].tolist()
+        assert output == expected
+    causal = DepthBatchingEngine(ours, max_batch_size=2).generate(prompts[:1], 5)[0]
+    assert causal != outputs[0], "the first span changes the greedy tokens, so the comparison above sees the mask"
+
+
+@pytest.mark.parametrize("types, match", [
+    ([[1, 0, 1]], "one contiguous span"),
+    ([[1, 0]], "expected 3 values of 0 or 1"),
+    ([[0, 2, 0]], "expected 3 values of 0 or 1"),
+    ([[1, 1, 0], None], "one list \\(or None\\) per prompt \\(1\\)"),
+])
+def test_engine_token_type_ids_are_checked(types, match):
+    engine = DepthBatchingEngine(convert_hf(make_hrm()), max_batch_size=2)
+    with pytest.raises(ValueError, match=f"token_type_ids.*{match}"):
+        engine.generate([[1, 2, 3]], 2, token_type_ids=types)
+
+
+def test_the_engine_refuses_token_type_ids_for_a_model_without_the_prefix_mask():
+    config = dataclasses.replace(convert_hf(make_hrm()).config, prefix_lm=False)
+    engine = DepthBatchingEngine(RecursiveForCausalLM(config).double(), max_batch_size=1)
+    with pytest.raises(ValueError, match="token_type_ids: this model is no prefix LM"):
+        engine.generate([[1, 2, 3]], 2, token_type_ids=[[1, 1, 0]])
+
+
 def test_sampled_generation_equals_recomputation():
     """Each sampled token's distribution, from the cache per (cycle, layer), is the full forward's over the tokens so
     far: the same seed draws the same tokens."""

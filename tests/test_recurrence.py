@@ -443,6 +443,20 @@ def test_depth_batching_engine_serves_other_data_flows(variant):
     assert (1.0 if variant.startswith("token") else 0.0) <= stats.mean_exit_loops < stats.num_loops
 
 
+def test_recursion_engine_prefills_a_prefix_lms_prompts_with_their_span():
+    """A Mixture-of-Recursions run prefills its prompts by a forward of the model: a prompt's bidirectional span
+    (token_type_ids) goes into that forward, and the outputs equal generate's with the same types."""
+    model = make_model(**MIXTURE_OF_RECURSIONS["token_kv_sharing"], prefix_lm=True).eval()
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    types = torch.zeros_like(ids)
+    types[:, 1:6] = 1
+    expected = model.generate(ids, 6, token_type_ids=types)[0].tolist()
+    assert expected != model.generate(ids, 6)[0].tolist(), "the span changes the greedy tokens here"
+    outputs = DepthBatchingEngine(model, 2).generate([ids[0].tolist(), ids[0, :5].tolist()], 6,
+                                                     token_type_ids=[types[0].tolist(), None])
+    assert outputs == [expected, model.generate(ids[:, :5], 6)[0].tolist()]
+
+
 @pytest.mark.parametrize("variant", ["token_kv_sharing", "expert_threshold"])
 def test_recursion_engine_many_random_requests_all_complete(variant):
     """150 requests of random lengths through 16 slots: every one completes with its count (or

@@ -73,7 +73,7 @@ class DepthBatchingEngine:
             self.num_loops = config.num_layers // self.loop_length
         self.stats = EngineStats(num_loops=self.num_loops)
 
-    def _requests(self, prompts, max_new_tokens, eos_token_id) -> List[Request]:
+    def _requests(self, prompts, max_new_tokens, eos_token_id, token_type_ids) -> List[Request]:
         vocab = self.model.config.vocab_size
         if isinstance(prompts, Tensor) or not isinstance(prompts, Sequence):
             raise ValueError(f"prompts: expected a list of token id lists, got {type(prompts).__name__}")
@@ -93,7 +93,31 @@ class DepthBatchingEngine:
             for token in tokens:
                 check_token(f"prompts[{i}]", token, vocab)
             requests.append(Request(i, list(tokens), check_int(f"max_new_tokens[{i}]", count, 0)))
+        if token_type_ids is not None:
+            for request, span in zip(requests, self._spans(token_type_ids, requests)):
+                request.span = span
         return requests
+
+    def _spans(self, token_type_ids, requests: List[Request]) -> List[Tuple[int, int]]:
+        """Each prompt's bidirectional span [start, end) from its ``token_type_ids`` (None or all 0: none)."""
+        if not self.model.config.prefix_lm:
+            raise ValueError("token_type_ids: this model is no prefix LM (config.prefix_lm is False)")
+        if isinstance(token_type_ids, Tensor) or not isinstance(token_type_ids, Sequence) or (
+                len(token_type_ids) != len(requests)):
+            raise ValueError(f"token_type_ids: expected one list (or None) per prompt ({len(requests)}), "
+                             f"got {token_type_ids!r}")
+        spans = []
+        for i, (types, request) in enumerate(zip(token_type_ids, requests)):
+            types = [] if types is None else types.tolist() if isinstance(types, Tensor) else list(types)
+            ones = [j for j, kind in enumerate(types) if kind == 1]
+            if types and (len(types) != len(request.tokens) or any(kind not in (0, 1) for kind in types)):
+                raise ValueError(f"token_type_ids[{i}]: expected {len(request.tokens)} values of 0 or 1 (one per "
+                                 f"prompt token), got {types!r}")
+            if ones and ones[-1] - ones[0] + 1 != len(ones):
+                raise ValueError(f"token_type_ids[{i}]: the tokens of type 1 (attended both ways) must be one "
+                                 f"contiguous span; got {types!r}")
+            spans.append((ones[0], ones[-1] + 1) if ones else (0, 0))
+        return spans
 
     def generate(
         self,
@@ -101,12 +125,14 @@ class DepthBatchingEngine:
         max_new_tokens: Union[int, Sequence[int]],
         eos_token_id: Optional[int] = None,
         progress: Optional[Progress] = None,
+        token_type_ids: Optional[Sequence[Optional[Sequence[int]]]] = None,
         **sampling,
     ) -> List[List[int]]:
         """:meth:`stream` run to the end (the same arguments; ``sampling``: its ``do_sample``, ``temperature``,
         ``top_k``, ``top_p``). Returns, per prompt, in order, the prompt followed by its new tokens.
         :attr:`stats` describes the run."""
-        tokens = self.stream(prompts, max_new_tokens, eos_token_id, progress, **sampling)  # checks the arguments
+        tokens = self.stream(prompts, max_new_tokens, eos_token_id, progress, token_type_ids=token_type_ids,
+                             **sampling)  # checks the arguments
         outputs = [prompt.tolist() if isinstance(prompt, Tensor) else list(prompt) for prompt in prompts]
         for request, token in tokens:
             outputs[request].append(token)
@@ -119,6 +145,7 @@ class DepthBatchingEngine:
         eos_token_id: Optional[int] = None,
         progress: Optional[Progress] = None,
         *,
+        token_type_ids: Optional[Sequence[Optional[Sequence[int]]]] = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: Optional[int] = None,
@@ -134,11 +161,14 @@ class DepthBatchingEngine:
             max_new_tokens: new tokens per request: one int for all, or one per prompt.
             eos_token_id: a request ends after generating it.
             progress: advanced by every new token.
+            token_type_ids: a prefix LM's prompt types (``config.prefix_lm``; as
+                :meth:`recursive.RecursiveModel.forward` takes them): per prompt None or one 0/1 per token, the tokens
+                of type 1 one contiguous span that attends both ways while the prompt runs; new tokens are causal.
             do_sample, temperature, top_k, top_p: sample each new token as :func:`next_tokens` does (from
                 torch's global generator; early exit still decides on the unfiltered distribution's top
                 probability); default greedy.
         """
-        requests = self._requests(prompts, max_new_tokens, eos_token_id)
+        requests = self._requests(prompts, max_new_tokens, eos_token_id, token_type_ids)
         check_sampling(temperature, top_k, top_p)
         pick = partial(next_tokens, do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p)
         config = self.model.config

@@ -42,6 +42,7 @@ class Request:
     tokens: List[int]  # prompt, then the generated tokens
     max_new_tokens: int
     generated: int = 0
+    span: Tuple[int, int] = (0, 0)  # a prefix LM's prompt: its tokens [start, end) attend both ways; empty: none
 
 
 class EngineRun:
@@ -215,7 +216,11 @@ class EngineRun:
             [token for r in batch for token in r.tokens + [0] * (width - len(r.tokens))],
             [int(i < len(r.tokens)) for r in batch for i in range(width)], [len(r.tokens) for r in batch], slots)
         ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
-        out = self.model(ids, attention_mask=mask, use_cache=True)
+        types = None
+        if any(r.span[0] < r.span[1] for r in batch):
+            types = torch.tensor([[int(r.span[0] <= i < r.span[1]) for i in range(width)] for r in batch],
+                                 device=self.device)
+        out = self.model(ids, attention_mask=mask, use_cache=True, token_type_ids=types)
         self._store_prompt(out, slot_index, slots, width)
         return self.pick(out.logits[torch.arange(len(batch), device=self.device), lengths - 1])
 
@@ -243,7 +248,7 @@ class EngineRun:
         last_rows = list(accumulate(self.in_flight[slot] for slot in busy))  # one past each slot's rows
         first_layers = [self.loop[slot] * engine.loop_length for slot in row_slots]
         first_rows = [self._flat_row(layer, slot) for layer, slot in zip(first_layers, row_slots)]
-        key_counts = [position + 1 for position in positions]
+        key_counts = [self._key_count(slot, position) for slot, position in zip(row_slots, positions)]
         # The rows that give a token: each slot's last row once its tokens run their last loop; without
         # that, a decoding row may leave early (index into ``busy``: ``finishing`` and ``may_exit``).
         finishing = [i for i, slot in enumerate(busy) if self.loop[slot] + 1 == engine.num_loops]
@@ -291,6 +296,14 @@ class EngineRun:
                 tokens = tokens_d.tolist()
 
         self._finish_step(busy, done, tokens)
+
+    def _key_count(self, slot: int, position: int) -> int:
+        """How many of its slot's keys the token at ``position`` attends over: those up to itself, or, for a prompt
+        token in its request's bidirectional span, those up to the span's end (all written before attention)."""
+        start, end = self.slot_request[slot].span
+        if self.prefilling[slot] and start <= position < end:
+            return end
+        return position + 1
 
     def _finish_step(self, busy: List[int], done: List[int], tokens: List[int]) -> None:
         """The step's bookkeeping: every busy slot ran one more loop; the rows ``done`` (indices into ``busy``) gave
