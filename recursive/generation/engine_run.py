@@ -212,15 +212,14 @@ class EngineRun:
         """Run the prompts of ``batch`` (right-padded into one batch) through the model, store their caches in
         ``slots`` and return their first tokens (on the device); for runs that do not prefill in their steps."""
         width = max(len(r.tokens) for r in batch)
-        ids, mask, lengths, slot_index = self._to_device(
+        ids, mask, types, lengths, slot_index = self._to_device(
             [token for r in batch for token in r.tokens + [0] * (width - len(r.tokens))],
-            [int(i < len(r.tokens)) for r in batch for i in range(width)], [len(r.tokens) for r in batch], slots)
-        ids, mask = ids.view(len(batch), width), mask.view(len(batch), width)
-        types = None
-        if any(r.span[0] < r.span[1] for r in batch):
-            types = torch.tensor([[int(r.span[0] <= i < r.span[1]) for i in range(width)] for r in batch],
-                                 device=self.device)
-        out = self.model(ids, attention_mask=mask, use_cache=True, token_type_ids=types)
+            [int(i < len(r.tokens)) for r in batch for i in range(width)],
+            [int(r.span[0] <= i < r.span[1]) for r in batch for i in range(width)], [len(r.tokens) for r in batch],
+            slots)
+        ids, mask, types = (t.view(len(batch), width) for t in (ids, mask, types))
+        spans = any(r.span[0] < r.span[1] for r in batch)  # a prefix LM's prompts: their types go to the forward
+        out = self.model(ids, attention_mask=mask, use_cache=True, token_type_ids=types if spans else None)
         self._store_prompt(out, slot_index, slots, width)
         return self.pick(out.logits[torch.arange(len(batch), device=self.device), lengths - 1])
 
