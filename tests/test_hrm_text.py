@@ -119,6 +119,7 @@ def test_the_engine_serves_the_prefix_mask_as_transformers_generates():
 @pytest.mark.parametrize("types, match", [
     ([[1, 0, 1]], "one contiguous span"),
     ([[1, 0]], "expected 3 values of 0 or 1"),
+    ([[]], "expected 3 values of 0 or 1"),
     ([[0, 2, 0]], "expected 3 values of 0 or 1"),
     ([[1, 1, 0], None], "one list \\(or None\\) per prompt \\(1\\)"),
 ])

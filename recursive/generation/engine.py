@@ -108,9 +108,12 @@ class DepthBatchingEngine:
                              f"got {token_type_ids!r}")
         spans = []
         for i, (types, request) in enumerate(zip(token_type_ids, requests)):
-            types = [] if types is None else types.tolist() if isinstance(types, Tensor) else list(types)
+            if types is None:
+                spans.append((0, 0))
+                continue
+            types = types.tolist() if isinstance(types, Tensor) else list(types)
             ones = [j for j, kind in enumerate(types) if kind == 1]
-            if types and (len(types) != len(request.tokens) or any(kind not in (0, 1) for kind in types)):
+            if len(types) != len(request.tokens) or any(kind not in (0, 1) for kind in types):
                 raise ValueError(f"token_type_ids[{i}]: expected {len(request.tokens)} values of 0 or 1 (one per "
                                  f"prompt token), got {types!r}")
             if ones and ones[-1] - ones[0] + 1 != len(ones):
